@@ -1,0 +1,117 @@
+"""Routing: chunk scores from router queries and pooled router keys, chunk -> document reduce, top-k.
+
+Reduction order (official): per (query token, head) similarity -> head reduce (mean | max over the H query
+heads; query head h uses key head h // G) -> query reduce (max | mean | last over routing tokens) ->
+chunk -> document reduce (max | mean). With head mean the G query heads that share a key head are summed
+first, so a layer's scores are a single (tokens x Hkv*D) by (Hkv*D x chunks) product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def chunk_scores(
+    q: torch.Tensor,
+    q_mask: torch.Tensor,
+    keys: torch.Tensor,
+    key_mask: torch.Tensor,
+    *,
+    head_reduce: str = "mean",
+    query_reduce: str = "max",
+    cosine: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Scores (B, C) of every chunk for its sample; invalid chunks are -inf.
+
+    q: (B, S, H, D) router queries, q_mask: (B, S) routing tokens; keys: (B, C, Hkv, D) pooled router keys,
+    key_mask: (B, C) real chunks. Every sample needs at least one routing token.
+    """
+    B, S, H, D = q.shape
+    Hkv = keys.shape[2]
+    if cosine:
+        q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
+    qg = q.view(B, S, Hkv, H // Hkv, D)  # (B, S, Hkv, G, D)
+    if head_reduce == "mean":
+        s = torch.einsum("bskd,bckd->bsc", qg.sum(3), keys) / H  # (B, S, C)
+    elif head_reduce == "max":
+        s = torch.einsum("bskgd,bckd->bskgc", qg, keys).flatten(2, 3).amax(2)  # (B, S, C)
+    else:
+        raise ValueError(f"head_reduce {head_reduce!r}")
+    s = s * scale
+    qm = q_mask.unsqueeze(-1)  # (B, S, 1)
+    if query_reduce == "max":
+        out = s.masked_fill(~qm, NEG_INF).amax(1)
+    elif query_reduce == "mean":
+        out = s.masked_fill(~qm, 0).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)
+    elif query_reduce == "last":
+        last = S - 1 - q_mask.flip(1).int().argmax(1)  # (B,)
+        out = s[torch.arange(B, device=s.device), last]
+    else:
+        raise ValueError(f"query_reduce {query_reduce!r}")
+    return out.masked_fill(~key_mask, NEG_INF)
+
+
+def document_scores(
+    scores: torch.Tensor, chunk_doc: torch.Tensor, num_docs: int, reduce: str = "max"
+) -> torch.Tensor:
+    """Reduce chunk scores (B, C) to document scores (B, num_docs); chunk_doc (B, C) is the document column
+    of each chunk (-1 for padding). Documents without chunks score -inf."""
+    valid = chunk_doc >= 0
+    idx = chunk_doc.clamp(min=0)
+    base = scores.new_full((scores.shape[0], num_docs), NEG_INF)
+    if reduce == "max":
+        return base.scatter_reduce(1, idx, scores.masked_fill(~valid, NEG_INF), "amax", include_self=True)
+    if reduce == "mean":
+        total = scores.new_zeros(base.shape).scatter_add(1, idx, scores.masked_fill(~valid, 0))
+        count = scores.new_zeros(base.shape).scatter_add(1, idx, valid.to(scores.dtype))
+        return torch.where(count > 0, total / count.clamp(min=1), base)
+    raise ValueError(f"chunk reduce {reduce!r}")
+
+
+def select_top_k(doc_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Hard top-k per sample over present documents (finite scores): a (B, num_docs) boolean mask."""
+    kk = min(k, doc_scores.shape[1])
+    vals, idx = doc_scores.detach().topk(kk, dim=1)
+    return torch.zeros_like(doc_scores, dtype=torch.bool).scatter(1, idx, torch.isfinite(vals))
+
+
+def routing_reference(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    chunk_doc: list[int],
+    num_docs: int,
+    *,
+    head_reduce: str,
+    query_reduce: str,
+    chunk_reduce: str,
+    cosine: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Loop reference for one sample: q (S, H, D) routing tokens, keys (C, Hkv, D) -> (num_docs,) float64."""
+    S, H, _ = q.shape
+    G = H // keys.shape[1]
+    per_chunk = []
+    for c in range(keys.shape[0]):
+        per_token = []
+        for t in range(S):
+            heads = []
+            for h in range(H):
+                a, b = q[t, h].double(), keys[c, h // G].double()
+                sim = (a @ b) / (a.norm() * b.norm()) if cosine else a @ b
+                heads.append(sim * scale)
+            heads = torch.stack(heads)
+            per_token.append(heads.mean() if head_reduce == "mean" else heads.max())
+        per_token = torch.stack(per_token)
+        red = {"max": per_token.max(), "mean": per_token.mean(), "last": per_token[-1]}[query_reduce]
+        per_chunk.append(red)
+    out = torch.full((num_docs,), NEG_INF, dtype=torch.float64)
+    for d in range(num_docs):
+        vals = [per_chunk[c] for c in range(len(per_chunk)) if chunk_doc[c] == d]
+        if vals:
+            vals = torch.stack(vals)
+            out[d] = vals.max() if chunk_reduce == "max" else vals.mean()
+    return out

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from memsparse import DecoderConfig, MSAForCausalLM
+
+
+def tiny_config(family: str = "qwen3", **kw) -> DecoderConfig:
+    base = dict(
+        family=family, vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+        rope={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+        attention_bias=family == "qwen2", qk_norm=family == "qwen3",
+    )
+    base.update(kw)
+    return DecoderConfig(**base)
+
+
+def tiny_model(family: str = "qwen3", msa: dict | None = None, seed: int = 0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    model = MSAForCausalLM(tiny_config(family, **kw), msa or {})
+    with torch.no_grad():  # small weights keep float64/float32 comparisons well conditioned
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+    return model.to(dtype).eval()
+
+
+def make_sample(doc_lengths, n_query=5, n_answer=4, prefix=3, vocab=97, gen=None):
+    """One sample [template prefix; documents; routing query; answer] -> (input_ids, doc_ids) of shape (T,)."""
+    gen = gen or torch.Generator().manual_seed(0)
+    doc = [-2] * prefix
+    for i, n in enumerate(doc_lengths):
+        doc += [i + 1] * n
+    doc += [0] * n_query + [-1] * n_answer
+    doc = torch.tensor(doc)
+    ids = torch.randint(0, vocab, (len(doc),), generator=gen)
+    return ids, doc
+
+
+def batch(samples, pad_id=0):
+    """Right-pad samples [(ids, doc)] into (input_ids, doc_ids, attention_mask)."""
+    T = max(len(s[0]) for s in samples)
+    ids = torch.full((len(samples), T), pad_id)
+    doc = torch.full((len(samples), T), -1)
+    mask = torch.zeros(len(samples), T, dtype=torch.long)
+    for b, (i, d) in enumerate(samples):
+        ids[b, : len(i)], doc[b, : len(d)], mask[b, : len(i)] = i, d, 1
+    return ids, doc, mask
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
