@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import DecoderConfig, MSAConfig
+from .config import DecoderConfig
 from .decoder import MSAForCausalLM
 
 ROUTER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.router_[qk]_proj\.0\.weight")
@@ -38,6 +38,19 @@ def _find_gguf(path: Path) -> Path | None:
         if len(found) == 1:
             return found[0]
     return None
+
+
+def read_hf_config(path) -> dict:
+    """The HF-style config dict of a checkpoint directory or GGUF file, without reading weights."""
+    path = Path(path)
+    gguf = _find_gguf(path)
+    if gguf is not None:
+        from .gguf import read_gguf_config
+
+        return read_gguf_config(gguf)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json) or .gguf file")
+    return json.loads((path / "config.json").read_text())
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -68,11 +81,9 @@ def load_pretrained(path, dtype=None, device=None, msa_config=None) -> MSAForCau
         from .gguf import read_gguf
 
         hf, state = read_gguf(gguf)
-    elif (path / "config.json").exists():
-        hf = json.loads((path / "config.json").read_text())
-        state = read_state_dict(path)
     else:
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json) or .gguf file")
+        hf = read_hf_config(path)
+        state = read_state_dict(path)
     official = hf.get("model_type") == "msa"
     msa = dict(hf.get("msa_config") or {}) if official else {}
     msa.update(msa_config or {})

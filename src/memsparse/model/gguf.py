@@ -162,6 +162,22 @@ def _tensor_array(t: gguf.ReaderTensor) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def _open(path: str) -> tuple[gguf.GGUFReader, _Metadata]:
+    reader = gguf.GGUFReader(path)
+    meta = _Metadata(reader, path)
+    if meta.arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {meta.arch!r} (supported: {', '.join(_ARCHITECTURES)})"
+        )
+    return reader, meta
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Only the HF-style config of a GGUF checkpoint (no tensor is dequantized)."""
+    reader, meta = _open(os.fspath(path))
+    return _config(meta, {t.name: t for t in reader.tensors})
+
+
 def read_gguf(
     path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -173,12 +189,7 @@ def read_gguf(
     Supported ``general.architecture`` values: llama, qwen2, qwen3.
     """
     path = os.fspath(path)
-    reader = gguf.GGUFReader(path)
-    meta = _Metadata(reader, path)
-    if meta.arch not in _ARCHITECTURES:
-        raise ValueError(
-            f"{path}: unsupported GGUF architecture {meta.arch!r} (supported: {', '.join(_ARCHITECTURES)})"
-        )
+    reader, meta = _open(path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, tensors)
     head_dim = config["head_dim"]

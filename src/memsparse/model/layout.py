@@ -133,7 +133,10 @@ class SequenceLayout:
         chunk_sample = doc_sample[chunk_doc]
         chunk_index, chunk_valid = _pad_by_sample(chunk_sample, B)
         chunk_col = doc_column[chunk_doc]
-        chunk_column = torch.where(chunk_valid, chunk_col[chunk_index], -1) if len(chunk_col) else torch.full_like(chunk_index, -1)
+        if len(chunk_col):
+            chunk_column = torch.where(chunk_valid, chunk_col[chunk_index], -1)
+        else:
+            chunk_column = torch.full_like(chunk_index, -1)
 
         if position_ids is None:
             position_ids = _default_positions(

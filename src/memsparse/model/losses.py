@@ -24,7 +24,7 @@ def infonce_decouple(scores: torch.Tensor, labels: torch.Tensor, tau: float, foc
     logits = scores.masked_fill(~present, 0) / tau
     neg = present & ~pos
     lse_neg = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)  # (B, 1)
-    log_p = logits - torch.logaddexp(logits, lse_neg)  # (B, M)
+    log_p = (logits - torch.logaddexp(logits, lse_neg)).masked_fill(~pos, 0)  # (B, M)
     term = -log_p
     if focal:
         term = term * (1 - log_p.exp()) ** FOCAL_GAMMA
@@ -40,6 +40,7 @@ def infonce(scores: torch.Tensor, labels: torch.Tensor, tau: float, focal: bool 
     present, pos, n_pos = _prep(scores, labels)
     safe = (scores / tau).masked_fill(~present, float("-inf"))
     log_p = torch.log_softmax(safe.masked_fill(~present.any(1, keepdim=True), 0), dim=1)
+    log_p = log_p.masked_fill(~pos, 0)  # only positives count; keeps -inf out of the backward pass
     term = -log_p
     if focal:
         term = term * (1 - log_p.exp()) ** FOCAL_GAMMA

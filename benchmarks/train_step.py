@@ -1,0 +1,159 @@
+"""Training-forward cost against memory size: forward + backward time and peak memory of one Memory Sparse
+Attention training step at 8K..64K tokens of memory, next to a dense causal forward over the same tokens.
+
+The Memory Sparse Attention step must grow linearly with the memory (documents are processed independently,
+the question only sees the top-k documents' chunks); dense attention grows with the square of the length.
+
+    python benchmarks/train_step.py                 # small config on CPU, SmolLM2 geometry on a GPU
+    python benchmarks/train_step.py --sizes 8192,16384 --repeats 2
+
+Results are merged into benchmarks/results/train_step.json under the machine kind ("cpu" or "gpu").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from memsparse import DecoderConfig, MSAForCausalLM
+
+SMOLLM2 = dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope={"rope_type": "default",
+               "rope_theta": 100000.0}, tie_word_embeddings=True)
+SMALL = dict(family="llama", vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+
+
+def make_batch(memory_tokens: int, doc_len: int, vocab: int, device, n_query=64, n_answer=64, prefix=3):
+    """[template; documents of doc_len tokens filling memory_tokens; question; answer], labels on the answer,
+    the first two documents as aux positives."""
+    n_docs = max(memory_tokens // doc_len, 1)
+    doc = [torch.full((prefix,), -2)]
+    doc += [torch.full((doc_len,), i + 1) for i in range(n_docs)]
+    doc += [torch.zeros(n_query, dtype=torch.long), torch.full((n_answer,), -1)]
+    doc = torch.cat(doc)[None].to(device)
+    ids = torch.randint(0, vocab, doc.shape, device=device)
+    labels = torch.where(doc == -1, ids, -100)
+    aux = torch.zeros(1, n_docs, dtype=torch.long, device=device)
+    aux[0, :2] = 1
+    return ids, doc, labels, aux
+
+
+def timed(fn, repeats: int, device) -> float:
+    """Median milliseconds of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def measure(model, size: int, args, device, dense: bool) -> dict:
+    ids, doc, labels, aux = make_batch(size, args.doc_len, model.config.vocab_size, device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, doc, labels=labels, aux_labels=aux).loss.backward()
+
+    def msa_forward():
+        with torch.no_grad():
+            model(ids, doc)
+
+    def dense_forward():
+        with torch.no_grad():
+            model(ids)  # no doc_ids: plain causal attention over every token
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_ms = timed(step, args.repeats, device)
+    return {
+        "memory_tokens": size, "total_tokens": ids.shape[1], "train_step_ms": round(step_ms, 2),
+        "peak_mem_mb": round(peak_mb(device), 1),
+        "train_tokens_per_s": round(ids.shape[1] / step_ms * 1e3),
+        "msa_forward_ms": round(timed(msa_forward, args.repeats, device), 2),
+        "dense_forward_ms": round(timed(dense_forward, args.repeats, device), 2) if dense else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="8192,16384,32768,65536")
+    ap.add_argument("--doc-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dense-max", type=int, default=None, help="largest size for the dense forward")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    cfg = DecoderConfig(**(SMOLLM2 if gpu else SMALL))
+    dtype = torch.bfloat16 if gpu else torch.float32
+    dense_max = args.dense_max or (65536 if gpu else 32768)
+    torch.manual_seed(0)
+    model = MSAForCausalLM(cfg, {"pooling_kernel_size": 64, "top_k_docs": 16}).to(device, dtype).train()
+    model.gradient_checkpointing = gpu
+    params = sum(p.numel() for p in model.parameters())
+
+    points = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        point = measure(model, size, args, device, dense=size <= dense_max)
+        if gpu:  # 6 x params FLOPs per token for forward + backward (checkpoint recompute not counted)
+            point["model_tflops"] = round(6 * params * point["total_tokens"] / point["train_step_ms"] / 1e9, 1)
+        points.append(point)
+        print(json.dumps(point), flush=True)
+
+    base = points[0]
+    for p in points:
+        p["step_ratio_vs_smallest"] = round(p["train_step_ms"] / base["train_step_ms"], 2)
+        p["size_ratio_vs_smallest"] = round(p["memory_tokens"] / base["memory_tokens"], 2)
+    run = {
+        "machine": torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} "
+                                                            f"({torch.get_num_threads()} threads)",
+        "device": device.type, "date": datetime.date.today().isoformat(), "commit": commit(),
+        "torch": torch.__version__, "dtype": str(dtype), "params_m": round(params / 1e6, 1),
+        "config": "SmolLM2-135M geometry" if gpu else "small (4 layers, hidden 128)",
+        "doc_len": args.doc_len, "gradient_checkpointing": gpu, "points": points,
+        "peak_mem_note": "GPU: torch.cuda.max_memory_allocated per size; CPU: process RSS high-water mark",
+    }
+    out = Path(args.out)
+    runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
+    runs[device.type] = run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    print(f"{'memory':>8} {'step ms':>10} {'ratio':>6} {'msa fwd ms':>11} {'dense fwd ms':>13} {'peak MB':>9}")
+    for p in points:
+        dense = f"{p['dense_forward_ms']:.1f}" if p["dense_forward_ms"] is not None else "-"
+        print(f"{p['memory_tokens']:>8} {p['train_step_ms']:>10.1f} {p['step_ratio_vs_smallest']:>6} "
+              f"{p['msa_forward_ms']:>11.1f} {dense:>13} {p['peak_mem_mb']:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
