@@ -7,7 +7,8 @@ the question only sees the top-k documents' chunks); dense attention grows with 
     python benchmarks/train_step.py                 # small config on CPU, SmolLM2 geometry on a GPU
     python benchmarks/train_step.py --sizes 8192,16384 --repeats 2
 
-Results are merged into benchmarks/results/train_step.json under the machine kind ("cpu" or "gpu").
+Results are merged into benchmarks/results/train_step.json under the device kind ("cpu", "cuda",
+"cuda-checkpointing").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -70,6 +72,9 @@ def peak_mb(device) -> float:
 
 
 def commit() -> str:
+    """The code's commit: $MEMSPARSE_COMMIT (set where the tree travels without .git), else git."""
+    if os.environ.get("MEMSPARSE_COMMIT"):
+        return os.environ["MEMSPARSE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -103,12 +108,27 @@ def measure(model, size: int, args, device, dense: bool) -> dict:
     }
 
 
+def profile_step(model, size: int, args, device) -> None:
+    ids, doc, labels, aux = make_batch(size, args.doc_len, model.config.vocab_size, device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if
+                                                          device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        model(ids, doc, labels=labels, aux_labels=aux).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8192,16384,32768,65536")
     ap.add_argument("--doc-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-max", type=int, default=None, help="largest size for the dense forward")
+    ap.add_argument("--checkpointing", choices=["on", "off"], default=None,
+                    help="gradient checkpointing per layer (default: on for GPU)")
+    ap.add_argument("--profile", action="store_true", help="print a profile of one step at the largest size")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args()
 
@@ -119,7 +139,7 @@ def main() -> None:
     dense_max = args.dense_max or (65536 if gpu else 32768)
     torch.manual_seed(0)
     model = MSAForCausalLM(cfg, {"pooling_kernel_size": 64, "top_k_docs": 16}).to(device, dtype).train()
-    model.gradient_checkpointing = gpu
+    model.gradient_checkpointing = gpu if args.checkpointing is None else args.checkpointing == "on"
     params = sum(p.numel() for p in model.parameters())
 
     points = []
@@ -130,6 +150,8 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
 
+    if args.profile:
+        profile_step(model, points[-1]["memory_tokens"], args, device)
     base = points[0]
     for p in points:
         p["step_ratio_vs_smallest"] = round(p["train_step_ms"] / base["train_step_ms"], 2)
@@ -140,12 +162,12 @@ def main() -> None:
         "device": device.type, "date": datetime.date.today().isoformat(), "commit": commit(),
         "torch": torch.__version__, "dtype": str(dtype), "params_m": round(params / 1e6, 1),
         "config": "SmolLM2-135M geometry" if gpu else "small (4 layers, hidden 128)",
-        "doc_len": args.doc_len, "gradient_checkpointing": gpu, "points": points,
+        "doc_len": args.doc_len, "gradient_checkpointing": model.gradient_checkpointing, "points": points,
         "peak_mem_note": "GPU: torch.cuda.max_memory_allocated per size; CPU: process RSS high-water mark",
     }
     out = Path(args.out)
     runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
-    runs[device.type] = run
+    runs[device.type + ("-checkpointing" if model.gradient_checkpointing else "")] = run
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(f"{'memory':>8} {'step ms':>10} {'ratio':>6} {'msa fwd ms':>11} {'dense fwd ms':>13} {'peak MB':>9}")

@@ -111,7 +111,8 @@ class MSAAttention(nn.Module):
             o_act = self.memory_attention(q_act, k_act, v_act, pooled[0], pooled[1], selected, lay)
         else:
             o_act = sdpa(q_act, k_act, v_act, causal=True)  # (B, A, H, D); padding is at the end
-        out = out.index_copy(0, a_flat[lay.active_valid], o_act[lay.active_valid])
+        rows = lay.active_rows
+        out = out.index_copy(0, a_flat.flatten()[rows], o_act.flatten(0, 1)[rows])
         return self.o_proj(out.view(B, T, H * D)), scores
 
     def pool(self, h_doc, k_doc, v_doc, lay: SequenceLayout):
@@ -137,7 +138,7 @@ class MSAAttention(nn.Module):
         B, A = lay.active_index.shape
         slot_sel = lay.chunk_valid & selected.gather(1, lay.chunk_column.clamp(min=0))  # (B, Cmax)
         n_sel = slot_sel.sum(1)
-        Cs = max(int(n_sel.max()), 1)
+        Cs = min(lay.max_selected_chunks, slot_sel.shape[1])  # static: no device -> host sync
         order = torch.sort((~slot_sel).to(torch.int8), dim=1, stable=True).indices[:, :Cs]  # selected first
         chunk = lay.chunk_index.gather(1, order)  # (B, Cs)
         c_valid = torch.arange(Cs, device=chunk.device).unsqueeze(0) < n_sel.unsqueeze(1)  # (B, Cs)

@@ -26,6 +26,8 @@ class DocumentBucket:
 
     gather: torch.Tensor  # (n, L) indices into the packed document tokens (0 where padded)
     valid: torch.Tensor  # (n, L) real tokens
+    rows: torch.Tensor  # (m,) flat indices into (n * L) of the real tokens
+    dest: torch.Tensor  # (m,) their indices in the packed document tokens
 
 
 @dataclass
@@ -51,6 +53,8 @@ class SequenceLayout:
     active_index: torch.Tensor  # (B, A) sequence index t (0 where padded)
     active_valid: torch.Tensor  # (B, A)
     route_mask: torch.Tensor  # (B, A) routing-query tokens (doc_ids == 0)
+    active_rows: torch.Tensor  # (n,) flat indices into (B * A) of the real active slots
+    max_selected_chunks: int  # bound on the chunks of the top-k documents of any sample
 
     @property
     def has_documents(self) -> bool:
@@ -164,6 +168,8 @@ class SequenceLayout:
             active_index=active_index,
             active_valid=active_valid,
             route_mask=route_mask,
+            active_rows=active_valid.flatten().nonzero().squeeze(1),
+            max_selected_chunks=_max_selected_chunks(chunks_per_doc, doc_sample, B, msa.top_k_docs),
         )
 
 
@@ -178,6 +184,17 @@ def _pad_by_sample(sample: torch.Tensor, batch: int) -> tuple[torch.Tensor, torc
     index[sample, slot] = torch.arange(len(sample), device=sample.device)
     valid[sample, slot] = True
     return index, valid
+
+
+def _max_selected_chunks(chunks_per_doc: torch.Tensor, doc_sample: torch.Tensor, batch: int, k: int) -> int:
+    """Largest chunk count that k documents of one sample can have: a static size for the selected chunks,
+    so that router layers need no device -> host synchronisation."""
+    best = 1
+    for b in range(batch):
+        counts = chunks_per_doc[doc_sample == b]
+        if len(counts):
+            best = max(best, int(counts.topk(min(k, len(counts))).values.sum()))
+    return best
 
 
 def _buckets(doc_lengths: torch.Tensor, max_waste: float = 2.0) -> list[DocumentBucket]:
@@ -201,7 +218,9 @@ def _buckets(doc_lengths: torch.Tensor, max_waste: float = 2.0) -> list[Document
         ln = torch.tensor([lengths[i] for i in g], device=dev).unsqueeze(1)  # (n, 1)
         ar = torch.arange(L, device=dev).unsqueeze(0)  # (1, L)
         valid = ar < ln
-        buckets.append(DocumentBucket(gather=torch.where(valid, st + ar, 0), valid=valid))
+        gather = torch.where(valid, st + ar, 0)
+        rows = valid.flatten().nonzero().squeeze(1)
+        buckets.append(DocumentBucket(gather=gather, valid=valid, rows=rows, dest=gather.flatten()[rows]))
     return buckets
 
 

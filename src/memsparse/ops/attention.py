@@ -30,7 +30,7 @@ def packed_document_attention(
     out = q.new_zeros(q.shape)
     for b in buckets:
         o = sdpa(q[b.gather], k[b.gather], v[b.gather], causal=True)  # (n, L, H, D)
-        out = out.index_copy(0, b.gather[b.valid], o[b.valid])
+        out = out.index_copy(0, b.dest, o.flatten(0, 1)[b.rows])
     return out
 
 

@@ -1,0 +1,50 @@
+"""The training forward on a CUDA device agrees with the CPU reference (float32) and runs in bfloat16."""
+
+import copy
+
+import pytest
+import torch
+
+from .conftest import batch, make_sample, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    ids, doc, mask = batch([make_sample([70, 5, 130], gen=g), make_sample([64, 9], n_query=3, gen=g)])
+    labels = torch.where(doc == -1, ids, -100)
+    aux = torch.tensor([[1, 0, 0], [0, 1, 0]])
+    return ids, doc, mask, labels, aux
+
+
+def _run(model, device):
+    ids, doc, mask, labels, aux = (t.to(device) for t in _inputs())
+    out = model(ids, doc, labels=labels, aux_labels=aux, attention_mask=mask)
+    out.loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cuda_float32_matches_cpu(family):
+    cpu = tiny_model(family, msa={"pooling_kernel_size": 16, "top_k_docs": 2}).train()
+    gpu = copy.deepcopy(cpu).cuda()
+    a, ga = _run(cpu, "cpu")
+    b, gb = _run(gpu, "cuda")
+    assert torch.allclose(a.logits, b.logits.cpu(), atol=1e-4)
+    assert torch.allclose(a.loss, b.loss.cpu(), atol=1e-4)
+    for L in a.doc_scores:
+        assert torch.allclose(a.doc_scores[L], b.doc_scores[L].cpu(), atol=1e-4)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-3, rtol=1e-3), n
+
+
+def test_cuda_bfloat16_close_to_float32():
+    ref = tiny_model("qwen3", msa={"pooling_kernel_size": 16, "top_k_docs": 3}).cuda().train()
+    half = copy.deepcopy(ref).to(torch.bfloat16)
+    a, _ = _run(ref, "cuda")
+    b, gb = _run(half, "cuda")
+    assert abs(a.loss.item() - b.loss.item()) / a.loss.item() < 0.03
+    assert all(torch.isfinite(g).all() for g in gb.values())
