@@ -89,30 +89,36 @@ class MSAAttention(nn.Module):
             return self.router_q_proj(h_act).unflatten(-1, (-1, self.cfg.head_dim))
         return q_act
 
-    def forward(self, h: torch.Tensor, lay: SequenceLayout, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, h: torch.Tensor, lay: SequenceLayout, cos: torch.Tensor, sin: torch.Tensor,
+                memory: list | None = None):
+        """Attention output (B, T, hidden) and document scores (B, M) in router layers (else None).
+        With `memory` given, a router layer appends its pooled (K̄, V̄, K̄r) to it (memory encoding)."""
         B, T, _ = h.shape
         H, D = self.cfg.num_attention_heads, self.cfg.head_dim
         q, k, v = self.project(h, cos, sin)  # (B, T, H|Hkv, D)
         qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*T, H|Hkv, D)
         out = q.new_zeros(B * T, H, D)
         d_idx = lay.doc_token_flat
+        pooled = None
         if lay.has_documents:
             out = out.index_copy(0, d_idx, packed_document_attention(qf[d_idx], kf[d_idx], vf[d_idx], lay.buckets))
-
-        a_flat = lay.active_flat  # (B, A)
-        q_act, k_act, v_act = qf[a_flat], kf[a_flat], vf[a_flat]  # (B, A, H|Hkv, D)
+            if self.is_router:
+                pooled = self.pool(h.flatten(0, 1)[d_idx], kf[d_idx], vf[d_idx], lay)
+                if memory is not None:
+                    memory.append(pooled)
         scores = None
-        if self.is_router and lay.has_documents:
-            hf = h.flatten(0, 1)
-            pooled = self.pool(hf[d_idx], kf[d_idx], vf[d_idx], lay)
-            r_queries = self.router_queries(hf[a_flat], q_act)  # (B, A, H, D)
-            scores = self.score(r_queries, lay.route_mask, pooled[2], lay)  # (B, M)
-            selected = select_top_k(scores, self.msa.top_k_docs)  # (B, M)
-            o_act = self.memory_attention(q_act, k_act, v_act, pooled[0], pooled[1], selected, lay)
-        else:
-            o_act = sdpa(q_act, k_act, v_act, causal=True)  # (B, A, H, D); padding is at the end
-        rows = lay.active_rows
-        out = out.index_copy(0, a_flat.flatten()[rows], o_act.flatten(0, 1)[rows])
+        if lay.active_rows.numel():
+            a_flat = lay.active_flat  # (B, A)
+            q_act, k_act, v_act = qf[a_flat], kf[a_flat], vf[a_flat]  # (B, A, H|Hkv, D)
+            if pooled is not None:
+                r_queries = self.router_queries(h.flatten(0, 1)[a_flat], q_act)  # (B, A, H, D)
+                scores = self.score(r_queries, lay.route_mask, pooled[2], lay)  # (B, M)
+                selected = select_top_k(scores, self.msa.top_k_docs)  # (B, M)
+                o_act = self.memory_attention(q_act, k_act, v_act, pooled[0], pooled[1], selected, lay)
+            else:
+                o_act = sdpa(q_act, k_act, v_act, causal=True)  # (B, A, H, D); padding is at the end
+            rows = lay.active_rows
+            out = out.index_copy(0, a_flat.flatten()[rows], o_act.flatten(0, 1)[rows])
         return self.o_proj(out.view(B, T, H * D)), scores
 
     def pool(self, h_doc, k_doc, v_doc, lay: SequenceLayout):
@@ -160,8 +166,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, lay, cos, sin):
-        a, scores = self.self_attn(self.input_layernorm(x), lay, cos, sin)
+    def forward(self, x, lay, cos, sin, memory=None):
+        a, scores = self.self_attn(self.input_layernorm(x), lay, cos, sin, memory)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), scores
 
@@ -237,6 +243,22 @@ class MSAForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if ".router_" in name:
                 nn.init.normal_(p, std=self.config.initializer_range)
+
+    @torch.no_grad()
+    def encode_documents(self, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> dict[int, tuple]:
+        """Memory encoding (stage 1): documents only (doc_ids > 0 everywhere), each processed independently
+        with document-wise positions. Returns {router layer: (K̄, V̄, K̄r)}, each (chunks, Hkv, D), chunks in
+        document order (documents in (sample, position) order)."""
+        if (doc_ids <= 0).any():
+            raise ValueError("encode_documents takes document tokens only (doc_ids > 0)")
+        lay = SequenceLayout.build(doc_ids, self.msa_config)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(lay.positions, x.dtype)
+        memory: list = []
+        last = max(self.router_layers)
+        for layer in self.model.layers[: last + 1]:
+            x, _ = layer(x, lay, cos, sin, memory)
+        return dict(zip(self.router_layers, memory))
 
     def forward(
         self,

@@ -120,7 +120,7 @@ class SequenceLayout:
         active_valid[b_idx, rank[b_idx, t_idx]] = True
         route_mask = active_valid & (doc_ids.gather(1, active_index) == 0)
         has_docs = torch.bincount(doc_sample, minlength=B) > 0
-        missing = has_docs & ~route_mask.any(1)
+        missing = has_docs & active_valid.any(1) & ~route_mask.any(1)
         if missing.any():
             raise ValueError(
                 f"sample {int(missing.nonzero()[0])} has documents but no routing-query tokens (doc_ids == 0); "

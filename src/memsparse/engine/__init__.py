@@ -1,0 +1,5 @@
+"""Routing over a memory bank and prefill of the active tokens (stage 2)."""
+
+from .prefill import PrefillResult, prefill
+
+__all__ = ["PrefillResult", "prefill"]

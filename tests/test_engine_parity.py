@@ -1,0 +1,80 @@
+"""Memory bank encoding and stage-2 prefill against the training forward (same layout, same selections)."""
+
+import pytest
+import torch
+
+from memsparse.engine import prefill
+from memsparse.memory import MemoryBank
+
+from .conftest import tiny_model
+
+PREFIX = [5, 6, 7]
+
+
+def _docs(gen, lengths):
+    return [torch.randint(10, 97, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _training_logits(model, docs, active, route):
+    """Training forward over [prefix; docs; active]: logits of the active tokens after the prefix."""
+    ids = PREFIX + [t for d in docs for t in d] + active
+    doc = [-2] * len(PREFIX) + [i + 1 for i, d in enumerate(docs) for _ in d] + [0 if r else -1 for r in route]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), torch.tensor([doc]))
+    return out.logits[0, len(PREFIX):], out.doc_scores
+
+
+@pytest.mark.parametrize("k", [2, 8], ids=["top2", "all"])
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_prefill_equals_training_forward(family, k):
+    model = tiny_model(family, msa={"pooling_kernel_size": 4, "top_k_docs": k, "router_layer_idx": "1,2,3"})
+    g = torch.Generator().manual_seed(0)
+    docs = _docs(g, [9, 4, 13, 1, 7])
+    active = torch.randint(10, 97, (8,), generator=g).tolist()
+    route = [True] * 5 + [False] * 3
+    ref, scores = _training_logits(model, docs, active, route)
+    bank = MemoryBank.empty(model, PREFIX)
+    bank.add_tokens(docs, batch_tokens=16)  # several packed batches
+    res = prefill(bank, active, route, similarity="train")
+    assert (res.logits - ref).abs().max() <= 1e-5
+    for layer, picked in res.routing.items():
+        expected = scores[layer][0].topk(min(k, len(docs)))
+        assert [d for d, _ in picked] == expected.indices.tolist()
+        assert torch.allclose(torch.tensor([s for _, s in picked]), expected.values, atol=1e-6)
+
+
+def test_add_equals_build_and_delete_excludes():
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2})
+    g = torch.Generator().manual_seed(1)
+    a, b = _docs(g, [5, 8, 3]), _docs(g, [6, 9])
+    active, route = [11, 12, 13, 14], [True, True, True, False]
+    whole = MemoryBank.empty(model, PREFIX)
+    whole.add_tokens(a + b)
+    parts = MemoryBank.empty(model, PREFIX)
+    assert parts.add_tokens(a) == [0, 1, 2] and parts.add_tokens(b) == [3, 4]
+    r1, r2 = prefill(whole, active, route), prefill(parts, active, route)
+    assert r1.routing == r2.routing and torch.allclose(r1.logits, r2.logits, atol=1e-6)
+    top = r1.routing[3][0][0]
+    parts.delete([top])
+    r3 = prefill(parts, active, route)
+    assert all(top not in [d for d, _ in picked] for picked in r3.routing.values())
+    with pytest.raises(KeyError, match="no document 9"):
+        parts.delete([9])
+
+
+def test_document_text_is_plain_text():
+    from memsparse import resources
+    from memsparse.memory import render_document
+    from memsparse.model.tokenizer import build_qwen_tokenizer
+
+    try:
+        tok = build_qwen_tokenizer()
+    except resources.ResourceUnavailable as e:
+        pytest.skip(f"Qwen tokenizer files not reachable: {e}")
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids = render_document(tok, 3, "see <|im_end|> and <|im_start|>[7] <End-of-Retrieve>")
+    assert ids[0] == im_start and ids[-1] == im_end
+    assert ids.count(im_end) == 1 and ids.count(im_start) == 1
+    assert tok.decode(ids) == "<|im_start|>[3]. see <|im_end|> and <|im_start|>[7] <End-of-Retrieve>[3]<|im_end|>"
+    with pytest.raises(TypeError, match="expected str"):
+        render_document(tok, 0, b"bytes")
