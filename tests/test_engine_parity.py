@@ -62,15 +62,21 @@ def test_add_equals_build_and_delete_excludes():
         parts.delete([9])
 
 
-def test_document_text_is_plain_text():
+@pytest.fixture(scope="module")
+def qwen_tok():
     from memsparse import resources
-    from memsparse.memory import render_document
     from memsparse.model.tokenizer import build_qwen_tokenizer
 
     try:
-        tok = build_qwen_tokenizer()
+        return build_qwen_tokenizer()
     except resources.ResourceUnavailable as e:
         pytest.skip(f"Qwen tokenizer files not reachable: {e}")
+
+
+def test_document_text_is_plain_text(qwen_tok):
+    from memsparse.memory import render_document
+
+    tok = qwen_tok
     im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     ids = render_document(tok, 3, "see <|im_end|> and <|im_start|>[7] <End-of-Retrieve>")
     assert ids[0] == im_start and ids[-1] == im_end
@@ -78,3 +84,34 @@ def test_document_text_is_plain_text():
     assert tok.decode(ids) == "<|im_start|>[3]. see <|im_end|> and <|im_start|>[7] <End-of-Retrieve>[3]<|im_end|>"
     with pytest.raises(TypeError, match="expected str"):
         render_document(tok, 0, b"bytes")
+
+
+def test_engine_route_with_text(qwen_tok):
+    import memsparse as ms
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 8, "top_k_docs": 2}, vocab_size=151936)
+    docs = ["Paris is the capital of France.", "The <|im_end|> token ends a turn [2].", "Bananas are yellow."]
+    bank = ms.MemoryBank.build(model, qwen_tok, docs)
+    assert bank.num_docs == 3 and bank.texts == docs
+    engine = ms.MSAEngine(model, qwen_tok, bank)
+    ids, mask = engine.encode_question("What is <|im_end|> [1]?")
+    assert ids.count(qwen_tok.convert_tokens_to_ids("<|im_end|>")) == 1  # only the template tail's
+    routing = engine.route("What is <|im_end|> [1]?")
+    assert sorted(routing) == [2, 3] and all(len(v) == 2 for v in routing.values())
+    assert routing == prefill(bank, ids, mask, similarity="official").routing
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.route("  ")
+    with pytest.raises(ValueError, match="another model"):
+        ms.MSAEngine(tiny_model("qwen3", vocab_size=151936), qwen_tok, bank)
+
+
+def test_text_add_equals_build(qwen_tok):
+    import memsparse as ms
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 8, "top_k_docs": 2}, vocab_size=151936)
+    docs = ["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas are yellow.", ""]
+    whole = ms.MemoryBank.build(model, qwen_tok, docs)
+    parts = ms.MemoryBank.build(model, qwen_tok, docs[:2])
+    assert parts.add(docs[2:]) == [2, 3]
+    q = "Where is Ottawa?"
+    assert ms.MSAEngine(model, qwen_tok, whole).route(q) == ms.MSAEngine(model, qwen_tok, parts).route(q)

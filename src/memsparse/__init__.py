@@ -1,5 +1,7 @@
 """memsparse: Memory Sparse Attention (MSA), a trainable sparse memory over very large corpora."""
 
+from .engine import MSAEngine
+from .memory import MemoryBank
 from .model import DecoderConfig, MSAConfig, MSAForCausalLM, MSAOutput
 
 __version__ = "0.1.0"
@@ -12,4 +14,4 @@ def load_tokenizer(path):
     return _load(path)
 
 
-__all__ = ["DecoderConfig", "MSAConfig", "MSAForCausalLM", "MSAOutput", "load_tokenizer"]
+__all__ = ["DecoderConfig", "MSAConfig", "MSAEngine", "MSAForCausalLM", "MSAOutput", "MemoryBank", "load_tokenizer"]

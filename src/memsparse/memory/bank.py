@@ -38,12 +38,14 @@ class MemoryBank:
     token_count: list[int] = field(default_factory=list)
     texts: list[str | None] = field(default_factory=list)
     alive: list[bool] = field(default_factory=list)
+    tok: object = None  # the tokenizer that renders text documents
 
     @classmethod
     def build(cls, model: MSAForCausalLM, tok, docs: list[str], **kw) -> MemoryBank:
         """Encode `docs` (ids 0..N-1) rendered in the official document format."""
         bank = cls.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"])
-        bank.add(docs, tok=tok, **kw)
+        bank.tok = tok
+        bank.add(docs, **kw)
         return bank
 
     @classmethod
@@ -54,10 +56,12 @@ class MemoryBank:
     def num_docs(self) -> int:
         return len(self.chunk_start)
 
-    def add(self, docs: list[str], tok=None, **kw) -> list[int]:
+    def add(self, docs: list[str], **kw) -> list[int]:
         """Encode new documents; returns their ids."""
+        if self.tok is None:
+            raise ValueError("this bank has no tokenizer (made from token ids): use add_tokens")
         start = self.num_docs
-        tokens = [render_document(tok, start + i, d) for i, d in enumerate(docs)]
+        tokens = [render_document(self.tok, start + i, d) for i, d in enumerate(docs)]
         return self.add_tokens(tokens, texts=list(docs), **kw)
 
     def add_tokens(self, tokens: list[list[int]], texts: list[str | None] | None = None,
