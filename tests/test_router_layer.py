@@ -176,3 +176,17 @@ def test_document_scores_unchanged_when_documents_reordered():
     for L in a:
         assert torch.allclose(a[L], b[L], atol=1e-12)
     assert torch.allclose(la[0, -5:], lb[0, -5:], atol=1e-10)  # the question sees the same memory
+
+
+def test_caller_positions_are_used():
+    """position_ids equal to the default layout give the same result; other positions change it."""
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, dtype=torch.float64)
+    ids, doc, mask = batch([make_sample([6, 3])])
+    lay = SequenceLayout.build(doc, model.msa_config, mask)
+    assert lay.positions[0, :3].tolist() == [0, 1, 2] and lay.positions[0, 3:9].tolist() == list(range(6))
+    assert lay.positions[0, 12].item() == 3 + model.msa_config.engine_top_k  # first question token: p + k
+    with torch.no_grad():
+        default = model(ids, doc).logits
+        same = model(ids, doc, position_ids=lay.positions).logits
+        other = model(ids, doc, position_ids=torch.arange(ids.shape[1])[None]).logits
+    assert torch.equal(default, same) and not torch.allclose(default, other)
