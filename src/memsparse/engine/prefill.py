@@ -26,8 +26,8 @@ def _uses_cosine(model, similarity: str) -> bool:
     'train' = as the training forward (cosine for every InfoNCE-family loss)."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity {similarity!r}: expected one of {SIMILARITIES}")
-    method = model.msa_config.aux_loss_method
-    return {"official": method == "INFONCE", "train": "INFONCE" in method,
+    msa = model.msa_config
+    return {"official": msa.aux_loss_method == "INFONCE", "train": msa.uses_cosine,
             "cosine": True, "dot": False}[similarity]
 
 

@@ -74,6 +74,7 @@ class MemoryBank:
         P = self.model.msa_config.pooling_kernel_size
         dev = self.model.device
         bar = tqdm(total=sum(map(len, tokens)), unit="tok", disable=not progress, desc="encoding")
+        new: dict[int, list[tuple]] = {}  # router layer -> pooled (K̄, V̄, K̄r) per batch, concatenated once
         i = 0
         while i < len(tokens):
             j, n = i, 0
@@ -82,10 +83,8 @@ class MemoryBank:
                 j += 1
             flat = torch.tensor([t for doc in tokens[i:j] for t in doc], device=dev)[None]  # (1, n)
             doc_ids = torch.cat([torch.full((len(d),), k + 1) for k, d in enumerate(tokens[i:j])]).to(dev)[None]
-            pooled = self.model.encode_documents(flat, doc_ids)
-            for layer, (k_bar, v_bar, kr_bar) in pooled.items():
-                for store, new in ((self.keys, k_bar), (self.values, v_bar), (self.route_keys, kr_bar)):
-                    store[layer] = new if layer not in store else torch.cat([store[layer], new])
+            for layer, pooled in self.model.encode_documents(flat, doc_ids).items():
+                new.setdefault(layer, []).append(pooled)
             for d in tokens[i:j]:
                 self.chunk_start.append(self.chunk_start[-1] + self.chunk_count[-1] if self.chunk_start else 0)
                 self.chunk_count.append((len(d) + P - 1) // P)
@@ -93,6 +92,9 @@ class MemoryBank:
             bar.update(n)
             i = j
         bar.close()
+        for layer, parts in new.items():
+            for n, store in enumerate((self.keys, self.values, self.route_keys)):
+                store[layer] = torch.cat(([store[layer]] if layer in store else []) + [p[n] for p in parts])
         self.texts += texts
         self.alive += [True] * len(tokens)
         return ids
