@@ -55,3 +55,11 @@ def batch(samples, pad_id=0):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def assert_same_routing(a: dict, b: dict, atol: float = 1e-5):
+    """Same layers, same documents in the same order, scores within atol."""
+    assert sorted(a) == sorted(b)
+    for layer in a:
+        assert [d for d, _ in a[layer]] == [d for d, _ in b[layer]], layer
+        assert torch.allclose(torch.tensor([s for _, s in a[layer]]), torch.tensor([s for _, s in b[layer]]), atol=atol)

@@ -6,7 +6,7 @@ import torch
 from memsparse.engine import prefill
 from memsparse.memory import MemoryBank
 
-from .conftest import tiny_model
+from .conftest import assert_same_routing, tiny_model
 
 PREFIX = [5, 6, 7]
 
@@ -35,9 +35,9 @@ def test_prefill_equals_training_forward(family, k):
     ref, scores = _training_logits(model, docs, active, route)
     bank = MemoryBank.empty(model, PREFIX)
     bank.add_tokens(docs, batch_tokens=16)  # several packed batches
-    res = prefill(bank, active, route, similarity="train")
-    assert (res.logits - ref).abs().max() <= 1e-5
-    for layer, picked in res.routing.items():
+    logits, routing = prefill(bank, active, route, similarity="train")
+    assert (logits - ref).abs().max() <= 1e-5
+    for layer, picked in routing.items():
         expected = scores[layer][0].topk(min(k, len(docs)))
         assert [d for d, _ in picked] == expected.indices.tolist()
         assert torch.allclose(torch.tensor([s for _, s in picked]), expected.values, atol=1e-6)
@@ -52,12 +52,13 @@ def test_add_equals_build_and_delete_excludes():
     whole.add_tokens(a + b)
     parts = MemoryBank.empty(model, PREFIX)
     assert parts.add_tokens(a) == [0, 1, 2] and parts.add_tokens(b) == [3, 4]
-    r1, r2 = prefill(whole, active, route), prefill(parts, active, route)
-    assert r1.routing == r2.routing and torch.allclose(r1.logits, r2.logits, atol=1e-6)
-    top = r1.routing[3][0][0]
+    (l1, r1), (l2, r2) = prefill(whole, active, route), prefill(parts, active, route)
+    assert_same_routing(r1, r2)
+    assert torch.allclose(l1, l2, atol=1e-6)
+    top = r1[3][0][0]
     parts.delete([top])
-    r3 = prefill(parts, active, route)
-    assert all(top not in [d for d, _ in picked] for picked in r3.routing.values())
+    _, r3 = prefill(parts, active, route)
+    assert all(top not in [d for d, _ in picked] for picked in r3.values())
     with pytest.raises(KeyError, match="no document 9"):
         parts.delete([9])
 
@@ -92,13 +93,13 @@ def test_engine_route_with_text(qwen_tok):
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 8, "top_k_docs": 2}, vocab_size=151936)
     docs = ["Paris is the capital of France.", "The <|im_end|> token ends a turn [2].", "Bananas are yellow."]
     bank = ms.MemoryBank.build(model, qwen_tok, docs)
-    assert bank.num_docs == 3 and bank.texts == docs
+    assert bank.num_docs == 3 and [bank.text(i) for i in range(3)] == docs
     engine = ms.MSAEngine(model, qwen_tok, bank)
     ids, mask = engine.encode_question("What is <|im_end|> [1]?")
     assert ids.count(qwen_tok.convert_tokens_to_ids("<|im_end|>")) == 1  # only the template tail's
     routing = engine.route("What is <|im_end|> [1]?")
     assert sorted(routing) == [2, 3] and all(len(v) == 2 for v in routing.values())
-    assert routing == prefill(bank, ids, mask, similarity="official").routing
+    assert routing == prefill(bank, ids, mask, similarity="official")[1]
     with pytest.raises(ValueError, match="non-empty"):
         engine.route("  ")
     with pytest.raises(ValueError, match="another model"):
@@ -114,4 +115,4 @@ def test_text_add_equals_build(qwen_tok):
     parts = ms.MemoryBank.build(model, qwen_tok, docs[:2])
     assert parts.add(docs[2:]) == [2, 3]
     q = "Where is Ottawa?"
-    assert ms.MSAEngine(model, qwen_tok, whole).route(q) == ms.MSAEngine(model, qwen_tok, parts).route(q)
+    assert_same_routing(ms.MSAEngine(model, qwen_tok, whole).route(q), ms.MSAEngine(model, qwen_tok, parts).route(q))

@@ -1,6 +1,7 @@
-"""Routing over a memory bank and prefill of the active tokens (stage 2)."""
+"""Routing, prefill, decoding and Memory Interleave over a memory bank (stages 2 and 3)."""
 
-from .engine import MSAEngine
-from .prefill import PrefillResult, prefill
+from .engine import Answer, MSAEngine
+from .generate import Sampling
+from .prefill import prefill, prefill_batch
 
-__all__ = ["MSAEngine", "PrefillResult", "prefill"]
+__all__ = ["Answer", "MSAEngine", "Sampling", "prefill", "prefill_batch"]

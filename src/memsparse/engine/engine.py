@@ -1,38 +1,211 @@
-"""MSAEngine: questions over a memory bank in the official prompt protocol (routing for now; generation and
-Memory Interleave: issue 3)."""
+"""MSAEngine: questions over a memory bank in the official prompt protocol, with Memory Interleave.
+
+Prompt (after the template prefix `<|im_start|>user\\n` and the memory): the question block (routing tokens)
+`\\nPlease answer the question based on the above historical document information\\n\\n{q}\\nPlease return all
+documents related to the question\\n`, then `<|im_end|>\\n<|im_start|>`. In a retrieval round the model names
+documents (`[4][7]<|object_ref_end|>`); the engine injects `[4]. {text}\\n[7]. {text}\\n<|object_ref_end|>` and
+runs a new round whose routing tokens are the question block and the injected block. When the model writes
+`<End-of-Retrieve>` the engine injects `<|im_start|>The user's question is: {q}\\n<|object_ref_end|>` and the
+model answers; the answer is the text after `The answer to the question is:`. Only ids in the model's own
+output are parsed; document and question text is always tokenized as plain text.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import asdict, dataclass, field
+
 from ..memory.bank import MemoryBank
-from .prefill import prefill
+from .generate import Sampling, generate
+from .prefill import Routing, prefill_batch
 
 QUESTION_HEAD = "\nPlease answer the question based on the above historical document information\n\n"
 QUESTION_TAIL = "\nPlease return all documents related to the question\n"
 TEMPLATE_TAIL = "<|im_end|>\n"
 RESPONSE_HEAD = "<|im_start|>"
+ROUND_END = "<|object_ref_end|>"
+END_OF_RETRIEVE = "<End-of-Retrieve>"
+RESTATEMENT = "The user's question is: {question}\n"
+ANSWER_MARKER = "The answer to the question is:"
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_ID = re.compile(r"\[(\d+)\]")
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str  # the answer (after the answer marker when the model wrote one)
+    rounds: list[list[int]]  # document ids named (and injected) in each retrieval round
+    routing: Routing  # the first round's routing, as route()
+    round_routing: list[Routing]  # the routing of every round
+    transcript: str  # everything after the prompt: generated and injected text
+    finish: str  # 'stop' (a stop token) or 'length' (max_new_tokens reached)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (of the batch), decode_tokens
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["routing"] = {str(k): v for k, v in self.routing.items()}
+        d["round_routing"] = [{str(k): v for k, v in r.items()} for r in self.round_routing]
+        return d
+
+
+@dataclass
+class _Row:
+    """One question's state across rounds."""
+
+    question: str
+    tokens: list[int]  # active tokens so far (prompt, generated, injected)
+    route: list[bool]  # routing tokens of the next round
+    block: int  # length of the question block (always routing tokens)
+    phase: str = "retrieve"  # 'retrieve' | 'answer'
+    rounds: list[list[int]] = field(default_factory=list)
+    routing: list[Routing] = field(default_factory=list)
+    start: int = 0  # where the transcript starts in `tokens`
+    used: int = 0  # tokens generated so far
+    finish: str | None = None
+    final: list[int] = field(default_factory=list)  # the last round's generated ids
 
 
 class MSAEngine:
     """`similarity`: 'official' (the release's engine: cosine only for INFONCE), 'train' (as trained:
     cosine for every InfoNCE-family loss), 'cosine' or 'dot'."""
 
-    def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official"):
+    def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
-        self.model, self.tok, self.bank, self.similarity = model, tok, bank, similarity
+        self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
+        vocab = tok.get_vocab()
+        self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
+        if tok.eos_token_id is not None:
+            self.stop_ids.add(tok.eos_token_id)
+        self.round_end = vocab.get(ROUND_END)
+
+    # ------------------------------------------------------------------------------------- tokens
+    def _text(self, s: str) -> list[int]:
+        """Plain text: special-token strings inside it are ordinary text."""
+        return self.tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _special(self, s: str) -> list[int]:
+        return self.tok(s, add_special_tokens=False)["input_ids"]
 
     def encode_question(self, question: str) -> tuple[list[int], list[bool]]:
         """Active tokens after the template prefix and their routing mask: the question block (routing
         tokens; its text is plain text, never control tokens), the template tail, the response head."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question must be a non-empty string")
-        tok = self.tok
-        body = tok(QUESTION_HEAD + question + QUESTION_TAIL, add_special_tokens=False,
-                   split_special_tokens=True)["input_ids"]
-        tail = tok(TEMPLATE_TAIL + RESPONSE_HEAD, add_special_tokens=False)["input_ids"]
+        body = self._text(QUESTION_HEAD + question + QUESTION_TAIL)
+        tail = self._special(TEMPLATE_TAIL + RESPONSE_HEAD)
         return body + tail, [True] * len(body) + [False] * len(tail)
 
-    def route(self, question: str) -> dict[int, list[tuple[int, float]]]:
+    def injection(self, doc_ids: list[int]) -> list[int]:
+        """`[n]. {text}\\n` for each document (plain text), then the round-end token."""
+        text = "".join(f"[{d}]. {self.bank.text(d) or ''}\n" for d in doc_ids)
+        return (self._text(text) if text else []) + [self.round_end]
+
+    def restatement(self, question: str) -> list[int]:
+        return self._special(RESPONSE_HEAD) + self._text(RESTATEMENT.format(question=question)) + [self.round_end]
+
+    # ------------------------------------------------------------------------------------- queries
+    def route(self, question: str) -> Routing:
         """Per router layer the selected (doc id, score) list, best first."""
         ids, mask = self.encode_question(question)
-        return prefill(self.bank, ids, mask, similarity=self.similarity).routing
+        res = prefill_batch(self.bank, [ids], [mask], similarity=self.similarity, route_only=True)
+        return res.memory.routing[0]
+
+    def ask(self, question: str | list[str], max_new_tokens: int = 256, interleave: bool = True,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+            stop: list[str] | None = None, max_rounds: int | None = None) -> Answer | list[Answer]:
+        """Answer a question (or a list of them, as one batch). `interleave=False` answers in one round."""
+        if isinstance(question, list):
+            return self.ask_batch(question, max_new_tokens=max_new_tokens, interleave=interleave,
+                                  temperature=temperature, top_p=top_p, seed=seed, stop=stop, max_rounds=max_rounds)
+        return self.ask_batch([question], max_new_tokens=max_new_tokens, interleave=interleave,
+                              temperature=temperature, top_p=top_p, seed=seed, stop=stop, max_rounds=max_rounds)[0]
+
+    def ask_batch(self, questions: list[str], max_new_tokens: int = 256, interleave: bool = True,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  stop: list[str] | None = None, max_rounds: int | None = None,
+                  batch_size: int = 16) -> list[Answer]:
+        """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode."""
+        if interleave and self.round_end is None:
+            raise ValueError(f"Memory Interleave needs the {ROUND_END} token, which this tokenizer lacks; "
+                             "pass interleave=False")
+        sampling = Sampling(temperature, top_p, seed)
+        rounds = self.max_rounds if max_rounds is None else max_rounds
+        out = []
+        for i in range(0, len(questions), batch_size):
+            out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [], rounds)
+        return out
+
+    def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds) -> list[Answer]:
+        rows = []
+        for q in questions:
+            ids, mask = self.encode_question(q)
+            rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
+                             phase="retrieve" if interleave else "answer"))
+        timings = {"route": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
+        while live := [r for r in rows if r.finish is None]:
+            g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
+                         max(budget - r.used for r in live),
+                         lambda b, ids: self._event(live[b], ids, stop_strings, budget), sampling, self.similarity)
+            for k in timings:
+                timings[k] += g.timings[k]
+            for row, ids, event, routing in zip(live, g.tokens, g.events, g.routing):
+                row.routing.append(routing)
+                self._advance(row, ids, event, max_rounds)
+        return [self._result(r, timings) for r in rows]
+
+    def _event(self, row: _Row, ids: list[int], stop_strings: list[str], budget: int) -> str | None:
+        """Why a round ends after generating `ids`, or None to go on."""
+        last = ids[-1]
+        if last in self.stop_ids:
+            return "stop"
+        if row.used + len(ids) >= budget:
+            return "length"
+        tail = self.tok.decode(ids[-24:])
+        if any(s in tail for s in stop_strings):
+            return "stop"
+        if row.phase == "retrieve":
+            if last == self.round_end:
+                return "ids"
+            if END_OF_RETRIEVE in tail:
+                return "retrieved"
+        return None
+
+    def _advance(self, row: _Row, ids: list[int], event: str, max_rounds: int) -> None:
+        """Apply one round's outcome: inject documents, switch to answering, or finish."""
+        row.tokens = row.tokens + ids
+        row.used += len(ids)
+        if event == "ids":
+            named = sorted({int(n) for n in _ID.findall(self.tok.decode(ids))})
+            known = [d for d in named if d in self.bank]
+            row.rounds.append(known)
+            inject = self.injection(known)
+            row.route = row.route[:row.block] + [False] * (len(row.tokens) - row.block)
+            row.route += [True] * (len(inject) - 1) + [False]  # the injected text routes the next round
+            row.tokens = row.tokens + inject
+            if len(row.rounds) >= max_rounds:  # cap reached: stop retrieving and answer
+                self._to_answer(row, self._text(END_OF_RETRIEVE))
+        elif event == "retrieved":
+            self._to_answer(row, [])
+        else:
+            row.finish = "stop" if event == "stop" else "length"
+            row.final = ids
+            return
+        row.route += [False] * (len(row.tokens) - len(row.route))
+
+    def _to_answer(self, row: _Row, prefix: list[int]) -> None:
+        row.phase = "answer"
+        row.tokens = row.tokens + prefix + self.restatement(row.question)
+
+    def _result(self, row: _Row, timings: dict) -> Answer:
+        final = [t for t in row.final if t not in self.stop_ids]
+        text = self.tok.decode(final, skip_special_tokens=True)
+        if ANSWER_MARKER in text:
+            text = text.rsplit(ANSWER_MARKER, 1)[1]
+        return Answer(
+            question=row.question, text=text.strip(), rounds=row.rounds,
+            routing=row.routing[0] if row.routing else {}, round_routing=row.routing,
+            transcript=self.tok.decode(row.tokens[row.start:]), finish=row.finish,
+            timings=dict(timings),
+        )

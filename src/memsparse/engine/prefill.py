@@ -1,27 +1,26 @@
-"""Stage 2: run the active tokens (question, answer) over a memory bank. In each router layer the routing
-tokens score every chunk of the bank, the layer selects its top-k documents, and the active tokens attend to
-[template prefix; selected chunks' K̄/V̄; earlier active tokens]. Non-router layers see no memory."""
+"""Stage 2: route a batch of active token rows (question, answer) over a memory bank and prefill them.
+
+In each router layer the routing tokens of each row score every chunk of the bank (segment by segment), the
+row selects its top-k live documents, and its active tokens attend to [template prefix; the selected chunks'
+K̄/V̄; earlier active tokens]. Non-router layers see only the template prefix.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ..memory.bank import MemoryBank
-from ..ops.attention import sdpa
+from ..model import cached
 from ..ops.routing import chunk_scores, document_scores
 
 SIMILARITIES = ("official", "train", "cosine", "dot")
+Routing = dict[int, list[tuple[int, float]]]  # router layer -> [(doc id, score)], best first
 
 
-@dataclass
-class PrefillResult:
-    logits: torch.Tensor  # (S, V)
-    routing: dict[int, list[tuple[int, float]]]  # router layer -> [(doc id, score)], best first
-
-
-def _uses_cosine(model, similarity: str) -> bool:
+def uses_cosine(model, similarity: str) -> bool:
     """Cosine or scaled dot at inference: 'official' = the release's engine (cosine only for INFONCE),
     'train' = as the training forward (cosine for every InfoNCE-family loss)."""
     if similarity not in SIMILARITIES:
@@ -31,64 +30,116 @@ def _uses_cosine(model, similarity: str) -> bool:
             "cosine": True, "dot": False}[similarity]
 
 
-@torch.no_grad()
-def prefill(bank: MemoryBank, input_ids: list[int], route_mask: list[bool], similarity: str = "train",
-            top_k: int | None = None) -> PrefillResult:
-    """Active tokens `input_ids` (after the template prefix); `route_mask` marks the routing (question) tokens.
-    Positions start at p + k (the official engine's layout, as the training forward's default)."""
-    model = bank.model
-    msa, cfg = model.msa_config, model.config
-    if not any(route_mask):
-        raise ValueError("the question needs at least one routing token")
-    k = top_k or msa.engine_top_k
-    dev = model.device
-    p = len(bank.prefix_ids)
-    S = len(input_ids)
-    ids = torch.tensor([input_ids], device=dev)
-    rmask = torch.tensor([route_mask], device=dev)
-    offset = p + k if msa.query_position_offset == "template+k" else k
-    x = model.model.embed_tokens(ids)
-    cos, sin = model.rope(torch.arange(offset, offset + S, device=dev)[None], x.dtype)
-    cosine = _uses_cosine(model, similarity)
-    chunk_doc = bank.chunk_doc()
-    alive = torch.tensor(bank.alive, device=dev)
-    routing: dict[int, list[tuple[int, float]]] = {}
-    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, kk, v = attn.project(h, cos, sin)  # (1, S, H|Hkv, D)
-        keys, values = [bank.prefix_kv[i][0]], [bank.prefix_kv[i][1]]
+def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor,
+                        cosine: bool) -> torch.Tensor:
+    """(B, N) scores of every document in the bank's table for router queries rq (B, S, H, D) with routing
+    mask (B, S); deleted documents are -inf. Chunk scores are computed one segment (tile) at a time."""
+    msa, view = bank.model.msa_config, bank.routing_view()
+    parts = [
+        chunk_scores(rq, rmask, keys.to(rq.dtype), torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
+                     head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
+                     cosine=cosine, scale=msa.score_scale(bank.model.config.head_dim))  # (B, C_segment)
+        for keys in view["route_keys"][layer]
+    ]
+    cs = torch.cat(parts, 1)  # (B, C)
+    ds = document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), len(view["ids"]), msa.chunk_reduce_method)
+    return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
+
+
+@dataclass
+class BankMemory:
+    """The `cached.Memory` of a batch over a bank: the template prefix in every layer, plus in router layers
+    each row's top-k documents. Records the routing of each row and the time spent routing."""
+
+    bank: MemoryBank
+    route_mask: torch.Tensor  # (B, S)
+    cosine: bool
+    top_k: int
+    routing: list[Routing] = field(default_factory=list)
+    route_seconds: float = 0.0
+
+    def __post_init__(self):
+        self.routing = [{} for _ in range(self.route_mask.shape[0])]
+
+    def __call__(self, i, attn, h, q):
+        bank = self.bank
+        B = q.shape[0]
+        pk, pv = bank.prefix_kv[i]  # (p, Hkv, D)
+        rows_k, rows_v = [[pk] for _ in range(B)], [[pv] for _ in range(B)]
         if attn.is_router and bank.num_docs:
-            rq = attn.router_queries(h, q)  # (1, S, H, D)
-            cs = chunk_scores(
-                rq, rmask, bank.route_keys[i][None], torch.ones_like(chunk_doc, dtype=torch.bool)[None],
-                head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
-                cosine=cosine, scale=msa.score_scale(cfg.head_dim),
-            )  # (1, C)
-            ds = document_scores(cs, chunk_doc[None], bank.num_docs, msa.chunk_reduce_method)[0]  # (N,)
-            ds = ds.masked_fill(~alive, float("-inf"))
-            vals, top = ds.topk(min(k, bank.num_docs))
-            keep = torch.isfinite(vals)
-            vals, top = vals[keep], top[keep]
-            routing[i] = list(zip(top.tolist(), vals.float().tolist()))
-            rows = _chunk_rows(bank, sorted(top.tolist()), dev)
-            keys.append(bank.keys[i][rows])
-            values.append(bank.values[i][rows])
-        keys.append(kk[0])
-        values.append(v[0])
-        K, V = torch.cat(keys)[None], torch.cat(values)[None]  # (1, prefix + chunks + S, Hkv, D)
-        mask = torch.cat([causal.new_ones(S, K.shape[1] - S), causal], 1)[None]  # (1, S, prefix + chunks + S)
-        o = sdpa(q, K, V, mask=mask)  # (1, S, H, D)
-        x = x + attn.o_proj(o.flatten(2))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.lm_head(model.model.norm(x))[0]
-    return PrefillResult(logits=logits, routing=routing)
+            t0 = time.perf_counter()
+            ds = document_scores_for(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine)  # (B, N)
+            vals, top = ds.topk(min(self.top_k, ds.shape[1]), dim=1)  # (B, k)
+            ids = bank.routing_view()["ids"]
+            for b, (vb, tb) in enumerate(zip(vals.float().tolist(), top.tolist())):
+                picked = [(ids[t], v) for v, t in zip(vb, tb) if v != float("-inf")]
+                self.routing[b][i] = picked
+                k, v = bank.gather(i, sorted(d for d, _ in picked))  # chunks in document order
+                rows_k[b].append(k)
+                rows_v[b].append(v)
+            self.route_seconds += time.perf_counter() - t0
+        lens = [sum(t.shape[0] for t in r) for r in rows_k]
+        M = max(lens)
+        mk = pk.new_zeros(B, M, *pk.shape[1:])  # (B, M, Hkv, D)
+        mv = pv.new_zeros(B, M, *pv.shape[1:])
+        valid = torch.zeros(B, M, dtype=torch.bool, device=pk.device)
+        for b in range(B):
+            mk[b, :lens[b]] = torch.cat(rows_k[b])
+            mv[b, :lens[b]] = torch.cat(rows_v[b])
+            valid[b, :lens[b]] = True
+        return mk, mv, valid
 
 
-def _chunk_rows(bank: MemoryBank, doc_ids: list[int], device) -> torch.Tensor:
-    """Chunk indices of the given documents, in document order."""
-    if not doc_ids:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(bank.chunk_start[d], bank.chunk_start[d] + bank.chunk_count[d], device=device)
-                      for d in doc_ids])
+def query_offset(bank: MemoryBank, top_k: int) -> int:
+    """Position of the first active token: p + k (the official layout) or k."""
+    p = len(bank.prefix_ids)
+    return p + top_k if bank.model.msa_config.query_position_offset == "template+k" else top_k
+
+
+def batch_rows(rows: list[list[int]], masks: list[list[bool]], offset: int, device):
+    """Left-pad token rows: ids, positions, valid and route mask, each (B, S)."""
+    S = max(map(len, rows))
+    B = len(rows)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    valid = torch.zeros(B, S, dtype=torch.bool)
+    rmask = torch.zeros(B, S, dtype=torch.bool)
+    for b, (r, m) in enumerate(zip(rows, masks)):
+        n = len(r)
+        ids[b, S - n:] = torch.tensor(r)
+        pos[b, S - n:] = torch.arange(offset, offset + n)
+        valid[b, S - n:] = True
+        rmask[b, S - n:] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), pos.to(device), valid.to(device), rmask.to(device)
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor | None  # (B, V) last token, (B, S, V) all, or None
+    cache: cached.KVCache
+    memory: BankMemory
+
+
+@torch.no_grad()
+def prefill_batch(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str = "train",
+                  top_k: int | None = None, extra: int = 0, logits: str = "last",
+                  route_only: bool = False) -> PrefillResult:
+    """Route and prefill active token rows (after the template prefix); `route_masks` mark each row's routing
+    tokens. `route_only` stops after the last router layer (no logits, no usable cache)."""
+    model = bank.model
+    for m in route_masks:
+        if not any(m):
+            raise ValueError("the question needs at least one routing token")
+    k = top_k or model.msa_config.engine_top_k
+    ids, pos, valid, rmask = batch_rows(rows, route_masks, query_offset(bank, k), model.device)
+    memory = BankMemory(bank, rmask, uses_cosine(model, similarity), k)
+    out, cache = cached.prefill(model, ids, pos, valid, memory, extra=extra, logits=logits,
+                                last_layer=max(model.router_layers) if route_only else None)
+    return PrefillResult(logits=out, cache=cache, memory=memory)
+
+
+def prefill(bank: MemoryBank, input_ids: list[int], route_mask: list[bool], similarity: str = "train",
+            top_k: int | None = None):
+    """One row: logits (S, V) of every active token and its routing. Positions start at p + k (or k)."""
+    res = prefill_batch(bank, [input_ids], [route_mask], similarity, top_k, logits="all")
+    return res.logits[0], res.memory.routing[0]

@@ -1,5 +1,8 @@
-"""The memory bank: offline encoding of documents into per-chunk compressed keys/values and routing keys."""
+"""The memory bank: offline encoding of documents into per-chunk compressed keys/values and routing keys,
+tiers, and the on-disk store."""
 
 from .bank import MemoryBank, render_document
+from .corpus import CorpusError, Document, read_corpus
+from .store import BankError
 
-__all__ = ["MemoryBank", "render_document"]
+__all__ = ["BankError", "CorpusError", "Document", "MemoryBank", "read_corpus", "render_document"]

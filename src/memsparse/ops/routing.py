@@ -27,18 +27,20 @@ def chunk_scores(
 ) -> torch.Tensor:
     """Scores (B, C) of every chunk for its sample; invalid chunks are -inf.
 
-    q: (B, S, H, D) router queries, q_mask: (B, S) routing tokens; keys: (B, C, Hkv, D) pooled router keys,
-    key_mask: (B, C) real chunks. Every sample needs at least one routing token.
+    q: (B, S, H, D) router queries, q_mask: (B, S) routing tokens; keys: (B, C, Hkv, D) pooled router keys, or
+    (C, Hkv, D) shared by every sample; key_mask: (B, C) or (C,) real chunks. Every sample needs at least one
+    routing token.
     """
     B, S, H, D = q.shape
-    Hkv = keys.shape[2]
+    Hkv = keys.shape[-2]
+    kb = "b" if keys.dim() == 4 else ""  # einsum batch letter of the keys
     if cosine:
         q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
     qg = q.view(B, S, Hkv, H // Hkv, D)  # (B, S, Hkv, G, D)
     if head_reduce == "mean":
-        s = torch.einsum("bskd,bckd->bsc", qg.sum(3), keys) / H  # (B, S, C)
+        s = torch.einsum(f"bskd,{kb}ckd->bsc", qg.sum(3), keys) / H  # (B, S, C)
     elif head_reduce == "max":
-        s = torch.einsum("bskgd,bckd->bskgc", qg, keys).flatten(2, 3).amax(2)  # (B, S, C)
+        s = torch.einsum(f"bskgd,{kb}ckd->bskgc", qg, keys).flatten(2, 3).amax(2)  # (B, S, C)
     else:
         raise ValueError(f"head_reduce {head_reduce!r}")
     s = s * scale

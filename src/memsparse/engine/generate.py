@@ -1,0 +1,87 @@
+"""Stage 3: sampling and the decode loop over a preallocated KV cache, for a batch of rows at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..memory.bank import MemoryBank
+from ..model import cached
+from .prefill import Routing, prefill_batch
+
+
+@dataclass
+class Sampling:
+    """Greedy when temperature is 0, else temperature sampling restricted to the top-p nucleus."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V)."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / s.temperature, -1)
+    if s.top_p < 1:
+        sp, idx = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > s.top_p  # tokens after the nucleus (the top token is always kept)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sp.masked_fill(drop, 0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per row (including the one that ended it)
+    events: list[str]  # why each row stopped: what `stop` returned, or 'length'
+    routing: list[Routing]
+    timings: dict[str, float]  # seconds: route (inside prefill), prefill, decode; decode_tokens
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], max_new_tokens: int,
+             stop: Callable[[int, list[int]], str | None], sampling: Sampling | None = None,
+             similarity: str = "train", top_k: int | None = None) -> Generation:
+    """Prefill the rows, then decode until `stop(row, generated ids)` returns an event for every row or
+    `max_new_tokens` are generated. Finished rows keep stepping with the batch; their tokens are dropped."""
+    sampling = sampling or Sampling()
+    dev = bank.model.device
+    gen = None
+    if sampling.seed is not None:
+        gen = torch.Generator(device=dev).manual_seed(sampling.seed)
+    t0 = time.perf_counter()
+    res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
+    _sync(dev)
+    t1 = time.perf_counter()
+    out: list[list[int]] = [[] for _ in rows]
+    events: list[str | None] = [None] * len(rows)
+    logits, steps = res.logits, 0
+    while max_new_tokens > 0:
+        nxt = sample(logits, sampling, gen)  # (B,)
+        for b, t in enumerate(nxt.tolist()):
+            if events[b] is None:
+                out[b].append(t)
+                events[b] = stop(b, out[b])
+        if all(e is not None for e in events) or len(max(out, key=len)) >= max_new_tokens:
+            break
+        logits = cached.decode(bank.model, nxt, res.cache)
+        steps += 1
+    _sync(dev)
+    t2 = time.perf_counter()
+    return Generation(
+        tokens=out, events=[e or "length" for e in events], routing=res.memory.routing,
+        timings={"route": res.memory.route_seconds, "prefill": t1 - t0, "decode": t2 - t1, "decode_tokens": steps},
+    )

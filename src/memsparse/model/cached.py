@@ -1,0 +1,119 @@
+"""Inference forward with a preallocated KV cache (stages 2 and 3).
+
+A batch of active token rows (left-padded to a common length) runs through the decoder. In every layer a caller
+supplied `memory` gives each row the keys/values that precede its active tokens (the template prefix, and in
+router layers the chunks its routing selected); the prefill writes them and the active tokens' own keys/values
+into a per-layer cache sized for the whole generation, so each decode step writes one column in place.
+
+Per layer the cache columns are [memory (padded to the batch max) | active tokens | generated tokens]; the
+active tokens of every row end at the same column, so one decode step writes the same column for all rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.attention import sdpa
+from .decoder import MSAAttention, MSAForCausalLM
+
+# memory(layer index, attention module, normed hidden (B, S, hidden), queries (B, S, H, D)) ->
+#   keys, values (B, M, Hkv, D) and validity (B, M) bool
+Memory = Callable[[int, MSAAttention, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def no_memory(i: int, attn: MSAAttention, h: torch.Tensor, q: torch.Tensor):
+    """A `Memory` with nothing before the active tokens."""
+    empty = q.new_zeros(q.shape[0], 0, attn.cfg.num_key_value_heads, q.shape[3])  # (B, 0, Hkv, D)
+    return empty, empty, torch.zeros(q.shape[0], 0, dtype=torch.bool, device=q.device)
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor  # (B, L, Hkv, D)
+    v: torch.Tensor  # (B, L, Hkv, D)
+    valid: torch.Tensor  # (B, L) bool: key columns a row may attend to
+    start: int  # column of the first active token
+
+
+@dataclass
+class KVCache:
+    layers: list[LayerCache]
+    length: int  # active + generated tokens written (same for every row)
+    positions: torch.Tensor  # (B,) position of the next token of each row
+
+    def column(self, layer: int) -> int:
+        return self.layers[layer].start + self.length
+
+
+def _embed_rope(model: MSAForCausalLM, ids: torch.Tensor, positions: torch.Tensor):
+    x = model.model.embed_tokens(ids)
+    cos, sin = model.rope(positions, x.dtype)
+    return x, cos, sin
+
+
+def prefill(
+    model: MSAForCausalLM,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    memory: Memory,
+    extra: int = 0,
+    logits: str = "last",
+    last_layer: int | None = None,
+) -> tuple[torch.Tensor | None, KVCache]:
+    """Run active tokens `ids` (B, S) at `positions` (B, S); `valid` (B, S) marks real (not padding) tokens,
+    padding on the left. Allocates room for `extra` generated tokens. `logits`: 'last' (B, V), 'all'
+    (B, S, V) or 'none'; `last_layer` stops after that layer (routing only; no usable cache)."""
+    B, S = ids.shape
+    x, cos, sin = _embed_rope(model, ids, positions)
+    causal = torch.ones(S, S, dtype=torch.bool, device=ids.device).tril()
+    eye = torch.eye(S, dtype=torch.bool, device=ids.device)
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project(h, cos, sin)  # (B, S, H|Hkv, D)
+        mk, mv, mvalid = memory(i, attn, h, q)  # (B, M, Hkv, D), (B, M)
+        M = mk.shape[1]
+        cache = LayerCache(
+            k=k.new_zeros(B, M + S + extra, *k.shape[2:]), v=v.new_zeros(B, M + S + extra, *v.shape[2:]),
+            valid=torch.zeros(B, M + S + extra, dtype=torch.bool, device=ids.device), start=M,
+        )
+        cache.k[:, :M], cache.v[:, :M], cache.valid[:, :M] = mk, mv, mvalid
+        cache.k[:, M:M + S], cache.v[:, M:M + S], cache.valid[:, M:M + S] = k, v, valid
+        # a query sees the memory and earlier real active tokens; a padding query also sees itself (no empty rows)
+        own = causal & (valid[:, None, :] | eye)  # (B, S, S)
+        mask = torch.cat([mvalid[:, None, :].expand(B, S, M), own], 2)  # (B, S, M + S)
+        o = sdpa(q, cache.k[:, :M + S], cache.v[:, :M + S], mask=mask)  # (B, S, H, D)
+        x = x + attn.o_proj(o.flatten(2))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        layers.append(cache)
+        if last_layer is not None and i == last_layer:
+            break
+    kv = KVCache(layers=layers, length=S, positions=positions[:, -1] + 1)
+    if logits == "none" or last_layer is not None:
+        return None, kv
+    h = x[:, -1] if logits == "last" else x
+    return model.lm_head(model.model.norm(h)), kv
+
+
+def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row: `ids` (B,) -> next-token logits (B, V); the cache advances by one column."""
+    x, cos, sin = _embed_rope(model, ids[:, None], cache.positions[:, None])  # (B, 1, hidden)
+    for i, layer in enumerate(model.model.layers):
+        attn, lc = layer.self_attn, cache.layers[i]
+        if cache.column(i) >= lc.k.shape[1]:
+            raise RuntimeError("KV cache is full: prefill with a larger `extra`")
+        col = cache.column(i)
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project(h, cos, sin)  # (B, 1, H|Hkv, D)
+        lc.k[:, col], lc.v[:, col], lc.valid[:, col] = k[:, 0], v[:, 0], True
+        o = sdpa(q, lc.k[:, :col + 1], lc.v[:, :col + 1], mask=lc.valid[:, None, :col + 1])  # (B, 1, H, D)
+        x = x + attn.o_proj(o.flatten(2))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    cache.length += 1
+    cache.positions = cache.positions + 1
+    return model.lm_head(model.model.norm(x[:, 0]))
