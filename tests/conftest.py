@@ -63,3 +63,27 @@ def assert_same_routing(a: dict, b: dict, atol: float = 1e-5):
     for layer in a:
         assert [d for d, _ in a[layer]] == [d for d, _ in b[layer]], layer
         assert torch.allclose(torch.tensor([s for _, s in a[layer]]), torch.tensor([s for _, s in b[layer]]), atol=atol)
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_end|>"]
+_TOK_TEXT = [
+    "Paris is the capital of France.", "Ottawa is the capital of Canada.", "Bananas are yellow and sweet.",
+    "Please answer the question based on the above historical document information",
+    "Please return all documents related to the question", "The answer to the question is:",
+    "The user's question is: where is it?", "<End-of-Retrieve> [0] [1] [2] [3] [10] [42]. 0123456789",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (about 300 tokens) trained here on a few sentences, with the chat and
+    Memory Interleave special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(_TOK_TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +45,7 @@ class PackedTexts:
     def pack(cls, records: list[tuple[str, str | None]]) -> PackedTexts:
         blobs = [zlib.compress(json.dumps(r, ensure_ascii=False).encode()) for r in records]
         offsets = torch.tensor([0] + [len(b) for b in blobs], dtype=torch.int64).cumsum(0)
-        data = torch.tensor(list(b"".join(blobs)), dtype=torch.uint8)
+        data = torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.uint8).copy())  # (bytes,)
         return cls(data, offsets)
 
     def __len__(self) -> int:
