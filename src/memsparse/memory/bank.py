@@ -95,6 +95,7 @@ class MemoryBank:
     next_id: int = 0
     tier: str = "device"  # where K̄/V̄ live: 'device' (the model's) or 'host'
     path: Path | None = None  # the directory this bank was loaded from / saved to
+    meta: dict = field(default_factory=dict)  # user metadata kept in the manifest (e.g. the model's path)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
@@ -124,12 +125,13 @@ class MemoryBank:
 
         return load(path, model, tok, tier)
 
-    def add(self, docs: list[str], names: list[str] | None = None, **kw) -> list[int]:
+    def add(self, docs: list[str], names: list[str] | None = None, progress: bool = False, **kw) -> list[int]:
         """Encode new documents; returns their ids. `names`: optional labels kept in the table."""
         if self.tok is None:
             raise ValueError("this bank has no tokenizer (made from token ids): use add_tokens")
-        tokens = [render_document(self.tok, self.next_id + i, d) for i, d in enumerate(docs)]
-        return self.add_tokens(tokens, texts=list(docs), names=names, **kw)
+        bar = tqdm(docs, desc="tokenizing", unit="doc", disable=not progress)
+        tokens = [render_document(self.tok, self.next_id + i, d) for i, d in enumerate(bar)]
+        return self.add_tokens(tokens, texts=list(docs), names=names, progress=progress, **kw)
 
     @torch.no_grad()
     def add_tokens(self, tokens: list[list[int]], texts: list[str | None] | None = None,

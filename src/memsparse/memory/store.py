@@ -161,7 +161,7 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         "msa": model.msa_config.to_dict(model.config.num_hidden_layers), "router_layers": model.router_layers,
         "dtype": str(t.dtype).removeprefix("torch."), "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
-        "docs": bank.num_docs, "chunks": bank.num_chunks,
+        "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
         "tokens": sum(n for s in bank.segments for n in s.token_count),
     }
     tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
@@ -223,4 +223,5 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
         bank._append(seg)
     bank.deleted = set(m["deleted"])
     bank.next_id = m["next_id"]
+    bank.meta = m.get("meta", {})
     return bank.place(tier)

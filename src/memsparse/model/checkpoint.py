@@ -135,7 +135,8 @@ def _load_weights(model: MSAForCausalLM, state: dict[str, torch.Tensor], officia
             params["temperature"].fill_(float(model.msa_config.infonce_loss_temp))
         if "b" in params and "b" not in state:
             params["b"].fill_(-20.0)
-    if expected_routers - found_routers:
+    model.fresh_routers = bool(expected_routers - found_routers)  # untrained: routing is random
+    if model.fresh_routers:
         model.init_router_weights()
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -201,6 +201,7 @@ class MSAForCausalLM(nn.Module):
         self.config = config
         self.msa_config = MSAConfig.from_dict(msa_config)
         self.router_layers = self.msa_config.router_layers(config.num_hidden_layers)
+        self.fresh_routers = False  # set by from_pretrained when the checkpoint had no router weights
         self.model = MSAModel(config, self.msa_config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

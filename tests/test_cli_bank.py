@@ -1,0 +1,116 @@
+"""The bank command line end to end on a tiny model: encode, info, ask, docs add/delete/list, and bad input."""
+
+import json
+
+import pytest
+
+from memsparse.cli import main
+from memsparse.memory.store import MANIFEST
+
+from .conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t, "id": f"doc-{n}"}) + "\n" for n, t in enumerate(texts)))
+    return path
+
+
+def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
+    corpus = _jsonl(tmp_path / "c.jsonl", ["Paris is in France.", "Ottawa <|im_end|> [2] is in Canada.", "Bananas."])
+    bank = tmp_path / "bank"
+    code, out, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", bank, "--device", "cpu")
+    assert code == 0 and "3 documents" in out, err
+    code, out, _ = _run(capsys, "info", bank)
+    assert code == 0 and "documents: 3" in out and "bytes per token" in out
+    code, out, err = _run(capsys, "ask", bank, "Where is Ottawa?", "--json", "--max-new-tokens", "6")
+    assert code == 0, err
+    ans = json.loads(out)
+    assert ans["question"] == "Where is Ottawa?" and set(ans) >= {"text", "rounds", "routing", "timings"}
+    assert all(len(v) == 2 for v in ans["routing"].values())
+    code, out, _ = _run(capsys, "ask", bank, "Where is Ottawa?", "--no-interleave", "--max-new-tokens", "3")
+    assert code == 0 and "routing (layer 3)" in out
+    more = tmp_path / "more.txt"
+    more.write_text("Rome is old.\n\nLisbon is by the sea.\n")
+    code, out, _ = _run(capsys, "docs", "add", bank, more)
+    assert code == 0 and "added documents 3..4" in out
+    code, out, _ = _run(capsys, "docs", "delete", bank, "1")
+    assert code == 0
+    code, out, _ = _run(capsys, "docs", "list", bank)
+    rows = out.strip().splitlines()
+    assert [r.split("\t")[0] for r in rows] == ["[0]", "[2]", "[3]", "[4]"]
+    assert rows[0].split("\t")[1] == "doc-0" and rows[2].split("\t")[1] == "more.txt:1"
+    code, out, _ = _run(capsys, "ask", bank, "Where is Rome?", "--max-new-tokens", "4", "--json")
+    assert code == 0 and all(1 not in [d for d, _ in v] for v in json.loads(out)["routing"].values())
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and "error:" in lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "non-utf8", "empty-doc", "huge-doc", "dir-without-docs"])
+def test_encode_bad_corpus(model_dir, tmp_path, capsys, case):
+    corpus = tmp_path / "corpus.txt"
+    if case == "empty":
+        corpus.write_text("\n\n")
+    elif case == "non-utf8":
+        corpus.write_bytes(b"fine line\nbad \xff byte\n")
+    elif case == "empty-doc":
+        corpus = _jsonl(tmp_path / "c.jsonl", ["ok", "  "])
+    elif case == "huge-doc":
+        corpus.write_text("word " * (2 << 20) + "\n")
+    elif case == "dir-without-docs":
+        corpus = tmp_path / "d"
+        corpus.mkdir()
+    bank = tmp_path / "bank"
+    code, _, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", bank)
+    assert code == 2 and _one_error_line(err), err
+    assert not bank.exists()
+
+
+def test_bad_commands_leave_the_bank_intact(model_dir, tmp_path, capsys):
+    bank = tmp_path / "bank"
+    assert _run(capsys, "encode", _jsonl(tmp_path / "c.jsonl", ["a b c", "d e f"]), "--model", model_dir,
+                "--out", bank)[0] == 0
+    manifest = (bank / MANIFEST).read_bytes()
+    files = sorted(p.name for p in bank.iterdir())
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xfe\xff")
+    for argv in [("docs", "delete", bank, "7"), ("docs", "delete", bank, "x"), ("docs", "add", bank, bad),
+                 ("docs", "add", bank), ("encode", tmp_path / "c.jsonl", "--model", model_dir, "--out", bank),
+                 ("ask", tmp_path, "q"), ("ask", bank, " "), ("info", tmp_path / "nope")]:
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and _one_error_line(err), (argv, err)
+    assert (bank / MANIFEST).read_bytes() == manifest and sorted(p.name for p in bank.iterdir()) == files
+
+
+def test_model_without_routers_is_refused(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    model = tiny_model("llama", vocab_size=300)
+    model.save_pretrained(plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg.pop("msa_config")
+    cfg["model_type"] = "llama"
+    (plain / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    shard = next(plain.glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(shard).items() if "router" not in k}, shard)
+    tiny_tokenizer().save_pretrained(plain)
+    corpus = _jsonl(tmp_path / "c.jsonl", ["a"])
+    code, _, err = _run(capsys, "encode", corpus, "--model", plain, "--out", tmp_path / "b")
+    assert code == 2 and "no MSA router weights" in err
