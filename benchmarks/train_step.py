@@ -14,25 +14,13 @@ Results are merged into benchmarks/results/train_step.json under the device kind
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, SMALL, SMOLLM2, peak_mb, run_header, save_run, timed
 
 from memsparse import DecoderConfig, MSAForCausalLM
-
-SMOLLM2 = dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope={"rope_type": "default",
-               "rope_theta": 100000.0}, tie_word_embeddings=True)
-SMALL = dict(family="llama", vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
 
 
 def make_batch(memory_tokens: int, doc_len: int, vocab: int, device, n_query=64, n_answer=64, prefix=3):
@@ -48,37 +36,6 @@ def make_batch(memory_tokens: int, doc_len: int, vocab: int, device, n_query=64,
     aux = torch.zeros(1, n_docs, dtype=torch.long, device=device)
     aux[0, :2] = 1
     return ids, doc, labels, aux
-
-
-def timed(fn, repeats: int, device) -> float:
-    """Median milliseconds of fn() over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
-
-
-def commit() -> str:
-    """The code's commit: $MEMSPARSE_COMMIT (set where the tree travels without .git), else git."""
-    if os.environ.get("MEMSPARSE_COMMIT"):
-        return os.environ["MEMSPARSE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def measure(model, size: int, args, device, dense: bool) -> dict:
@@ -129,7 +86,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=["on", "off"], default=None,
                     help="gradient checkpointing per layer (default: on for GPU)")
     ap.add_argument("--profile", action="store_true", help="print a profile of one step at the largest size")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    ap.add_argument("--out", default=str(RESULTS / "train_step.json"))
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,19 +114,12 @@ def main() -> None:
         p["step_ratio_vs_smallest"] = round(p["train_step_ms"] / base["train_step_ms"], 2)
         p["size_ratio_vs_smallest"] = round(p["memory_tokens"] / base["memory_tokens"], 2)
     run = {
-        "machine": torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} "
-                                                            f"({torch.get_num_threads()} threads)",
-        "device": device.type, "date": datetime.date.today().isoformat(), "commit": commit(),
-        "torch": torch.__version__, "dtype": str(dtype), "params_m": round(params / 1e6, 1),
+        **run_header(device), "dtype": str(dtype), "params_m": round(params / 1e6, 1),
         "config": "SmolLM2-135M geometry" if gpu else "small (4 layers, hidden 128)",
         "doc_len": args.doc_len, "gradient_checkpointing": model.gradient_checkpointing, "points": points,
         "peak_mem_note": "GPU: torch.cuda.max_memory_allocated per size; CPU: process RSS high-water mark",
     }
-    out = Path(args.out)
-    runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
-    runs[device.type + ("-checkpointing" if model.gradient_checkpointing else "")] = run
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    save_run(Path(args.out), device.type + ("-checkpointing" if model.gradient_checkpointing else ""), run)
     print(f"{'memory':>8} {'step ms':>10} {'ratio':>6} {'msa fwd ms':>11} {'dense fwd ms':>13} {'peak MB':>9}")
     for p in points:
         dense = f"{p['dense_forward_ms']:.1f}" if p["dense_forward_ms"] is not None else "-"

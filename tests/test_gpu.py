@@ -48,3 +48,27 @@ def test_cuda_bfloat16_close_to_float32():
     b, gb = _run(half, "cuda")
     assert abs(a.loss.item() - b.loss.item()) / a.loss.item() < 0.03
     assert all(torch.isfinite(g).all() for g in gb.values())
+
+
+def test_cuda_engine_matches_cpu_across_tiers(tmp_path):
+    """Bank encoding, routing, prefill logits and greedy answers on CUDA (device and pinned-host tiers, and a
+    bank saved on CPU and loaded onto the GPU) agree with the CPU in float32."""
+    import memsparse as ms
+
+    from .conftest import assert_same_routing, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    docs = ["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas are yellow.", "Rome is old. " * 9]
+    cpu = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    gpu = copy.deepcopy(cpu).cuda()
+    ref_bank = ms.MemoryBank.build(cpu, tok, docs)
+    ref = ms.MSAEngine(cpu, tok, ref_bank, similarity="train").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
+    path = ref_bank.save(tmp_path / "bank")
+    banks = [ms.MemoryBank.build(gpu, tok, docs, tier="device"), ms.MemoryBank.build(gpu, tok, docs, tier="host"),
+             ms.MemoryBank.load(path, gpu, tok, tier="host")]
+    assert banks[1].segments[0].keys[3].is_pinned() and banks[0].segments[0].keys[3].is_cuda
+    for bank in banks:
+        got = ms.MSAEngine(gpu, tok, bank, similarity="train").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
+        for a, b in zip(ref, got):
+            assert a.transcript == b.transcript
+            assert_same_routing(a.routing, b.routing, atol=1e-4)

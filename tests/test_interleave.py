@@ -44,7 +44,7 @@ class Script:
             out.append(got)
             events.append(event or "length")
         return Generation(tokens=out, events=events, routing=[{15: []}] * len(out),
-                          timings={"route": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0})
+                          timings={"route": 0.0, "gather": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0})
 
 
 def _engine(setup, monkeypatch, scripts):

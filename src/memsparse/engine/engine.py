@@ -143,7 +143,7 @@ class MSAEngine:
             ids, mask = self.encode_question(q)
             rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
                              phase="retrieve" if interleave else "answer"))
-        timings = {"route": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
+        timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
         while live := [r for r in rows if r.finish is None]:
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
                          max(budget - r.used for r in live),

@@ -10,7 +10,7 @@ import torch
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import Routing, prefill_batch
+from .prefill import Routing, prefill_batch, sync
 
 
 @dataclass
@@ -43,12 +43,7 @@ class Generation:
     tokens: list[list[int]]  # generated ids per row (including the one that ended it)
     events: list[str]  # why each row stopped: what `stop` returned, or 'length'
     routing: list[Routing]
-    timings: dict[str, float]  # seconds: route (inside prefill), prefill, decode; decode_tokens
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    timings: dict[str, float]  # seconds: route and gather (inside prefill), prefill, decode; decode_tokens
 
 
 @torch.no_grad()
@@ -64,7 +59,7 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
         gen = torch.Generator(device=dev).manual_seed(sampling.seed)
     t0 = time.perf_counter()
     res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
-    _sync(dev)
+    sync(dev)
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in rows]
     events: list[str | None] = [None] * len(rows)
@@ -79,9 +74,10 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
             break
         logits = cached.decode(bank.model, nxt, res.cache)
         steps += 1
-    _sync(dev)
+    sync(dev)
     t2 = time.perf_counter()
     return Generation(
         tokens=out, events=[e or "length" for e in events], routing=res.memory.routing,
-        timings={"route": res.memory.route_seconds, "prefill": t1 - t0, "decode": t2 - t1, "decode_tokens": steps},
+        timings={"route": res.memory.route_seconds, "gather": res.memory.gather_seconds, "prefill": t1 - t0,
+                 "decode": t2 - t1, "decode_tokens": steps},
     )

@@ -56,7 +56,8 @@ class BankMemory:
     cosine: bool
     top_k: int
     routing: list[Routing] = field(default_factory=list)
-    route_seconds: float = 0.0
+    route_seconds: float = 0.0  # scoring and top-k (device-synchronized)
+    gather_seconds: float = 0.0  # assembling the selected chunks' K̄/V̄
 
     def __post_init__(self):
         self.routing = [{} for _ in range(self.route_mask.shape[0])]
@@ -67,17 +68,22 @@ class BankMemory:
         pk, pv = bank.prefix_kv[i]  # (p, Hkv, D)
         rows_k, rows_v = [[pk] for _ in range(B)], [[pv] for _ in range(B)]
         if attn.is_router and bank.num_docs:
+            sync(q.device)
             t0 = time.perf_counter()
             ds = document_scores_for(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine)  # (B, N)
             vals, top = ds.topk(min(self.top_k, ds.shape[1]), dim=1)  # (B, k)
+            vals, top = vals.float().tolist(), top.tolist()  # waits for the device
+            t1 = time.perf_counter()
             ids = bank.routing_view()["ids"]
-            for b, (vb, tb) in enumerate(zip(vals.float().tolist(), top.tolist())):
+            for b, (vb, tb) in enumerate(zip(vals, top)):
                 picked = [(ids[t], v) for v, t in zip(vb, tb) if v != float("-inf")]
                 self.routing[b][i] = picked
                 k, v = bank.gather(i, sorted(d for d, _ in picked))  # chunks in document order
                 rows_k[b].append(k)
                 rows_v[b].append(v)
-            self.route_seconds += time.perf_counter() - t0
+            sync(q.device)
+            self.route_seconds += t1 - t0
+            self.gather_seconds += time.perf_counter() - t1
         lens = [sum(t.shape[0] for t in r) for r in rows_k]
         M = max(lens)
         mk = pk.new_zeros(B, M, *pk.shape[1:])  # (B, M, Hkv, D)
@@ -88,6 +94,11 @@ class BankMemory:
             mv[b, :lens[b]] = torch.cat(rows_v[b])
             valid[b, :lens[b]] = True
         return mk, mv, valid
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def query_offset(bank: MemoryBank, top_k: int) -> int:

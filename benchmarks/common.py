@@ -1,0 +1,72 @@
+"""Shared by the benchmark scripts: model geometries, timing, memory high-water marks, run metadata."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope={"rope_type": "default",
+               "rope_theta": 100000.0}, tie_word_embeddings=True)
+SMALL = dict(family="llama", vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device) -> float:
+    """Median milliseconds of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
+
+
+def commit() -> str:
+    """The code's commit: $MEMSPARSE_COMMIT (set where the tree travels without .git), else git."""
+    if os.environ.get("MEMSPARSE_COMMIT"):
+        return os.environ["MEMSPARSE_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_header(device: torch.device) -> dict:
+    """Machine, device, date, commit and torch version of a run."""
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
+    return {"machine": machine, "device": device.type, "date": datetime.date.today().isoformat(),
+            "commit": commit(), "torch": torch.__version__}
+
+
+def save_run(out: Path, key: str, run: dict) -> None:
+    """Merge `run` into the JSON file's "runs" under `key`."""
+    runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
+    runs[key] = run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
