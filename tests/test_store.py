@@ -184,7 +184,7 @@ def test_kill_mid_commit_leaves_previous_bank(tok, tmp_path, point):
     before = _routes(model, tok, ms.MemoryBank.load(path, model, tok))
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), point], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     line = proc.stdout.readline()
     assert line.strip() == "PAUSED", proc.stderr.read()
     os.kill(proc.pid, signal.SIGKILL)

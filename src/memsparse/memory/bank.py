@@ -160,11 +160,12 @@ class MemoryBank:
             flat = torch.tensor([t for doc in tokens[i:j] for t in doc], device=dev)[None]  # (1, n)
             doc_ids = torch.cat([torch.full((len(d),), k + 1) for k, d in enumerate(tokens[i:j])]).to(dev)[None]
             for layer, pooled in self.model.encode_documents(flat, doc_ids).items():
-                parts.setdefault(layer, []).append(tuple(self._to_tier(t) for t in pooled))
+                # host tier: batches leave the device as they come; pinned once, after concatenation
+                parts.setdefault(layer, []).append(tuple(t.cpu() if self.tier == "host" else t for t in pooled))
             bar.update(n)
             i = j
         bar.close()
-        cat = {layer: [torch.cat([p[n] for p in ps]) for n in range(3)] for layer, ps in parts.items()}
+        cat = {layer: [self._to_tier(torch.cat([p[n] for p in ps])) for n in range(3)] for layer, ps in parts.items()}
         decoupled = self.model.msa_config.decouple_router
         ids = list(range(self.next_id, self.next_id + len(tokens)))
         self._append(Segment(
