@@ -183,8 +183,9 @@ def test_kill_mid_commit_leaves_previous_bank(tok, tmp_path, point):
     path = ms.MemoryBank.build(model, tok, DOCS).save(tmp_path / "b")
     before = _routes(model, tok, ms.MemoryBank.load(path, model, tok))
     root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), point], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+                            stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     assert line.strip() == "PAUSED", proc.stderr.read()
     os.kill(proc.pid, signal.SIGKILL)

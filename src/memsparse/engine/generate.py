@@ -49,9 +49,10 @@ class Generation:
 @torch.no_grad()
 def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], max_new_tokens: int,
              stop: Callable[[int, list[int]], str | None], sampling: Sampling | None = None,
-             similarity: str = "train", top_k: int | None = None) -> Generation:
+             similarity: str = "train", top_k: int | None = None, cuda_graph: bool = True) -> Generation:
     """Prefill the rows, then decode until `stop(row, generated ids)` returns an event for every row or
-    `max_new_tokens` are generated. Finished rows keep stepping with the batch; their tokens are dropped."""
+    `max_new_tokens` are generated. Finished rows keep stepping with the batch; their tokens are dropped.
+    On a GPU the decode step runs as a CUDA graph unless `cuda_graph=False`."""
     sampling = sampling or Sampling()
     dev = bank.model.device
     gen = None
@@ -63,6 +64,8 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in rows]
     events: list[str | None] = [None] * len(rows)
+    step = (cached.GraphedDecode(bank.model, res.cache) if cuda_graph and dev.type == "cuda"
+            else lambda ids: cached.decode(bank.model, ids, res.cache))
     logits, steps = res.logits, 0
     while max_new_tokens > 0:
         nxt = sample(logits, sampling, gen)  # (B,)
@@ -72,7 +75,7 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
                 events[b] = stop(b, out[b])
         if all(e is not None for e in events) or len(max(out, key=len)) >= max_new_tokens:
             break
-        logits = cached.decode(bank.model, nxt, res.cache)
+        logits = step(nxt)
         steps += 1
     sync(dev)
     t2 = time.perf_counter()

@@ -41,11 +41,11 @@ class LayerCache:
 @dataclass
 class KVCache:
     layers: list[LayerCache]
+    active: int  # active tokens written by the prefill
     length: int  # active + generated tokens written (same for every row)
     positions: torch.Tensor  # (B,) position of the next token of each row
-
-    def column(self, layer: int) -> int:
-        return self.layers[layer].start + self.length
+    step: torch.Tensor  # (1,) generated tokens written, on the device (decode reads it there: graph-safe)
+    capacity: int  # the most tokens the cache can take (active + generated)
 
 
 def _embed_rope(model: MSAForCausalLM, ids: torch.Tensor, positions: torch.Tensor):
@@ -93,7 +93,8 @@ def prefill(
         layers.append(cache)
         if last_layer is not None and i == last_layer:
             break
-    kv = KVCache(layers=layers, length=S, positions=positions[:, -1] + 1)
+    kv = KVCache(layers=layers, active=S, length=S, positions=positions[:, -1] + 1,
+                 step=torch.zeros(1, dtype=torch.long, device=ids.device), capacity=S + extra)
     if logits == "none" or last_layer is not None:
         return None, kv
     h = x[:, -1] if logits == "last" else x
@@ -101,19 +102,56 @@ def prefill(
 
 
 def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token per row: `ids` (B,) -> next-token logits (B, V); the cache advances by one column."""
+    """One token per row: `ids` (B,) -> next-token logits (B, V); the cache advances by one column.
+    Shapes and indices never depend on the step (attention spans the whole cache under its validity mask),
+    so a step can be captured once in a CUDA graph and replayed (`GraphedDecode`)."""
+    if cache.length >= cache.capacity:
+        raise RuntimeError("KV cache is full: prefill with a larger `extra`")
     x, cos, sin = _embed_rope(model, ids[:, None], cache.positions[:, None])  # (B, 1, hidden)
     for i, layer in enumerate(model.model.layers):
         attn, lc = layer.self_attn, cache.layers[i]
-        if cache.column(i) >= lc.k.shape[1]:
-            raise RuntimeError("KV cache is full: prefill with a larger `extra`")
-        col = cache.column(i)
+        col = cache.step + (lc.start + cache.active)  # (1,) the column of this token
         h = layer.input_layernorm(x)
         q, k, v = attn.project(h, cos, sin)  # (B, 1, H|Hkv, D)
-        lc.k[:, col], lc.v[:, col], lc.valid[:, col] = k[:, 0], v[:, 0], True
-        o = sdpa(q, lc.k[:, :col + 1], lc.v[:, :col + 1], mask=lc.valid[:, None, :col + 1])  # (B, 1, H, D)
+        lc.k.index_copy_(1, col, k)
+        lc.v.index_copy_(1, col, v)
+        lc.valid.index_fill_(1, col, True)
+        o = sdpa(q, lc.k, lc.v, mask=lc.valid[:, None, :])  # (B, 1, H, D)
         x = x + attn.o_proj(o.flatten(2))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+    cache.step += 1
+    cache.positions += 1
     cache.length += 1
-    cache.positions = cache.positions + 1
     return model.lm_head(model.model.norm(x[:, 0]))
+
+
+class GraphedDecode:
+    """`decode` captured in a CUDA graph for one cache: the first call runs eagerly (warming up on a side
+    stream) and captures the step; later calls copy the ids in and replay it (no per-op launch cost)."""
+
+    def __init__(self, model: MSAForCausalLM, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if self.graph is None:
+            self.ids = ids.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = decode(self.model, self.ids, cache)  # a real step, also the warm-up
+            torch.cuda.current_stream().wait_stream(stream)
+            if cache.length < cache.capacity:
+                self.graph = torch.cuda.CUDAGraph()
+                length = cache.length
+                with torch.cuda.graph(self.graph):  # records, does not run: the cache is unchanged
+                    self.logits = decode(self.model, self.ids, cache)
+                cache.length = length
+            return logits
+        if cache.length >= cache.capacity:
+            raise RuntimeError("KV cache is full: prefill with a larger `extra`")
+        self.ids.copy_(ids)
+        self.graph.replay()
+        cache.length += 1
+        return self.logits

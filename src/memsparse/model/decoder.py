@@ -213,11 +213,14 @@ class MSAForCausalLM(nn.Module):
             self.b = nn.Parameter(torch.tensor(-20.0))
         # float64 on the host, not a buffer: `.to(bfloat16)` must never round the frequencies
         self.inv_freq, self.rope_scaling = rope_inv_freq(config.rope, config.head_dim)
+        self._inv_freq_dev: torch.Tensor | None = None
         self.gradient_checkpointing = False
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (..., D) for integer positions."""
-        return rope_cos_sin(positions, self.inv_freq, self.rope_scaling, dtype)
+        if self._inv_freq_dev is None or self._inv_freq_dev.device != positions.device:
+            self._inv_freq_dev = self.inv_freq.to(positions.device)  # once per device, not per call
+        return rope_cos_sin(positions, self._inv_freq_dev, self.rope_scaling, dtype)
 
     # loading / saving live in checkpoint.py; bound here for the public contract
     @classmethod
