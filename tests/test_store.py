@@ -122,6 +122,18 @@ def test_compaction_keeps_ids_and_routing(tok, tmp_path):
         loaded.text(0)
 
 
+def test_bank_serves_the_same_model_in_another_dtype(tok, tmp_path):
+    from memsparse.model.checkpoint import load_pretrained
+
+    model = _model()
+    model.save_pretrained(tmp_path / "m")
+    path = ms.MemoryBank.build(load_pretrained(tmp_path / "m"), tok, DOCS).save(tmp_path / "b")
+    half = load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    bank = ms.MemoryBank.load(path, half, tok)  # float32 bank, bfloat16 model: accepted, cast on use
+    routes = ms.MSAEngine(half, tok, bank, similarity="train").route(QUESTIONS[0])
+    assert set(routes) == set(half.router_layers) and all(len(v) == 2 for v in routes.values())
+
+
 def test_refusals(tok, tmp_path):
     model = _model()
     path = ms.MemoryBank.build(model, tok, DOCS).save(tmp_path / "b")

@@ -41,8 +41,9 @@ def fingerprint(model: MSAForCausalLM) -> str:
     """Identity of what shapes a bank: the decoder config, the encoding-relevant MSA settings, and a strided
     sample of every weight (in bfloat16, so fp32 and bf16 copies of one model agree)."""
     msa = model.msa_config
+    config = {k: v for k, v in model.config.to_hf_dict().items() if k not in ("dtype", "torch_dtype")}
     h = hashlib.sha256(json.dumps({
-        "config": model.config.to_hf_dict(), "router_layers": model.router_layers,
+        "config": config, "router_layers": model.router_layers,
         "pooling": msa.pooling_kernel_size, "decouple": msa.decouple_router,
         "offset": msa.query_position_offset,
     }, sort_keys=True).encode())
