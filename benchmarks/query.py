@@ -9,7 +9,7 @@ Random weights in the model's geometry and random token documents and questions 
     python benchmarks/query.py                      # small config on CPU; SmolLM2 geometry on a GPU
     python benchmarks/query.py --tokens 1048576 --batch 1,8
 
-Results are merged into benchmarks/results/query.json under the device kind.
+Results are merged into benchmarks/results/query.json under the device kind (plus the tier when one is forced).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
            if gpu else "small (4 layers, hidden 128), random weights", "top_k": model.msa_config.engine_top_k,
            "router_layers": len(model.router_layers), "doc_len": args.doc_len, "q_len": args.q_len,
            "new_tokens": args.new_tokens, "points": points}
-    save_run(Path(args.out), device.type, run)
+    save_run(Path(args.out), device.type + ("" if args.tier == "auto" else f"-{args.tier}"), run)
     print(f"{'tokens':>9} {'batch':>5} {'tier':>6} {'route ms':>9} {'gather ms':>9} {'prefill ms':>10} "
           f"{'decode ms/tok':>13}")
     for p in points:
