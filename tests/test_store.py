@@ -212,3 +212,11 @@ def test_kill_mid_commit_leaves_previous_bank(tok, tmp_path, point):
     bank.save()  # the next commit removes the interrupted one's files
     assert len(list(path.iterdir())) == 4  # manifest, prefix, two segments
     assert torch.equal(torch.tensor(ms.MemoryBank.load(path, model, tok).doc_ids()), torch.arange(7))
+
+
+def test_document_longer_than_the_model_is_refused(tok):
+    model = tiny_model("qwen3", msa=MSA, vocab_size=300, max_position_embeddings=64)
+    bank = ms.MemoryBank.build(model, tok, ["short"])
+    with pytest.raises(ValueError, match="document long one has .* tokens, over the model's 64 positions"):
+        bank.add(["word " * 100], names=["long one"])
+    assert bank.num_docs == 1 and bank.next_id == 1  # nothing half-added

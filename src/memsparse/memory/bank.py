@@ -141,12 +141,13 @@ class MemoryBank:
             return []
         if any(len(t) == 0 for t in tokens):
             raise ValueError("empty document: a document needs at least one token")
-        limit = self.model.config.max_position_embeddings
-        for n, t in enumerate(tokens):
-            if limit and len(t) > limit:
-                raise ValueError(f"document {n} has {len(t)} tokens, over the model's {limit} positions; split it")
         texts = texts or [None] * len(tokens)
         names = names or [str(self.next_id + i) for i in range(len(tokens))]
+        limit = self.model.config.max_position_embeddings
+        for name, t in zip(names, tokens):
+            if limit and len(t) > limit:
+                raise ValueError(f"document {name} has {len(t)} tokens, over the model's {limit} positions; "
+                                 "split it into smaller documents")
         P = self.model.msa_config.pooling_kernel_size
         dev = self.model.device
         bar = tqdm(total=sum(map(len, tokens)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
@@ -220,6 +221,7 @@ class MemoryBank:
                 records=[seg.records[n] for n in keep],
             ))
         self.deleted = set()
+        self.place(self.tier)  # rewritten segments come out of index_select unpinned / off the tier
         self._view = None
 
     # ----------------------------------------------------------------------------------------- tiers
