@@ -1,14 +1,5 @@
-"""MSAEngine: questions over a memory bank in the official prompt protocol, with Memory Interleave.
-
-Prompt (after the template prefix `<|im_start|>user\\n` and the memory): the question block (routing tokens)
-`\\nPlease answer the question based on the above historical document information\\n\\n{q}\\nPlease return all
-documents related to the question\\n`, then `<|im_end|>\\n<|im_start|>`. In a retrieval round the model names
-documents (`[4][7]<|object_ref_end|>`); the engine injects `[4]. {text}\\n[7]. {text}\\n<|object_ref_end|>` and
-runs a new round whose routing tokens are the question block and the injected block. When the model writes
-`<End-of-Retrieve>` the engine injects `<|im_start|>The user's question is: {q}\\n<|object_ref_end|>` and the
-model answers; the answer is the text after `The answer to the question is:`. Only ids in the model's own
-output are parsed; document and question text is always tokenized as plain text.
-"""
+"""MSAEngine: questions over a memory bank in the official prompt protocol (protocol.py), with Memory
+Interleave. Only ids in the model's own output are parsed; document and question text is plain text."""
 
 from __future__ import annotations
 
@@ -18,16 +9,8 @@ from dataclasses import asdict, dataclass, field
 from ..memory.bank import MemoryBank
 from .generate import Sampling, generate
 from .prefill import Routing, prefill_batch
+from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 
-QUESTION_HEAD = "\nPlease answer the question based on the above historical document information\n\n"
-QUESTION_TAIL = "\nPlease return all documents related to the question\n"
-TEMPLATE_TAIL = "<|im_end|>\n"
-RESPONSE_HEAD = "<|im_start|>"
-ROUND_END = "<|object_ref_end|>"
-END_OF_RETRIEVE = "<End-of-Retrieve>"
-RESTATEMENT = "The user's question is: {question}\n"
-ANSWER_MARKER = "The answer to the question is:"
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _ID = re.compile(r"\[(\d+)\]")
 
 
@@ -74,36 +57,16 @@ class MSAEngine:
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
         self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
-        vocab = tok.get_vocab()
-        self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
-        if tok.eos_token_id is not None:
-            self.stop_ids.add(tok.eos_token_id)
-        self.round_end = vocab.get(ROUND_END)
-
-    # ------------------------------------------------------------------------------------- tokens
-    def _text(self, s: str) -> list[int]:
-        """Plain text: special-token strings inside it are ordinary text."""
-        return self.tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    def _special(self, s: str) -> list[int]:
-        return self.tok(s, add_special_tokens=False)["input_ids"]
+        self.protocol = Protocol(tok)
+        self.stop_ids, self.round_end = self.protocol.stop_ids, self.protocol.round_end
 
     def encode_question(self, question: str) -> tuple[list[int], list[bool]]:
-        """Active tokens after the template prefix and their routing mask: the question block (routing
-        tokens; its text is plain text, never control tokens), the template tail, the response head."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question must be a non-empty string")
-        body = self._text(QUESTION_HEAD + question + QUESTION_TAIL)
-        tail = self._special(TEMPLATE_TAIL + RESPONSE_HEAD)
-        return body + tail, [True] * len(body) + [False] * len(tail)
+        """Active tokens after the template prefix and their routing mask (see protocol.py)."""
+        return self.protocol.question(question)
 
     def injection(self, doc_ids: list[int]) -> list[int]:
         """`[n]. {text}\\n` for each document (plain text), then the round-end token."""
-        text = "".join(f"[{d}]. {self.bank.text(d) or ''}\n" for d in doc_ids)
-        return (self._text(text) if text else []) + [self.round_end]
-
-    def restatement(self, question: str) -> list[int]:
-        return self._special(RESPONSE_HEAD) + self._text(RESTATEMENT.format(question=question)) + [self.round_end]
+        return self.protocol.injection([(d, self.bank.text(d) or "") for d in doc_ids])
 
     # ------------------------------------------------------------------------------------- queries
     def route(self, question: str) -> Routing:
@@ -185,7 +148,7 @@ class MSAEngine:
             row.route += [True] * (len(inject) - 1) + [False]  # the injected text routes the next round
             row.tokens = row.tokens + inject
             if len(row.rounds) >= max_rounds:  # cap reached: stop retrieving and answer
-                self._to_answer(row, self._text(END_OF_RETRIEVE))
+                self._to_answer(row, self.protocol.end_of_retrieve())
         elif event == "retrieved":
             self._to_answer(row, [])
         else:
@@ -196,7 +159,7 @@ class MSAEngine:
 
     def _to_answer(self, row: _Row, prefix: list[int]) -> None:
         row.phase = "answer"
-        row.tokens = row.tokens + prefix + self.restatement(row.question)
+        row.tokens = row.tokens + prefix + self.protocol.restatement(row.question)
 
     def _result(self, row: _Row, timings: dict) -> Answer:
         final = [t for t in row.final if t not in self.stop_ids]
