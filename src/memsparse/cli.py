@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   memsparse docs delete ./notes.bank 3 17
   memsparse docs list ./notes.bank
   memsparse info ./notes.bank
+  memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
@@ -186,6 +187,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{k:>28}: {v}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.trainer import Recipe, train
+
+    recipe = Recipe.load(args.recipe)
+    out = Path(args.out or Path("runs") / Path(args.recipe).stem)
+    train(recipe, out, device=args.device, max_steps=args.max_steps)
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     p.add_argument("--model", required=model_required,
                    help="MSA model directory or .gguf" + ("" if model_required else " (default: the bank's)"))
@@ -250,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-doc-mb", type=float, default=1.0)
     d.add_argument("--limit", type=int, default=None, help="list: at most this many")
     d.set_defaults(func=cmd_docs)
+
+    t = sub.add_parser("train", help="train an MSA model from a recipe (recipes/*.toml)", epilog=EXAMPLES,
+                       formatter_class=fmt)
+    t.add_argument("recipe", help="a recipe TOML file")
+    t.add_argument("--out", help="run directory (default: runs/<recipe name>); an existing run resumes")
+    t.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (resumable)")
+    t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="summarise a bank", epilog=EXAMPLES, formatter_class=fmt)
     i.add_argument("bank")

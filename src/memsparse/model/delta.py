@@ -1,0 +1,153 @@
+"""A trained delta over a base checkpoint: new special tokens, LoRA adapters and the router projectors.
+
+Training attaches LoRA adapters (forward hooks adding `scale * B(A(x))` to chosen projections, the base
+weights frozen) and learns the routers and the new tokens' embedding rows. `save_delta` writes only those
+(`delta.safetensors`, bfloat16) plus `delta.json` (base, MSA settings, added tokens, LoRA shape); `load_delta`
+rebuilds base + delta in one call, with the adapters merged into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .decoder import MSAForCausalLM
+
+DELTA_CONFIG = "delta.json"
+DELTA_WEIGHTS = "delta.safetensors"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def add_special_tokens(model: MSAForCausalLM, tok, tokens: list[str]) -> list[int]:
+    """Add special tokens missing from `tok` and grow the embeddings (new rows = the mean embedding).
+    Returns the ids of the added tokens."""
+    new = [t for t in tokens if t not in tok.get_vocab()]
+    if not new:
+        return []
+    tok.add_tokens(new, special_tokens=True)
+    old = model.model.embed_tokens.weight
+    n = len(tok)
+    if n > old.shape[0]:
+        emb = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            emb.weight[: old.shape[0]] = old
+            emb.weight[old.shape[0]:] = old.mean(0)
+        model.model.embed_tokens = emb
+        if model.config.tie_word_embeddings:
+            model.lm_head = nn.Linear(old.shape[1], n, bias=False, device=old.device, dtype=old.dtype)
+            model.lm_head.weight = emb.weight
+        else:
+            head = nn.Linear(old.shape[1], n, bias=False, device=old.device, dtype=old.dtype)
+            with torch.no_grad():
+                head.weight[: old.shape[0]] = model.lm_head.weight
+                head.weight[old.shape[0]:] = 0
+            model.lm_head = head
+        model.config.vocab_size = n
+    return tok.convert_tokens_to_ids(new)
+
+
+class LoRA(nn.Module):
+    """Low-rank update of one linear layer: out += scale * B(A(x)); B starts at zero."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, linear.in_features, device=linear.weight.device,
+                                          dtype=linear.weight.dtype) / linear.in_features**0.5)
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device,
+                                          dtype=linear.weight.dtype))
+        self.scale = alpha / rank
+
+    def hook(self, module, inputs, out):
+        return out + (inputs[0] @ self.A.t() @ self.B.t()) * self.scale
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.B.float() @ self.A.float() * self.scale).to(weight.dtype)
+
+
+def attach_lora(model: MSAForCausalLM, rank: int, alpha: float | None = None,
+                targets: tuple[str, ...] = LORA_TARGETS) -> nn.ModuleDict:
+    """LoRA adapters on `targets` of every layer, as `model.lora["{layer}_{name}"]` (hooked, not merged)."""
+    alpha = alpha if alpha is not None else 2.0 * rank
+    model.lora = nn.ModuleDict()
+    model.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    for i, layer in enumerate(model.model.layers):
+        for name in targets:
+            linear = getattr(layer.self_attn, name)
+            adapter = LoRA(linear, rank, alpha)
+            model.lora[f"{i}_{name}"] = adapter
+            linear.register_forward_hook(adapter.hook)
+    return model.lora
+
+
+def trainable_parameters(model: MSAForCausalLM, new_token_ids: list[int]) -> list[nn.Parameter]:
+    """Freeze the base; train routers, LoRA adapters and (through a gradient mask) the new tokens' rows."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if ".router_" in n or n.startswith("lora.")]
+    for p in params:
+        p.requires_grad_(True)
+    if new_token_ids:
+        emb = model.model.embed_tokens.weight
+        keep = torch.zeros(emb.shape[0], 1, device=emb.device, dtype=emb.dtype)
+        keep[new_token_ids] = 1
+        emb.requires_grad_(True)
+        emb.register_hook(lambda g: g * keep)
+        params.append(emb)
+    return params
+
+
+def save_delta(model: MSAForCausalLM, path, base: str, added_tokens: list[str], new_token_ids: list[int]) -> int:
+    """Write delta.safetensors (bfloat16) and delta.json; returns the weights file's size in bytes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {n: p for n, p in model.named_parameters() if ".router_" in n or n.startswith("lora.")}
+    if new_token_ids:
+        state["new_token_embeddings"] = model.model.embed_tokens.weight[new_token_ids]
+    save_file({n: t.detach().to(torch.bfloat16).contiguous().cpu() for n, t in state.items()},
+              str(path / DELTA_WEIGHTS))
+    cfg = {"base": base, "msa_config": model.msa_config.to_dict(model.config.num_hidden_layers),
+           "added_tokens": added_tokens, "lora": getattr(model, "lora_config", None)}
+    (path / DELTA_CONFIG).write_text(json.dumps(cfg, indent=1))
+    return (path / DELTA_WEIGHTS).stat().st_size
+
+
+def is_delta(path) -> bool:
+    return (Path(path) / DELTA_CONFIG).is_file()
+
+
+def load_delta(path, base_path, dtype=None, device=None):
+    """Base checkpoint `base_path` + the delta in `path`: (model, tokenizer), LoRA merged into the weights."""
+    from .checkpoint import load_pretrained
+    from .tokenizer import load_tokenizer
+
+    path = Path(path)
+    cfg = json.loads((path / DELTA_CONFIG).read_text())
+    model = load_pretrained(base_path, dtype=dtype, device=device, msa_config=cfg["msa_config"])
+    tok = load_tokenizer(base_path)
+    ids = add_special_tokens(model, tok, cfg["added_tokens"])
+    state = load_file(str(path / DELTA_WEIGHTS), device=str(model.device))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if "new_token_embeddings" in state:
+            model.model.embed_tokens.weight[ids] = state.pop("new_token_embeddings").to(model.dtype)
+        lora = {}
+        for name, t in state.items():
+            if name.startswith("lora."):
+                key, part = name[len("lora."):].rsplit(".", 1)
+                lora.setdefault(key, {})[part] = t
+            elif name in params:
+                params[name].copy_(t)
+            else:
+                raise ValueError(f"{path}: delta weight {name} matches nothing in the base model")
+        if lora:
+            scale = cfg["lora"]["alpha"] / cfg["lora"]["rank"]
+            for key, ab in lora.items():
+                layer, proj = key.split("_", 1)
+                w = getattr(model.model.layers[int(layer)].self_attn, proj).weight
+                w += (ab["B"].float() @ ab["A"].float() * scale).to(w.dtype)
+    model.fresh_routers = False
+    return model.eval(), tok

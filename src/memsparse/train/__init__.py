@@ -1,0 +1,1 @@
+"""Training: samples in the official protocol, task generators, corpora and the trainer."""

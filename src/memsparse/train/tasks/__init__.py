@@ -1,0 +1,1 @@
+"""Training and evaluation tasks: RULER NIAH, generative retrieval, question answering."""

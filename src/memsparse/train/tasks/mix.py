@@ -1,0 +1,114 @@
+"""Training questions from every task, as (memory documents, question, documents to name, answer).
+
+- `niah`: RULER NIAH samples (niah.py), all 8 subtasks; the model names the documents holding the queried
+  needles and answers with the values.
+- `faq`: the Python FAQ (Debian python3.11-doc): the memory holds the answer passage among distractor passages
+  of the Python documentation and other FAQ answers; the model names it and answers with its first sentence.
+  The last `FAQ_HELD_OUT` questions are never trained on (the demo and evaluation use them).
+- `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
+  one passage, the model names it and answers with its title (the first line of the document).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+FAQ_HELD_OUT = 24
+
+
+@dataclass
+class Question:
+    documents: list[str]
+    question: str
+    hops: list[list[int]]  # document indices named in each retrieval round
+    answer: str
+    task: str
+
+
+class Pool:
+    """Documents with their token counts, to fill a memory of a given size with distractors."""
+
+    def __init__(self, texts: list[str], count_tokens: Callable[[list[str]], list[int]]):
+        self.texts = texts
+        self.tokens = count_tokens(texts)
+
+    def fill(self, rng: random.Random, memory_tokens: int, exclude: set[int]) -> list[int]:
+        out, total = [], 0
+        while total < memory_tokens and len(out) + len(exclude) < len(self.texts):
+            i = rng.randrange(len(self.texts))
+            if i not in exclude:
+                exclude.add(i)
+                out.append(i)
+                total += self.tokens[i] + 8
+        return out
+
+
+def _place(rng: random.Random, gold: list[str], distractors: list[str]) -> tuple[list[str], list[int]]:
+    docs = list(distractors)
+    where = []
+    for g in gold:
+        k = rng.randint(0, len(docs))
+        docs.insert(k, g)
+        where = [w + (w >= k) for w in where] + [k]
+    return docs, where
+
+
+def first_sentence(text: str, max_words: int = 40) -> str:
+    s = re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0]
+    words = s.split()
+    return " ".join(words[:max_words])
+
+
+class Mixer:
+    """Draws training questions from the enabled tasks with the given weights."""
+
+    def __init__(self, weights: dict[str, float], count_tokens: Callable[[list[str]], list[int]],
+                 doc_tokens: int = 512, seed: int = 0):
+        self.weights = {k: v for k, v in weights.items() if v > 0}
+        self.count = count_tokens
+        self.doc_tokens = doc_tokens
+        self.rng = random.Random(seed)
+        self.pools: dict[str, Pool] = {}
+        if "faq" in self.weights:
+            from ..corpora import python_docs, python_faq
+
+            self.faq = python_faq()[:-FAQ_HELD_OUT]
+            self.pools["python"] = Pool([p.text for p in python_docs()] + [a for _, a in self.faq], count_tokens)
+        if "retrieval" in self.weights:
+            from ..corpora import sotu
+
+            self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
+
+    def draw(self, memory_tokens: int) -> Question:
+        task = self.rng.choices(list(self.weights), list(self.weights.values()))[0]
+        return getattr(self, task)(memory_tokens)
+
+    def niah(self, memory_tokens: int) -> Question:
+        from .niah import SUBTASKS, make_sample
+
+        sub = self.rng.choice(SUBTASKS)
+        s = make_sample(sub, memory_tokens, lambda t: self.count([t])[0], self.rng, doc_tokens=self.doc_tokens)
+        return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
+
+    def faq(self, memory_tokens: int) -> Question:
+        pool = self.pools["python"]
+        q, a = self.rng.choice(self.faq)
+        gold = pool.texts.index(a)
+        others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
+        docs, where = _place(self.rng, [a], [pool.texts[i] for i in others])
+        return Question(docs, q, [where], first_sentence(a), "faq")
+
+    def retrieval(self, memory_tokens: int) -> Question:
+        pool = self.pools["sotu"]
+        gold = self.rng.randrange(len(pool.texts))
+        title, body = pool.texts[gold].split("\n", 1)
+        words = body.split()
+        n = min(len(words), self.rng.randint(8, 20))
+        start = self.rng.randint(0, len(words) - n)
+        question = f"Which document contains the passage \"{' '.join(words[start:start + n])}\"?"
+        others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
+        docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in others])
+        return Question(docs, question, [where], title, "retrieval")

