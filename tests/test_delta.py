@@ -2,7 +2,14 @@
 
 import torch
 
-from memsparse.model.delta import add_special_tokens, attach_lora, load_delta, save_delta, trainable_parameters
+from memsparse.model.delta import (
+    add_special_tokens,
+    attach_lora,
+    load_delta,
+    save_delta,
+    train_rows,
+    trainable_parameters,
+)
 
 from .conftest import make_sample, tiny_model, tiny_tokenizer
 
@@ -18,7 +25,9 @@ def test_delta_round_trip(tmp_path):
     assert ids == [300, 301] and model.config.vocab_size == 302
     assert model.lm_head.weight is model.model.embed_tokens.weight
     attach_lora(model, rank=2)
-    params = trainable_parameters(model, ids)
+    params = trainable_parameters(model)
+    train_rows(model, ids)
+    params.append(model.model.embed_tokens.weight)
     frozen = model.model.layers[0].mlp.up_proj.weight.clone()
     emb_before = model.model.embed_tokens.weight.detach().clone()
     opt = torch.optim.SGD(params, lr=0.5)

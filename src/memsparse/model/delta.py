@@ -83,21 +83,24 @@ def attach_lora(model: MSAForCausalLM, rank: int, alpha: float | None = None,
     return model.lora
 
 
-def trainable_parameters(model: MSAForCausalLM, new_token_ids: list[int]) -> list[nn.Parameter]:
-    """Freeze the base; train routers, LoRA adapters and (through a gradient mask) the new tokens' rows."""
+def trainable_parameters(model: MSAForCausalLM) -> list[nn.Parameter]:
+    """Freeze the base; return the routers and LoRA adapters, now trainable (new tokens' rows: see
+    `train_rows`)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if ".router_" in n or n.startswith("lora.")]
     for p in params:
         p.requires_grad_(True)
-    if new_token_ids:
-        emb = model.model.embed_tokens.weight
-        keep = torch.zeros(emb.shape[0], 1, device=emb.device, dtype=emb.dtype)
-        keep[new_token_ids] = 1
-        emb.requires_grad_(True)
-        emb.register_hook(lambda g: g * keep)
-        params.append(emb)
     return params
+
+
+def train_rows(model: MSAForCausalLM, row_ids: list[int]) -> None:
+    """Let the embedding rows `row_ids` learn: the embedding gets gradients, masked to those rows."""
+    emb = model.model.embed_tokens.weight
+    keep = torch.zeros(emb.shape[0], 1, device=emb.device, dtype=emb.dtype)
+    keep[row_ids] = 1
+    emb.requires_grad_(True)
+    emb.register_hook(lambda g: g * keep)
 
 
 def save_delta(model: MSAForCausalLM, path, base: str, added_tokens: list[str], new_token_ids: list[int]) -> int:

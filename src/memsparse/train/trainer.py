@@ -10,9 +10,10 @@ tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps 
 from __future__ import annotations
 
 import json
-import math
 import os
+import queue
 import random
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.protocol import ROUND_END, Protocol
-from ..model.delta import add_special_tokens, attach_lora, save_delta, trainable_parameters
+from ..model.delta import add_special_tokens, attach_lora, save_delta, train_rows, trainable_parameters
 from .samples import collate, memory_stream, rounds
 from .tasks.mix import Mixer
 
@@ -113,9 +114,12 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     out.mkdir(parents=True, exist_ok=True)
     model, tok, new_ids = build_model(recipe, device, dtype)
     model.train()
-    params = trainable_parameters(model, new_ids)
-    # fp32 master copies for bf16 training: optimizer over fp32 params, copied into the model each step
+    params = trainable_parameters(model)
+    train_rows(model, new_ids)
+    emb = model.model.embed_tokens.weight
+    # fp32 master weights (the model may run in bf16): routers, adapters and the new tokens' embedding rows
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    master.append(emb.detach()[new_ids].float().clone().requires_grad_(True))
     opt = torch.optim.AdamW(master, lr=recipe.phases[0].lr, weight_decay=0.0, betas=(0.9, 0.95))
     proto = Protocol(tok)
     mixer = Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
@@ -134,34 +138,28 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
         print(f"resuming from step {step}")
     total = sum(p.steps for p in recipe.phases)
     stop = min(total, max_steps if max_steps is not None else total)
+    start = step
     log = open(out / "train_log.jsonl", "a")
     k = model.msa_config.engine_top_k
     upper = model.router_layers[len(model.router_layers) // 2:]
-    bar = tqdm(total=stop, initial=step, desc="training", unit="step")
+    bar = tqdm(total=stop, initial=start, desc="training", unit="step")
     t_last, tokens = time.perf_counter(), 0
-    while step < stop:
-        phase, local = _phase_at(recipe.phases, step)
+    for step, phase, local, mem, cpu_batch in _prefetch(_batches(recipe, mixer, proto, tok, rng, start, stop)):
         model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
-        mem = phase.memory_at(local)
         model.gradient_checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
         warm = min(1.0, (local + 1) / 20)
         for g in opt.param_groups:
             g["lr"] = phase.lr * warm
-        batch = []
-        for _ in range(phase.batch_size):
-            q = mixer.draw(mem)
-            samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer)
-            batch.append(rng.choice(samples))
-        b = {n: t.to(device) for n, t in collate(batch, pad_id=tok.pad_token_id or 0).items()}
-        with torch.no_grad():
-            for p, m in zip(params, master):
-                p.copy_(m)
+        b = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
+        _load_master(params, emb, new_ids, master)
         res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
                     attention_mask=b["attention_mask"])
         res.loss.backward()
         for p, m in zip(params, master):
             m.grad = p.grad.float() if p.grad is not None else None
             p.grad = None
+        master[-1].grad = emb.grad[new_ids].float() if emb.grad is not None else None
+        emb.grad = None
         torch.nn.utils.clip_grad_norm_(master, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -170,7 +168,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
         bar.update(1)
         if step % recipe.log_every == 0 or step == stop:
             now = time.perf_counter()
-            rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss),
+            rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss.detach()),
                    "lm_loss": _f(res.lm_loss), "aux_loss": _f(res.aux_loss),
                    "recall_at_k": round(router_recall(res.doc_scores, b["aux_labels"], k, upper), 4),
                    "tokens_per_s": round(tokens / (now - t_last)), "lr": opt.param_groups[0]["lr"]}
@@ -183,16 +181,55 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
                           "rng": rng.getstate(), "mixer_rng": mixer.rng.getstate()}, ckpt)
     bar.close()
     log.close()
-    with torch.no_grad():
-        for p, m in zip(params, master):
-            p.copy_(m)
+    _load_master(params, emb, new_ids, master)
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
     return out / "delta"
 
 
+@torch.no_grad()
+def _load_master(params, emb, new_ids, master) -> None:
+    """Copy the fp32 master weights into the model's parameters."""
+    for p, m in zip(params, master):
+        p.copy_(m)
+    emb[new_ids] = master[-1].to(emb.dtype)
+
+
+def _batches(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rng: random.Random, start: int, stop: int):
+    """(step, phase, step in phase, memory size, collated CPU batch) for every step from `start`."""
+    for step in range(start, stop):
+        phase, local = _phase_at(recipe.phases, step)
+        mem = phase.memory_at(local)
+        batch = []
+        for _ in range(phase.batch_size):
+            q = mixer.draw(mem)
+            samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer)
+            batch.append(rng.choice(samples))  # one round of the question
+        yield step, phase, local, mem, collate(batch, pad_id=tok.pad_token_id or 0)
+
+
+def _prefetch(it, depth: int = 4):
+    """Run a generator in a background thread, `depth` items ahead (data preparation overlaps training)."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+
+    def work():
+        try:
+            for item in it:
+                q.put(item)
+        except BaseException as e:  # surfaced in the training loop
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _f(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+    return None if x is None else round(float(x.detach() if torch.is_tensor(x) else x), 4)
 
 
 def _phase_at(phases: list[Phase], step: int) -> tuple[Phase, int]:
