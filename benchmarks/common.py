@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from memsparse.eval.meta import commit
 
 SMOLLM2 = dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope={"rope_type": "default",
@@ -44,16 +44,6 @@ def peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
-
-
-def commit() -> str:
-    """The code's commit: $MEMSPARSE_COMMIT (set where the tree travels without .git), else git."""
-    if os.environ.get("MEMSPARSE_COMMIT"):
-        return os.environ["MEMSPARSE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_header(device: torch.device) -> dict:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
+  memsparse demo
+  memsparse demo --corpus notes.txt --question "Who wrote the design memo?"
   memsparse encode notes.jsonl --model ./msa-smollm2 --out ./notes.bank
   memsparse encode ./docs/ --model ./msa-smollm2 --out ./docs.bank --device cuda
   memsparse ask ./notes.bank "Who wrote the design memo?" --json
@@ -16,6 +18,7 @@ EXAMPLES = """examples:
   memsparse docs list ./notes.bank
   memsparse info ./notes.bank
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
+  memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
@@ -195,6 +198,51 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(recipe, out, device=args.device, max_steps=args.max_steps)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run
+
+    run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device)
+
+
+def _load_any(model: str | None, device: str | None, dtype: str | None):
+    """The shipped model (None), a trained delta directory, or an MSA checkpoint: (model, tokenizer, name)."""
+    import json as _json
+
+    from .model.delta import DELTA_CONFIG, is_delta, load_delta
+
+    if model is None:
+        from .demo import load_shipped
+
+        return (*load_shipped(device, dtype), "MSA-SmolLM2 (shipped)")
+    if is_delta(model):
+        from .train.trainer import base_path
+
+        base = _json.loads((Path(model) / DELTA_CONFIG).read_text())["base"]
+        device = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+        return (*load_delta(model, base_path(base), dtype=dtype, device=device), str(model))
+    return (*_load_model(model, device, dtype), str(model))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.niah import evaluate, write_results
+    from .train.tasks.niah import SUBTASKS
+
+    model, tok, name = _load_any(args.model, args.device, args.dtype)
+    subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
+    unknown = set(subtasks) - set(SUBTASKS)
+    if unknown:
+        raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
+    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks, args.samples,
+                      interleave=not args.no_interleave)
+    out = Path(args.out)
+    write_results(points, name, out)
+    print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
+    for p in points:
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
+              f"{p['named_recall']:>12}")
+    print(f"wrote {out}")
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     p.add_argument("--model", required=model_required,
                    help="MSA model directory or .gguf" + ("" if model_required else " (default: the bank's)"))
@@ -259,6 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-doc-mb", type=float, default=1.0)
     d.add_argument("--limit", type=int, default=None, help="list: at most this many")
     d.set_defaults(func=cmd_docs)
+
+    m = sub.add_parser("demo", help="the shipped MSA-SmolLM2 answering questions from a memory (CPU, minutes)",
+                       epilog=EXAMPLES, formatter_class=fmt)
+    m.add_argument("--corpus", help="your own corpus (JSONL, a directory of .txt/.md, or one document per line)")
+    m.add_argument("--question", action="append", help="a question (repeatable)")
+    m.add_argument("--docs", type=int, default=200, help="documents in the default memory")
+    m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    m.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("eval", help="evaluate a model: RULER NIAH over a memory", epilog=EXAMPLES,
+                       formatter_class=fmt)
+    v.add_argument("task", choices=["niah"])
+    v.add_argument("--model", help="a trained delta directory or MSA checkpoint (default: the shipped model)")
+    v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
+    v.add_argument("--samples", type=int, default=100, help="samples per subtask and size")
+    v.add_argument("--subtasks", help="comma list (default: all 8)")
+    v.add_argument("--no-interleave", action="store_true", help="answer in one round")
+    v.add_argument("--out", default="benchmarks/results/niah.json")
+    v.add_argument("--device")
+    v.add_argument("--dtype", choices=["float32", "bfloat16"])
+    v.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train an MSA model from a recipe (recipes/*.toml)", epilog=EXAMPLES,
                        formatter_class=fmt)

@@ -1,0 +1,1 @@
+"""Evaluation: RULER NIAH over a memory bank, and its results files."""

@@ -1,0 +1,23 @@
+"""Run metadata for results files: the code's commit and the accelerator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+
+
+def commit() -> str:
+    """$MEMSPARSE_COMMIT (set where the tree travels without .git), else git's short HEAD."""
+    if os.environ.get("MEMSPARSE_COMMIT"):
+        return os.environ["MEMSPARSE_COMMIT"]
+    try:
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        return subprocess.check_output(cmd, text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"

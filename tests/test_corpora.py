@@ -1,0 +1,184 @@
+"""corpora: reST cleaning and passage splitting on inline samples; the real sources (skipped when unreachable)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from memsparse.resources import ResourceUnavailable
+from memsparse.train import corpora as c
+
+RST = """\
+:tocdepth: 2
+
+.. _top:
+
+=========
+Sample FAQ
+=========
+
+.. only:: html
+
+   .. contents::
+
+General
+=======
+
+Why use :func:`~os.path.join`?
+------------------------------
+
+Use :func:`os.path.join` (see :pep:`8` and `the docs <https://docs.python.org>`_) because it is
+**portable** and *simple*; ``a + b`` is not [#]_.
+
+.. versionchanged:: 3.6
+   Accepts a :term:`path-like object <path-like object>`.
+
+Example::
+
+   >>> join("a", "b")
+   'a/b'
+
+Another question?
+-----------------
+
+* first item that is
+  wrapped over two lines
+* second item
+
+.. function:: join(a, *p)
+   :noindex:
+
+   Join paths.
+
+.. index:: single: hidden
+
++------+-----------+
+| name | meaning   |
++======+===========+
+| a    | :class:`x`|
+|      | continued |
++------+-----------+
+"""
+
+
+def test_rst_sections_and_paragraphs() -> None:
+    sections = c.rst_sections(RST)
+    heads = [(level, title) for level, title, _ in sections]
+    assert heads == [(-1, ""), (0, "Sample FAQ"), (1, "General"), (2, "Why use join?"), (2, "Another question?")]
+    assert c.rst_paragraphs(sections[0][2]) == [] and c.rst_paragraphs(sections[1][2]) == []
+    assert c.rst_paragraphs(sections[3][2]) == [
+        "Use os.path.join (see PEP 8 and the docs) because it is portable and simple; a + b is not.",
+        "Changed in version 3.6: Accepts a path-like object.",
+        "Example:",
+        '>>> join("a", "b")\n\'a/b\'',
+    ]
+    assert c.rst_paragraphs(sections[4][2]) == [
+        "* first item that is wrapped over two lines\n* second item",
+        "join(a, *p)",
+        "Join paths.",
+        "name | meaning\na | x continued",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("src", "out"),
+    [
+        (":meth:`!str.split`", "str.split"),
+        (":ref:`tutorial-index`", "tutorial-index"),
+        (":c:func:`PyList_New`", "PyList_New"),
+        ("`Python <https://python.org>`__ and `label`_", "Python and label"),
+        ("*args and **kwargs stay, *emphasis* goes", "*args and **kwargs stay, emphasis goes"),
+        ("``*args`` and ``\\n``", "*args and \\n"),
+        ("version |version|\\ s", "version 3.11s"),
+    ],
+)
+def test_clean_inline(src: str, out: str) -> None:
+    assert c.clean_inline(src) == out
+
+
+def test_literal_block_ends_at_dedent() -> None:
+    lines = "* Use getattr::\n\n     getattr(foo, 'bar')()\n\n  Note that it works.\n\nDone ::\n\n  x = 1".split("\n")
+    expected = ["* Use getattr:", "getattr(foo, 'bar')()", "Note that it works.", "Done", "x = 1"]
+    assert c.rst_paragraphs(lines) == expected
+
+
+def test_split_paragraph_at_sentences() -> None:
+    par = "Mr. Smith came. It rained all day long. Then it stopped! Why? Because."
+    assert c.split_paragraph(par, 100) == [par]
+    pieces = c.split_paragraph(par, 6)
+    assert pieces == ["Mr. Smith came.", "It rained all day long.", "Then it stopped! Why? Because."]
+    assert c.split_paragraph("one two three four five", 2) == ["one two", "three four", "five"]
+    assert c.split_paragraph("def f():\n    a = 1\n    b = 2", 5) == ["def f():\n    a = 1", "    b = 2"]
+
+
+def test_pack_passages() -> None:
+    pars = ["a b c", "d e", "f g h i", "j " * 7]
+    assert c.pack_passages(pars, 5) == ["a b c\n\nd e", "f g h i", "j j j j j", "j j"]
+    for passage in c.pack_passages(pars * 10, 6):
+        assert c.n_words(passage) <= 6
+
+
+def test_sotu_paragraphs() -> None:
+    text = "[As delivered in person]\r\n\r\nThank you. [Applause]  Good\nnight.\n\n\n[Laughter]\n\nEnd\xa0here."
+    assert c.sotu_paragraphs(text) == ["Thank you. Good night.", "End here."]
+
+
+def test_cached_json(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MEMSPARSE_CACHE", str(tmp_path))
+    calls = []
+    build = lambda: calls.append(1) or [["t", "x", "s"]]  # noqa: E731
+    assert c._cached("probe", build) == [["t", "x", "s"]] == c._cached("probe", build)
+    assert calls == [1] and list((tmp_path / "data").glob("probe.*.json"))
+
+
+def test_missing_tool_is_unavailable() -> None:
+    with pytest.raises(ResourceUnavailable, match="not found"):
+        c._run(["memsparse-no-such-tool"], "probe")
+
+
+# --- the real sources: downloaded once into the cache, then fast -----------------------------------------------------
+
+
+def _load(fn):
+    try:
+        fn()  # first call may download and parse
+    except ResourceUnavailable as e:
+        pytest.skip(f"source unavailable: {e}")
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _check(passages: list[c.Passage], source: str, max_words: int = 250) -> None:
+    assert all(p.source == source and p.title and p.text.strip() for p in passages)
+    assert all(c.n_words(p.text) <= max_words for p in passages)
+    text = "".join(p.text for p in passages[::50])
+    assert text.isprintable() or all(ch.isprintable() or ch in "\n\t" for ch in text)
+
+
+def test_sotu_real() -> None:
+    passages, seconds = _load(c.sotu)
+    assert seconds < 1.0
+    titles = list(dict.fromkeys(p.title for p in passages))
+    assert len(titles) == 249 and len(passages) > 5000
+    assert all(re.search(r"\b(17|18|19|20)\d\d\b", t) for t in titles)
+    assert "State of the Union, 1962 (Kennedy)" in titles
+    _check(passages, "sotu")
+
+
+def test_python_faq_real() -> None:
+    faq, seconds = _load(c.python_faq)
+    assert seconds < 1.0 and len(faq) >= 150
+    qa = dict(faq)
+    assert "Python is a programming language" in qa["What is Python?"]
+    assert not any(re.search(r":\w+:`|^\.\. ", a, re.M) for a in qa.values())
+
+
+def test_python_docs_real() -> None:
+    passages, seconds = _load(c.python_docs)
+    assert seconds < 1.0 and len(passages) > 5000
+    assert any(p.title == "Python FAQ: Why is Python installed on my machine?" for p in passages)
+    assert sum(bool(re.search(r":[\w:-]+:`", p.text)) for p in passages) == 0
+    _check(passages, "python-doc")
