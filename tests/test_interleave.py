@@ -128,3 +128,24 @@ def test_missing_round_token_is_a_clear_error(setup):
         tok.backend_tokenizer.to_str().replace("<|object_ref_end|>", "<|other|>")), eos_token="<|im_end|>")
     with pytest.raises(ValueError, match="object_ref_end"):
         ms.MSAEngine(model, plain, bank).ask("Where?")
+
+
+def test_router_injection(setup, monkeypatch):
+    """interleave="router": the engine injects the router's fused top documents, then the model answers."""
+    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]])
+    routing = engine.route("Is Rome old?")
+    fused = {}
+    for picked in routing.values():
+        for rank, (d, _) in enumerate(picked):
+            fused[d] = fused.get(d, 0) + 1 / (60 + rank)
+    top = sorted(sorted(fused, key=fused.get, reverse=True)[:2])
+    ans = engine.ask("Is Rome old?", interleave="router", inject_k=2)
+    assert ans.rounds == [top] and ans.text == "yes" and len(script.calls) == 1
+    (row, route), = script.calls[0]
+    text = tok.decode(row)
+    injected = "".join(f"[{d}]. {DOCS[d]}\n" for d in top)
+    assert text.endswith("".join(f"[{d}]" for d in top) + "<|object_ref_end|>" + injected + "<|object_ref_end|>"
+                         "<End-of-Retrieve><|im_start|>The user's question is: Is Rome old?\n<|object_ref_end|>")
+    assert sum(route) == route.index(False) + len(tok(injected, split_special_tokens=True)["input_ids"])
+    with pytest.raises(ValueError, match="interleave="):
+        engine.ask("Is Rome old?", interleave="maybe")

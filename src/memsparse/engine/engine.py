@@ -4,6 +4,7 @@ Interleave. Only ids in the model's own output are parsed; document and question
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass, field
 
 from ..memory.bank import MemoryBank
@@ -75,21 +76,24 @@ class MSAEngine:
         res = prefill_batch(self.bank, [ids], [mask], similarity=self.similarity, route_only=True)
         return res.memory.routing[0]
 
-    def ask(self, question: str | list[str], max_new_tokens: int = 256, interleave: bool = True,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-            stop: list[str] | None = None, max_rounds: int | None = None) -> Answer | list[Answer]:
-        """Answer a question (or a list of them, as one batch). `interleave=False` answers in one round."""
+    def ask(self, question: str | list[str], max_new_tokens: int = 256, interleave: bool | str = True,
+            **kw) -> Answer | list[Answer]:
+        """Answer a question (or a list of them, as one batch); keyword arguments as `ask_batch`."""
         if isinstance(question, list):
-            return self.ask_batch(question, max_new_tokens=max_new_tokens, interleave=interleave,
-                                  temperature=temperature, top_p=top_p, seed=seed, stop=stop, max_rounds=max_rounds)
-        return self.ask_batch([question], max_new_tokens=max_new_tokens, interleave=interleave,
-                              temperature=temperature, top_p=top_p, seed=seed, stop=stop, max_rounds=max_rounds)[0]
+            return self.ask_batch(question, max_new_tokens=max_new_tokens, interleave=interleave, **kw)
+        return self.ask_batch([question], max_new_tokens=max_new_tokens, interleave=interleave, **kw)[0]
 
-    def ask_batch(self, questions: list[str], max_new_tokens: int = 256, interleave: bool = True,
+    def ask_batch(self, questions: list[str], max_new_tokens: int = 256, interleave: bool | str = True,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                  stop: list[str] | None = None, max_rounds: int | None = None,
+                  stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
                   batch_size: int = 16) -> list[Answer]:
-        """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode."""
+        """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
+
+        `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
+        inject; "router" = the engine injects the `inject_k` documents the router layers rank highest
+        (reciprocal-rank fusion over layers), then the model answers; False = answer in one round."""
+        if interleave not in (True, False, "model", "router"):
+            raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
         if interleave and self.round_end is None:
             raise ValueError(f"Memory Interleave needs the {ROUND_END} token, which this tokenizer lacks; "
                              "pass interleave=False")
@@ -97,16 +101,19 @@ class MSAEngine:
         rounds = self.max_rounds if max_rounds is None else max_rounds
         out = []
         for i in range(0, len(questions), batch_size):
-            out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [], rounds)
+            out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [], rounds,
+                                inject_k)
         return out
 
-    def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds) -> list[Answer]:
+    def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k) -> list[Answer]:
         rows = []
         for q in questions:
             ids, mask = self.encode_question(q)
             rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
-                             phase="retrieve" if interleave else "answer"))
+                             phase="retrieve" if interleave in (True, "model") else "answer"))
         timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
+        if interleave == "router":
+            self._router_injection(rows, inject_k, timings)
         while live := [r for r in rows if r.finish is None]:
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
                          max(budget - r.used for r in live),
@@ -117,6 +124,28 @@ class MSAEngine:
                 row.routing.append(routing)
                 self._advance(row, ids, event, max_rounds)
         return [self._result(r, timings) for r in rows]
+
+    def _router_injection(self, rows: list[_Row], k: int, timings: dict) -> None:
+        """One routing pass; each row gets its top-k fused documents injected, then answers."""
+        t0 = time.perf_counter()
+        res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
+                            similarity=self.similarity, route_only=True)
+        timings["route"] += res.memory.route_seconds
+        timings["prefill"] += time.perf_counter() - t0
+        for row, routing in zip(rows, res.memory.routing):
+            fused: dict[int, float] = {}
+            for picked in routing.values():
+                for rank, (d, _) in enumerate(picked):
+                    fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
+            top = sorted(sorted(fused, key=fused.get, reverse=True)[:k])
+            row.rounds.append(top)
+            row.tokens = row.tokens + self.protocol.naming(top)
+            inject = self.injection(top)
+            row.route = row.route[:row.block] + [False] * (len(row.tokens) - row.block)
+            row.route += [True] * (len(inject) - 1) + [False]
+            row.tokens = row.tokens + inject
+            self._to_answer(row, self.protocol.end_of_retrieve())
+            row.route += [False] * (len(row.tokens) - len(row.route))
 
     def _event(self, row: _Row, ids: list[int], stop_strings: list[str], budget: int) -> str | None:
         """Why a round ends after generating `ids`, or None to go on."""
