@@ -54,3 +54,27 @@ def test_collated_rounds_train():
                 attention_mask=batch["attention_mask"])
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.aux_loss > 0
+
+
+def test_router_answer_sample_matches_the_engine(monkeypatch):
+    from memsparse.engine import engine as engine_mod
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    bank = ms.MemoryBank.build(model, tok, DOCS)
+    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    routing = engine.route("Where is Ottawa?")
+    fused = {}
+    for picked in routing.values():
+        for rank, (d, _) in enumerate(picked):
+            fused[d] = fused.get(d, 0) + 1 / (60 + rank)
+    top = sorted(sorted(fused, key=fused.get, reverse=True)[:2])
+    gold, noise = [top[0]], top[1:]
+    sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where is Ottawa?", [gold], "x", noise=noise)[0]
+    script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
+    monkeypatch.setattr(engine_mod, "generate", script)
+    engine.ask("Where is Ottawa?", interleave="router", inject_k=2)
+    (row, route), = script.calls[0]
+    n_mem, n_target = len(memory_stream(tok, DOCS)[0]), sum(t != -100 for t in sample.labels)
+    assert sample.input_ids[n_mem:len(sample) - n_target] == row
+    assert [d == 0 for d in sample.doc_ids[n_mem:len(sample) - n_target]] == route

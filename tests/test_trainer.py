@@ -3,6 +3,8 @@
 import json
 import random
 
+import torch
+
 from memsparse.cli import main
 from memsparse.model.delta import load_delta
 from memsparse.train import trainer
@@ -64,6 +66,12 @@ def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     assert "resuming from step 4" in capsys.readouterr().out
     model, tok = load_delta(run / "delta", base)
     assert model.router_layers == [2, 3] and (run / "delta" / "delta.safetensors").stat().st_size < 100_000
+    again = tmp_path / "again.toml"  # a new run starting from the delta
+    again.write_text(f'init = "{run / "delta"}"\n' + RECIPE.format(base=base))
+    started, _, _ = trainer.build_model(trainer.Recipe.load(again), "cpu", None)
+    shipped = dict(model.named_parameters())
+    name = "model.layers.3.self_attn.router_q_proj.0.weight"
+    assert torch.equal(dict(started.named_parameters())[name], shipped[name])
 
 
 def test_phase_schedule():

@@ -51,6 +51,7 @@ class Recipe:
     msa: dict = field(default_factory=dict)
     lora_rank: int = 8
     tasks: dict = field(default_factory=lambda: {"niah": 1.0})
+    init: str | None = None  # a delta directory to start from (its routers, adapters and token rows)
     doc_tokens: int = 512
     phases: list[Phase] = field(default_factory=list)
     seed: int = 0
@@ -87,7 +88,26 @@ def build_model(recipe: Recipe, device, dtype):
     new_ids = add_special_tokens(model, tok, ADDED_TOKENS)
     if recipe.lora_rank:
         attach_lora(model, recipe.lora_rank)
+    if recipe.init:
+        _init_from_delta(model, Path(recipe.init), new_ids)
     return model, tok, new_ids
+
+
+@torch.no_grad()
+def _init_from_delta(model, path: Path, new_ids: list[int]) -> None:
+    """Start from a saved delta: routers, (unmerged) LoRA adapters and the new tokens' rows."""
+    from safetensors.torch import load_file
+
+    from ..model.delta import DELTA_WEIGHTS
+
+    params = dict(model.named_parameters())
+    for name, t in load_file(str(path / DELTA_WEIGHTS)).items():
+        if name == "new_token_embeddings":
+            model.model.embed_tokens.weight[new_ids] = t.to(model.dtype).to(model.device)
+        elif name in params:
+            params[name].copy_(t)
+        else:
+            raise ValueError(f"{path}: delta weight {name} matches nothing in the model being trained")
 
 
 def router_recall(doc_scores: dict, aux: torch.Tensor, k: int, layers: list[int]) -> float:
@@ -203,7 +223,11 @@ def _batches(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rng: random.Ran
         batch = []
         for _ in range(phase.batch_size):
             q = mixer.draw(mem)
-            samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer)
+            gold = {d for h in q.hops for d in h}
+            others = [i for i in range(len(q.documents)) if i not in gold]
+            noise = rng.sample(others, min(len(others), rng.randint(1, 3)))
+            samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer,
+                             noise=noise)
             batch.append(rng.choice(samples))  # one round of the question
         yield step, phase, local, mem, collate(batch, pad_id=tok.pad_token_id or 0)
 
