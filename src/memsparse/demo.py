@@ -72,14 +72,14 @@ def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: i
     answers = []
     for q, ref in zip(questions, refs):
         t = time.perf_counter()
-        ans = engine.ask(q, max_new_tokens=max_new_tokens)
+        ans = engine.ask(q, max_new_tokens=max_new_tokens, interleave="router", inject_k=2)
         answers.append(ans)
         named = [d for r in ans.rounds for d in r]
         print(f"Q: {q}", file=out)
         for d in named:
-            print(f"   named [{d}] {names[d]}: {texts[d][:90]!r}", file=out)
+            print(f"   read [{d}] {names[d]}: {texts[d][:90]!r}", file=out)
         if not named:
-            print("   named no document", file=out)
+            print("   read no document", file=out)
         print(f"A: {ans.text}", file=out)
         if ref:
             print(f"   (the FAQ says: {ref})", file=out)
