@@ -232,8 +232,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
+    mode = {"model": True, "router": "router", "off": False}[args.interleave]
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks, args.samples,
-                      interleave=not args.no_interleave)
+                      interleave=mode, inject_k=args.inject_k)
     out = Path(args.out)
     write_results(points, name, out)
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
@@ -323,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
     v.add_argument("--samples", type=int, default=100, help="samples per subtask and size")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
-    v.add_argument("--no-interleave", action="store_true", help="answer in one round")
+    v.add_argument("--interleave", choices=["model", "router", "off"], default="router",
+                   help="who picks the documents to read: the model (Memory Interleave), the router, or none")
+    v.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
     v.add_argument("--out", default="benchmarks/results/niah.json")
     v.add_argument("--device")
     v.add_argument("--dtype", choices=["float32", "bfloat16"])

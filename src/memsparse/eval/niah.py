@@ -23,7 +23,8 @@ from .meta import commit, gpu_name
 
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 100, seed: int = 42,
-             doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool = True) -> list[dict]:
+             doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
+             inject_k: int = 4) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample."""
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     cache: dict = {}  # per-sentence token counts of the haystacks
@@ -37,13 +38,14 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 10
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
                 ans = MSAEngine(model, tok, bank, similarity="train").ask(
-                    s.question, max_new_tokens=max_new_tokens, interleave=interleave)
+                    s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
                 gold = set(s.gold)
                 acc.append(string_match_all(ans.text, s.answers))
                 picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
                 route_rec.append(len(gold & picked) / len(gold))
                 named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
-            points.append({"tokens": n, "subtask": sub, "accuracy": round(100 * sum(acc) / len(acc), 2),
+            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave),
+                           "accuracy": round(100 * sum(acc) / len(acc), 2),
                            "samples": samples, "routing_recall": round(sum(route_rec) / samples, 4),
                            "named_recall": round(sum(named_rec) / samples, 4),
                            "seconds_per_sample": round((time.perf_counter() - t0) / samples, 3)})
