@@ -41,7 +41,7 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     ans = json.loads(out)
     assert ans["question"] == "Where is Ottawa?" and set(ans) >= {"text", "rounds", "routing", "timings"}
     assert all(len(v) == 2 for v in ans["routing"].values())
-    code, out, _ = _run(capsys, "ask", bank, "Where is Ottawa?", "--no-interleave", "--max-new-tokens", "3")
+    code, out, _ = _run(capsys, "ask", bank, "Where is Ottawa?", "--interleave", "off", "--max-new-tokens", "3")
     assert code == 0 and "routing (layer 3)" in out
     more = tmp_path / "more.txt"
     more.write_text("Rome is old.\n\nLisbon is by the sea.\n")

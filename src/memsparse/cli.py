@@ -10,8 +10,8 @@ from pathlib import Path
 EXAMPLES = """examples:
   memsparse demo
   memsparse demo --corpus notes.txt --question "Who wrote the design memo?"
-  memsparse encode notes.jsonl --model ./msa-smollm2 --out ./notes.bank
-  memsparse encode ./docs/ --model ./msa-smollm2 --out ./docs.bank --device cuda
+  memsparse encode notes.jsonl --out ./notes.bank                      # the shipped MSA-SmolLM2
+  memsparse encode ./docs/ --model runs/smollm2/delta --out ./docs.bank --device cuda
   memsparse ask ./notes.bank "Who wrote the design memo?" --json
   memsparse docs add ./notes.bank more.jsonl
   memsparse docs delete ./notes.bank 3 17
@@ -78,16 +78,32 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"router layers {model.router_layers}, dtype {model.dtype}")
 
 
-def _load_model(path: str, device: str | None, dtype: str | None):
-    """Model and tokenizer from a checkpoint directory or .gguf; refuses a model without trained routers."""
+SHIPPED = "shipped"
+
+
+def _load_model(path: str | None, device: str | None, dtype: str | None):
+    """Model and tokenizer: the shipped MSA-SmolLM2 ('shipped' or None), a trained delta directory, or an MSA
+    checkpoint directory / .gguf; refuses a model without trained routers."""
+    import json as _json
+
     import torch
 
     from . import MSAForCausalLM, load_tokenizer
+    from .model.delta import DELTA_CONFIG, is_delta, load_delta
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if path in (None, SHIPPED):
+        from .demo import load_shipped
+
+        return load_shipped(device, dtype)
     if not Path(path).exists():
         raise FileNotFoundError(f"no such model: {path}")
+    if is_delta(path):
+        from .train.trainer import base_path
+
+        base = _json.loads((Path(path) / DELTA_CONFIG).read_text())["base"]
+        return load_delta(path, base_path(base), dtype=dtype, device=device)
     model = MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device)
     if model.fresh_routers:
         raise ValueError(f"{path} has no MSA router weights; make an MSA model first (memsparse convert, train)")
@@ -100,8 +116,6 @@ def _open_bank(args: argparse.Namespace, tier: str = "auto"):
 
     manifest = read_manifest(args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
-    if not model_path:
-        raise ValueError(f"{args.bank} does not record its model: pass --model")
     model, tok = _load_model(model_path, args.device, args.dtype)
     return MemoryBank.load(args.bank, model, tok, tier=tier)
 
@@ -125,7 +139,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     model, tok = _load_model(args.model, args.device, args.dtype)
     bank = MemoryBank.build(model, tok, [], tier=args.tier)
     bank.add(texts, names=names, progress=True, batch_tokens=args.batch_tokens)
-    bank.meta = {"model": str(Path(args.model).resolve()), "corpus": str(Path(args.corpus).resolve())}
+    model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
+    bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
     bank.save(out)  # committed atomically: an interrupted encode leaves no bank (or the previous one)
     tokens = sum(bank.token_count(d) for d in bank.doc_ids())
     print(f"wrote {out}: {bank.num_docs} documents, {tokens} tokens, {bank.num_chunks} chunks")
@@ -136,7 +151,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
     bank = _open_bank(args)
     engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
-    ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=not args.no_interleave,
+    mode = {"model": True, "router": "router", "off": False}[args.interleave]
+    ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=1))
@@ -204,30 +220,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device)
 
 
-def _load_any(model: str | None, device: str | None, dtype: str | None):
-    """The shipped model (None), a trained delta directory, or an MSA checkpoint: (model, tokenizer, name)."""
-    import json as _json
-
-    from .model.delta import DELTA_CONFIG, is_delta, load_delta
-
-    if model is None:
-        from .demo import load_shipped
-
-        return (*load_shipped(device, dtype), "MSA-SmolLM2 (shipped)")
-    if is_delta(model):
-        from .train.trainer import base_path
-
-        base = _json.loads((Path(model) / DELTA_CONFIG).read_text())["base"]
-        device = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-        return (*load_delta(model, base_path(base), dtype=dtype, device=device), str(model))
-    return (*_load_model(model, device, dtype), str(model))
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.niah import evaluate, write_results
     from .train.tasks.niah import SUBTASKS
 
-    model, tok, name = _load_any(args.model, args.device, args.dtype)
+    model, tok = _load_model(args.model, args.device, args.dtype)
+    name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
@@ -244,9 +242,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _model_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
-    p.add_argument("--model", required=model_required,
-                   help="MSA model directory or .gguf" + ("" if model_required else " (default: the bank's)"))
+def _interleave_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interleave", choices=["model", "router", "off"], default="router",
+                   help="who picks the documents to read: the model (Memory Interleave as published), the router "
+                        "(default: what the shipped model does well), or nobody (answer in one round)")
+    p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
+
+
+def _model_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--model", help=f"'shipped', a trained delta directory, or an MSA checkpoint directory / .gguf "
+                                   f"(default: {default})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -278,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("corpus", help="JSONL file with a 'text' field (optional 'id'), a directory of .txt/.md "
                                   "files, or a text file with one document per line")
     e.add_argument("--out", required=True, help="bank directory to write")
-    _model_args(e, model_required=True)
+    _model_args(e, "the shipped MSA-SmolLM2")
     e.add_argument("--tier", choices=["auto", "device", "host"], default="auto",
                    help="where document keys/values live (routing keys are always on the model's device)")
     e.add_argument("--batch-tokens", type=int, default=65536, help="tokens per encoding forward")
@@ -289,10 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a question from a bank", epilog=EXAMPLES, formatter_class=fmt)
     a.add_argument("bank")
     a.add_argument("question")
-    _model_args(a)
+    _model_args(a, "the model the bank was encoded with")
     a.add_argument("--json", action="store_true", help="print the whole answer object as JSON")
     a.add_argument("--max-new-tokens", type=int, default=256)
-    a.add_argument("--no-interleave", action="store_true", help="answer in one round (no Memory Interleave)")
+    _interleave_args(a)
     a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--seed", type=int)
@@ -304,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["add", "delete", "list"])
     d.add_argument("bank")
     d.add_argument("items", nargs="*", help="add: a CORPUS; delete: document ids")
-    _model_args(d)
+    _model_args(d, "the model the bank was encoded with")
     d.add_argument("--max-doc-mb", type=float, default=1.0)
     d.add_argument("--limit", type=int, default=None, help="list: at most this many")
     d.set_defaults(func=cmd_docs)
@@ -320,16 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="evaluate a model: RULER NIAH over a memory", epilog=EXAMPLES,
                        formatter_class=fmt)
     v.add_argument("task", choices=["niah"])
-    v.add_argument("--model", help="a trained delta directory or MSA checkpoint (default: the shipped model)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
     v.add_argument("--samples", type=int, default=100, help="samples per subtask and size")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
-    v.add_argument("--interleave", choices=["model", "router", "off"], default="router",
-                   help="who picks the documents to read: the model (Memory Interleave), the router, or none")
-    v.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
+    _interleave_args(v)
     v.add_argument("--out", default="benchmarks/results/niah.json")
-    v.add_argument("--device")
-    v.add_argument("--dtype", choices=["float32", "bfloat16"])
+    _model_args(v, "the shipped MSA-SmolLM2")
     v.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train an MSA model from a recipe (recipes/*.toml)", epilog=EXAMPLES,
