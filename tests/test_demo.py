@@ -38,3 +38,24 @@ def test_shipped_model_finds_a_needle():
         ans = MSAEngine(model, tok, bank, similarity="train").ask(s.question, max_new_tokens=24, interleave="router")
         assert s.gold[0] in ans.rounds[0]
         assert string_match_all(ans.text, s.answers) == 1.0
+
+
+def test_eval_niah_command(tmp_path, monkeypatch, capsys):
+    """`memsparse eval niah` end to end on a tiny model with a small synthetic haystack (no downloads)."""
+    import json
+
+    from memsparse import cli
+    from memsparse.train.tasks import niah
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))
+    monkeypatch.setattr(niah, "_words", lambda: niah._Words(["calm", "red"], ["cat", "sky", "sea"]))
+    out = tmp_path / "niah.json"
+    argv = ["eval", "niah", "--tokens", "400", "--samples", "2", "--subtasks", "niah_single_1,niah_multikey_2",
+            "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [p["subtask"] for p in res["points"]] == ["niah_single_1", "niah_multikey_2"]
+    assert all(p["samples"] == 2 and 0 <= p["accuracy"] <= 100 and p["tokens"] == 400 for p in res["points"])
+    assert {"model", "gpu", "date", "commit"} <= set(res)
+    assert main(["eval", "niah", "--subtasks", "niah_nope", "--out", str(out)]) == 2

@@ -231,10 +231,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
-    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks, args.samples,
-                      interleave=mode, inject_k=args.inject_k)
     out = Path(args.out)
-    write_results(points, name, out)
+    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks, args.samples,
+                      interleave=mode, inject_k=args.inject_k, on_point=lambda pts: write_results(pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "

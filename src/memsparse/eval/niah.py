@@ -24,8 +24,10 @@ from .meta import commit, gpu_name
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4) -> list[dict]:
-    """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample."""
+             inject_k: int = 4, on_point=None) -> list[dict]:
+    """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
+    `on_point(points so far)` runs after each point (the command line writes the results file there, so an
+    interrupted run keeps what it measured)."""
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     cache: dict = {}  # per-sentence token counts of the haystacks
     points = []
@@ -50,6 +52,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 10
                            "named_recall": round(sum(named_rec) / samples, 4),
                            "seconds_per_sample": round((time.perf_counter() - t0) / samples, 3)})
             print(json.dumps(points[-1]), flush=True)
+            if on_point:
+                on_point(points)
     return points
 
 
