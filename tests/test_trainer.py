@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -80,3 +81,48 @@ def test_phase_schedule():
     phases = [trainer.Phase("a", 2, 1, 1, 1, [1]), phase]
     assert trainer._phase_at(phases, 1)[0].name == "a" and trainer._phase_at(phases, 3) == (phase, 1)
     assert random.Random(0).random() == random.Random(0).random()
+
+
+def _ddp_rank(rank: int, world: int, port: int, recipe: str, run: str, out: str):
+    """One torchrun-like rank (gloo on CPU): trains, then saves its final weights for comparison."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    Mixer.toy = _toy
+    seen = {}
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            seen["params"] = list(params)
+            super().__init__(seen["params"], **kw)
+
+    trainer.torch.optim.AdamW = Recording
+    drawn = []
+    draw = Mixer.draw
+    Mixer.draw = lambda self, mem: drawn.append(draw(self, mem)) or drawn[-1]
+    trainer.train(trainer.Recipe.load(recipe), Path(run), device="cpu", max_steps=3)
+    torch.save({"params": [p.detach() for p in seen["params"]], "questions": [q.question for q in drawn]},
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_stay_in_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    base = tmp_path / "base"
+    tiny_model("llama", vocab_size=300, tie_word_embeddings=True).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(RECIPE.format(base=base))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(recipe), str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))  # identical updates on both ranks
+    assert a["questions"] != b["questions"]  # from different samples
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and (tmp_path / "run" / "delta" / "delta.safetensors").exists()

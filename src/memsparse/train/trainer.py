@@ -5,6 +5,7 @@ each phase has its steps, learning rate, loss weights (w_lm, w_aux) and a memory
 steps through the listed sizes evenly). The base stays frozen; the routers, LoRA adapters and new tokens' rows
 train (model/delta.py). Progress is logged to `train_log.jsonl` (loss, LM and aux loss, router recall@k,
 tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps and the run resumes from it.
+Under torchrun (several GPUs, or CPU processes with gloo) the ranks average their gradients.
 """
 
 from __future__ import annotations
@@ -127,9 +128,28 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int | None = None) -> Path:
-    """Run (or resume) the recipe; writes the log, checkpoints and finally `out/delta`."""
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU), else (0, 1, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int | None = None) -> Path | None:
+    """Run (or resume) the recipe; writes the log, checkpoints and finally `out/delta`. Under torchrun every
+    rank draws its own samples and the gradients are averaged over ranks; rank 0 writes the files."""
+    import torch.distributed as dist
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = _distributed(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out.mkdir(parents=True, exist_ok=True)
     model, tok, new_ids = build_model(recipe, device, dtype)
@@ -143,8 +163,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     opt = torch.optim.AdamW(master, lr=recipe.phases[0].lr, weight_decay=0.0, betas=(0.9, 0.95))
     proto = Protocol(tok)
     mixer = Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
-                  doc_tokens=recipe.doc_tokens, seed=recipe.seed)
-    rng = random.Random(recipe.seed)
+                  doc_tokens=recipe.doc_tokens, seed=recipe.seed + 1000 * rank)
+    rng = random.Random(recipe.seed + 1000 * rank)
     ckpt = out / "checkpoint.pt"
     step = 0
     if ckpt.exists():
@@ -153,16 +173,24 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             m.data.copy_(v)
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        rng.setstate(state["rng"])
-        mixer.rng.setstate(state["mixer_rng"])
-        print(f"resuming from step {step}")
+        if rank == 0:
+            rng.setstate(state["rng"])
+            mixer.rng.setstate(state["mixer_rng"])
+        else:  # other ranks' streams are not saved: reseed them by step
+            rng.seed(f"{recipe.seed}-{rank}-{step}")
+            mixer.rng.seed(f"{recipe.seed}-{rank}-{step}-mix")
+        if rank == 0:
+            print(f"resuming from step {step}")
+    if world > 1:
+        for m in master:  # every rank starts from rank 0's weights
+            dist.broadcast(m.data, 0)
     total = sum(p.steps for p in recipe.phases)
     stop = min(total, max_steps if max_steps is not None else total)
     start = step
-    log = open(out / "train_log.jsonl", "a")
+    log = open(out / "train_log.jsonl", "a") if rank == 0 else None
     k = model.msa_config.engine_top_k
     upper = model.router_layers[len(model.router_layers) // 2:]
-    bar = tqdm(total=stop, initial=start, desc="training", unit="step")
+    bar = tqdm(total=stop, initial=start, desc="training", unit="step", disable=rank != 0)
     t_last, tokens = time.perf_counter(), 0
     for step, phase, local, mem, cpu_batch in _prefetch(_batches(recipe, mixer, proto, tok, rng, start, stop)):
         model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
@@ -180,13 +208,19 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             p.grad = None
         master[-1].grad = emb.grad[new_ids].float() if emb.grad is not None else None
         emb.grad = None
+        if world > 1:
+            for m in master:
+                if m.grad is None:
+                    m.grad = torch.zeros_like(m)
+                dist.all_reduce(m.grad)
+                m.grad /= world
         torch.nn.utils.clip_grad_norm_(master, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        tokens += int(b["attention_mask"].sum())
+        tokens += int(b["attention_mask"].sum()) * world
         bar.update(1)
-        if step % recipe.log_every == 0 or step == stop:
+        if rank == 0 and (step % recipe.log_every == 0 or step == stop):
             now = time.perf_counter()
             rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss.detach()),
                    "lm_loss": _f(res.lm_loss), "aux_loss": _f(res.aux_loss),
@@ -196,12 +230,16 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", recall=rec["recall_at_k"], mem=mem)
-        if step % recipe.checkpoint_every == 0 or step == stop:
+        if rank == 0 and (step % recipe.checkpoint_every == 0 or step == stop):
             _atomic_save({"master": [m.detach() for m in master], "opt": opt.state_dict(), "step": step,
                           "rng": rng.getstate(), "mixer_rng": mixer.rng.getstate()}, ckpt)
     bar.close()
-    log.close()
     _load_master(params, emb, new_ids, master)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    log.close()
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
     return out / "delta"
