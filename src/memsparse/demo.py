@@ -62,6 +62,7 @@ def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
 def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: int = 150, needle_tokens: int = 12288,
         max_new_tokens: int = 48, device: str | None = None, out=None) -> list:
     from .memory import read_corpus
+    from .resources import ResourceUnavailable
 
     out = out or sys.stdout
     t0 = time.perf_counter()
@@ -73,10 +74,18 @@ def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: i
         docs = read_corpus(corpus)
         memories = [("your corpus", [d.text for d in docs], [d.name for d in docs], questions, [None] * len(questions))]
     else:
-        memories = [("needles hidden in Paul Graham's essays", *needle_memory(needle_tokens, 3, tok)),
-                    ("the Python FAQ (held-out answers) among Python documentation", *default_memory(n_docs, 3))]
+        memories = []
+        for title, build in [("needles hidden in Paul Graham's essays", lambda: needle_memory(needle_tokens, 3, tok)),
+                             ("the Python FAQ (held-out answers) among Python documentation",
+                              lambda: default_memory(n_docs, 3))]:
+            try:
+                memories.append((title, *build()))
+            except ResourceUnavailable as e:  # e.g. no Debian package tools on this machine
+                print(f"skipping the memory of {title}: {e}", file=out)
+        if not memories:
+            raise ResourceUnavailable("none of the demo corpora could be fetched; try --corpus FILE --question ...")
         if questions:
-            memories = [(memories[1][0], *memories[1][1:3], questions, [None] * len(questions))]
+            memories = [(memories[-1][0], *memories[-1][1:3], questions, [None] * len(questions))]
     answers = []
     for title, texts, names, qs, refs in memories:
         answers += _ask_memory(model, tok, title, texts, names, qs, refs, max_new_tokens, out)
