@@ -1,0 +1,57 @@
+"""The fused Triton routing kernel against the PyTorch routing path: on a GPU, and on the CPU under
+TRITON_INTERPRET=1 at small sizes. Inference only (the training forward uses the differentiable path)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+pytest.importorskip("triton")
+
+from memsparse.ops.routing import chunk_scores, document_scores  # noqa: E402
+from memsparse.ops.routing_triton import fused_document_scores  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(q, mask, keys, chunk_doc, n, cosine, scale):
+    cs = chunk_scores(q, mask, keys, torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device),
+                      head_reduce="mean", query_reduce="max", cosine=cosine, scale=scale)
+    return document_scores(cs, chunk_doc.expand(q.shape[0], -1), n, "max")
+
+
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("S,C,H,Hkv", [(5, 37, 6, 2), (70, 130, 9, 3), (1, 64, 4, 4)],
+                         ids=["S5-C37-G3", "S70-C130-G3", "S1-C64-G1"])
+def test_fused_scores_match_reference(S, C, H, Hkv, cosine):
+    g = torch.Generator().manual_seed(S + C)
+    B, D, N = 3, 16, 11
+    q = torch.randn(B, S, H, D, generator=g).to(DEVICE)
+    mask = (torch.rand(B, S, generator=g) < 0.7).to(DEVICE)
+    mask[:, 0] = True
+    keys = torch.randn(C, Hkv, D, generator=g).to(DEVICE)
+    chunk_doc = torch.sort(torch.randint(0, N - 1, (C,), generator=g)).values.to(DEVICE)  # doc N-1: no chunks
+    scale = 1.0 if cosine else D**-0.5
+    ref = _reference(q, mask, keys, chunk_doc, N, cosine, scale)
+    got = fused_document_scores(q, mask, keys, chunk_doc, N, cosine=cosine, scale=scale, block_c=16)
+    assert torch.isinf(got[:, N - 1]).all() and torch.isinf(ref[:, N - 1]).all()
+    assert torch.allclose(got[:, : N - 1], ref[:, : N - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_accumulate_and_bf16_keys():
+    """Segments scored one after another into the same output equal scoring them together; bf16 keys."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 6, 16, generator=g).to(DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    keys = torch.randn(50, 2, 16, generator=g).to(DEVICE, torch.bfloat16)
+    doc = torch.arange(50, device=DEVICE) // 5
+    whole = fused_document_scores(q, mask, keys, doc, 10, cosine=True, scale=1.0)
+    parts = fused_document_scores(q, mask, keys[:20], doc[:20], 10, cosine=True, scale=1.0)
+    parts = fused_document_scores(q, mask, keys[20:], doc[20:], 10, cosine=True, scale=1.0, out=parts)
+    assert torch.equal(whole, parts)
+    ref = _reference(q, mask, keys.float(), doc, 10, True, 1.0)
+    assert torch.allclose(whole, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        fused_document_scores(q[..., :12], mask, keys[..., :12], doc, 10, cosine=True, scale=1.0)
