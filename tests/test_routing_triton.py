@@ -51,3 +51,24 @@ def test_tiles_accumulate_and_bf16_keys():
     assert torch.allclose(whole, ref, atol=1e-5)
     with pytest.raises(ValueError, match="power of two"):
         fused_document_scores(q[..., :12], mask, keys[..., :12], doc, 10, cosine=True, scale=1.0)
+
+
+def test_engine_routing_with_the_fused_kernel():
+    """A bank of two segments with a deleted document routes the same with `fused_routing` (on CPU: in
+    Triton's interpreter)."""
+    import memsparse as ms
+
+    from .conftest import assert_same_routing, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48).to(DEVICE)
+    bank = ms.MemoryBank.build(model, tok, ["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas."])
+    bank.add(["Rome is old and has many churches.", "Lisbon is by the sea.", "x"])
+    bank.delete([1])
+    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    ref = engine.route("Where is Lisbon? Is Rome old?")
+    bank.fused_routing, bank._view = True, None
+    got = engine.route("Where is Lisbon? Is Rome old?")
+    assert_same_routing(ref, got, atol=1e-4)
+    assert all(1 not in [d for d, _ in v] for v in got.values())

@@ -33,16 +33,30 @@ def uses_cosine(model, similarity: str) -> bool:
 def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor,
                         cosine: bool) -> torch.Tensor:
     """(B, N) scores of every document in the bank's table for router queries rq (B, S, H, D) with routing
-    mask (B, S); deleted documents are -inf. Chunk scores are computed one segment (tile) at a time."""
+    mask (B, S); deleted documents are -inf. Scored one segment (tile) at a time; with `bank.fused_routing`
+    by the fused Triton kernel (ops/routing_triton.py), else by the PyTorch path."""
     msa, view = bank.model.msa_config, bank.routing_view()
+    scale = msa.score_scale(bank.model.config.head_dim)
+    N = len(view["ids"])
+    if bank.fused_routing:
+        from ..ops.routing_triton import fused_document_scores
+
+        if (msa.head_reduce_method, msa.query_reduce_method, msa.chunk_reduce_method) != ("mean", "max", "max"):
+            raise ValueError("fused routing supports head mean, query max and chunk max only")
+        ds, start = None, 0
+        for keys in view["route_keys"][layer]:
+            docs = view["chunk_doc"][start:start + keys.shape[0]]
+            ds = fused_document_scores(rq, rmask, keys, docs, N, cosine=cosine, scale=scale, out=ds)
+            start += keys.shape[0]
+        return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
     parts = [
         chunk_scores(rq, rmask, keys.to(rq.dtype), torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
                      head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
-                     cosine=cosine, scale=msa.score_scale(bank.model.config.head_dim))  # (B, C_segment)
+                     cosine=cosine, scale=scale)  # (B, C_segment)
         for keys in view["route_keys"][layer]
     ]
     cs = torch.cat(parts, 1)  # (B, C)
-    ds = document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), len(view["ids"]), msa.chunk_reduce_method)
+    ds = document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), N, msa.chunk_reduce_method)
     return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
 
 

@@ -96,6 +96,7 @@ class MemoryBank:
     tier: str = "device"  # where K̄/V̄ live: 'device' (the model's) or 'host'
     path: Path | None = None  # the directory this bank was loaded from / saved to
     meta: dict = field(default_factory=dict)  # user metadata kept in the manifest (e.g. the model's path)
+    fused_routing: bool = False  # score with the fused Triton kernel (opt-in until validated on GPUs)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
