@@ -133,12 +133,7 @@ def test_missing_round_token_is_a_clear_error(setup):
 def test_router_injection(setup, monkeypatch):
     """interleave="router": the engine injects the router's fused top documents, then the model answers."""
     engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]])
-    routing = engine.route("Is Rome old?")
-    fused = {}
-    for picked in routing.values():
-        for rank, (d, _) in enumerate(picked):
-            fused[d] = fused.get(d, 0) + 1 / (60 + rank)
-    top = sorted(sorted(fused, key=fused.get, reverse=True)[:2])
+    top = sorted(engine_mod.fused_top(engine.route("Is Rome old?"), 2))
     ans = engine.ask("Is Rome old?", interleave="router", inject_k=2)
     assert ans.rounds == [top] and ans.text == "yes" and len(script.calls) == 1
     (row, route), = script.calls[0]
@@ -149,3 +144,10 @@ def test_router_injection(setup, monkeypatch):
     assert sum(route) == route.index(False) + len(tok(injected, split_special_tokens=True)["input_ids"])
     with pytest.raises(ValueError, match="interleave="):
         engine.ask("Is Rome old?", interleave="maybe")
+
+
+def test_fused_top():
+    """Reciprocal-rank fusion: a document ranked by many layers beats one ranked first by a single layer."""
+    routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}
+    assert engine_mod.fused_top(routing, 2) == [7, 5] and engine_mod.fused_top(routing, 5) == [7, 5, 3]
+    assert engine_mod.fused_top({}, 3) == []

@@ -63,12 +63,7 @@ def test_router_answer_sample_matches_the_engine(monkeypatch):
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     bank = ms.MemoryBank.build(model, tok, DOCS)
     engine = ms.MSAEngine(model, tok, bank, similarity="train")
-    routing = engine.route("Where is Ottawa?")
-    fused = {}
-    for picked in routing.values():
-        for rank, (d, _) in enumerate(picked):
-            fused[d] = fused.get(d, 0) + 1 / (60 + rank)
-    top = sorted(sorted(fused, key=fused.get, reverse=True)[:2])
+    top = sorted(engine_mod.fused_top(engine.route("Where is Ottawa?"), 2))
     gold, noise = [top[0]], top[1:]
     sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where is Ottawa?", [gold], "x", noise=noise)[0]
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])

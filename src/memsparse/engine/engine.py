@@ -15,6 +15,15 @@ from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 _ID = re.compile(r"\[(\d+)\]")
 
 
+def fused_top(routing: Routing, k: int) -> list[int]:
+    """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank))."""
+    fused: dict[int, float] = {}
+    for picked in routing.values():
+        for rank, (d, _) in enumerate(picked):
+            fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
+    return sorted(fused, key=fused.get, reverse=True)[:k]
+
+
 @dataclass
 class Answer:
     question: str
@@ -133,19 +142,18 @@ class MSAEngine:
         timings["route"] += res.memory.route_seconds
         timings["prefill"] += time.perf_counter() - t0
         for row, routing in zip(rows, res.memory.routing):
-            fused: dict[int, float] = {}
-            for picked in routing.values():
-                for rank, (d, _) in enumerate(picked):
-                    fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
-            top = sorted(sorted(fused, key=fused.get, reverse=True)[:k])
-            row.rounds.append(top)
+            top = sorted(fused_top(routing, k))
             row.tokens = row.tokens + self.protocol.naming(top)
-            inject = self.injection(top)
-            row.route = row.route[:row.block] + [False] * (len(row.tokens) - row.block)
-            row.route += [True] * (len(inject) - 1) + [False]
-            row.tokens = row.tokens + inject
+            self._inject(row, top)
             self._to_answer(row, self.protocol.end_of_retrieve())
             row.route += [False] * (len(row.tokens) - len(row.route))
+
+    def _inject(self, row: _Row, doc_ids: list[int]) -> None:
+        """Append the documents' text; the question block and this text route the next round."""
+        row.rounds.append(doc_ids)
+        inject = self.injection(doc_ids)
+        row.route = self.protocol.injected_route(row.block, len(row.tokens), len(inject))
+        row.tokens = row.tokens + inject
 
     def _event(self, row: _Row, ids: list[int], stop_strings: list[str], budget: int) -> str | None:
         """Why a round ends after generating `ids`, or None to go on."""
@@ -170,12 +178,7 @@ class MSAEngine:
         row.used += len(ids)
         if event == "ids":
             named = sorted({int(n) for n in _ID.findall(self.tok.decode(ids))})
-            known = [d for d in named if d in self.bank]
-            row.rounds.append(known)
-            inject = self.injection(known)
-            row.route = row.route[:row.block] + [False] * (len(row.tokens) - row.block)
-            row.route += [True] * (len(inject) - 1) + [False]  # the injected text routes the next round
-            row.tokens = row.tokens + inject
+            self._inject(row, [d for d in named if d in self.bank])
             if len(row.rounds) >= max_rounds:  # cap reached: stop retrieving and answer
                 self._to_answer(row, self.protocol.end_of_retrieve())
         elif event == "retrieved":

@@ -59,6 +59,12 @@ class Protocol:
         text = "".join(f"[{d}]. {t}\n" for d, t in docs)
         return (self.text(text) if text else []) + [self.round_end]
 
+    @staticmethod
+    def injected_route(block: int, length: int, inject: int) -> list[bool]:
+        """Routing mask of `length` active tokens followed by an injection of `inject` tokens: the question
+        block (its first `block` tokens) and the injected text route; its closing round-end token does not."""
+        return [True] * block + [False] * (length - block) + [True] * (inject - 1) + [False]
+
     def end_of_retrieve(self) -> list[int]:
         return self.text(END_OF_RETRIEVE)
 

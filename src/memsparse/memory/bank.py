@@ -297,12 +297,12 @@ class MemoryBank:
         if self._view is None:
             dev = self.model.device
             ids = [d for s in self.segments for d in s.doc_ids]
-            pos = {d: n for n, d in enumerate(ids)}
-            chunk_doc = [pos[d] for s in self.segments for d, c in zip(s.doc_ids, s.chunk_count) for _ in range(c)]
+            counts = torch.tensor([c for s in self.segments for c in s.chunk_count], dtype=torch.long)
+            chunk_doc = torch.repeat_interleave(torch.arange(len(ids)), counts)  # (C,) table position per chunk
             self._view = {
                 "route_keys": {lay: [s.route_keys[lay].to(dev) for s in self.segments]
                                for lay in self.model.router_layers},
-                "chunk_doc": torch.tensor(chunk_doc, dtype=torch.long, device=dev),
+                "chunk_doc": chunk_doc.to(dev),
                 "alive": torch.tensor([d not in self.deleted for d in ids], dtype=torch.bool, device=dev),
                 "ids": ids,
             }

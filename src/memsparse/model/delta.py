@@ -118,6 +118,28 @@ def save_delta(model: MSAForCausalLM, path, base: str, added_tokens: list[str], 
     return (path / DELTA_WEIGHTS).stat().st_size
 
 
+@torch.no_grad()
+def apply_delta_weights(model: MSAForCausalLM, path, new_ids: list[int], merge_lora: float | None = None) -> None:
+    """Copy a delta's weights into `model`: the new tokens' rows, the routers, and the LoRA adapters, either into
+    the model's own adapters (`merge_lora=None`, to train on) or merged into the weights with that scale."""
+    params = dict(model.named_parameters())
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in load_file(str(Path(path) / DELTA_WEIGHTS), device=str(model.device)).items():
+        if name == "new_token_embeddings":
+            model.model.embed_tokens.weight[new_ids] = t.to(model.dtype)
+        elif merge_lora is not None and name.startswith("lora."):
+            key, part = name[len("lora."):].rsplit(".", 1)
+            lora.setdefault(key, {})[part] = t
+        elif name in params:
+            params[name].copy_(t)
+        else:
+            raise ValueError(f"{path}: delta weight {name} matches nothing in the model")
+    for key, ab in lora.items():
+        layer, proj = key.split("_", 1)
+        w = getattr(model.model.layers[int(layer)].self_attn, proj).weight
+        w += (ab["B"].float() @ ab["A"].float() * merge_lora).to(w.dtype)
+
+
 def is_delta(path) -> bool:
     return (Path(path) / DELTA_CONFIG).is_file()
 
@@ -132,25 +154,7 @@ def load_delta(path, base_path, dtype=None, device=None):
     model = load_pretrained(base_path, dtype=dtype, device=device, msa_config=cfg["msa_config"])
     tok = load_tokenizer(base_path)
     ids = add_special_tokens(model, tok, cfg["added_tokens"])
-    state = load_file(str(path / DELTA_WEIGHTS), device=str(model.device))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        if "new_token_embeddings" in state:
-            model.model.embed_tokens.weight[ids] = state.pop("new_token_embeddings").to(model.dtype)
-        lora = {}
-        for name, t in state.items():
-            if name.startswith("lora."):
-                key, part = name[len("lora."):].rsplit(".", 1)
-                lora.setdefault(key, {})[part] = t
-            elif name in params:
-                params[name].copy_(t)
-            else:
-                raise ValueError(f"{path}: delta weight {name} matches nothing in the base model")
-        if lora:
-            scale = cfg["lora"]["alpha"] / cfg["lora"]["rank"]
-            for key, ab in lora.items():
-                layer, proj = key.split("_", 1)
-                w = getattr(model.model.layers[int(layer)].self_attn, proj).weight
-                w += (ab["B"].float() @ ab["A"].float() * scale).to(w.dtype)
+    lora = cfg["lora"]
+    apply_delta_weights(model, path, ids, merge_lora=lora["alpha"] / lora["rank"] if lora else None)
     model.fresh_routers = False
     return model.eval(), tok

@@ -69,7 +69,7 @@ def rounds(proto: Protocol, memory: tuple[list[int], list[int]], documents: list
         shown = sorted(set(positives) | set(noise))
         inject = proto.injection([(d, documents[d]) for d in shown])
         active += proto.naming(shown)
-        route = route[:block] + [False] * (len(active) - block) + [True] * (len(inject) - 1) + [False]
+        route = proto.injected_route(block, len(active), len(inject))
         active += inject + proto.end_of_retrieve() + proto.restatement(question)
         route += [False] * (len(active) - len(route))
         emit(proto.answer(answer))
@@ -78,7 +78,7 @@ def rounds(proto: Protocol, memory: tuple[list[int], list[int]], documents: list
         emit(proto.naming(h))
         inject = proto.injection([(d, documents[d]) for d in h])
         active += proto.naming(h)
-        route = route[:block] + [False] * (len(active) - block) + [True] * (len(inject) - 1) + [False]
+        route = proto.injected_route(block, len(active), len(inject))
         active += inject
     emit(proto.end_of_retrieve())
     active += proto.end_of_retrieve() + proto.restatement(question)

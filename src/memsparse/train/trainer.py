@@ -24,7 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.protocol import ROUND_END, Protocol
-from ..model.delta import add_special_tokens, attach_lora, save_delta, train_rows, trainable_parameters
+from ..model.delta import (
+    add_special_tokens,
+    apply_delta_weights,
+    attach_lora,
+    save_delta,
+    train_rows,
+    trainable_parameters,
+)
 from .samples import collate, memory_stream, rounds
 from .tasks.mix import Mixer
 
@@ -89,26 +96,9 @@ def build_model(recipe: Recipe, device, dtype):
     new_ids = add_special_tokens(model, tok, ADDED_TOKENS)
     if recipe.lora_rank:
         attach_lora(model, recipe.lora_rank)
-    if recipe.init:
-        _init_from_delta(model, Path(recipe.init), new_ids)
+    if recipe.init:  # start from a saved delta: routers, (unmerged) adapters, the new tokens' rows
+        apply_delta_weights(model, recipe.init, new_ids)
     return model, tok, new_ids
-
-
-@torch.no_grad()
-def _init_from_delta(model, path: Path, new_ids: list[int]) -> None:
-    """Start from a saved delta: routers, (unmerged) LoRA adapters and the new tokens' rows."""
-    from safetensors.torch import load_file
-
-    from ..model.delta import DELTA_WEIGHTS
-
-    params = dict(model.named_parameters())
-    for name, t in load_file(str(path / DELTA_WEIGHTS)).items():
-        if name == "new_token_embeddings":
-            model.model.embed_tokens.weight[new_ids] = t.to(model.dtype).to(model.device)
-        elif name in params:
-            params[name].copy_(t)
-        else:
-            raise ValueError(f"{path}: delta weight {name} matches nothing in the model being trained")
 
 
 def router_recall(doc_scores: dict, aux: torch.Tensor, k: int, layers: list[int]) -> float:
