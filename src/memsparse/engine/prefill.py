@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory.bank import MemoryBank
+from ..memory.quant import QTensor, dense
 from ..model import cached
 from ..ops.routing import chunk_scores, document_scores
 
@@ -45,12 +46,14 @@ def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: t
             raise ValueError("fused routing supports head mean, query max and chunk max only")
         ds, start = None, 0
         for keys in view["route_keys"][layer]:
-            docs = view["chunk_doc"][start:start + keys.shape[0]]
-            ds = fused_document_scores(rq, rmask, keys, docs, N, cosine=cosine, scale=scale, out=ds)
+            docs = view["chunk_doc32"][start:start + keys.shape[0]]
+            data, ks = (keys.data, keys.scale) if isinstance(keys, QTensor) else (keys, None)
+            ds = fused_document_scores(rq, rmask, data, docs, N, cosine=cosine, scale=scale, key_scale=ks, out=ds)
             start += keys.shape[0]
         return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
     parts = [
-        chunk_scores(rq, rmask, keys.to(rq.dtype), torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
+        chunk_scores(rq, rmask, dense(keys, rq.dtype),
+                     torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
                      head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
                      cosine=cosine, scale=scale)  # (B, C_segment)
         for keys in view["route_keys"][layer]
@@ -75,6 +78,9 @@ class BankMemory:
 
     def __post_init__(self):
         self.routing = [{} for _ in range(self.route_mask.shape[0])]
+        dev = self.route_mask.device
+        # host tier: the selected chunks are copied on a side stream, asynchronously to the queued GPU work
+        self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and self.bank.tier == "host" else None
 
     def __call__(self, i, attn, h, q):
         bank = self.bank
@@ -92,7 +98,7 @@ class BankMemory:
             for b, (vb, tb) in enumerate(zip(vals, top)):
                 picked = [(ids[t], v) for v, t in zip(vb, tb) if v != float("-inf")]
                 self.routing[b][i] = picked
-                k, v = bank.gather(i, sorted(d for d, _ in picked))  # chunks in document order
+                k, v = bank.gather(i, sorted(d for d, _ in picked), self.copy_stream)  # chunks in document order
                 rows_k[b].append(k)
                 rows_v[b].append(v)
             sync(q.device)

@@ -9,6 +9,7 @@ the selected documents are copied. Saving and loading: store.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..model import cached
 from ..model.decoder import MSAForCausalLM
+from .quant import DTYPES, Tensor, dense, nbytes, qmap, quantize
 
 TEMPLATE_PREFIX = "<|im_start|>user\n"
 TIERS = ("auto", "device", "host")
@@ -97,21 +99,31 @@ class MemoryBank:
     path: Path | None = None  # the directory this bank was loaded from / saved to
     meta: dict = field(default_factory=dict)  # user metadata kept in the manifest (e.g. the model's path)
     fused_routing: bool = False  # score with the fused Triton kernel (opt-in until validated on GPUs)
+    key_dtype: str = "model"  # routing keys of new segments: 'model' (the model's dtype) or 'fp8' (per-chunk scale)
+    content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
-    def build(cls, model: MSAForCausalLM, tok, docs: list[str], tier: str = "auto", **kw) -> MemoryBank:
-        """Encode `docs` (ids 0..N-1) rendered in the official document format."""
-        bank = cls.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok)
+    def build(cls, model: MSAForCausalLM, tok, docs: list[str], tier: str = "auto", key_dtype: str = "model",
+              content_dtype: str = "model", **kw) -> MemoryBank:
+        """Encode `docs` (ids 0..N-1) rendered in the official document format; routing keys in `key_dtype`
+        ('model' or 'fp8'), K̄/V̄ in `content_dtype` ('model', 'fp8' or 'int8')."""
+        bank = cls.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok,
+                         key_dtype=key_dtype, content_dtype=content_dtype)
         bank.place(tier)
         bank.add(docs, **kw)
         return bank
 
     @classmethod
-    def empty(cls, model: MSAForCausalLM, prefix_ids: list[int], tok=None) -> MemoryBank:
-        return cls(model=model, prefix_ids=list(prefix_ids), prefix_kv=prefix_cache(model, prefix_ids), tok=tok)
+    def empty(cls, model: MSAForCausalLM, prefix_ids: list[int], tok=None, key_dtype: str = "model",
+              content_dtype: str = "model") -> MemoryBank:
+        if key_dtype not in ("model", "fp8") or content_dtype not in DTYPES:
+            raise ValueError(f"key_dtype {key_dtype!r} / content_dtype {content_dtype!r}: expected 'model' or "
+                             f"'fp8' / one of {DTYPES}")
+        return cls(model=model, prefix_ids=list(prefix_ids), prefix_kv=prefix_cache(model, prefix_ids), tok=tok,
+                   key_dtype=key_dtype, content_dtype=content_dtype)
 
     def save(self, path: str | Path | None = None, compact: bool | None = None) -> Path:
         """Commit to a directory atomically (see store.py); later saves to it write only new segments."""
@@ -142,14 +154,12 @@ class MemoryBank:
             return []
         if any(len(t) == 0 for t in tokens):
             raise ValueError("empty document: a document needs at least one token")
-        texts = texts or [None] * len(tokens)
-        names = names or [str(self.next_id + i) for i in range(len(tokens))]
         limit = self.model.config.max_position_embeddings
-        for name, t in zip(names, tokens):
+        for n, t in enumerate(tokens):
             if limit and len(t) > limit:
+                name = names[n] if names else self.next_id + n
                 raise ValueError(f"document {name} has {len(t)} tokens, over the model's {limit} positions; "
                                  "split it into smaller documents")
-        P = self.model.msa_config.pooling_kernel_size
         dev = self.model.device
         bar = tqdm(total=sum(map(len, tokens)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
         parts: dict[int, list[tuple]] = {}  # router layer -> pooled (K̄, V̄, K̄r) per batch, concatenated once
@@ -167,14 +177,35 @@ class MemoryBank:
             bar.update(n)
             i = j
         bar.close()
-        cat = {layer: [self._to_tier(torch.cat([p[n] for p in ps])) for n in range(3)] for layer, ps in parts.items()}
+        cat = {layer: [torch.cat([p[n] for p in ps]) for n in range(3)] for layer, ps in parts.items()}
         decoupled = self.model.msa_config.decouple_router
-        ids = list(range(self.next_id, self.next_id + len(tokens)))
+        return self.add_encoded({lay: c[0] for lay, c in cat.items()}, {lay: c[1] for lay, c in cat.items()},
+                                {lay: c[2] for lay, c in cat.items()} if decoupled else None,
+                                list(map(len, tokens)), texts, names)
+
+    def add_encoded(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor],
+                    route_keys: dict[int, torch.Tensor] | None, token_count: list[int],
+                    texts: list[str | None] | None = None, names: list[str] | None = None) -> list[int]:
+        """Append already-encoded documents as one segment: per router layer K̄, V̄ (chunks, Hkv, D) and, for a
+        decoupled router, K̄r; `token_count` per document (its chunks follow in order). Stored in the bank's
+        key and content dtypes, on its tier. Returns the new ids."""
+        P = self.model.msa_config.pooling_kernel_size
+        chunks = [(n + P - 1) // P for n in token_count]
+        for lay, k in keys.items():
+            if k.shape[0] != sum(chunks) or values[lay].shape != k.shape:
+                raise ValueError(f"layer {lay}: {tuple(k.shape)} keys for {sum(chunks)} chunks")
+        dev = self.model.device
+        ids = list(range(self.next_id, self.next_id + len(token_count)))
+        shared = route_keys is None and self.key_dtype == "model" and self.content_dtype == "model"
+        ck = {lay: self._to_tier(quantize(k, self.content_dtype, per_head=True)) for lay, k in keys.items()}
+        rk = ck if shared else {lay: quantize(k, self.key_dtype, per_head=False)
+                                for lay, k in (route_keys or keys).items()}
         self._append(Segment(
-            keys={lay: c[0] for lay, c in cat.items()}, values={lay: c[1] for lay, c in cat.items()},
-            route_keys={lay: c[2] if decoupled else c[0] for lay, c in cat.items()},
-            doc_ids=ids, chunk_count=[(len(t) + P - 1) // P for t in tokens], token_count=list(map(len, tokens)),
-            records=[(nm, tx) for nm, tx in zip(names, texts)],
+            keys=ck, values={lay: self._to_tier(quantize(v, self.content_dtype, per_head=True))
+                             for lay, v in values.items()},
+            route_keys={lay: qmap(k, lambda t: t.to(dev)) for lay, k in rk.items()} if not shared else ck,
+            doc_ids=ids, chunk_count=chunks, token_count=list(token_count),
+            records=[(nm, tx) for nm, tx in zip(names or [str(i) for i in ids], texts or [None] * len(ids))],
         ))
         return ids
 
@@ -212,10 +243,10 @@ class MemoryBank:
                 continue
             starts = [sum(seg.chunk_count[:n]) for n in range(len(seg.doc_ids))]
             rows = _ranges([(starts[n], seg.chunk_count[n]) for n in keep], seg_device(seg))
-            take = {lay: t.index_select(0, rows.to(t.device)) for lay, t in seg.keys.items()}
-            vals = {lay: t.index_select(0, rows.to(t.device)) for lay, t in seg.values.items()}
-            rk = {lay: (take[lay] if seg.route_keys[lay] is seg.keys[lay] else t.index_select(0, rows.to(t.device)))
-                  for lay, t in seg.route_keys.items()}
+            pick = lambda t, rows=rows: t.index_select(0, rows.to(t.device))  # noqa: E731
+            take = {lay: qmap(t, pick) for lay, t in seg.keys.items()}
+            vals = {lay: qmap(t, pick) for lay, t in seg.values.items()}
+            rk = take if seg.route_keys is seg.keys else {lay: qmap(t, pick) for lay, t in seg.route_keys.items()}
             self._append(Segment(
                 keys=take, values=vals, route_keys=rk, doc_ids=[seg.doc_ids[n] for n in keep],
                 chunk_count=[seg.chunk_count[n] for n in keep], token_count=[seg.token_count[n] for n in keep],
@@ -239,24 +270,43 @@ class MemoryBank:
                 tier = "device" if self.content_bytes() < free // 2 else "host"
         self.tier = tier
         for seg in self.segments:
+            shared = seg.route_keys is seg.keys
             for store in (seg.keys, seg.values):
                 for lay, t in store.items():
                     store[lay] = self._to_tier(t)
-            if not self.model.msa_config.decouple_router:
-                seg.route_keys = seg.keys
+            seg.route_keys = seg.keys if shared else {lay: qmap(t, lambda x: x.to(dev))
+                                                      for lay, t in seg.route_keys.items()}
         self._view = None
         return self
 
-    def _to_tier(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_tier(self, t: Tensor) -> Tensor:
         dev = self.model.device
         if self.tier == "device" or dev.type == "cpu":
-            return t.to(dev)
-        t = t.cpu()
-        return t if t.is_pinned() else t.pin_memory()
+            return qmap(t, lambda x: x.to(dev))
+        return qmap(t, lambda x: x if x.is_pinned() else x.cpu().pin_memory())
+
+    def set_key_dtype(self, kind: str) -> MemoryBank:
+        """Convert the routing keys of every segment to `kind` ('model' or 'fp8'), one layer at a time."""
+        if kind not in ("model", "fp8"):
+            raise ValueError(f"key_dtype {kind!r}: expected 'model' or 'fp8'")
+        dev, dtype = self.model.device, self.model.dtype
+        for seg in self.segments:
+            if seg.route_keys is seg.keys:
+                seg.route_keys = dict(seg.keys)  # K̄ stays; the routing copy converts
+            for lay in list(seg.route_keys):
+                t = qmap(seg.route_keys[lay], lambda x: x.to(dev))
+                seg.route_keys[lay] = quantize(t, kind, False) if kind == "fp8" else dense(t, dtype)
+        self.key_dtype = kind
+        self._view = None
+        return self
 
     def content_bytes(self) -> int:
-        tensors = [t for s in self.segments for store in (s.keys, s.values) for t in store.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of K̄/V̄ (with their scales)."""
+        return sum(nbytes(t) for s in self.segments for store in (s.keys, s.values) for t in store.values())
+
+    def routing_bytes(self) -> int:
+        """Bytes of the routing keys one routing round reads (with their scales)."""
+        return sum(nbytes(t) for s in self.segments for t in s.route_keys.values())
 
     # ----------------------------------------------------------------------------------------- queries
     @property
@@ -300,33 +350,55 @@ class MemoryBank:
             counts = torch.tensor([c for s in self.segments for c in s.chunk_count], dtype=torch.long)
             chunk_doc = torch.repeat_interleave(torch.arange(len(ids)), counts)  # (C,) table position per chunk
             self._view = {
-                "route_keys": {lay: [s.route_keys[lay].to(dev) for s in self.segments]
+                "route_keys": {lay: [qmap(s.route_keys[lay], lambda t: t.to(dev)) for s in self.segments]
                                for lay in self.model.router_layers},
                 "chunk_doc": chunk_doc.to(dev),
+                "chunk_doc32": chunk_doc.to(dev, torch.int32),
                 "alive": torch.tensor([d not in self.deleted for d in ids], dtype=torch.bool, device=dev),
                 "ids": ids,
             }
         return self._view
 
-    def gather(self, layer: int, doc_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K̄, V̄ (chunks, Hkv, D) of the given documents, in the given order, on the model's device."""
-        dev = self.model.device
-        ks, vs = [], []
-        for d in doc_ids:
-            r = self._rows[d]
-            seg = self.segments[r.segment]
-            sl = slice(r.chunk_start, r.chunk_start + seg.chunk_count[r.local])
-            ks.append(seg.keys[layer][sl])
-            vs.append(seg.values[layer][sl])
-        if not ks:
+    def gather(self, layer: int, doc_ids: list[int], stream: torch.cuda.Stream | None = None):
+        """K̄, V̄ (chunks, Hkv, D) of the given documents, in the given order, on the model's device in its dtype.
+        From the host tier the chunks are collected into pinned memory and copied asynchronously (on `stream`
+        when given: the caller waits for it before use)."""
+        dev, dtype = self.model.device, self.model.dtype
+        if not doc_ids:
             ref = self.prefix_kv[layer][0]
             return ref[:0], ref[:0]
-        return (torch.cat(ks).to(dev, non_blocking=True, dtype=self.model.dtype),
-                torch.cat(vs).to(dev, non_blocking=True, dtype=self.model.dtype))
+        runs: list[tuple[int, list[tuple[int, int]]]] = []  # (segment, [(first chunk, chunks)]) in the given order
+        for d in doc_ids:
+            r = self._rows[d]
+            if not runs or runs[-1][0] != r.segment:
+                runs.append((r.segment, []))
+            runs[-1][1].append((r.chunk_start, self.segments[r.segment].chunk_count[r.local]))
+        out = []
+        for store in ("keys", "values"):
+            parts = []
+            for s, spans in runs:
+                rows = _ranges(spans, torch.device("cpu"))
+                parts.append(qmap(getattr(self.segments[s], store)[layer],
+                                  lambda x, rows=rows: _take(x, rows, dev, stream)))
+            out.append(parts)
+        if stream is not None:
+            torch.cuda.current_stream(dev).wait_stream(stream)
+        return tuple(torch.cat([dense(p, dtype) for p in parts]) for parts in out)
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor, dev: torch.device, stream) -> torch.Tensor:
+    """Rows of x on `dev`; from host memory to a GPU through pinned staging and an asynchronous copy."""
+    if x.device.type == "cpu" and dev.type == "cuda":
+        staged = torch.index_select(x, 0, rows, out=torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype,
+                                                                 pin_memory=True))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return staged.to(dev, non_blocking=True)
+    return x.index_select(0, rows.to(x.device))
 
 
 def seg_device(seg: Segment) -> torch.device:
     return next(iter(seg.keys.values())).device if seg.keys else torch.device("cpu")
+
 
 
 def _ranges(spans: list[tuple[int, int]], device) -> torch.Tensor:

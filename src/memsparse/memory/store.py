@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 
 from ..model.decoder import MSAForCausalLM
 from .bank import MemoryBank, PackedTexts, Segment
+from .quant import QTensor
 
 FORMAT = "memsparse-bank"
 VERSION = 1
 MANIFEST = "manifest.json"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn}
 
 
@@ -101,7 +102,7 @@ def open_shard(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _segment_tensors(seg: Segment, decoupled: bool) -> dict[str, torch.Tensor]:
+def _segment_tensors(seg: Segment) -> dict[str, torch.Tensor]:
     texts = seg.records if isinstance(seg.records, PackedTexts) else PackedTexts.pack(seg.records)
     out = {
         "doc_ids": torch.tensor(seg.doc_ids, dtype=torch.int64),
@@ -109,19 +110,26 @@ def _segment_tensors(seg: Segment, decoupled: bool) -> dict[str, torch.Tensor]:
         "token_count": torch.tensor(seg.token_count, dtype=torch.int64),
         "text_data": texts.data, "text_offsets": texts.offsets,
     }
+    stores = {"k": seg.keys, "v": seg.values, **({} if seg.route_keys is seg.keys else {"rk": seg.route_keys})}
     for layer in seg.keys:
-        out[f"layer.{layer}.k"] = seg.keys[layer]
-        out[f"layer.{layer}.v"] = seg.values[layer]
-        if decoupled:
-            out[f"layer.{layer}.rk"] = seg.route_keys[layer]
+        for n, store in stores.items():
+            t = store[layer]
+            if isinstance(t, QTensor):
+                out[f"layer.{layer}.{n}"], out[f"layer.{layer}.{n}.scale"] = t.data, t.scale
+            else:
+                out[f"layer.{layer}.{n}"] = t
     return out
 
 
-def _segment_from(t: dict[str, torch.Tensor], layers: list[int], decoupled: bool, file: str) -> Segment:
-    keys = {lay: t[f"layer.{lay}.k"] for lay in layers}
+def _segment_from(t: dict[str, torch.Tensor], layers: list[int], file: str) -> Segment:
+    def part(name: str):
+        return QTensor(t[name], t[f"{name}.scale"]) if f"{name}.scale" in t else t[name]
+
+    keys = {lay: part(f"layer.{lay}.k") for lay in layers}
+    own_rk = bool(layers) and f"layer.{layers[0]}.rk" in t  # routing keys stored apart from K̄
     return Segment(
-        keys=keys, values={lay: t[f"layer.{lay}.v"] for lay in layers},
-        route_keys={lay: t[f"layer.{lay}.rk"] for lay in layers} if decoupled else keys,
+        keys=keys, values={lay: part(f"layer.{lay}.v") for lay in layers},
+        route_keys={lay: part(f"layer.{lay}.rk") for lay in layers} if own_rk else keys,
         doc_ids=t["doc_ids"].tolist(), chunk_count=t["chunk_count"].tolist(), token_count=t["token_count"].tolist(),
         records=PackedTexts(t["text_data"], t["text_offsets"]), file=file,
     )
@@ -141,7 +149,7 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
     path.mkdir(parents=True, exist_ok=True)
     same = bank.path is not None and path.resolve() == bank.path.resolve()
     old = _read_manifest(path) if (path / MANIFEST).exists() else None
-    model, decoupled = bank.model, bank.model.msa_config.decouple_router
+    model = bank.model
     prefix_file = old["prefix"] if same and old else None
     if prefix_file is None:
         prefix_file = f"prefix-{uuid.uuid4().hex[:12]}.safetensors"
@@ -151,7 +159,7 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
     for seg in bank.segments:
         if not (same and seg.file):
             seg.file = f"seg-{uuid.uuid4().hex[:12]}.safetensors"
-            _fsync_write(path / seg.file, _segment_tensors(seg, decoupled))
+            _fsync_write(path / seg.file, _segment_tensors(seg))
         shards.append({"file": seg.file, "docs": len(seg.doc_ids), "chunks": seg.num_chunks})
     t = next((st for s in bank.segments for st in s.keys.values()), bank.prefix_kv[0][0])
     manifest = {
@@ -160,7 +168,8 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
                   "hidden": model.config.hidden_size, "kv_heads": model.config.num_key_value_heads,
                   "head_dim": model.config.head_dim},
         "msa": model.msa_config.to_dict(model.config.num_hidden_layers), "router_layers": model.router_layers,
-        "dtype": str(t.dtype).removeprefix("torch."), "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
+        "dtype": str(t.dtype).removeprefix("torch."), "key_dtype": bank.key_dtype,
+        "content_dtype": bank.content_dtype, "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
         "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
         "tokens": sum(n for s in bank.segments for n in s.token_count),
@@ -211,14 +220,15 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
     if m["fingerprint"] != fp:
         raise BankError(f"{path}: this bank was encoded by a different model (fingerprint {m['fingerprint']}, "
                         f"the given model has {fp}); re-encode the corpus with this model")
-    layers, decoupled = model.router_layers, model.msa_config.decouple_router
+    layers = model.router_layers
     prefix = open_shard(path / m["prefix"])
     kv = [tuple(prefix[f"layer.{i}.{n}"].to(model.device, model.dtype) for n in "kv")
           for i in range(model.config.num_hidden_layers)]
-    bank = MemoryBank(model=model, prefix_ids=m["prefix_ids"], prefix_kv=kv, tok=tok, path=path, tier="device")
+    bank = MemoryBank(model=model, prefix_ids=m["prefix_ids"], prefix_kv=kv, tok=tok, path=path, tier="device",
+                      key_dtype=m.get("key_dtype", "model"), content_dtype=m.get("content_dtype", "model"))
     for s in m["segments"]:
         t = open_shard(path / s["file"])
-        seg = _segment_from(t, layers, decoupled, s["file"])
+        seg = _segment_from(t, layers, s["file"])
         if len(seg.doc_ids) != s["docs"] or seg.num_chunks != s["chunks"]:
             raise BankError(f"{path}: shard {s['file']} does not match the manifest; the bank is damaged")
         bank._append(seg)

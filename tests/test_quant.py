@@ -1,0 +1,89 @@
+"""Quantized banks: fp8 routing keys (scale per chunk), fp8/int8 K̄/V̄ (scale per chunk and head): round-trip error,
+routing close to the model-dtype bank, save/load, compaction and gather on quantized segments."""
+
+import pytest
+import torch
+
+import memsparse as ms
+from memsparse.memory.quant import QTensor, quantize
+
+from .conftest import assert_same_routing, tiny_model, tiny_tokenizer
+
+DOCS = [f"Document {i} talks about {w} and {w} again, number {i * 7}." for i, w in
+        enumerate(["apples", "rivers", "trains", "music", "stone", "glass", "paper", "wind", "salt", "gold"])]
+QUESTIONS = ["What about trains?", "Tell me of gold.", "Which one is about rivers?"]
+
+
+@pytest.mark.parametrize("kind,tol", [("fp8", 0.0625), ("int8", 1 / 127)])
+def test_quantize_error_is_bounded_per_chunk(kind, tol):
+    x = torch.randn(50, 3, 16) * torch.logspace(-3, 2, 50)[:, None, None]  # chunks of very different magnitude
+    for per_head in (False, True):
+        q = quantize(x, kind, per_head)
+        assert q.scale.shape == ((50, 3) if per_head else (50,))
+        amax = x.abs().amax(dim=-1, keepdim=True) if per_head else x.abs().amax(dim=(1, 2), keepdim=True)
+        err = (q.dequantize(torch.float32) - x).abs() / amax  # relative to the chunk's (head's) largest value
+        assert err.max() <= tol, (kind, per_head, err.max())
+    assert quantize(x, "model", True) is x
+    with pytest.raises(ValueError, match="bank dtype"):
+        quantize(x, "int4", True)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300)
+    return model, tok
+
+
+def _routes(model, tok, bank):
+    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    return [engine.route(q) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("content", ["fp8", "int8"])
+def test_quantized_bank_routes_like_the_full_bank_and_round_trips(setup, tmp_path, content):
+    model, tok = setup
+    full = ms.MemoryBank.build(model, tok, DOCS)
+    bank = ms.MemoryBank.build(model, tok, DOCS, key_dtype="fp8", content_dtype=content)
+    seg = bank.segments[0]
+    layer = model.router_layers[0]
+    assert isinstance(seg.route_keys[layer], QTensor) and seg.route_keys[layer].data.dtype == torch.float8_e4m3fn
+    assert isinstance(seg.keys[layer], QTensor) and seg.keys[layer].scale.shape[1] == model.config.num_key_value_heads
+    assert bank.routing_bytes() < full.routing_bytes() / 2.5 and bank.content_bytes() < full.content_bytes() / 2.5
+    # routing: the same top-k documents, scores within fp8 rounding
+    for a, b in zip(_routes(model, tok, full), _routes(model, tok, bank)):
+        for lay in a:
+            assert {d for d, _ in a[lay]} == {d for d, _ in b[lay]}
+            assert max(abs(x - y) for (_, x), (_, y) in zip(sorted(a[lay]), sorted(b[lay]))) < 0.05
+    # gather dequantizes into the model's dtype, close to the unquantized K̄/V̄
+    k_full, v_full = full.gather(layer, [2, 5])
+    k_q, v_q = bank.gather(layer, [2, 5])
+    assert k_q.dtype == model.dtype and k_q.shape == k_full.shape
+    assert (k_q - k_full).abs().max() <= 0.07 * k_full.abs().max()
+    # saved and loaded: the same tensors (bitwise), the same routing; compaction keeps quantized segments
+    before = _routes(model, tok, bank)
+    bank.save(tmp_path / "b")
+    again = ms.MemoryBank.load(tmp_path / "b", model, tok)
+    assert (again.key_dtype, again.content_dtype) == ("fp8", content)
+    assert torch.equal(again.segments[0].keys[layer].data.view(torch.uint8), seg.keys[layer].data.view(torch.uint8))
+    for a, b in zip(before, _routes(model, tok, again)):
+        assert_same_routing(a, b)
+    again.add(["A new document about trains and trains."])
+    again.delete([0, 3])
+    again.compact()
+    assert all(isinstance(s.route_keys[layer], QTensor) for s in again.segments)
+    assert torch.equal(again.gather(layer, [4])[0], bank.gather(layer, [4])[0])
+    with pytest.raises(ValueError, match="key_dtype"):
+        ms.MemoryBank.build(model, tok, DOCS, key_dtype="int8")
+
+
+def test_set_key_dtype_converts_an_existing_bank(setup):
+    model, tok = setup
+    built = ms.MemoryBank.build(model, tok, DOCS, key_dtype="fp8")
+    bank = ms.MemoryBank.build(model, tok, DOCS).set_key_dtype("fp8")
+    assert bank.key_dtype == "fp8" and bank.segments[0].route_keys is not bank.segments[0].keys
+    for a, b in zip(_routes(model, tok, built), _routes(model, tok, bank)):
+        assert_same_routing(a, b)
+    bank.set_key_dtype("fp8").set_key_dtype("model")
+    lay = model.router_layers[0]
+    assert bank.segments[0].route_keys[lay].dtype == model.dtype
