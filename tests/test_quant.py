@@ -87,3 +87,18 @@ def test_set_key_dtype_converts_an_existing_bank(setup):
     bank.set_key_dtype("fp8").set_key_dtype("model")
     lay = model.router_layers[0]
     assert bank.segments[0].route_keys[lay].dtype == model.dtype
+
+
+def test_fused_routing_over_a_quantized_bank(setup):
+    """The Triton kernel (interpreted on CPU) routes an fp8-key bank of two segments like the PyTorch path."""
+    pytest.importorskip("triton")
+    _, tok = setup
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    bank = ms.MemoryBank.build(model, tok, DOCS[:6], key_dtype="fp8", content_dtype="int8")
+    bank.add(DOCS[6:])
+    bank.delete([2])
+    ref = _routes(model, tok, bank)
+    bank.fused_routing, bank._view = True, None
+    for a, b in zip(ref, _routes(model, tok, bank)):
+        assert_same_routing(a, b, atol=1e-4)

@@ -244,6 +244,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .eval.speed import Settings, run
+
+    res = run(Path(args.out), [int(t) for t in args.tokens.split(",")], args.models.split(","),
+              Settings(repeats=args.repeats), tiny=args.tiny)
+    print(f"{'model':<9} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'torch':>7} {'TTFT':>7} "
+          f"{'dec ms':>6} {'floor':>6} {'GPU GB':>6} {'host GB':>7}")
+    for p in res["points"]:
+        print(f"{p['model']:<9} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
+              f"{p['routing_floor_ms']:>7} {p.get('routing_ms_torch', '-'):>7} {p['ttft_ms']:>7} "
+              f"{p['decode_ms_per_token']:>6} {p['decode_floor_ms']:>6} {p['gpu_gb']:>6} {p['host_gb']:>7}")
+    print(f"wrote {args.out}")
+
+
 def _eval_qa(args: argparse.Namespace) -> None:
     """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
     import datetime
@@ -377,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (resumable)")
     t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="speed at 1M-100M tokens of memory against the hardware floors (GPU)",
+                       epilog=EXAMPLES, formatter_class=fmt)
+    b.add_argument("what", choices=["speed"])
+    b.add_argument("--tokens", default="1048576,10485760,104857600", help="memory sizes, comma separated")
+    b.add_argument("--models", default="qwen3-4b,smollm2", help="qwen3-4b (random weights), smollm2 (shipped)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--tiny", action="store_true", help="a tiny random geometry instead of Qwen3-4B (smoke test)")
+    b.add_argument("--out", default="benchmarks/results/speed.json")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="summarise a bank", epilog=EXAMPLES, formatter_class=fmt)
     i.add_argument("bank")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 
@@ -21,3 +22,8 @@ def commit() -> str:
 
 def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+
+
+def run_meta() -> dict:
+    """{gpu, date, commit} of a results file."""
+    return {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit()}

@@ -8,7 +8,6 @@ selected (routing recall) and how many the model named (named recall).
 
 from __future__ import annotations
 
-import datetime
 import json
 import random
 import time
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from ..engine import MSAEngine
 from ..memory import MemoryBank
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
-from .meta import commit, gpu_name
+from .meta import run_meta
 
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 100, seed: int = 42,
@@ -60,8 +59,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 10
 def write_results(points: list[dict], model_name: str, out: Path) -> None:
     """niah.json = {model, gpu, date, commit, points} and a plot beside it (when matplotlib is installed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model_name, "gpu": gpu_name(), "date": datetime.date.today().isoformat(),
-                               "commit": commit(), "points": points}, indent=1) + "\n")
+    out.write_text(json.dumps({"model": model_name, **run_meta(), "points": points}, indent=1) + "\n")
     try:
         import matplotlib
 
