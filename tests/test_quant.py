@@ -101,4 +101,4 @@ def test_fused_routing_over_a_quantized_bank(setup):
     ref = _routes(model, tok, bank)
     bank.fused_routing, bank._view = True, None
     for a, b in zip(ref, _routes(model, tok, bank)):
-        assert_same_routing(a, b, atol=1e-4)
+        assert_same_routing(a, b, atol=2e-3 if torch.cuda.is_available() else 1e-4)  # GPU: bf16 products

@@ -88,8 +88,10 @@ def test_engine_routing_with_the_fused_kernel():
     bank.add(["Rome is old and has many churches.", "Lisbon is by the sea.", "x"])
     bank.delete([1])
     engine = ms.MSAEngine(model, tok, bank, similarity="train")
-    ref = engine.route("Where is Lisbon? Is Rome old?")
+    questions = ["Where is Lisbon? Is Rome old?", "Bananas?", "Where is Lisbon? Is Rome old?"]
+    refs = [engine.route(q) for q in questions]
     bank.fused_routing, bank._view = True, None
-    got = engine.route("Where is Lisbon? Is Rome old?")
-    assert_same_routing(ref, got, atol=1e-4)
-    assert all(1 not in [d for d, _ in v] for v in got.values())
+    for ref, q in zip(refs, questions):  # on a GPU: captured graphs, then a replay of the first
+        got = engine.route(q)
+        assert_same_routing(ref, got, atol=TOL)
+        assert all(1 not in [d for d, _ in v] for v in got.values())

@@ -63,6 +63,51 @@ def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: t
     return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
 
 
+def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool,
+                  k: int) -> torch.Tensor:
+    """(2, B, k') float64: scores and table positions of each row's top documents (k' = min(k, table size)).
+    With fused routing on a GPU the whole step runs as one CUDA graph per (layer, batch, routing length rounded
+    up to 32), captured on first use and kept with the bank's routing view (so dropped when the bank changes)."""
+    if not (bank.fused_routing and rq.is_cuda):
+        return _top_documents(bank, layer, rq, rmask, cosine, k)
+    B, S = rmask.shape
+    key = (layer, B, -(-S // 32) * 32, cosine, k, rq.dtype)
+    graphs = bank.routing_view().setdefault("graphs", {})
+    g = graphs.get(key)
+    if g is None:
+        g = graphs[key] = _RoutingGraph(bank, layer, rq, rmask, cosine, k, key[2])
+    g.rq[:, :S].copy_(rq)
+    g.mask[:, :S].copy_(rmask)
+    g.graph.replay()
+    return g.out
+
+
+def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
+    ds = document_scores_for(bank, layer, rq, rmask, cosine)  # (B, N)
+    vals, top = ds.topk(min(k, ds.shape[1]), dim=1)  # (B, k')
+    return torch.stack([vals.double(), top.double()])  # (2, B, k'): one copy to the host
+
+
+class _RoutingGraph:
+    """One routing step captured as a CUDA graph, with static inputs padded to `S` routing positions (padding
+    rows are not routing tokens, so they never win the max)."""
+
+    def __init__(self, bank, layer, rq, rmask, cosine, k, S):
+        B, n = rmask.shape
+        self.rq = rq.new_zeros(B, S, *rq.shape[2:])  # (B, S, H, D)
+        self.mask = rmask.new_zeros(B, S)
+        self.rq[:, :n].copy_(rq)
+        self.mask[:, :n].copy_(rmask)
+        stream = torch.cuda.Stream(rq.device)
+        stream.wait_stream(torch.cuda.current_stream(rq.device))
+        with torch.cuda.stream(stream):  # warm-up (Triton compiles and autotunes here, outside the capture)
+            _top_documents(bank, layer, self.rq, self.mask, cosine, k)
+        torch.cuda.current_stream(rq.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _top_documents(bank, layer, self.rq, self.mask, cosine, k)
+
+
 @dataclass
 class BankMemory:
     """The `cached.Memory` of a batch over a bank: the template prefix in every layer, plus in router layers
@@ -90,13 +135,12 @@ class BankMemory:
         if attn.is_router and bank.num_docs:
             sync(q.device)
             t0 = time.perf_counter()
-            ds = document_scores_for(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine)  # (B, N)
-            vals, top = ds.topk(min(self.top_k, ds.shape[1]), dim=1)  # (B, k)
-            vals, top = vals.float().tolist(), top.tolist()  # waits for the device
+            vals, top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
+                                      self.top_k).tolist()  # (B, k) each; waits for the device
             t1 = time.perf_counter()
             ids = bank.routing_view()["ids"]
             for b, (vb, tb) in enumerate(zip(vals, top)):
-                picked = [(ids[t], v) for v, t in zip(vb, tb) if v != float("-inf")]
+                picked = [(ids[int(t)], v) for v, t in zip(vb, tb) if v != float("-inf")]
                 self.routing[b][i] = picked
                 k, v = bank.gather(i, sorted(d for d, _ in picked), self.copy_stream)  # chunks in document order
                 rows_k[b].append(k)

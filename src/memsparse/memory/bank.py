@@ -290,6 +290,7 @@ class MemoryBank:
         if kind not in ("model", "fp8"):
             raise ValueError(f"key_dtype {kind!r}: expected 'model' or 'fp8'")
         dev, dtype = self.model.device, self.model.dtype
+        self._view = None  # it holds the old routing keys
         for seg in self.segments:
             if seg.route_keys is seg.keys:
                 seg.route_keys = dict(seg.keys)  # K̄ stays; the routing copy converts

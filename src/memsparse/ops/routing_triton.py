@@ -2,13 +2,13 @@
 program, in a single pass over the routing keys.
 
 Each program owns BLOCK_C chunks and reads their keys once for the whole batch: per key head it multiplies
-(query rows x D) by (D x chunks), where a row is one token of one sample whose G query heads were summed
-beforehand (head reduce "mean": one product per key head). Cosine normalises the keys in registers; fp8 or
-int8 keys are scaled per chunk (the scale cancels under cosine). Per sample the kernel takes the max over
-that sample's routing rows (query reduce "max") and folds the chunk scores into per-document maxima (chunk
-reduce "max") with atomic max, so no (tokens x chunks) score matrix is ever stored and extra memory is the
-(B, documents) output. Inference only. The reference is the PyTorch path in routing.py (tests compare both,
-on a GPU and on the CPU under TRITON_INTERPRET=1).
+(query rows x D) by (D x chunks) (bf16 on a GPU, float32 accumulation), where a row is one token of one
+sample whose G query heads were summed beforehand (head reduce "mean": one product per key head). Cosine
+normalises the keys in registers; fp8 or int8 keys are scaled per chunk (the scale cancels under cosine). Per
+sample the kernel takes the max over that sample's routing rows (query reduce "max") and folds the chunk
+scores into per-document maxima (chunk reduce "max") with atomic max, so no (tokens x chunks) score matrix is
+ever stored and extra memory is the (B, documents) output. Inference only. The reference is the PyTorch path
+in routing.py (tests compare both, on a GPU and on the CPU under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def _route_kernel(q_ptr, row_ptr, k_ptr, ks_ptr, doc_ptr, out_ptr, R, C, N,
         for h in range(HKV):
             q = tl.load(q_ptr + (offs_r[:, None] * HKV + h) * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
             k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :],
-                        mask=c_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_C, D)
-            part = tl.dot(q, tl.trans(k))  # (BLOCK_R, BLOCK_C)
+                        mask=c_ok[:, None], other=0.0).to(q.dtype)  # (BLOCK_C, D) in the rows' dtype
+            part = tl.dot(q, tl.trans(k))  # (BLOCK_R, BLOCK_C), accumulated in float32
             if COSINE:
-                part = part / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[None, :]
+                kf = k.to(tl.float32)
+                part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)[None, :]
             acc += part
         if HAS_SCALE:
             if not COSINE:
@@ -73,6 +74,8 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
         raise ValueError(f"head_dim {D}: the kernel needs a power of two >= 16")
     qn = F.normalize(q.float(), dim=-1) if cosine else q.float()
     rows = (qn.view(B, S, Hkv, H // Hkv, D).sum(3) * (scale / H)).reshape(B * S, Hkv, D)  # (R, Hkv, D)
+    if q.is_cuda:  # bf16 tensor-core products (float32 accumulation); the interpreter keeps float32
+        rows = rows.to(torch.bfloat16)
     sample = torch.arange(B, device=q.device, dtype=torch.int32)[:, None].expand(B, S)  # (B, S)
     sample = torch.where(q_mask, sample, -1).reshape(B * S)  # (R,) -1: not a routing token
     if out is None:
