@@ -10,7 +10,7 @@ from memsparse.ops.routing import chunk_scores, document_scores  # noqa: E402
 from memsparse.ops.routing_triton import fused_document_scores  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 2e-3 if DEVICE == "cuda" else 1e-5  # the GPU multiplies in tf32
+TOL = 2e-2 if DEVICE == "cuda" else 1e-5  # the GPU multiplies in bf16 (float32 accumulation)
 
 
 def _reference(q, mask, keys, chunk_doc, n, cosine, scale):
@@ -87,6 +87,7 @@ def test_engine_routing_with_the_fused_kernel():
     bank = ms.MemoryBank.build(model, tok, ["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas."])
     bank.add(["Rome is old and has many churches.", "Lisbon is by the sea.", "x"])
     bank.delete([1])
+    bank.fused_routing = False  # the PyTorch path first, as the reference
     engine = ms.MSAEngine(model, tok, bank, similarity="train")
     questions = ["Where is Lisbon? Is Rome old?", "Bananas?", "Where is Lisbon? Is Rome old?"]
     refs = [engine.route(q) for q in questions]

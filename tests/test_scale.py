@@ -1,0 +1,35 @@
+"""Quality-at-scale helpers: a sized view of a distractor bank routes like a bank of those documents alone, and
+a task's documents added to it and deleted again leave it as it was."""
+
+import torch
+
+import memsparse as ms
+from memsparse.eval.scale import _drop, _with_docs, recall, sized
+
+from .conftest import assert_same_routing, tiny_model, tiny_tokenizer
+
+DOCS = [f"Passage {i}: the {w} of the {v} is {i * 3}." for i, (w, v) in
+        enumerate(zip(["river", "stone", "bell", "wolf", "salt", "lamp", "rope", "seed"] * 2,
+                      ["north", "king", "sea", "city", "field", "tower", "road", "hill"] * 2))]
+
+
+def test_sized_bank_is_a_prefix_view_and_tasks_come_and_go():
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300)
+    big = ms.MemoryBank.build(model, tok, DOCS)
+    budget = sum(big.token_count(d) for d in range(10)) + 1
+    small = sized(big, budget)
+    assert small.doc_ids() == list(range(10)) and small.text(3) == DOCS[3]
+    lay = model.router_layers[0]
+    assert small.segments[0].keys[lay].data_ptr() == big.segments[0].keys[lay].data_ptr()  # a view, no copy
+    alone = ms.MemoryBank.build(model, tok, DOCS[:10])
+    q = "Where is the wolf of the city?"
+    before = ms.MSAEngine(model, tok, small).route(q)
+    assert_same_routing(ms.MSAEngine(model, tok, alone).route(q), before)
+    bank, ids = _with_docs(small, model, tok, ["The wolf of the city is 99.", "A lamp."])
+    assert ids == [10, 11] and bank is small
+    _drop(bank, ids)
+    assert len(small.segments) == 1 and torch.equal(small.segments[0].keys[lay], big.segments[0].keys[lay][:len(
+        small.segments[0].keys[lay])])
+    assert_same_routing(before, ms.MSAEngine(model, tok, small).route(q))
+    assert recall([before], [before]) == 1.0
