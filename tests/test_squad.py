@@ -56,3 +56,14 @@ def test_evaluate_qa_tiny(monkeypatch):
                          progress=False)
     assert [r["name"] for r in res] == ["memsparse", "rag1", "rag2", "full"]
     assert all(0 <= r["em"] <= 100 and 0 <= r["f1"] <= 100 for r in res)
+
+
+def test_generate_plain_batches_equal_single_rows():
+    """Left-padded batches of prompts of different lengths answer exactly as each prompt alone."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CHATML
+    model = tiny_model("qwen3", vocab_size=300)
+    prompts = ["Where is Ottawa?", "A much longer question about bananas, colours and capitals?", "x"]
+    one = [sq.generate_plain(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    assert sq.generate_plain(model, tok, prompts, max_new_tokens=6, batch_size=3) == one
+    assert any(one)

@@ -34,11 +34,13 @@ def uses_cosine(model, similarity: str) -> bool:
 
 def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
     """Whether routing runs the fused Triton kernel: `bank.fused_routing`, or by default on GPUs when the model's
-    reduce methods are the kernel's (head mean, query max, chunk max)."""
-    msa = bank.model.msa_config
-    supported = (msa.head_reduce_method, msa.query_reduce_method, msa.chunk_reduce_method) == ("mean", "max", "max")
+    reduce methods are the kernel's (head mean, query max, chunk max) and head_dim a power of two >= 16."""
+    msa, D = bank.model.msa_config, bank.model.config.head_dim
+    supported = ((msa.head_reduce_method, msa.query_reduce_method, msa.chunk_reduce_method) == ("mean", "max", "max")
+                 and D >= 16 and D & (D - 1) == 0)
     if bank.fused_routing and not supported:
-        raise ValueError("fused routing supports head mean, query max and chunk max only")
+        raise ValueError("fused routing supports head mean, query max and chunk max, and head_dim a power of two "
+                         ">= 16")
     if bank.fused_routing is None:
         return supported and rq.is_cuda and importlib.util.find_spec("triton") is not None
     return bank.fused_routing

@@ -12,6 +12,7 @@ Scores: SQuAD exact match and F1 (the official normalisation), max over the refe
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import random
 import re
@@ -131,25 +132,42 @@ def retrieve(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int) -> list[lis
 
 
 @torch.no_grad()
-def generate_plain(model, tok, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer of a plain (no memory) chat model to one user message."""
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+def generate_plain(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+                   progress: str | None = None) -> list[str]:
+    """Greedy answers of a plain (no memory) chat model to user messages, in left-padded batches (on a GPU the
+    decode step runs as a CUDA graph)."""
+    from tqdm.auto import tqdm
+
     dev = model.device
-    x = torch.tensor([ids], device=dev)
-    pos = torch.arange(len(ids), device=dev)[None]  # (1, L)
-    logits, kv = cached.prefill(model, x, pos, torch.ones_like(x, dtype=torch.bool), cached.no_memory,
-                                extra=max_new_tokens)
-    out = []
     stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    for _ in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        if int(nxt) in stop:
-            break
-        out.append(int(nxt))
-        logits = cached.decode(model, nxt, kv)
-    return tok.decode(out, skip_special_tokens=True).strip()
+    answers = []
+    for a in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None):
+        rows = []
+        for p in prompts[a:a + batch_size]:
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            rows.append(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        B, S = len(rows), max(map(len, rows))
+        x = torch.zeros(B, S, dtype=torch.long)
+        pos = torch.zeros(B, S, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        for b, r in enumerate(rows):  # left padding: every row's last token in the last column
+            x[b, S - len(r):], pos[b, S - len(r):], valid[b, S - len(r):] = torch.tensor(r), torch.arange(len(r)), True
+        logits, kv = cached.prefill(model, x.to(dev), pos.to(dev), valid.to(dev), cached.no_memory,
+                                    extra=max_new_tokens)
+        step = cached.GraphedDecode(model, kv) if dev.type == "cuda" else functools.partial(cached.decode, model,
+                                                                                            cache=kv)
+        out, done = [[] for _ in rows], [False] * B
+        for t in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for b, n in enumerate(nxt.tolist()):
+                done[b] = done[b] or n in stop
+                if not done[b]:
+                    out[b].append(n)
+            if all(done) or t == max_new_tokens - 1:
+                break
+            logits = step(nxt)
+        answers += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+    return answers
 
 
 def fit_context(tok, squad: Squad, budget: int) -> list[int]:
@@ -167,8 +185,6 @@ def fit_context(tok, squad: Squad, budget: int) -> list[int]:
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
                 inject_k: int = 4, progress: bool = True) -> list[dict]:
     """EM / F1 (%) per system. `msa` = (model, tokenizer) with routers; `plain` = (model, tokenizer) without."""
-    from tqdm.auto import tqdm
-
     from ..engine import MSAEngine
     from ..memory import MemoryBank
 
@@ -178,8 +194,8 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
         engine = MSAEngine(model, tok, bank, similarity="train")
-        preds["memsparse"] = [engine.ask(q, max_new_tokens=32, interleave="router", inject_k=inject_k).text
-                              for q, _, _ in tqdm(qs, desc="memsparse", disable=not progress)]
+        preds["memsparse"] = [a.text for a in engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32,
+                                                               interleave="router", inject_k=inject_k)]
     rag = [s for s in systems if s.startswith("rag")]
     if rag:
         model, tok = plain
@@ -188,15 +204,15 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         top = retrieve(q_emb, doc_emb, max(int(s[3:]) for s in rag))
         for name in rag:
             k = int(name[3:])
-            preds[name] = [generate_plain(model, tok, PROMPT.format(
-                context="\n\n".join(squad.paragraphs[i] for i in t[:k]), question=q))
-                for (q, _, _), t in tqdm(list(zip(qs, top)), desc=name, disable=not progress)]
+            preds[name] = generate_plain(model, tok, [PROMPT.format(
+                context="\n\n".join(squad.paragraphs[i] for i in t[:k]), question=q) for (q, _, _), t in zip(qs, top)],
+                progress=name if progress else None)
     if "full" in systems:
         model, tok = plain
         keep = fit_context(tok, squad, model.config.max_position_embeddings - 256)
         ctx = "\n\n".join(squad.paragraphs[i] for i in keep)
-        preds["full"] = [generate_plain(model, tok, PROMPT.format(context=ctx, question=q))
-                         for q, _, _ in tqdm(qs, desc="full", disable=not progress)]
+        preds["full"] = generate_plain(model, tok, [PROMPT.format(context=ctx, question=q) for q, _, _ in qs],
+                                       batch_size=4, progress="full" if progress else None)
     return [{"name": name, "em": round(100 * sum(exact_match(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2),
              "f1": round(100 * sum(f1(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2)}
             for name, ps in preds.items()]
