@@ -22,7 +22,7 @@ from memsparse.memory.quant import quantize
 from memsparse.ops.routing_triton import _CONFIGS, _route_kernel, fused_document_scores
 
 CONFIGS = _CONFIGS + [triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
-                      for c, w, s in [(64, 4, 4), (128, 4, 5), (256, 4, 3), (256, 8, 2), (512, 8, 3)]]
+                      for c, w, s in [(64, 4, 4), (64, 2, 3), (128, 8, 2), (256, 8, 2)]]
 
 
 def main() -> None:
@@ -57,7 +57,10 @@ def main() -> None:
                         BLOCK_R=block_r, R_TILES=triton.cdiv(R, block_r), BLOCK_C=bc, COSINE=True,
                         HAS_SCALE=ks is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-                ms = timed(run, 10, dev)
+                try:
+                    ms = timed(run, 10, dev)
+                except triton.runtime.errors.OutOfResources:
+                    continue  # too much shared memory for this device
                 p = {"keys": kname, "rows": str(rdt).removeprefix("torch."), "block_c": bc, "warps": cfg.num_warps,
                      "stages": cfg.num_stages, "ms": round(ms, 3), "gbps": round(nbytes / ms * 1e-6, 1),
                      "floor_ms": round(nbytes / rate * 1e3, 3)}

@@ -95,6 +95,7 @@ def test_fused_routing_over_a_quantized_bank(setup):
     _, tok = setup
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=16,
                        num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     bank = ms.MemoryBank.build(model, tok, DOCS[:6], key_dtype="fp8", content_dtype="int8")
     bank.add(DOCS[6:])
     bank.delete([2])
