@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import random
 import re
@@ -119,6 +120,21 @@ class MiniLM:
         return torch.cat(out)
 
 
+def embeddings(squad: Squad, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniLM embeddings of the paragraphs and the questions, cached under <cache>/data by a hash of the texts
+    (so a run on another machine can reuse them)."""
+    texts = squad.paragraphs + [q for q, _, _ in squad.questions]
+    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    path = cache_dir() / "data" / f"squad-minilm-{key}.pt"
+    if path.exists():
+        emb = torch.load(path)
+    else:
+        emb = MiniLM(device).embed(texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(emb, path)
+    return emb[:len(squad.paragraphs)], emb[len(squad.paragraphs):]
+
+
 def retrieve(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int) -> list[list[int]]:
     """Top-k paragraphs per question by inner product: a FAISS exact index when faiss is installed."""
     try:
@@ -199,8 +215,7 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     rag = [s for s in systems if s.startswith("rag")]
     if rag:
         model, tok = plain
-        enc = MiniLM(device)
-        doc_emb, q_emb = enc.embed(squad.paragraphs), enc.embed([q for q, _, _ in qs])
+        doc_emb, q_emb = embeddings(squad, device)
         top = retrieve(q_emb, doc_emb, max(int(s[3:]) for s in rag))
         for name in rag:
             k = int(name[3:])
