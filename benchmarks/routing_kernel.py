@@ -1,6 +1,8 @@
 """The fused routing kernel alone: achieved GB/s of one router layer's pass over its routing keys, for every tile
-configuration, key dtype (bf16, fp8 with per-chunk scales) and dtype of the query rows, against the device's
-read rate. Default size: one router layer of the Qwen3-4B geometry at 100M tokens (1,562,500 chunks x 8 x 128).
+configuration, key dtype (bf16, fp8 with per-chunk scales), dtype of the query rows and kernel variant, against the
+device's read rate. Variants ("variant"): "base" (key norms computed in the kernel), "inv_norm" (precomputed
+inverse key norms, `key_inv_norm`), "split_fp8+inv_norm" (fp8 keys times rows split into two fp8 terms,
+`split_fp8`). Default size: one router layer of the Qwen3-4B geometry at 100M tokens (1,562,500 chunks x 8 x 128).
 
     python benchmarks/routing_kernel.py [--chunks 1562500] [--rows 51]
 
@@ -19,7 +21,13 @@ from common import RESULTS, run_header, save_run, timed
 
 from memsparse.eval.speed import read_rate
 from memsparse.memory.quant import quantize
-from memsparse.ops.routing_triton import _CONFIGS, _route_kernel, fused_document_scores
+from memsparse.ops.routing_triton import (
+    _CONFIGS,
+    _route_kernel,
+    _split_fp8_rows,
+    fused_document_scores,
+    inverse_norms,
+)
 
 CONFIGS = _CONFIGS + [triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
                       for c, w, s in [(64, 4, 4), (64, 2, 3), (128, 8, 2), (256, 8, 2)]]
@@ -44,33 +52,50 @@ def main() -> None:
     out = torch.full((1, args.docs), float("-inf"), device=dev)
     block_r = max(16, triton.next_power_of_2(R))
     points = []
+    rows32 = torch.randn(R, Hkv, D, device=dev)  # (R, Hkv, D)
+    hi, lo, row_scale = _split_fp8_rows(rows32)
+    # (keys, keys tensor, per-chunk scale, variant, rows name, rows, fp8 lo rows, row scale, inverse key norms)
+    cases = []
     for kname, k, ks in [("bf16", keys, None), ("fp8", q8.data, q8.scale)]:
-        nbytes = k.numel() * k.element_size() + (ks.numel() * 4 if ks is not None else 0)
+        inv = inverse_norms(k)  # (C, Hkv) float32
         for rdt in (torch.bfloat16, torch.float16):
-            rows = torch.randn(R, Hkv, D, device=dev).to(rdt)
-            for cfg in CONFIGS:
-                bc = cfg.kwargs["BLOCK_C"]
+            cases.append((kname, k, ks, "base", rdt, rows32.to(rdt), None, None, None))
+        rdt = torch.float16 if kname == "fp8" else torch.bfloat16
+        cases.append((kname, k, ks, "inv_norm", rdt, rows32.to(rdt), None, None, inv))
+        if kname == "fp8":
+            cases.append((kname, k, ks, "split_fp8+inv_norm", "fp8x2", hi, lo, row_scale, inv))
+    for kname, k, ks, variant, rdt, rows, rows_lo, rs, inv in cases:
+        nbytes = (k.numel() * k.element_size() + (ks.numel() * 4 if ks is not None else 0)
+                  + (inv.numel() * 4 if inv is not None else 0))
+        for cfg in CONFIGS:
+            bc = cfg.kwargs["BLOCK_C"]
 
-                def run(bc=bc, cfg=cfg, rows=rows, k=k, ks=ks):
-                    _route_kernel.fn[(triton.cdiv(C, bc),)](
-                        rows, sample, k, ks if ks is not None else out, doc, out, R, C, args.docs, B=1, HKV=Hkv, D=D,
-                        BLOCK_R=block_r, R_TILES=triton.cdiv(R, block_r), BLOCK_C=bc, COSINE=True,
-                        HAS_SCALE=ks is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            def run(bc=bc, cfg=cfg, rows=rows, rows_lo=rows_lo, rs=rs, k=k, ks=ks, inv=inv):
+                _route_kernel.fn[(triton.cdiv(C, bc),)](
+                    rows, rows if rows_lo is None else rows_lo, out if rs is None else rs, sample, k,
+                    out if ks is None else ks, out if inv is None else inv, doc, out, R, C, args.docs, B=1, HKV=Hkv,
+                    D=D, BLOCK_R=block_r, R_TILES=triton.cdiv(R, block_r), BLOCK_C=bc, COSINE=True,
+                    HAS_SCALE=ks is not None, INV_NORM=inv is not None, SPLIT=rows_lo is not None,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-                try:
-                    ms = timed(run, 10, dev)
-                except triton.runtime.errors.OutOfResources:
-                    continue  # too much shared memory for this device
-                p = {"keys": kname, "rows": str(rdt).removeprefix("torch."), "block_c": bc, "warps": cfg.num_warps,
-                     "stages": cfg.num_stages, "ms": round(ms, 3), "gbps": round(nbytes / ms * 1e-6, 1),
-                     "floor_ms": round(nbytes / rate * 1e3, 3)}
-                points.append(p)
-                print(json.dumps(p), flush=True)
+            try:
+                ms = timed(run, 10, dev)
+            except triton.runtime.errors.OutOfResources:
+                continue  # too much shared memory for this device
+            p = {"keys": kname, "variant": variant, "rows": str(rdt).removeprefix("torch."), "block_c": bc,
+                 "warps": cfg.num_warps, "stages": cfg.num_stages, "ms": round(ms, 3),
+                 "gbps": round(nbytes / ms * 1e-6, 1), "floor_ms": round(nbytes / rate * 1e3, 3)}
+            points.append(p)
+            print(json.dumps(p), flush=True)
+        if variant == "base" and rdt == torch.float16:
+            continue  # the entry point multiplies bf16 rows (or split fp8 rows): once per keys and variant
         q = torch.randn(1, R, 4 * Hkv, D, device=dev, dtype=torch.bfloat16)
         mask = torch.ones(1, R, dtype=torch.bool, device=dev)
-        ms = timed(lambda k=k, ks=ks, q=q, mask=mask: fused_document_scores(
-            q, mask, k, doc, args.docs, cosine=True, scale=1.0, key_scale=ks), 10, dev)
-        points.append({"keys": kname, "entry": "fused_document_scores (autotuned)", "ms": round(ms, 3),
+        ms = timed(lambda k=k, ks=ks, q=q, mask=mask, inv=inv, split=rows_lo is not None: fused_document_scores(
+            q, mask, k, doc, args.docs, cosine=True, scale=1.0, key_scale=ks, key_inv_norm=inv, split_fp8=split),
+            10, dev)
+        points.append({"keys": kname, "variant": variant, "rows": "fp8x2" if rows_lo is not None else "bfloat16",
+                       "entry": "fused_document_scores (autotuned)", "ms": round(ms, 3),
                        "gbps": round(nbytes / ms * 1e-6, 1), "floor_ms": round(nbytes / rate * 1e3, 3)})
         print(json.dumps(points[-1]), flush=True)
     run_ = {**run_header(dev), "read_gbps": round(rate / 1e9, 1), "chunks": C, "rows": R, "hkv": Hkv, "d": D,

@@ -93,8 +93,8 @@ def test_fused_routing_over_a_quantized_bank(setup):
     """The Triton kernel (interpreted on CPU) routes an fp8-key bank of two segments like the PyTorch path."""
     pytest.importorskip("triton")
     _, tok = setup
-    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=16,
-                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=32,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48)  # D >= 32: split fp8 products
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     bank = ms.MemoryBank.build(model, tok, DOCS[:6], key_dtype="fp8", content_dtype="int8")
     bank.add(DOCS[6:])

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")  # on CPU, tests/conftest.py has set TRITON_INTERPRET=1
 
 from memsparse.ops.routing import chunk_scores, document_scores  # noqa: E402
-from memsparse.ops.routing_triton import fused_document_scores  # noqa: E402
+from memsparse.ops.routing_triton import fused_document_scores, inverse_norms  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-2 if DEVICE == "cuda" else 1e-5  # the GPU multiplies in bf16 (float32 accumulation)
@@ -72,6 +72,75 @@ def test_quantized_keys_match_dequantized_reference(kind, cosine):
     assert torch.allclose(got, ref, atol=TOL, rtol=TOL)
     unscaled = fused_document_scores(q, mask, qk.data, doc, 10, cosine=cosine, scale=0.25)
     assert torch.allclose(unscaled, got, atol=TOL) == cosine  # the scale matters for dot products only
+
+
+# split_fp8 tolerance, as a fraction of the score range: each row element x carries |error| <= 2^-8 |x| (hi and
+# lo are e4m3 roundings of 4 significant bits each; below 2^-10 of the row scale, an absolute floor), so a score
+# errs by a sum of per-element errors of independent signs, ~2^-8 sqrt(sum (x k)^2): about 1e-3 of the range here
+# (<= 1.2e-3 over 10 seeds, cosine and dot), 2^-8 relative as bf16 rows. The worst case with aligned signs,
+# 2^-8 sum |x k|, is several % of the range and not a useful test; the sm90 fp8 tensor-core accumulation adds
+# ~2^-14 relative.
+SPLIT_TOL = 5e-3
+
+
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("kind,inv,split", [("model", True, False), ("fp8", True, False), ("int8", True, False),
+                                            ("fp8", False, True), ("fp8", True, True)],
+                         ids=["fp32-invnorm", "fp8-invnorm", "int8-invnorm", "fp8-split", "fp8-split-invnorm"])
+def test_inverse_norm_and_split_fp8_variants(kind, inv, split, cosine):
+    """Precomputed inverse key norms and fp8 rows split in two terms, alone and combined, against the reference
+    on dequantized keys; 3 x 30 rows span two row tiles, 70 chunks several chunk tiles."""
+    from memsparse.memory.quant import quantize
+
+    g = torch.Generator().manual_seed(7)
+    B, S, H, Hkv, D, C, N = 3, 30, 6, 2, 32, 70, 11
+    q = torch.randn(B, S, H, D, generator=g).to(DEVICE)
+    mask = (torch.rand(B, S, generator=g) < 0.7).to(DEVICE)
+    mask[:, 0] = True
+    keys = (torch.randn(C, Hkv, D, generator=g) * torch.rand(C, 1, 1, generator=g) * 5).to(DEVICE)
+    doc = torch.sort(torch.randint(0, N - 1, (C,), generator=g)).values.to(DEVICE)  # doc N-1: no chunks
+    qk = quantize(keys, kind, per_head=False)
+    data, ks = (keys, None) if kind == "model" else (qk.data, qk.scale)
+    deq = keys if kind == "model" else qk.dequantize(torch.float32)
+    scale = 1.0 if cosine else D**-0.5
+    kn = inverse_norms(data) if inv else None
+    got = fused_document_scores(q, mask, data, doc, N, cosine=cosine, scale=scale, key_scale=ks, key_inv_norm=kn,
+                                split_fp8=split)
+    ref = _reference(q, mask, deq, doc, N, cosine, scale)
+    assert torch.isinf(got[:, N - 1]).all()
+    got, ref = got[:, : N - 1], ref[:, : N - 1]
+    if split:
+        assert (got - ref).abs().max() <= SPLIT_TOL * (ref.max() - ref.min())
+    else:
+        assert torch.allclose(got, ref, atol=TOL, rtol=TOL)
+    if inv and cosine:  # the kernel multiplies by the given inverse norms (it computes none)
+        twice = fused_document_scores(q, mask, data, doc, N, cosine=True, scale=scale, key_scale=ks,
+                                      key_inv_norm=2 * kn, split_fp8=split)[:, : N - 1]
+        assert torch.allclose(twice, 2 * got, atol=TOL, rtol=TOL)
+
+
+def test_inverse_norms_and_variant_errors():
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(23, 3, 32, generator=g)
+    keys[4, 1] = 0
+    k8 = keys.to(torch.float8_e4m3fn)
+    for k in (keys, k8, keys.to(torch.bfloat16)):
+        inv = inverse_norms(k.to(DEVICE), piece=5)  # five pieces, the last one short
+        assert inv.shape == (23, 3) and inv.dtype == torch.float32
+        assert torch.allclose(inv.cpu(), 1 / k.float().norm(dim=-1).clamp(min=1e-12), rtol=1e-5)
+    assert torch.isclose(inv[4, 1].cpu(), torch.tensor(1e12))  # a zero key
+    q = torch.randn(1, 4, 6, 32, generator=g).to(DEVICE)
+    mask = torch.ones(1, 4, dtype=torch.bool, device=DEVICE)
+    doc = torch.arange(23, device=DEVICE)
+    for k in (keys, keys.to(torch.bfloat16), keys.to(torch.float8_e5m2)):
+        with pytest.raises(ValueError, match="float8_e4m3fn"):
+            fused_document_scores(q, mask, k.to(DEVICE), doc, 23, cosine=True, scale=1.0, split_fp8=True)
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        fused_document_scores(q[..., :16], mask, k8[..., :16].to(DEVICE), doc, 23, cosine=True, scale=1.0,
+                              split_fp8=True)
+    with pytest.raises(ValueError, match="key_inv_norm"):
+        fused_document_scores(q, mask, k8.to(DEVICE), doc, 23, cosine=True, scale=1.0,
+                              key_inv_norm=torch.ones(23, device=DEVICE))
 
 
 def test_engine_routing_with_the_fused_kernel():

@@ -55,13 +55,18 @@ def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: t
     scale = msa.score_scale(bank.model.config.head_dim)
     N = len(view["ids"])
     if uses_fused(bank, rq):
-        from ..ops.routing_triton import fused_document_scores
+        from ..ops.routing_triton import fused_document_scores, inverse_norms
 
+        if cosine and layer not in view.setdefault("inv_norms", {}):  # per segment (C, Hkv), computed once
+            view["inv_norms"][layer] = [inverse_norms(k.data if isinstance(k, QTensor) else k)
+                                        for k in view["route_keys"][layer]]
         ds, start = None, 0
-        for keys in view["route_keys"][layer]:
+        for n, keys in enumerate(view["route_keys"][layer]):
             docs = view["chunk_doc32"][start:start + keys.shape[0]]
             data, ks = (keys.data, keys.scale) if isinstance(keys, QTensor) else (keys, None)
-            ds = fused_document_scores(rq, rmask, data, docs, N, cosine=cosine, scale=scale, key_scale=ks, out=ds)
+            ds = fused_document_scores(rq, rmask, data, docs, N, cosine=cosine, scale=scale, key_scale=ks, out=ds,
+                                       key_inv_norm=view["inv_norms"][layer][n] if cosine else None,
+                                       split_fp8=data.dtype == torch.float8_e4m3fn and data.shape[-1] >= 32)
             start += keys.shape[0]
         return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
     parts = [

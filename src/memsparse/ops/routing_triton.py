@@ -9,6 +9,11 @@ sample the kernel takes the max over that sample's routing rows (query reduce "m
 scores into per-document maxima (chunk reduce "max") with atomic max, so no (tokens x chunks) score matrix is
 ever stored and extra memory is the (B, documents) output. Inference only. The reference is the PyTorch path
 in routing.py (tests compare both, on a GPU and on the CPU under TRITON_INTERPRET=1).
+
+Two opt-in variants trim the arithmetic per key byte (the fp8 path is compute-bound otherwise):
+`key_inv_norm` (precomputed 1/||k|| per chunk and head, see `inverse_norms`) replaces the norms computed in
+registers under cosine, and `split_fp8` (fp8 e4m3 keys only) multiplies the keys as stored by the rows split
+into two fp8 terms (rows ≈ (hi + lo) * row scale: |error| <= 2^-8 |x|, as precise as bf16 rows or more).
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_C": 16}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
-    for c, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (128, 8, 4)]
+    for c, w, s in [(64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
 ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["HKV", "D", "BLOCK_R", "R_TILES", "B", "HAS_SCALE", "COSINE"])
+@triton.autotune(configs=_CONFIGS,
+                  key=["HKV", "D", "BLOCK_R", "R_TILES", "B", "HAS_SCALE", "COSINE", "INV_NORM", "SPLIT"])
 @triton.jit
-def _route_kernel(q_ptr, row_ptr, k_ptr, ks_ptr, doc_ptr, out_ptr, R, C, N,
+def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_ptr, out_ptr, R, C, N,
                   B: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                  R_TILES: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr, HAS_SCALE: tl.constexpr):
+                  R_TILES: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  INV_NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """q (R, HKV, D) rows (SPLIT: fp8 hi, with qlo fp8 lo and qs (R,) float32 row scale); k (C, HKV, D);
+    ks (C,) per-chunk key scale (HAS_SCALE); kn (C, HKV) float32 inverse key norms (INV_NORM, cosine only);
+    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, D)
     c_ok = offs_c < C
@@ -41,14 +51,29 @@ def _route_kernel(q_ptr, row_ptr, k_ptr, ks_ptr, doc_ptr, out_ptr, R, C, N,
         r_ok = offs_r < R
         acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         for h in range(HKV):
-            q = tl.load(q_ptr + (offs_r[:, None] * HKV + h) * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-            k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :],
-                        mask=c_ok[:, None], other=0.0).to(q.dtype)  # (BLOCK_C, D) in the rows' dtype
-            part = tl.dot(q, tl.trans(k))  # (BLOCK_R, BLOCK_C), accumulated in float32
+            q_offs = (offs_r[:, None] * HKV + h) * D + offs_d[None, :]  # (BLOCK_R, D)
+            if SPLIT:  # fp8 x fp8 products of both row terms with k as stored (float32 accumulator; sm90
+                # adds fp8 products with ~14 bits by default, far below the split's 2^-8)
+                k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :], mask=c_ok[:, None],
+                            other=0.0)  # (BLOCK_C, D) fp8
+                kt = tl.trans(k)
+                lo = tl.load(qlo_ptr + q_offs, mask=r_ok[:, None], other=0.0)
+                hi = tl.load(q_ptr + q_offs, mask=r_ok[:, None], other=0.0)
+                part = tl.dot(hi, kt, tl.dot(lo, kt))  # (BLOCK_R, BLOCK_C), in units of the row scale
+            else:
+                q = tl.load(q_ptr + q_offs, mask=r_ok[:, None], other=0.0)
+                k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :],
+                            mask=c_ok[:, None], other=0.0).to(q.dtype)  # (BLOCK_C, D) in the rows' dtype
+                part = tl.dot(q, tl.trans(k))  # (BLOCK_R, BLOCK_C), accumulated in float32
             if COSINE:
-                kf = k.to(tl.float32)
-                part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)[None, :]
+                if INV_NORM:
+                    part = part * tl.load(kn_ptr + offs_c * HKV + h, mask=c_ok, other=0.0)[None, :]
+                else:
+                    kf = k.to(tl.float32)
+                    part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)[None, :]
             acc += part
+        if SPLIT:
+            acc = acc * tl.load(qs_ptr + offs_r, mask=r_ok, other=1.0)[:, None]
         if HAS_SCALE:
             if not COSINE:
                 acc = acc * tl.load(ks_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
@@ -60,21 +85,53 @@ def _route_kernel(q_ptr, row_ptr, k_ptr, ks_ptr, doc_ptr, out_ptr, R, C, N,
                 tl.atomic_max(out_ptr + b * N + doc, best, mask=c_ok)
 
 
+def inverse_norms(keys: torch.Tensor, piece: int = 1 << 18) -> torch.Tensor:
+    """(C, Hkv) float32 1 / max(||k||, 1e-12) of routing keys (C, Hkv, D) as stored (fp8/int8: before the
+    per-chunk scale, which cancels under cosine), `piece` chunks at a time (no float32 copy of all keys)."""
+    inv = torch.empty(keys.shape[:2], dtype=torch.float32, device=keys.device)
+    for a in range(0, keys.shape[0], piece):
+        inv[a:a + piece] = torch.linalg.vector_norm(keys[a:a + piece].float(), dim=-1).clamp(min=1e-12).reciprocal()
+    return inv
+
+
+def _split_fp8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows (R, Hkv, D) float32 -> hi, lo (R, Hkv, D) fp8 e4m3 and scale (R,) float32 with
+    rows ≈ (hi + lo) * scale: hi rounds rows / scale (amax 448), lo rounds the residual in the same units (the
+    format's exponent range keeps it relative: |error| <= 2^-8 |x| down to 2^-10 * scale)."""
+    scale = (rows.abs().amax(dim=(1, 2)) / 448.0).clamp(min=1e-12)  # (R,)
+    x = rows / scale[:, None, None]
+    hi = x.to(torch.float8_e4m3fn)
+    return hi, (x - hi.float()).to(torch.float8_e4m3fn), scale
+
+
 def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor,
                           num_docs: int, *, cosine: bool, scale: float, key_scale: torch.Tensor | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, key_inv_norm: torch.Tensor | None = None,
+                          split_fp8: bool = False) -> torch.Tensor:
     """Document scores (B, num_docs) (-inf for documents without chunks) with head mean, query max, chunk max.
 
     q: (B, S, H, D) router queries; q_mask: (B, S) routing tokens; keys: (C, Hkv, D) routing keys shared by the
     batch (bf16/fp16/fp32, or fp8/int8 with `key_scale` (C,) per chunk); chunk_doc: (C,) document column
-    of each chunk. `out` (B, num_docs) accumulates several key tiles (e.g. segments of a bank) by max."""
+    of each chunk. `out` (B, num_docs) accumulates several key tiles (e.g. segments of a bank) by max.
+    key_inv_norm: (C, Hkv) float32 `inverse_norms(keys)`, used instead of norms computed in the kernel under
+    cosine (unused for dot products). split_fp8: fp8 e4m3 keys only (head_dim >= 32): fp8 x fp8 products of
+    the keys as stored with the rows split into two fp8 terms (`_split_fp8_rows`)."""
     B, S, H, D = q.shape
     C, Hkv, _ = keys.shape
     if D < 16 or D & (D - 1):
         raise ValueError(f"head_dim {D}: the kernel needs a power of two >= 16")
+    if split_fp8 and keys.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"split_fp8 needs float8_e4m3fn keys, got {keys.dtype}")
+    if split_fp8 and D < 32:
+        raise ValueError(f"head_dim {D}: fp8 products (split_fp8) need head_dim >= 32")
+    if key_inv_norm is not None and tuple(key_inv_norm.shape) != (C, Hkv):
+        raise ValueError(f"key_inv_norm {tuple(key_inv_norm.shape)}: expected {(C, Hkv)}")
     qn = F.normalize(q.float(), dim=-1) if cosine else q.float()
     rows = (qn.view(B, S, Hkv, H // Hkv, D).sum(3) * (scale / H)).reshape(B * S, Hkv, D)  # (R, Hkv, D)
-    if q.is_cuda:  # bf16 tensor-core products (float32 accumulation); the interpreter keeps float32
+    row_lo = row_scale = None
+    if split_fp8:  # (R, Hkv, D) fp8 twice, (R,) float32; the interpreter multiplies fp8 as float16 (exact)
+        rows, row_lo, row_scale = _split_fp8_rows(rows)
+    elif q.is_cuda:  # bf16 tensor-core products (float32 accumulation); the interpreter keeps float32
         rows = rows.to(torch.bfloat16)
     sample = torch.arange(B, device=q.device, dtype=torch.int32)[:, None].expand(B, S)  # (B, S)
     sample = torch.where(q_mask, sample, -1).reshape(B * S)  # (R,) -1: not a routing token
@@ -85,8 +142,12 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
     block_r = max(16, min(64, triton.next_power_of_2(B * S)))
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
     ks = key_scale.contiguous() if key_scale is not None else out  # (C,) float32; unread without a scale
-    _route_kernel[grid](rows.contiguous(), sample.contiguous(), keys.contiguous(), ks,
-                        chunk_doc.to(torch.int32).contiguous(), out,
+    inv_norm = cosine and key_inv_norm is not None
+    kn = key_inv_norm.float().contiguous() if inv_norm else out  # (C, Hkv) float32; unread without
+    rows = rows.contiguous()
+    _route_kernel[grid](rows, row_lo.contiguous() if split_fp8 else rows, row_scale if split_fp8 else out,
+                        sample.contiguous(), keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
                         B * S, C, num_docs, B=B, HKV=Hkv, D=D, BLOCK_R=block_r,
-                        R_TILES=triton.cdiv(B * S, block_r), COSINE=cosine, HAS_SCALE=key_scale is not None)
+                        R_TILES=triton.cdiv(B * S, block_r), COSINE=cosine, HAS_SCALE=key_scale is not None,
+                        INV_NORM=inv_norm, SPLIT=split_fp8)
     return out
