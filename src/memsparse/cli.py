@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e, "the shipped MSA-SmolLM2")
     e.add_argument("--tier", choices=["auto", "device", "host"], default="auto",
                    help="where document keys/values live (routing keys are always on the model's device)")
-    e.add_argument("--batch-tokens", type=int, default=65536, help="tokens per encoding forward")
+    e.add_argument("--batch-tokens", type=int, help="tokens per encoding forward (default: 65536 GPU, 8192 CPU)")
     e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bank")
     e.set_defaults(func=cmd_encode)

@@ -10,6 +10,7 @@ the selected documents are copied. Saving and loading: store.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -158,7 +159,8 @@ class MemoryBank:
 
     @torch.no_grad()
     def add_tokens(self, tokens: list[list[int]], texts: list[str | None] | None = None,
-                   names: list[str] | None = None, batch_tokens: int = 65536, progress: bool = False) -> list[int]:
+                   names: list[str] | None = None, batch_tokens: int | None = None,
+                   progress: bool = False) -> list[int]:
         """Encode already-tokenized documents, packed many per forward, as one new segment; returns their ids."""
         if not tokens:
             return []
@@ -171,6 +173,8 @@ class MemoryBank:
                 raise ValueError(f"document {name} has {len(t)} tokens, over the model's {limit} positions; "
                                  "split it into smaller documents")
         dev = self.model.device
+        # documents are packed many per forward; attention within a pack costs its length squared on a CPU
+        batch_tokens = batch_tokens or (65536 if dev.type == "cuda" else 8192)
         bar = tqdm(total=sum(map(len, tokens)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
         parts: dict[int, list[tuple]] = {}  # router layer -> pooled (K̄, V̄, K̄r) per batch, concatenated once
         i = 0
@@ -243,15 +247,20 @@ class MemoryBank:
         """Drop deleted documents' data: every segment with tombstones is rewritten without them (ids kept)."""
         if not self.deleted:
             return
-        segments, self.segments, self._rows = self.segments, [], {}
-        for seg in segments:
+        dirty = [not self.deleted.isdisjoint(seg.doc_ids) for seg in self.segments]
+        first = dirty.index(True) if any(dirty) else len(self.segments)  # segments before it stay as they are
+        segments, self.segments = self.segments, self.segments[:first]
+        for seg in segments[first:]:
+            for d in seg.doc_ids:
+                del self._rows[d]
+        for seg in segments[first:]:
             keep = [n for n, d in enumerate(seg.doc_ids) if d not in self.deleted]
             if len(keep) == len(seg.doc_ids):
                 self._append(seg)
                 continue
             if not keep:
                 continue
-            starts = [sum(seg.chunk_count[:n]) for n in range(len(seg.doc_ids))]
+            starts = [0, *itertools.accumulate(seg.chunk_count)]
             rows = _ranges([(starts[n], seg.chunk_count[n]) for n in keep], seg_device(seg))
             pick = lambda t, rows=rows: t.index_select(0, rows.to(t.device))  # noqa: E731
             take = {lay: qmap(t, pick) for lay, t in seg.keys.items()}
