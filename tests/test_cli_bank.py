@@ -55,6 +55,14 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     assert rows[0].split("\t")[1] == "doc-0" and rows[2].split("\t")[1] == "more.txt:1"
     code, out, _ = _run(capsys, "ask", bank, "Where is Rome?", "--max-new-tokens", "4", "--json")
     assert code == 0 and all(1 not in [d for d, _ in v] for v in json.loads(out)["routing"].values())
+    small = tmp_path / "small"
+    code, out, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", small, "--device", "cpu",
+                          "--key-dtype", "fp8", "--content-dtype", "int8")
+    assert code == 0, err
+    code, out, _ = _run(capsys, "info", small)
+    assert code == 0 and "fp8" in out and "int8" in out
+    code, out, err = _run(capsys, "ask", small, "Where is Ottawa?", "--max-new-tokens", "3")
+    assert code == 0, err
 
 
 def _one_error_line(err):

@@ -74,7 +74,7 @@ def test_quantized_bank_routes_like_the_full_bank_and_round_trips(setup, tmp_pat
     assert all(isinstance(s.route_keys[layer], QTensor) for s in again.segments)
     assert torch.equal(again.gather(layer, [4])[0], bank.gather(layer, [4])[0])
     with pytest.raises(ValueError, match="key_dtype"):
-        ms.MemoryBank.build(model, tok, DOCS, key_dtype="int8")
+        ms.MemoryBank.build(model, tok, DOCS, key_dtype="int4")
 
 
 def test_set_key_dtype_converts_an_existing_bank(setup):
@@ -84,8 +84,13 @@ def test_set_key_dtype_converts_an_existing_bank(setup):
     assert bank.key_dtype == "fp8" and bank.segments[0].route_keys is not bank.segments[0].keys
     for a, b in zip(_routes(model, tok, built), _routes(model, tok, bank)):
         assert_same_routing(a, b)
-    bank.set_key_dtype("fp8").set_key_dtype("model")
     lay = model.router_layers[0]
+    bank.set_key_dtype("int8")  # from fp8: through the model's dtype
+    assert bank.segments[0].route_keys[lay].data.dtype == torch.int8
+    int8 = ms.MemoryBank.build(model, tok, DOCS, key_dtype="int8")
+    for a, b in zip(_routes(model, tok, int8), _routes(model, tok, bank)):
+        assert all({d for d, _ in a[k]} == {d for d, _ in b[k]} for k in a)
+    bank.set_key_dtype("model")
     assert bank.segments[0].route_keys[lay].dtype == model.dtype
 
 

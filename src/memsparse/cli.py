@@ -138,7 +138,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
         raise ValueError(f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite")
     texts, names = _read_docs(args.corpus, args.max_doc_mb)
     model, tok = _load_model(args.model, args.device, args.dtype)
-    bank = MemoryBank.build(model, tok, [], tier=args.tier)
+    bank = MemoryBank.build(model, tok, [], tier=args.tier, key_dtype=args.key_dtype, content_dtype=args.content_dtype)
     bank.add(texts, names=names, progress=True, batch_tokens=args.batch_tokens)
     model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
     bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
@@ -200,6 +200,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "bank": str(args.bank), "documents": m["docs"], "deleted (not yet compacted)": len(m["deleted"]),
         "tokens": m["tokens"], "chunks": m["chunks"], "segments": len(m["segments"]),
         "bytes on disk": disk, "bytes per token": round(disk / max(m["tokens"], 1), 1), "dtype": m["dtype"],
+        "routing keys": m.get("key_dtype", "model"), "document keys/values": m.get("content_dtype", "model"),
         "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
         "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "format version": m["version"],
     }
@@ -352,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tier", choices=["auto", "device", "host"], default="auto",
                    help="where document keys/values live (routing keys are always on the model's device)")
     e.add_argument("--batch-tokens", type=int, help="tokens per encoding forward (default: 65536 GPU, 8192 CPU)")
+    e.add_argument("--key-dtype", choices=["model", "fp8", "int8"], default="model",
+                   help="routing keys: the model's dtype, or 8-bit with a scale per chunk (half the routing bytes)")
+    e.add_argument("--content-dtype", choices=["model", "fp8", "int8"], default="model",
+                   help="document keys/values: the model's dtype, or 8-bit with a scale per chunk and head")
     e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bank")
     e.set_defaults(func=cmd_encode)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..model import cached
 from ..model.decoder import MSAForCausalLM
-from .quant import DTYPES, Tensor, dense, nbytes, qmap, quantize
+from .quant import DTYPES, STORAGE, QTensor, Tensor, dense, nbytes, qmap, quantize
 
 TEMPLATE_PREFIX = "<|im_start|>user\n"
 TIERS = ("auto", "device", "host")
@@ -111,7 +111,7 @@ class MemoryBank:
     path: Path | None = None  # the directory this bank was loaded from / saved to
     meta: dict = field(default_factory=dict)  # user metadata kept in the manifest (e.g. the model's path)
     fused_routing: bool | None = None  # the fused Triton routing kernel: None = on GPUs, True/False = always/never
-    key_dtype: str = "model"  # routing keys of new segments: 'model' (the model's dtype) or 'fp8' (per-chunk scale)
+    key_dtype: str = "model"  # routing keys of new segments: 'model' (its dtype), 'fp8' or 'int8' (per-chunk scale)
     content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
@@ -121,7 +121,7 @@ class MemoryBank:
     def build(cls, model: MSAForCausalLM, tok, docs: list[str], tier: str = "auto", key_dtype: str = "model",
               content_dtype: str = "model", **kw) -> MemoryBank:
         """Encode `docs` (ids 0..N-1) rendered in the official document format; routing keys in `key_dtype`
-        ('model' or 'fp8'), K̄/V̄ in `content_dtype` ('model', 'fp8' or 'int8')."""
+        ('model', 'fp8' or 'int8', scale per chunk), K̄/V̄ in `content_dtype` (the same, scale per chunk and head)."""
         bank = cls.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok,
                          key_dtype=key_dtype, content_dtype=content_dtype)
         bank.place(tier)
@@ -131,9 +131,8 @@ class MemoryBank:
     @classmethod
     def empty(cls, model: MSAForCausalLM, prefix_ids: list[int], tok=None, key_dtype: str = "model",
               content_dtype: str = "model") -> MemoryBank:
-        if key_dtype not in ("model", "fp8") or content_dtype not in DTYPES:
-            raise ValueError(f"key_dtype {key_dtype!r} / content_dtype {content_dtype!r}: expected 'model' or "
-                             f"'fp8' / one of {DTYPES}")
+        if key_dtype not in DTYPES or content_dtype not in DTYPES:
+            raise ValueError(f"key_dtype {key_dtype!r} / content_dtype {content_dtype!r}: expected one of {DTYPES}")
         return cls(model=model, prefix_ids=list(prefix_ids), prefix_kv=prefix_cache(model, prefix_ids), tok=tok,
                    key_dtype=key_dtype, content_dtype=content_dtype)
 
@@ -305,9 +304,9 @@ class MemoryBank:
         return qmap(t, lambda x: x if x.is_pinned() else x.cpu().pin_memory())
 
     def set_key_dtype(self, kind: str) -> MemoryBank:
-        """Convert the routing keys of every segment to `kind` ('model' or 'fp8'), one layer at a time."""
-        if kind not in ("model", "fp8"):
-            raise ValueError(f"key_dtype {kind!r}: expected 'model' or 'fp8'")
+        """Convert the routing keys of every segment to `kind` ('model', 'fp8' or 'int8'), one layer at a time."""
+        if kind not in DTYPES:
+            raise ValueError(f"key_dtype {kind!r}: expected one of {DTYPES}")
         dev, dtype = self.model.device, self.model.dtype
         self._view = None  # it holds the old routing keys
         for seg in self.segments:
@@ -315,7 +314,9 @@ class MemoryBank:
                 seg.route_keys = dict(seg.keys)  # K̄ stays; the routing copy converts
             for lay in list(seg.route_keys):
                 t = qmap(seg.route_keys[lay], lambda x: x.to(dev))
-                seg.route_keys[lay] = quantize(t, kind, False) if kind == "fp8" else dense(t, dtype)
+                if isinstance(t, QTensor) and (kind == "model" or t.data.dtype != STORAGE[kind]):
+                    t = dense(t, dtype)  # from another quantized kind: through the model's dtype
+                seg.route_keys[lay] = t if kind == "model" else quantize(t, kind, False)
         self.key_dtype = kind
         self._view = None
         return self

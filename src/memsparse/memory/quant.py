@@ -12,7 +12,7 @@ import torch
 
 DTYPES = ("model", "fp8", "int8")
 _LIMITS = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
-_STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 _PIECE = 1 << 18  # chunks quantized at a time
 
 
@@ -52,12 +52,12 @@ def quantize(x: torch.Tensor, kind: str, per_head: bool) -> Tensor:
     if kind not in DTYPES:
         raise ValueError(f"bank dtype {kind!r}: expected one of {DTYPES}")
     if isinstance(x, QTensor):
-        if kind == "model" or x.data.dtype != _STORAGE[kind]:
+        if kind == "model" or x.data.dtype != STORAGE[kind]:
             raise ValueError(f"a {x.data.dtype} QTensor given for bank dtype {kind!r}")
         return x
     if kind == "model":
         return x
-    dt = _STORAGE[kind]
+    dt = STORAGE[kind]
     dims = (-1,) if per_head else (-2, -1)
     data = torch.empty(x.shape, dtype=dt, device=x.device)
     scale = torch.empty(x.shape[: x.dim() - len(dims)], dtype=torch.float32, device=x.device)  # (C, Hkv) or (C,)
