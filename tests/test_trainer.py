@@ -126,3 +126,25 @@ def test_ddp_ranks_stay_in_step(tmp_path):
     assert a["questions"] != b["questions"]  # from different samples
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and (tmp_path / "run" / "delta" / "delta.safetensors").exists()
+
+
+def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypatch):
+    """Every recipe under recipes/ parses; with `interleave = false` the samples hold no injected document text."""
+    from memsparse.engine.protocol import Protocol
+
+    recipes = {p.stem: trainer.Recipe.load(p) for p in (Path(__file__).parent.parent / "recipes").glob("*.toml")}
+    assert {"smollm2-msa", "ablation-no-warmup", "ablation-no-original-text"} <= set(recipes)
+    assert all(ph.w_aux == 0 for ph in recipes["ablation-no-warmup"].phases)
+    assert not recipes["ablation-no-original-text"].interleave and recipes["smollm2-msa"].interleave
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    proto = Protocol(tok)
+    for interleave in (True, False):
+        recipe = trainer.Recipe(base="x", tasks={"toy": 1.0}, interleave=interleave, phases=[trainer.Phase(
+            "p", steps=6, lr=1.0, w_lm=1, w_aux=1, memory_tokens=[60])])
+        mixer = Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
+                      doc_tokens=16)
+        batches = list(trainer._batches(recipe, mixer, proto, tok, random.Random(0), 0, 6))
+        texts = [tok.decode([t for t, d in zip(ids, docs) if d <= 0])
+                 for *_, b in batches for ids, docs in zip(b["input_ids"].tolist(), b["doc_ids"].tolist())]
+        assert any("has value" in t for t in texts) == interleave  # injected document text, or none

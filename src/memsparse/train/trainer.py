@@ -66,6 +66,8 @@ class Recipe:
     checkpoint_every: int = 100
     log_every: int = 10
     gradient_checkpointing_from: int = 32768  # memory size from which layers are recomputed in backward
+    interleave: bool = True  # false: every sample answers straight after the question, from the memory's K̄/V̄
+    # alone (no naming rounds, no injected original text): the "no original text" ablation
 
     @classmethod
     def load(cls, path) -> Recipe:
@@ -255,7 +257,7 @@ def _batches(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rng: random.Ran
             others = [i for i in range(len(q.documents)) if i not in gold]
             noise = rng.sample(others, min(len(others), rng.randint(1, 3)))
             samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer,
-                             noise=noise)
+                             interleave=recipe.interleave, noise=noise)
             batch.append(rng.choice(samples))  # one round of the question
         yield step, phase, local, mem, collate(batch, pad_id=tok.pad_token_id or 0)
 
