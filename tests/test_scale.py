@@ -33,3 +33,19 @@ def test_sized_bank_is_a_prefix_view_and_tasks_come_and_go():
         small.segments[0].keys[lay])])
     assert_same_routing(before, ms.MSAEngine(model, tok, small).route(q))
     assert recall([before], [before]) == 1.0
+
+
+def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
+    """`eval scale --scale-tasks squad` after a NIAH run keeps the NIAH points (each names its commit)."""
+    from memsparse.eval import scale
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300)
+    monkeypatch.setattr(scale, "distractor_bank", lambda m, t, n, path=None: ms.MemoryBank.build(m, t, DOCS))
+    monkeypatch.setattr(scale, "niah_scores", lambda m, t, banks, *a, **k: {s: 50.0 for s in banks})
+    out = tmp_path / "scale.json"
+    first = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32)
+    assert [(p["task"], p["tokens"]) for p in first["points"]] == [("niah", 32), ("niah", 64)]
+    again = scale.run(model, tok, [64], out, tasks=(), haystack=32)
+    assert again["points"] == first["points"] and again["niah_haystack_tokens"] == 32
+    assert all(p["commit"] == first["commit"] for p in again["points"])

@@ -146,6 +146,13 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
               for d in big.doc_ids()), "niah_haystack_tokens": haystack, "niah_subtasks": list(subtasks),
               "niah_samples_per_subtask": niah_samples, "squad_questions": len(squad.questions) if squad else 0,
               "squad_memory_tokens": squad_tokens, "points": [], "recall": []}
+    # a run of some tasks keeps an earlier file's results for the others (each point names its commit)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    for task, prefix, name in (("niah", "niah_", "niah"), ("squad", "squad_", "squad_open_em")):
+        if task not in tasks and old:
+            result.update({k: v for k, v in old.items() if k.startswith(prefix)})
+            result["points"] += [p for p in old.get("points", []) if p["task"] == name]
+            result["recall"] += old.get("recall", []) if task == "squad" else []
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +172,13 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
         niah = niah_scores(model, tok, banks_for(haystack, kd, only), list(subtasks), niah_samples,
                            haystack=haystack) if "niah" in tasks else {}
         for size, score in niah.items():
-            result["points"].append({"task": "niah", "tokens": size, "score": score, "key_dtype": kd})
+            result["points"].append({"task": "niah", "tokens": size, "score": score, "key_dtype": kd,
+                                     "commit": result["commit"]})
         save()
         sq = squad_scores(model, tok, banks_for(squad_tokens, kd, only), squad) if squad else {}
         for size, (score, routes) in sq.items():
-            result["points"].append({"task": "squad_open_em", "tokens": size, "score": score, "key_dtype": kd})
+            result["points"].append({"task": "squad_open_em", "tokens": size, "score": score, "key_dtype": kd,
+                                     "commit": result["commit"]})
             if kd == "fp8":
                 result["recall"].append({"tokens": size, "top_k_recall_fp8_vs_bf16": recall(bf16_routes[size],
                                                                                             routes)})
