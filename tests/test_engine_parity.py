@@ -24,10 +24,12 @@ def _training_logits(model, docs, active, route):
     return out.logits[0, len(PREFIX):], out.doc_scores
 
 
+@pytest.mark.parametrize("positions", ["document", "global"])
 @pytest.mark.parametrize("k", [2, 8], ids=["top2", "all"])
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_prefill_equals_training_forward(family, k):
-    model = tiny_model(family, msa={"pooling_kernel_size": 4, "top_k_docs": k, "router_layer_idx": "1,2,3"})
+def test_prefill_equals_training_forward(family, k, positions):
+    model = tiny_model(family, msa={"pooling_kernel_size": 4, "top_k_docs": k, "router_layer_idx": "1,2,3",
+                                    "doc_positions": positions})
     g = torch.Generator().manual_seed(0)
     docs = _docs(g, [9, 4, 13, 1, 7])
     active = torch.randint(10, 97, (8,), generator=g).tolist()
@@ -43,8 +45,9 @@ def test_prefill_equals_training_forward(family, k):
         assert torch.allclose(torch.tensor([s for _, s in picked]), expected.values, atol=1e-6)
 
 
-def test_add_equals_build_and_delete_excludes():
-    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2})
+@pytest.mark.parametrize("positions", ["document", "global"])
+def test_add_equals_build_and_delete_excludes(positions, tmp_path):
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2, "doc_positions": positions})
     g = torch.Generator().manual_seed(1)
     a, b = _docs(g, [5, 8, 3]), _docs(g, [6, 9])
     active, route = [11, 12, 13, 14], [True, True, True, False]
@@ -55,6 +58,11 @@ def test_add_equals_build_and_delete_excludes():
     (l1, r1), (l2, r2) = prefill(whole, active, route), prefill(parts, active, route)
     assert_same_routing(r1, r2)
     assert torch.allclose(l1, l2, atol=1e-6)
+    assert parts.next_position == (sum(map(len, a + b)) if positions == "global" else 0)
+    parts.save(tmp_path / "b")  # global positions continue after a reload
+    again = MemoryBank.load(tmp_path / "b", model)
+    assert again.next_position == parts.next_position
+    assert_same_routing(r2, prefill(again, active, route)[1])
     top = r1[3][0][0]
     parts.delete([top])
     _, r3 = prefill(parts, active, route)

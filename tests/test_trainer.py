@@ -133,7 +133,8 @@ def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypat
     from memsparse.engine.protocol import Protocol
 
     recipes = {p.stem: trainer.Recipe.load(p) for p in (Path(__file__).parent.parent / "recipes").glob("*.toml")}
-    assert {"smollm2-msa", "ablation-no-warmup", "ablation-no-original-text"} <= set(recipes)
+    assert {"smollm2-msa", "ablation-no-warmup", "ablation-no-original-text", "ablation-global-rope"} <= set(recipes)
+    assert recipes["ablation-global-rope"].msa["doc_positions"] == "global"
     assert all(ph.w_aux == 0 for ph in recipes["ablation-no-warmup"].phases)
     assert not recipes["ablation-no-original-text"].interleave and recipes["smollm2-msa"].interleave
     tok = tiny_tokenizer()

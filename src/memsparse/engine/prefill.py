@@ -184,8 +184,11 @@ def sync(device: torch.device) -> None:
 
 
 def query_offset(bank: MemoryBank, top_k: int) -> int:
-    """Position of the first active token: p + k (the official layout) or k."""
+    """Position of the first active token: p + k (the official layout) or k; with global document positions
+    p + every memory token encoded so far."""
     p = len(bank.prefix_ids)
+    if bank.model.msa_config.doc_positions == "global":
+        return p + bank.next_position
     return p + top_k if bank.model.msa_config.query_position_offset == "template+k" else top_k
 
 

@@ -112,6 +112,7 @@ class MemoryBank:
     meta: dict = field(default_factory=dict)  # user metadata kept in the manifest (e.g. the model's path)
     fused_routing: bool | None = None  # the fused Triton routing kernel: None = on GPUs, True/False = always/never
     key_dtype: str = "model"  # routing keys of new segments: 'model' (its dtype), 'fp8' or 'int8' (per-chunk scale)
+    next_position: int = 0  # doc_positions="global": memory tokens encoded so far (the next document's offset)
     content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
@@ -174,6 +175,7 @@ class MemoryBank:
         dev = self.model.device
         # documents are packed many per forward; attention within a pack costs its length squared on a CPU
         batch_tokens = batch_tokens or (65536 if dev.type == "cuda" else 8192)
+        global_positions = self.model.msa_config.doc_positions == "global"
         bar = tqdm(total=sum(map(len, tokens)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
         parts: dict[int, list[tuple]] = {}  # router layer -> pooled (K̄, V̄, K̄r) per batch, concatenated once
         i = 0
@@ -184,7 +186,11 @@ class MemoryBank:
                 j += 1
             flat = torch.tensor([t for doc in tokens[i:j] for t in doc], device=dev)[None]  # (1, n)
             doc_ids = torch.cat([torch.full((len(d),), k + 1) for k, d in enumerate(tokens[i:j])]).to(dev)[None]
-            for layer, pooled in self.model.encode_documents(flat, doc_ids).items():
+            pos = None
+            if global_positions:  # the bank as one sequence after the template prefix
+                start = len(self.prefix_ids) + self.next_position + sum(map(len, tokens[:i]))
+                pos = torch.arange(start, start + n, device=dev)[None]  # (1, n)
+            for layer, pooled in self.model.encode_documents(flat, doc_ids, pos).items():
                 # host tier: batches leave the device as they come; pinned once, after concatenation
                 parts.setdefault(layer, []).append(tuple(t.cpu() if self.tier == "host" else t for t in pooled))
             bar.update(n)
@@ -192,9 +198,12 @@ class MemoryBank:
         bar.close()
         cat = {layer: [torch.cat([p[n] for p in ps]) for n in range(3)] for layer, ps in parts.items()}
         decoupled = self.model.msa_config.decouple_router
-        return self.add_encoded({lay: c[0] for lay, c in cat.items()}, {lay: c[1] for lay, c in cat.items()},
+        ids = self.add_encoded({lay: c[0] for lay, c in cat.items()}, {lay: c[1] for lay, c in cat.items()},
                                 {lay: c[2] for lay, c in cat.items()} if decoupled else None,
                                 list(map(len, tokens)), texts, names)
+        if global_positions:
+            self.next_position += sum(map(len, tokens))
+        return ids
 
     def add_encoded(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor],
                     route_keys: dict[int, torch.Tensor] | None, token_count: list[int],

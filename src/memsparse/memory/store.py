@@ -47,6 +47,7 @@ def fingerprint(model: MSAForCausalLM) -> str:
         "config": config, "router_layers": model.router_layers,
         "pooling": msa.pooling_kernel_size, "decouple": msa.decouple_router,
         "offset": msa.query_position_offset,
+        **({"doc_positions": msa.doc_positions} if msa.doc_positions != "document" else {}),
     }, sort_keys=True).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
@@ -171,7 +172,7 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         "dtype": str(t.dtype).removeprefix("torch."), "key_dtype": bank.key_dtype,
         "content_dtype": bank.content_dtype, "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
-        "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
+        "next_position": bank.next_position, "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
         "tokens": sum(n for s in bank.segments for n in s.token_count),
     }
     tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
@@ -234,5 +235,6 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
         bank._append(seg)
     bank.deleted = set(m["deleted"])
     bank.next_id = m["next_id"]
+    bank.next_position = m.get("next_position", 0)
     bank.meta = m.get("meta", {})
     return bank.place(tier)

@@ -19,6 +19,7 @@ QUERY_REDUCE = ("max", "mean", "last")
 CHUNK_REDUCE = ("max", "mean")
 AUX_LOSS_METHODS = ("INFONCE_DECOUPLE", "INFONCE", "INFONCE_FOCAL", "INFONCE_DECOUPLE_FOCAL", "BCE")
 QUERY_POSITION_OFFSETS = ("template+k", "k")
+DOC_POSITIONS = ("document", "global")
 
 
 @dataclass
@@ -165,6 +166,9 @@ class MSAConfig:
     doc_top_k: int | None = None
     # ours: where active tokens start after the template prefix p: p + k (official engine) or k (paper)
     query_position_offset: str = "template+k"
+    # ours: RoPE positions of memory tokens: each document from 0 (the paper's document-wise RoPE), or "global":
+    # the memory as one sequence after the template prefix, active tokens after all of it (an ablation)
+    doc_positions: str = "document"
     extra: dict = field(default_factory=dict)  # official keys we keep but do not use (recloss_weight, ...)
 
     _KNOWN_UNUSED = (
@@ -191,6 +195,7 @@ class MSAConfig:
             ("chunk_reduce_method", CHUNK_REDUCE),
             ("aux_loss_method", AUX_LOSS_METHODS),
             ("query_position_offset", QUERY_POSITION_OFFSETS),
+            ("doc_positions", DOC_POSITIONS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -7,7 +7,8 @@ contiguous runs. Non-document tokens are "active": they never enter a document's
 Default positions (document-wise RoPE): documents restart at 0; the active tokens before the first
 document (the template prefix, p tokens) take 0..p-1; active tokens after it continue from p + k
 (`query_position_offset="template+k"`, the official engine) or from k (`"k"`, the paper), k the engine's
-top-k. Without documents the positions are simply 0..n-1.
+top-k. Without documents the positions are simply 0..n-1. With `doc_positions="global"` (an ablation) a row's
+memory is one sequence at p, p+1, ... and its later active tokens continue after all of it.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class SequenceLayout:
 
         if position_ids is None:
             position_ids = _default_positions(
-                is_doc, active, doc_token_flat, start_flat, doc_lengths, msa.engine_top_k, msa.query_position_offset
+                is_doc, active, doc_token_flat, start_flat, doc_lengths, msa.engine_top_k, msa.query_position_offset,
+                msa.doc_positions == "global",
             )
         elif position_ids.shape != doc_ids.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != doc_ids shape {(B, T)}")
@@ -232,6 +234,7 @@ def _default_positions(
     doc_lengths: torch.Tensor,
     k: int,
     offset_mode: str,
+    global_positions: bool = False,
 ) -> torch.Tensor:
     B, T = is_doc.shape
     pos = torch.zeros(B * T, dtype=torch.long, device=is_doc.device)
@@ -246,5 +249,8 @@ def _default_positions(
     p = (active & (t < first_doc)).sum(1, keepdim=True)
     after = t > first_doc
     shift = k if offset_mode == "template+k" else k - p
+    if global_positions:  # the row's memory as one sequence after the prefix; active tokens after all of it
+        pos = torch.where(is_doc, p + is_doc.long().cumsum(1) - 1, pos)
+        shift = is_doc.long().sum(1, keepdim=True)  # (B, 1) memory tokens of the row
     active_pos = torch.where(after, j + shift, j)
     return torch.where(active, active_pos, pos)
