@@ -124,3 +124,32 @@ def test_text_add_equals_build(qwen_tok):
     assert parts.add(docs[2:]) == [2, 3]
     q = "Where is Ottawa?"
     assert_same_routing(ms.MSAEngine(model, qwen_tok, whole).route(q), ms.MSAEngine(model, qwen_tok, parts).route(q))
+
+
+def test_device_gather_equals_gather_through_the_host(monkeypatch):
+    """Routing, gather and prefill on the device (padded per document, no host round trip) equal the path whose
+    ids go through the host, over a bank of three segments with a deleted document and quantized K̄/V̄."""
+    import importlib
+
+    pf = importlib.import_module("memsparse.engine.prefill")  # the module (the package exports a function)
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3, "router_layer_idx": "1,2,3"})
+    g = torch.Generator().manual_seed(5)
+    bank = MemoryBank.empty(model, PREFIX, content_dtype="int8")
+    for lengths in ([9, 4, 13], [1, 7], [5, 11, 3]):
+        bank.add_tokens(_docs(g, lengths))
+    bank.delete([3])
+    active, route = torch.randint(10, 97, (8,), generator=g).tolist(), [True] * 5 + [False] * 3
+    ref_logits, ref_routing = prefill(bank, active, route)
+    monkeypatch.setattr(pf, "DEVICE_GATHER_SEGMENTS", 0)  # every layer's ids through the host
+    logits, routing = prefill(bank, active, route)
+    assert_same_routing(ref_routing, routing)
+    assert (logits - ref_logits).abs().max() <= 1e-5
+    # gather_top's valid columns are the documents' chunks in bank order, as `gather` concatenates them
+    view, layer = bank.routing_view(), 2
+    picked = sorted(d for d, _ in routing[layer])
+    pos = torch.tensor([[view["ids"].index(d) for d in picked] + [0]])  # one padding pick, not ok
+    k, v, valid = bank.gather_top(layer, pos, torch.tensor([[True] * len(picked) + [False]]))
+    k_ref, v_ref = bank.gather(layer, picked)
+    assert valid.shape == (1, (len(picked) + 1) * view["max_chunks"])
+    assert torch.equal(k[0][valid[0]], k_ref) and torch.equal(v[0][valid[0]], v_ref)

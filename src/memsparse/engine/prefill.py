@@ -126,46 +126,96 @@ class _RoutingGraph:
             self.out = _top_documents(bank, layer, self.rq, self.mask, cosine, k)
 
 
+DEVICE_GATHER_SEGMENTS = 8  # the device-side gather costs one indexing per segment and layer
+
+
 @dataclass
 class BankMemory:
     """The `cached.Memory` of a batch over a bank: the template prefix in every layer, plus in router layers
-    each row's top-k documents. Records the routing of each row and the time spent routing."""
+    each row's top-k documents. Records the routing of each row and the time spent routing and gathering.
+
+    With K̄/V̄ on the model's device (and a bank of at most `DEVICE_GATHER_SEGMENTS` segments), routing, top-k
+    and the gather of the selected chunks stay on the device: no host round trip per layer; the routing is read
+    back once, when asked for, and the times come from CUDA events. Otherwise (host tier, many segments) each
+    layer's ids go to the host, which gathers the selected chunks (copied from pinned memory on a side stream)."""
 
     bank: MemoryBank
     route_mask: torch.Tensor  # (B, S)
     cosine: bool
     top_k: int
-    routing: list[Routing] = field(default_factory=list)
-    route_seconds: float = 0.0  # scoring and top-k (device-synchronized)
-    gather_seconds: float = 0.0  # assembling the selected chunks' K̄/V̄
+    _routing: list[Routing] = field(default_factory=list)
+    _pending: list = field(default_factory=list)  # (layer, (2, B, k) scores and table positions, table ids)
+    _spans: list = field(default_factory=list)  # (start, routed, gathered) clocks per router layer
+    _seconds: list = field(default_factory=lambda: [0.0, 0.0])  # host-tier route, gather seconds
 
     def __post_init__(self):
-        self.routing = [{} for _ in range(self.route_mask.shape[0])]
+        self._routing = [{} for _ in range(self.route_mask.shape[0])]
         dev = self.route_mask.device
+        host = dev.type == "cuda" and self.bank.tier == "host"
+        self.via_host = host or len(self.bank.segments) > DEVICE_GATHER_SEGMENTS
         # host tier: the selected chunks are copied on a side stream, asynchronously to the queued GPU work
-        self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and self.bank.tier == "host" else None
+        self.copy_stream = torch.cuda.Stream(dev) if host else None
+
+    @property
+    def routing(self) -> list[Routing]:
+        """Per row: router layer -> [(doc id, score)], best first (read back from the device once)."""
+        for layer, top, ids in self._pending:
+            vals, pos = top.tolist()  # (B, k) each
+            for b, (vb, pb) in enumerate(zip(vals, pos)):
+                self._routing[b][layer] = [(ids[int(t)], v) for v, t in zip(vb, pb) if v != float("-inf")]
+        self._pending = []
+        return self._routing
+
+    @property
+    def route_seconds(self) -> float:
+        """Scoring and top-k: device time (events) on the device tier, synchronized wall time from the host tier."""
+        return self._seconds[0] + sum(_elapsed(a, b) for a, b, _ in self._spans)
+
+    @property
+    def gather_seconds(self) -> float:
+        """Assembling the selected chunks' K̄/V̄."""
+        return self._seconds[1] + sum(_elapsed(b, c) for _, b, c in self._spans)
 
     def __call__(self, i, attn, h, q):
         bank = self.bank
         B = q.shape[0]
         pk, pv = bank.prefix_kv[i]  # (p, Hkv, D)
+        if not (attn.is_router and bank.num_docs):
+            return pk.expand(B, *pk.shape), pv.expand(B, *pv.shape), torch.ones(B, pk.shape[0], dtype=torch.bool,
+                                                                                 device=pk.device)
+        if self.via_host:
+            return self._via_host(i, attn, h, q)
+        t0 = _clock(q.device)
+        top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine, self.top_k)
+        self._pending.append((i, top.clone() if top.is_cuda else top, bank.routing_view()["ids"]))
+        t1 = _clock(q.device)
+        k, v, valid = bank.gather_top(i, top[1].long(), torch.isfinite(top[0]))  # (B, k * m, ...)
+        self._spans.append((t0, t1, _clock(q.device)))
+        ones = torch.ones(B, pk.shape[0], dtype=torch.bool, device=pk.device)
+        return (torch.cat([pk.expand(B, *pk.shape), k], 1), torch.cat([pv.expand(B, *pv.shape), v], 1),
+                torch.cat([ones, valid], 1))
+
+    def _via_host(self, i, attn, h, q):
+        """Ids to the host (one sync per layer), which gathers the selected chunks (from the host tier: copies)."""
+        bank = self.bank
+        B = q.shape[0]
+        pk, pv = bank.prefix_kv[i]  # (p, Hkv, D)
         rows_k, rows_v = [[pk] for _ in range(B)], [[pv] for _ in range(B)]
-        if attn.is_router and bank.num_docs:
-            sync(q.device)
-            t0 = time.perf_counter()
-            vals, top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
-                                      self.top_k).tolist()  # (B, k) each; waits for the device
-            t1 = time.perf_counter()
-            ids = bank.routing_view()["ids"]
-            for b, (vb, tb) in enumerate(zip(vals, top)):
-                picked = [(ids[int(t)], v) for v, t in zip(vb, tb) if v != float("-inf")]
-                self.routing[b][i] = picked
-                k, v = bank.gather(i, sorted(d for d, _ in picked), self.copy_stream)  # chunks in document order
-                rows_k[b].append(k)
-                rows_v[b].append(v)
-            sync(q.device)
-            self.route_seconds += t1 - t0
-            self.gather_seconds += time.perf_counter() - t1
+        sync(q.device)
+        t0 = time.perf_counter()
+        vals, top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
+                                  self.top_k).tolist()  # (B, k) each; waits for the device
+        t1 = time.perf_counter()
+        ids = bank.routing_view()["ids"]
+        for b, (vb, tb) in enumerate(zip(vals, top)):
+            picked = [(ids[int(t)], v) for v, t in zip(vb, tb) if v != float("-inf")]
+            self._routing[b][i] = picked
+            k, v = bank.gather(i, sorted(d for d, _ in picked), self.copy_stream)  # chunks in document order
+            rows_k[b].append(k)
+            rows_v[b].append(v)
+        sync(q.device)
+        self._seconds[0] += t1 - t0
+        self._seconds[1] += time.perf_counter() - t1
         lens = [sum(t.shape[0] for t in r) for r in rows_k]
         M = max(lens)
         mk = pk.new_zeros(B, M, *pk.shape[1:])  # (B, M, Hkv, D)
@@ -176,6 +226,22 @@ class BankMemory:
             mv[b, :lens[b]] = torch.cat(rows_v[b])
             valid[b, :lens[b]] = True
         return mk, mv, valid
+
+
+def _clock(device: torch.device):
+    """A point in time: a recorded CUDA event on GPUs (read later, no sync now), else perf_counter."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def _elapsed(a, b) -> float:
+    if isinstance(a, float):
+        return b - a
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3
 
 
 def sync(device: torch.device) -> None:

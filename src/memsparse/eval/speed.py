@@ -2,8 +2,9 @@
 its floor (DESIGN.md §4), for the shipped MSA-SmolLM2 with real encoded banks and for the Qwen3-4B geometry
 (random weights, banks of random tensors of the right shapes and dtypes).
 
-Per point: routing ms per round (scoring + top-k in every router layer of a real prefill, summed; the fused
-kernel and, in the same run, the PyTorch path), its floor (bytes of routing keys / the GPU's measured read
+Per point: routing ms per round (scoring + top-k in every router layer of a real prefill, summed: device time
+from CUDA events when K̄/V̄ sit on the device, synchronized wall time when each layer's ids go through the host;
+the fused kernel and, in the same run, the PyTorch path), its floor (bytes of routing keys / the GPU's measured read
 rate), time to first token (the whole prefill of a question, routing included), decode ms per token (CUDA
 graph) and its floor (weights + KV cache bytes / read rate), GPU and host GB, bytes per token, achieved GB/s
 and TFLOP/s of routing. Dense attention (PyTorch SDPA, causal, one layer) is timed where it fits.
@@ -196,6 +197,7 @@ def measure_point(name: str, bank: MemoryBank, tokens: int, s: Settings, rate: f
     p = {"model": name, "tokens": tokens, "key_dtype": "bf16" if bank.key_dtype == "model" else bank.key_dtype,
          "content_dtype": "bf16" if bank.content_dtype == "model" else bank.content_dtype, "tier": bank.tier,
          "routing": "fused" if dev.type == "cuda" else "torch", **fused,
+         "routing_timer": "device events" if dev.type == "cuda" and bank.tier == "device" else "wall",
          "routing_floor_ms": round(rbytes / rate * 1e3, 3),
          "routing_gbps": round(rbytes / fused["routing_ms"] * 1e-6, 1),
          "routing_tflops": round(flops / fused["routing_ms"] * 1e-9, 2),

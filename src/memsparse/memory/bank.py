@@ -379,6 +379,10 @@ class MemoryBank:
             ids = [d for s in self.segments for d in s.doc_ids]
             counts = torch.tensor([c for s in self.segments for c in s.chunk_count], dtype=torch.long)
             chunk_doc = torch.repeat_interleave(torch.arange(len(ids)), counts)  # (C,) table position per chunk
+            local = torch.cat([torch.tensor([0, *itertools.accumulate(s.chunk_count)][:-1], dtype=torch.long)
+                               for s in self.segments]) if ids else counts  # (N,) first chunk in its segment
+            seg = torch.repeat_interleave(torch.arange(len(self.segments)),
+                                          torch.tensor([len(s.doc_ids) for s in self.segments], dtype=torch.long))
             self._view = {
                 "route_keys": {lay: [qmap(s.route_keys[lay], lambda t: t.to(dev)) for s in self.segments]
                                for lay in self.model.router_layers},
@@ -386,8 +390,41 @@ class MemoryBank:
                 "chunk_doc32": chunk_doc.to(dev, torch.int32),
                 "alive": torch.tensor([d not in self.deleted for d in ids], dtype=torch.bool, device=dev),
                 "ids": ids,
+                # per table position, for gathering on the device: segment, first chunk there, chunk count
+                "doc_seg": seg.to(dev), "doc_start": local.to(dev), "doc_chunks": counts.to(dev),
+                "max_chunks": int(counts.max()) if len(counts) else 0,
             }
         return self._view
+
+    def gather_top(self, layer: int, pos: torch.Tensor, ok: torch.Tensor):
+        """K̄, V̄ (B, k * m, Hkv, D) in the model's dtype and their validity (B, k * m) for table positions `pos`
+        (B, k) (`ok` (B, k) marks real picks), all on the device with no host round trip: each row's documents
+        in table (bank) order, each padded to m = the bank's longest document in chunks. Device tier only."""
+        if self.tier == "host" and self.model.device.type == "cuda":
+            raise ValueError("gather_top reads K̄/V̄ on the device; the host tier gathers through `gather`")
+        view, dtype = self.routing_view(), self.model.dtype
+        N, m = len(view["ids"]), view["max_chunks"]
+        B, k = pos.shape
+        order = torch.where(ok, pos, N).sort(1).values  # (B, k) table order, missing picks last
+        ok = order < N
+        doc = order.clamp(max=N - 1)
+        span = torch.arange(m, device=pos.device)  # (m,)
+        rows = view["doc_start"][doc][..., None] + span  # (B, k, m) chunk index inside the document's segment
+        valid = ok[..., None] & (span < view["doc_chunks"][doc][..., None])  # (B, k, m)
+        seg = view["doc_seg"][doc][..., None]  # (B, k, 1)
+        out = []
+        for store in ("keys", "values"):
+            acc = None
+            for n, segment in enumerate(self.segments):
+                t = getattr(segment, store)[layer]
+                if t.shape[0] == 0:
+                    continue
+                sel = valid & (seg == n)  # (B, k, m)
+                here = torch.where(sel, rows, 0)
+                got = dense(qmap(t, lambda x, r=here: x[r]), dtype)  # (B, k, m, Hkv, D)
+                acc = got if acc is None else torch.where(sel[..., None, None], got, acc)
+            out.append(acc.flatten(1, 2))  # (B, k * m, Hkv, D)
+        return out[0], out[1], valid.flatten(1)
 
     def gather(self, layer: int, doc_ids: list[int], stream: torch.cuda.Stream | None = None):
         """K̄, V̄ (chunks, Hkv, D) of the given documents, in the given order, on the model's device in its dtype.
