@@ -26,12 +26,7 @@ from encode import bank_model, random_docs
 from memsparse import MemoryBank
 from memsparse.engine import prefill_batch
 from memsparse.engine.generate import generate
-
-
-def questions(batch: int, q_len: int, vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(10, vocab, (batch, q_len + 3), generator=g).tolist()
-    return rows, [[True] * q_len + [False] * 3 for _ in rows]
+from memsparse.eval.speed import questions
 
 
 def measure(bank: MemoryBank, batch: int, args) -> dict:

@@ -22,6 +22,7 @@ def test_sized_bank_is_a_prefix_view_and_tasks_come_and_go():
     assert small.doc_ids() == list(range(10)) and small.text(3) == DOCS[3]
     lay = model.router_layers[0]
     assert small.segments[0].keys[lay].data_ptr() == big.segments[0].keys[lay].data_ptr()  # a view, no copy
+    assert small.prefix_kv is big.prefix_kv and small.tier == big.tier  # `like`: the prefix is not recomputed
     alone = ms.MemoryBank.build(model, tok, DOCS[:10])
     q = "Where is the wolf of the city?"
     before = ms.MSAEngine(model, tok, small).route(q)

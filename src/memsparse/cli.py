@@ -277,9 +277,7 @@ def _eval_scale(args: argparse.Namespace) -> None:
 
 def _eval_qa(args: argparse.Namespace) -> None:
     """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
-    import datetime
-
-    from .eval.meta import commit, gpu_name
+    from .eval.meta import run_meta
     from .eval.squad import load_squad
     from .model.checkpoint import load_pretrained
     from .model.tokenizer import load_tokenizer
@@ -300,8 +298,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(),
-                               "memory_tokens": memory_tokens, "questions": len(squad.questions),
+    out.write_text(json.dumps({**run_meta(), "memory_tokens": memory_tokens, "questions": len(squad.questions),
                                "systems": results}, indent=1) + "\n")
     for r in results:
         print(f"{r['name']:>12}  EM {r['em']:6.2f}  F1 {r['f1']:6.2f}")

@@ -24,6 +24,27 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write (PNG, 120 dpi) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_meta() -> dict:
     """{gpu, date, commit} of a results file."""
     return {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit()}

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..engine import MSAEngine
 from ..memory import MemoryBank
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
-from .meta import run_meta
+from .meta import pyplot, run_meta, save_figure
 
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 100, seed: int = 42,
@@ -60,12 +60,8 @@ def write_results(points: list[dict], model_name: str, out: Path) -> None:
     """niah.json = {model, gpu, date, commit, points} and a plot beside it (when matplotlib is installed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model_name, **run_meta(), "points": points}, indent=1) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -77,5 +73,4 @@ def write_results(points: list[dict], model_name: str, out: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"RULER NIAH, {model_name}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    save_figure(fig, out.with_suffix(".png"))

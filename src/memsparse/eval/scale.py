@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..engine import MSAEngine
 from ..memory import MemoryBank
 from ..train.tasks.niah import make_sample, string_match_all
-from .meta import run_meta
+from .meta import pyplot, run_meta, save_figure
 
 
 def distractor_texts(n_docs: int, seed: int = 0, words: int = 500) -> list[str]:
@@ -65,8 +65,7 @@ def sized(bank: MemoryBank, tokens: int) -> MemoryBank:
     seg = bank.segments[0]
     n = bisect.bisect_right(list(itertools.accumulate(seg.token_count)), tokens)
     C = sum(seg.chunk_count[:n])
-    out = MemoryBank(model=bank.model, prefix_ids=bank.prefix_ids, prefix_kv=bank.prefix_kv, tok=bank.tok,
-                     key_dtype=bank.key_dtype, content_dtype=bank.content_dtype, tier=bank.tier)
+    out = bank.like()
     cut = lambda d: {lay: t[:C] for lay, t in d.items()}  # noqa: E731
     texts = [seg.records[i][1] for i in range(n)]
     out.add_encoded(cut(seg.keys), cut(seg.values), None if seg.route_keys is seg.keys else cut(seg.route_keys),
@@ -107,7 +106,7 @@ def niah_scores(model, tok, banks: dict, subtasks: list[str], samples: int, seed
 
 def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
     """Exact match (%) per size over the questions, each size with all SQuAD paragraphs added; also the
-    routing of every question (first round) per size, for the recall comparison."""
+    routing of the first 100 questions per size, for the recall comparison."""
     from .squad import exact_match
 
     out = {}
@@ -191,12 +190,8 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for task in ("niah", "squad_open_em"):
@@ -211,7 +206,5 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"MSA-SmolLM2 quality at scale, {result['gpu']} ({result['date']}, {result['commit']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 

@@ -26,10 +26,10 @@ import torch
 from ..engine.generate import generate
 from ..engine.prefill import prefill_batch, sync
 from ..memory.bank import MemoryBank
-from ..memory.quant import QTensor, quantize
+from ..memory.quant import STORAGE, QTensor, quantize
 from ..model.config import DecoderConfig
 from ..model.decoder import MSAForCausalLM
-from .meta import run_meta
+from .meta import pyplot, run_meta, save_figure
 
 QWEN3_4B = dict(family="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
@@ -74,10 +74,9 @@ def _random_part(shape: tuple, kind: str, per_head: bool, dtype: torch.dtype, de
                  pinned: bool) -> torch.Tensor | QTensor:
     """A (C, Hkv, D) bank tensor of random values in `kind`, filled piece by piece on the GPU (or CPU)."""
     gen_dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    first = quantize(torch.randn(1, *shape[1:], device=gen_dev, dtype=dtype), kind, per_head)
-    out = (QTensor(torch.empty(shape, dtype=first.data.dtype, device=device, pin_memory=pinned),
-                   torch.empty(shape[:2] if per_head else shape[:1], device=device, pin_memory=pinned))
-           if isinstance(first, QTensor) else torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned))
+    out = (torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned) if kind == "model" else
+           QTensor(torch.empty(shape, dtype=STORAGE[kind], device=device, pin_memory=pinned),
+                   torch.empty(shape[:2] if per_head else shape[:1], device=device, pin_memory=pinned)))
     piece = 1 << 18
     for a in range(0, shape[0], piece):
         part = quantize(torch.randn(min(piece, shape[0] - a), *shape[1:], device=gen_dev, dtype=dtype), kind, per_head)
@@ -108,21 +107,21 @@ def random_bank(model: MSAForCausalLM, tokens: int, s: Settings, key_dtype: str,
     return bank
 
 
-def real_bank(model: MSAForCausalLM, base: MemoryBank, tokens: int, key_dtype: str) -> MemoryBank:
+def real_bank(base: MemoryBank, tokens: int, key_dtype: str) -> MemoryBank:
     """A bank of `tokens` made of the base bank's encoded documents repeated (one segment, real K̄/V̄/K̄r)."""
     seg = base.segments[0]
     n = max(1, round(tokens / sum(seg.token_count)))
-    bank = MemoryBank.empty(model, base.prefix_ids, key_dtype=key_dtype).place("device")
-    bank.prefix_kv = base.prefix_kv
+    bank = base.like(key_dtype=key_dtype, tier="device")
     rep = lambda d: {lay: t.repeat(n, 1, 1) for lay, t in d.items()}  # noqa: E731  (n*C, Hkv, D)
     bank.add_encoded(rep(seg.keys), rep(seg.values), rep(seg.route_keys), seg.token_count * n)
     return bank
 
 
-def _questions(batch: int, s: Settings, vocab: int, seed: int):
+def questions(batch: int, q_len: int, vocab: int, seed: int):
+    """Random token questions: rows of q_len routing tokens + 3 more, and their routing masks."""
     g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(10, vocab, (batch, s.q_len + 3), generator=g).tolist()
-    return rows, [[True] * s.q_len + [False] * 3 for _ in rows]
+    rows = torch.randint(10, vocab, (batch, q_len + 3), generator=g).tolist()
+    return rows, [[True] * q_len + [False] * 3 for _ in rows]
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -134,7 +133,7 @@ def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = Tru
     dev = bank.model.device
     route, ttft, dec = [], [], []
     for r in range(s.repeats + 1):
-        rows, masks = _questions(batch, s, bank.model.config.vocab_size, r)
+        rows, masks = questions(batch, s.q_len, bank.model.config.vocab_size, r)
         sync(dev)
         t0 = time.perf_counter()
         res = prefill_batch(bank, rows, masks)
@@ -268,7 +267,7 @@ def _setup(name: str, dev: torch.device, dtype: torch.dtype, base_tokens: int, s
         from ..demo import load_shipped
 
         model, tok = load_shipped(str(dev), "bfloat16" if dev.type == "cuda" else "float32")
-        return model, functools.partial(_smollm2_banks, model, _essay_bank(model, tok, base_tokens))
+        return model, functools.partial(_smollm2_banks, _essay_bank(model, tok, base_tokens))
     raise ValueError(f"model {name!r}: expected qwen3-4b or smollm2")
 
 
@@ -277,7 +276,8 @@ def _qwen_banks(model, n: int, s: Settings):
     host memory."""
     dev = model.device
     cfg = model.config
-    content = 2 * len(model.router_layers) * cfg.num_key_value_heads * cfg.head_dim * 2 * n // 64
+    chunks = n // model.msa_config.pooling_kernel_size
+    content = 2 * len(model.router_layers) * chunks * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 2**40
     tier, cdt = ("device", "model") if content < free * 0.4 else ("host", "fp8")
     bank = random_bank(model, n, s, "model", cdt, tier)
@@ -288,9 +288,9 @@ def _qwen_banks(model, n: int, s: Settings):
     yield bank, True
 
 
-def _smollm2_banks(model, base: MemoryBank, n: int):
+def _smollm2_banks(base: MemoryBank, n: int):
     for kd in ("model", "fp8"):
-        yield real_bank(model, base, n, kd), kd == "model"
+        yield real_bank(base, n, kd), kd == "model"
 
 
 def _essay_bank(model, tok, tokens: int) -> MemoryBank:
@@ -298,21 +298,18 @@ def _essay_bank(model, tok, tokens: int) -> MemoryBank:
     from ..train.tasks.haystacks import paul_graham_essays
 
     words = paul_graham_essays().split()
-    docs, i = [], 0
-    while sum(len(d) for d in docs) < tokens * 4:  # ~4 characters per token
+    docs, i, chars = [], 0, 0
+    while chars < tokens * 4:  # ~4 characters per token
         docs.append(" ".join(words[i % len(words):i % len(words) + 700]))
+        chars += len(docs[-1])
         i += 700
     return MemoryBank.build(model, tok, docs, tier="device")
 
 
 def plot(result: dict, path: Path) -> None:
     """Routing ms and TTFT against memory tokens, with the routing floors."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     series = sorted({(p["model"], p["key_dtype"]) for p in result["points"]})
@@ -334,6 +331,4 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"memsparse speed, {result.get('gpu')} ({result.get('date')}, {result.get('commit')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

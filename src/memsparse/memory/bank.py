@@ -132,10 +132,18 @@ class MemoryBank:
     @classmethod
     def empty(cls, model: MSAForCausalLM, prefix_ids: list[int], tok=None, key_dtype: str = "model",
               content_dtype: str = "model") -> MemoryBank:
-        if key_dtype not in DTYPES or content_dtype not in DTYPES:
-            raise ValueError(f"key_dtype {key_dtype!r} / content_dtype {content_dtype!r}: expected one of {DTYPES}")
+        _check_dtypes(key_dtype, content_dtype)
         return cls(model=model, prefix_ids=list(prefix_ids), prefix_kv=prefix_cache(model, prefix_ids), tok=tok,
                    key_dtype=key_dtype, content_dtype=content_dtype)
+
+    def like(self, **overrides) -> MemoryBank:
+        """An empty bank for the same model, prefix (its cached K/V, not recomputed) and tokenizer, in this bank's
+        dtypes and tier unless overridden (key_dtype, content_dtype, tier)."""
+        kw = {"key_dtype": self.key_dtype, "content_dtype": self.content_dtype, "tier": self.tier} | overrides
+        _check_dtypes(kw["key_dtype"], kw["content_dtype"])
+        bank = MemoryBank(model=self.model, prefix_ids=self.prefix_ids, prefix_kv=self.prefix_kv, tok=self.tok,
+                          key_dtype=kw["key_dtype"], content_dtype=kw["content_dtype"])
+        return bank.place(kw["tier"])
 
     def save(self, path: str | Path | None = None, compact: bool | None = None) -> Path:
         """Commit to a directory atomically (see store.py); later saves to it write only new segments."""
@@ -178,7 +186,7 @@ class MemoryBank:
         global_positions = self.model.msa_config.doc_positions == "global"
         bar = tqdm(total=sum(map(len, tokens)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
         parts: dict[int, list[tuple]] = {}  # router layer -> pooled (K̄, V̄, K̄r) per batch, concatenated once
-        i = 0
+        i, done = 0, 0  # documents and tokens encoded so far
         while i < len(tokens):
             j, n = i, 0
             while j < len(tokens) and (j == i or n + len(tokens[j]) <= batch_tokens):
@@ -188,13 +196,13 @@ class MemoryBank:
             doc_ids = torch.cat([torch.full((len(d),), k + 1) for k, d in enumerate(tokens[i:j])]).to(dev)[None]
             pos = None
             if global_positions:  # the bank as one sequence after the template prefix
-                start = len(self.prefix_ids) + self.next_position + sum(map(len, tokens[:i]))
+                start = len(self.prefix_ids) + self.next_position + done
                 pos = torch.arange(start, start + n, device=dev)[None]  # (1, n)
             for layer, pooled in self.model.encode_documents(flat, doc_ids, pos).items():
                 # host tier: batches leave the device as they come; pinned once, after concatenation
                 parts.setdefault(layer, []).append(tuple(t.cpu() if self.tier == "host" else t for t in pooled))
             bar.update(n)
-            i = j
+            i, done = j, done + n
         bar.close()
         cat = {layer: [torch.cat([p[n] for p in ps]) for n in range(3)] for layer, ps in parts.items()}
         decoupled = self.model.msa_config.decouple_router
@@ -461,6 +469,11 @@ def _take(x: torch.Tensor, rows: torch.Tensor, dev: torch.device, stream) -> tor
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             return staged.to(dev, non_blocking=True)
     return x.index_select(0, rows.to(x.device))
+
+
+def _check_dtypes(key_dtype: str, content_dtype: str) -> None:
+    if key_dtype not in DTYPES or content_dtype not in DTYPES:
+        raise ValueError(f"key_dtype {key_dtype!r} / content_dtype {content_dtype!r}: expected one of {DTYPES}")
 
 
 def seg_device(seg: Segment) -> torch.device:
