@@ -74,8 +74,10 @@ def test_cuda_engine_matches_cpu_across_tiers(tmp_path):
             assert_same_routing(a.routing, b.routing, atol=1e-4)
 
 
-def test_cuda_graph_decode_equals_eager():
-    """The CUDA-graph decode step gives the eager step's tokens and logits, in a batch with padding."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_equals_eager(compile):
+    """The CUDA-graph decode step (with and without torch.compile) gives the eager step's tokens and logits, in a
+    batch with padding."""
     import memsparse as ms
     from memsparse.engine import prefill_batch
     from memsparse.model import cached
@@ -90,7 +92,7 @@ def test_cuda_graph_decode_equals_eager():
     for graphed in (False, True):
         res = prefill_batch(bank, rows, masks, extra=12)
         eager = lambda i, c=res.cache: cached.decode(model, i, c)  # noqa: E731
-        step = cached.GraphedDecode(model, res.cache) if graphed else eager
+        step = cached.GraphedDecode(model, res.cache, compile=compile) if graphed else eager
         logits, out = res.logits, []
         for _ in range(12):
             nxt = logits.argmax(-1)
@@ -99,4 +101,4 @@ def test_cuda_graph_decode_equals_eager():
         runs.append(torch.stack(out))
         with pytest.raises(RuntimeError, match="cache is full"):
             step(nxt)
-    assert torch.allclose(runs[0], runs[1], atol=1e-5)
+    assert torch.allclose(runs[0], runs[1], atol=1e-4 if compile else 1e-5)

@@ -43,7 +43,9 @@ class Generation:
     tokens: list[list[int]]  # generated ids per row (including the one that ended it)
     events: list[str]  # why each row stopped: what `stop` returned, or 'length'
     routing: list[Routing]
-    timings: dict[str, float]  # seconds: route and gather (inside prefill), prefill, decode; decode_tokens
+    # seconds: route and gather (inside prefill), prefill, decode (all steps), decode_first (the first step: on a
+    # GPU also the warm-up and capture of its CUDA graph); decode_tokens (steps taken)
+    timings: dict[str, float]
 
 
 @torch.no_grad()
@@ -66,7 +68,7 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     events: list[str | None] = [None] * len(rows)
     step = (cached.GraphedDecode(bank.model, res.cache) if cuda_graph and dev.type == "cuda"
             else lambda ids: cached.decode(bank.model, ids, res.cache))
-    logits, steps = res.logits, 0
+    logits, steps, first = res.logits, 0, 0.0
     while max_new_tokens > 0:
         nxt = sample(logits, sampling, gen)  # (B,)
         for b, t in enumerate(nxt.tolist()):
@@ -77,10 +79,14 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
             break
         logits = step(nxt)
         steps += 1
+        if steps == 1:
+            sync(dev)
+            first = time.perf_counter() - t1
     sync(dev)
     t2 = time.perf_counter()
     return Generation(
         tokens=out, events=[e or "length" for e in events], routing=res.memory.routing,
         timings={"route": res.memory.route_seconds, "gather": res.memory.gather_seconds, "prefill": t1 - t0,
-                 "decode": t2 - t1, "decode_tokens": steps},
+                 "decode": t2 - t1, "decode_first": first,
+                 "decode_tokens": steps},
     )

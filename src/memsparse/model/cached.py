@@ -11,6 +11,7 @@ active tokens of every row end at the same column, so one decode step writes the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,24 +102,53 @@ def prefill(
     return model.lm_head(model.model.norm(h)), kv
 
 
-def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def _pre_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Normed, projected, rotated q (B, 1, H, D) and k, v (B, 1, Hkv, D) of one decode step in one layer."""
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+
+
+def _post_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The residual stream after one layer, given its attention output o (B, 1, H, D)."""
+    x = x + layer.self_attn.o_proj(o.flatten(2))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@dataclass
+class DecodeStep:
+    """The two halves of a decoder layer around its attention: eager, or compiled (`compiled_step`)."""
+
+    pre: Callable = _pre_attention
+    post: Callable = _post_attention
+
+
+_COMPILED: list[DecodeStep] = []
+
+
+def compiled_step() -> DecodeStep:
+    """`DecodeStep` with both halves compiled by torch.compile (elementwise work fused into few kernels; the same
+    code for every layer, weights as inputs). Compiled once per process, on first use."""
+    if not _COMPILED:
+        _COMPILED.append(DecodeStep(torch.compile(_pre_attention, dynamic=False),
+                                    torch.compile(_post_attention, dynamic=False)))
+    return _COMPILED[0]
+
+
+def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: DecodeStep | None = None) -> torch.Tensor:
     """One token per row: `ids` (B,) -> next-token logits (B, V); the cache advances by one column.
     Shapes and indices never depend on the step (attention spans the whole cache under its validity mask),
     so a step can be captured once in a CUDA graph and replayed (`GraphedDecode`)."""
     if cache.length >= cache.capacity:
         raise RuntimeError("KV cache is full: prefill with a larger `extra`")
+    step = step or DecodeStep()
     x, cos, sin = _embed_rope(model, ids[:, None], cache.positions[:, None])  # (B, 1, hidden)
     for i, layer in enumerate(model.model.layers):
-        attn, lc = layer.self_attn, cache.layers[i]
+        lc = cache.layers[i]
         col = cache.step + (lc.start + cache.active)  # (1,) the column of this token
-        h = layer.input_layernorm(x)
-        q, k, v = attn.project(h, cos, sin)  # (B, 1, H|Hkv, D)
+        q, k, v = step.pre(layer, x, cos, sin)  # (B, 1, H|Hkv, D)
         lc.k.index_copy_(1, col, k)
         lc.v.index_copy_(1, col, v)
         lc.valid.index_fill_(1, col, True)
-        o = sdpa(q, lc.k, lc.v, mask=lc.valid[:, None, :])  # (B, 1, H, D)
-        x = x + attn.o_proj(o.flatten(2))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = step.post(layer, x, sdpa(q, lc.k, lc.v, mask=lc.valid[:, None, :]))  # attention out (B, 1, H, D)
     cache.step += 1
     cache.positions += 1
     cache.length += 1
@@ -126,11 +156,16 @@ def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Te
 
 
 class GraphedDecode:
-    """`decode` captured in a CUDA graph for one cache: the first call runs eagerly (warming up on a side
-    stream) and captures the step; later calls copy the ids in and replay it (no per-op launch cost)."""
+    """`decode` captured in a CUDA graph for one cache: the first call runs a real step (warming up on a side
+    stream) and captures the step; later calls copy the ids in and replay it (no per-op launch cost).
+    `compile`: the layers' elementwise work fused by torch.compile (`compiled_step`) inside the graph; by default
+    on unless the environment sets MEMSPARSE_COMPILE=0."""
 
-    def __init__(self, model: MSAForCausalLM, cache: KVCache):
+    def __init__(self, model: MSAForCausalLM, cache: KVCache, compile: bool | None = None):
         self.model, self.cache = model, cache
+        if compile is None:
+            compile = os.environ.get("MEMSPARSE_COMPILE", "1") != "0"
+        self.step = compiled_step() if compile else DecodeStep()
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -140,13 +175,13 @@ class GraphedDecode:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = decode(self.model, self.ids, cache)  # a real step, also the warm-up
+                logits = decode(self.model, self.ids, cache, self.step)  # a real step, also the warm-up
             torch.cuda.current_stream().wait_stream(stream)
             if cache.length < cache.capacity:
                 self.graph = torch.cuda.CUDAGraph()
                 length = cache.length
                 with torch.cuda.graph(self.graph):  # records, does not run: the cache is unchanged
-                    self.logits = decode(self.model, self.ids, cache)
+                    self.logits = decode(self.model, self.ids, cache, self.step)
                 cache.length = length
             return logits
         if cache.length >= cache.capacity:
