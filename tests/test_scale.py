@@ -50,3 +50,22 @@ def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
     again = scale.run(model, tok, [64], out, tasks=(), haystack=32)
     assert again["points"] == first["points"] and again["niah_haystack_tokens"] == 32
     assert all(p["commit"] == first["commit"] for p in again["points"])
+    fp8 = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32, fp8_at=64, key_dtypes=("fp8",))
+    assert [(p["tokens"], p["key_dtype"]) for p in fp8["points"]] == [(32, "bf16"), (64, "bf16"), (64, "fp8")]
+
+
+def test_squad_scores_report_em_f1_and_gold_routing():
+    """With k at least the bank's size every document is routed, so every gold paragraph is found (100%), alone
+    or on top of distractors; the distractor bank is left as it was."""
+    from memsparse.eval.scale import squad_scores
+    from memsparse.eval.squad import Squad
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 32}, vocab_size=300)
+    squad = Squad(paragraphs=["The bell is 7.", "Salt is white.", "Seeds grow."], article=[0, 0, 1],
+                  questions=[("What is the bell?", ["7"], 0), ("What grows?", ["Seeds"], 2)])
+    big = ms.MemoryBank.build(model, tok, DOCS[:5])
+    out = squad_scores(model, tok, {40: None, 400: big}, squad, inject_k=2)
+    assert set(out) == {40, 400} and big.doc_ids() == list(range(5))
+    for scores, routes in out.values():
+        assert scores["gold_routed"] == 100.0 and 0 <= scores["em"] <= scores["f1"] <= 100 and len(routes) == 2

@@ -268,7 +268,7 @@ def _eval_scale(args: argparse.Namespace) -> None:
     res = run(model, tok, [int(t) for t in args.tokens.split(",")], Path(args.out or
               "benchmarks/results/scale_quality.json"), niah_samples=args.samples, squad_questions=args.questions,
               bank_path=Path(args.bank_cache) if args.bank_cache else None, fp8_at=args.fp8_at,
-              tasks=tuple(t for t in args.scale_tasks.split(",") if t))
+              tasks=tuple(t for t in args.scale_tasks.split(",") if t), key_dtypes=tuple(args.key_dtypes.split(",")))
     for p in res["points"]:
         print(f"{p['task']:<14} {p['tokens']:>10} {p['key_dtype']:>5} {p['score']:>7}")
     for r in res["recall"]:
@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bank-cache", help="scale: directory to save / reuse the distractor bank")
     v.add_argument("--fp8-at", type=int, help="scale: also measure fp8 routing keys at this size")
     v.add_argument("--scale-tasks", default="niah,squad", help="scale: tasks ('' only builds the distractor bank)")
+    v.add_argument("--key-dtypes", default="bf16,fp8", help="scale: routing-key dtypes to measure (fp8: at --fp8-at)")
     v.add_argument("--systems", default="memsparse,rag1,rag5,rag10,full",
                    help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")

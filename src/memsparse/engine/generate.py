@@ -10,7 +10,7 @@ import torch
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import Routing, prefill_batch, sync
+from .prefill import Routing, gathers_on_device, graphed_prefill, prefill_batch, sync
 
 
 @dataclass
@@ -54,20 +54,25 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
              similarity: str = "train", top_k: int | None = None, cuda_graph: bool = True) -> Generation:
     """Prefill the rows, then decode until `stop(row, generated ids)` returns an event for every row or
     `max_new_tokens` are generated. Finished rows keep stepping with the batch; their tokens are dropped.
-    On a GPU the decode step runs as a CUDA graph unless `cuda_graph=False`."""
+    On a GPU, unless `cuda_graph=False`, the decode step runs as a CUDA graph, and so does the whole prefill
+    when the bank is gathered on the device (`graphed_prefill`: captured once per shape, then replayed)."""
     sampling = sampling or Sampling()
     dev = bank.model.device
     gen = None
     if sampling.seed is not None:
         gen = torch.Generator(device=dev).manual_seed(sampling.seed)
     t0 = time.perf_counter()
-    res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
+    graphed = cuda_graph and dev.type == "cuda"
+    if graphed and gathers_on_device(bank):
+        res, step = graphed_prefill(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
+    else:
+        res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
+        step = (cached.GraphedDecode(bank.model, res.cache) if graphed
+                else lambda ids: cached.decode(bank.model, ids, res.cache))
     sync(dev)
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in rows]
     events: list[str | None] = [None] * len(rows)
-    step = (cached.GraphedDecode(bank.model, res.cache) if cuda_graph and dev.type == "cuda"
-            else lambda ids: cached.decode(bank.model, ids, res.cache))
     logits, steps, first = res.logits, 0, 0.0
     while max_new_tokens > 0:
         nxt = sample(logits, sampling, gen)  # (B,)

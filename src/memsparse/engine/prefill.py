@@ -86,8 +86,8 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
     """(2, B, k') float64: scores and table positions of each row's top documents (k' = min(k, table size)).
     With fused routing on a GPU the whole step runs as one CUDA graph per (layer, batch, routing length rounded
     up to 32), captured on first use and kept with the bank's routing view (so dropped when the bank changes)."""
-    if not (rq.is_cuda and uses_fused(bank, rq)):
-        return _top_documents(bank, layer, rq, rmask, cosine, k)
+    if not (rq.is_cuda and uses_fused(bank, rq)) or capturing(rq.device):
+        return _top_documents(bank, layer, rq, rmask, cosine, k)  # (inside a captured prefill: no nested graph)
     B, S = rmask.shape
     key = (layer, B, -(-S // 32) * 32, cosine, k, rq.dtype)
     graphs = bank.routing_view().setdefault("graphs", {})
@@ -129,15 +129,24 @@ class _RoutingGraph:
 DEVICE_GATHER_SEGMENTS = 8  # the device-side gather costs one indexing per segment and layer
 
 
+def gathers_on_device(bank: MemoryBank) -> bool:
+    """Whether routing and the gather of the selected chunks stay on the model's device (`BankMemory`): at most
+    `DEVICE_GATHER_SEGMENTS` segments, and K̄/V̄ on the device or, with Triton, read zero-copy from pinned memory."""
+    host = bank.model.device.type == "cuda" and bank.tier == "host"
+    zero_copy = importlib.util.find_spec("triton") is not None
+    return len(bank.segments) <= DEVICE_GATHER_SEGMENTS and (zero_copy or not host)
+
+
 @dataclass
 class BankMemory:
     """The `cached.Memory` of a batch over a bank: the template prefix in every layer, plus in router layers
     each row's top-k documents. Records the routing of each row and the time spent routing and gathering.
 
-    With K̄/V̄ on the model's device (and a bank of at most `DEVICE_GATHER_SEGMENTS` segments), routing, top-k
-    and the gather of the selected chunks stay on the device: no host round trip per layer; the routing is read
-    back once, when asked for, and the times come from CUDA events. Otherwise (host tier, many segments) each
-    layer's ids go to the host, which gathers the selected chunks (copied from pinned memory on a side stream)."""
+    On a GPU with Triton (K̄/V̄ on the device, or in pinned host memory read zero-copy by the GPU) and on the CPU,
+    for a bank of at most `DEVICE_GATHER_SEGMENTS` segments, routing, top-k and the gather of the selected chunks
+    stay on the device: no host round trip per layer; the routing is read back once, when asked for, and the
+    times come from CUDA events. Otherwise (many segments, host tier without Triton) each layer's ids go to the
+    host, which gathers the selected chunks (copied from pinned memory on a side stream)."""
 
     bank: MemoryBank
     route_mask: torch.Tensor  # (B, S)
@@ -151,10 +160,9 @@ class BankMemory:
     def __post_init__(self):
         self._routing = [{} for _ in range(self.route_mask.shape[0])]
         dev = self.route_mask.device
-        host = dev.type == "cuda" and self.bank.tier == "host"
-        self.via_host = host or len(self.bank.segments) > DEVICE_GATHER_SEGMENTS
+        self.via_host = not gathers_on_device(self.bank)
         # host tier: the selected chunks are copied on a side stream, asynchronously to the queued GPU work
-        self.copy_stream = torch.cuda.Stream(dev) if host else None
+        self.copy_stream = torch.cuda.Stream(dev) if self.via_host and self.bank.tier == "host" else None
 
     @property
     def routing(self) -> list[Routing]:
@@ -168,7 +176,7 @@ class BankMemory:
 
     @property
     def route_seconds(self) -> float:
-        """Scoring and top-k: device time (events) on the device tier, synchronized wall time from the host tier."""
+        """Scoring and top-k: device time (events) on the device path, synchronized wall time through the host."""
         return self._seconds[0] + sum(_elapsed(a, b) for a, b, _ in self._spans)
 
     @property
@@ -185,12 +193,14 @@ class BankMemory:
                                                                                  device=pk.device)
         if self.via_host:
             return self._via_host(i, attn, h, q)
-        t0 = _clock(q.device)
+        timed = not capturing(q.device)  # no timing events inside a captured prefill
+        t0 = _clock(q.device) if timed else None
         top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine, self.top_k)
         self._pending.append((i, top.clone() if top.is_cuda else top, bank.routing_view()["ids"]))
-        t1 = _clock(q.device)
+        t1 = _clock(q.device) if timed else None
         k, v, valid = bank.gather_top(i, top[1].long(), torch.isfinite(top[0]))  # (B, k * m, ...)
-        self._spans.append((t0, t1, _clock(q.device)))
+        if timed:
+            self._spans.append((t0, t1, _clock(q.device)))
         ones = torch.ones(B, pk.shape[0], dtype=torch.bool, device=pk.device)
         return (torch.cat([pk.expand(B, *pk.shape), k], 1), torch.cat([pv.expand(B, *pv.shape), v], 1),
                 torch.cat([ones, valid], 1))
@@ -244,6 +254,11 @@ def _elapsed(a, b) -> float:
     return a.elapsed_time(b) / 1e3
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work on `device` is being captured into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -258,9 +273,10 @@ def query_offset(bank: MemoryBank, top_k: int) -> int:
     return p + top_k if bank.model.msa_config.query_position_offset == "template+k" else top_k
 
 
-def batch_rows(rows: list[list[int]], masks: list[list[bool]], offset: int, device):
-    """Left-pad token rows: ids, positions, valid and route mask, each (B, S)."""
-    S = max(map(len, rows))
+def batch_rows(rows: list[list[int]], masks: list[list[bool]], offset: int, device, length: int = 0):
+    """Left-pad token rows (to the longest, or to `length` if longer): ids, positions, valid and route mask,
+    each (B, S)."""
+    S = max(length, *map(len, rows))
     B = len(rows)
     ids = torch.zeros(B, S, dtype=torch.long)
     pos = torch.zeros(B, S, dtype=torch.long)
@@ -305,3 +321,70 @@ def prefill(bank: MemoryBank, input_ids: list[int], route_mask: list[bool], simi
     """One row: logits (S, V) of every active token and its routing. Positions start at p + k (or k)."""
     res = prefill_batch(bank, [input_ids], [route_mask], similarity, top_k, logits="all")
     return res.logits[0], res.memory.routing[0]
+
+
+GRAPH_LENGTH = 32  # graphed prefills pad the rows to a multiple of this many tokens
+GRAPH_EXTRA = 64  # ... and room for generated tokens to a multiple of this
+MAX_PREFILL_GRAPHS = 8  # kept per bank view (the oldest is dropped first)
+
+
+class _PrefillGraph:
+    """A whole prefill (every layer, routing and gather included) captured as one CUDA graph for one batch size,
+    padded length and room for generated tokens, over one routing view of a bank. Inputs and outputs are static
+    tensors: each replay overwrites the KV cache and the routing of the previous one. The decode step of that
+    cache is captured once too (`GraphedDecode`) and reused across replays."""
+
+    def __init__(self, bank, inputs, cosine: bool, k: int, extra: int):
+        self.inputs = [t.clone() for t in inputs]  # ids, pos, valid, rmask (B, S)
+        ids, pos, valid, rmask = self.inputs
+        model = bank.model
+        stream = torch.cuda.Stream(ids.device)
+        stream.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(stream):  # warm-up: Triton autotunes, torch.compile and the routing views set up
+            cached.prefill(model, ids, pos, valid, BankMemory(bank, rmask, cosine, k), extra=extra)
+        torch.cuda.current_stream(ids.device).wait_stream(stream)
+        self.memory = BankMemory(bank, rmask, cosine, k)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.cache = cached.prefill(model, ids, pos, valid, self.memory, extra=extra)
+        self.pending = list(self.memory._pending)
+        self.memory.bank = None  # now it only serves the routing: no cycle bank -> view -> graph -> bank
+        self.decode = cached.GraphedDecode(model, self.cache)
+
+    def __call__(self, inputs) -> PrefillResult:
+        for dst, src in zip(self.inputs, inputs):
+            dst.copy_(src)
+        self.graph.replay()
+        self.cache.length = self.cache.active  # the replay reset the cache's device state (step, positions, valid)
+        self.memory._routing = [{} for _ in self.memory._routing]
+        self.memory._pending = list(self.pending)
+        return PrefillResult(logits=self.logits, cache=self.cache, memory=self.memory)
+
+
+def graphed_prefill(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str = "train",
+                    top_k: int | None = None, extra: int = 0) -> tuple[PrefillResult, cached.GraphedDecode]:
+    """`prefill_batch` (last-token logits) replayed from a CUDA graph, and the graphed decode step of its cache.
+    Rows are padded to a multiple of `GRAPH_LENGTH` tokens and `extra` rounded up to a multiple of `GRAPH_EXTRA`;
+    the graph is captured on the first call of each shape and kept with the bank's routing view. Needs a GPU and
+    a bank whose gather stays on the device (`gathers_on_device`). The result lives in the graph's static memory:
+    it is valid until the next call of the same shape. Routing and gather times are not measured (0)."""
+    model = bank.model
+    if model.device.type != "cuda" or not gathers_on_device(bank):
+        raise ValueError("graphed_prefill needs a GPU and a bank gathered on the device (gathers_on_device)")
+    for m in route_masks:
+        if not any(m):
+            raise ValueError("the question needs at least one routing token")
+    k = top_k or model.msa_config.engine_top_k
+    S = -(-max(map(len, rows)) // GRAPH_LENGTH) * GRAPH_LENGTH
+    extra = max(-(-extra // GRAPH_EXTRA) * GRAPH_EXTRA, GRAPH_EXTRA)
+    inputs = batch_rows(rows, route_masks, query_offset(bank, k), model.device, length=S)
+    cosine = uses_cosine(model, similarity)
+    graphs = bank.routing_view().setdefault("prefill_graphs", {})
+    key = (len(rows), S, extra, cosine, k)
+    g = graphs.pop(key, None)
+    if g is None:
+        if len(graphs) >= MAX_PREFILL_GRAPHS:
+            graphs.pop(next(iter(graphs)))
+        g = _PrefillGraph(bank, inputs, cosine, k, extra)
+    graphs[key] = g  # most recently used last
+    return g(inputs), g.decode

@@ -105,9 +105,10 @@ def niah_scores(model, tok, banks: dict, subtasks: list[str], samples: int, seed
 
 
 def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
-    """Exact match (%) per size over the questions, each size with all SQuAD paragraphs added; also the
-    routing of the first 100 questions per size, for the recall comparison."""
-    from .squad import exact_match
+    """Per size (each with all SQuAD paragraphs added): exact match and F1 (%), the share of questions (%) whose
+    gold paragraph is among the routed documents of some router layer, and the routing of the first 100
+    questions (for the recall comparison)."""
+    from .squad import exact_match, f1
 
     out = {}
     questions = [q for q, _, _ in squad.questions]
@@ -116,8 +117,12 @@ def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
         engine = MSAEngine(model, tok, bank, similarity="train")
         answers = engine.ask_batch(questions, max_new_tokens=32, interleave="router", inject_k=inject_k)
         em = [exact_match(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
-        routes = [engine.route(q) for q in questions[:100]]
-        out[size] = (round(100 * sum(em) / len(em), 2), routes)
+        f = [f1(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
+        routes = [engine.route(q) for q in questions]
+        gold = [any(ids[par] in {d for d, _ in docs} for docs in r.values())
+                for r, (_, _, par) in zip(routes, squad.questions)]
+        pct = lambda xs: round(100 * sum(xs) / len(xs), 2)  # noqa: E731
+        out[size] = ({"em": pct(em), "f1": pct(f), "gold_routed": pct(gold)}, routes[:100])
         if background is not None:
             _drop(bank, ids)
     return out
@@ -133,8 +138,10 @@ def recall(a: list[dict], b: list[dict]) -> float:
 def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_questions: int = 200,
         subtasks: tuple[str, ...] = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue"),
         bank_path: Path | None = None, fp8_at: int | None = None, haystack: int = 32768,
-        tasks: tuple[str, ...] = ("niah", "squad")) -> dict:
-    """scale_quality.json = {gpu, date, commit, points: [{task, tokens, score, key_dtype}], recall: [...]}."""
+        tasks: tuple[str, ...] = ("niah", "squad"), key_dtypes: tuple[str, ...] = ("bf16", "fp8")) -> dict:
+    """scale_quality.json = {gpu, date, commit, points: [{task, tokens, score, key_dtype}], recall: [...]}.
+    Routing keys in bf16 at every size, and in fp8 at `fp8_at` (when given), as far as `key_dtypes` allows. Points
+    of an earlier file that this run does not measure (another task or key dtype) are kept."""
     from .squad import load_squad
 
     squad = load_squad(squad_questions) if "squad" in tasks else None
@@ -145,13 +152,16 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
               for d in big.doc_ids()), "niah_haystack_tokens": haystack, "niah_subtasks": list(subtasks),
               "niah_samples_per_subtask": niah_samples, "squad_questions": len(squad.questions) if squad else 0,
               "squad_memory_tokens": squad_tokens, "points": [], "recall": []}
-    # a run of some tasks keeps an earlier file's results for the others (each point names its commit)
+    # a run of some tasks or key dtypes keeps an earlier file's other results (each point names its commit)
+    dtypes = [kd for kd in key_dtypes if kd == "bf16" or fp8_at]
     old = json.loads(out.read_text()) if out.exists() else {}
     for task, prefix, name in (("niah", "niah_", "niah"), ("squad", "squad_", "squad_open_em")):
-        if task not in tasks and old:
+        if task not in tasks:
             result.update({k: v for k, v in old.items() if k.startswith(prefix)})
-            result["points"] += [p for p in old.get("points", []) if p["task"] == name]
-            result["recall"] += old.get("recall", []) if task == "squad" else []
+        result["points"] += [p for p in old.get("points", []) if p["task"] == name
+                             and (task not in tasks or p["key_dtype"] not in dtypes)]
+    if not ("squad" in tasks and "fp8" in dtypes):
+        result["recall"] += old.get("recall", [])
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +176,7 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
         return ({} if only else {own: None}) | chosen
 
     bf16_routes = {}
-    for kd in ("bf16", "fp8") if fp8_at else ("bf16",):
+    for kd in dtypes:
         only = fp8_at if kd == "fp8" else None
         niah = niah_scores(model, tok, banks_for(haystack, kd, only), list(subtasks), niah_samples,
                            haystack=haystack) if "niah" in tasks else {}
@@ -175,10 +185,11 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
                                      "commit": result["commit"]})
         save()
         sq = squad_scores(model, tok, banks_for(squad_tokens, kd, only), squad) if squad else {}
-        for size, (score, routes) in sq.items():
-            result["points"].append({"task": "squad_open_em", "tokens": size, "score": score, "key_dtype": kd,
+        for size, (scores, routes) in sq.items():
+            result["points"].append({"task": "squad_open_em", "tokens": size, "score": scores["em"],
+                                     "f1": scores["f1"], "gold_routed": scores["gold_routed"], "key_dtype": kd,
                                      "commit": result["commit"]})
-            if kd == "fp8":
+            if kd == "fp8" and size in bf16_routes:
                 result["recall"].append({"tokens": size, "top_k_recall_fp8_vs_bf16": recall(bf16_routes[size],
                                                                                             routes)})
             else:

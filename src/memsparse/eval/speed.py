@@ -3,16 +3,19 @@ its floor (DESIGN.md §4), for the shipped MSA-SmolLM2 with real encoded banks a
 (random weights, banks of random tensors of the right shapes and dtypes).
 
 Per point: routing ms per round (scoring + top-k in every router layer of a real prefill, summed: device time
-from CUDA events when K̄/V̄ sit on the device, synchronized wall time when each layer's ids go through the host;
-the fused kernel and, in the same run, the PyTorch path), its floor (bytes of routing keys / the GPU's measured read
-rate), time to first token (the whole prefill of a question, routing included), decode ms per token (CUDA
-graph) and its floor (weights + KV cache bytes / read rate), GPU and host GB, bytes per token, achieved GB/s
+from CUDA events when the gather stays on the device (K̄/V̄ on the device or read zero-copy from pinned memory),
+synchronized wall time when each layer's ids go through the host; the fused kernel and, in the same run, the
+PyTorch path), its floor (bytes of routing keys / the GPU's measured read rate), time to first token (the whole
+prefill of a question, routing included, replayed from a CUDA graph where possible, and eager), decode ms per
+token (steady state of the CUDA-graph step; the first step, which captures it, apart) and its floor (weights +
+KV cache bytes / read rate), GPU and host GB, bytes per token, achieved GB/s
 and TFLOP/s of routing. Dense attention (PyTorch SDPA, causal, one layer) is timed where it fits.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import resource
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..engine.generate import generate
-from ..engine.prefill import prefill_batch, sync
+from ..engine.prefill import gathers_on_device, graphed_prefill, prefill_batch, sync
 from ..memory.bank import MemoryBank
 from ..memory.quant import STORAGE, QTensor, quantize
 from ..model.config import DecoderConfig
@@ -129,10 +132,12 @@ def _median_ms(xs: list[float]) -> float:
 
 
 def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = True) -> dict:
-    """Median routing ms, TTFT ms, decode ms/token (steady state) and the first decode step's ms (with the capture of
-    its CUDA graph) over `s.repeats` questions (after one warm-up)."""
+    """Median routing ms, TTFT ms (the path `generate` takes: a replayed CUDA graph of the whole prefill where the
+    bank allows one, else eager; the eager prefill's TTFT beside it), decode ms/token (steady state) and the first
+    decode step's ms (with the capture of its CUDA graph) over `s.repeats` questions (after one warm-up)."""
     dev = bank.model.device
-    route, ttft, dec, first = [], [], [], []
+    graph = dev.type == "cuda" and gathers_on_device(bank)
+    route, eager, ttft, dec, first = [], [], [], [], []
     for r in range(s.repeats + 1):
         rows, masks = questions(batch, s.q_len, bank.model.config.vocab_size, r)
         sync(dev)
@@ -141,15 +146,23 @@ def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = Tru
         res.logits.argmax(-1).tolist()  # the first token, on the host
         t1 = time.perf_counter()
         if r:
+            timer = "wall" if res.memory.via_host or dev.type != "cuda" else "device events"
             route.append(res.memory.route_seconds)
-            ttft.append(t1 - t0)
+            eager.append(t1 - t0)
         del res
+        if graph:
+            sync(dev)
+            t0 = time.perf_counter()
+            graphed_prefill(bank, rows, masks, extra=s.new_tokens)[0].logits.argmax(-1).tolist()
+            if r:
+                ttft.append(time.perf_counter() - t0)
         if decode and r:
             g = generate(bank, rows, masks, s.new_tokens, lambda b, ids: None)
             t = g.timings  # steady state: the steps after the first (which captures the CUDA graph)
             dec.append((t["decode"] - t["decode_first"]) / max(t["decode_tokens"] - 1, 1))
             first.append(t["decode_first"])
-    out = {"routing_ms": _median_ms(route), "ttft_ms": _median_ms(ttft)}
+    out = {"routing_ms": _median_ms(route), "routing_timer": timer, "ttft_ms": _median_ms(ttft or eager),
+           "ttft_ms_eager": _median_ms(eager), "prefill": "cuda graph" if graph else "eager"}
     if decode:
         out["decode_ms_per_token"] = _median_ms(dec)
         out["decode_first_step_ms"] = _median_ms(first)
@@ -200,7 +213,6 @@ def measure_point(name: str, bank: MemoryBank, tokens: int, s: Settings, rate: f
     p = {"model": name, "tokens": tokens, "key_dtype": "bf16" if bank.key_dtype == "model" else bank.key_dtype,
          "content_dtype": "bf16" if bank.content_dtype == "model" else bank.content_dtype, "tier": bank.tier,
          "routing": "fused" if dev.type == "cuda" else "torch", **fused,
-         "routing_timer": "device events" if dev.type == "cuda" and bank.tier == "device" else "wall",
          "routing_floor_ms": round(rbytes / rate * 1e3, 3),
          "routing_gbps": round(rbytes / fused["routing_ms"] * 1e-6, 1),
          "routing_tflops": round(flops / fused["routing_ms"] * 1e-9, 2),
@@ -248,6 +260,7 @@ def run(out: Path, tokens: list[int], models: list[str], s: Settings, tiny: bool
                         result["decode_batches"].append(d)
                         _log(d)
                 del bank
+                gc.collect()  # a bank's captured graphs go with it
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
         del model, banks

@@ -407,10 +407,10 @@ class MemoryBank:
     def gather_top(self, layer: int, pos: torch.Tensor, ok: torch.Tensor):
         """K̄, V̄ (B, k * m, Hkv, D) in the model's dtype and their validity (B, k * m) for table positions `pos`
         (B, k) (`ok` (B, k) marks real picks), all on the device with no host round trip: each row's documents
-        in table (bank) order, each padded to m = the bank's longest document in chunks. Device tier only."""
-        if self.tier == "host" and self.model.device.type == "cuda":
-            raise ValueError("gather_top reads K̄/V̄ on the device; the host tier gathers through `gather`")
-        view, dtype = self.routing_view(), self.model.dtype
+        in table (bank) order, each padded to m = the bank's longest document in chunks. From the host tier on a
+        GPU, the GPU reads the selected rows from pinned memory itself (`ops.gather_triton`, zero-copy)."""
+        view, dtype, dev = self.routing_view(), self.model.dtype, self.model.device
+        zero_copy = self.tier == "host" and dev.type == "cuda"
         N, m = len(view["ids"]), view["max_chunks"]
         B, k = pos.shape
         order = torch.where(ok, pos, N).sort(1).values  # (B, k) table order, missing picks last
@@ -428,8 +428,15 @@ class MemoryBank:
                 if t.shape[0] == 0:
                     continue
                 sel = valid & (seg == n)  # (B, k, m)
-                here = torch.where(sel, rows, 0)
-                got = dense(qmap(t, lambda x, r=here: x[r]), dtype)  # (B, k, m, Hkv, D)
+                if zero_copy:
+                    from ..ops.gather_triton import gather_rows
+
+                    q = isinstance(t, QTensor)
+                    got = gather_rows(t.data if q else t, t.scale if q else None, torch.where(sel, rows, -1), dtype,
+                                      dev)  # (B, k, m, Hkv, D)
+                else:
+                    here = torch.where(sel, rows, 0)
+                    got = dense(qmap(t, lambda x, r=here: x[r]), dtype)  # (B, k, m, Hkv, D)
                 acc = got if acc is None else torch.where(sel[..., None, None], got, acc)
             out.append(acc.flatten(1, 2))  # (B, k * m, Hkv, D)
         return out[0], out[1], valid.flatten(1)
