@@ -10,7 +10,7 @@ import torch
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import Routing, gathers_on_device, graphed_prefill, prefill_batch, sync
+from .prefill import Routing, graphable, graphed_prefill, prefill_batch, sync
 
 
 @dataclass
@@ -55,7 +55,8 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     """Prefill the rows, then decode until `stop(row, generated ids)` returns an event for every row or
     `max_new_tokens` are generated. Finished rows keep stepping with the batch; their tokens are dropped.
     On a GPU, unless `cuda_graph=False`, the decode step runs as a CUDA graph, and so does the whole prefill
-    when the bank is gathered on the device (`graphed_prefill`: captured once per shape, then replayed)."""
+    for short rows over a bank gathered on the device (`graphable`, `graphed_prefill`: captured once per shape,
+    then replayed)."""
     sampling = sampling or Sampling()
     dev = bank.model.device
     gen = None
@@ -63,7 +64,7 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
         gen = torch.Generator(device=dev).manual_seed(sampling.seed)
     t0 = time.perf_counter()
     graphed = cuda_graph and dev.type == "cuda"
-    if graphed and gathers_on_device(bank):
+    if graphed and graphable(bank, rows):
         res, step = graphed_prefill(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
     else:
         res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)

@@ -325,7 +325,16 @@ def prefill(bank: MemoryBank, input_ids: list[int], route_mask: list[bool], simi
 
 GRAPH_LENGTH = 32  # graphed prefills pad the rows to a multiple of this many tokens
 GRAPH_EXTRA = 64  # ... and room for generated tokens to a multiple of this
+GRAPH_MAX_TOKENS = 1024  # graphed only up to this many padded active tokens (batch x length): short questions,
+# where launches dominate; the graph's memory pool (KV cache, attention work space) is kept while it is
 MAX_PREFILL_GRAPHS = 8  # kept per bank view (the oldest is dropped first)
+
+
+def graphable(bank: MemoryBank, rows: list[list[int]]) -> bool:
+    """Whether `graphed_prefill` serves these rows: a GPU, a bank gathered on the device, and at most
+    `GRAPH_MAX_TOKENS` padded active tokens."""
+    S = -(-max(map(len, rows)) // GRAPH_LENGTH) * GRAPH_LENGTH
+    return bank.model.device.type == "cuda" and gathers_on_device(bank) and len(rows) * S <= GRAPH_MAX_TOKENS
 
 
 class _PrefillGraph:
@@ -365,12 +374,13 @@ def graphed_prefill(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
                     top_k: int | None = None, extra: int = 0) -> tuple[PrefillResult, cached.GraphedDecode]:
     """`prefill_batch` (last-token logits) replayed from a CUDA graph, and the graphed decode step of its cache.
     Rows are padded to a multiple of `GRAPH_LENGTH` tokens and `extra` rounded up to a multiple of `GRAPH_EXTRA`;
-    the graph is captured on the first call of each shape and kept with the bank's routing view. Needs a GPU and
-    a bank whose gather stays on the device (`gathers_on_device`). The result lives in the graph's static memory:
+    the graph is captured on the first call of each shape and kept with the bank's routing view. Needs
+    `graphable` rows. The result lives in the graph's static memory:
     it is valid until the next call of the same shape. Routing and gather times are not measured (0)."""
     model = bank.model
-    if model.device.type != "cuda" or not gathers_on_device(bank):
-        raise ValueError("graphed_prefill needs a GPU and a bank gathered on the device (gathers_on_device)")
+    if not graphable(bank, rows):
+        raise ValueError("graphed_prefill needs a GPU, a bank gathered on the device (gathers_on_device) and at most "
+                         f"{GRAPH_MAX_TOKENS} padded active tokens")
     for m in route_masks:
         if not any(m):
             raise ValueError("the question needs at least one routing token")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..engine.generate import generate
-from ..engine.prefill import gathers_on_device, graphed_prefill, prefill_batch, sync
+from ..engine.prefill import graphable, graphed_prefill, prefill_batch, sync
 from ..memory.bank import MemoryBank
 from ..memory.quant import STORAGE, QTensor, quantize
 from ..model.config import DecoderConfig
@@ -136,10 +136,10 @@ def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = Tru
     bank allows one, else eager; the eager prefill's TTFT beside it), decode ms/token (steady state) and the first
     decode step's ms (with the capture of its CUDA graph) over `s.repeats` questions (after one warm-up)."""
     dev = bank.model.device
-    graph = dev.type == "cuda" and gathers_on_device(bank)
     route, eager, ttft, dec, first = [], [], [], [], []
     for r in range(s.repeats + 1):
         rows, masks = questions(batch, s.q_len, bank.model.config.vocab_size, r)
+        graph = graphable(bank, rows)
         sync(dev)
         t0 = time.perf_counter()
         res = prefill_batch(bank, rows, masks)
