@@ -205,12 +205,14 @@ def plot(result: dict, path: Path) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for task in ("niah", "squad_open_em"):
+    series = [("niah", "score", "NIAH accuracy"), ("squad_open_em", "score", "SQuAD-open EM"),
+              ("squad_open_em", "f1", "SQuAD-open F1"), ("squad_open_em", "gold_routed", "SQuAD gold paragraph routed")]
+    for task, field, name in series:
         for kd in ("bf16", "fp8"):
-            pts = sorted((p["tokens"], p["score"]) for p in result["points"] if p["task"] == task
-                         and p["key_dtype"] == kd)
+            pts = sorted((p["tokens"], p[field]) for p in result["points"] if p["task"] == task
+                         and p["key_dtype"] == kd and field in p)
             if pts:
-                ax.plot(*zip(*pts), "o-" if kd == "bf16" else "x", label=f"{task} ({kd} routing keys)")
+                ax.plot(*zip(*pts), "o-" if kd == "bf16" else "x", label=f"{name} ({kd} routing keys)")
     ax.set_xscale("log")
     ax.set_xlabel("memory tokens")
     ax.set_ylabel("score (%)")
