@@ -33,15 +33,16 @@ _CONFIGS = [triton.Config({"BLOCK_C": 16}, num_warps=4)] if _INTERPRET else [
 
 
 @triton.autotune(configs=_CONFIGS,
-                  key=["HKV", "D", "BLOCK_R", "R_TILES", "B", "HAS_SCALE", "COSINE", "INV_NORM", "SPLIT"])
+                  key=["HKV", "D", "BLOCK_R", "R_TILES", "B", "HAS_SCALE", "COSINE", "INV_NORM", "SPLIT", "C_BUCKET"])
 @triton.jit
-def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_ptr, out_ptr, R, C, N,
+def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_ptr, out_ptr, R, C, N, C_BUCKET,
                   B: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
                   R_TILES: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   INV_NORM: tl.constexpr, SPLIT: tl.constexpr):
     """q (R, HKV, D) rows (SPLIT: fp8 hi, with qlo fp8 lo and qs (R,) float32 row scale); k (C, HKV, D);
     ks (C,) per-chunk key scale (HAS_SCALE); kn (C, HKV) float32 inverse key norms (INV_NORM, cosine only);
-    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima."""
+    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima. C_BUCKET (the bit
+    length of C) is only a tuning key: the best tile differs between 16K and 1.6M chunks."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, D)
     c_ok = offs_c < C
@@ -147,7 +148,7 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
     rows = rows.contiguous()
     _route_kernel[grid](rows, row_lo.contiguous() if split_fp8 else rows, row_scale if split_fp8 else out,
                         sample.contiguous(), keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
-                        B * S, C, num_docs, B=B, HKV=Hkv, D=D, BLOCK_R=block_r,
+                        B * S, C, num_docs, C.bit_length(), B=B, HKV=Hkv, D=D, BLOCK_R=block_r,
                         R_TILES=triton.cdiv(B * S, block_r), COSINE=cosine, HAS_SCALE=key_scale is not None,
                         INV_NORM=inv_norm, SPLIT=split_fp8)
     return out
