@@ -9,7 +9,7 @@ from memsparse.engine import Sampling, prefill, prefill_batch
 from memsparse.engine.generate import generate, sample
 from memsparse.model import cached
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import assert_same_routing, tiny_model, tiny_tokenizer
 
 DOCS = ["Paris is the capital of France.", "Ottawa is the capital of Canada.", "Bananas are yellow and sweet.",
         "Rome is in Italy, and it is old.", "A long one. " * 12]
@@ -92,3 +92,25 @@ def test_ask_stops_and_reports(setup):
     both = engine.ask(["Where is Ottawa?", "Bananas?"], max_new_tokens=5, interleave=False)
     assert [a.transcript for a in both][0] == ans.transcript
     assert engine.route("Where is Ottawa?") == ans.routing
+
+
+def test_rows_padded_further_left_change_nothing(setup):
+    """What the graphed prefill relies on: rows left-padded beyond the longest (to a fixed length) give the same
+    last-token logits, routing and greedy continuation (on the CPU: the same code the GPU graph captures)."""
+    from memsparse.engine.prefill import BankMemory, batch_rows, query_offset
+
+    model, tok, bank = setup
+    rows, masks = [[5, 6, 7, 8, 9], [11, 12, 13]], [[True] * 4 + [False], [True, True, False]]
+    outs = []
+    for length in (0, 32):
+        ids, pos, valid, rmask = batch_rows(rows, masks, query_offset(bank, 2), model.device, length=length)
+        assert ids.shape == (2, max(length, 5))
+        memory = BankMemory(bank, rmask, True, 2)
+        logits, cache = cached.prefill(model, ids, pos, valid, memory, extra=4)
+        steps = [logits]
+        for _ in range(3):
+            steps.append(cached.decode(model, steps[-1].argmax(-1), cache))
+        outs.append((torch.stack(steps), memory.routing))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        assert_same_routing(a, b)
