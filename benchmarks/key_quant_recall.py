@@ -1,5 +1,6 @@
-"""fp8 and int8 routing keys (scale per chunk) against the model's own keys, with the shipped MSA-SmolLM2 on
-real text:
+"""fp8 and int8 routing keys (scale per chunk) against bf16 keys and the model's own keys, with the shipped
+MSA-SmolLM2 on real text (on the CPU the model runs in float32: `bf16` is its routing keys rounded to bfloat16,
+and fp8 / int8 are quantized from those, as from a bf16 model on a GPU; every kind starts from the same keys):
 - top-k routing recall: SQuAD questions (evaluation only) routed over a bank of the first `--paragraphs` dev
   paragraphs (questions about those): the overlap of each router layer's top-k documents with quantized keys and
   with the model's keys, and how often the gold paragraph is among them;
@@ -28,7 +29,19 @@ from memsparse.eval.scale import recall
 from memsparse.eval.squad import load_squad
 from memsparse.train.tasks.niah import make_sample, string_match_all
 
-KINDS = ("model", "fp8", "int8")  # routing-key dtypes; the model's own is the reference
+KINDS = ("model", "bf16", "fp8", "int8")  # routing keys: the model's own, rounded to bf16, 8-bit from bf16
+
+
+def use_keys(bank: MemoryBank, kind: str, original: list[dict]) -> None:
+    """Set the bank's routing keys to `kind`, starting from the `original` keys (never from another kind's)."""
+    for seg, keys in zip(bank.segments, original):
+        seg.route_keys = {lay: t if kind == "model" else t.to(torch.bfloat16).to(t.dtype) for lay, t in keys.items()}
+    bank.key_dtype = "model"
+    bank.set_key_dtype(kind if kind in ("fp8", "int8") else "model")
+
+
+def original_keys(bank: MemoryBank) -> list[dict]:
+    return [{lay: t.clone() for lay, t in seg.route_keys.items()} for seg in bank.segments]
 
 
 def found(routes: list[dict], gold: list[int]) -> float:
@@ -52,14 +65,15 @@ def main() -> None:
     questions, gold = [q for q, _ in asked], [p for _, p in asked]  # document id = paragraph index
     bank = MemoryBank.build(model, tok, paragraphs, progress=True)
     engine = MSAEngine(model, tok, bank, similarity="train")
-    routes = {}
+    routes, original = {}, original_keys(bank)
     for kd in KINDS:
-        bank.set_key_dtype(kd)
+        use_keys(bank, kd, original)
         routes[kd] = [engine.route(q) for q in tqdm(questions, desc=f"route ({kd} keys)")]
     result = {**run_header(dev), "model": "MSA-SmolLM2 (shipped)", "reference_key_dtype": str(model.dtype),
               "squad_paragraphs": len(paragraphs), "squad_questions": len(questions),
               "top_k": model.msa_config.engine_top_k,
               "top_k_recall": {kd: recall(routes["model"], routes[kd]) for kd in KINDS[1:]},
+              "top_k_recall_vs_bf16": {kd: recall(routes["bf16"], routes[kd]) for kd in KINDS[2:]},
               "gold_in_top_k": {kd: found(routes[kd], gold) for kd in KINDS}}
     print(json.dumps(result), flush=True)
 
@@ -71,9 +85,9 @@ def main() -> None:
         for _ in tqdm(range(args.niah_samples), desc=sub):
             s = make_sample(sub, args.haystack, count, rng, doc_tokens=512)
             b = MemoryBank.build(model, tok, s.documents)
-            texts = {}
+            texts, original = {}, original_keys(b)
             for kd in KINDS:
-                b.set_key_dtype(kd)
+                use_keys(b, kd, original)
                 ans = MSAEngine(model, tok, b, similarity="train").ask(s.question, max_new_tokens=64,
                                                                       interleave="router", inject_k=4)
                 hits[kd].append(string_match_all(ans.text, s.answers))
