@@ -3,6 +3,9 @@
 In each router layer the routing tokens of each row score every chunk of the bank (segment by segment), the
 row selects its top-k live documents, and its active tokens attend to [template prefix; the selected chunks'
 K̄/V̄; earlier active tokens]. Non-router layers see only the template prefix.
+
+On a GPU the whole step can stay there (`BankMemory`: routing, top-k and the gather of the selected chunks with
+no host round trip), and then short rows replay it as one CUDA graph per shape (`graphed_prefill`).
 """
 
 from __future__ import annotations
@@ -291,6 +294,12 @@ def batch_rows(rows: list[list[int]], masks: list[list[bool]], offset: int, devi
     return ids.to(device), pos.to(device), valid.to(device), rmask.to(device)
 
 
+def _check_route_masks(route_masks: list[list[bool]]) -> None:
+    for m in route_masks:
+        if not any(m):
+            raise ValueError("the question needs at least one routing token")
+
+
 @dataclass
 class PrefillResult:
     logits: torch.Tensor | None  # (B, V) last token, (B, S, V) all, or None
@@ -305,9 +314,7 @@ def prefill_batch(bank: MemoryBank, rows: list[list[int]], route_masks: list[lis
     """Route and prefill active token rows (after the template prefix); `route_masks` mark each row's routing
     tokens. `route_only` stops after the last router layer (no logits, no usable cache)."""
     model = bank.model
-    for m in route_masks:
-        if not any(m):
-            raise ValueError("the question needs at least one routing token")
+    _check_route_masks(route_masks)
     k = top_k or model.msa_config.engine_top_k
     ids, pos, valid, rmask = batch_rows(rows, route_masks, query_offset(bank, k), model.device)
     memory = BankMemory(bank, rmask, uses_cosine(model, similarity), k)
@@ -330,11 +337,15 @@ GRAPH_MAX_TOKENS = 1024  # graphed only up to this many padded active tokens (ba
 MAX_PREFILL_GRAPHS = 8  # kept per bank view (the oldest is dropped first)
 
 
+def _graph_length(rows: list[list[int]]) -> int:
+    return -(-max(map(len, rows)) // GRAPH_LENGTH) * GRAPH_LENGTH
+
+
 def graphable(bank: MemoryBank, rows: list[list[int]]) -> bool:
     """Whether `graphed_prefill` serves these rows: a GPU, a bank gathered on the device, and at most
     `GRAPH_MAX_TOKENS` padded active tokens."""
-    S = -(-max(map(len, rows)) // GRAPH_LENGTH) * GRAPH_LENGTH
-    return bank.model.device.type == "cuda" and gathers_on_device(bank) and len(rows) * S <= GRAPH_MAX_TOKENS
+    return (bank.model.device.type == "cuda" and gathers_on_device(bank)
+            and len(rows) * _graph_length(rows) <= GRAPH_MAX_TOKENS)
 
 
 class _PrefillGraph:
@@ -375,17 +386,15 @@ def graphed_prefill(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     """`prefill_batch` (last-token logits) replayed from a CUDA graph, and the graphed decode step of its cache.
     Rows are padded to a multiple of `GRAPH_LENGTH` tokens and `extra` rounded up to a multiple of `GRAPH_EXTRA`;
     the graph is captured on the first call of each shape and kept with the bank's routing view. Needs
-    `graphable` rows. The result lives in the graph's static memory:
-    it is valid until the next call of the same shape. Routing and gather times are not measured (0)."""
+    `graphable` rows. The result lives in the graph's static memory: it is valid until the next call of the same
+    shape. Routing and gather times are not measured (0)."""
     model = bank.model
     if not graphable(bank, rows):
         raise ValueError("graphed_prefill needs a GPU, a bank gathered on the device (gathers_on_device) and at most "
                          f"{GRAPH_MAX_TOKENS} padded active tokens")
-    for m in route_masks:
-        if not any(m):
-            raise ValueError("the question needs at least one routing token")
+    _check_route_masks(route_masks)
     k = top_k or model.msa_config.engine_top_k
-    S = -(-max(map(len, rows)) // GRAPH_LENGTH) * GRAPH_LENGTH
+    S = _graph_length(rows)
     extra = max(-(-extra // GRAPH_EXTRA) * GRAPH_EXTRA, GRAPH_EXTRA)
     inputs = batch_rows(rows, route_masks, query_offset(bank, k), model.device, length=S)
     cosine = uses_cosine(model, similarity)
