@@ -93,6 +93,5 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     return Generation(
         tokens=out, events=[e or "length" for e in events], routing=res.memory.routing,
         timings={"route": res.memory.route_seconds, "gather": res.memory.gather_seconds, "prefill": t1 - t0,
-                 "decode": t2 - t1, "decode_first": first,
-                 "decode_tokens": steps},
+                 "decode": t2 - t1, "decode_first": first, "decode_tokens": steps},
     )

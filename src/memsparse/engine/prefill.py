@@ -92,7 +92,7 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
     if not (rq.is_cuda and uses_fused(bank, rq)) or capturing(rq.device):
         return _top_documents(bank, layer, rq, rmask, cosine, k)  # (inside a captured prefill: no nested graph)
     B, S = rmask.shape
-    key = (layer, B, -(-S // 32) * 32, cosine, k, rq.dtype)
+    key = (layer, B, _round_up(S, GRAPH_LENGTH), cosine, k, rq.dtype)
     graphs = bank.routing_view().setdefault("graphs", {})
     g = graphs.get(key)
     if g is None:
@@ -330,15 +330,19 @@ def prefill(bank: MemoryBank, input_ids: list[int], route_mask: list[bool], simi
     return res.logits[0], res.memory.routing[0]
 
 
-GRAPH_LENGTH = 32  # graphed prefills pad the rows to a multiple of this many tokens
+GRAPH_LENGTH = 32  # graphed prefills (and routing graphs) pad the rows to a multiple of this many tokens
 GRAPH_EXTRA = 64  # ... and room for generated tokens to a multiple of this
 GRAPH_MAX_TOKENS = 1024  # graphed only up to this many padded active tokens (batch x length): short questions,
 # where launches dominate; the graph's memory pool (KV cache, attention work space) is kept while it is
 MAX_PREFILL_GRAPHS = 8  # kept per bank view (the oldest is dropped first)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _graph_length(rows: list[list[int]]) -> int:
-    return -(-max(map(len, rows)) // GRAPH_LENGTH) * GRAPH_LENGTH
+    return _round_up(max(map(len, rows)), GRAPH_LENGTH)
 
 
 def graphable(bank: MemoryBank, rows: list[list[int]]) -> bool:
@@ -395,7 +399,7 @@ def graphed_prefill(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     _check_route_masks(route_masks)
     k = top_k or model.msa_config.engine_top_k
     S = _graph_length(rows)
-    extra = max(-(-extra // GRAPH_EXTRA) * GRAPH_EXTRA, GRAPH_EXTRA)
+    extra = max(_round_up(extra, GRAPH_EXTRA), GRAPH_EXTRA)
     inputs = batch_rows(rows, route_masks, query_offset(bank, k), model.device, length=S)
     cosine = uses_cosine(model, similarity)
     graphs = bank.routing_view().setdefault("prefill_graphs", {})

@@ -411,6 +411,8 @@ class MemoryBank:
         GPU, the GPU reads the selected rows from pinned memory itself (`ops.gather_triton`, zero-copy)."""
         view, dtype, dev = self.routing_view(), self.model.dtype, self.model.device
         zero_copy = self.tier == "host" and dev.type == "cuda"
+        if zero_copy:
+            from ..ops.gather_triton import gather_rows  # Triton: imported only where used
         N, m = len(view["ids"]), view["max_chunks"]
         B, k = pos.shape
         order = torch.where(ok, pos, N).sort(1).values  # (B, k) table order, missing picks last
@@ -429,8 +431,6 @@ class MemoryBank:
                     continue
                 sel = valid & (seg == n)  # (B, k, m)
                 if zero_copy:
-                    from ..ops.gather_triton import gather_rows
-
                     q = isinstance(t, QTensor)
                     got = gather_rows(t.data if q else t, t.scale if q else None, torch.where(sel, rows, -1), dtype,
                                       dev)  # (B, k, m, Hkv, D)

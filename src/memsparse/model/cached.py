@@ -11,6 +11,7 @@ active tokens of every row end at the same column, so one decode step writes the
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,16 +122,11 @@ class DecodeStep:
     post: Callable = _post_attention
 
 
-_COMPILED: list[DecodeStep] = []
-
-
+@functools.cache
 def compiled_step() -> DecodeStep:
     """`DecodeStep` with both halves compiled by torch.compile (elementwise work fused into few kernels; the same
     code for every layer, weights as inputs). Compiled once per process, on first use."""
-    if not _COMPILED:
-        _COMPILED.append(DecodeStep(torch.compile(_pre_attention, dynamic=False),
-                                    torch.compile(_post_attention, dynamic=False)))
-    return _COMPILED[0]
+    return DecodeStep(torch.compile(_pre_attention, dynamic=False), torch.compile(_post_attention, dynamic=False))
 
 
 def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: DecodeStep | None = None) -> torch.Tensor:
