@@ -74,3 +74,27 @@ def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):
     assert main(["demo"]) == 2
     out, err = capsys.readouterr()
     assert out.count("skipping the memory") == 2 and err.strip().splitlines()[-1].startswith("memsparse demo: error:")
+
+
+def test_eval_multihop_command(tmp_path, monkeypatch):
+    """`memsparse eval multihop` end to end on a tiny model with a synthetic essay: one point per rounds setting,
+    the same questions for each; a second round injects more documents, so it never finds fewer hops."""
+    import json
+
+    from memsparse import cli
+    from memsparse.train.tasks import haystacks, mix, niah
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))
+    monkeypatch.setattr(niah, "_words", lambda: niah._Words(["calm", "red", "odd"], ["cat", "sky", "sea"]))
+    rng = random.Random(0)
+    monkeypatch.setattr(haystacks, "paul_graham_essays", lambda: " ".join(
+        " ".join(rng.choice(["ant", "bee", "cow"]) for _ in range(8)).capitalize() + "." for _ in range(200)))
+    monkeypatch.setattr(mix, "PASSAGE_WORDS", 40)
+    out = tmp_path / "multihop.json"
+    argv = ["eval", "multihop", "--tokens", "2000", "--samples", "3", "--router-rounds", "1,2", "--inject-k", "2",
+            "--out", str(out)]
+    assert main(argv) == 0
+    pts = json.loads(out.read_text())["points"]
+    assert [p["router_rounds"] for p in pts] == [1, 2] and all(p["samples"] == 3 for p in pts)
+    assert pts[1]["hop1_injected"] >= pts[0]["hop1_injected"] and pts[1]["hop2_injected"] >= pts[0]["hop2_injected"]

@@ -144,10 +144,12 @@ def test_router_injection(setup, monkeypatch):
     assert sum(route) == route.index(False) + len(tok(injected, split_special_tokens=True)["input_ids"])
     with pytest.raises(ValueError, match="interleave="):
         engine.ask("Is Rome old?", interleave="maybe")
+    with pytest.raises(ValueError, match="router_rounds=0"):
+        engine.ask("Is Rome old?", interleave="router", router_rounds=0)
 
 
 def test_fused_top():
     """Reciprocal-rank fusion: a document ranked by many layers beats one ranked first by a single layer."""
     routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}
     assert engine_mod.fused_top(routing, 2) == [7, 5] and engine_mod.fused_top(routing, 5) == [7, 5, 3]
-    assert engine_mod.fused_top({}, 3) == []
+    assert engine_mod.fused_top({}, 3) == [] and engine_mod.fused_top(routing, 2, exclude={7}) == [5, 3]

@@ -174,3 +174,27 @@ def test_real_haystacks(monkeypatch) -> None:
     assert len(niah._words()) == 6_171_620  # RULER's sorted unique adjective-noun pairs
     s = niah.make_sample("niah_multivalue", 5000, count, random.Random(0))
     assert 4750 <= sum(map(count, s.documents)) <= 5000 and len(s.gold) >= 1
+
+
+def test_multihop_chains(monkeypatch) -> None:
+    """The two-hop task: every chain's link and value sentence sit in distinct passages; the question names only
+    the key, so the first hop's passage is the one sharing its words and the second is found through the link."""
+    from memsparse.train.tasks import mix
+    from memsparse.train.tasks.mix import MULTIHOP_CHAINS, Mixer
+
+    monkeypatch.setattr(mix, "PASSAGE_WORDS", 60)  # the synthetic essay holds about 1900 words
+    mixer = Mixer({"multihop": 1.0}, lambda texts: [count(t) for t in texts], seed=3)
+    for memory in (600, 900):
+        q = mixer.multihop(memory)
+        (first,), (second,) = q.hops
+        key = re.fullmatch(r"What is the special magic number of the place that the (\S+) leads to\?", q.question)[1]
+        link = re.search(rf"The {re.escape(key)} leads to the (\S+)\.", q.documents[first])[1]
+        assert f"The special magic number of the {link} is: {q.answer}." in q.documents[second]
+        assert key not in q.documents[second] and link not in q.question and re.fullmatch(r"[1-9]\d{6}", q.answer)
+        hosts = [d for d, doc in enumerate(q.documents) for _ in re.finditer(r"leads to the|special magic number", doc)]
+        assert len(hosts) == len(set(hosts)) == 2 * MULTIHOP_CHAINS
+        assert memory - 10 * len(q.documents) <= sum(count(d) for d in q.documents) <= memory + 80  # +8 a doc
+    with pytest.raises(ValueError, match="too small"):
+        mixer.multihop(300)
+    with pytest.raises(ValueError, match="more than the essay passages hold"):
+        mixer.multihop(5000)

@@ -1,6 +1,7 @@
 """Training samples follow the engine's protocol token for token: each round's active tokens and routing mask
 are what the engine feeds the model in that round, and the targets are what the engine expects back."""
 
+import pytest
 import torch
 
 import memsparse as ms
@@ -65,7 +66,7 @@ def test_router_answer_sample_matches_the_engine(monkeypatch):
     engine = ms.MSAEngine(model, tok, bank, similarity="train")
     top = sorted(engine_mod.fused_top(engine.route("Where is Ottawa?"), 2))
     gold, noise = [top[0]], top[1:]
-    sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where is Ottawa?", [gold], "x", noise=noise)[0]
+    sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where is Ottawa?", [gold], "x", noise=[noise])[0]
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
     monkeypatch.setattr(engine_mod, "generate", script)
     engine.ask("Where is Ottawa?", interleave="router", inject_k=2)
@@ -73,3 +74,29 @@ def test_router_answer_sample_matches_the_engine(monkeypatch):
     n_mem, n_target = len(memory_stream(tok, DOCS)[0]), sum(t != -100 for t in sample.labels)
     assert sample.input_ids[n_mem:len(sample) - n_target] == row
     assert [d == 0 for d in sample.doc_ids[n_mem:len(sample) - n_target]] == route
+
+
+def test_two_round_router_sample_matches_the_engine(monkeypatch):
+    """A two-hop question in the router-injection layout: per round the hop's documents and that round's noise
+    are injected, as the engine does with router_rounds=2; each round routes from the question and the text
+    injected last."""
+    from memsparse.engine import engine as engine_mod
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    bank = ms.MemoryBank.build(model, tok, DOCS)
+    picks = iter([[1, 2], [3, 0]])  # what the routers rank highest in rounds 1 and 2
+    excluded = []
+    monkeypatch.setattr(engine_mod, "fused_top", lambda routing, k, exclude: excluded.append(exclude) or next(picks))
+    script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
+    monkeypatch.setattr(engine_mod, "generate", script)
+    ans = ms.MSAEngine(model, tok, bank, similarity="train").ask("Where?", interleave="router", router_rounds=2)
+    assert ans.rounds == [[1, 2], [0, 3]] and excluded == [set(), {1, 2}]
+    sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where?", [[1], [3]], "x", noise=[[2], [0]])[0]
+    (row, route), = script.calls[0]
+    n_mem, n_target = len(memory_stream(tok, DOCS)[0]), sum(t != -100 for t in sample.labels)
+    assert sample.input_ids[n_mem:len(sample) - n_target] == row
+    assert [d == 0 for d in sample.doc_ids[n_mem:len(sample) - n_target]] == route
+    assert sample.positives == [1, 3]
+    with pytest.raises(ValueError, match="noise has 1 rounds for 2 hops"):
+        rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where?", [[1], [3]], "x", noise=[[2]])

@@ -129,14 +129,25 @@ def test_ddp_ranks_stay_in_step(tmp_path):
 
 
 def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypatch):
-    """Every recipe under recipes/ parses; with `interleave = false` the samples hold no injected document text."""
+    """Every recipe under recipes/ parses; each ablation differs from its baseline in one setting only; with
+    `interleave = false` the samples hold no injected document text."""
+    from dataclasses import asdict
+
     from memsparse.engine.protocol import Protocol
 
-    recipes = {p.stem: trainer.Recipe.load(p) for p in (Path(__file__).parent.parent / "recipes").glob("*.toml")}
-    assert {"smollm2-msa", "ablation-no-warmup", "ablation-no-original-text", "ablation-global-rope"} <= set(recipes)
-    assert recipes["ablation-global-rope"].msa["doc_positions"] == "global"
-    assert all(ph.w_aux == 0 for ph in recipes["ablation-no-warmup"].phases)
-    assert not recipes["ablation-no-original-text"].interleave and recipes["smollm2-msa"].interleave
+    root = Path(__file__).parent.parent / "recipes"
+    recipes = {str(p.relative_to(root).with_suffix("")): trainer.Recipe.load(p) for p in root.rglob("*.toml")}
+    assert {"smollm2-msa", "ablations/base", "ablations/no-warmup", "ablations/no-original-text",
+            "ablations/global-rope"} <= set(recipes)
+    base = asdict(recipes["ablations/base"])
+    diff = {name: {k for k, v in asdict(recipes[f"ablations/{name}"]).items() if v != base[k]}
+            for name in ("no-warmup", "no-original-text", "global-rope")}
+    assert diff == {"no-warmup": {"phases"}, "no-original-text": {"interleave"}, "global-rope": {"msa"}}
+    assert recipes["ablations/global-rope"].msa == {**base["msa"], "doc_positions": "global"}
+    assert all(ph.w_aux == 0 for ph in recipes["ablations/no-warmup"].phases)
+    assert [(ph.steps, ph.lr, ph.memory_tokens) for ph in recipes["ablations/no-warmup"].phases] == [
+        (ph["steps"], ph["lr"], ph["memory_tokens"]) for ph in base["phases"]]
+    assert not recipes["ablations/no-original-text"].interleave and recipes["smollm2-msa"].interleave
     tok = tiny_tokenizer()
     monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
     proto = Protocol(tok)

@@ -227,6 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_qa(args)
     if args.task == "scale":
         return _eval_scale(args)
+    if args.task == "multihop":
+        return _eval_multihop(args)
     from .eval.niah import evaluate, write_results
     from .train.tasks.niah import SUBTASKS
 
@@ -244,6 +246,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
               f"{p['named_recall']:>12}")
+    print(f"wrote {out}")
+
+
+def _eval_multihop(args: argparse.Namespace) -> None:
+    from .eval.meta import run_meta
+    from .eval.multihop import evaluate
+
+    model, tok = _load_model(args.model, args.device, args.dtype)
+    rounds = tuple(int(r) for r in args.router_rounds.split(","))
+    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], args.samples, rounds, args.inject_k)
+    out = Path(args.out or "benchmarks/results/multihop.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(args.model or SHIPPED), **run_meta(), "points": points}, indent=1) + "\n")
+    print(f"{'tokens':>8} {'rounds':>6} {'accuracy':>8} {'hop 1':>6} {'hop 2':>6}")
+    for p in points:
+        print(f"{p['tokens']:>8} {p['router_rounds']:>6} {p['accuracy']:>8} {p['hop1_injected']:>6} "
+              f"{p['hop2_injected']:>6}")
     print(f"wrote {out}")
 
 
@@ -391,8 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or SQuAD-open (qa) against RAG baselines",
                        epilog=EXAMPLES, formatter_class=fmt)
-    v.add_argument("task", choices=["niah", "qa", "scale"],
-                   help="niah, qa (SQuAD-open vs RAG), scale (NIAH and SQuAD-open with 1M-100M distractor tokens)")
+    v.add_argument("task", choices=["niah", "qa", "scale", "multihop"],
+                   help="niah, qa (SQuAD-open vs RAG), scale (NIAH and SQuAD-open with 1M-100M distractor tokens), "
+                        "multihop (two-hop chains answered with 1, 2, ... rounds of router injection)")
+    v.add_argument("--router-rounds", default="1,2", help="multihop: rounds of router injection to compare")
     v.add_argument("--questions", type=int, default=200, help="scale: SQuAD questions")
     v.add_argument("--bank-cache", help="scale: directory to save / reuse the distractor bank")
     v.add_argument("--fp8-at", type=int, help="scale: also measure fp8 routing keys at this size")

@@ -15,12 +15,14 @@ from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 _ID = re.compile(r"\[(\d+)\]")
 
 
-def fused_top(routing: Routing, k: int) -> list[int]:
-    """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank))."""
+def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list[int]:
+    """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank)),
+    leaving out `exclude`."""
     fused: dict[int, float] = {}
     for picked in routing.values():
         for rank, (d, _) in enumerate(picked):
-            fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
+            if d not in exclude:
+                fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
     return sorted(fused, key=fused.get, reverse=True)[:k]
 
 
@@ -95,7 +97,7 @@ class MSAEngine:
     def ask_batch(self, questions: list[str], max_new_tokens: int = 256, interleave: bool | str = True,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
-                  batch_size: int = 16) -> list[Answer]:
+                  router_rounds: int = 1, batch_size: int = 16) -> list[Answer]:
         """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
 
         `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
@@ -103,6 +105,8 @@ class MSAEngine:
         (reciprocal-rank fusion over layers), then the model answers; False = answer in one round."""
         if interleave not in (True, False, "model", "router"):
             raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
+        if router_rounds < 1:
+            raise ValueError(f"router_rounds={router_rounds}: expected at least 1")
         if interleave and self.round_end is None:
             raise ValueError(f"Memory Interleave needs the {ROUND_END} token, which this tokenizer lacks; "
                              "pass interleave=False")
@@ -111,10 +115,11 @@ class MSAEngine:
         out = []
         for i in range(0, len(questions), batch_size):
             out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [], rounds,
-                                inject_k)
+                                inject_k, router_rounds)
         return out
 
-    def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k) -> list[Answer]:
+    def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k,
+                router_rounds) -> list[Answer]:
         rows = []
         for q in questions:
             ids, mask = self.encode_question(q)
@@ -122,7 +127,7 @@ class MSAEngine:
                              phase="retrieve" if interleave in (True, "model") else "answer"))
         timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
         if interleave == "router":
-            self._router_injection(rows, inject_k, timings)
+            self._router_injection(rows, inject_k, router_rounds, timings)
         while live := [r for r in rows if r.finish is None]:
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
                          max(budget - r.used for r in live),
@@ -134,17 +139,20 @@ class MSAEngine:
                 self._advance(row, ids, event, max_rounds)
         return [self._result(r, timings) for r in rows]
 
-    def _router_injection(self, rows: list[_Row], k: int, timings: dict) -> None:
-        """One routing pass; each row gets its top-k fused documents injected, then answers."""
-        t0 = time.perf_counter()
-        res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
-                            similarity=self.similarity, route_only=True)
-        timings["route"] += res.memory.route_seconds
-        timings["prefill"] += time.perf_counter() - t0
-        for row, routing in zip(rows, res.memory.routing):
-            top = sorted(fused_top(routing, k))
-            row.tokens = row.tokens + self.protocol.naming(top)
-            self._inject(row, top)
+    def _router_injection(self, rows: list[_Row], k: int, rounds: int, timings: dict) -> None:
+        """`rounds` routing passes; in each, every row gets its top-k fused documents not injected yet appended
+        (named, then their text); then the rows answer."""
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
+                                similarity=self.similarity, route_only=True)
+            timings["route"] += res.memory.route_seconds
+            timings["prefill"] += time.perf_counter() - t0
+            for row, routing in zip(rows, res.memory.routing):
+                top = sorted(fused_top(routing, k, exclude={d for r in row.rounds for d in r}))
+                row.tokens = row.tokens + self.protocol.naming(top)
+                self._inject(row, top)
+        for row in rows:
             self._to_answer(row, self.protocol.end_of_retrieve())
             row.route += [False] * (len(row.tokens) - len(row.route))
 

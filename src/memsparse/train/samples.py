@@ -2,7 +2,8 @@
 and aux-loss positives, laid out exactly as the engine runs it (memory/bank.py, engine/protocol.py).
 
 A question whose answer needs documents `hops` (ids named per round, e.g. [[4], [7]] for a two-hop chain)
-gives len(hops) + 2 samples (the paper trains each retrieval step as a separate sample), one more with `noise`:
+gives len(hops) + 2 samples (the paper trains each retrieval step as a separate sample), one more with `noise`
+(the engine's router-injection layout: per round, that hop's documents with noise ones, then the answer):
   round r < len(hops): [prompt; earlier namings and injections] -> naming(hops[r])
   round len(hops):     [... all injections]                      -> `<End-of-Retrieve>`
   answer:              [...; <End-of-Retrieve>; restatement]      -> `The answer to the question is: a<|im_end|>`
@@ -44,10 +45,12 @@ def memory_stream(tok, documents: list[str]) -> tuple[list[int], list[int]]:
 
 
 def rounds(proto: Protocol, memory: tuple[list[int], list[int]], documents: list[str], question: str,
-           hops: list[list[int]], answer: str, interleave: bool = True, noise: list[int] | None = None) -> list[Sample]:
+           hops: list[list[int]], answer: str, interleave: bool = True,
+           noise: list[list[int]] | None = None) -> list[Sample]:
     """The samples of one question (see the module docstring); `interleave=False` gives one sample that
-    answers straight after the prompt. `noise` (document indices) adds a sample in the engine's router-injection
-    layout: the supporting documents and the noise ones injected together, then the answer."""
+    answers straight after the prompt. `noise` (document indices per hop) adds a sample in the engine's
+    router-injection layout: in round r the documents of hops[r] and noise[r] are named and injected together;
+    after the last round, the answer."""
     mem_ids, mem_doc = memory
     positives = sorted({d for h in hops for d in h})
     ids, mask = proto.question(question)
@@ -65,25 +68,31 @@ def rounds(proto: Protocol, memory: tuple[list[int], list[int]], documents: list
     if not interleave:
         emit(proto.answer(answer))
         return out
-    if noise:
-        shown = sorted(set(positives) | set(noise))
-        inject = proto.injection([(d, documents[d]) for d in shown])
-        active += proto.naming(shown)
-        route = proto.injected_route(block, len(active), len(inject))
-        active += inject + proto.end_of_retrieve() + proto.restatement(question)
+    def inject(docs: list[int]):
+        nonlocal active, route
+        text = proto.injection([(d, documents[d]) for d in docs])
+        active += proto.naming(docs)
+        route = proto.injected_route(block, len(active), len(text))
+        active += text
+
+    def answer_sample():
+        nonlocal active, route
+        active += proto.end_of_retrieve() + proto.restatement(question)
         route += [False] * (len(active) - len(route))
         emit(proto.answer(answer))
+
+    if noise:
+        if len(noise) != len(hops):
+            raise ValueError(f"noise has {len(noise)} rounds for {len(hops)} hops")
+        for h, extra in zip(hops, noise):
+            inject(sorted(set(h) | set(extra)))
+        answer_sample()
         active, route = list(ids), list(mask)
     for h in hops:
         emit(proto.naming(h))
-        inject = proto.injection([(d, documents[d]) for d in h])
-        active += proto.naming(h)
-        route = proto.injected_route(block, len(active), len(inject))
-        active += inject
+        inject(h)
     emit(proto.end_of_retrieve())
-    active += proto.end_of_retrieve() + proto.restatement(question)
-    route += [False] * (len(active) - len(route))
-    emit(proto.answer(answer))
+    answer_sample()
     return out
 
 

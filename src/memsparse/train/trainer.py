@@ -255,7 +255,9 @@ def _batches(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rng: random.Ran
             q = mixer.draw(mem)
             gold = {d for h in q.hops for d in h}
             others = [i for i in range(len(q.documents)) if i not in gold]
-            noise = rng.sample(others, min(len(others), rng.randint(1, 3)))
+            picked = rng.sample(others, min(len(others), sum(rng.randint(1, 3) for _ in q.hops)))
+            cuts = sorted(rng.randint(0, len(picked)) for _ in q.hops[1:])  # noise split over the rounds
+            noise = [picked[a:b] for a, b in zip([0] + cuts, cuts + [len(picked)])]
             samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer,
                              interleave=recipe.interleave, noise=noise)
             batch.append(rng.choice(samples))  # one round of the question

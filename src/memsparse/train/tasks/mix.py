@@ -7,6 +7,11 @@
   The last `FAQ_HELD_OUT` questions are never trained on (the demo and evaluation use them).
 - `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
   one passage, the model names it and answers with its title (the first line of the document).
+- `multihop`: two-hop chains in an essay haystack (Paul Graham essays packed into passages). `MULTIHOP_CHAINS`
+  chains "The {key} leads to the {link}." / "The special magic number of the {link} is: {value}." are hidden in
+  distinct passages; the question names one key, so only the passage holding its link sentence shares words
+  with it: the passage with the value is found from the injected link sentence (a second Memory Interleave
+  round). Keys and links are RULER's adjective-noun words, values 7-digit numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 FAQ_HELD_OUT = 24
+MULTIHOP_CHAINS = 4
+HOP_LINK = "The {key} leads to the {link}."
+HOP_VALUE = "The special magic number of the {link} is: {value}."
+HOP_QUESTION = "What is the special magic number of the place that the {key} leads to?"
+PASSAGE_WORDS = 250  # essay passages of about 330 tokens, room left for a needle within doc_tokens=512
 
 
 @dataclass
@@ -37,7 +47,7 @@ class Pool:
 
     def fill(self, rng: random.Random, memory_tokens: int, exclude: set[int]) -> list[int]:
         out, total = [], 0
-        while total < memory_tokens and len(out) + len(exclude) < len(self.texts):
+        while total < memory_tokens and len(exclude) < len(self.texts):  # exclude grows with out
             i = rng.randrange(len(self.texts))
             if i not in exclude:
                 exclude.add(i)
@@ -82,6 +92,8 @@ class Mixer:
             from ..corpora import sotu
 
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
+        if "multihop" in self.weights:
+            self.pools["essays"] = Pool(_essay_passages(), count_tokens)
 
     def _count_one(self, text: str) -> int:
         return self.count([text])[0]
@@ -117,3 +129,47 @@ class Mixer:
         others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
         docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in others])
         return Question(docs, question, [where], title, "retrieval")
+
+    def multihop(self, memory_tokens: int) -> Question:
+        from .niah import _draw, _words
+
+        pool, words = self.pools["essays"], _words()
+        drawn: list[str] = []
+        while len(drawn) < 2 * MULTIHOP_CHAINS:
+            w = _draw("words", self.rng, words)
+            drawn += [w] if w not in drawn else []
+        keys, links = drawn[:MULTIHOP_CHAINS], drawn[MULTIHOP_CHAINS:]
+        values = [_draw("numbers", self.rng, words) for _ in keys]
+        needles = [HOP_LINK.format(key=k, link=lk) for k, lk in zip(keys, links)]
+        needles += [HOP_VALUE.format(link=lk, value=v) for lk, v in zip(links, values)]
+        room = memory_tokens - sum(self.count(needles))
+        picked = pool.fill(self.rng, room, set())
+        if len(picked) < len(needles):
+            raise ValueError(f"memory_tokens={memory_tokens} is too small for {len(needles)} multihop passages")
+        if len(picked) == len(pool.texts) and sum(pool.tokens) + 8 * len(picked) < room:
+            raise ValueError(f"memory_tokens={memory_tokens} is more than the essay passages hold "
+                             f"({sum(pool.tokens)} tokens)")
+        docs = [pool.texts[i] for i in picked]
+        hosts = self.rng.sample(range(len(docs)), len(needles))  # one needle per passage
+        for h, needle in zip(hosts, needles):
+            sents = docs[h].split("\n")
+            sents.insert(self.rng.randint(0, len(sents)), needle)
+            docs[h] = "\n".join(sents)
+        q = self.rng.randrange(MULTIHOP_CHAINS)
+        return Question(docs, HOP_QUESTION.format(key=keys[q]), [[hosts[q]], [hosts[MULTIHOP_CHAINS + q]]],
+                        values[q], "multihop")
+
+
+def _essay_passages() -> list[str]:
+    """The essays' sentences packed in order into passages of about `PASSAGE_WORDS` words, one sentence a line."""
+    from .niah import _essay_sentences
+
+    out, cur, size = [], [], 0
+    for s in _essay_sentences():
+        n = len(s.split())
+        if cur and size + n > PASSAGE_WORDS:
+            out.append("\n".join(cur))
+            cur, size = [], 0
+        cur.append(s)
+        size += n
+    return out + (["\n".join(cur)] if cur else [])
