@@ -1,6 +1,6 @@
 """Collect the small-scale ablation runs of benchmarks/ablations.sh into benchmarks/results/ablations.json and a
-bar plot: per run the training time and final router recall@k, the NIAH average at the training size (and at
-10x it), and two-hop accuracy with 1 and 2 rounds of router injection.
+bar plot: per run the training time, router recall@k and LM loss at the end of training, the NIAH average at the
+training size (and at 10x it), and two-hop accuracy with 1 and 2 rounds of router injection.
 
 Usage: python benchmarks/ablations.py OUT_DIR   (OUT_DIR as given to ablations.sh)
 """
@@ -18,6 +18,13 @@ from memsparse.eval.meta import pyplot, save_figure
 RUNS = ("base", "no-warmup", "no-original-text", "global-rope")
 LABELS = {"base": "baseline (warm-up + aux, text injected, doc-wise RoPE)", "no-warmup": "no warm-up / aux loss",
           "no-original-text": "no original text", "global-rope": "global RoPE"}
+
+NOTES = ("Each run: 500 steps on one H100 (four runs in parallel, one per GPU). No Memory Interleave = the baseline "
+         "answering the two-hop questions with 1 round of router injection instead of 2 (multihop['1'] vs ['2']): "
+         "hop*_injected is the fraction of questions whose link / value passage was injected. Two-hop accuracy is "
+         "bounded by reading, not retrieval: 4 value sentences compete and the 135M model picks the right one about "
+         "as often as chance (25%) even when both hops are injected. NIAH routing recall at 16K is about 1 for every "
+         "run (16 documents per layer over 15 layers cover most of the 32 documents).")
 
 
 def _load(path: Path):
@@ -45,16 +52,16 @@ def collect(out: Path) -> dict:
         hop = _load(out / f"{name}-multihop.json")
         runs.append({
             "name": name, "recipe": f"recipes/ablations/{name}.toml", "train_seconds": train["train_seconds"],
-            "steps": log[-1]["step"], "final_recall_at_k": log[-1]["recall_at_k"],
-            "final_lm_loss": log[-1]["lm_loss"],
+            "steps": log[-1]["step"],  # router recall@k and LM loss: mean of the last 5 logged steps
+            "final_recall_at_k": round(sum(r["recall_at_k"] for r in log[-5:]) / len(log[-5:]), 3),
+            "final_lm_loss": round(sum(r["lm_loss"] for r in log[-5:]) / len(log[-5:]), 3),
             "niah": _niah(niah), "niah_10x": _niah(_load(out / f"{name}-niah10x.json")),
             "multihop": None if hop is None else {str(p["router_rounds"]): {
                 k: p[k] for k in ("accuracy", "hop1_injected", "hop2_injected", "samples")} for p in hop["points"]},
         })
     if not runs:
         raise SystemExit(f"no ablation runs under {out}")
-    return {**meta, "notes": "no Memory Interleave = the baseline answering two-hop questions with 1 round of "
-                             "router injection instead of 2", "runs": runs}
+    return {**meta, "notes": NOTES, "runs": runs}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -70,7 +77,7 @@ def plot(res: dict, path: Path) -> None:
     for i, run in enumerate(res["runs"]):
         xs = [j + i * width for j, (_, f) in enumerate(bars) if f(run) is not None]
         ys = [f(run) for _, f in bars if f(run) is not None]
-        ax.bar(xs, ys, width, label=LABELS[run["name"]])
+        ax.bar_label(ax.bar(xs, ys, width, label=LABELS[run["name"]]), fmt="%.0f", fontsize=7)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bars))], [b for b, _ in bars])
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"MSA-SmolLM2 ablations at small scale ({res['runs'][0]['steps']} steps each)")

@@ -183,7 +183,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     k = model.msa_config.engine_top_k
     upper = model.router_layers[len(model.router_layers) // 2:]
     bar = tqdm(total=stop, initial=start, desc="training", unit="step", disable=rank != 0)
-    t_last, tokens = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    tokens = 0
     for step, phase, local, mem, cpu_batch in _prefetch(_batches(recipe, mixer, proto, tok, rng, start, stop)):
         model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
         model.gradient_checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
@@ -217,7 +218,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss.detach()),
                    "lm_loss": _f(res.lm_loss), "aux_loss": _f(res.aux_loss),
                    "recall_at_k": round(router_recall(res.doc_scores, b["aux_labels"], k, upper), 4),
-                   "tokens_per_s": round(tokens / (now - t_last)), "lr": opt.param_groups[0]["lr"]}
+                   "tokens_per_s": round(tokens / (now - t_last)), "lr": opt.param_groups[0]["lr"],
+                   "elapsed_s": round(now - t_start, 1)}
             t_last, tokens = now, 0
             log.write(json.dumps(rec) + "\n")
             log.flush()
