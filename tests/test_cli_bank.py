@@ -43,6 +43,9 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     assert all(len(v) == 2 for v in ans["routing"].values())
     code, out, _ = _run(capsys, "ask", bank, "Where is Ottawa?", "--interleave", "off", "--max-new-tokens", "3")
     assert code == 0 and "routing (layer 3)" in out
+    code, out, _ = _run(capsys, "ask", bank, "Where?", "--router-rounds", "2", "--inject-k", "1", "--json")
+    rounds = json.loads(out)["rounds"]
+    assert code == 0 and len(rounds) == 2 and len({d for r in rounds for d in r}) == 2  # a new document each round
     more = tmp_path / "more.txt"
     more.write_text("Rome is old.\n\nLisbon is by the sea.\n")
     code, out, _ = _run(capsys, "docs", "add", bank, more)

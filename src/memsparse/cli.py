@@ -154,7 +154,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                     router_rounds=args.router_rounds, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=1))
         return
@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the whole answer object as JSON")
     a.add_argument("--max-new-tokens", type=int, default=256)
     _interleave_args(a)
+    a.add_argument("--router-rounds", type=int, default=1,
+                   help="router mode: rounds of injection (each later round routes from the text injected last)")
     a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--seed", type=int)
