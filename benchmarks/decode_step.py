@@ -3,8 +3,9 @@
 Steady-state ms/token of the CUDA-graph step (`GraphedDecode`, as `memsparse bench speed` measures it) against the
 weight-read floor, and kernels per step (one eager step under the profiler), for these variants:
   eager      the layers' halves around attention run op by op inside the graph
-  compiled   the halves compiled by torch.compile (the library's default)
-  fused      compiled, and q/k/v and gate/up each one matrix (`fuse_projections`: the weights concatenated, the
+  compiled   the halves compiled by torch.compile
+  attention  compiled, and each layer's cache write + attention as one Triton kernel (the library's default)
+  fused      attention, and q/k/v and gate/up each one matrix (`fuse_projections`: the weights concatenated, the
              original modules rebound to views of them, so no weight is stored twice)
 `fused` is an experiment kept here, not in the library: it is checked against the unfused step before timing.
 
@@ -72,10 +73,10 @@ def _prefill(bank, s: Settings):
     return res.logits.argmax(-1), res.cache
 
 
-def _step_ms(bank, s: Settings, compile: bool) -> float:
+def _step_ms(bank, s: Settings, compile: bool, fused: bool) -> float:
     """Median ms of graph replays of one step (after the capture)."""
     ids, cache = _prefill(bank, s)
-    step = cached.GraphedDecode(bank.model, cache, compile=compile)
+    step = cached.GraphedDecode(bank.model, cache, compile=compile, fused=fused)
     ids = step(ids).argmax(-1)
     times = []
     for _ in range(s.new_tokens):
@@ -88,10 +89,11 @@ def _step_ms(bank, s: Settings, compile: bool) -> float:
     return round(sorted(times)[len(times) // 2], 3)
 
 
-def _kernels(bank, s: Settings, compile: bool) -> int:
+def _kernels(bank, s: Settings, compile: bool, fused: bool) -> int:
     """CUDA kernels one eager decode step launches."""
     ids, cache = _prefill(bank, s)
     step = cached.compiled_step() if compile else cached.DecodeStep()
+    step = cached.fused_attention(step, bank.model) if fused else step
     cached.decode(bank.model, ids, cache, step)  # warm-up (compiles)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         cached.decode(bank.model, ids, cache, step)
@@ -109,7 +111,7 @@ def main(out) -> None:
     ids, cache = _prefill(bank, s)
     ref = cached.decode(model, ids, cache, cached.DecodeStep())
     rows = []
-    for name in ("eager", "compiled", "fused"):
+    for name in ("eager", "compiled", "attention", "fused"):
         if name == "fused":
             fuse_projections(model)
             torch._dynamo.reset()
@@ -118,10 +120,10 @@ def main(out) -> None:
             got = cached.decode(model, ids, cache, cached.DecodeStep())
             err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
             assert err < 2e-2, f"fused projections change the logits (relative error {err})"
-        compile = name != "eager"
-        ms = _step_ms(bank, s, compile)
+        compile, fused = name != "eager", name in ("attention", "fused")
+        ms = _step_ms(bank, s, compile, fused)
         rows.append({"variant": name, "decode_ms_per_token": ms, "floor_ms": round(floor, 3),
-                     "ratio": round(ms / floor, 2), "kernels_per_step": _kernels(bank, s, compile)})
+                     "ratio": round(ms / floor, 2), "kernels_per_step": _kernels(bank, s, compile, fused)})
         print(json.dumps(rows[-1]), flush=True)
     res = {**run_meta(), "model": "qwen3-4b geometry (random weights)", "memory_tokens": 1 << 20,
            "read_gbps": round(rate / 1e9, 1), "points": rows}

@@ -74,10 +74,10 @@ def test_cuda_engine_matches_cpu_across_tiers(tmp_path):
             assert_same_routing(a.routing, b.routing, atol=1e-4)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_decode_equals_eager(compile):
-    """The CUDA-graph decode step (with and without torch.compile) gives the eager step's tokens and logits, in a
-    batch with padding."""
+@pytest.mark.parametrize("compile,fused", [(False, False), (True, False), (True, True)])
+def test_cuda_graph_decode_equals_eager(compile, fused):
+    """The CUDA-graph decode step (with and without torch.compile, with and without the fused Triton attention)
+    gives the eager step's tokens and logits, in a batch with padding."""
     import memsparse as ms
     from memsparse.engine import prefill_batch
     from memsparse.model import cached
@@ -85,14 +85,14 @@ def test_cuda_graph_decode_equals_eager(compile):
     from .conftest import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300).cuda()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300, head_dim=16).cuda()
     bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas are yellow."])
     rows, masks = [[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[True] * 5 + [False], [True, True, False]]
     runs = []
     for graphed in (False, True):
         res = prefill_batch(bank, rows, masks, extra=12)
         eager = lambda i, c=res.cache: cached.decode(model, i, c)  # noqa: E731
-        step = cached.GraphedDecode(model, res.cache, compile=compile) if graphed else eager
+        step = cached.GraphedDecode(model, res.cache, compile=compile, fused=fused) if graphed else eager
         logits, out = res.logits, []
         for _ in range(12):
             nxt = logits.argmax(-1)
@@ -101,7 +101,7 @@ def test_cuda_graph_decode_equals_eager(compile):
         runs.append(torch.stack(out))
         with pytest.raises(RuntimeError, match="cache is full"):
             step(nxt)
-    assert torch.allclose(runs[0], runs[1], atol=1e-4 if compile else 1e-5)
+    assert torch.allclose(runs[0], runs[1], atol=1e-4 if compile or fused else 1e-5)
 
 
 @pytest.mark.parametrize("tier,dtype", [("device", "model"), ("host", "model"), ("host", "fp8")])

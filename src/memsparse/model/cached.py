@@ -11,6 +11,7 @@ active tokens of every row end at the same column, so one decode step writes the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -114,11 +115,32 @@ def _post_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _attend(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+            offset: int) -> torch.Tensor:
+    """Write k, v (B, 1, Hkv, D) into cache column step + offset, mark it valid, attend q (B, 1, H, D) over the
+    valid columns: (B, 1, H, D). Op by op; `_attend_fused` is the same in one Triton kernel."""
+    col = step + offset  # (1,)
+    lc.k.index_copy_(1, col, k)
+    lc.v.index_copy_(1, col, v)
+    lc.valid.index_fill_(1, col, True)
+    return sdpa(q, lc.k, lc.v, mask=lc.valid[:, None, :])
+
+
+def _attend_fused(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+                  offset: int) -> torch.Tensor:
+    from ..ops.decode_attention_triton import decode_attention
+
+    return decode_attention(q[:, 0], k[:, 0], v[:, 0], lc.k, lc.v, lc.valid, step, offset)[:, None]
+
+
 @dataclass
 class DecodeStep:
-    """The two halves of a decoder layer around its attention: eager, or compiled (`compiled_step`)."""
+    """A decoder layer's decode step in three parts: the half before attention, the cache write + attention, the
+    half after. Eager by default; `compiled_step` compiles the halves, `fused_attention` makes the middle one
+    Triton kernel."""
 
     pre: Callable = _pre_attention
+    attend: Callable = _attend
     post: Callable = _post_attention
 
 
@@ -126,7 +148,18 @@ class DecodeStep:
 def compiled_step() -> DecodeStep:
     """`DecodeStep` with both halves compiled by torch.compile (elementwise work fused into few kernels; the same
     code for every layer, weights as inputs). Compiled once per process, on first use."""
-    return DecodeStep(torch.compile(_pre_attention, dynamic=False), torch.compile(_post_attention, dynamic=False))
+    return DecodeStep(torch.compile(_pre_attention, dynamic=False), _attend,
+                      torch.compile(_post_attention, dynamic=False))
+
+
+def fused_attention(step: DecodeStep, model: MSAForCausalLM) -> DecodeStep:
+    """`step` with the cache write and attention as one Triton kernel, where Triton runs and the shapes allow."""
+    from ..ops.decode_attention_triton import supported
+
+    cfg = model.config
+    if not supported(cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads):
+        return step
+    return dataclasses.replace(step, attend=_attend_fused)
 
 
 def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: DecodeStep | None = None) -> torch.Tensor:
@@ -139,12 +172,9 @@ def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: Decod
     x, cos, sin = _embed_rope(model, ids[:, None], cache.positions[:, None])  # (B, 1, hidden)
     for i, layer in enumerate(model.model.layers):
         lc = cache.layers[i]
-        col = cache.step + (lc.start + cache.active)  # (1,) the column of this token
         q, k, v = step.pre(layer, x, cos, sin)  # (B, 1, H|Hkv, D)
-        lc.k.index_copy_(1, col, k)
-        lc.v.index_copy_(1, col, v)
-        lc.valid.index_fill_(1, col, True)
-        x = step.post(layer, x, sdpa(q, lc.k, lc.v, mask=lc.valid[:, None, :]))  # attention out (B, 1, H, D)
+        o = step.attend(lc, q, k, v, cache.step, lc.start + cache.active)  # this token's column: step + offset
+        x = step.post(layer, x, o)  # attention out o (B, 1, H, D)
     cache.step += 1
     cache.positions += 1
     cache.length += 1
@@ -154,14 +184,20 @@ def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: Decod
 class GraphedDecode:
     """`decode` captured in a CUDA graph for one cache: the first call runs a real step (warming up on a side
     stream) and captures the step; later calls copy the ids in and replay it (no per-op launch cost).
-    `compile`: the layers' elementwise work fused by torch.compile (`compiled_step`) inside the graph; by default
-    on unless the environment sets MEMSPARSE_COMPILE=0."""
+    `compile`: the layers' elementwise work fused by torch.compile (`compiled_step`) inside the graph; `fused`:
+    each layer's cache write and attention as one Triton kernel (`fused_attention`). Both on by default unless
+    the environment sets MEMSPARSE_COMPILE=0 / MEMSPARSE_FUSED_DECODE=0."""
 
-    def __init__(self, model: MSAForCausalLM, cache: KVCache, compile: bool | None = None):
+    def __init__(self, model: MSAForCausalLM, cache: KVCache, compile: bool | None = None,
+                 fused: bool | None = None):
         self.model, self.cache = model, cache
         if compile is None:
             compile = os.environ.get("MEMSPARSE_COMPILE", "1") != "0"
+        if fused is None:
+            fused = os.environ.get("MEMSPARSE_FUSED_DECODE", "1") != "0"
         self.step = compiled_step() if compile else DecodeStep()
+        if fused:
+            self.step = fused_attention(self.step, model)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
