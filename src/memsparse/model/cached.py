@@ -154,7 +154,10 @@ def compiled_step() -> DecodeStep:
 
 def fused_attention(step: DecodeStep, model: MSAForCausalLM) -> DecodeStep:
     """`step` with the cache write and attention as one Triton kernel, where Triton runs and the shapes allow."""
-    from ..ops.decode_attention_triton import supported
+    try:
+        from ..ops.decode_attention_triton import supported
+    except ImportError:  # no Triton: the op-by-op step
+        return step
 
     cfg = model.config
     if not supported(cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads):
