@@ -109,3 +109,55 @@ def test_fused_routing_over_a_quantized_bank(setup):
     bank.fused_routing, bank._view = True, None
     for a, b in zip(ref, _routes(model, tok, bank)):
         assert_same_routing(a, b, atol=2e-2 if torch.cuda.is_available() else 1e-4)  # GPU: bf16 products
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_rounding_for_the_queries(kind):
+    """Error-feedback rounding under query moments M: identity M gives plain rounding; for queries in a subspace
+    the squared score error e^T M e falls several times, with every element still a grid value."""
+    from memsparse.memory.quant import dense
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 2, 32, generator=g)
+    eye = torch.eye(32).expand(2, 32, 32)
+    assert torch.equal(quantize(x, kind, False, moments=eye).data.float(), quantize(x, kind, False).data.float())
+    basis = torch.randn(2, 32, 4, generator=g)  # queries live in 4 of 32 directions
+    M = basis @ basis.transpose(1, 2)
+    def cost(t):
+        e = dense(t, torch.float32) - x
+        return float(torch.einsum("chd,hde,che->", e, M, e))
+
+    plain, shaped = quantize(x, kind, False), quantize(x, kind, False, moments=M)
+    assert cost(shaped) < cost(plain) / 4
+    assert torch.equal(shaped.scale, plain.scale) and shaped.data.dtype == plain.data.dtype
+
+
+def test_calibrated_keys(setup):
+    """`calibrate_keys`: moments per router layer from pseudo-queries, the bank's keys in 8 bits rounded for them,
+    and documents added later rounded the same way."""
+    from memsparse.engine.calibrate import pseudo_queries
+    from memsparse.memory.quant import quantize as q8
+
+    model, tok = setup
+    docs = ["Paris is the capital of France and old.", "Ottawa is in Canada, where it is cold.",
+            "Bananas are yellow and grow in warm places."]
+    bank = ms.MemoryBank.build(model, tok, docs)
+    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    assert len(pseudo_queries(bank, 10)) == 3
+    moments = engine.calibrate_keys("fp8")
+    D, Hkv = model.config.head_dim, model.config.num_key_value_heads
+    assert set(moments) == set(model.router_layers) and bank.key_dtype == "fp8"
+    for m in moments.values():
+        assert m.shape == (Hkv, D, D) and torch.allclose(m, m.transpose(1, 2))
+        assert (m.diagonal(dim1=1, dim2=2) > 0).all()
+    assert all(len(v) == 3 for v in engine.route("Where is Ottawa?").values())
+    bank.add(["Rome is old."])
+    ref = ms.MemoryBank.build(model, tok, docs + ["Rome is old."])  # same ids, so the same rendering
+    for lay in model.router_layers:
+        n = bank.segments[-1].route_keys[lay].shape[0]
+        want = q8(ref.segments[0].route_keys[lay][-n:], "fp8", False, moments[lay])
+        assert torch.equal(bank.segments[-1].route_keys[lay].data.float(), want.data.float())
+    with pytest.raises(ValueError, match="expected 'fp8' or 'int8'"):
+        engine.calibrate_keys("model")
+    with pytest.raises(ValueError, match="every router layer"):
+        bank.set_key_dtype("fp8", {model.router_layers[0]: moments[model.router_layers[0]]})

@@ -80,6 +80,21 @@ class MSAEngine:
         """`[n]. {text}\\n` for each document (plain text), then the round-end token."""
         return self.protocol.injection([(d, self.bank.text(d) or "") for d in doc_ids])
 
+    def calibrate_keys(self, kind: str = "fp8", questions: list[str] | None = None, n: int = 256,
+                       seed: int = 0) -> dict:
+        """Store the bank's routing keys in 8 bits (`kind` 'fp8' or 'int8') rounded for the routing queries of
+        `questions` (default: `n` pseudo-queries, sentences of the bank's own documents); documents added later
+        are rounded the same way. Returns the moments ({router layer: (Hkv, D, D)})."""
+        from .calibrate import pseudo_queries, routing_query_moments
+
+        if kind not in ("fp8", "int8"):
+            raise ValueError(f"calibrate_keys: kind {kind!r}, expected 'fp8' or 'int8'")
+        questions = questions if questions is not None else pseudo_queries(self.bank, n, seed)
+        rows = [self.encode_question(q) for q in questions]
+        moments = routing_query_moments(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
+        self.bank.set_key_dtype(kind, moments)
+        return moments
+
     # ------------------------------------------------------------------------------------- queries
     def route(self, question: str) -> Routing:
         """Per router layer the selected (doc id, score) list, best first."""

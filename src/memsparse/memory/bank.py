@@ -114,6 +114,8 @@ class MemoryBank:
     key_dtype: str = "model"  # routing keys of new segments: 'model' (its dtype), 'fp8' or 'int8' (per-chunk scale)
     next_position: int = 0  # doc_positions="global": memory tokens encoded so far (the next document's offset)
     content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
+    key_moments: dict | None = None  # per router layer (Hkv, D, D) routing-query moments: 8-bit keys are rounded
+    # for those queries (memory/quant.py; engine `calibrate_keys`); kept in memory only, not saved
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
@@ -228,7 +230,7 @@ class MemoryBank:
         ids = list(range(self.next_id, self.next_id + len(token_count)))
         shared = route_keys is None and self.key_dtype == "model" and self.content_dtype == "model"
         ck = {lay: self._to_tier(quantize(k, self.content_dtype, per_head=True)) for lay, k in keys.items()}
-        rk = ck if shared else {lay: quantize(k, self.key_dtype, per_head=False)
+        rk = ck if shared else {lay: quantize(k, self.key_dtype, per_head=False, moments=self._moments(lay))
                                 for lay, k in (route_keys or keys).items()}
         self._append(Segment(
             keys=ck, values={lay: self._to_tier(quantize(v, self.content_dtype, per_head=True))
@@ -320,10 +322,18 @@ class MemoryBank:
             return qmap(t, lambda x: x.to(dev))
         return qmap(t, lambda x: x if x.is_pinned() else x.cpu().pin_memory())
 
-    def set_key_dtype(self, kind: str) -> MemoryBank:
-        """Convert the routing keys of every segment to `kind` ('model', 'fp8' or 'int8'), one layer at a time."""
+    def _moments(self, layer: int) -> torch.Tensor | None:
+        return None if self.key_moments is None else self.key_moments[layer]
+
+    def set_key_dtype(self, kind: str, moments: dict | None = None) -> MemoryBank:
+        """Convert the routing keys of every segment to `kind` ('model', 'fp8' or 'int8'), one layer at a time;
+        with `moments` (per router layer, (Hkv, D, D)) 8-bit keys are rounded for those queries, here and in
+        segments added later."""
         if kind not in DTYPES:
             raise ValueError(f"key_dtype {kind!r}: expected one of {DTYPES}")
+        if moments is not None and set(moments) != set(self.model.router_layers):
+            raise ValueError("key moments are needed for every router layer")
+        self.key_moments = moments
         dev, dtype = self.model.device, self.model.dtype
         self._view = None  # it holds the old routing keys
         for seg in self.segments:
@@ -333,7 +343,7 @@ class MemoryBank:
                 t = qmap(seg.route_keys[lay], lambda x: x.to(dev))
                 if isinstance(t, QTensor) and (kind == "model" or t.data.dtype != STORAGE[kind]):
                     t = dense(t, dtype)  # from another quantized kind: through the model's dtype
-                seg.route_keys[lay] = t if kind == "model" else quantize(t, kind, False)
+                seg.route_keys[lay] = t if kind == "model" else quantize(t, kind, False, self._moments(lay))
         self.key_dtype = kind
         self._view = None
         return self

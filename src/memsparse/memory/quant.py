@@ -1,6 +1,12 @@
 """Quantized bank tensors: fp8 (e4m3) or int8 values with one float32 scale per chunk (routing keys) or per
 (chunk, key head) (content K̄/V̄), symmetric (x ≈ data * scale). A `QTensor` keeps the chunk axis first in both
 parts, so selecting, moving and pinning chunks is one function applied to both (`qmap`).
+
+Routing keys can be rounded for the queries that will score them (`moments`): with M = E[q q^T] of the routing
+queries of a key head, the rounding error e of a key costs e^T M e in squared score error, so the elements are
+rounded one after another and each one's error is pushed onto the elements not yet rounded, along M^-1 (the
+error-feedback rounding of GPTQ, with keys as the weights and routing queries as the inputs). Same format and
+bytes as plain rounding; only which neighbouring grid value each element takes changes.
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ class QTensor:
 Tensor = torch.Tensor | QTensor
 
 
-def quantize(x: torch.Tensor, kind: str, per_head: bool) -> Tensor:
+def quantize(x: torch.Tensor, kind: str, per_head: bool, moments: torch.Tensor | None = None) -> Tensor:
     """`x` (C, Hkv, D) -> QTensor with one scale per chunk (or per chunk and head); 'model' returns x, and an
-    already quantized x of this kind is returned as it is."""
+    already quantized x of this kind is returned as it is. `moments` (Hkv, D, D): second moments of the queries
+    that will score x, for error-feedback rounding (see the module docstring)."""
     if kind not in DTYPES:
         raise ValueError(f"bank dtype {kind!r}: expected one of {DTYPES}")
     if isinstance(x, QTensor):
@@ -58,6 +65,7 @@ def quantize(x: torch.Tensor, kind: str, per_head: bool) -> Tensor:
     if kind == "model":
         return x
     dt = STORAGE[kind]
+    feedback = None if moments is None else feedback_factor(moments.to(x.device))
     dims = (-1,) if per_head else (-2, -1)
     data = torch.empty(x.shape, dtype=dt, device=x.device)
     scale = torch.empty(x.shape[: x.dim() - len(dims)], dtype=torch.float32, device=x.device)  # (C, Hkv) or (C,)
@@ -65,9 +73,36 @@ def quantize(x: torch.Tensor, kind: str, per_head: bool) -> Tensor:
         xs = x[a:a + _PIECE].float()
         sc = (xs.abs().amax(dim=dims) / _LIMITS[dt]).clamp(min=1e-12)
         q = xs / sc.view(*sc.shape, *[1] * len(dims))
-        data[a:a + _PIECE] = q.round().clamp(-127, 127).to(dt) if dt == torch.int8 else q.to(dt)
+        data[a:a + _PIECE] = _round(q, dt) if feedback is None else _feedback_round(q, dt, feedback)
         scale[a:a + _PIECE] = sc
     return QTensor(data, scale)
+
+
+def _round(q: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    return q.round().clamp(-127, 127).to(dt) if dt == torch.int8 else q.clamp(-448, 448).to(dt)
+
+
+def feedback_factor(moments: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """(Hkv, D, D) upper Cholesky factors U of (M + damp * mean diag(M) * I)^-1 = U^T U, in float64."""
+    m = moments.double()
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    m = m + damp * m.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)), upper=True)
+
+
+def _feedback_round(q: torch.Tensor, dt: torch.dtype, U: torch.Tensor, piece: int = 1 << 15) -> torch.Tensor:
+    """Round q (C, Hkv, D) float32 in grid units element by element along D, each error pushed onto the later
+    elements through U (Hkv, D, D); `piece` chunks at a time."""
+    U = U.float()
+    out = torch.empty(q.shape, dtype=dt, device=q.device)
+    for a in range(0, q.shape[0], piece):
+        w = q[a:a + piece].clone()  # (c, Hkv, D), updated in place as errors are pushed forward
+        o = out[a:a + piece]
+        for d in range(q.shape[-1]):
+            o[..., d] = _round(w[..., d], dt)
+            err = (w[..., d] - o[..., d].float()) / U[:, d, d]  # (c, Hkv)
+            w[..., d + 1:] -= err[..., None] * U[:, d, d + 1:]
+    return out
 
 
 def qmap(t: Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tensor:
