@@ -6,8 +6,11 @@ and fp8 / int8 are quantized from those, as from a bf16 model on a GPU; every ki
   with the model's keys, and how often the gold paragraph is among them;
 - NIAH accuracy: RULER samples answered (router interleave, as `memsparse eval niah`) with every key dtype over
   the same banks.
+fp8 keys come rounded plainly and rounded for the routing queries (memory/quant.py): `fp8-questions` with the
+query moments of `--calibration` held-out SQuAD questions (about paragraphs outside the bank), `fp8-pseudo` with
+those of pseudo-queries, sentences of the bank's own documents (`MSAEngine.calibrate_keys`' default).
 
-    python benchmarks/key_quant_recall.py [--paragraphs 400] [--questions 200] [--niah-samples 10]
+    python benchmarks/key_quant_recall.py [--paragraphs 400] [--questions 200] [--niah-samples 10] [--calibration 300]
 
 Writes benchmarks/results/key_quant_recall.json (runs on CPU or GPU; the model's own dtype is the reference).
 """
@@ -25,19 +28,33 @@ from tqdm.auto import tqdm
 
 from memsparse import MemoryBank, MSAEngine
 from memsparse.demo import load_shipped
+from memsparse.engine.calibrate import pseudo_queries, routing_query_moments
 from memsparse.eval.scale import recall
 from memsparse.eval.squad import load_squad
 from memsparse.train.tasks.niah import make_sample, string_match_all
 
-KINDS = ("model", "bf16", "fp8", "int8")  # routing keys: the model's own, rounded to bf16, 8-bit from bf16
+KINDS = ("model", "bf16", "fp8", "int8", "fp8-questions", "fp8-pseudo")  # the model's own keys, rounded to bf16,
+# 8-bit from bf16 (fp8 also rounded for calibration questions or for pseudo-queries)
 
 
-def use_keys(bank: MemoryBank, kind: str, original: list[dict]) -> None:
-    """Set the bank's routing keys to `kind`, starting from the `original` keys (never from another kind's)."""
+def use_keys(bank: MemoryBank, kind: str, original: list[dict], moments: dict | None = None) -> None:
+    """Set the bank's routing keys to `kind`, starting from the `original` keys (never from another kind's);
+    `moments` for the calibrated kinds."""
     for seg, keys in zip(bank.segments, original):
         seg.route_keys = {lay: t if kind == "model" else t.to(torch.bfloat16).to(t.dtype) for lay, t in keys.items()}
     bank.key_dtype = "model"
-    bank.set_key_dtype(kind if kind in ("fp8", "int8") else "model")
+    bank.set_key_dtype(kind[:4] if kind[:4] in ("fp8", "int8") else "model", moments)
+
+
+def question_moments(engine: MSAEngine, questions: list[str]) -> dict:
+    rows = [engine.encode_question(q) for q in questions]
+    return routing_query_moments(engine.bank, [r for r, _ in rows], [m for _, m in rows])
+
+
+def kind_moments(engine: MSAEngine, kind: str, from_questions: dict) -> dict | None:
+    if kind == "fp8-questions":
+        return from_questions
+    return question_moments(engine, pseudo_queries(engine.bank, 256)) if kind == "fp8-pseudo" else None
 
 
 def original_keys(bank: MemoryBank) -> list[dict]:
@@ -55,6 +72,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--niah-samples", type=int, default=10, help="per subtask")
     ap.add_argument("--haystack", type=int, default=8192)
+    ap.add_argument("--calibration", type=int, default=300, help="held-out SQuAD questions for fp8-questions")
     ap.add_argument("--out", default=str(RESULTS / "key_quant_recall.json"))
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,14 +81,19 @@ def main() -> None:
     paragraphs = squad.paragraphs[:args.paragraphs]
     asked = [(q, p) for q, _, p in squad.questions if p < len(paragraphs)][:args.questions]
     questions, gold = [q for q, _ in asked], [p for _, p in asked]  # document id = paragraph index
+    calibration = [q for q, _, p in squad.questions if p >= len(paragraphs)][:args.calibration]
     bank = MemoryBank.build(model, tok, paragraphs, progress=True)
     engine = MSAEngine(model, tok, bank, similarity="train")
     routes, original = {}, original_keys(bank)
+    use_keys(bank, "bf16", original)
+    from_questions = question_moments(engine, calibration)  # bf16-keyed memory, as the others start from
     for kd in KINDS:
-        use_keys(bank, kd, original)
+        use_keys(bank, "bf16", original)
+        use_keys(bank, kd, original, kind_moments(engine, kd, from_questions))
         routes[kd] = [engine.route(q) for q in tqdm(questions, desc=f"route ({kd} keys)")]
     result = {**run_header(dev), "model": "MSA-SmolLM2 (shipped)", "reference_key_dtype": str(model.dtype),
               "squad_paragraphs": len(paragraphs), "squad_questions": len(questions),
+              "calibration_questions": len(calibration), "pseudo_queries": 256,
               "top_k": model.msa_config.engine_top_k,
               "top_k_recall": {kd: recall(routes["model"], routes[kd]) for kd in KINDS[1:]},
               "top_k_recall_vs_bf16": {kd: recall(routes["bf16"], routes[kd]) for kd in KINDS[2:]},
@@ -87,9 +110,10 @@ def main() -> None:
             b = MemoryBank.build(model, tok, s.documents)
             texts, original = {}, original_keys(b)
             for kd in KINDS:
-                use_keys(b, kd, original)
-                ans = MSAEngine(model, tok, b, similarity="train").ask(s.question, max_new_tokens=64,
-                                                                      interleave="router", inject_k=4)
+                e = MSAEngine(model, tok, b, similarity="train")
+                use_keys(b, "bf16", original)
+                use_keys(b, kd, original, kind_moments(e, kd, from_questions))
+                ans = e.ask(s.question, max_new_tokens=64, interleave="router", inject_k=4)
                 hits[kd].append(string_match_all(ans.text, s.answers))
                 texts[kd] = ans.text
             for kd in KINDS[1:]:
