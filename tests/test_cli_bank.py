@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+import memsparse as ms
 from memsparse.cli import main
 from memsparse.memory.store import MANIFEST
 
@@ -64,6 +66,14 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     assert code == 0, err
     code, out, _ = _run(capsys, "info", small)
     assert code == 0 and "fp8" in out and "int8" in out
+    plain = tmp_path / "plain"
+    code, out, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", plain, "--device", "cpu",
+                          "--key-dtype", "fp8", "--calibrate-keys", "0")
+    assert code == 0, err
+    model, tok = ms.MSAForCausalLM.from_pretrained(model_dir), ms.load_tokenizer(model_dir)
+    keys = [ms.MemoryBank.load(p, model, tok).segments[0].route_keys for p in (small, plain)]
+    assert all(a.data.dtype == torch.float8_e4m3fn for a in keys[0].values())
+    assert any(not torch.equal(a.data.float(), b.data.float()) for a, b in zip(keys[0].values(), keys[1].values()))
     code, out, err = _run(capsys, "ask", small, "Where is Ottawa?", "--max-new-tokens", "3")
     assert code == 0, err
 

@@ -138,8 +138,14 @@ def cmd_encode(args: argparse.Namespace) -> None:
         raise ValueError(f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite")
     texts, names = _read_docs(args.corpus, args.max_doc_mb)
     model, tok = _load_model(args.model, args.device, args.dtype)
-    bank = MemoryBank.build(model, tok, [], tier=args.tier, key_dtype=args.key_dtype, content_dtype=args.content_dtype)
+    calibrate = args.key_dtype in ("fp8", "int8") and args.calibrate_keys > 0
+    bank = MemoryBank.build(model, tok, [], tier=args.tier, key_dtype="model" if calibrate else args.key_dtype,
+                            content_dtype=args.content_dtype)
     bank.add(texts, names=names, progress=True, batch_tokens=args.batch_tokens)
+    if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
+        from .engine import MSAEngine
+
+        MSAEngine(model, tok, bank, similarity="train").calibrate_keys(args.key_dtype, n=args.calibrate_keys)
     model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
     bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
     bank.save(out)  # committed atomically: an interrupted encode leaves no bank (or the previous one)
@@ -371,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-tokens", type=int, help="tokens per encoding forward (default: 65536 GPU, 8192 CPU)")
     e.add_argument("--key-dtype", choices=["model", "fp8", "int8"], default="model",
                    help="routing keys: the model's dtype, or 8-bit with a scale per chunk (half the routing bytes)")
+    e.add_argument("--calibrate-keys", type=int, default=256, metavar="N",
+                   help="8-bit routing keys: round them for the routing queries of N sentences of the corpus "
+                        "(0: plain rounding; documents added later with `docs add` are rounded plainly)")
     e.add_argument("--content-dtype", choices=["model", "fp8", "int8"], default="model",
                    help="document keys/values: the model's dtype, or 8-bit with a scale per chunk and head")
     e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")

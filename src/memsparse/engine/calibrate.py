@@ -22,14 +22,16 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def pseudo_queries(bank: MemoryBank, n: int, seed: int = 0, max_words: int = 40) -> list[str]:
-    """Up to `n` sentences of 5 words or more from the bank's documents (each cut at `max_words` words)."""
+    """One sentence (of 5 words or more where there is one; cut at `max_words` words) from each of up to `n`
+    documents of the bank that keep their text."""
     rng = random.Random(seed)
     ids = bank.doc_ids()
     out = []
     for d in rng.sample(ids, min(len(ids), n)):
-        sents = [s for s in _SENTENCE.split(bank.text(d) or "") if len(s.split()) >= 5]
+        sents = [s for s in _SENTENCE.split((bank.text(d) or "").strip()) if s]
         if sents:
-            out.append(" ".join(rng.choice(sents).split()[:max_words]))
+            long = [s for s in sents if len(s.split()) >= 5]
+            out.append(" ".join(rng.choice(long or sents).split()[:max_words]))
     return out
 
 

@@ -90,6 +90,8 @@ class MSAEngine:
         if kind not in ("fp8", "int8"):
             raise ValueError(f"calibrate_keys: kind {kind!r}, expected 'fp8' or 'int8'")
         questions = questions if questions is not None else pseudo_queries(self.bank, n, seed)
+        if not questions:
+            raise ValueError("calibrate_keys: no calibration questions (and no document text to draw them from)")
         rows = [self.encode_question(q) for q in questions]
         moments = routing_query_moments(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
         self.bank.set_key_dtype(kind, moments)
