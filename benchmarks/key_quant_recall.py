@@ -43,7 +43,8 @@ def use_keys(bank: MemoryBank, kind: str, original: list[dict], moments: dict | 
     for seg, keys in zip(bank.segments, original):
         seg.route_keys = {lay: t if kind == "model" else t.to(torch.bfloat16).to(t.dtype) for lay, t in keys.items()}
     bank.key_dtype = "model"
-    bank.set_key_dtype(kind[:4] if kind[:4] in ("fp8", "int8") else "model", moments)
+    base = kind.split("-")[0]  # fp8-questions, fp8-pseudo: fp8 rounded for their moments
+    bank.set_key_dtype(base if base in ("fp8", "int8") else "model", moments)
 
 
 def question_moments(engine: MSAEngine, questions: list[str]) -> dict:
