@@ -35,6 +35,7 @@ from memsparse.train.tasks.niah import make_sample, string_match_all
 
 KINDS = ("model", "bf16", "fp8", "int8", "fp8-questions", "fp8-pseudo")  # the model's own keys, rounded to bf16,
 # 8-bit from bf16 (fp8 also rounded for calibration questions or for pseudo-queries)
+PSEUDO = 1024  # pseudo-queries (MSAEngine.calibrate_keys' default)
 
 
 def use_keys(bank: MemoryBank, kind: str, original: list[dict], moments: dict | None = None) -> None:
@@ -55,7 +56,7 @@ def question_moments(engine: MSAEngine, questions: list[str]) -> dict:
 def kind_moments(engine: MSAEngine, kind: str, from_questions: dict) -> dict | None:
     if kind == "fp8-questions":
         return from_questions
-    return question_moments(engine, pseudo_queries(engine.bank, 256)) if kind == "fp8-pseudo" else None
+    return question_moments(engine, pseudo_queries(engine.bank, PSEUDO)) if kind == "fp8-pseudo" else None
 
 
 def original_keys(bank: MemoryBank) -> list[dict]:
@@ -94,7 +95,7 @@ def main() -> None:
         routes[kd] = [engine.route(q) for q in tqdm(questions, desc=f"route ({kd} keys)")]
     result = {**run_header(dev), "model": "MSA-SmolLM2 (shipped)", "reference_key_dtype": str(model.dtype),
               "squad_paragraphs": len(paragraphs), "squad_questions": len(questions),
-              "calibration_questions": len(calibration), "pseudo_queries": 256,
+              "calibration_questions": len(calibration), "pseudo_queries": PSEUDO,
               "top_k": model.msa_config.engine_top_k,
               "top_k_recall": {kd: recall(routes["model"], routes[kd]) for kd in KINDS[1:]},
               "top_k_recall_vs_bf16": {kd: recall(routes["bf16"], routes[kd]) for kd in KINDS[2:]},

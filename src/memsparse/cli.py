@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-tokens", type=int, help="tokens per encoding forward (default: 65536 GPU, 8192 CPU)")
     e.add_argument("--key-dtype", choices=["model", "fp8", "int8"], default="model",
                    help="routing keys: the model's dtype, or 8-bit with a scale per chunk (half the routing bytes)")
-    e.add_argument("--calibrate-keys", type=int, default=256, metavar="N",
+    e.add_argument("--calibrate-keys", type=int, default=1024, metavar="N",
                    help="8-bit routing keys: round them for the routing queries of N sentences of the corpus "
                         "(0: plain rounding; documents added later with `docs add` are rounded plainly)")
     e.add_argument("--content-dtype", choices=["model", "fp8", "int8"], default="model",

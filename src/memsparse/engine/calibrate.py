@@ -22,17 +22,19 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def pseudo_queries(bank: MemoryBank, n: int, seed: int = 0, max_words: int = 40) -> list[str]:
-    """One sentence (of 5 words or more where there is one; cut at `max_words` words) from each of up to `n`
-    documents of the bank that keep their text."""
+    """Up to `n` distinct sentences drawn from the bank's documents that keep their text (a random document, then
+    a random sentence of 5 words or more where it has one), each cut at `max_words` words."""
     rng = random.Random(seed)
     ids = bank.doc_ids()
-    out = []
-    for d in rng.sample(ids, min(len(ids), n)):
-        sents = [s for s in _SENTENCE.split((bank.text(d) or "").strip()) if s]
+    out: dict[str, None] = {}
+    for _ in range(4 * n if ids else 0):
+        if len(out) == n:
+            break
+        sents = [s for s in _SENTENCE.split((bank.text(rng.choice(ids)) or "").strip()) if s]
         if sents:
             long = [s for s in sents if len(s.split()) >= 5]
-            out.append(" ".join(rng.choice(long or sents).split()[:max_words]))
-    return out
+            out[" ".join(rng.choice(long or sents).split()[:max_words])] = None
+    return list(out)
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ class MSAEngine:
         """`[n]. {text}\\n` for each document (plain text), then the round-end token."""
         return self.protocol.injection([(d, self.bank.text(d) or "") for d in doc_ids])
 
-    def calibrate_keys(self, kind: str = "fp8", questions: list[str] | None = None, n: int = 256,
+    def calibrate_keys(self, kind: str = "fp8", questions: list[str] | None = None, n: int = 1024,
                        seed: int = 0) -> dict:
         """Store the bank's routing keys in 8 bits (`kind` 'fp8' or 'int8') rounded for the routing queries of
         `questions` (default: `n` pseudo-queries, sentences of the bank's own documents); documents added later
