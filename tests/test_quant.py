@@ -132,9 +132,9 @@ def test_rounding_for_the_queries(kind):
     assert torch.equal(shaped.scale, plain.scale) and shaped.data.dtype == plain.data.dtype
 
 
-def test_calibrated_keys(setup):
+def test_calibrated_keys(setup, tmp_path):
     """`calibrate_keys`: moments per router layer from pseudo-queries, the bank's keys in 8 bits rounded for them,
-    and documents added later rounded the same way."""
+    documents added later rounded the same way, also after a save and load."""
     from memsparse.engine.calibrate import pseudo_queries
     from memsparse.memory.quant import quantize as q8
 
@@ -151,6 +151,9 @@ def test_calibrated_keys(setup):
         assert m.shape == (Hkv, D, D) and torch.allclose(m, m.transpose(1, 2))
         assert (m.diagonal(dim1=1, dim2=2) > 0).all()
     assert all(len(v) == 3 for v in engine.route("Where is Ottawa?").values())
+    bank.save(tmp_path / "bank")
+    bank = ms.MemoryBank.load(tmp_path / "bank", model, tok)
+    assert all(torch.equal(bank.key_moments[lay], moments[lay]) for lay in moments)
     bank.add(["Rome is old."])
     ref = ms.MemoryBank.build(model, tok, docs + ["Rome is old."])  # same ids, so the same rendering
     for lay in model.router_layers:

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing keys: the model's dtype, or 8-bit with a scale per chunk (half the routing bytes)")
     e.add_argument("--calibrate-keys", type=int, default=1024, metavar="N",
                    help="8-bit routing keys: round them for the routing queries of N sentences of the corpus "
-                        "(0: plain rounding; documents added later with `docs add` are rounded plainly)")
+                        "(0: plain rounding); documents added later with `docs add` are rounded the same way")
     e.add_argument("--content-dtype", choices=["model", "fp8", "int8"], default="model",
                    help="document keys/values: the model's dtype, or 8-bit with a scale per chunk and head")
     e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")

@@ -115,7 +115,7 @@ class MemoryBank:
     next_position: int = 0  # doc_positions="global": memory tokens encoded so far (the next document's offset)
     content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
     key_moments: dict | None = None  # per router layer (Hkv, D, D) routing-query moments: 8-bit keys are rounded
-    # for those queries (memory/quant.py; engine `calibrate_keys`); kept in memory only, not saved
+    # for those queries (memory/quant.py; engine `calibrate_keys`), saved with the bank
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 

@@ -162,6 +162,11 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
             seg.file = f"seg-{uuid.uuid4().hex[:12]}.safetensors"
             _fsync_write(path / seg.file, _segment_tensors(seg))
         shards.append({"file": seg.file, "docs": len(seg.doc_ids), "chunks": seg.num_chunks})
+    moments_file = None  # the routing-query moments 8-bit keys are rounded for (small: rewritten every commit)
+    if bank.key_moments is not None:
+        moments_file = f"moments-{uuid.uuid4().hex[:12]}.safetensors"
+        _fsync_write(path / moments_file, {f"layer.{lay}": m.float().contiguous().cpu()
+                                           for lay, m in bank.key_moments.items()})
     t = next((st for s in bank.segments for st in s.keys.values()), bank.prefix_kv[0][0])
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(model),
@@ -173,7 +178,7 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         "content_dtype": bank.content_dtype, "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
         "next_position": bank.next_position, "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
-        "tokens": sum(n for s in bank.segments for n in s.token_count),
+        "tokens": sum(n for s in bank.segments for n in s.token_count), "key_moments": moments_file,
     }
     tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "w") as f:
@@ -182,9 +187,10 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         os.fsync(f.fileno())
     os.replace(tmp, path / MANIFEST)
     _fsync_dir(path)
-    keep = {MANIFEST, prefix_file, *(s["file"] for s in shards)}
+    keep = {MANIFEST, prefix_file, moments_file, *(s["file"] for s in shards)}
     for p in path.iterdir():  # files of older commits and of interrupted ones
-        if p.name not in keep and (p.name.startswith(("seg-", "prefix-")) or p.name.startswith(f".{MANIFEST}")):
+        if p.name not in keep and (p.name.startswith(("seg-", "prefix-", "moments-"))
+                                   or p.name.startswith(f".{MANIFEST}")):
             p.unlink(missing_ok=True)
     bank.path = path
     return path
@@ -237,4 +243,7 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
     bank.next_id = m["next_id"]
     bank.next_position = m.get("next_position", 0)
     bank.meta = m.get("meta", {})
+    if m.get("key_moments"):
+        t = open_shard(path / m["key_moments"])
+        bank.key_moments = {lay: t[f"layer.{lay}"].to(model.device) for lay in layers}
     return bank.place(tier)
