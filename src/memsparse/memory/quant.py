@@ -90,18 +90,25 @@ def feedback_factor(moments: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m)), upper=True)
 
 
-def _feedback_round(q: torch.Tensor, dt: torch.dtype, U: torch.Tensor, piece: int = 1 << 15) -> torch.Tensor:
+def _feedback_round(q: torch.Tensor, dt: torch.dtype, U: torch.Tensor, piece: int = 1 << 15,
+                    block: int = 32) -> torch.Tensor:
     """Round q (C, Hkv, D) float32 in grid units element by element along D, each error pushed onto the later
-    elements through U (Hkv, D, D); `piece` chunks at a time."""
+    elements through U (Hkv, D, D); `piece` chunks at a time. Within a block of `block` elements the errors are
+    pushed one by one; onto the elements after the block, all at once by one product (GPTQ's lazy batch)."""
     U = U.float()
+    D = q.shape[-1]
     out = torch.empty(q.shape, dtype=dt, device=q.device)
     for a in range(0, q.shape[0], piece):
         w = q[a:a + piece].clone()  # (c, Hkv, D), updated in place as errors are pushed forward
         o = out[a:a + piece]
-        for d in range(q.shape[-1]):
-            o[..., d] = _round(w[..., d], dt)
-            err = (w[..., d] - o[..., d].float()) / U[:, d, d]  # (c, Hkv)
-            w[..., d + 1:] -= err[..., None] * U[:, d, d + 1:]
+        for b0 in range(0, D, block):
+            b1 = min(b0 + block, D)
+            err = torch.empty(*w.shape[:2], b1 - b0, dtype=w.dtype, device=w.device)  # (c, Hkv, block)
+            for d in range(b0, b1):
+                o[..., d] = _round(w[..., d], dt)
+                err[..., d - b0] = (w[..., d] - o[..., d].float()) / U[:, d, d]
+                w[..., d + 1:b1] -= err[..., d - b0, None] * U[:, d, d + 1:b1]
+            w[..., b1:] -= torch.einsum("chk,hkd->chd", err, U[:, b0:b1, b1:])
     return out
 
 
