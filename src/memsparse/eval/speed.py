@@ -213,7 +213,7 @@ def measure_point(name: str, bank: MemoryBank, tokens: int, s: Settings, rate: f
     p = {"model": name, "tokens": tokens, "key_dtype": "bf16" if bank.key_dtype == "model" else bank.key_dtype,
          "content_dtype": "bf16" if bank.content_dtype == "model" else bank.content_dtype, "tier": bank.tier,
          "routing": "fused" if dev.type == "cuda" else "torch", **fused,
-         "routing_floor_ms": round(rbytes / rate * 1e3, 3),
+         "routing_floor_ms": round(rbytes / rate * 1e3, 4), "routing_bytes": rbytes,
          "routing_gbps": round(rbytes / fused["routing_ms"] * 1e-6, 1),
          "routing_tflops": round(flops / fused["routing_ms"] * 1e-9, 2),
          "decode_floor_ms": round(decode_bytes(model, bank, s, 1) / rate * 1e3, 3),
