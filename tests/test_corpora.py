@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
@@ -138,17 +137,24 @@ def test_missing_tool_is_unavailable() -> None:
         c._run(["memsparse-no-such-tool"], "probe")
 
 
-# --- the real sources: downloaded once into the cache, then fast -----------------------------------------------------
+# --- the real sources: downloaded and parsed once, then served from the cache ----------------------------------------
 
 
-def _load(fn):
+def _load(fn, monkeypatch):
+    """fn() twice: the first call may download and parse; the second must come from the cache alone."""
     try:
-        fn()  # first call may download and parse
+        first = fn()
     except ResourceUnavailable as e:
         pytest.skip(f"source unavailable: {e}")
-    t = time.perf_counter()
+
+    def offline(*a, **k):
+        raise AssertionError("a cached source was fetched or parsed again")
+
+    for name in ("fetch_pypi_wheel", "debian_package", "_build_sotu", "_build_faq", "_build_docs"):
+        monkeypatch.setattr(c, name, offline)
     out = fn()
-    return out, time.perf_counter() - t
+    assert out == first
+    return out
 
 
 def _check(passages: list[c.Passage], source: str, max_words: int = 250) -> None:
@@ -158,9 +164,8 @@ def _check(passages: list[c.Passage], source: str, max_words: int = 250) -> None
     assert text.isprintable() or all(ch.isprintable() or ch in "\n\t" for ch in text)
 
 
-def test_sotu_real() -> None:
-    passages, seconds = _load(c.sotu)
-    assert seconds < 1.0
+def test_sotu_real(monkeypatch) -> None:
+    passages = _load(c.sotu, monkeypatch)
     titles = list(dict.fromkeys(p.title for p in passages))
     assert len(titles) == 249 and len(passages) > 5000
     assert all(re.search(r"\b(17|18|19|20)\d\d\b", t) for t in titles)
@@ -168,17 +173,17 @@ def test_sotu_real() -> None:
     _check(passages, "sotu")
 
 
-def test_python_faq_real() -> None:
-    faq, seconds = _load(c.python_faq)
-    assert seconds < 1.0 and len(faq) >= 150
+def test_python_faq_real(monkeypatch) -> None:
+    faq = _load(c.python_faq, monkeypatch)
+    assert len(faq) >= 150
     qa = dict(faq)
     assert "Python is a programming language" in qa["What is Python?"]
     assert not any(re.search(r":\w+:`|^\.\. ", a, re.M) for a in qa.values())
 
 
-def test_python_docs_real() -> None:
-    passages, seconds = _load(c.python_docs)
-    assert seconds < 1.0 and len(passages) > 5000
+def test_python_docs_real(monkeypatch) -> None:
+    passages = _load(c.python_docs, monkeypatch)
+    assert len(passages) > 5000
     assert any(p.title == "Python FAQ: Why is Python installed on my machine?" for p in passages)
     assert sum(bool(re.search(r":[\w:-]+:`", p.text)) for p in passages) == 0
     _check(passages, "python-doc")
