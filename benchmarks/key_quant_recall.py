@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from memsparse import MemoryBank, MSAEngine
 from memsparse.demo import load_shipped
-from memsparse.engine.calibrate import pseudo_queries, routing_query_moments
+from memsparse.engine.calibrate import pseudo_queries
 from memsparse.eval.scale import recall
 from memsparse.eval.squad import load_squad
 from memsparse.train.tasks.niah import make_sample, string_match_all
@@ -48,15 +48,10 @@ def use_keys(bank: MemoryBank, kind: str, original: list[dict], moments: dict | 
     bank.set_key_dtype(base if base in ("fp8", "int8") else "model", moments)
 
 
-def question_moments(engine: MSAEngine, questions: list[str]) -> dict:
-    rows = [engine.encode_question(q) for q in questions]
-    return routing_query_moments(engine.bank, [r for r, _ in rows], [m for _, m in rows])
-
-
 def kind_moments(engine: MSAEngine, kind: str, from_questions: dict) -> dict | None:
     if kind == "fp8-questions":
         return from_questions
-    return question_moments(engine, pseudo_queries(engine.bank, PSEUDO)) if kind == "fp8-pseudo" else None
+    return engine.query_moments(pseudo_queries(engine.bank, PSEUDO)) if kind == "fp8-pseudo" else None
 
 
 def original_keys(bank: MemoryBank) -> list[dict]:
@@ -88,7 +83,7 @@ def main() -> None:
     engine = MSAEngine(model, tok, bank, similarity="train")
     routes, original = {}, original_keys(bank)
     use_keys(bank, "bf16", original)
-    from_questions = question_moments(engine, calibration)  # bf16-keyed memory, as the others start from
+    from_questions = engine.query_moments(calibration)  # bf16-keyed memory, as the others start from
     for kd in KINDS:
         use_keys(bank, "bf16", original)
         use_keys(bank, kd, original, kind_moments(engine, kd, from_questions))

@@ -85,17 +85,22 @@ class MSAEngine:
         """Store the bank's routing keys in 8 bits (`kind` 'fp8' or 'int8') rounded for the routing queries of
         `questions` (default: `n` pseudo-queries, sentences of the bank's own documents); documents added later
         are rounded the same way. Returns the moments ({router layer: (Hkv, D, D)})."""
-        from .calibrate import pseudo_queries, routing_query_moments
+        from .calibrate import pseudo_queries
 
         if kind not in ("fp8", "int8"):
             raise ValueError(f"calibrate_keys: kind {kind!r}, expected 'fp8' or 'int8'")
-        questions = questions if questions is not None else pseudo_queries(self.bank, n, seed)
-        if not questions:
-            raise ValueError("calibrate_keys: no calibration questions (and no document text to draw them from)")
-        rows = [self.encode_question(q) for q in questions]
-        moments = routing_query_moments(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
+        moments = self.query_moments(questions if questions is not None else pseudo_queries(self.bank, n, seed))
         self.bank.set_key_dtype(kind, moments)
         return moments
+
+    def query_moments(self, questions: list[str]) -> dict:
+        """{router layer: (Hkv, D, D)} second moments of the routing queries of `questions` over this bank."""
+        from .calibrate import routing_query_moments
+
+        if not questions:
+            raise ValueError("no calibration questions (and no document text to draw them from)")
+        rows = [self.encode_question(q) for q in questions]
+        return routing_query_moments(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
 
     # ------------------------------------------------------------------------------------- queries
     def route(self, question: str) -> Routing:

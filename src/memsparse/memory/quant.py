@@ -79,7 +79,8 @@ def quantize(x: torch.Tensor, kind: str, per_head: bool, moments: torch.Tensor |
 
 
 def _round(q: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    return q.round().clamp(-127, 127).to(dt) if dt == torch.int8 else q.clamp(-448, 448).to(dt)
+    q = q.round() if dt == torch.int8 else q
+    return q.clamp(-_LIMITS[dt], _LIMITS[dt]).to(dt)
 
 
 def feedback_factor(moments: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
