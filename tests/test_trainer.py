@@ -154,9 +154,39 @@ def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypat
     for interleave in (True, False):
         recipe = trainer.Recipe(base="x", tasks={"toy": 1.0}, interleave=interleave, phases=[trainer.Phase(
             "p", steps=6, lr=1.0, w_lm=1, w_aux=1, memory_tokens=[60])])
-        mixer = Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
-                      doc_tokens=16)
-        batches = list(trainer._batches(recipe, mixer, proto, tok, random.Random(0), 0, 6))
+        recipe.doc_tokens = 16
+        mixer = trainer.make_mixer(recipe, tok)
+        batches = [trainer.step_batch(recipe, mixer, proto, tok, 0, step) for step in range(6)]
         texts = [tok.decode([t for t, d in zip(ids, docs) if d <= 0])
                  for *_, b in batches for ids, docs in zip(b["input_ids"].tolist(), b["doc_ids"].tolist())]
         assert any("has value" in t for t in texts) == interleave  # injected document text, or none
+
+
+def test_step_batches_do_not_depend_on_workers_or_resuming(monkeypatch):
+    """Worker processes give the in-process stream batch for batch, and a stream started at a later step (a
+    resumed run) continues it exactly; NIAH subtask weights pick only the weighted subtasks."""
+    from memsparse.train.tasks.niah import SUBTASKS
+
+    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    tok = tiny_tokenizer()
+    recipe = trainer.Recipe(base="x", tasks={"toy": 1.0}, doc_tokens=16, phases=[trainer.Phase(
+        "p", steps=7, lr=1.0, w_lm=1, w_aux=1, memory_tokens=[60, 90], batch_size=2)])
+
+    def stream(start, workers):
+        loader = torch.utils.data.DataLoader(trainer.StepBatches(recipe, tok, 0, start, 7), batch_size=None,
+                                             collate_fn=trainer._same, num_workers=workers)
+        return [(step, mem, {k: v.tolist() for k, v in b.items()}) for step, _, _, mem, b in loader]
+
+    alone = stream(0, 0)
+    assert [s for s, *_ in alone] == list(range(7)) and alone[-1][1] == 90
+    assert stream(0, 2) == alone and stream(4, 0) == alone[4:]
+    assert len({str(b) for *_, b in alone}) == 7  # every step draws its own questions
+    mixer = Mixer({"niah": 1.0}, lambda texts: [len(t.split()) for t in texts],
+                  niah_subtasks={"niah_multikey_2": 3.0, "niah_single_1": 1.0, "niah_multivalue": 0.0})
+    tasks = [mixer.niah(400).task for _ in range(40)]
+    assert set(tasks) == {"niah:niah_multikey_2", "niah:niah_single_1"} and tasks.count("niah:niah_multikey_2") > 20
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown NIAH subtasks"):
+        Mixer({"niah": 1.0}, len, niah_subtasks={"niah_multikey_9": 1.0})
+    assert set(SUBTASKS) == set(Mixer({"niah": 1.0}, len).subtasks)

@@ -5,16 +5,16 @@ each phase has its steps, learning rate, loss weights (w_lm, w_aux) and a memory
 steps through the listed sizes evenly). The base stays frozen; the routers, LoRA adapters and new tokens' rows
 train (model/delta.py). Progress is logged to `train_log.jsonl` (loss, LM and aux loss, router recall@k,
 tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps and the run resumes from it.
-Under torchrun (several GPUs, or CPU processes with gloo) the ranks average their gradients.
+Every step's batch is drawn from its own seed (recipe seed, rank, step), on GPUs in `DATA_WORKERS` worker
+processes (the Python-heavy sample generation never competes with the training loop for the GIL): the batches do
+not depend on the number of workers, and a resumed run continues the exact stream. Under torchrun (several GPUs, or CPU processes with gloo) the ranks average their gradients.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import random
-import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from .samples import collate, memory_stream, rounds
 from .tasks.mix import Mixer
 
 ADDED_TOKENS = [ROUND_END]
+DATA_WORKERS = 2  # sample-generation processes per rank on GPUs (none on CPU)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Recipe:
     msa: dict = field(default_factory=dict)
     lora_rank: int = 8
     tasks: dict = field(default_factory=lambda: {"niah": 1.0})
+    niah_subtasks: dict = field(default_factory=dict)  # weights of the NIAH subtasks (default: all equal)
     init: str | None = None  # a delta directory to start from (its routers, adapters and token rows)
     doc_tokens: int = 512
     phases: list[Phase] = field(default_factory=list)
@@ -153,10 +155,6 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
     master.append(emb.detach()[new_ids].float().clone().requires_grad_(True))
     opt = torch.optim.AdamW(master, lr=recipe.phases[0].lr, weight_decay=0.0, betas=(0.9, 0.95))
-    proto = Protocol(tok)
-    mixer = Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
-                  doc_tokens=recipe.doc_tokens, seed=recipe.seed + 1000 * rank)
-    rng = random.Random(recipe.seed + 1000 * rank)
     ckpt = out / "checkpoint.pt"
     step = 0
     if ckpt.exists():
@@ -165,12 +163,6 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             m.data.copy_(v)
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        if rank == 0:
-            rng.setstate(state["rng"])
-            mixer.rng.setstate(state["mixer_rng"])
-        else:  # other ranks' streams are not saved: reseed them by step
-            rng.seed(f"{recipe.seed}-{rank}-{step}")
-            mixer.rng.seed(f"{recipe.seed}-{rank}-{step}-mix")
         if rank == 0:
             print(f"resuming from step {step}")
     if world > 1:
@@ -185,7 +177,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     bar = tqdm(total=stop, initial=start, desc="training", unit="step", disable=rank != 0)
     t_start = t_last = time.perf_counter()
     tokens = 0
-    for step, phase, local, mem, cpu_batch in _prefetch(_batches(recipe, mixer, proto, tok, rng, start, stop)):
+    for step, phase, local, mem, cpu_batch in _loader(recipe, tok, rank, start, stop, device):
         model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
         model.gradient_checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
         warm = min(1.0, (local + 1) / 20)
@@ -225,8 +217,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", recall=rec["recall_at_k"], mem=mem)
         if rank == 0 and (step % recipe.checkpoint_every == 0 or step == stop):
-            _atomic_save({"master": [m.detach() for m in master], "opt": opt.state_dict(), "step": step,
-                          "rng": rng.getstate(), "mixer_rng": mixer.rng.getstate()}, ckpt)
+            _atomic_save({"master": [m.detach() for m in master], "opt": opt.state_dict(), "step": step}, ckpt)
     bar.close()
     _load_master(params, emb, new_ids, master)
     if world > 1:
@@ -247,43 +238,57 @@ def _load_master(params, emb, new_ids, master) -> None:
     emb[new_ids] = master[-1].to(emb.dtype)
 
 
-def _batches(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rng: random.Random, start: int, stop: int):
-    """(step, phase, step in phase, memory size, collated CPU batch) for every step from `start`."""
-    for step in range(start, stop):
-        phase, local = _phase_at(recipe.phases, step)
-        mem = phase.memory_at(local)
-        batch = []
-        for _ in range(phase.batch_size):
-            q = mixer.draw(mem)
-            gold = {d for h in q.hops for d in h}
-            others = [i for i in range(len(q.documents)) if i not in gold]
-            picked = rng.sample(others, min(len(others), sum(rng.randint(1, 3) for _ in q.hops)))
-            cuts = sorted(rng.randint(0, len(picked)) for _ in q.hops[1:])  # noise split over the rounds
-            noise = [picked[a:b] for a, b in zip([0] + cuts, cuts + [len(picked)])]
-            samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer,
-                             interleave=recipe.interleave, noise=noise)
-            batch.append(rng.choice(samples))  # one round of the question
-        yield step, phase, local, mem, collate(batch, pad_id=tok.pad_token_id or 0)
+def make_mixer(recipe: Recipe, tok) -> Mixer:
+    return Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
+                 doc_tokens=recipe.doc_tokens, niah_subtasks=recipe.niah_subtasks)
 
 
-def _prefetch(it, depth: int = 4):
-    """Run a generator in a background thread, `depth` items ahead (data preparation overlaps training)."""
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
+def step_batch(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rank: int, step: int):
+    """(step, phase, step in phase, memory size, collated CPU batch) of `step`, drawn from its own seed."""
+    rng = random.Random(f"{recipe.seed}-{rank}-{step}")
+    mixer.rng.seed(f"{recipe.seed}-{rank}-{step}-mix")
+    phase, local = _phase_at(recipe.phases, step)
+    mem = phase.memory_at(local)
+    batch = []
+    for _ in range(phase.batch_size):
+        q = mixer.draw(mem)
+        gold = {d for h in q.hops for d in h}
+        others = [i for i in range(len(q.documents)) if i not in gold]
+        picked = rng.sample(others, min(len(others), sum(rng.randint(1, 3) for _ in q.hops)))
+        cuts = sorted(rng.randint(0, len(picked)) for _ in q.hops[1:])  # noise split over the rounds
+        noise = [picked[a:b] for a, b in zip([0] + cuts, cuts + [len(picked)])]
+        samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer,
+                         interleave=recipe.interleave, noise=noise)
+        batch.append(rng.choice(samples))  # one round of the question
+    return step, phase, local, mem, collate(batch, pad_id=tok.pad_token_id or 0)
 
-    def work():
-        try:
-            for item in it:
-                q.put(item)
-        except BaseException as e:  # surfaced in the training loop
-            q.put(e)
-        q.put(done)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+class StepBatches(torch.utils.data.IterableDataset):
+    """The batches of steps [start, stop) of one rank; worker w of W makes steps start + w, start + w + W, ...
+    (the loader takes them round-robin, so in step order). The mixer is built in the worker."""
+
+    def __init__(self, recipe: Recipe, tok, rank: int, start: int, stop: int):
+        self.recipe, self.tok, self.rank, self.start, self.stop = recipe, tok, rank, start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        mixer, proto = make_mixer(self.recipe, self.tok), Protocol(self.tok)
+        for step in range(self.start + w, self.stop, n):
+            yield step_batch(self.recipe, mixer, proto, self.tok, self.rank, step)
+
+
+def _loader(recipe: Recipe, tok, rank: int, start: int, stop: int, device: torch.device):
+    workers = DATA_WORKERS if device.type == "cuda" else 0
+    if workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after tokenizer use
+    return torch.utils.data.DataLoader(StepBatches(recipe, tok, rank, start, stop), batch_size=None,
+                                       collate_fn=_same, num_workers=workers, pin_memory=workers > 0,
+                                       prefetch_factor=4 if workers else None)
+
+
+def _same(item):
+    return item
 
 
 def _f(x) -> float | None:

@@ -1,7 +1,7 @@
 """Training questions from every task, as (memory documents, question, documents to name, answer).
 
-- `niah`: RULER NIAH samples (niah.py), all 8 subtasks; the model names the documents holding the queried
-  needles and answers with the values.
+- `niah`: RULER NIAH samples (niah.py), all 8 subtasks (equally often, or with the `niah_subtasks` weights);
+  the model names the documents holding the queried needles and answers with the values.
 - `faq`: the Python FAQ (Debian python3.11-doc): the memory holds the answer passage among distractor passages
   of the Python documentation and other FAQ answers; the model names it and answers with its first sentence.
   The last `FAQ_HELD_OUT` questions are never trained on (the demo and evaluation use them).
@@ -76,8 +76,14 @@ class Mixer:
     """Draws training questions from the enabled tasks with the given weights."""
 
     def __init__(self, weights: dict[str, float], count_tokens: Callable[[list[str]], list[int]],
-                 doc_tokens: int = 512, seed: int = 0):
+                 doc_tokens: int = 512, seed: int = 0, niah_subtasks: dict[str, float] | None = None):
+        from .niah import SUBTASKS
+
         self.weights = {k: v for k, v in weights.items() if v > 0}
+        unknown = set(niah_subtasks or {}) - set(SUBTASKS)
+        if unknown:
+            raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
+        self.subtasks = {k: v for k, v in (niah_subtasks or dict.fromkeys(SUBTASKS, 1.0)).items() if v > 0}
         self.count = count_tokens
         self.doc_tokens = doc_tokens
         self.rng = random.Random(seed)
@@ -103,9 +109,9 @@ class Mixer:
         return getattr(self, task)(memory_tokens)
 
     def niah(self, memory_tokens: int) -> Question:
-        from .niah import SUBTASKS, make_sample
+        from .niah import make_sample
 
-        sub = self.rng.choice(SUBTASKS)
+        sub = self.rng.choices(list(self.subtasks), list(self.subtasks.values()))[0]
         s = make_sample(sub, memory_tokens, self._count_one, self.rng, doc_tokens=self.doc_tokens,
                         haystack_cache=self._niah_cache)
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
