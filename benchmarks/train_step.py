@@ -6,6 +6,8 @@ the question only sees the top-k documents' chunks); dense attention grows with 
 
     python benchmarks/train_step.py                 # small config on CPU, SmolLM2 geometry on a GPU
     python benchmarks/train_step.py --sizes 8192,16384 --repeats 2
+    python benchmarks/train_step.py --save-batches recipes/smollm2-msa-v2.toml:0,130,300,500 --batches b.pt
+    python benchmarks/train_step.py --batches b.pt --profile   # real training batches (LoRA, frozen base)
 
 Results are merged into benchmarks/results/train_step.json under the device kind ("cpu", "cuda",
 "cuda-checkpointing").
@@ -77,6 +79,68 @@ def profile_step(model, size: int, args, device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
+def save_batches(spec: str, path: str) -> None:
+    """Write the trainer's batches of the given steps (`RECIPE:step,step,...`) to `path` (needs the tokenizer)."""
+    from memsparse.engine.protocol import Protocol
+    from memsparse.model.tokenizer import load_tokenizer
+    from memsparse.train import trainer
+
+    recipe_path, steps = spec.rsplit(":", 1)
+    recipe = trainer.Recipe.load(recipe_path)
+    tok = load_tokenizer(trainer.base_path(recipe.base))
+    tok.add_tokens(trainer.ADDED_TOKENS, special_tokens=True)
+    mixer, proto = trainer.make_mixer(recipe, tok), Protocol(tok)
+    out = []
+    for step in (int(s) for s in steps.split(",")):
+        _, phase, _, mem, b = trainer.step_batch(recipe, mixer, proto, tok, 0, step)
+        out.append({"step": step, "memory_tokens": mem, "w": (phase.w_lm, phase.w_aux), **b})
+    torch.save({"recipe": recipe_path, "vocab": len(tok), "batches": out}, path)
+
+
+def measure_batches(path: str, args, device) -> None:
+    """Forward + backward of real batches through the SmolLM2 geometry with LoRA adapters and a frozen base, as
+    `memsparse train` runs them; prints ms per batch and, with --profile, the slowest batch's profile."""
+    from memsparse.model.delta import attach_lora, train_rows, trainable_parameters
+
+    saved = torch.load(path)
+    cfg = DecoderConfig(**{**SMOLLM2, "vocab_size": saved["vocab"]})
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = MSAForCausalLM(cfg, {"pooling_kernel_size": 64, "top_k_docs": 16, "router_layer_idx": list(range(15, 30))})
+    model = model.to(device, dtype).train()
+    attach_lora(model, 8)
+    params = trainable_parameters(model)
+    train_rows(model, [saved["vocab"] - 1])
+    times = []
+    for b in saved["batches"]:
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = b["w"]
+        model.gradient_checkpointing = device.type == "cuda" and b["memory_tokens"] >= 32768
+
+        def step():
+            for p in params + [model.model.embed_tokens.weight]:
+                p.grad = None
+            model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
+                  attention_mask=b["attention_mask"]).loss.backward()
+
+        ms = timed(step, args.repeats, device)
+        times.append((ms, b))
+        print(json.dumps({"step": b["step"], "memory_tokens": b["memory_tokens"], "shape": list(b["input_ids"].shape),
+                          "active": int((b["doc_ids"] <= 0).sum()), "docs": int(b["doc_ids"].max()),
+                          "ms": round(ms, 1)}), flush=True)
+    if args.profile:
+        _, b = max(times, key=lambda t: t[0])
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
+                  attention_mask=b["attention_mask"]).loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        for key in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+            print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8192,16384,32768,65536")
@@ -87,9 +151,15 @@ def main() -> None:
                     help="gradient checkpointing per layer (default: on for GPU)")
     ap.add_argument("--profile", action="store_true", help="print a profile of one step at the largest size")
     ap.add_argument("--out", default=str(RESULTS / "train_step.json"))
+    ap.add_argument("--save-batches", metavar="RECIPE:STEPS", help="write these training steps' batches to --batches")
+    ap.add_argument("--batches", help="time the real training batches in this file instead of synthetic ones")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.save_batches:
+        return save_batches(args.save_batches, args.batches)
+    if args.batches:
+        return measure_batches(args.batches, args, device)
     gpu = device.type == "cuda"
     cfg = DecoderConfig(**(SMOLLM2 if gpu else SMALL))
     dtype = torch.bfloat16 if gpu else torch.float32

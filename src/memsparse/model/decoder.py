@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.attention import packed_document_attention, sdpa
+from ..ops.indexing import take
 from ..ops.pooling import chunk_mean_pool
 from ..ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from ..ops.routing import chunk_scores, document_scores, select_top_k
@@ -101,24 +102,24 @@ class MSAAttention(nn.Module):
         d_idx = lay.doc_token_flat
         pooled = None
         if lay.has_documents:
-            out = out.index_copy(0, d_idx, packed_document_attention(qf[d_idx], kf[d_idx], vf[d_idx], lay.buckets))
+            out = out.index_copy(0, d_idx, packed_document_attention(take(qf, d_idx), take(kf, d_idx), take(vf, d_idx), lay.buckets))
             if self.is_router:
-                pooled = self.pool(h.flatten(0, 1)[d_idx], kf[d_idx], vf[d_idx], lay)
+                pooled = self.pool(take(h.flatten(0, 1), d_idx), take(kf, d_idx), take(vf, d_idx), lay)
                 if memory is not None:
                     memory.append(pooled)
         scores = None
         if lay.active_rows.numel():
             a_flat = lay.active_flat  # (B, A)
-            q_act, k_act, v_act = qf[a_flat], kf[a_flat], vf[a_flat]  # (B, A, H|Hkv, D)
+            q_act, k_act, v_act = take(qf, a_flat), take(kf, a_flat), take(vf, a_flat)  # (B, A, H|Hkv, D)
             if pooled is not None:
-                r_queries = self.router_queries(h.flatten(0, 1)[a_flat], q_act)  # (B, A, H, D)
+                r_queries = self.router_queries(take(h.flatten(0, 1), a_flat), q_act)  # (B, A, H, D)
                 scores = self.score(r_queries, lay.route_mask, pooled[2], lay)  # (B, M)
                 selected = select_top_k(scores, self.msa.top_k_docs)  # (B, M)
                 o_act = self.memory_attention(q_act, k_act, v_act, pooled[0], pooled[1], selected, lay)
             else:
                 o_act = sdpa(q_act, k_act, v_act, causal=True)  # (B, A, H, D); padding is at the end
             rows = lay.active_rows
-            out = out.index_copy(0, a_flat.flatten()[rows], o_act.flatten(0, 1)[rows])
+            out = out.index_copy(0, a_flat.flatten()[rows], take(o_act.flatten(0, 1), rows))
         return self.o_proj(out.view(B, T, H * D)), scores
 
     def pool(self, h_doc, k_doc, v_doc, lay: SequenceLayout):
@@ -131,7 +132,7 @@ class MSAAttention(nn.Module):
     def score(self, r_queries, route_mask, kr_bar, lay: SequenceLayout) -> torch.Tensor:
         """Document scores (B, M) with -inf for documents absent from a sample."""
         msa = self.msa
-        keys = kr_bar[lay.chunk_index]  # (B, Cmax, Hkv, D)
+        keys = take(kr_bar, lay.chunk_index)  # (B, Cmax, Hkv, D)
         cs = chunk_scores(
             r_queries, route_mask, keys, lay.chunk_valid,
             head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
@@ -148,8 +149,8 @@ class MSAAttention(nn.Module):
         order = torch.sort((~slot_sel).to(torch.int8), dim=1, stable=True).indices[:, :Cs]  # selected first
         chunk = lay.chunk_index.gather(1, order)  # (B, Cs)
         c_valid = torch.arange(Cs, device=chunk.device).unsqueeze(0) < n_sel.unsqueeze(1)  # (B, Cs)
-        keys = torch.cat([k_bar[chunk], k_act], 1)  # (B, Cs + A, Hkv, D)
-        values = torch.cat([v_bar[chunk], v_act], 1)
+        keys = torch.cat([take(k_bar, chunk), k_act], 1)  # (B, Cs + A, Hkv, D)
+        values = torch.cat([take(v_bar, chunk), v_act], 1)
         q_seq = lay.active_index.unsqueeze(2)  # (B, A, 1)
         see_chunk = c_valid.unsqueeze(1) & (lay.chunk_seq[chunk].unsqueeze(1) < q_seq)  # (B, A, Cs)
         ar = torch.arange(A, device=chunk.device)
@@ -295,7 +296,7 @@ class MSAForCausalLM(nn.Module):
                 doc_scores[i] = scores
         x = self.model.norm(x)
         a_valid = lay.active_valid
-        logits = self.lm_head(x.flatten(0, 1)[lay.active_flat])  # (B, A, V)
+        logits = self.lm_head(take(x.flatten(0, 1), lay.active_flat))  # (B, A, V)
         out = MSAOutput(logits=logits, logits_index=lay.active_index.masked_fill(~a_valid, -1), doc_scores=doc_scores)
 
         msa = self.msa_config

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .indexing import take
+
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
          causal: bool = False) -> torch.Tensor:
@@ -29,8 +31,8 @@ def packed_document_attention(
     to back; buckets: `DocumentBucket`s covering every document. Returns (Nd, H, D)."""
     out = q.new_zeros(q.shape)
     for b in buckets:
-        o = sdpa(q[b.gather], k[b.gather], v[b.gather], causal=True)  # (n, L, H, D)
-        out = out.index_copy(0, b.dest, o.flatten(0, 1)[b.rows])
+        o = sdpa(take(q, b.gather), take(k, b.gather), take(v, b.gather), causal=True)  # (n, L, H, D)
+        out = out.index_copy(0, b.dest, take(o.flatten(0, 1), b.rows))
     return out
 
 
