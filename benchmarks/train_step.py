@@ -16,13 +16,17 @@ Results are merged into benchmarks/results/train_step.json under the device kind
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, SMALL, SMOLLM2, peak_mb, run_header, save_run, timed
+from common import RESULTS, SMALL, SMOLLM2, peak_mb, run_header, save_run, sync, timed
 
 from memsparse import DecoderConfig, MSAForCausalLM
+from memsparse.ops.attention import shape_varying_attention
 
 
 def make_batch(memory_tokens: int, doc_len: int, vocab: int, device, n_query=64, n_answer=64, prefix=3):
@@ -97,9 +101,18 @@ def save_batches(spec: str, path: str) -> None:
     torch.save({"recipe": recipe_path, "vocab": len(tok), "batches": out}, path)
 
 
+def _train_batch(model, params, b: dict, backends) -> None:
+    for p in params + [model.model.embed_tokens.weight]:
+        p.grad = None
+    with backends():
+        model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
+              attention_mask=b["attention_mask"]).loss.backward()
+
+
 def measure_batches(path: str, args, device) -> None:
     """Forward + backward of real batches through the SmolLM2 geometry with LoRA adapters and a frozen base, as
-    `memsparse train` runs them; prints ms per batch and, with --profile, the slowest batch's profile."""
+    `memsparse train` runs them: ms per batch at first sight of its shapes (as in training) and once warm; with
+    --profile, the slowest batch's profile. Saved under "<device>-real-batches" (or "...-cudnn-first")."""
     from memsparse.model.delta import attach_lora, train_rows, trainable_parameters
 
     saved = torch.load(path)
@@ -111,34 +124,39 @@ def measure_batches(path: str, args, device) -> None:
     attach_lora(model, 8)
     params = trainable_parameters(model)
     train_rows(model, [saved["vocab"] - 1])
-    times = []
+    backends = contextlib.nullcontext if args.cudnn_first else shape_varying_attention
+    times, points = [], []
     for b in saved["batches"]:
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = b["w"]
         model.gradient_checkpointing = device.type == "cuda" and b["memory_tokens"] >= 32768
 
-        def step():
-            for p in params + [model.model.embed_tokens.weight]:
-                p.grad = None
-            model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
-                  attention_mask=b["attention_mask"]).loss.backward()
-
+        step = functools.partial(_train_batch, model, params, b, backends)
+        sync(device)
+        t0 = time.perf_counter()
+        step()  # first sight of this batch's shapes, as in training
+        sync(device)
+        first_ms = (time.perf_counter() - t0) * 1e3
         ms = timed(step, args.repeats, device)
         times.append((ms, b))
-        print(json.dumps({"step": b["step"], "memory_tokens": b["memory_tokens"], "shape": list(b["input_ids"].shape),
-                          "active": int((b["doc_ids"] <= 0).sum()), "docs": int(b["doc_ids"].max()),
-                          "ms": round(ms, 1)}), flush=True)
+        points.append({"step": b["step"], "memory_tokens": b["memory_tokens"], "shape": list(b["input_ids"].shape),
+                       "active": int((b["doc_ids"] <= 0).sum()), "docs": int(b["doc_ids"].max()),
+                       "first_ms": round(first_ms, 1), "ms": round(ms, 1)})
+        print(json.dumps(points[-1]), flush=True)
     if args.profile:
         _, b = max(times, key=lambda t: t[0])
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
-            model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
-                  attention_mask=b["attention_mask"]).loss.backward()
+            _train_batch(model, params, b, backends)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        for key in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+        keys = ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
+        for key in keys:
             print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+    run = {**run_header(device), "dtype": str(dtype), "config": "SmolLM2-135M geometry, LoRA rank 8, frozen base",
+           "batches": saved["recipe"], "sdpa": "default order" if args.cudnn_first else "cuDNN last", "points": points}
+    save_run(Path(args.out), f"{device.type}-real-batches" + ("-cudnn-first" if args.cudnn_first else ""), run)
 
 
 def main() -> None:
@@ -153,6 +171,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "train_step.json"))
     ap.add_argument("--save-batches", metavar="RECIPE:STEPS", help="write these training steps' batches to --batches")
     ap.add_argument("--batches", help="time the real training batches in this file instead of synthetic ones")
+    ap.add_argument("--cudnn-first", action="store_true",
+                    help="with --batches: PyTorch's default SDPA order (cuDNN first on Hopper), not the trainer's")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..model import cached
 from ..model.decoder import MSAForCausalLM
+from ..ops.attention import shape_varying_attention
 from .quant import DTYPES, STORAGE, QTensor, Tensor, dense, nbytes, qmap, quantize
 
 TEMPLATE_PREFIX = "<|im_start|>user\n"
@@ -200,7 +201,9 @@ class MemoryBank:
             if global_positions:  # the bank as one sequence after the template prefix
                 start = len(self.prefix_ids) + self.next_position + done
                 pos = torch.arange(start, start + n, device=dev)[None]  # (1, n)
-            for layer, pooled in self.model.encode_documents(flat, doc_ids, pos).items():
+            with shape_varying_attention():
+                encoded = self.model.encode_documents(flat, doc_ids, pos)
+            for layer, pooled in encoded.items():
                 # host tier: batches leave the device as they come; pinned once, after concatenation
                 parts.setdefault(layer, []).append(tuple(t.cpu() if self.tier == "host" else t for t in pooled))
             bar.update(n)

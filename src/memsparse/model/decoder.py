@@ -102,7 +102,8 @@ class MSAAttention(nn.Module):
         d_idx = lay.doc_token_flat
         pooled = None
         if lay.has_documents:
-            out = out.index_copy(0, d_idx, packed_document_attention(take(qf, d_idx), take(kf, d_idx), take(vf, d_idx), lay.buckets))
+            o_doc = packed_document_attention(take(qf, d_idx), take(kf, d_idx), take(vf, d_idx), lay.buckets)
+            out = out.index_copy(0, d_idx, o_doc)
             if self.is_router:
                 pooled = self.pool(take(h.flatten(0, 1), d_idx), take(kf, d_idx), take(vf, d_idx), lay)
                 if memory is not None:

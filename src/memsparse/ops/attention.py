@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .indexing import take
+
+_CUDNN_LAST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+               SDPBackend.CUDNN_ATTENTION]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -22,6 +26,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         is_causal=causal, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)  # (B, L, H, D)
+
+
+def shape_varying_attention():
+    """Context for code whose attention shapes change from call to call (training batches, document encoding):
+    every SDPA backend stays available, cuDNN last. cuDNN attention, PyTorch's first choice on Hopper, builds an
+    execution plan for every new shape (tens to hundreds of ms each), and here nearly every batch is a new shape."""
+    return sdpa_kernel(_CUDNN_LAST, set_priority=True)
 
 
 def packed_document_attention(

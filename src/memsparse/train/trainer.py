@@ -7,7 +7,8 @@ train (model/delta.py). Progress is logged to `train_log.jsonl` (loss, LM and au
 tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps and the run resumes from it.
 Every step's batch is drawn from its own seed (recipe seed, rank, step), on GPUs in `DATA_WORKERS` worker
 processes (the Python-heavy sample generation never competes with the training loop for the GIL): the batches do
-not depend on the number of workers, and a resumed run continues the exact stream. Under torchrun (several GPUs, or CPU processes with gloo) the ranks average their gradients.
+not depend on the number of workers, and a resumed run continues the exact stream. Under torchrun (several GPUs,
+or CPU processes with gloo) the ranks average their gradients.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..model.delta import (
     train_rows,
     trainable_parameters,
 )
+from ..ops.attention import shape_varying_attention
 from .samples import collate, memory_stream, rounds
 from .tasks.mix import Mixer
 
@@ -185,9 +187,10 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             g["lr"] = phase.lr * warm
         b = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
         _load_master(params, emb, new_ids, master)
-        res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
-                    attention_mask=b["attention_mask"])
-        res.loss.backward()
+        with shape_varying_attention():  # around backward too: checkpointed layers run forward again there
+            res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
+                        attention_mask=b["attention_mask"])
+            res.loss.backward()
         for p, m in zip(params, master):
             m.grad = p.grad.float() if p.grad is not None else None
             p.grad = None
