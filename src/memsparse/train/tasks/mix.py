@@ -7,6 +7,10 @@
   The last `FAQ_HELD_OUT` questions are never trained on (the demo and evaluation use them).
 - `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
   one passage, the model names it and answers with its title (the first line of the document).
+- `definitions` (generative retrieval on headwords): dictionary pages (FOLDOC and WordNet entries packed in
+  headword order, about `PAGE_WORDS` words each, one entry a line); the question asks what a headword means (the
+  model names its page and answers with the definition's first sentence) or which headword a definition quotes
+  (answer: the headword). Half the distractors are the neighbouring pages, whose headwords share words with it.
 - `multihop`: two-hop chains in an essay haystack (Paul Graham essays packed into passages). `MULTIHOP_CHAINS`
   chains "The {key} leads to the {link}." / "The special magic number of the {link} is: {value}." are hidden in
   distinct passages; the question names one key, so only the passage holding its link sentence shares words
@@ -27,6 +31,8 @@ HOP_LINK = "The {key} leads to the {link}."
 HOP_VALUE = "The special magic number of the {link} is: {value}."
 HOP_QUESTION = "What is the special magic number of the place that the {key} leads to?"
 PASSAGE_WORDS = 250  # essay passages of about 330 tokens, room left for a needle within doc_tokens=512
+PAGE_WORDS = 200  # dictionary pages
+NEIGHBOUR_PAGES = 8  # hard negatives on each side of the gold page
 
 
 @dataclass
@@ -100,6 +106,9 @@ class Mixer:
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
         if "multihop" in self.weights:
             self.pools["essays"] = Pool(_essay_passages(), count_tokens)
+        if "definitions" in self.weights:
+            pages, self.page_entries = _dictionary_pages()
+            self.pools["definitions"] = Pool(pages, count_tokens)
 
     def _count_one(self, text: str) -> int:
         return self.count([text])[0]
@@ -136,6 +145,30 @@ class Mixer:
         docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in others])
         return Question(docs, question, [where], title, "retrieval")
 
+    def definitions(self, memory_tokens: int) -> Question:
+        pool = self.pools["definitions"]
+        gold = self.rng.randrange(len(pool.texts))
+        head, text, unique = self.rng.choice(self.page_entries[gold])
+        if unique and self.rng.random() < 0.5:
+            words = text.split()
+            n = min(len(words), self.rng.randint(6, 14))
+            start = self.rng.randint(0, len(words) - n)
+            question, answer = f"Which word is defined as \"{' '.join(words[start:start + n])}\"?", head
+        else:
+            question, answer = f"What does \"{head}\" mean?", gist(text)
+        near = [i for d in range(1, NEIGHBOUR_PAGES + 1) for i in (gold - d, gold + d) if 0 <= i < len(pool.texts)]
+        picked, total = [], pool.tokens[gold]
+        for i in near:  # hard negatives first, up to half the memory
+            if total + pool.tokens[i] > memory_tokens // 2:
+                break
+            picked.append(i)
+            total += pool.tokens[i] + 8
+        picked += pool.fill(self.rng, memory_tokens - total, {gold, *picked})
+        line = f"\n{head}: "  # the same headword in another dictionary would make the question ambiguous
+        picked = [i for i in picked if line not in "\n" + pool.texts[i]]
+        docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in picked])
+        return Question(docs, question, [where], answer, "definitions")
+
     def multihop(self, memory_tokens: int) -> Question:
         from .niah import _draw, _words
 
@@ -166,6 +199,15 @@ class Mixer:
                         values[q], "multihop")
 
 
+_SENSE_MARK = re.compile(r"^(?:<[^>]*>\s*|(?:n|v|adj|adv)\s+1:\s*)")  # FOLDOC's <category>, WordNet's "n 1:"
+_NEXT_SENSE = re.compile(r"\s\d+:\s|;\s")  # WordNet: the next sense, or the examples after the gloss
+
+
+def gist(definition: str) -> str:
+    """The first sentence of a dictionary definition's first sense, without its category or sense mark."""
+    return first_sentence(_NEXT_SENSE.split(_SENSE_MARK.sub("", definition), maxsplit=1)[0])
+
+
 def _essay_passages() -> list[str]:
     """The essays' sentences packed in order into passages of about `PASSAGE_WORDS` words, one sentence a line."""
     from .niah import _essay_sentences
@@ -179,3 +221,27 @@ def _essay_passages() -> list[str]:
         cur.append(s)
         size += n
     return out + (["\n".join(cur)] if cur else [])
+
+
+def _dictionary_pages() -> tuple[list[str], list[list[tuple[str, str, bool]]]]:
+    """Dictionary entries packed in order into pages of about `PAGE_WORDS` words, one `headword: definition` a line
+    (a page never mixes dictionaries); per page its entries as (headword, definition, whether a quote of the
+    definition can identify it: the definition is unique in the corpus and no headword repeats on the page)."""
+    from collections import Counter
+
+    from ..corpora import definitions, n_words
+
+    entries = definitions()
+    seen = Counter(e.text for e in entries)
+    pages, page_entries, cur, size, source = [], [], [], 0, None
+    for e in entries + [None]:
+        n = n_words(e.text) + n_words(e.title) if e else 0
+        if cur and (e is None or e.source != source or size + n > PAGE_WORDS):
+            heads = {h.lower() for h, _ in cur}
+            pages.append("\n".join(f"{h}: {t}" for h, t in cur))
+            page_entries.append([(h, t, seen[t] == 1 and len(heads) == len(cur)) for h, t in cur])
+            cur, size = [], 0
+        if e is not None:
+            cur.append((e.title, e.text))
+            size, source = size + n, e.source
+    return pages, page_entries
