@@ -59,6 +59,11 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert all(p["samples"] == 2 and 0 <= p["accuracy"] <= 100 and p["tokens"] == 400 for p in res["points"])
     assert {"model", "gpu", "date", "commit"} <= set(res)
     assert main(["eval", "niah", "--subtasks", "niah_nope", "--out", str(out)]) == 2
+    argv = ["eval", "niah", "--tokens", "400,500", "--samples", "2,1", "--subtasks", "niah_single_1", "--out", str(out)]
+    assert main(argv) == 0  # one sample count per memory size, all points in one file
+    res = json.loads(out.read_text())
+    assert [(p["tokens"], p["samples"]) for p in res["points"]] == [(400, 2), (500, 1)]
+    assert main(argv[:5] + ["2,1,3"] + argv[6:]) == 2  # three counts for two sizes
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):

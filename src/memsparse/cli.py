@@ -228,6 +228,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device)
 
 
+def _count(samples: str) -> int:
+    """--samples for the tasks that take a single count."""
+    if not samples.isdigit():
+        raise ValueError(f"--samples: expected one count for this task, got {samples!r}")
+    return int(samples)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "qa":
         return _eval_qa(args)
@@ -246,8 +253,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
-    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks, args.samples,
-                      interleave=mode, inject_k=args.inject_k, on_point=lambda pts: write_results(pts, name, out))
+    tokens = [int(t) for t in args.tokens.split(",")]
+    counts = [int(n) for n in args.samples.split(",")]
+    if len(counts) not in (1, len(tokens)):
+        raise ValueError(f"--samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
+    points: list[dict] = []
+    for size, n in zip(tokens, counts * len(tokens) if len(counts) == 1 else counts):
+        done = points  # earlier sizes' points: the results file keeps them as each new point is written
+        points = done + evaluate(model, tok, [size], subtasks, n, interleave=mode, inject_k=args.inject_k,
+                                 on_point=lambda pts, done=done: write_results(done + pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
@@ -261,7 +275,8 @@ def _eval_multihop(args: argparse.Namespace) -> None:
 
     model, tok = _load_model(args.model, args.device, args.dtype)
     rounds = tuple(int(r) for r in args.router_rounds.split(","))
-    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], args.samples, rounds, args.inject_k)
+    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], _count(args.samples), rounds,
+                      args.inject_k)
     out = Path(args.out or "benchmarks/results/multihop.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model or SHIPPED), **run_meta(), "points": points}, indent=1) + "\n")
@@ -291,7 +306,8 @@ def _eval_scale(args: argparse.Namespace) -> None:
 
     model, tok = _load_model(args.model, args.device, args.dtype)
     res = run(model, tok, [int(t) for t in args.tokens.split(",")], Path(args.out or
-              "benchmarks/results/scale_quality.json"), niah_samples=args.samples, squad_questions=args.questions,
+              "benchmarks/results/scale_quality.json"), niah_samples=_count(args.samples),
+              squad_questions=args.questions,
               bank_path=Path(args.bank_cache) if args.bank_cache else None, fp8_at=args.fp8_at,
               tasks=tuple(t for t in args.scale_tasks.split(",") if t), key_dtypes=tuple(args.key_dtypes.split(",")))
     for p in res["points"]:
@@ -309,7 +325,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
     from .resources import smollm2_gguf
 
     systems = args.systems.split(",")
-    squad = load_squad(args.samples)
+    squad = load_squad(_count(args.samples))
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     msa = _load_model(args.model, device, args.dtype) if "memsparse" in systems else None
     plain = None
@@ -433,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--systems", default="memsparse,rag1,rag5,rag10,full",
                    help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
-    v.add_argument("--samples", type=int, default=100, help="niah: samples per subtask and size; qa: questions")
+    v.add_argument("--samples", default="100",
+                   help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
     _interleave_args(v)
     v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")
