@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import warnings
 from pathlib import Path
 
 from tokenizers import AddedToken, normalizers
@@ -61,6 +62,21 @@ CHATML_TEMPLATE = (
 )
 
 
+def _quietly(load, *args, **kw):
+    """`load(*args, **kw)` without transformers' warnings about the MSA checkpoint's own config.json (model type
+    `msa`, unknown to transformers, and its `rope_scaling` key), which AutoTokenizer reads beside the tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+            return load(*args, **kw)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
@@ -75,7 +91,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
             raise ValueError(f"{path}: expected a tokenizer directory or a .gguf file")
         return _gguf_tokenizer(path)
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
-        return AutoTokenizer.from_pretrained(str(path))
+        return _quietly(AutoTokenizer.from_pretrained, str(path))
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return _gguf_tokenizer(ggufs[0])
