@@ -102,10 +102,10 @@ class MSAAttention(nn.Module):
         d_idx = lay.doc_token_flat
         pooled = None
         if lay.has_documents:
-            o_doc = packed_document_attention(take(qf, d_idx), take(kf, d_idx), take(vf, d_idx), lay.buckets)
-            out = out.index_copy(0, d_idx, o_doc)
+            k_doc, v_doc = take(kf, d_idx), take(vf, d_idx)  # (Nd, Hkv, D)
+            out = out.index_copy(0, d_idx, packed_document_attention(take(qf, d_idx), k_doc, v_doc, lay.buckets))
             if self.is_router:
-                pooled = self.pool(take(h.flatten(0, 1), d_idx), take(kf, d_idx), take(vf, d_idx), lay)
+                pooled = self.pool(take(h.flatten(0, 1), d_idx), k_doc, v_doc, lay)
                 if memory is not None:
                     memory.append(pooled)
         scores = None

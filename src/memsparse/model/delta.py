@@ -62,7 +62,8 @@ class LoRA(nn.Module):
         self.scale = alpha / rank
 
     def hook(self, module, inputs, out):
-        return out + (inputs[0] @ self.A.t() @ self.B.t()) * self.scale
+        low = inputs[0].reshape(-1, self.A.shape[1]) @ self.A.t()  # (N, rank)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.B.t(), alpha=self.scale).view(out.shape)
 
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.B.float() @ self.A.float() * self.scale).to(weight.dtype)
