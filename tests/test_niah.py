@@ -235,3 +235,20 @@ def test_definition_pages(monkeypatch) -> None:
         assert pages[i - 1] in q.documents or pages[i + 1] in q.documents  # a neighbouring page
         assert 500 <= sum(map(count, q.documents)) <= 900 + 8 * len(q.documents)
     assert kinds == {"What", "Which"}
+
+
+def test_demo_needle_memory() -> None:
+    """The demo's first memory: one essay haystack (no repeated documents) with four needles of distinct keys;
+    each question names one needle's key, whose value is the reference and sits in exactly one document."""
+    from memsparse.demo import needle_memory
+
+    class WordTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    docs, names, questions, answers = needle_memory(1500, 3, WordTok(), seed=2)
+    assert len(docs) == len(set(docs)) == len(names) and len(questions) == len(answers) == 3
+    assert len(set(answers)) == 3 and sum(map(count, docs)) <= 1500
+    for q, a in zip(questions, answers):
+        key = re.fullmatch(r"What is the special magic number for (.+) mentioned in the provided text\?", q)[1]
+        assert sum(f"for {key} is: {a}." in d for d in docs) == 1

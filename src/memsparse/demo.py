@@ -10,6 +10,7 @@ user's own text instead.
 from __future__ import annotations
 
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,17 +47,18 @@ def default_memory(n_docs: int, n_questions: int, seed: int = 0) -> tuple[list[s
 
 
 def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
-    """(documents, names, questions, reference answers): RULER niah_single_2 needles in the essays."""
-    from .train.tasks.niah import make_sample
+    """(documents, names, questions, reference answers): one RULER essay haystack of about `tokens` tokens holding
+    niah_multikey_1's four needles (distinct keys, random depths), asked about in order of depth (at most 4)."""
+    from .train.tasks.niah import NEEDLE, _prompt, make_sample
 
-    rng = random.Random(seed)
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    cache: dict = {}
-    samples = [make_sample("niah_single_2", tokens // n_questions, count, rng, haystack_cache=cache)
-               for _ in range(n_questions)]
-    docs = [d for s in samples for d in s.documents]  # one memory holding every sample's haystack and needle
-    names = [f"essays part {n}" for n in range(len(docs))]
-    return docs, names, [s.question for s in samples], [", ".join(s.answers) for s in samples]
+    sample = make_sample("niah_multikey_1", tokens, count, random.Random(seed))
+    pattern = re.compile(re.escape(NEEDLE).replace(r"\{type_needle_v\}", "numbers")
+                         .replace(r"\{key\}", "(.+?)").replace(r"\{value\}", r"(\d+)"))
+    needles = [m.groups() for d in sample.documents for m in pattern.finditer(d)][:n_questions]
+    questions = [_prompt("numbers", key, singular=True)[1] for key, _ in needles]
+    names = [f"essays part {n}" for n in range(len(sample.documents))]
+    return sample.documents, names, questions, [value for _, value in needles]
 
 
 def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: int = 150, needle_tokens: int = 12288,
