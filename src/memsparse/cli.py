@@ -226,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run
 
-    run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device)
+    run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device, dtype=args.dtype)
 
 
 def _count(samples: str) -> int:
@@ -358,6 +358,10 @@ def _model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--model", help=f"'shipped', a trained delta directory, or an MSA checkpoint directory / .gguf "
                                    f"(default: {default})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    _dtype_arg(p)
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPUs and on CPUs with native bfloat16 (AMX, AVX512-BF16), else float32")
 
@@ -434,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--question", action="append", help="a question (repeatable)")
     m.add_argument("--docs", type=int, default=150, help="documents in the default FAQ memory")
     m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    _dtype_arg(m)
     m.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or SQuAD-open (qa) against RAG baselines",

@@ -65,14 +65,14 @@ def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
 
 
 def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: int = 150, needle_tokens: int = 12288,
-        max_new_tokens: int = 48, device: str | None = None, out=None) -> list:
+        max_new_tokens: int = 48, device: str | None = None, dtype: str | None = None, out=None) -> list:
     from .memory import read_corpus
     from .resources import ResourceUnavailable
 
     out = out or sys.stdout
     t0 = time.perf_counter()
     print("loading MSA-SmolLM2 (SmolLM2-135M-Instruct + the shipped Memory Sparse Attention delta) ...", file=out)
-    model, tok = load_shipped(device)
+    model, tok = load_shipped(device, dtype)
     if corpus:
         if not questions:
             raise ValueError("--corpus needs at least one --question")
