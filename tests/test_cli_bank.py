@@ -135,3 +135,22 @@ def test_model_without_routers_is_refused(tmp_path, capsys):
     corpus = _jsonl(tmp_path / "c.jsonl", ["a"])
     code, _, err = _run(capsys, "encode", corpus, "--model", plain, "--out", tmp_path / "b")
     assert code == 2 and "no MSA router weights" in err
+
+
+def test_bank_opens_in_the_dtype_it_was_encoded_in(model_dir, tmp_path, capsys, monkeypatch):
+    """A bank encoded in float32 opens with the model in float32 when the default dtype of the machine is another
+    (merged adapters round differently per dtype, which would change the model's fingerprint); --dtype wins."""
+    from memsparse import cli
+    from memsparse.model import checkpoint
+
+    corpus = _jsonl(tmp_path / "c.jsonl", ["Paris is in France.", "Bananas."])
+    bank = tmp_path / "bank"
+    assert _run(capsys, "encode", corpus, "--model", model_dir, "--out", bank, "--device", "cpu",
+                "--dtype", "float32")[0] == 0
+    assert json.loads((bank / MANIFEST).read_text())["model_dtype"] == "float32"
+    monkeypatch.setattr(checkpoint, "default_dtype", lambda device: "bfloat16")
+    seen, load = [], cli._load_model
+    monkeypatch.setattr(cli, "_load_model", lambda path, device, dtype: seen.append(dtype) or load(path, device, dtype))
+    assert _run(capsys, "ask", bank, "Where is Paris?", "--max-new-tokens", "2")[0] == 0
+    assert _run(capsys, "ask", bank, "Where is Paris?", "--max-new-tokens", "2", "--dtype", "bfloat16")[0] == 0
+    assert seen == ["float32", "bfloat16"]

@@ -114,11 +114,11 @@ def _load_model(path: str | None, device: str | None, dtype: str | None):
 
 def _open_bank(args: argparse.Namespace, tier: str = "auto"):
     from .memory.bank import MemoryBank
-    from .memory.store import read_manifest
+    from .memory.store import encoding_dtype, read_manifest
 
     manifest = read_manifest(args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
-    model, tok = _load_model(model_path, args.device, args.dtype)
+    model, tok = _load_model(model_path, args.device, args.dtype or encoding_dtype(manifest))
     return MemoryBank.load(args.bank, model, tok, tier=tier)
 
 

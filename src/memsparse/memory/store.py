@@ -38,6 +38,13 @@ class BankError(ValueError):
     """A bank directory that cannot be used: missing, damaged, from another model or a newer format."""
 
 
+def encoding_dtype(manifest: dict) -> str | None:
+    """The dtype the bank's model ran in when it encoded (older banks: their float K̄ dtype), or None: opening the
+    bank with the model in that dtype keeps its fingerprint (merged adapters round differently per dtype)."""
+    dtype = manifest.get("model_dtype", manifest.get("dtype"))
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
 def fingerprint(model: MSAForCausalLM) -> str:
     """Identity of what shapes a bank: the decoder config, the encoding-relevant MSA settings, and a strided
     sample of every weight (in bfloat16, so fp32 and bf16 copies of one model agree)."""
@@ -174,7 +181,8 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
                   "hidden": model.config.hidden_size, "kv_heads": model.config.num_key_value_heads,
                   "head_dim": model.config.head_dim},
         "msa": model.msa_config.to_dict(model.config.num_hidden_layers), "router_layers": model.router_layers,
-        "dtype": str(t.dtype).removeprefix("torch."), "key_dtype": bank.key_dtype,
+        "dtype": str(t.dtype).removeprefix("torch."), "model_dtype": str(model.dtype).removeprefix("torch."),
+        "key_dtype": bank.key_dtype,
         "content_dtype": bank.content_dtype, "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
         "next_position": bank.next_position, "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
