@@ -242,6 +242,7 @@ def _load_master(params, emb, new_ids, master) -> None:
 
 
 def make_mixer(recipe: Recipe, tok) -> Mixer:
+    """The recipe's task mix, counting tokens with `tok` (reseeded at every step by `step_batch`)."""
     return Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
                  doc_tokens=recipe.doc_tokens, niah_subtasks=recipe.niah_subtasks)
 
