@@ -211,13 +211,14 @@ def test_definition_pages(monkeypatch) -> None:
 
     entries = [corpora.Passage(f"term {i:03d}", f"n 1: thing number {i} of a long list; \"an example\" 2: other",
                                "wn") for i in range(300)]
-    entries += [corpora.Passage("term 005", "<misc> Clash with the other dictionary.", "foldoc")]
+    entries += [corpora.Passage("term 005", "<misc> Clash with the other dictionary.", "foldoc"),
+                corpora.Passage("semicolon", "; nothing before the first separator", "foldoc")]  # no gist: left out
     monkeypatch.setattr(corpora, "definitions", lambda: entries)
     monkeypatch.setattr(mix, "PAGE_WORDS", 60)
     mixer = Mixer({"definitions": 1.0}, lambda texts: [count(t) for t in texts], seed=1)
     pages = mixer.pools["definitions"].texts
     assert pages[-1] == "term 005: <misc> Clash with the other dictionary." and len(pages) > 30
-    assert "\n".join(pages[:-1]).split("\n") == [f"{e.title}: {e.text}" for e in entries[:-1]]
+    assert "\n".join(pages[:-1]).split("\n") == [f"{e.title}: {e.text}" for e in entries[:-2]]
     assert mix.gist(entries[7].text) == "thing number 7 of a long list"
     kinds = set()
     for _ in range(30):

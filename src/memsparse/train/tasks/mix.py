@@ -231,7 +231,7 @@ def _dictionary_pages() -> tuple[list[str], list[list[tuple[str, str, bool]]]]:
 
     from ..corpora import definitions, n_words
 
-    entries = definitions()
+    entries = [e for e in definitions() if gist(e.text)]  # an answer to "what does X mean" is needed
     seen = Counter(e.text for e in entries)
     pages, page_entries, cur, size, source = [], [], [], 0, None
     for e in entries + [None]:
