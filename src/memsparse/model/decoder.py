@@ -157,8 +157,9 @@ class MSAAttention(nn.Module):
         ar = torch.arange(A, device=chunk.device)
         see_active = (ar.view(1, A) <= ar.view(A, 1)).unsqueeze(0) & lay.active_valid.unsqueeze(1)  # (B, A, A)
         see_active = see_active | torch.eye(A, dtype=torch.bool, device=chunk.device)  # pad rows see themselves
-        G = q_act.shape[2] // keys.shape[2]  # no fused SDPA backend but cuDNN takes a mask with grouped heads, and
-        # cuDNN goes last where shapes vary (shape_varying_attention): heads expanded, memory-efficient attention
+        # grouped K/V heads expanded: with a mask only cuDNN takes grouped heads, and cuDNN goes last where shapes
+        # vary (shape_varying_attention); memory-efficient attention needs equal head counts (else: math fallback)
+        G = q_act.shape[2] // keys.shape[2]
         keys, values = keys.repeat_interleave(G, 2), values.repeat_interleave(G, 2)  # (B, Cs + A, H, D)
         return sdpa(q_act, keys, values, mask=torch.cat([see_chunk, see_active], 2))
 
