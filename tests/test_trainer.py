@@ -75,6 +75,23 @@ def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     assert torch.equal(dict(started.named_parameters())[name], shipped[name])
 
 
+def test_time_limit_stops_with_a_checkpoint_and_a_delta(tmp_path, monkeypatch):
+    """--max-minutes: the run stops after the step that passes the time, writes its checkpoint and delta, and a
+    later call resumes from that step."""
+    base = tmp_path / "base"
+    tiny_model("llama", vocab_size=300, tie_word_embeddings=True).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(RECIPE.format(base=base).replace("checkpoint_every = 2", "checkpoint_every = 50"))
+    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--device", "cpu", "--max-minutes", "0"]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1 and (run / "delta").is_dir()
+    assert main(["train", str(recipe), "--out", str(run), "--device", "cpu"]) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
 def test_phase_schedule():
     phase = trainer.Phase("p", steps=8, lr=1.0, w_lm=1, w_aux=1, memory_tokens=[8, 16, 32, 64])
     assert [phase.memory_at(s) for s in range(8)] == [8, 8, 16, 16, 32, 32, 64, 64]
@@ -101,7 +118,7 @@ def _ddp_rank(rank: int, world: int, port: int, recipe: str, run: str, out: str)
     drawn = []
     draw = Mixer.draw
     Mixer.draw = lambda self, mem: drawn.append(draw(self, mem)) or drawn[-1]
-    trainer.train(trainer.Recipe.load(recipe), Path(run), device="cpu", max_steps=3)
+    trainer.train(trainer.Recipe.load(recipe), Path(run), device="cpu", max_steps=3, max_seconds=3600.0)  # ranks agree
     torch.save({"params": [p.detach() for p in seen["params"]], "questions": [q.question for q in drawn]},
                f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()

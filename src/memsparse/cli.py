@@ -220,7 +220,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     recipe = Recipe.load(args.recipe)
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
-    train(recipe, out, device=args.device, max_steps=args.max_steps)
+    train(recipe, out, device=args.device, max_steps=args.max_steps,
+          max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -469,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/<recipe name>); an existing run resumes")
     t.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (resumable)")
+    t.add_argument("--max-minutes", type=float,
+                   help="stop after the step that passes this many minutes, with checkpoint and delta (resumable)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="speed at 1M-100M tokens of memory against the hardware floors (GPU)",

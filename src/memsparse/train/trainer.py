@@ -139,9 +139,12 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int | None = None) -> Path | None:
+def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int | None = None,
+          max_seconds: float | None = None) -> Path | None:
     """Run (or resume) the recipe; writes the log, checkpoints and finally `out/delta`. Under torchrun every
-    rank draws its own samples and the gradients are averaged over ranks; rank 0 writes the files."""
+    rank draws its own samples and the gradients are averaged over ranks; rank 0 writes the files.
+    `max_steps` / `max_seconds`: stop early (after the step that reaches the count or the time), with a checkpoint
+    and the delta written, so that a later call resumes."""
     import torch.distributed as dist
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -208,6 +211,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
         step += 1
         tokens += int(b["attention_mask"].sum()) * world
         bar.update(1)
+        if max_seconds is not None and _out_of_time(time.perf_counter() - t_start >= max_seconds, world, device):
+            stop = step
         if rank == 0 and (step % recipe.log_every == 0 or step == stop):
             now = time.perf_counter()
             rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss.detach()),
@@ -221,6 +226,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             bar.set_postfix(loss=f"{rec['loss']:.3f}", recall=rec["recall_at_k"], mem=mem)
         if rank == 0 and (step % recipe.checkpoint_every == 0 or step == stop):
             _atomic_save({"master": [m.detach() for m in master], "opt": opt.state_dict(), "step": step}, ckpt)
+        if step == stop:
+            break
     bar.close()
     _load_master(params, emb, new_ids, master)
     if world > 1:
@@ -231,6 +238,17 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
     return out / "delta"
+
+
+def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
+    """Whether any rank is out of time (all ranks stop at the same step)."""
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    flag = torch.tensor(float(mine), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @torch.no_grad()
