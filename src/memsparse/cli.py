@@ -255,15 +255,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
-    tokens = [int(t) for t in args.tokens.split(",")]
     counts = [int(n) for n in args.samples.split(",")]
-    if len(counts) not in (1, len(tokens)):
-        raise ValueError(f"--samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
-    points: list[dict] = []
-    for size, n in zip(tokens, counts * len(tokens) if len(counts) == 1 else counts):
-        done = points  # earlier sizes' points: the results file keeps them as each new point is written
-        points = done + evaluate(model, tok, [size], subtasks, n, interleave=mode, inject_k=args.inject_k,
-                                 on_point=lambda pts, done=done: write_results(done + pts, name, out))
+    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
+                      counts[0] if len(counts) == 1 else counts, interleave=mode, inject_k=args.inject_k,
+                      on_point=lambda pts: write_results(pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "

