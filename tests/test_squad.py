@@ -58,6 +58,17 @@ def test_evaluate_qa_tiny(monkeypatch):
     assert all(0 <= r["em"] <= 100 and 0 <= r["f1"] <= 100 for r in res)
 
 
+def test_gold_shares_count_routed_and_injected_gold_paragraphs():
+    from types import SimpleNamespace as A
+
+    data = sq.Squad(paragraphs=["a", "b", "c"], article=[0, 0, 0], questions=[("q1", ["x"], 0), ("q2", ["y"], 2)])
+    answers = [A(routing={15: [(0, 0.9), (1, 0.5)], 16: [(1, 0.7)]}, rounds=[[1]]),  # routed, not injected
+               A(routing={15: [(0, 0.9)], 16: [(1, 0.7)]}, rounds=[[2]])]  # injected, not routed
+    assert sq.gold_shares(answers, data) == {"gold_routed": 50.0, "gold_injected": 50.0}
+    # bank ids other than the paragraph index: paragraph 0 is document 7, paragraph 2 is document 1
+    assert sq.gold_shares(answers, data, ids=[7, 8, 1]) == {"gold_routed": 50.0, "gold_injected": 0.0}
+
+
 def test_generate_plain_batches_equal_single_rows():
     """Left-padded batches of prompts of different lengths answer exactly as each prompt alone."""
     tok = tiny_tokenizer()

@@ -108,7 +108,7 @@ def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
     """Per size (each with all SQuAD paragraphs added): exact match and F1 (%), the share of questions (%) whose
     gold paragraph is among the routed documents of some router layer, and the routing of the first 100
     questions (for the recall comparison)."""
-    from .squad import exact_match, f1
+    from .squad import exact_match, f1, gold_shares
 
     out = {}
     questions = [q for q, _, _ in squad.questions]
@@ -118,11 +118,10 @@ def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
         answers = engine.ask_batch(questions, max_new_tokens=32, interleave="router", inject_k=inject_k)
         em = [exact_match(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
         f = [f1(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
-        routes = [engine.route(q) for q in questions]
-        gold = [any(ids[par] in {d for d, _ in docs} for docs in r.values())
-                for r, (_, _, par) in zip(routes, squad.questions)]
         pct = lambda xs: round(100 * sum(xs) / len(xs), 2)  # noqa: E731
-        out[size] = ({"em": pct(em), "f1": pct(f), "gold_routed": pct(gold)}, routes[:100])
+        routes = [a.routing for a in answers[:100]]
+        out[size] = ({"em": pct(em), "f1": pct(f), "gold_routed": gold_shares(answers, squad, ids)["gold_routed"]},
+                     routes)
         if background is not None:
             _drop(bank, ids)
     return out

@@ -198,20 +198,34 @@ def fit_context(tok, squad: Squad, budget: int) -> list[int]:
     return chosen
 
 
+def gold_shares(answers, squad: Squad, ids: list[int] | None = None) -> dict[str, float]:
+    """Share of questions (%) whose gold paragraph (bank id `ids[paragraph]`, default the paragraph index) is among
+    the routed documents of some router layer (`gold_routed`) and among the injected ones (`gold_injected`)."""
+    ids = ids or list(range(len(squad.paragraphs)))
+    routed = [any(ids[par] in {d for d, _ in docs} for docs in a.routing.values())
+              for a, (_, _, par) in zip(answers, squad.questions)]
+    injected = [ids[par] in set(a.rounds[0] if a.rounds else []) for a, (_, _, par) in zip(answers, squad.questions)]
+    return {"gold_routed": round(100 * sum(routed) / len(routed), 2),
+            "gold_injected": round(100 * sum(injected) / len(injected), 2)}
+
+
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
                 inject_k: int = 4, progress: bool = True) -> list[dict]:
-    """EM / F1 (%) per system. `msa` = (model, tokenizer) with routers; `plain` = (model, tokenizer) without."""
+    """EM / F1 (%) per system (memsparse also: `gold_shares`). `msa` = (model, tokenizer) with routers; `plain` =
+    (model, tokenizer) without."""
     from ..engine import MSAEngine
     from ..memory import MemoryBank
 
     qs = squad.questions
     preds: dict[str, list[str]] = {}
+    extra: dict[str, dict] = {}  # per system: more than EM / F1
     if "memsparse" in systems:
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
         engine = MSAEngine(model, tok, bank, similarity="train")
-        preds["memsparse"] = [a.text for a in engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32,
-                                                               interleave="router", inject_k=inject_k)]
+        answers = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
+        preds["memsparse"] = [a.text for a in answers]
+        extra["memsparse"] = gold_shares(answers, squad)
     rag = [s for s in systems if s.startswith("rag")]
     if rag:
         model, tok = plain
@@ -229,5 +243,5 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         preds["full"] = generate_plain(model, tok, [PROMPT.format(context=ctx, question=q) for q, _, _ in qs],
                                        batch_size=4, progress="full" if progress else None)
     return [{"name": name, "em": round(100 * sum(exact_match(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2),
-             "f1": round(100 * sum(f1(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2)}
+             "f1": round(100 * sum(f1(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2), **extra.get(name, {})}
             for name, ps in preds.items()]

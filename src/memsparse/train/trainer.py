@@ -200,11 +200,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
         master[-1].grad = emb.grad[new_ids].float() if emb.grad is not None else None
         emb.grad = None
         if world > 1:
-            for m in master:
-                if m.grad is None:
-                    m.grad = torch.zeros_like(m)
-                dist.all_reduce(m.grad)
-                m.grad /= world
+            _average_gradients(master, world)
         torch.nn.utils.clip_grad_norm_(master, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -238,6 +234,20 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
     return out / "delta"
+
+
+def _average_gradients(master: list[torch.Tensor], world: int) -> None:
+    """Average the master gradients over the ranks in one all-reduce (one flat buffer, not one call per tensor)."""
+    import torch.distributed as dist
+
+    for m in master:
+        if m.grad is None:
+            m.grad = torch.zeros_like(m)
+    flat = torch.cat([m.grad.reshape(-1) for m in master])  # (sum of numels,)
+    dist.all_reduce(flat)
+    flat /= world
+    for m, g in zip(master, flat.split([m.numel() for m in master])):
+        m.grad.copy_(g.view_as(m))
 
 
 def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
