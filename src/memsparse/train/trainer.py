@@ -124,19 +124,22 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under torchrun (WORLD_SIZE > 1: NCCL on GPUs, gloo on CPU), else (0, 1, device)."""
+def _distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group) under torchrun (WORLD_SIZE > 1:
+    NCCL on GPUs, gloo on CPU), else (0, 1, device, False)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, device
+        return 0, 1, device, False
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device, started
 
 
 def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int | None = None,
@@ -148,7 +151,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     import torch.distributed as dist
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world, device = _distributed(device)
+    rank, world, device, started = _distributed(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out.mkdir(parents=True, exist_ok=True)
     model, tok, new_ids = build_model(recipe, device, dtype)
@@ -228,6 +231,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     _load_master(params, emb, new_ids, master)
     if world > 1:
         dist.barrier()
+        if started:
+            dist.destroy_process_group()
     if rank != 0:
         return None
     log.close()
