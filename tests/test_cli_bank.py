@@ -62,7 +62,7 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     assert code == 0 and all(1 not in [d for d, _ in v] for v in json.loads(out)["routing"].values())
     small = tmp_path / "small"
     code, out, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", small, "--device", "cpu",
-                          "--key-dtype", "fp8", "--content-dtype", "int8")
+                          "--key-dtype", "fp8", "--content-dtype", "int8", "--priors", "8")
     assert code == 0, err
     code, out, _ = _run(capsys, "info", small)
     assert code == 0 and "fp8" in out and "int8" in out
@@ -73,6 +73,8 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     model, tok = ms.MSAForCausalLM.from_pretrained(model_dir), ms.load_tokenizer(model_dir)
     keys = [ms.MemoryBank.load(p, model, tok).segments[0].route_keys for p in (small, plain)]
     assert all(a.data.dtype == torch.float8_e4m3fn for a in keys[0].values())
+    priors = [ms.MemoryBank.load(p, model, tok).doc_priors for p in (small, plain)]
+    assert priors[1] is None and set(priors[0]["scores"]) == set(model.router_layers)
     assert any(not torch.equal(a.data.float(), b.data.float()) for a, b in zip(keys[0].values(), keys[1].values()))
     code, out, err = _run(capsys, "ask", small, "Where is Ottawa?", "--max-new-tokens", "3")
     assert code == 0, err

@@ -131,3 +131,28 @@ def test_graphed_prefill_equals_eager(tier, dtype):
         tokens = [generate(bank, rows, masks, 6, lambda b, ids: None, cuda_graph=c).tokens for c in (False, True)]
         assert tokens[0] == tokens[1]
     assert len(bank.routing_view()["prefill_graphs"]) == 1  # both question sets pad to one shape: one graph
+
+
+def test_document_priors_on_cuda_match_cpu():
+    """Document priors computed on the GPU (fused routing kernel) equal the CPU's, and questions answered there
+    (routing graphs, graphed prefill) route and answer with them as on the CPU, in float32."""
+    import memsparse as ms
+
+    from .conftest import assert_same_routing, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    docs = ["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas are yellow.", "Rome is old. " * 9,
+            "Tea is hot."]
+    questions = ["Where is Ottawa?", "Old?", "Which fruit is yellow?"]
+    cpu = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
+    runs = []
+    for model in (cpu, copy.deepcopy(cpu).cuda()):
+        engine = ms.MSAEngine(model, tok, ms.MemoryBank.build(model, tok, docs), similarity="train")
+        priors = engine.calibrate_priors(questions=questions)
+        runs.append((priors, engine.ask(questions[:2], max_new_tokens=6, interleave="router", inject_k=2)))
+    (p_cpu, a_cpu), (p_gpu, a_gpu) = runs
+    assert torch.equal(p_cpu["ids"], p_gpu["ids"])
+    assert all(torch.allclose(p_cpu["scores"][k], p_gpu["scores"][k], atol=1e-4) for k in p_cpu["scores"])
+    for a, b in zip(a_cpu, a_gpu, strict=True):
+        assert a.transcript == b.transcript
+        assert_same_routing(a.routing, b.routing, atol=1e-4)

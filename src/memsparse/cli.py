@@ -147,6 +147,10 @@ def cmd_encode(args: argparse.Namespace) -> None:
         from .engine import MSAEngine
 
         MSAEngine(model, tok, bank, similarity="train").calibrate_keys(args.key_dtype, n=args.calibrate_keys)
+    if args.priors:  # after the keys take their final form: the priors are scores under them
+        from .engine import MSAEngine
+
+        MSAEngine(model, tok, bank, similarity="train").calibrate_priors(n=args.priors)
     model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
     bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
     bank.save(out)  # committed atomically: an interrupted encode leaves no bank (or the previous one)
@@ -258,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     counts = [int(n) for n in args.samples.split(",")]
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                       counts[0] if len(counts) == 1 else counts, interleave=mode, inject_k=args.inject_k,
-                      on_point=lambda pts: write_results(pts, name, out))
+                      priors=args.priors, on_point=lambda pts: write_results(pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
@@ -331,7 +335,8 @@ def _eval_qa(args: argparse.Namespace) -> None:
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
     from .eval.squad import evaluate_qa
 
-    results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k)
+    results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
+                          priors=args.priors)
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
@@ -348,6 +353,13 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                    help="who picks the documents to read: the model (Memory Interleave as published), the router "
                         "(default: what the shipped model does well), or nobody (answer in one round)")
     p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
+
+
+def _priors_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--priors", type=int, default=0, metavar="N",
+                   help="document priors: subtract from each document's routing score its mean score over N "
+                        "sentences of the memory, so hub documents stop crowding out the others (0: off, as "
+                        "published; encode saves them with the bank, niah and qa compute them per memory)")
 
 
 def _model_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -397,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibrate-keys", type=int, default=1024, metavar="N",
                    help="8-bit routing keys: round them for the routing queries of N sentences of the corpus "
                         "(0: plain rounding); documents added later with `docs add` are rounded the same way")
+    _priors_arg(e)
     e.add_argument("--content-dtype", choices=["model", "fp8", "int8"], default="model",
                    help="document keys/values: the model's dtype, or 8-bit with a scale per chunk and head")
     e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")
@@ -455,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
     _interleave_args(v)
+    _priors_arg(v)
     v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")
     _model_args(v, "the shipped MSA-SmolLM2")
     v.set_defaults(func=cmd_eval)

@@ -1,6 +1,10 @@
-"""Routing-query moments for 8-bit routing keys: per router layer and key head, M = E[q q^T] of the routing
-queries the keys will be scored by (memory/quant.py rounds the keys for them). q is what routing multiplies a
-key with: the sum of the group's query heads, each normalized under cosine similarity.
+"""Calibration of a bank's routing from questions routed over it.
+
+- Routing-query moments for 8-bit routing keys: per router layer and key head, M = E[q q^T] of the routing
+  queries the keys will be scored by (memory/quant.py rounds the keys for them). q is what routing multiplies a
+  key with: the sum of the group's query heads, each normalized under cosine similarity.
+- Document priors: each document's mean routing score per router layer, subtracted before top-k, so that
+  documents that score high for every question (hubs) no longer crowd the others out.
 
 The queries come from calibration questions run through the engine's own routing (same layout, same memory);
 by default pseudo-queries, sentences drawn from the bank's own documents, so no question set is needed.
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import BankMemory, batch_rows, query_offset, uses_cosine
+from .prefill import BankMemory, batch_rows, document_scores_for, query_offset, uses_cosine
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -37,31 +41,71 @@ def pseudo_queries(bank: MemoryBank, n: int, seed: int = 0, max_words: int = 40)
     return list(out)
 
 
-@torch.no_grad()
-def routing_query_moments(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]],
-                          similarity: str = "train", batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """{router layer: (Hkv, D, D) float32} second moments of the routing queries of question rows (active tokens
-    and routing masks, as the engine builds them), routed over `bank` as in a question."""
+def _route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str,
+                batch_size: int, visit) -> None:
+    """Route question rows (active tokens and routing masks, as the engine builds them) over `bank` as in a
+    question, in batches; at each router layer call visit(layer, router queries (B, S, H, D), routing mask (B, S),
+    cosine)."""
     model = bank.model
-    cfg, cosine, k = model.config, uses_cosine(model, similarity), model.msa_config.engine_top_k
-    Hkv, D = cfg.num_key_value_heads, cfg.head_dim
-    sums = {lay: torch.zeros(Hkv, D, D, dtype=torch.float64, device=model.device) for lay in model.router_layers}
-    count = 0
+    cosine, k = uses_cosine(model, similarity), model.msa_config.engine_top_k
+    routers = set(model.router_layers)
     for a in range(0, len(rows), batch_size):
         ids, pos, valid, rmask = batch_rows(rows[a:a + batch_size], route_masks[a:a + batch_size],
                                             query_offset(bank, k), model.device)
         memory = BankMemory(bank, rmask, cosine, k)
 
         def capture(layer, attn, h, q, rmask=rmask, memory=memory):
-            if layer in sums:
-                r = attn.router_queries(h, q)[rmask].float()  # (N, H, D) routing tokens
-                r = F.normalize(r, dim=-1) if cosine else r
-                e = r.view(r.shape[0], Hkv, -1, D).sum(2).double()  # (N, Hkv, D): the group's heads summed
-                sums[layer] += torch.einsum("nhd,nhe->hde", e, e)
+            if layer in routers:
+                visit(layer, attn.router_queries(h, q), rmask, cosine)
             return memory(layer, attn, h, q)
 
         cached.prefill(model, ids, pos, valid, capture, logits="none", last_layer=max(model.router_layers))
-        count += int(rmask.sum())
+
+
+@torch.no_grad()
+def routing_query_moments(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]],
+                          similarity: str = "train", batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """{router layer: (Hkv, D, D) float32} second moments of the routing queries of question rows (active tokens
+    and routing masks, as the engine builds them), routed over `bank` as in a question."""
+    cfg = bank.model.config
+    Hkv, D = cfg.num_key_value_heads, cfg.head_dim
+    sums = {lay: torch.zeros(Hkv, D, D, dtype=torch.float64, device=bank.model.device)
+            for lay in bank.model.router_layers}
+
+    def visit(layer, rq, rmask, cosine):
+        r = rq[rmask].float()  # (N, H, D) routing tokens
+        r = F.normalize(r, dim=-1) if cosine else r
+        e = r.view(r.shape[0], Hkv, -1, D).sum(2).double()  # (N, Hkv, D): the group's heads summed
+        sums[layer] += torch.einsum("nhd,nhe->hde", e, e)
+
+    _route_rows(bank, rows, route_masks, similarity, batch_size, visit)
+    count = sum(sum(m) for m in route_masks)
     if not count:
         raise ValueError("no routing tokens to calibrate on")
     return {lay: (s / count).float() for lay, s in sums.items()}
+
+
+@torch.no_grad()
+def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]],
+                    similarity: str = "train", batch_size: int = 16) -> dict:
+    """Each live document's mean routing score per router layer over question rows, routed over `bank` as in a
+    question (without priors): {"ids": (M,) long, "scores": {layer: (M,) float32}} (see `MemoryBank.doc_priors`)."""
+    if not rows:
+        raise ValueError("no questions to compute document priors from")
+    saved = bank.doc_priors
+    bank.set_doc_priors(None)  # the earlier layers route without priors, as the scores here are
+    try:
+        view = bank.routing_view()
+        sums = {lay: torch.zeros(len(view["ids"]), dtype=torch.float64, device=bank.model.device)
+                for lay in bank.model.router_layers}
+
+        def visit(layer, rq, rmask, cosine):
+            ds = document_scores_for(bank, layer, rq, rmask, cosine)  # (B, N), deleted documents -inf
+            sums[layer] += ds.double().nan_to_num(neginf=0.0).sum(0)
+
+        _route_rows(bank, rows, route_masks, similarity, batch_size, visit)
+    finally:
+        bank.set_doc_priors(saved)
+    alive = view["alive"].cpu()
+    return {"ids": torch.tensor(view["ids"], dtype=torch.long)[alive],
+            "scores": {lay: (s / len(rows)).float().cpu()[alive] for lay, s in sums.items()}}

@@ -93,6 +93,21 @@ class MSAEngine:
         self.bank.set_key_dtype(kind, moments)
         return moments
 
+    def calibrate_priors(self, questions: list[str] | None = None, n: int = 256, seed: int = 0) -> dict:
+        """Give every document a prior per router layer, its mean routing score over `questions` (default: `n`
+        pseudo-queries, sentences of the bank's own documents), subtracted from its score before top-k: documents
+        that score high whatever the question (hubs) stop crowding out the others. Documents added later get the
+        mean prior; saved with the bank; `bank.set_doc_priors(None)` drops them. Returns the priors."""
+        from .calibrate import document_priors, pseudo_queries
+
+        qs = questions if questions is not None else pseudo_queries(self.bank, n, seed)
+        if not qs:
+            raise ValueError("no calibration questions (and no document text to draw them from)")
+        rows = [self.encode_question(q) for q in qs]
+        priors = document_priors(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
+        self.bank.set_doc_priors(priors)
+        return priors
+
     def query_moments(self, questions: list[str]) -> dict:
         """{router layer: (Hkv, D, D)} second moments of the routing queries of `questions` over this bank."""
         from .calibrate import routing_query_moments

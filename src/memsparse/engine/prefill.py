@@ -105,6 +105,9 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
 
 def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
     ds = document_scores_for(bank, layer, rq, rmask, cosine)  # (B, N)
+    prior = bank.prior_scores(layer)
+    if prior is not None:  # documents that score high for every question lose that lead
+        ds = ds - prior
     vals, top = ds.topk(min(k, ds.shape[1]), dim=1)  # (B, k')
     return torch.stack([vals.double(), top.double()])  # (2, B, k'): one copy to the host
 

@@ -23,10 +23,12 @@ from .meta import pyplot, run_meta, save_figure
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, on_point=None) -> list[dict]:
+             inject_k: int = 4, priors: int = 0, on_point=None) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
-    `samples`: per subtask, one count for every size or one per size. `on_point(points so far)` runs after each
-    point (the command line writes the results file there, so an interrupted run keeps what it measured)."""
+    `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
+    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none). `on_point(points so far)` runs
+    after each point (the command line writes the results file there, so an interrupted run keeps what it
+    measured)."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -41,8 +43,10 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             for _ in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
-                ans = MSAEngine(model, tok, bank, similarity="train").ask(
-                    s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
+                engine = MSAEngine(model, tok, bank, similarity="train")
+                if priors:
+                    engine.calibrate_priors(n=priors)
+                ans = engine.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
                 gold = set(s.gold)
                 acc.append(string_match_all(ans.text, s.answers))
                 picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()

@@ -210,9 +210,9 @@ def gold_shares(answers, squad: Squad, ids: list[int] | None = None) -> dict[str
 
 
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
-                inject_k: int = 4, progress: bool = True) -> list[dict]:
+                inject_k: int = 4, priors: int = 0, progress: bool = True) -> list[dict]:
     """EM / F1 (%) per system (memsparse also: `gold_shares`). `msa` = (model, tokenizer) with routers; `plain` =
-    (model, tokenizer) without."""
+    (model, tokenizer) without; `priors`: memsparse with document priors from that many pseudo-queries."""
     from ..engine import MSAEngine
     from ..memory import MemoryBank
 
@@ -223,6 +223,8 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
         engine = MSAEngine(model, tok, bank, similarity="train")
+        if priors:
+            engine.calibrate_priors(n=priors)
         answers = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
         preds["memsparse"] = [a.text for a in answers]
         extra["memsparse"] = gold_shares(answers, squad)

@@ -117,6 +117,8 @@ class MemoryBank:
     content_dtype: str = "model"  # K̄/V̄ of new segments: 'model', 'fp8' or 'int8' (scale per chunk and head)
     key_moments: dict | None = None  # per router layer (Hkv, D, D) routing-query moments: 8-bit keys are rounded
     # for those queries (memory/quant.py; engine `calibrate_keys`), saved with the bank
+    doc_priors: dict | None = None  # {"ids": (M,) long, "scores": {router layer: (M,) float32}}: each document's
+    # mean routing score over calibration questions, subtracted before top-k (engine `calibrate_priors`), saved
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
@@ -324,6 +326,31 @@ class MemoryBank:
         if self.tier == "device" or dev.type == "cpu":
             return qmap(t, lambda x: x.to(dev))
         return qmap(t, lambda x: x if x.is_pinned() else x.cpu().pin_memory())
+
+    def set_doc_priors(self, priors: dict | None) -> None:
+        """Set (or with None drop) the documents' routing-score priors (see `doc_priors`)."""
+        if priors is not None and set(priors["scores"]) != set(self.model.router_layers):
+            raise ValueError("document priors are needed for every router layer")
+        self.doc_priors = priors
+        self._view = None
+
+    def prior_scores(self, layer: int) -> torch.Tensor | None:
+        """(N,) the prior of every table position at `layer` (a document added after calibration gets the mean
+        prior), on the model's device and kept with the routing view; None without priors."""
+        if self.doc_priors is None:
+            return None
+        view = self.routing_view()
+        if "priors" not in view:
+            at = {d: i for i, d in enumerate(self.doc_priors["ids"].tolist())}
+            view["priors"] = {"index": torch.tensor([at.get(d, -1) for d in view["ids"]], dtype=torch.long,
+                                                    device=self.model.device)}  # (N,) row in the priors, -1 none
+        cache = view["priors"]
+        if layer not in cache:
+            scores = self.doc_priors["scores"][layer].to(self.model.device, torch.float32)  # (M,)
+            idx = cache["index"]
+            fill = scores.mean() if len(scores) else scores.new_zeros(())
+            cache[layer] = torch.where(idx >= 0, scores[idx.clamp(min=0)] if len(scores) else fill, fill)
+        return cache[layer]
 
     def _moments(self, layer: int) -> torch.Tensor | None:
         return None if self.key_moments is None else self.key_moments[layer]

@@ -174,6 +174,12 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         moments_file = f"moments-{uuid.uuid4().hex[:12]}.safetensors"
         _fsync_write(path / moments_file, {f"layer.{lay}": m.float().contiguous().cpu()
                                            for lay, m in bank.key_moments.items()})
+    priors_file = None  # the documents' routing-score priors (engine `calibrate_priors`)
+    if bank.doc_priors is not None:
+        priors_file = f"priors-{uuid.uuid4().hex[:12]}.safetensors"
+        _fsync_write(path / priors_file, {"ids": bank.doc_priors["ids"].contiguous().cpu(),
+                                          **{f"layer.{lay}": p.float().contiguous().cpu()
+                                             for lay, p in bank.doc_priors["scores"].items()}})
     t = next((st for s in bank.segments for st in s.keys.values()), bank.prefix_kv[0][0])
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(model),
@@ -187,6 +193,7 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
         "next_position": bank.next_position, "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
         "tokens": sum(n for s in bank.segments for n in s.token_count), "key_moments": moments_file,
+        "doc_priors": priors_file,
     }
     tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "w") as f:
@@ -195,9 +202,9 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
         os.fsync(f.fileno())
     os.replace(tmp, path / MANIFEST)
     _fsync_dir(path)
-    keep = {MANIFEST, prefix_file, moments_file, *(s["file"] for s in shards)}
+    keep = {MANIFEST, prefix_file, moments_file, priors_file, *(s["file"] for s in shards)}
     for p in path.iterdir():  # files of older commits and of interrupted ones
-        if p.name not in keep and (p.name.startswith(("seg-", "prefix-", "moments-"))
+        if p.name not in keep and (p.name.startswith(("seg-", "prefix-", "moments-", "priors-"))
                                    or p.name.startswith(f".{MANIFEST}")):
             p.unlink(missing_ok=True)
     bank.path = path
@@ -254,4 +261,7 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
     if m.get("key_moments"):
         t = open_shard(path / m["key_moments"])
         bank.key_moments = {lay: t[f"layer.{lay}"].to(model.device) for lay in layers}
+    if m.get("doc_priors"):
+        t = open_shard(path / m["doc_priors"])
+        bank.doc_priors = {"ids": t["ids"], "scores": {lay: t[f"layer.{lay}"] for lay in layers}}
     return bank.place(tier)
