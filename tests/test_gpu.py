@@ -150,7 +150,7 @@ def test_document_priors_on_cuda_match_cpu():
     for model in (cpu, copy.deepcopy(cpu).cuda()):
         engine = ms.MSAEngine(model, tok, ms.MemoryBank.build(model, tok, docs), similarity="train")
         priors = engine.calibrate_priors(questions=questions)
-        runs.append((priors, engine.ask(questions, max_new_tokens=2, interleave="off")))
+        runs.append((priors, engine.ask(questions, max_new_tokens=2, interleave=False)))
     (p_cpu, a_cpu), (p_gpu, a_gpu) = runs
     assert torch.equal(p_cpu["ids"], p_gpu["ids"])
     assert all(torch.allclose(p_cpu["scores"][k], p_gpu["scores"][k], atol=1e-4) for k in p_cpu["scores"])
