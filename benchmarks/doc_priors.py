@@ -1,0 +1,68 @@
+"""Document priors (`MSAEngine.calibrate_priors`) with the shipped MSA-SmolLM2, without and with:
+- SQuAD-open (evaluation only): questions about the first `--paragraphs` dev paragraphs (0: all 2,067 and the first
+  `--questions` of `memsparse eval qa`'s 1,000) over a bank of those paragraphs: the share of questions whose gold
+  paragraph is among some router layer's top 16 (`gold_routed`) and among the 4 injected (`gold_injected`), F1;
+- RULER NIAH at `--niah-tokens` (as `memsparse eval niah`, router interleave) for `--subtasks`.
+
+    python benchmarks/doc_priors.py [--paragraphs 300] [--questions 200] [--priors 256] [--niah-samples 6]
+
+Writes benchmarks/results/doc_priors.json under "<device>-p<paragraphs>" (CPU or GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import RESULTS, run_header, save_run
+
+from memsparse import MemoryBank, MSAEngine
+from memsparse.demo import load_shipped
+from memsparse.eval.niah import evaluate
+from memsparse.eval.squad import Squad, f1, gold_shares, load_squad
+
+
+def squad_points(model, tok, paragraphs: int, questions: int, priors: int) -> list[dict]:
+    sq = load_squad(1000 if paragraphs == 0 else 2000)
+    n = paragraphs or len(sq.paragraphs)
+    qs = [q for q in sq.questions if q[2] < n][:questions]
+    data = Squad(sq.paragraphs[:n], sq.article[:n], qs)
+    engine = MSAEngine(model, tok, MemoryBank.build(model, tok, data.paragraphs, progress=True), similarity="train")
+    points = []
+    for p in (0, priors):
+        if p:
+            engine.calibrate_priors(n=p)
+        ans = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=4)
+        points.append({"task": "squad", "paragraphs": n, "questions": len(qs), "priors": p, **gold_shares(ans, data),
+                       "f1": round(100 * sum(f1(a.text, g) for a, (_, g, _) in zip(ans, qs)) / len(qs), 2)})
+        print(json.dumps(points[-1]), flush=True)
+    return points
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paragraphs", type=int, default=300, help="SQuAD dev paragraphs in the bank (0: all)")
+    ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--priors", type=int, default=256, help="pseudo-queries for the priors")
+    ap.add_argument("--niah-tokens", type=int, default=8192)
+    ap.add_argument("--niah-samples", type=int, default=6, help="per subtask (0: no NIAH)")
+    ap.add_argument("--subtasks", default="niah_single_2,niah_multikey_1,niah_multikey_2,niah_multivalue,"
+                                          "niah_multiquery")
+    ap.add_argument("--out", default=str(RESULTS / "doc_priors.json"))
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_shipped(str(device))
+    points = squad_points(model, tok, args.paragraphs, args.questions, args.priors)
+    if args.niah_samples:
+        for p in (0, args.priors):
+            for pt in evaluate(model, tok, [args.niah_tokens], args.subtasks.split(","), args.niah_samples, priors=p):
+                points.append({"task": "niah", "priors": p, **pt})
+    run = {**run_header(device), "model": "MSA-SmolLM2 (shipped)", "dtype": str(model.dtype), "points": points}
+    save_run(Path(args.out), f"{device.type}-p{args.paragraphs}", run)
+
+
+if __name__ == "__main__":
+    main()
