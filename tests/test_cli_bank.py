@@ -65,7 +65,7 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
                           "--key-dtype", "fp8", "--content-dtype", "int8", "--priors", "8")
     assert code == 0, err
     code, out, _ = _run(capsys, "info", small)
-    assert code == 0 and "fp8" in out and "int8" in out
+    assert code == 0 and "fp8" in out and "int8" in out and "document priors: yes" in out
     plain = tmp_path / "plain"
     code, out, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", plain, "--device", "cpu",
                           "--key-dtype", "fp8", "--calibrate-keys", "0")

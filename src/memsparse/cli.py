@@ -212,6 +212,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "tokens": m["tokens"], "chunks": m["chunks"], "segments": len(m["segments"]),
         "bytes on disk": disk, "bytes per token": round(disk / max(m["tokens"], 1), 1), "dtype": m["dtype"],
         "routing keys": m.get("key_dtype", "model"), "document keys/values": m.get("content_dtype", "model"),
+        "document priors": "yes" if m.get("doc_priors") else "no",
         "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
         "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "format version": m["version"],
     }
