@@ -1,7 +1,8 @@
 """Document priors (`MSAEngine.calibrate_priors`) with the shipped MSA-SmolLM2, without and with:
-- SQuAD-open (evaluation only): questions about the first `--paragraphs` dev paragraphs (0: all 2,067 and the first
-  `--questions` of `memsparse eval qa`'s 1,000) over a bank of those paragraphs: the share of questions whose gold
-  paragraph is among some router layer's top 16 (`gold_routed`) and among the 4 injected (`gold_injected`), F1;
+- SQuAD-open (evaluation only; `memsparse eval qa`'s memsparse system): questions about the first `--paragraphs`
+  dev paragraphs (0: all 2,067 and the first `--questions` of eval qa's 1,000) over a bank of those paragraphs:
+  EM, F1, and the share of questions whose gold paragraph is among some router layer's top 16 (`gold_routed`) and
+  among the 4 injected (`gold_injected`);
 - RULER NIAH at `--niah-tokens` (as `memsparse eval niah`, router interleave) for `--subtasks`.
 
     python benchmarks/doc_priors.py [--paragraphs 300] [--questions 200] [--priors 256] [--niah-samples 6]
@@ -18,25 +19,21 @@ from pathlib import Path
 import torch
 from common import RESULTS, run_header, save_run
 
-from memsparse import MemoryBank, MSAEngine
 from memsparse.demo import load_shipped
 from memsparse.eval.niah import evaluate
-from memsparse.eval.squad import Squad, f1, gold_shares, load_squad
+from memsparse.eval.squad import Squad, evaluate_qa, load_squad
 
 
 def squad_points(model, tok, paragraphs: int, questions: int, priors: int) -> list[dict]:
+    """`memsparse eval qa`'s memsparse system over the first `paragraphs` dev paragraphs (0: all), without and
+    with priors."""
     sq = load_squad(1000 if paragraphs == 0 else 2000)
     n = paragraphs or len(sq.paragraphs)
-    qs = [q for q in sq.questions if q[2] < n][:questions]
-    data = Squad(sq.paragraphs[:n], sq.article[:n], qs)
-    engine = MSAEngine(model, tok, MemoryBank.build(model, tok, data.paragraphs, progress=True), similarity="train")
+    data = Squad(sq.paragraphs[:n], sq.article[:n], [q for q in sq.questions if q[2] < n][:questions])
     points = []
     for p in (0, priors):
-        if p:
-            engine.calibrate_priors(n=p)
-        ans = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=4)
-        points.append({"task": "squad", "paragraphs": n, "questions": len(qs), "priors": p, **gold_shares(ans, data),
-                       "f1": round(100 * sum(f1(a.text, g) for a, (_, g, _) in zip(ans, qs)) / len(qs), 2)})
+        (res,) = evaluate_qa(data, ["memsparse"], msa=(model, tok), priors=p)
+        points.append({"task": "squad", "paragraphs": n, "questions": len(data.questions), "priors": p, **res})
         print(json.dumps(points[-1]), flush=True)
     return points
 

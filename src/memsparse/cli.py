@@ -143,14 +143,14 @@ def cmd_encode(args: argparse.Namespace) -> None:
     bank = MemoryBank.build(model, tok, [], tier=args.tier, key_dtype="model" if calibrate else args.key_dtype,
                             content_dtype=args.content_dtype)
     bank.add(texts, names=names, progress=True, batch_tokens=args.batch_tokens)
-    if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
+    if calibrate or args.priors:
         from .engine import MSAEngine
 
-        MSAEngine(model, tok, bank, similarity="train").calibrate_keys(args.key_dtype, n=args.calibrate_keys)
-    if args.priors:  # after the keys take their final form: the priors are scores under them
-        from .engine import MSAEngine
-
-        MSAEngine(model, tok, bank, similarity="train").calibrate_priors(n=args.priors)
+        engine = MSAEngine(model, tok, bank, similarity="train")
+        if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
+            engine.calibrate_keys(args.key_dtype, n=args.calibrate_keys)
+        if args.priors:  # after the keys take their final form: the priors are scores under them
+            engine.calibrate_priors(n=args.priors)
     model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
     bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
     bank.save(out)  # committed atomically: an interrupted encode leaves no bank (or the previous one)

@@ -85,11 +85,9 @@ class MSAEngine:
         """Store the bank's routing keys in 8 bits (`kind` 'fp8' or 'int8') rounded for the routing queries of
         `questions` (default: `n` pseudo-queries, sentences of the bank's own documents); documents added later
         are rounded the same way. Returns the moments ({router layer: (Hkv, D, D)})."""
-        from .calibrate import pseudo_queries
-
         if kind not in ("fp8", "int8"):
             raise ValueError(f"calibrate_keys: kind {kind!r}, expected 'fp8' or 'int8'")
-        moments = self.query_moments(questions if questions is not None else pseudo_queries(self.bank, n, seed))
+        moments = self.query_moments(self._calibration_questions(questions, n, seed))
         self.bank.set_key_dtype(kind, moments)
         return moments
 
@@ -98,24 +96,31 @@ class MSAEngine:
         pseudo-queries, sentences of the bank's own documents), subtracted from its score before top-k: documents
         that score high whatever the question (hubs) stop crowding out the others. Documents added later get the
         mean prior; saved with the bank; `bank.set_doc_priors(None)` drops them. Returns the priors."""
-        from .calibrate import document_priors, pseudo_queries
+        from .calibrate import document_priors
 
-        qs = questions if questions is not None else pseudo_queries(self.bank, n, seed)
-        if not qs:
-            raise ValueError("no calibration questions (and no document text to draw them from)")
-        rows = [self.encode_question(q) for q in qs]
-        priors = document_priors(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
+        rows, masks = self._question_rows(self._calibration_questions(questions, n, seed))
+        priors = document_priors(self.bank, rows, masks, self.similarity)
         self.bank.set_doc_priors(priors)
         return priors
+
+    def _calibration_questions(self, questions: list[str] | None, n: int, seed: int) -> list[str]:
+        """`questions`, or by default `n` pseudo-queries (sentences of the bank's own documents)."""
+        from .calibrate import pseudo_queries
+
+        return questions if questions is not None else pseudo_queries(self.bank, n, seed)
+
+    def _question_rows(self, questions: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
+        """Active tokens and routing masks of calibration questions, as the engine asks them."""
+        if not questions:
+            raise ValueError("no calibration questions (and no document text to draw them from)")
+        rows = [self.encode_question(q) for q in questions]
+        return [r for r, _ in rows], [m for _, m in rows]
 
     def query_moments(self, questions: list[str]) -> dict:
         """{router layer: (Hkv, D, D)} second moments of the routing queries of `questions` over this bank."""
         from .calibrate import routing_query_moments
 
-        if not questions:
-            raise ValueError("no calibration questions (and no document text to draw them from)")
-        rows = [self.encode_question(q) for q in questions]
-        return routing_query_moments(self.bank, [r for r, _ in rows], [m for _, m in rows], self.similarity)
+        return routing_query_moments(self.bank, *self._question_rows(questions), self.similarity)
 
     # ------------------------------------------------------------------------------------- queries
     def route(self, question: str) -> Routing:

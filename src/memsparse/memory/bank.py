@@ -347,9 +347,8 @@ class MemoryBank:
         cache = view["priors"]
         if layer not in cache:
             scores = self.doc_priors["scores"][layer].to(self.model.device, torch.float32)  # (M,)
-            idx = cache["index"]
             fill = scores.mean() if len(scores) else scores.new_zeros(())
-            cache[layer] = torch.where(idx >= 0, scores[idx.clamp(min=0)] if len(scores) else fill, fill)
+            cache[layer] = torch.cat([scores, fill.view(1)])[cache["index"]]  # index -1: the appended mean
         return cache[layer]
 
     def _moments(self, layer: int) -> torch.Tensor | None:
