@@ -7,7 +7,12 @@ import torch
 pytest.importorskip("triton")  # on CPU, tests/conftest.py has set TRITON_INTERPRET=1
 
 from memsparse.ops.routing import chunk_scores, document_scores  # noqa: E402
-from memsparse.ops.routing_triton import fused_document_scores, inverse_norms  # noqa: E402
+from memsparse.ops.routing_triton import (  # noqa: E402
+    _split_fp8_rows,
+    fused_document_scores,
+    inverse_norms,
+    routing_rows,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-2 if DEVICE == "cuda" else 1e-5  # the GPU multiplies in bf16 (float32 accumulation)
@@ -117,6 +122,34 @@ def test_inverse_norm_and_split_fp8_variants(kind, inv, split, cosine):
         twice = fused_document_scores(q, mask, data, doc, N, cosine=True, scale=scale, key_scale=ks,
                                       key_inv_norm=2 * kn, split_fp8=split)[:, : N - 1]
         assert torch.allclose(twice, 2 * got, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split"])
+def test_routing_rows_kernel_matches_torch(cosine, split):
+    """The rows kernel (head sum of the G query heads of each key head, scaled; fp8 split) against the same in
+    PyTorch (`_split_fp8_rows`), for 3 key heads of 3 query heads (neither a power of two)."""
+    g = torch.Generator().manual_seed(3)
+    B, S, H, Hkv, D = 2, 5, 9, 3, 32
+    q = (torch.randn(B, S, H, D, generator=g) * 3).to(DEVICE)
+    mask = torch.rand(B, S, generator=g) < 0.6
+    scale = 0.7
+    qn = torch.nn.functional.normalize(q.float(), dim=-1) if cosine else q.float()
+    ref = (qn.view(B, S, Hkv, H // Hkv, D).sum(3) * (scale / H)).reshape(B * S, Hkv, D)  # (R, Hkv, D)
+    rows, lo, rs, sample = routing_rows(q, mask.to(DEVICE), Hkv, cosine=cosine, scale=scale, split_fp8=split)
+    assert sample.tolist() == torch.where(mask, torch.arange(B)[:, None], -1).flatten().tolist()
+    if split:
+        rs_ref = _split_fp8_rows(ref)[2]
+        assert torch.allclose(rs, rs_ref, rtol=1e-5)
+        assert rows.dtype == lo.dtype == torch.float8_e4m3fn and rows.abs().float().max() <= 448
+        # hi + lo carries 2^-8 relative error down to lo's smallest step (2^-9 of the row scale); the interpreter
+        # loses the carry when rounding to e4m3 (-1.99 -> -1, not -2), which can halve lo: 2^-4 on the CPU
+        err = ((rows.float() + lo.float()) * rs[:, None, None] - ref).abs()
+        rel = 2**-8 if DEVICE == "cuda" else 2**-4
+        assert (err <= rel * ref.abs() + 2**-9 * rs[:, None, None]).all()
+    else:
+        assert lo is None and rs is None
+        assert torch.allclose(rows.float(), ref, atol=1e-6, rtol=TOL)
 
 
 def test_inverse_norms_and_variant_errors():

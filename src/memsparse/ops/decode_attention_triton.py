@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_L = 64  # cache columns per iteration
+BLOCK_L = 128  # cache columns per iteration (H100, 400 columns: 14 us a call, 16 with 64)
 
 
 @triton.jit

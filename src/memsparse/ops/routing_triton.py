@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -105,6 +104,56 @@ def _split_fp8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return hi, (x - hi.float()).to(torch.float8_e4m3fn), scale
 
 
+@triton.jit
+def _rows_kernel(q_ptr, mask_ptr, rows_ptr, lo_ptr, rs_ptr, sample_ptr, S, scale, H: tl.constexpr,
+                 HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, GP: tl.constexpr, COSINE: tl.constexpr,
+                 SPLIT: tl.constexpr):
+    """One routing row r = b * S + s: q (R, H, D) -> rows (R, HKV, D) = scale / H * the sum of each key head's G
+    query heads (each normalised under cosine); SPLIT: rows / row scale as fp8 hi (rows) + lo, rs (R,) the row
+    scale (`_split_fp8_rows`); sample (R,) b, or -1 if the token does not route."""
+    r = tl.program_id(0)
+    G: tl.constexpr = H // HKV
+    kv = tl.arange(0, HP)[:, None, None]
+    g = tl.arange(0, GP)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    real = (kv < HKV) & (g < G)  # (HP, GP, 1)
+    x = tl.load(q_ptr + (r * H + kv * G + g) * D + d, mask=real, other=0.0).to(tl.float32)  # (HP, GP, D)
+    if COSINE:
+        x = x / tl.maximum(tl.sqrt(tl.sum(x * x, 2)), 1e-12)[:, :, None]
+    rows = tl.sum(x, 1) * (scale / H)  # (HP, D)
+    at = (r * HKV + tl.arange(0, HP)[:, None]) * D + tl.arange(0, D)[None, :]
+    keep = (tl.arange(0, HP) < HKV)[:, None]
+    if SPLIT:
+        rs = tl.maximum(tl.max(tl.max(tl.abs(rows), 1), 0) / 448.0, 1e-12)
+        y = rows / rs
+        hi = y.to(tl.float8e4nv)
+        tl.store(rows_ptr + at, hi, mask=keep)
+        tl.store(lo_ptr + at, (y - hi.to(tl.float32)).to(tl.float8e4nv), mask=keep)
+        tl.store(rs_ptr + r, rs)
+    else:
+        tl.store(rows_ptr + at, rows.to(rows_ptr.dtype.element_ty), mask=keep)
+    routes = tl.load(mask_ptr + r) != 0
+    tl.store(sample_ptr + r, tl.where(routes, r // S, -1))
+
+
+def routing_rows(q: torch.Tensor, q_mask: torch.Tensor, hkv: int, *, cosine: bool, scale: float, split_fp8: bool):
+    """The kernel's query rows from router queries q (B, S, H, D) and routing mask (B, S), for keys of `hkv` heads:
+    rows (R, hkv, D) (bf16 on a GPU, float32 under the interpreter; fp8 hi with `split_fp8`), the fp8 lo rows and
+    (R,) float32 row scales (None without split_fp8), and (R,) int32 sample of each row or -1. One launch."""
+    B, S, H, D = q.shape
+    R = B * S
+    dt = torch.float8_e4m3fn if split_fp8 else torch.bfloat16 if q.is_cuda else torch.float32
+    rows = torch.empty(R, hkv, D, dtype=dt, device=q.device)
+    lo = torch.empty_like(rows) if split_fp8 else None
+    rs = torch.empty(R, dtype=torch.float32, device=q.device) if split_fp8 else None
+    sample = torch.empty(R, dtype=torch.int32, device=q.device)
+    _rows_kernel[(R,)](q.contiguous(), q_mask.contiguous().view(torch.uint8), rows, rows if lo is None else lo,
+                       sample if rs is None else rs, sample, S, scale, H=H, HKV=hkv, D=D,
+                       HP=triton.next_power_of_2(hkv), GP=triton.next_power_of_2(H // hkv), COSINE=cosine,
+                       SPLIT=split_fp8)
+    return rows, lo, rs, sample
+
+
 def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor,
                           num_docs: int, *, cosine: bool, scale: float, key_scale: torch.Tensor | None = None,
                           out: torch.Tensor | None = None, key_inv_norm: torch.Tensor | None = None,
@@ -127,15 +176,7 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
         raise ValueError(f"head_dim {D}: fp8 products (split_fp8) need head_dim >= 32")
     if key_inv_norm is not None and tuple(key_inv_norm.shape) != (C, Hkv):
         raise ValueError(f"key_inv_norm {tuple(key_inv_norm.shape)}: expected {(C, Hkv)}")
-    qn = F.normalize(q.float(), dim=-1) if cosine else q.float()
-    rows = (qn.view(B, S, Hkv, H // Hkv, D).sum(3) * (scale / H)).reshape(B * S, Hkv, D)  # (R, Hkv, D)
-    row_lo = row_scale = None
-    if split_fp8:  # (R, Hkv, D) fp8 twice, (R,) float32; the interpreter multiplies fp8 as float16 (exact)
-        rows, row_lo, row_scale = _split_fp8_rows(rows)
-    elif q.is_cuda:  # bf16 tensor-core products (float32 accumulation); the interpreter keeps float32
-        rows = rows.to(torch.bfloat16)
-    sample = torch.arange(B, device=q.device, dtype=torch.int32)[:, None].expand(B, S)  # (B, S)
-    sample = torch.where(q_mask, sample, -1).reshape(B * S)  # (R,) -1: not a routing token
+    rows, row_lo, row_scale, sample = routing_rows(q, q_mask, Hkv, cosine=cosine, scale=scale, split_fp8=split_fp8)
     if out is None:
         out = torch.full((B, num_docs), float("-inf"), dtype=torch.float32, device=q.device)
     if C == 0:
@@ -145,9 +186,8 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
     ks = key_scale.contiguous() if key_scale is not None else out  # (C,) float32; unread without a scale
     inv_norm = cosine and key_inv_norm is not None
     kn = key_inv_norm.float().contiguous() if inv_norm else out  # (C, Hkv) float32; unread without
-    rows = rows.contiguous()
-    _route_kernel[grid](rows, row_lo.contiguous() if split_fp8 else rows, row_scale if split_fp8 else out,
-                        sample.contiguous(), keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
+    _route_kernel[grid](rows, row_lo if split_fp8 else rows, row_scale if split_fp8 else out,
+                        sample, keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
                         B * S, C, num_docs, C.bit_length(), B=B, HKV=Hkv, D=D, BLOCK_R=block_r,
                         R_TILES=triton.cdiv(B * S, block_r), COSINE=cosine, HAS_SCALE=key_scale is not None,
                         INV_NORM=inv_norm, SPLIT=split_fp8)
