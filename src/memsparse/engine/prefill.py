@@ -103,6 +103,26 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
     return g.out
 
 
+def routing_round_seconds(memory: BankMemory) -> float | None:
+    """Device seconds of one routing round as a graphed prefill runs it: the per-layer routing graphs that the
+    eager prefill behind `memory` captured (or reused), replayed back to back on their last inputs, free of the
+    host's launch gaps of an eager prefill. None where routing runs without graphs."""
+    B, S = memory.route_mask.shape
+    bank = memory.bank
+    graphs = bank.routing_view().get("graphs", {})
+    mine = sorted((key[0], g) for key, g in graphs.items()
+                  if key[1:5] == (B, _round_up(S, GRAPH_LENGTH), memory.cosine, memory.top_k))
+    if len(mine) != len(bank.model.router_layers):
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _, g in mine:
+        g.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
     ds = document_scores_for(bank, layer, rq, rmask, cosine)  # (B, N)
     prior = bank.prior_scores(layer)

@@ -2,14 +2,15 @@
 its floor (DESIGN.md §4), for the shipped MSA-SmolLM2 with real encoded banks and for the Qwen3-4B geometry
 (random weights, banks of random tensors of the right shapes and dtypes).
 
-Per point: routing ms per round (scoring + top-k in every router layer of a real prefill, summed: device time
-from CUDA events when the gather stays on the device (K̄/V̄ on the device or read zero-copy from pinned memory),
-synchronized wall time when each layer's ids go through the host; the fused kernel and, in the same run, the
-PyTorch path), its floor (bytes of routing keys / the GPU's measured read rate), time to first token (the whole
-prefill of a question, routing included, replayed from a CUDA graph where possible, and eager), decode ms per
-token (steady state of the CUDA-graph step; the first step, which captures it, apart) and its floor (weights +
-KV cache bytes / read rate), GPU and host GB, bytes per token, achieved GB/s
-and TFLOP/s of routing. Dense attention (PyTorch SDPA, causal, one layer) is timed where it fits.
+Per point: routing ms per round (scoring + top-k in every router layer of a real prefill, summed: with the fused
+kernel on a GPU, the per-layer routing graphs replayed back to back, as the graphed prefill runs them; else device
+time from CUDA events when the gather stays on the device, synchronized wall time when each layer's ids go through
+the host; the eager prefill's event spans as routing_ms_eager; in the same run the PyTorch path), its floor (bytes
+of routing keys / the GPU's measured read rate), time to first token (the whole prefill of a question, routing
+included, replayed from a CUDA graph where possible, and eager), decode ms per token (steady state of the CUDA-graph
+step; the first step, which captures it, apart) and its floor (weights + KV cache bytes / read rate), GPU and host
+GB, bytes per token, achieved GB/s and TFLOP/s of routing. Dense attention (PyTorch SDPA, causal, one layer) is
+timed where it fits.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..engine.generate import generate
-from ..engine.prefill import graphable, graphed_prefill, prefill_batch, sync
+from ..engine.prefill import graphable, graphed_prefill, prefill_batch, routing_round_seconds, sync
 from ..memory.bank import MemoryBank
 from ..memory.quant import STORAGE, QTensor, quantize
 from ..model.config import DecoderConfig
@@ -132,11 +133,13 @@ def _median_ms(xs: list[float]) -> float:
 
 
 def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = True) -> dict:
-    """Median routing ms, TTFT ms (the path `generate` takes: a replayed CUDA graph of the whole prefill where the
+    """Median routing ms (on a GPU with fused routing: the round's per-layer routing graphs replayed back to back,
+    `routing_round_seconds`; the eager prefill's event spans, which include its launch gaps, as routing_ms_eager),
+    TTFT ms (the path `generate` takes: a replayed CUDA graph of the whole prefill where the
     bank allows one, else eager; the eager prefill's TTFT beside it), decode ms/token (steady state) and the first
     decode step's ms (with the capture of its CUDA graph) over `s.repeats` questions (after one warm-up)."""
     dev = bank.model.device
-    route, eager, ttft, dec, first = [], [], [], [], []
+    route, route_eager, eager, ttft, dec, first = [], [], [], [], [], []
     for r in range(s.repeats + 1):
         rows, masks = questions(batch, s.q_len, bank.model.config.vocab_size, r)
         graph = graphable(bank, rows)
@@ -146,8 +149,11 @@ def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = Tru
         res.logits.argmax(-1).tolist()  # the first token, on the host
         t1 = time.perf_counter()
         if r:
-            timer = "wall" if res.memory.via_host or dev.type != "cuda" else "device events"
-            route.append(res.memory.route_seconds)
+            replayed = routing_round_seconds(res.memory) if dev.type == "cuda" else None
+            timer = ("routing graphs replayed" if replayed is not None else
+                     "wall" if res.memory.via_host or dev.type != "cuda" else "device events")
+            route.append(replayed if replayed is not None else res.memory.route_seconds)
+            route_eager.append(res.memory.route_seconds)
             eager.append(t1 - t0)
         del res
         if graph:
@@ -161,7 +167,8 @@ def time_query(bank: MemoryBank, s: Settings, batch: int = 1, decode: bool = Tru
             t = g.timings  # steady state: the steps after the first (which captures the CUDA graph)
             dec.append((t["decode"] - t["decode_first"]) / max(t["decode_tokens"] - 1, 1))
             first.append(t["decode_first"])
-    out = {"routing_ms": _median_ms(route), "routing_timer": timer, "ttft_ms": _median_ms(ttft or eager),
+    out = {"routing_ms": _median_ms(route), "routing_timer": timer, "routing_ms_eager": _median_ms(route_eager),
+           "ttft_ms": _median_ms(ttft or eager),
            "ttft_ms_eager": _median_ms(eager), "prefill": "cuda graph" if graph else "eager"}
     if decode:
         out["decode_ms_per_token"] = _median_ms(dec)

@@ -14,16 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048  # scores per program
+BLOCK = 256  # scores per program (H100, 100K scores: 26 us with one warp, 30 with 2048 and 4 warps)
+WARPS = 1
 _LOWEST = -3.4028234663852886e38  # a real -inf score, kept apart from padding and taken entries (-inf)
 
 
 @triton.jit
 def _block_topk(x_ptr, xi_ptr, val_ptr, idx_ptr, N, NB, K: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_IDX: tl.constexpr):
+                HAS_IDX: tl.constexpr, LOWEST: tl.constexpr):
     """x (B, N) -> val, idx (B, NB, K): the K largest of each BLOCK of a row, best first, with their positions
     (HAS_IDX: the entries of xi (B, N) at those positions). Padding and taken entries are -inf, below every real
-    score (a real -inf enters as _LOWEST on the first pass)."""
+    score (a real -inf enters as LOWEST on the first pass)."""
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pos = tl.arange(0, BLOCK)
@@ -33,7 +34,7 @@ def _block_topk(x_ptr, xi_ptr, val_ptr, idx_ptr, N, NB, K: tl.constexpr, BLOCK: 
     if HAS_IDX:
         xi = tl.load(xi_ptr + b * N + offs, mask=ok, other=0)
     else:
-        x = tl.where(ok & (x == float("-inf")), _LOWEST, x)
+        x = tl.where(ok & (x == float("-inf")), LOWEST, x)
         xi = offs.to(tl.int64)
     out = (b * NB + blk) * K
     for j in tl.static_range(K):
@@ -57,7 +58,8 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         nb = triton.cdiv(n, BLOCK)
         v = torch.empty(B, nb * k, dtype=torch.float32, device=x.device)
         i = torch.empty(B, nb * k, dtype=torch.int64, device=x.device)
-        _block_topk[(nb, B)](vals, vals if idx is None else idx, v, i, n, nb, K=k, BLOCK=BLOCK, HAS_IDX=idx is not None)
+        _block_topk[(nb, B)](vals, vals if idx is None else idx, v, i, n, nb, K=k, BLOCK=BLOCK, HAS_IDX=idx is not None,
+                          LOWEST=_LOWEST, num_warps=WARPS)
         vals, idx = v, i
         if nb == 1:
             return vals.masked_fill(vals == _LOWEST, float("-inf")), idx
