@@ -112,7 +112,7 @@ def test_graphed_prefill_equals_eager(tier, dtype):
     import memsparse as ms
     from memsparse.engine import prefill_batch
     from memsparse.engine.generate import generate
-    from memsparse.engine.prefill import graphed_prefill, routing_round_seconds
+    from memsparse.engine.prefill import graphed_prefill
 
     from .conftest import assert_same_routing, tiny_tokenizer
 
@@ -124,7 +124,6 @@ def test_graphed_prefill_equals_eager(tier, dtype):
                  ([[40, 41, 42], [43, 44, 45, 46, 47]], [[True, True, False], [True] * 4 + [False]])]
     for rows, masks in questions * 2:  # the second round replays the captured graph
         ref = prefill_batch(bank, rows, masks, extra=6)
-        assert routing_round_seconds(ref.memory) > 0  # its per-layer routing graphs, replayed
         got, _ = graphed_prefill(bank, rows, masks, extra=6)
         assert torch.allclose(got.logits, ref.logits, atol=1e-4)
         for a, b in zip(got.memory.routing, ref.memory.routing, strict=True):

@@ -198,3 +198,23 @@ def test_engine_routing_with_the_fused_kernel():
         got = engine.route(q)
         assert_same_routing(ref, got, atol=TOL)
         assert all(1 not in [d for d, _ in v] for v in got.values())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="routing graphs need a GPU")
+def test_routing_round_seconds_replays_the_fused_routing_graphs():
+    """`routing_round_seconds` (bench speed's routing time) replays the fused path's graph of each router layer;
+    the PyTorch path has none to replay (graphs left in the bank's view from fused routing are not counted)."""
+    import memsparse as ms
+    from memsparse.engine.prefill import prefill_batch, routing_round_seconds
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48).to(DEVICE)
+    bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea."])
+    res = prefill_batch(bank, [[5, 6, 7, 8]], [[True] * 4])
+    assert len(bank.routing_view()["graphs"]) == len(model.router_layers)
+    assert routing_round_seconds(res.memory) > 0
+    bank.fused_routing = False
+    assert routing_round_seconds(prefill_batch(bank, [[5, 6, 7, 8]], [[True] * 4]).memory) is None

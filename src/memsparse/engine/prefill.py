@@ -109,6 +109,8 @@ def routing_round_seconds(memory: BankMemory) -> float | None:
     host's launch gaps of an eager prefill. None where routing runs without graphs."""
     B, S = memory.route_mask.shape
     bank = memory.bank
+    if not (memory.route_mask.is_cuda and uses_fused(bank, memory.route_mask)):
+        return None  # (graphs left from fused routing are not this path's)
     graphs = bank.routing_view().get("graphs", {})
     mine = sorted((key[0], g) for key, g in graphs.items()
                   if key[1:5] == (B, _round_up(S, GRAPH_LENGTH), memory.cosine, memory.top_k))
