@@ -108,7 +108,9 @@ def test_fused_routing_over_a_quantized_bank(setup):
     ref = _routes(model, tok, bank)
     bank.fused_routing, bank._view = True, None
     for a, b in zip(ref, _routes(model, tok, bank)):
-        assert_same_routing(a, b, atol=2e-2 if torch.cuda.is_available() else 1e-4)  # GPU: bf16 products
+        # GPU: fp8 products of rows split in two fp8 terms; the CPU interpreter splits the rows with its float32 ->
+        # e4m3 rounding, which loses the mantissa carry (-1.99 -> -1), so the lo term errs by up to ~2^-5
+        assert_same_routing(a, b, atol=2e-2 if torch.cuda.is_available() else 2e-3)
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
