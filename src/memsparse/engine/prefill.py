@@ -10,6 +10,7 @@ no host round trip), and then short rows replay it as one CUDA graph per shape (
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ def uses_cosine(model, similarity: str) -> bool:
             "cosine": True, "dot": False}[similarity]
 
 
+@functools.cache
+def has_triton() -> bool:
+    """Whether Triton is installed (looked up once: routing asks in every router layer)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
     """Whether routing runs the fused Triton kernel: `bank.fused_routing`, or by default on GPUs when the model's
     reduce methods are the kernel's (head mean, query max, chunk max) and head_dim a power of two >= 16."""
@@ -45,7 +52,7 @@ def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
         raise ValueError("fused routing supports head mean, query max and chunk max, and head_dim a power of two "
                          ">= 16")
     if bank.fused_routing is None:
-        return supported and rq.is_cuda and importlib.util.find_spec("triton") is not None
+        return supported and rq.is_cuda and has_triton()
     return bank.fused_routing
 
 
@@ -131,7 +138,7 @@ def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
     if prior is not None:  # documents that score high for every question lose that lead
         ds = ds - prior
     k = min(k, ds.shape[1])
-    if uses_fused(bank, rq):  # one row of 100K documents: ~10 us instead of ~50
+    if uses_fused(bank, rq):  # one row of 100K documents: 26 us instead of torch.topk's 52 (H100)
         from ..ops.topk_triton import topk
 
         vals, top = topk(ds, k)  # (B, k')
@@ -167,7 +174,7 @@ def gathers_on_device(bank: MemoryBank) -> bool:
     """Whether routing and the gather of the selected chunks stay on the model's device (`BankMemory`): at most
     `DEVICE_GATHER_SEGMENTS` segments, and K̄/V̄ on the device or, with Triton, read zero-copy from pinned memory."""
     host = bank.model.device.type == "cuda" and bank.tier == "host"
-    zero_copy = importlib.util.find_spec("triton") is not None
+    zero_copy = has_triton()
     return len(bank.segments) <= DEVICE_GATHER_SEGMENTS and (zero_copy or not host)
 
 
