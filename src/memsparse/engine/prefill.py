@@ -10,8 +10,6 @@ no host round trip), and then short rows replay it as one CUDA graph per shape (
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +18,7 @@ import torch
 from ..memory.bank import MemoryBank
 from ..memory.quant import QTensor, dense
 from ..model import cached
+from ..ops import has_triton
 from ..ops.routing import chunk_scores, document_scores
 
 SIMILARITIES = ("official", "train", "cosine", "dot")
@@ -34,12 +33,6 @@ def uses_cosine(model, similarity: str) -> bool:
     msa = model.msa_config
     return {"official": msa.aux_loss_method == "INFONCE", "train": msa.uses_cosine,
             "cosine": True, "dot": False}[similarity]
-
-
-@functools.cache
-def has_triton() -> bool:
-    """Whether Triton is installed (looked up once: routing asks in every router layer)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:

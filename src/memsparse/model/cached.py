@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops import has_triton
 from ..ops.attention import sdpa
+from ..ops.rope import apply_rope
 from .decoder import MSAAttention, MSAForCausalLM
 
 # memory(layer index, attention module, normed hidden (B, S, hidden), queries (B, S, H, D)) ->
@@ -115,6 +117,51 @@ def _post_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _head(model: MSAForCausalLM, x: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) from the last layer's output x (B, 1, hidden)."""
+    return model.lm_head(model.model.norm(x[:, 0]))
+
+
+def _pre_fused(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: Callable):
+    """`_pre_attention` with the input norm and the q/k/v projections as one Triton kernel (`fused_linear`)."""
+    from ..ops.linear_triton import CONCAT, fused_linear
+
+    attn, norm = layer.self_attn, layer.input_layernorm
+    qkv = fused_linear(x[:, 0], [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], CONCAT,
+                       (norm.weight, norm.eps))  # (B, (H + 2 Hkv) * D)
+    hd = attn.cfg.num_key_value_heads * attn.cfg.head_dim
+    q, k, v = qkv[:, None].split([qkv.shape[1] - 2 * hd, hd, hd], -1)  # (B, 1, H*D | Hkv*D)
+    return rotate(attn, q, k, v, cos, sin)
+
+
+def _rotate(attn: MSAAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor):
+    """q (B, 1, H*D), k, v (B, 1, Hkv*D) -> per head, q and k normed (qk_norm) and rotated."""
+    D = attn.cfg.head_dim
+    q, k, v = q.unflatten(-1, (-1, D)), k.unflatten(-1, (-1, D)), v.unflatten(-1, (-1, D))  # (B, 1, heads, D)
+    if attn.cfg.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _post_fused(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """`_post_attention` in three Triton kernels: o_proj + residual, norm + gate/up + SiLU, down_proj + residual."""
+    from ..ops.linear_triton import GLU, RESIDUAL, fused_linear
+
+    mlp, norm = layer.mlp, layer.post_attention_layernorm
+    x = fused_linear(o.flatten(1), [layer.self_attn.o_proj.weight], RESIDUAL, residual=x[:, 0])  # (B, hidden)
+    h = fused_linear(x, [mlp.gate_proj.weight, mlp.up_proj.weight], GLU, (norm.weight, norm.eps))  # (B, inter)
+    return fused_linear(h, [mlp.down_proj.weight], RESIDUAL, residual=x)[:, None]  # (B, 1, hidden)
+
+
+def _head_fused(model: MSAForCausalLM, x: torch.Tensor) -> torch.Tensor:
+    """`_head` with the final norm and the LM head as one Triton kernel."""
+    from ..ops.linear_triton import CONCAT, fused_linear
+
+    norm = model.model.norm
+    return fused_linear(x[:, 0], [model.lm_head.weight], CONCAT, (norm.weight, norm.eps))
+
+
 def _attend(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
             offset: int) -> torch.Tensor:
     """Write k, v (B, 1, Hkv, D) into cache column step + offset, mark it valid, attend q (B, 1, H, D) over the
@@ -136,12 +183,14 @@ def _attend_fused(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 @dataclass
 class DecodeStep:
     """A decoder layer's decode step in three parts: the half before attention, the cache write + attention, the
-    half after. Eager by default; `compiled_step` compiles the halves, `fused_attention` makes the middle one
-    Triton kernel."""
+    half after; and the LM head after the last layer. Eager by default; `compiled_step` compiles the halves,
+    `fused_attention` makes the middle one Triton kernel, `fused_linears` the halves and the head Triton kernels
+    around the weight reads."""
 
     pre: Callable = _pre_attention
     attend: Callable = _attend
     post: Callable = _post_attention
+    head: Callable = _head
 
 
 @functools.cache
@@ -165,6 +214,29 @@ def fused_attention(step: DecodeStep, model: MSAForCausalLM) -> DecodeStep:
     return dataclasses.replace(step, attend=_attend_fused)
 
 
+def fused_linears(step: DecodeStep, model: MSAForCausalLM, batch: int, compile: bool) -> DecodeStep:
+    """`step` with the norms, projections, gate and residual adds as Triton kernels (`ops/linear_triton.py`)
+    where Triton runs (`linear_triton.runs_on`), the model has no biases and the batch is one row (at batch 8 cuBLAS reads
+    the weights faster than these kernels: H100, 2026-11-27). `compile`: the q/k norm and RoPE between the
+    kernels by torch.compile."""
+    cfg = model.config
+    if not has_triton() or batch != 1 or cfg.attention_bias or cfg.mlp_bias:
+        return step
+    from ..ops.linear_triton import runs_on
+
+    if not runs_on(model.device):
+        return step
+    rotate = compiled_rotate() if compile else _rotate
+    return dataclasses.replace(step, pre=functools.partial(_pre_fused, rotate=rotate), post=_post_fused,
+                               head=_head_fused)
+
+
+@functools.cache
+def compiled_rotate() -> Callable:
+    """`_rotate` compiled once per process."""
+    return torch.compile(_rotate, dynamic=False)
+
+
 def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: DecodeStep | None = None) -> torch.Tensor:
     """One token per row: `ids` (B,) -> next-token logits (B, V); the cache advances by one column.
     Shapes and indices never depend on the step (attention spans the whole cache under its validity mask),
@@ -181,14 +253,15 @@ def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: Decod
     cache.step += 1
     cache.positions += 1
     cache.length += 1
-    return model.lm_head(model.model.norm(x[:, 0]))
+    return step.head(model, x)
 
 
 class GraphedDecode:
     """`decode` captured in a CUDA graph for one cache: the first call runs a real step (warming up on a side
     stream) and captures the step; later calls copy the ids in and replay it (no per-op launch cost).
     `compile`: the layers' elementwise work fused by torch.compile (`compiled_step`) inside the graph; `fused`:
-    each layer's cache write and attention as one Triton kernel (`fused_attention`). Both on by default unless
+    each layer's cache write and attention as one Triton kernel (`fused_attention`), and at batch 1 the norms,
+    projections, gate and residual adds as four Triton kernels a layer (`fused_linears`). Both on by default unless
     the environment sets MEMSPARSE_COMPILE=0 / MEMSPARSE_FUSED_DECODE=0."""
 
     def __init__(self, model: MSAForCausalLM, cache: KVCache, compile: bool | None = None,
@@ -200,7 +273,7 @@ class GraphedDecode:
             fused = os.environ.get("MEMSPARSE_FUSED_DECODE", "1") != "0"
         self.step = compiled_step() if compile else DecodeStep()
         if fused:
-            self.step = fused_attention(self.step, model)
+            self.step = fused_linears(fused_attention(self.step, model), model, cache.positions.shape[0], compile)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
