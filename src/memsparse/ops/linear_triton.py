@@ -25,16 +25,17 @@ MAX_BATCH = 8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=1)] if _INTERPRET else [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n, k, w, s in [(4, 512, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (8, 512, 8, 1),
-                       (16, 512, 8, 1), (4, 1024, 4, 1), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 8, 3)]
+    for n, k, w in [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (2, 1024, 2), (4, 512, 2), (8, 1024, 8), (16, 512, 8),
+                    (2, 256, 4), (4, 128, 4), (2, 128, 2)]
+    for s in (1, 3)
 ]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles whose (batch x rows x columns) product fits the registers."""
+    """Keep tiles whose accumulators (batch x rows x columns) take at most 32 registers a thread."""
     bp = kwargs.get("BP", named_args.get("BP", 1))
-    kept = [c for c in configs if bp * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192 * c.num_warps]
-    return kept or configs[:1]
+    kept = [c for c in configs if bp * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 1024 * c.num_warps]
+    return kept or configs[-1:]
 
 
 @triton.autotune(configs=_CONFIGS, key=["B", "K", "N0", "N1", "N2", "MODE", "NORM"],
@@ -68,9 +69,10 @@ def _linear_kernel(x, nw, w0, w1, w2, r, out, B, N0, N1, N2, eps, K: tl.constexp
     bmask = bs < B
     ks = tl.arange(0, BLOCK_K)
     w_rows = rows.to(tl.int64)[:, None] * K  # (BLOCK_N, 1)
-    acc = tl.zeros((BP, BLOCK_N), tl.float32)
-    acc1 = tl.zeros((BP, BLOCK_N), tl.float32)
-    ss = tl.zeros((BP,), tl.float32)
+    # products and squares summed per column in registers, across columns once at the end (no per-tile shuffles)
+    acc = tl.zeros((BP, BLOCK_N, BLOCK_K), tl.float32)
+    acc1 = tl.zeros((BP, BLOCK_N, BLOCK_K), tl.float32)
+    ss = tl.zeros((BP, BLOCK_K), tl.float32)
     # weight tiles are loaded one step ahead; the first before waiting on the kernel that writes x (PDL)
     wmask = rmask[:, None] & (ks < K)[None, :]
     wt = tl.load(w + w_rows + ks[None, :], mask=wmask, other=0.0)  # (BLOCK_N, BLOCK_K)
@@ -86,26 +88,28 @@ def _linear_kernel(x, nw, w0, w1, w2, r, out, B, N0, N1, N2, eps, K: tl.constexp
         xt = tl.load(x + bs[:, None] * K + kk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
         xt = xt.to(tl.float32)  # (BP, BLOCK_K)
         if NORM:
-            ss += tl.sum(xt * xt, 1)
+            ss += xt * xt
             xt = xt * tl.load(nw + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
         nmask = rmask[:, None] & (kk + BLOCK_K < K)[None, :]
         wn = tl.load(w + w_rows + (kk + BLOCK_K)[None, :], mask=nmask, other=0.0)
-        acc += tl.sum(xt[:, None, :] * wt.to(tl.float32)[None, :, :], 2)
+        acc += xt[:, None, :] * wt.to(tl.float32)[None, :, :]
         wt = wn
         if MODE == 1:
             wn1 = tl.load(w1 + w_rows + (kk + BLOCK_K)[None, :], mask=nmask, other=0.0)
-            acc1 += tl.sum(xt[:, None, :] * wt1.to(tl.float32)[None, :, :], 2)
+            acc1 += xt[:, None, :] * wt1.to(tl.float32)[None, :, :]
             wt1 = wn1
+    y = tl.sum(acc, 2)  # (BP, BLOCK_N)
+    y1 = tl.sum(acc1, 2)
     if NORM:
-        inv_rms = tl.rsqrt(ss / K + eps)[:, None]  # (BP, 1)
-        acc = acc * inv_rms
-        acc1 = acc1 * inv_rms
+        inv_rms = tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]  # (BP, 1)
+        y = y * inv_rms
+        y1 = y1 * inv_rms
     omask = bmask[:, None] & rmask[None, :]
     if MODE == 1:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc1
+        y = y / (1.0 + tl.exp(-y)) * y1
     if MODE == 2:
-        acc += tl.load(r + bs[:, None] * N0 + rows[None, :], mask=omask, other=0.0).to(tl.float32)
-    tl.store(out + bs[:, None] * n_out + col + rows[None, :], acc.to(out.dtype.element_ty), mask=omask)
+        y += tl.load(r + bs[:, None] * N0 + rows[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(out + bs[:, None] * n_out + col + rows[None, :], y.to(out.dtype.element_ty), mask=omask)
 
 
 @functools.cache
