@@ -21,7 +21,6 @@ import torch
 
 from ..ops import has_triton
 from ..ops.attention import sdpa
-from ..ops.rope import apply_rope
 from .decoder import MSAAttention, MSAForCausalLM
 
 # memory(layer index, attention module, normed hidden (B, S, hidden), queries (B, S, H, D)) ->
@@ -122,30 +121,23 @@ def _head(model: MSAForCausalLM, x: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.model.norm(x[:, 0]))
 
 
-def _pre_fused(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: Callable):
-    """`_pre_attention` with the input norm and the q/k/v projections as one Triton kernel (`fused_linear`)."""
+def _pre_fused(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The input norm and the q/k/v projections as one Triton kernel (`fused_linear`): q (B, H, D), k, v
+    (B, Hkv, D), views of one output, not yet normed per head nor rotated (`_attend_rotating` does that)."""
     from ..ops.linear_triton import CONCAT, fused_linear
 
     attn, norm = layer.self_attn, layer.input_layernorm
     qkv = fused_linear(x[:, 0], [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], CONCAT,
                        (norm.weight, norm.eps))  # (B, (H + 2 Hkv) * D)
     hd = attn.cfg.num_key_value_heads * attn.cfg.head_dim
-    q, k, v = qkv[:, None].split([qkv.shape[1] - 2 * hd, hd, hd], -1)  # (B, 1, H*D | Hkv*D)
-    return rotate(attn, q, k, v, cos, sin)
-
-
-def _rotate(attn: MSAAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-            sin: torch.Tensor):
-    """q (B, 1, H*D), k, v (B, 1, Hkv*D) -> per head, q and k normed (qk_norm) and rotated."""
+    q, k, v = qkv.split([qkv.shape[1] - 2 * hd, hd, hd], -1)  # (B, H*D | Hkv*D)
     D = attn.cfg.head_dim
-    q, k, v = q.unflatten(-1, (-1, D)), k.unflatten(-1, (-1, D)), v.unflatten(-1, (-1, D))  # (B, 1, heads, D)
-    if attn.cfg.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return q.unflatten(-1, (-1, D)), k.unflatten(-1, (-1, D)), v.unflatten(-1, (-1, D))  # (B, heads, D)
 
 
 def _post_fused(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """`_post_attention` in three Triton kernels: o_proj + residual, norm + gate/up + SiLU, down_proj + residual."""
+    """`_post_attention` in three Triton kernels: o_proj + residual, norm + gate/up + SiLU, down_proj + residual.
+    o: (B, [1,] H, D)."""
     from ..ops.linear_triton import GLU, RESIDUAL, fused_linear
 
     mlp, norm = layer.mlp, layer.post_attention_layernorm
@@ -162,7 +154,7 @@ def _head_fused(model: MSAForCausalLM, x: torch.Tensor) -> torch.Tensor:
     return fused_linear(x[:, 0], [model.lm_head.weight], CONCAT, (norm.weight, norm.eps))
 
 
-def _attend(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+def _attend(layer, lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, step: torch.Tensor,
             offset: int) -> torch.Tensor:
     """Write k, v (B, 1, Hkv, D) into cache column step + offset, mark it valid, attend q (B, 1, H, D) over the
     valid columns: (B, 1, H, D). Op by op; `_attend_fused` is the same in one Triton kernel."""
@@ -173,11 +165,23 @@ def _attend(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return sdpa(q, lc.k, lc.v, mask=lc.valid[:, None, :])
 
 
-def _attend_fused(lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
-                  offset: int) -> torch.Tensor:
+def _attend_fused(layer, lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope,
+                  step: torch.Tensor, offset: int) -> torch.Tensor:
+    """`_attend` as one Triton kernel."""
     from ..ops.decode_attention_triton import decode_attention
 
     return decode_attention(q[:, 0], k[:, 0], v[:, 0], lc.k, lc.v, lc.valid, step, offset)[:, None]
+
+
+def _attend_rotating(layer, lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope,
+                     step: torch.Tensor, offset: int) -> torch.Tensor:
+    """`_attend_fused` for the raw q (B, H, D), k, v (B, Hkv, D) of `_pre_fused`: the kernel also norms q and k
+    per head (qk_norm) and rotates them (rope = (cos, sin)). Returns (B, H, D)."""
+    from ..ops.decode_attention_triton import decode_attention
+
+    attn = layer.self_attn
+    norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.cfg.qk_norm else None
+    return decode_attention(q, k, v, lc.k, lc.v, lc.valid, step, offset, rope=rope, qk_norm=norm)
 
 
 @dataclass
@@ -214,27 +218,21 @@ def fused_attention(step: DecodeStep, model: MSAForCausalLM) -> DecodeStep:
     return dataclasses.replace(step, attend=_attend_fused)
 
 
-def fused_linears(step: DecodeStep, model: MSAForCausalLM, batch: int, compile: bool) -> DecodeStep:
-    """`step` with the norms, projections, gate and residual adds as Triton kernels (`ops/linear_triton.py`)
-    where Triton runs (`linear_triton.runs_on`), the model has no biases and the batch is one row (at batch 8 cuBLAS reads
-    the weights faster than these kernels: H100, 2026-11-27). `compile`: the q/k norm and RoPE between the
-    kernels by torch.compile."""
+def fused_linears(step: DecodeStep, model: MSAForCausalLM, batch: int) -> DecodeStep:
+    """The decode step as Triton kernels around the weight reads (`ops/linear_triton.py`): norm + q/k/v; q/k norm,
+    RoPE, cache write and attention (`_attend_rotating`); o_proj + residual; norm + gate/up + SiLU; down_proj +
+    residual; norm + LM head. Where Triton runs (`linear_triton.runs_on`), the model has no biases, the attention
+    kernel takes its shapes and the batch is one row (at batch 8 cuBLAS reads the weights faster than these
+    kernels: H100, 2026-11-27); else `step` unchanged."""
     cfg = model.config
     if not has_triton() or batch != 1 or cfg.attention_bias or cfg.mlp_bias:
         return step
+    from ..ops.decode_attention_triton import supported
     from ..ops.linear_triton import runs_on
 
-    if not runs_on(model.device):
+    if not runs_on(model.device) or not supported(cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads):
         return step
-    rotate = compiled_rotate() if compile else _rotate
-    return dataclasses.replace(step, pre=functools.partial(_pre_fused, rotate=rotate), post=_post_fused,
-                               head=_head_fused)
-
-
-@functools.cache
-def compiled_rotate() -> Callable:
-    """`_rotate` compiled once per process."""
-    return torch.compile(_rotate, dynamic=False)
+    return DecodeStep(_pre_fused, _attend_rotating, _post_fused, _head_fused)
 
 
 def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: DecodeStep | None = None) -> torch.Tensor:
@@ -248,7 +246,8 @@ def decode(model: MSAForCausalLM, ids: torch.Tensor, cache: KVCache, step: Decod
     for i, layer in enumerate(model.model.layers):
         lc = cache.layers[i]
         q, k, v = step.pre(layer, x, cos, sin)  # (B, 1, H|Hkv, D)
-        o = step.attend(lc, q, k, v, cache.step, lc.start + cache.active)  # this token's column: step + offset
+        # this token's column: step + offset
+        o = step.attend(layer, lc, q, k, v, (cos, sin), cache.step, lc.start + cache.active)
         x = step.post(layer, x, o)  # attention out o (B, 1, H, D)
     cache.step += 1
     cache.positions += 1
@@ -260,8 +259,8 @@ class GraphedDecode:
     """`decode` captured in a CUDA graph for one cache: the first call runs a real step (warming up on a side
     stream) and captures the step; later calls copy the ids in and replay it (no per-op launch cost).
     `compile`: the layers' elementwise work fused by torch.compile (`compiled_step`) inside the graph; `fused`:
-    each layer's cache write and attention as one Triton kernel (`fused_attention`), and at batch 1 the norms,
-    projections, gate and residual adds as four Triton kernels a layer (`fused_linears`). Both on by default unless
+    each layer's cache write and attention as one Triton kernel (`fused_attention`), and at batch 1 the whole
+    layer as five Triton kernels (`fused_linears`; then `compile` has nothing left to do). Both on by default unless
     the environment sets MEMSPARSE_COMPILE=0 / MEMSPARSE_FUSED_DECODE=0."""
 
     def __init__(self, model: MSAForCausalLM, cache: KVCache, compile: bool | None = None,
@@ -273,7 +272,7 @@ class GraphedDecode:
             fused = os.environ.get("MEMSPARSE_FUSED_DECODE", "1") != "0"
         self.step = compiled_step() if compile else DecodeStep()
         if fused:
-            self.step = fused_linears(fused_attention(self.step, model), model, cache.positions.shape[0], compile)
+            self.step = fused_linears(fused_attention(self.step, model), model, cache.positions.shape[0])
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

@@ -15,23 +15,54 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_triton import pdl as _pdl
+
 BLOCK_L = 128  # cache columns per iteration (H100, 400 columns: 14 us a call, 16 with 64)
 
 
 @triton.jit
-def _decode_attention(q, kn, vn, K, V, valid, step, out, offset, L, scale,
+def _rotated(ptr, row, d, nw, cs, sn, eps, mask, NORM: tl.constexpr, D: tl.constexpr):
+    """Rows at ptr + row * D + d, RMS-normed over D (weight nw) when NORM, then rotated by RoPE (cos cs, sin sn, (D,)):
+    x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]. float32 (rows, D)."""
+    half: tl.constexpr = D // 2
+    dp = (d + half) % D  # the partner column rotate_half takes
+    x = tl.load(ptr + row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(ptr + row[:, None] + dp[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        inv = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        x = x * inv * tl.load(nw + d).to(tl.float32)[None, :]
+        xp = xp * inv * tl.load(nw + dp).to(tl.float32)[None, :]
+    sign = tl.where(d < half, -1.0, 1.0)
+    return x * cs[None, :] + sign[None, :] * xp * sn[None, :]
+
+
+@triton.jit
+def _decode_attention(q, kn, vn, K, V, valid, step, out, offset, L, scale, sq, sk, sv, qw, kw, cos, sin, eps,
                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                      BLOCK: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, ROPE: tl.constexpr,
+                      QK_NORM: tl.constexpr, GDC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     G: tl.constexpr = H // HKV
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     real = g < G
+    if GDC:  # q, k, v come from the kernel before (PDL); the next one may start loading its weights now
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     col = tl.load(step) + offset
-    qs = tl.load(q + (b * H + h * G + g)[:, None] * D + d[None, :], mask=real[:, None], other=0.0)  # (GP, D)
-    k_new = tl.load(kn + (b * HKV + h) * D + d).to(tl.float32)  # (D,)
-    v_new = tl.load(vn + (b * HKV + h) * D + d).to(tl.float32)
+    if ROPE:
+        cs = tl.load(cos + b * D + d).to(tl.float32)
+        sn = tl.load(sin + b * D + d).to(tl.float32)
+        qs = _rotated(q, b * sq + (h * G + g) * D, d, qw, cs, sn, eps, real[:, None], QK_NORM, D)
+        qs = qs.to(q.dtype.element_ty)  # (GP, D)
+        k_new = tl.sum(_rotated(kn, b * sk + h * D + tl.zeros((1,), tl.int64), d, kw, cs, sn, eps, d[None, :] < D,
+                                QK_NORM, D), 0)  # (D,)
+    else:
+        qs = tl.load(q + (b * sq + (h * G + g) * D)[:, None] + d[None, :], mask=real[:, None], other=0.0)  # (GP, D)
+        k_new = tl.load(kn + b * sk + h * D + d).to(tl.float32)  # (D,)
+    k_new = k_new.to(K.dtype.element_ty).to(tl.float32)  # as stored in the cache
+    v_new = tl.load(vn + b * sv + h * D + d).to(tl.float32)
     m = tl.full((GP,), float("-inf"), tl.float32)
     den = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
@@ -72,9 +103,13 @@ def supported(head_dim: int, heads: int, kv_heads: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-                     valid: torch.Tensor, step: torch.Tensor, offset: int) -> torch.Tensor:
-    """q (B, H, D), k, v (B, Hkv, D) of the new token; K, V (B, L, Hkv, D) and valid (B, L) bool the layer's cache,
-    written in place at column `step + offset` (step (1,) long on the device). Returns the attention output
+                     valid: torch.Tensor, step: torch.Tensor, offset: int,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """q (B, H, D), k, v (B, Hkv, D) of the new token (each row contiguous, rows may be strided: views of one
+    q/k/v projection); K, V (B, L, Hkv, D) and valid (B, L) bool the layer's cache, written in place at column
+    `step + offset` (step (1,) long on the device). With `rope` = (cos, sin) (B, D), q and k are first rotated, and
+    with `qk_norm` = (q weight, k weight, eps) (D,) RMS-normed per head before that. Returns the attention output
     (B, H, D) over the valid columns and the new one."""
     B, H, D = q.shape
     L, Hkv = K.shape[1], K.shape[2]
@@ -82,11 +117,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch
         raise ValueError(f"decode_attention: head_dim {D} with {H} / {Hkv} heads is not supported")
     if not (K.is_contiguous() and V.is_contiguous() and valid.is_contiguous()):
         raise ValueError("decode_attention needs contiguous caches")
-    out = torch.empty_like(q)
+    if any(t.stride(2) != 1 or t.stride(1) != D for t in (q, k, v)):
+        raise ValueError("decode_attention needs q, k, v with contiguous heads")
+    if qk_norm is not None and rope is None:
+        raise ValueError("decode_attention: qk_norm is applied with rope only")
+    out = q.new_empty(B, H, D)
+    cos, sin = (t.reshape(B, D).contiguous() for t in rope) if rope is not None else (q, q)
+    qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
+    pdl = _pdl(q.device)
     _decode_attention[(B, Hkv)](
-        q.contiguous(), k.contiguous(), v.contiguous(), K, V, valid.view(torch.uint8), step, out, offset, L,
-        D ** -0.5, H=H, HKV=Hkv, D=D, GP=max(16, triton.next_power_of_2(H // Hkv)), BLOCK=BLOCK_L,
-        NB=triton.next_power_of_2(triton.cdiv(L, BLOCK_L)),
+        q, k, v, K, V, valid.view(torch.uint8), step, out, offset, L, D ** -0.5, q.stride(0), k.stride(0),
+        v.stride(0), qw, kw, cos, sin, float(eps), H=H, HKV=Hkv, D=D, GP=max(16, triton.next_power_of_2(H // Hkv)),
+        BLOCK=BLOCK_L, NB=triton.next_power_of_2(triton.cdiv(L, BLOCK_L)),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 caches: no TF32 rounding
+        ROPE=rope is not None, QK_NORM=qk_norm is not None, GDC=pdl, launch_pdl=pdl,
     )
     return out

@@ -113,7 +113,7 @@ def _linear_kernel(x, nw, w0, w1, w2, r, out, B, N0, N1, N2, eps, K: tl.constexp
 
 
 @functools.cache
-def _pdl(device: torch.device) -> bool:
+def pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (Hopper and later): a kernel starts loading its weights while the one before
     it finishes, and waits for it only before reading x."""
     return device.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
@@ -149,14 +149,15 @@ def fused_linear(x: torch.Tensor, weights: list[torch.Tensor], mode: int = CONCA
     w = weights + [weights[0]] * (3 - len(weights))
     nw, eps = norm if norm is not None else (x, 0.0)
     r = residual.contiguous() if residual is not None else x
-    pdl = _pdl(x.device)
+    use_pdl = pdl(x.device)
 
     def grid(meta):
         bn = meta["BLOCK_N"]
         return (sum(triton.cdiv(m, bn) for m in n),)
 
     _linear_kernel[grid](x, nw, w[0], w[1], w[2], r, out, B, n[0], n[1], n[2], float(eps), K=K,
-                         NORM=norm is not None, MODE=mode, BP=triton.next_power_of_2(B), GDC=pdl, launch_pdl=pdl)
+                         NORM=norm is not None, MODE=mode, BP=triton.next_power_of_2(B), GDC=use_pdl,
+                         launch_pdl=use_pdl)
     return out
 
 
