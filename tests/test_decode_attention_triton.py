@@ -27,8 +27,8 @@ def _case(B, H, Hkv, D, L, dtype, seed):
     return [t.to(DEVICE) for t in (q, k, v, K, V, valid)]
 
 
-@pytest.mark.parametrize("B,H,Hkv,D,L", [(2, 6, 2, 16, 150), (1, 9, 3, 32, 64), (3, 4, 4, 16, 20)],
-                         ids=["gqa3-blocks", "gqa3-oneblock", "mha-short"])
+@pytest.mark.parametrize("B,H,Hkv,D,L", [(2, 6, 2, 16, 150), (1, 9, 3, 32, 64), (3, 4, 4, 16, 20), (1, 4, 2, 16, 700)],
+                         ids=["gqa3-two-splits", "gqa3-oneblock", "mha-short", "eight-splits-two-empty"])
 def test_kernel_matches_the_op_by_op_step(B, H, Hkv, D, L):
     dtype = torch.float32
     q, k, v, K, V, valid = _case(B, H, Hkv, D, L, dtype, seed=L)

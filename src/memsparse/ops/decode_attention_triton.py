@@ -3,10 +3,13 @@ column, mark it valid, and attend over the valid columns, for every query head o
 
 The reference is the op-by-op path in model/cached.py (`index_copy_` of k and v, `index_fill_` of the validity,
 PyTorch SDPA under the validity mask): five or more kernels per layer, which at batch 1 cost more than their
-work. Each program takes one (row, key head): its G query heads (padded to 16 rows for the tensor-core product)
-run an online softmax over blocks of cache columns; the new token's own column comes from registers (never read
-back from the cache it is written to), then k and v are stored. The column is `step + offset`, read from the
-device (`offset` per layer), so a CUDA graph replays the kernel for every step. Inference only (no backward).
+work. Each program takes one (row, key head) and a split of the cache columns (up to MAX_SPLITS: at batch 1
+there would be only Hkv programs): its G query heads (padded to 16 rows for the tensor-core product) run an
+online softmax over blocks of columns; split 0 takes the new token's own column from registers (never read back
+from the cache it is written to), then stores k and v. Splits leave their partial softmax in a scratch buffer and
+the last to finish (an atomic count) merges them. The column is `step + offset`, read from the device (`offset`
+per layer), so a CUDA graph replays the kernel for every step. Optionally the kernel first norms q and k per head
+and rotates them (RoPE), taking them straight from the q/k/v projection. Inference only (no backward).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import triton.language as tl
 from .linear_triton import pdl as _pdl
 
 BLOCK_L = 128  # cache columns per iteration (H100, 400 columns: 14 us a call, 16 with 64)
+MAX_SPLITS = 8  # programs a (row, key head) spreads its cache columns over (at batch 1 only 8 programs otherwise)
 
 
 @triton.jit
@@ -38,11 +42,13 @@ def _rotated(ptr, row, d, nw, cs, sn, eps, mask, NORM: tl.constexpr, D: tl.const
 
 @triton.jit
 def _decode_attention(q, kn, vn, K, V, valid, step, out, offset, L, scale, sq, sk, sv, qw, kw, cos, sin, eps,
+                      part_m, part_den, part_acc, counter,
                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                      BLOCK: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, ROPE: tl.constexpr,
-                      QK_NORM: tl.constexpr, GDC: tl.constexpr):
+                      BLOCK: tl.constexpr, S: tl.constexpr, NBS: tl.constexpr, PREC: tl.constexpr,
+                      ROPE: tl.constexpr, QK_NORM: tl.constexpr, GDC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    sp = tl.program_id(2)
     G: tl.constexpr = H // HKV
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
@@ -66,8 +72,8 @@ def _decode_attention(q, kn, vn, K, V, valid, step, out, offset, L, scale, sq, s
     m = tl.full((GP,), float("-inf"), tl.float32)
     den = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
-    for blk in range(NB):  # NB: blocks covering L, rounded up to a power of two (few compiled variants)
-        cols = blk * BLOCK + tl.arange(0, BLOCK)
+    for i in range(NBS):  # this split's blocks of columns
+        cols = (sp * NBS + i) * BLOCK + tl.arange(0, BLOCK)
         ok = (cols < L) & (cols != col)
         ok = ok & (tl.load(valid + b * L + cols, mask=ok, other=0) != 0)
         rows = (b * L + cols)[:, None] * (HKV * D) + h * D + d[None, :]  # (BLOCK, D) offsets of this head
@@ -82,19 +88,55 @@ def _decode_attention(q, kn, vn, K, V, valid, step, out, offset, L, scale, sq, s
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         den = den * alpha + tl.sum(p, 1)
         m = m_new
-    s_new = tl.sum(qs.to(tl.float32) * k_new[None, :], 1) * scale  # (GP,) the new token's own column
-    m_new = tl.maximum(m, s_new)
-    alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
-    p_new = tl.exp(s_new - m_new)
-    acc = acc * alpha[:, None] + p_new[:, None] * v_new[None, :]
-    den = den * alpha + p_new
-    o = acc / den[:, None]
-    tl.store(out + (b * H + h * G + g)[:, None] * D + d[None, :], o.to(out.dtype.element_ty), mask=real[:, None])
-    at = (b * L + col) * (HKV * D) + h * D + d
-    tl.store(K + at, k_new.to(K.dtype.element_ty))
-    tl.store(V + at, v_new.to(V.dtype.element_ty))
-    if h == 0:
-        tl.store(valid + b * L + col, 1)
+    if sp == 0:  # the new token's own column, from registers; then it is written to the cache
+        s_new = tl.sum(qs.to(tl.float32) * k_new[None, :], 1) * scale  # (GP,)
+        m_new = tl.maximum(m, s_new)
+        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+        p_new = tl.exp(s_new - m_new)
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new[None, :]
+        den = den * alpha + p_new
+        m = m_new
+        at = (b * L + col) * (HKV * D) + h * D + d
+        tl.store(K + at, k_new.to(K.dtype.element_ty))
+        tl.store(V + at, v_new.to(V.dtype.element_ty))
+        if h == 0:
+            tl.store(valid + b * L + col, 1)
+    out_rows = (b * H + h * G + g)[:, None] * D + d[None, :]
+    if S == 1:
+        tl.store(out + out_rows, (acc / den[:, None]).to(out.dtype.element_ty), mask=real[:, None])
+    else:  # splits leave (max, denominator, sum) behind; the last one of a (row, key head) to finish merges them
+        pair = b * HKV + h
+        part = (pair * S + sp) * GP + g  # (GP,)
+        tl.store(part_m + part, m)
+        tl.store(part_den + part, den)
+        tl.store(part_acc + part[:, None] * D + d[None, :], acc)
+        tl.debug_barrier()  # every thread's partials written before the count says so
+        if tl.atomic_add(counter + pair, 1, sem="acq_rel") == S - 1:
+            parts = (pair * S + tl.arange(0, S))[:, None] * GP + g[None, :]  # (S, GP)
+            ms = tl.load(part_m + parts, cache_modifier=".cg")
+            top = tl.max(ms, 0)  # (GP,) finite: split 0 holds the new column
+            wgt = tl.exp(ms - top[None, :])  # (S, GP)
+            total = tl.sum(wgt * tl.load(part_den + parts, cache_modifier=".cg"), 0)
+            o = tl.zeros((GP, D), tl.float32)
+            for j in range(S):
+                wj = tl.sum(tl.where(tl.arange(0, S)[:, None] == j, wgt, 0.0), 0)  # (GP,) weight of split j
+                aj = tl.load(part_acc + ((pair * S + j) * GP + g)[:, None] * D + d[None, :], cache_modifier=".cg")
+                o += wj[:, None] * aj
+            tl.store(out + out_rows, (o / total[:, None]).to(out.dtype.element_ty), mask=real[:, None])
+            tl.atomic_xchg(counter + pair, 0)  # ready for the next call (graph replays included)
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n counts of finished splits (one per row and key head), zero between calls (the merging program resets
+    its count); one buffer per device and size, never freed (CUDA graphs replay the calls that captured it).
+    Calls on one device must not run concurrently on several streams."""
+    key = (device, n)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def supported(head_dim: int, heads: int, kv_heads: int) -> bool:
@@ -125,10 +167,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch
     cos, sin = (t.reshape(B, D).contiguous() for t in rope) if rope is not None else (q, q)
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     pdl = _pdl(q.device)
-    _decode_attention[(B, Hkv)](
+    GP = max(16, triton.next_power_of_2(H // Hkv))
+    blocks = triton.cdiv(L, BLOCK_L)
+    S = min(MAX_SPLITS, triton.next_power_of_2(blocks))
+    part_m = part_den = part_acc = counter = out  # unused with one split
+    if S > 1:
+        part_m, part_den = (q.new_empty(B * Hkv * S * GP, dtype=torch.float32) for _ in range(2))
+        part_acc = q.new_empty(B * Hkv * S * GP * D, dtype=torch.float32)
+        counter = _counters(q.device, B * Hkv)
+    _decode_attention[(B, Hkv, S)](
         q, k, v, K, V, valid.view(torch.uint8), step, out, offset, L, D ** -0.5, q.stride(0), k.stride(0),
-        v.stride(0), qw, kw, cos, sin, float(eps), H=H, HKV=Hkv, D=D, GP=max(16, triton.next_power_of_2(H // Hkv)),
-        BLOCK=BLOCK_L, NB=triton.next_power_of_2(triton.cdiv(L, BLOCK_L)),
+        v.stride(0), qw, kw, cos, sin, float(eps), part_m, part_den, part_acc, counter, H=H, HKV=Hkv, D=D, GP=GP,
+        BLOCK=BLOCK_L, S=S, NBS=triton.cdiv(blocks, S),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 caches: no TF32 rounding
         ROPE=rope is not None, QK_NORM=qk_norm is not None, GDC=pdl, launch_pdl=pdl,
     )
