@@ -1,13 +1,14 @@
 """Where the decode step's time goes (Qwen3-4B geometry, random weights, 1M-token random bank, batch 1).
 
-Steady-state ms/token of the CUDA-graph step (`GraphedDecode`, as `memsparse bench speed` measures it) against the
-weight-read floor, and kernels per step (one eager step under the profiler), for these variants:
+Steady-state ms/token of the CUDA-graph step (`GraphedDecode`) against the weight-read floor, and kernels per step
+(one eager step under the profiler), for these variants:
   eager      the layers' halves around attention run op by op inside the graph
   compiled   the halves compiled by torch.compile
-  attention  compiled, and each layer's cache write + attention as one Triton kernel (the library's default)
-  fused      attention, and q/k/v and gate/up each one matrix (`fuse_projections`: the weights concatenated, the
-             original modules rebound to views of them, so no weight is stored twice)
-`fused` is an experiment kept here, not in the library: it is checked against the unfused step before timing.
+  attention  compiled, and each layer's cache write + attention as one Triton kernel (the default at batch > 1)
+  triton     the whole layer as five Triton kernels (`cached.fused_linears`: norm + q/k/v; q/k norm + RoPE + cache
+             write + attention; o_proj + residual; norm + gate/up + SiLU; down_proj + residual) and the LM head as
+             one (the default at batch 1)
+Each variant's logits over the measured steps are checked against the eager step's.
 
 Usage (GPU): PYTHONPATH=src python benchmarks/decode_step.py [OUT.json]
 """
@@ -16,55 +17,24 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import torch
-import torch.nn.functional as F
 from common import RESULTS
 
 from memsparse.engine.prefill import prefill_batch
 from memsparse.eval.meta import run_meta
 from memsparse.eval.speed import QWEN3_4B, Settings, decode_bytes, questions, random_bank, random_model, read_rate
 from memsparse.model import cached
-from memsparse.ops.rope import apply_rope
 
 
-def _fused_project(self, h, cos, sin):
-    D = self.cfg.head_dim
-    q, k, v = F.linear(h, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, -1)
-    q, k, v = (t.unflatten(-1, (-1, D)) for t in (q, k, v))  # (..., H|Hkv, D)
-    if self.cfg.qk_norm:
-        q, k = self.q_norm(q), self.k_norm(k)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _fused_mlp(self, x):
-    gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
-    return self.down_proj(F.silu(gate) * up)
-
-
-def _concat(mods):
-    """One (sum of outputs, in) weight (and bias) for several linears; each module's weight becomes a view."""
-    w = torch.cat([m.weight.data for m in mods])
-    b = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
-    at = 0
-    for m in mods:
-        n = m.out_features
-        m.weight.data = w[at:at + n]
-        if b is not None:
-            m.bias.data = b[at:at + n]
-        at += n
-    return w, b
-
-
-def fuse_projections(model) -> None:
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        a.qkv_weight, a.qkv_bias = _concat([a.q_proj, a.k_proj, a.v_proj])
-        a.qkv_sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
-        a.project = types.MethodType(_fused_project, a)
-        m.gate_up_weight, m.gate_up_bias = _concat([m.gate_proj, m.up_proj])
-        m.forward = types.MethodType(_fused_mlp, m)
+def _variant(name: str, model) -> cached.DecodeStep:
+    if name == "eager":
+        return cached.DecodeStep()
+    step = cached.compiled_step()
+    if name == "compiled":
+        return step
+    step = cached.fused_attention(step, model)
+    return step if name == "attention" else cached.fused_linears(step, model, batch=1)
 
 
 def _prefill(bank, s: Settings):
@@ -73,28 +43,30 @@ def _prefill(bank, s: Settings):
     return res.logits.argmax(-1), res.cache
 
 
-def _step_ms(bank, s: Settings, compile: bool, fused: bool) -> float:
-    """Median ms of graph replays of one step (after the capture)."""
+def _step_ms(bank, s: Settings, step: cached.DecodeStep) -> tuple[float, torch.Tensor]:
+    """Median ms of graph replays of one step (after the capture), and the logits of the first four steps (the
+    same token fed at every step, so that variants compare without following their own argmax)."""
     ids, cache = _prefill(bank, s)
-    step = cached.GraphedDecode(bank.model, cache, compile=compile, fused=fused)
-    ids = step(ids).argmax(-1)
+    graphed = cached.GraphedDecode(bank.model, cache)
+    graphed.step = step
+    logits = [graphed(ids).float()]
     times = []
     for _ in range(s.new_tokens):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        ids = step(ids).argmax(-1)
+        out = graphed(ids)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return round(sorted(times)[len(times) // 2], 3)
+        if len(logits) < 4:
+            logits.append(out.float())
+    return round(sorted(times)[len(times) // 2], 3), torch.stack(logits)
 
 
-def _kernels(bank, s: Settings, compile: bool, fused: bool) -> int:
+def _kernels(bank, s: Settings, step: cached.DecodeStep) -> int:
     """CUDA kernels one eager decode step launches."""
     ids, cache = _prefill(bank, s)
-    step = cached.compiled_step() if compile else cached.DecodeStep()
-    step = cached.fused_attention(step, bank.model) if fused else step
-    cached.decode(bank.model, ids, cache, step)  # warm-up (compiles)
+    cached.decode(bank.model, ids, cache, step)  # warm-up (compiles, autotunes)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         cached.decode(bank.model, ids, cache, step)
         torch.cuda.synchronize()
@@ -108,22 +80,16 @@ def main(out) -> None:
     bank = random_bank(model, 1 << 20, s, "model", "model", "device")
     rate = read_rate(dev)
     floor = decode_bytes(model, bank, s, 1) / rate * 1e3
-    ids, cache = _prefill(bank, s)
-    ref = cached.decode(model, ids, cache, cached.DecodeStep())
-    rows = []
-    for name in ("eager", "compiled", "attention", "fused"):
-        if name == "fused":
-            fuse_projections(model)
-            torch._dynamo.reset()
-            cached.compiled_step.cache_clear()
-            ids, cache = _prefill(bank, s)
-            got = cached.decode(model, ids, cache, cached.DecodeStep())
-            err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
-            assert err < 2e-2, f"fused projections change the logits (relative error {err})"
-        compile, fused = name != "eager", name in ("attention", "fused")
-        ms = _step_ms(bank, s, compile, fused)
+    rows, ref = [], None
+    for name in ("eager", "compiled", "attention", "triton"):
+        step = _variant(name, model)
+        ms, logits = _step_ms(bank, s, step)
+        ref = logits if ref is None else ref
+        err = float((logits - ref).abs().max() / ref.abs().max())
+        assert err < 2e-2, f"{name}: logits differ from the eager step's (relative error {err})"
         rows.append({"variant": name, "decode_ms_per_token": ms, "floor_ms": round(floor, 3),
-                     "ratio": round(ms / floor, 2), "kernels_per_step": _kernels(bank, s, compile, fused)})
+                     "ratio": round(ms / floor, 2), "kernels_per_step": _kernels(bank, s, step),
+                     "logits_rel_err": round(err, 5)})
         print(json.dumps(rows[-1]), flush=True)
     res = {**run_meta(), "model": "qwen3-4b geometry (random weights)", "memory_tokens": 1 << 20,
            "read_gbps": round(rate / 1e9, 1), "points": rows}
