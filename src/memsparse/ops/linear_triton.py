@@ -26,7 +26,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=1)] if _INTERPRET else [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for n, k, w in [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (2, 1024, 2), (4, 512, 2), (8, 1024, 8), (16, 512, 8),
-                    (2, 256, 4), (4, 128, 4), (2, 128, 2)]
+                    (2, 256, 4), (4, 128, 4), (2, 128, 2), (2, 2048, 4), (1, 2048, 2), (4, 2048, 8), (1, 1024, 1)]
     for s in (1, 3)
 ]
 
@@ -75,10 +75,10 @@ def _linear_kernel(x, nw, w0, w1, w2, r, out, B, N0, N1, N2, eps, K: tl.constexp
     ss = tl.zeros((BP, BLOCK_K), tl.float32)
     # weight tiles are loaded one step ahead; the first before waiting on the kernel that writes x (PDL)
     wmask = rmask[:, None] & (ks < K)[None, :]
-    wt = tl.load(w + w_rows + ks[None, :], mask=wmask, other=0.0)  # (BLOCK_N, BLOCK_K)
+    wt = tl.load(w + w_rows + ks[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K)
     wt1 = wt
     if MODE == 1:  # GLU: the up rows beside the gate rows
-        wt1 = tl.load(w1 + w_rows + ks[None, :], mask=wmask, other=0.0)
+        wt1 = tl.load(w1 + w_rows + ks[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
     if GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -91,11 +91,11 @@ def _linear_kernel(x, nw, w0, w1, w2, r, out, B, N0, N1, N2, eps, K: tl.constexp
             ss += xt * xt
             xt = xt * tl.load(nw + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
         nmask = rmask[:, None] & (kk + BLOCK_K < K)[None, :]
-        wn = tl.load(w + w_rows + (kk + BLOCK_K)[None, :], mask=nmask, other=0.0)
+        wn = tl.load(w + w_rows + (kk + BLOCK_K)[None, :], mask=nmask, other=0.0, eviction_policy="evict_first")
         acc += xt[:, None, :] * wt.to(tl.float32)[None, :, :]
         wt = wn
         if MODE == 1:
-            wn1 = tl.load(w1 + w_rows + (kk + BLOCK_K)[None, :], mask=nmask, other=0.0)
+            wn1 = tl.load(w1 + w_rows + (kk + BLOCK_K)[None, :], mask=nmask, other=0.0, eviction_policy="evict_first")
             acc1 += xt[:, None, :] * wt1.to(tl.float32)[None, :, :]
             wt1 = wn1
     y = tl.sum(acc, 2)  # (BP, BLOCK_N)
