@@ -53,12 +53,15 @@ class Settings:
 
 
 def read_rate(device: torch.device) -> float:
-    """Bytes/s the device reads: best of several sums over a 2 GiB (CPU: 128 MiB) bf16 tensor (the floors'
-    denominator)."""
+    """Bytes/s the device reads (the floors' denominator): the best of 10 timed sums over a 2 GiB (CPU: 128 MiB)
+    bf16 tensor, after 5 untimed ones (two runs on one H100 measured 2840 and 2962 GB/s without them; a low rate
+    flatters every floor ratio)."""
     n = 2**30 if device.type == "cuda" else 2**26
     x = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    for _ in range(5):
+        x.sum(dtype=torch.float32)
     best = math.inf
-    for _ in range(6):
+    for _ in range(10):
         sync(device)
         t0 = time.perf_counter()
         x.sum(dtype=torch.float32)
