@@ -1,4 +1,4 @@
-"""Where the decode step's time goes (Qwen3-4B geometry, random weights, 1M-token random bank, batch 1).
+"""Where the decode step's time goes (Qwen3-4B or SmolLM2 geometry, random weights, 1M-token random bank, batch 1).
 
 Steady-state ms/token of the CUDA-graph step (`GraphedDecode`) against the weight-read floor, and kernels per step
 (one eager step under the profiler), for these variants:
@@ -10,7 +10,7 @@ Steady-state ms/token of the CUDA-graph step (`GraphedDecode`) against the weigh
              one (the default at batch 1)
 Each variant's logits over the measured steps are checked against the eager step's.
 
-Usage (GPU): PYTHONPATH=src python benchmarks/decode_step.py [OUT.json]
+Usage (GPU): PYTHONPATH=src python benchmarks/decode_step.py [OUT.json] [qwen3-4b|smollm2]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import sys
 
 import torch
-from common import RESULTS
+from common import RESULTS, SMOLLM2
 
 from memsparse.engine.prefill import prefill_batch
 from memsparse.eval.meta import run_meta
@@ -73,25 +73,25 @@ def _kernels(bank, s: Settings, step: cached.DecodeStep) -> int:
     return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def main(out) -> None:
+def main(out, name: str = "qwen3-4b") -> None:
     dev = torch.device("cuda")
     s = Settings()
-    model = random_model(QWEN3_4B, dev, torch.bfloat16)
+    model = random_model({"qwen3-4b": QWEN3_4B, "smollm2": SMOLLM2}[name], dev, torch.bfloat16)
     bank = random_bank(model, 1 << 20, s, "model", "model", "device")
     rate = read_rate(dev)
     floor = decode_bytes(model, bank, s, 1) / rate * 1e3
     rows, ref = [], None
-    for name in ("eager", "compiled", "attention", "triton"):
-        step = _variant(name, model)
+    for variant in ("eager", "compiled", "attention", "triton"):
+        step = _variant(variant, model)
         ms, logits = _step_ms(bank, s, step)
         ref = logits if ref is None else ref
         err = float((logits - ref).abs().max() / ref.abs().max())
-        assert err < 2e-2, f"{name}: logits differ from the eager step's (relative error {err})"
-        rows.append({"variant": name, "decode_ms_per_token": ms, "floor_ms": round(floor, 3),
+        assert err < 2e-2, f"{variant}: logits differ from the eager step's (relative error {err})"
+        rows.append({"variant": variant, "decode_ms_per_token": ms, "floor_ms": round(floor, 3),
                      "ratio": round(ms / floor, 2), "kernels_per_step": _kernels(bank, s, step),
                      "logits_rel_err": round(err, 5)})
         print(json.dumps(rows[-1]), flush=True)
-    res = {**run_meta(), "model": "qwen3-4b geometry (random weights)", "memory_tokens": 1 << 20,
+    res = {**run_meta(), "model": f"{name} geometry (random weights)", "memory_tokens": 1 << 20,
            "read_gbps": round(rate / 1e9, 1), "points": rows}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"{'variant':<9} {'ms/token':>8} {'floor':>6} {'ratio':>5} {'kernels':>7}")
@@ -101,4 +101,5 @@ def main(out) -> None:
 
 
 if __name__ == "__main__":
-    main(__import__("pathlib").Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "decode_step.json")
+    main(__import__("pathlib").Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "decode_step.json",
+         *sys.argv[2:3])
