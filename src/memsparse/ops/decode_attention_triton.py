@@ -26,8 +26,9 @@ MAX_SPLITS = 8  # programs a (row, key head) spreads its cache columns over (at 
 
 @triton.jit
 def _rotated(ptr, row, d, nw, cs, sn, eps, mask, NORM: tl.constexpr, D: tl.constexpr):
-    """Rows at ptr + row * D + d, RMS-normed over D (weight nw) when NORM, then rotated by RoPE (cos cs, sin sn, (D,)):
-    x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]. float32 (rows, D)."""
+    """Head vectors starting at element offsets `row` (rows,) from ptr, RMS-normed over D (weight nw) when NORM, then
+    rotated by RoPE (cos cs, sin sn, (D,)): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]. float32
+    (rows, D)."""
     half: tl.constexpr = D // 2
     dp = (d + half) % D  # the partner column rotate_half takes
     x = tl.load(ptr + row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
