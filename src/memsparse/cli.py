@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   memsparse docs delete ./notes.bank 3 17
   memsparse docs list ./notes.bank
   memsparse info ./notes.bank
+  memsparse serve ./notes.bank --port 8080
+  curl -s localhost:8080/ask -d '{"question": "Who wrote the design memo?", "max_new_tokens": 64}'
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval qa --samples 1000 --systems memsparse,rag1,rag5,rag10,full
@@ -218,6 +220,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     }
     for k, v in info.items():
         print(f"{k:>28}: {v}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .engine import MSAEngine
+    from .serve import make_server
+
+    bank = _open_bank(args)
+    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
+    server = make_server(engine, args.host, args.port, max_doc_bytes=int(args.max_doc_mb * (1 << 20)))
+    host, port = server.server_address[:2]
+    print(f"serving {args.bank} ({bank.num_docs} documents) on http://{host}:{port} "
+          "(GET /health /info; POST /ask /route /docs/add /docs/delete); Ctrl-C stops", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -446,6 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-doc-mb", type=float, default=1.0)
     d.add_argument("--limit", type=int, default=None, help="list: at most this many")
     d.set_defaults(func=cmd_docs)
+
+    s = sub.add_parser("serve", help="answer questions from a bank over HTTP (JSON API)", epilog=EXAMPLES,
+                       formatter_class=fmt)
+    s.add_argument("bank")
+    _model_args(s, "the model the bank was encoded with")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
+                   help="routing score: as in training (default) or as the official engine")
+    s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents in /docs/add")
+    s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the shipped MSA-SmolLM2 answering questions from a memory (CPU, minutes)",
                        epilog=EXAMPLES, formatter_class=fmt)

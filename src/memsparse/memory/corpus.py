@@ -40,7 +40,7 @@ def _decode(raw: bytes, where: str, line: int = 1, offset: int = 0) -> str:
         ) from None
 
 
-def _check(text: str, where: str, max_doc_bytes: int, size: int | None = None) -> None:
+def check_document(text: str, where: str, max_doc_bytes: int, size: int | None = None) -> None:
     """Reject an empty (whitespace-only) document or one over `max_doc_bytes` UTF-8 bytes."""
     if not text.strip():
         raise CorpusError(f"{where}: document is empty")
@@ -86,7 +86,7 @@ def _read_dir(root: Path, max_doc_bytes: int) -> list[Document]:
             raw = raw[len(_BOM) :]
         text = _decode(raw, str(p))
         text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-        _check(text, str(p), max_doc_bytes, size=len(text.encode("utf-8")))
+        check_document(text, str(p), max_doc_bytes, size=len(text.encode("utf-8")))
         docs.append(Document(text=text, name=rel))
     return docs
 
@@ -117,7 +117,7 @@ def _read_jsonl(path: Path, max_doc_bytes: int) -> list[Document]:
             if name in seen:
                 raise CorpusError(f'{where}: duplicate "id" {name!r} (first used on line {seen[name]})')
             seen[name] = n
-        _check(text, where, max_doc_bytes)
+        check_document(text, where, max_doc_bytes)
         docs.append(Document(text=text, name=name))
     return docs
 
@@ -127,7 +127,7 @@ def _read_lines(path: Path, max_doc_bytes: int) -> list[Document]:
     for n, start, raw in _lines(path):
         text = _decode(raw, str(path), n, start)
         if text.strip():
-            _check(text, f"{path} line {n}", max_doc_bytes, size=len(raw))
+            check_document(text, f"{path} line {n}", max_doc_bytes, size=len(raw))
             docs.append(Document(text=text, name=f"{path.name}:{n}"))
     return docs
 

@@ -1,0 +1,216 @@
+"""`memsparse serve`: one MSA engine and its memory bank behind a small JSON API (standard library only).
+
+    GET  /health          {"status": "ok"}
+    GET  /info            the bank: documents, tokens, chunks, dtypes, router layers, model
+    POST /route           {"question": str} -> {"routing": {layer: [[doc id, score], ...]}} (best first)
+    POST /ask             {"question": str | [str], "max_new_tokens": 256, "interleave": "model" | "router" | "off",
+                           "temperature": 0.0, "top_p": 1.0, "seed": null, "stop": [str], "inject_k": 2,
+                           "router_rounds": 1} -> the answer object (a list of them for a list of questions)
+    POST /docs/add        {"texts": [str], "names": [str]} -> {"ids": [...]}
+    POST /docs/delete     {"ids": [int]} -> {"deleted": n}
+
+Document changes are committed to the bank's directory (atomically, as `memsparse docs`) when it has one. Bad
+requests get status 400 and {"error": "..."} and change nothing; unknown paths 404, bodies over MAX_BODY 413,
+failures of the server itself 500 (it keeps serving). Requests reach the
+engine one at a time (a lock): the GPU decode graphs and the bank are not shared between threads. Text in
+questions and documents is plain text: special tokens and protocol strings in it never act as such.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from ..engine.engine import MSAEngine
+from ..memory.corpus import CorpusError, check_document
+
+log = logging.getLogger("memsparse.serve")
+MAX_BODY = 64 << 20  # bytes of one request body
+INTERLEAVE = {"model": True, "router": "router", "off": False, True: True, False: False}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses (status 400)."""
+
+
+def _field(body: dict, name: str, kind: type | tuple, default=None, required: bool = False):
+    """body[name] checked to be of `kind` (booleans are not numbers); `default` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"missing field {name!r}")
+        return default
+    if kind in (int, float, (int, float)) and isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BadRequest(f"field {name!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _strings(value, name: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"field {name!r} must be a non-empty list of strings")
+    return value
+
+
+class Service:
+    """The API's operations over one engine, serialised by a lock; each takes and returns JSON-ready values."""
+
+    def __init__(self, engine: MSAEngine, max_doc_bytes: int = 1 << 20):
+        self.engine, self.bank = engine, engine.bank
+        self.max_doc_bytes = max_doc_bytes
+        self.lock = threading.Lock()
+
+    def info(self, body: dict | None = None) -> dict:
+        bank, model = self.bank, self.bank.model
+        docs = bank.doc_ids()
+        return {"documents": len(docs), "tokens": sum(bank.token_count(d) for d in docs), "chunks": bank.num_chunks,
+                "routing keys": bank.key_dtype, "document keys/values": bank.content_dtype, "tier": bank.tier,
+                "router layers": list(model.router_layers), "top_k": model.msa_config.engine_top_k,
+                "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+                "directory": str(bank.path) if bank.path else None}
+
+    def route(self, body: dict) -> dict:
+        _only(body, {"question"})
+        question = _field(body, "question", str, required=True)
+        with self.lock:
+            routing = self.engine.route(question)
+        return {"routing": {str(layer): [[d, s] for d, s in picked] for layer, picked in routing.items()}}
+
+    def ask(self, body: dict) -> dict | list:
+        _only(body, {"question", "max_new_tokens", "interleave", "temperature", "top_p", "seed", "stop", "inject_k",
+                     "router_rounds"})
+        question = _field(body, "question", (str, list), required=True)
+        if isinstance(question, list):
+            _strings(question, "question")
+        interleave = body.get("interleave", "model")
+        if not (isinstance(interleave, bool) or interleave in ("model", "router", "off")):
+            raise BadRequest(f"field 'interleave' must be 'model', 'router', 'off' or a boolean, got {interleave!r}")
+        kw = {"max_new_tokens": _field(body, "max_new_tokens", int, 256),
+              "temperature": float(_field(body, "temperature", (int, float), 0.0)),
+              "top_p": float(_field(body, "top_p", (int, float), 1.0)),
+              "seed": _field(body, "seed", int), "inject_k": _field(body, "inject_k", int, 2),
+              "router_rounds": _field(body, "router_rounds", int, 1)}
+        if "stop" in body:
+            kw["stop"] = _strings(body["stop"], "stop")
+        if not 1 <= kw["max_new_tokens"] <= 8192:
+            raise BadRequest(f"field 'max_new_tokens' must be in 1..8192, got {kw['max_new_tokens']}")
+        with self.lock:
+            ans = self.engine.ask(question, interleave=INTERLEAVE[interleave], **kw)
+        return [a.to_dict() for a in ans] if isinstance(ans, list) else ans.to_dict()
+
+    def add(self, body: dict) -> dict:
+        _only(body, {"texts", "names"})
+        texts = _strings(_field(body, "texts", list, required=True), "texts")
+        names = body.get("names")
+        if names is not None and (len(_strings(names, "names")) != len(texts)):
+            raise BadRequest(f"field 'names' has {len(names)} entries for {len(texts)} texts")
+        for n, text in enumerate(texts):
+            try:
+                check_document(text, f"texts[{n}]", self.max_doc_bytes)
+            except CorpusError as e:
+                raise BadRequest(str(e)) from None
+        with self.lock:
+            ids = self.bank.add(texts, names=names)
+            self._commit()
+        return {"ids": ids}
+
+    def delete(self, body: dict) -> dict:
+        _only(body, {"ids"})
+        ids = _field(body, "ids", list, required=True)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise BadRequest("field 'ids' must be a non-empty list of integers")
+        with self.lock:
+            missing = [i for i in ids if i not in self.bank]
+            if missing:
+                raise BadRequest(f"no documents {missing} in the bank")
+            self.bank.delete(ids)
+            self._commit()
+        return {"deleted": len(ids)}
+
+    def _commit(self) -> None:
+        if self.bank.path is not None:
+            self.bank.save()
+
+
+def _only(body: dict, allowed: set[str]) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise BadRequest(f"unknown field(s) {extra}; expected some of {sorted(allowed)}")
+
+
+ROUTES = {("GET", "/health"): lambda s, b: {"status": "ok"}, ("GET", "/info"): Service.info,
+          ("POST", "/route"): Service.route, ("POST", "/ask"): Service.ask, ("POST", "/docs/add"): Service.add,
+          ("POST", "/docs/delete"): Service.delete}
+
+
+class Handler(BaseHTTPRequestHandler):
+    service: Service  # set by make_server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def _handle(self, method: str) -> None:
+        op = ROUTES.get((method, self.path.split("?")[0]))
+        if op is None:
+            known = [p for m, p in ROUTES if m == method]
+            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no {method} {self.path}; try {known}"})
+        try:
+            body = self._body() if method == "POST" else None
+            return self._reply(HTTPStatus.OK, op(self.service, body))
+        except BadRequest as e:
+            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except _TooLarge as e:
+            return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": str(e)})
+        except (ValueError, KeyError) as e:  # refused by the engine or the bank: the request's fault
+            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e).strip("'\"")})
+        except Exception as e:  # noqa: BLE001  (the server keeps serving; the client learns what happened)
+            log.exception("request %s %s failed", method, self.path)
+            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+
+    def _body(self) -> dict:
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise BadRequest("a POST needs a Content-Length header") from None
+        if n > MAX_BODY:
+            self.close_connection = True  # the body is not read
+            raise _TooLarge(f"request body of {n} bytes is over the {MAX_BODY} byte limit")
+        raw = self.rfile.read(n)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"request body is not UTF-8: {e}") from None
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def _reply(self, status: HTTPStatus, payload) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
+        log.info("%s %s", self.address_string(), format % args)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def make_server(engine: MSAEngine, host: str = "127.0.0.1", port: int = 8080,
+                max_doc_bytes: int = 1 << 20) -> ThreadingHTTPServer:
+    """A threaded HTTP server over `engine` (not yet serving: call `serve_forever()`; port 0 picks a free one)."""
+    handler = type("BoundHandler", (Handler,), {"service": Service(engine, max_doc_bytes)})
+    return ThreadingHTTPServer((host, port), handler)
