@@ -6,8 +6,11 @@ Qwen3-4B geometry) at well under the card's read rate and every norm, gate and r
 Here one kernel does q/k/v (three matrices, one output), one the gated MLP input (gate and up rows read side by
 side, silu(gate) * up stored), one each the output projections with the residual added. The RMSNorm of the input
 is folded in: the weights meet x * norm_weight and each output is scaled by 1 / rms(x), with the sum of squares
-gathered from the same x tiles the product reads (no extra pass). The reference is the op-by-op PyTorch
-(`reference`); results differ by bf16 rounding only (float32 accumulation and epilogue here). Inference only.
+gathered from the same x tiles the product reads (no extra pass). Weight tiles are streamed (evict-first) one
+tile ahead, the first before the kernel waits for the one that writes its input (programmatic dependent launch
+on Hopper), so weight reads run on across kernel boundaries. Built for one row (the decode step uses it at batch
+1; up to MAX_BATCH rows work, but there cuBLAS is faster). The reference is the op-by-op PyTorch (`reference`);
+results differ by bf16 rounding only (float32 accumulation and epilogue here). Inference only.
 """
 
 from __future__ import annotations
