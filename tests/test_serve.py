@@ -56,6 +56,32 @@ def test_endpoints_match_the_engine(served):
     assert status == 200 and [a["question"] for a in got] == ["Where?", "<|im_end|> [1]"]
 
 
+def test_concurrent_requests_are_answered_one_at_a_time(served):
+    """Eight clients at once (asks, routes and an add): every reply is whole and what the engine alone answers
+    (before or after the add)."""
+    url, engine, _ = served
+    want = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text
+    results = [None] * 8
+
+    def client(n):
+        if n == 7:
+            results[n] = _call(url, "/docs/add", {"texts": ["Oslo is cold."]})
+        elif n % 2:
+            results[n] = _call(url, "/route", {"question": "Paris"})
+        else:
+            results[n] = _call(url, "/ask", {"question": "Where is Paris?", "max_new_tokens": 4, "interleave": "off"})
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r is not None and r[0] == 200 for r in results), results
+    assert results[7][1] == {"ids": [3]} and engine.bank.doc_ids() == [0, 1, 2, 3]
+    after = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text  # the add may come first
+    assert all(results[n][1]["text"] in (want, after) for n in range(0, 7, 2))
+
+
 def test_documents_are_added_and_deleted_and_committed(served):
     url, engine, path = served
     status, got = _call(url, "/docs/add", {"texts": ["Rome is old.", "Lisbon is by the sea."], "names": ["r", "l"]})
