@@ -157,7 +157,8 @@ def _head_fused(model: MSAForCausalLM, x: torch.Tensor) -> torch.Tensor:
 def _attend(layer, lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, step: torch.Tensor,
             offset: int) -> torch.Tensor:
     """Write k, v (B, 1, Hkv, D) into cache column step + offset, mark it valid, attend q (B, 1, H, D) over the
-    valid columns: (B, 1, H, D). Op by op; `_attend_fused` is the same in one Triton kernel."""
+    valid columns: (B, 1, H, D). Op by op; `_attend_fused` is the same in one Triton kernel. `layer` and `rope`
+    ((cos, sin) of the step) are for `_attend_rotating`; every `attend` takes them."""
     col = step + offset  # (1,)
     lc.k.index_copy_(1, col, k)
     lc.v.index_copy_(1, col, v)
@@ -188,8 +189,8 @@ def _attend_rotating(layer, lc: LayerCache, q: torch.Tensor, k: torch.Tensor, v:
 class DecodeStep:
     """A decoder layer's decode step in three parts: the half before attention, the cache write + attention, the
     half after; and the LM head after the last layer. Eager by default; `compiled_step` compiles the halves,
-    `fused_attention` makes the middle one Triton kernel, `fused_linears` the halves and the head Triton kernels
-    around the weight reads."""
+    `fused_attention` makes the middle one Triton kernel, `fused_linears` makes all four Triton kernels (then `pre`
+    leaves q and k unrotated and `attend` rotates them)."""
 
     pre: Callable = _pre_attention
     attend: Callable = _attend
@@ -207,10 +208,9 @@ def compiled_step() -> DecodeStep:
 
 def fused_attention(step: DecodeStep, model: MSAForCausalLM) -> DecodeStep:
     """`step` with the cache write and attention as one Triton kernel, where Triton runs and the shapes allow."""
-    try:
-        from ..ops.decode_attention_triton import supported
-    except ImportError:  # no Triton: the op-by-op step
+    if not has_triton():  # the op-by-op step
         return step
+    from ..ops.decode_attention_triton import supported
 
     cfg = model.config
     if not supported(cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads):
