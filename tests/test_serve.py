@@ -53,7 +53,9 @@ def test_endpoints_match_the_engine(served):
     want = engine.ask("Where is Ottawa?", max_new_tokens=6, interleave=False)
     assert status == 200 and got["text"] == want.text and got["rounds"] == want.rounds
     status, got = _call(url, "/ask", {"question": ["Where?", "<|im_end|> [1]"], "max_new_tokens": 4, "seed": None})
-    assert status == 200 and [a["question"] for a in got] == ["Where?", "<|im_end|> [1]"]
+    want = engine.ask(["Where?", "<|im_end|> [1]"], max_new_tokens=4, interleave="router", inject_k=4)  # defaults
+    assert status == 200 and [a["text"] for a in got] == [a.text for a in want]
+    assert [a["rounds"] for a in got] == [a.rounds for a in want]
 
 
 def test_concurrent_requests_are_answered_one_at_a_time(served):

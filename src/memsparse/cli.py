@@ -223,12 +223,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
     from .engine import MSAEngine
     from .serve import make_server
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request on stderr
     bank = _open_bank(args)
     engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
-    server = make_server(engine, args.host, args.port, max_doc_bytes=int(args.max_doc_mb * (1 << 20)))
+    server = make_server(engine, args.host, args.port, max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
+                         interleave=args.interleave, inject_k=args.inject_k)
     host, port = server.server_address[:2]
     print(f"serving {args.bank} ({bank.num_docs} documents) on http://{host}:{port} "
           "(GET /health /info; POST /ask /route /docs/add /docs/delete); Ctrl-C stops", file=sys.stderr)
@@ -476,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
                    help="routing score: as in training (default) or as the official engine")
     s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents in /docs/add")
+    _interleave_args(s)  # /ask's defaults
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the shipped MSA-SmolLM2 answering questions from a memory (CPU, minutes)",

@@ -4,8 +4,9 @@
     GET  /info            the bank: documents, tokens, chunks, dtypes, router layers, model
     POST /route           {"question": str} -> {"routing": {layer: [[doc id, score], ...]}} (best first)
     POST /ask             {"question": str | [str], "max_new_tokens": 256, "interleave": "model" | "router" | "off",
-                           "temperature": 0.0, "top_p": 1.0, "seed": null, "stop": [str], "inject_k": 2,
-                           "router_rounds": 1} -> the answer object (a list of them for a list of questions)
+                           "temperature": 0.0, "top_p": 1.0, "seed": null, "stop": [str], "inject_k": 4,
+                           "router_rounds": 1} -> the answer object (a list of them for a list of questions);
+                          interleave and inject_k default to the server's settings (as `memsparse ask`: router, 4)
     POST /docs/add        {"texts": [str], "names": [str]} -> {"ids": [...]}
     POST /docs/delete     {"ids": [int]} -> {"deleted": n}
 
@@ -58,9 +59,11 @@ def _strings(value, name: str) -> list[str]:
 class Service:
     """The API's operations over one engine, serialised by a lock; each takes and returns JSON-ready values."""
 
-    def __init__(self, engine: MSAEngine, max_doc_bytes: int = 1 << 20):
+    def __init__(self, engine: MSAEngine, max_doc_bytes: int = 1 << 20, interleave: str = "router",
+                 inject_k: int = 4):
         self.engine, self.bank = engine, engine.bank
         self.max_doc_bytes = max_doc_bytes
+        self.interleave, self.inject_k = interleave, inject_k
         self.lock = threading.Lock()
 
     def info(self, body: dict | None = None) -> dict:
@@ -85,13 +88,13 @@ class Service:
         question = _field(body, "question", (str, list), required=True)
         if isinstance(question, list):
             _strings(question, "question")
-        interleave = body.get("interleave", "model")
+        interleave = body.get("interleave", self.interleave)
         if not (isinstance(interleave, bool) or interleave in ("model", "router", "off")):
             raise BadRequest(f"field 'interleave' must be 'model', 'router', 'off' or a boolean, got {interleave!r}")
         kw = {"max_new_tokens": _field(body, "max_new_tokens", int, 256),
               "temperature": float(_field(body, "temperature", (int, float), 0.0)),
               "top_p": float(_field(body, "top_p", (int, float), 1.0)),
-              "seed": _field(body, "seed", int), "inject_k": _field(body, "inject_k", int, 2),
+              "seed": _field(body, "seed", int), "inject_k": _field(body, "inject_k", int, self.inject_k),
               "router_rounds": _field(body, "router_rounds", int, 1)}
         if "stop" in body:
             kw["stop"] = _strings(body["stop"], "stop")
@@ -209,8 +212,9 @@ class _TooLarge(Exception):
     pass
 
 
-def make_server(engine: MSAEngine, host: str = "127.0.0.1", port: int = 8080,
-                max_doc_bytes: int = 1 << 20) -> ThreadingHTTPServer:
-    """A threaded HTTP server over `engine` (not yet serving: call `serve_forever()`; port 0 picks a free one)."""
-    handler = type("BoundHandler", (Handler,), {"service": Service(engine, max_doc_bytes)})
+def make_server(engine: MSAEngine, host: str = "127.0.0.1", port: int = 8080, max_doc_bytes: int = 1 << 20,
+                interleave: str = "router", inject_k: int = 4) -> ThreadingHTTPServer:
+    """A threaded HTTP server over `engine` (not yet serving: call `serve_forever()`; port 0 picks a free one).
+    `interleave` and `inject_k`: what /ask does when a request does not say."""
+    handler = type("BoundHandler", (Handler,), {"service": Service(engine, max_doc_bytes, interleave, inject_k)})
     return ThreadingHTTPServer((host, port), handler)
