@@ -84,6 +84,18 @@ def test_concurrent_requests_are_answered_one_at_a_time(served):
     assert all(results[n][1]["text"] in (want, after) for n in range(0, 7, 2))
 
 
+def test_documents_are_listed(served):
+    url, _, _ = served
+    status, got = _call(url, "/docs?offset=1&limit=1")
+    assert status == 200 and got["total"] == 3 and [d["id"] for d in got["documents"]] == [1]
+    assert got["documents"][0]["text"] == DOCS[1] and got["documents"][0]["tokens"] > 0
+    assert _call(url, "/docs?id=2")[1]["text"] == DOCS[2]
+    assert "no document 9" in _call(url, "/docs?id=9")[1]["error"]
+    assert "non-negative integer" in _call(url, "/docs?limit=-1")[1]["error"]
+    assert "more than once" in _call(url, "/docs?limit=1&limit=2")[1]["error"]
+    assert "unknown field(s) ['page']" in _call(url, "/docs?page=2")[1]["error"]
+
+
 def test_documents_are_added_and_deleted_and_committed(served):
     url, engine, path = served
     status, got = _call(url, "/docs/add", {"texts": ["Rome is old.", "Lisbon is by the sea."], "names": ["r", "l"]})

@@ -235,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          interleave=args.interleave, inject_k=args.inject_k)
     host, port = server.server_address[:2]
     print(f"serving {args.bank} ({bank.num_docs} documents) on http://{host}:{port} "
-          "(GET /health /info; POST /ask /route /docs/add /docs/delete); Ctrl-C stops", file=sys.stderr)
+          "(GET /health /info /docs; POST /ask /route /docs/add /docs/delete); Ctrl-C stops", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,6 +2,8 @@
 
     GET  /health          {"status": "ok"}
     GET  /info            the bank: documents, tokens, chunks, dtypes, router layers, model
+    GET  /docs?offset=0&limit=100   documents in insertion order: [{"id", "name", "tokens", "text"}] (text cut to
+                          200 characters; ?id=N: that one document, whole)
     POST /route           {"question": str} -> {"routing": {layer: [[doc id, score], ...]}} (best first)
     POST /ask             {"question": str | [str], "max_new_tokens": 256, "interleave": "model" | "router" | "off",
                            "temperature": 0.0, "top_p": 1.0, "seed": null, "stop": [str], "inject_k": 4,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -66,7 +69,7 @@ class Service:
         self.interleave, self.inject_k = interleave, inject_k
         self.lock = threading.Lock()
 
-    def info(self, body: dict | None = None) -> dict:
+    def info(self, query: dict) -> dict:
         bank, model = self.bank, self.bank.model
         docs = bank.doc_ids()
         return {"documents": len(docs), "tokens": sum(bank.token_count(d) for d in docs), "chunks": bank.num_chunks,
@@ -74,6 +77,19 @@ class Service:
                 "router layers": list(model.router_layers), "top_k": model.msa_config.engine_top_k,
                 "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
                 "directory": str(bank.path) if bank.path else None}
+
+    def docs(self, query: dict) -> dict:
+        _only(query, {"offset", "limit", "id"})
+        if "id" in query:
+            d = _int_param(query, "id", 0)
+            if d not in self.bank:
+                raise BadRequest(f"no document {d} in the bank")
+            return {"id": d, "name": self.bank.name(d), "tokens": self.bank.token_count(d), "text": self.bank.text(d)}
+        offset, limit = _int_param(query, "offset", 0), _int_param(query, "limit", 100)
+        ids = self.bank.doc_ids()
+        rows = [{"id": d, "name": self.bank.name(d), "tokens": self.bank.token_count(d),
+                 "text": (self.bank.text(d) or "")[:200]} for d in ids[offset:offset + limit]]
+        return {"total": len(ids), "offset": offset, "documents": rows}
 
     def route(self, body: dict) -> dict:
         _only(body, {"question"})
@@ -138,15 +154,23 @@ class Service:
             self.bank.save()
 
 
+def _int_param(query: dict, name: str, default: int) -> int:
+    """A non-negative integer query parameter."""
+    value = query.get(name, str(default))
+    if not value.isdigit():
+        raise BadRequest(f"query parameter {name!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _only(body: dict, allowed: set[str]) -> None:
     extra = sorted(set(body) - allowed)
     if extra:
         raise BadRequest(f"unknown field(s) {extra}; expected some of {sorted(allowed)}")
 
 
-ROUTES = {("GET", "/health"): lambda s, b: {"status": "ok"}, ("GET", "/info"): Service.info,
-          ("POST", "/route"): Service.route, ("POST", "/ask"): Service.ask, ("POST", "/docs/add"): Service.add,
-          ("POST", "/docs/delete"): Service.delete}
+ROUTES = {("GET", "/health"): lambda s, q: {"status": "ok"}, ("GET", "/info"): Service.info,
+          ("GET", "/docs"): Service.docs, ("POST", "/route"): Service.route, ("POST", "/ask"): Service.ask,
+          ("POST", "/docs/add"): Service.add, ("POST", "/docs/delete"): Service.delete}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -160,12 +184,13 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("POST")
 
     def _handle(self, method: str) -> None:
-        op = ROUTES.get((method, self.path.split("?")[0]))
+        path, _, query = self.path.partition("?")
+        op = ROUTES.get((method, path))
         if op is None:
             known = [p for m, p in ROUTES if m == method]
             return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no {method} {self.path}; try {known}"})
         try:
-            body = self._body() if method == "POST" else None
+            body = self._body() if method == "POST" else self._query(query)
             return self._reply(HTTPStatus.OK, op(self.service, body))
         except BadRequest as e:
             return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
@@ -176,6 +201,15 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001  (the server keeps serving; the client learns what happened)
             log.exception("request %s %s failed", method, self.path)
             return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
+
+    @staticmethod
+    def _query(query: str) -> dict:
+        """The query string's parameters (each given once)."""
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        twice = sorted(k for k, v in params.items() if len(v) > 1)
+        if twice:
+            raise BadRequest(f"query parameter(s) {twice} given more than once")
+        return {k: v[0] for k, v in params.items()}
 
     def _body(self) -> dict:
         try:
