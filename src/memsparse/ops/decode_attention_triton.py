@@ -160,7 +160,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch
         raise ValueError(f"decode_attention: head_dim {D} with {H} / {Hkv} heads is not supported")
     if not (K.is_contiguous() and V.is_contiguous() and valid.is_contiguous()):
         raise ValueError("decode_attention needs contiguous caches")
-    if any(t.stride(2) != 1 or t.stride(1) != D for t in (q, k, v)):
+    if any(t.stride(2) != 1 or (t.stride(1) != D and t.shape[1] > 1) for t in (q, k, v)):
         raise ValueError("decode_attention needs q, k, v with contiguous heads")
     if qk_norm is not None and rope is None:
         raise ValueError("decode_attention: qk_norm is applied with rope only")
