@@ -3,7 +3,9 @@
 Captures the input of one router layer (hidden states and layout) for RULER samples of one subtask, then trains
 only that layer's router_q_proj / router_k_proj with the InfoNCE aux loss (temperature 0.1) on 80% of them and
 reports the held-out gold document's rank after each epoch. A rank that stays near the middle says the features
-do not expose what routing needs (or not from this many samples). CPU is enough:
+do not expose what routing needs (or not from this many samples). `--pool max` pools the routing keys of a chunk
+by their elementwise maximum instead of the mean (an experiment: a chunk keeps its sharpest token features).
+CPU is enough:
 
     python benchmarks/router_probe.py --subtask niah_multikey_2 --memory 2048 --doc-tokens 128 --samples 200 --layer 29
 """
@@ -55,23 +57,30 @@ def capture(model, tok, attn, args) -> list:
     return data
 
 
-def doc_scores(attn, inputs) -> torch.Tensor:
+def chunk_max_pool(x: torch.Tensor, chunk_of_token: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Elementwise maximum of x (N, ...) over tokens sharing a chunk: (C, ...)."""
+    index = chunk_of_token.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+    return x.new_full((chunks, *x.shape[1:]), float("-inf")).scatter_reduce(0, index, x, "amax")
+
+
+def doc_scores(attn, inputs, pool: str = "mean") -> torch.Tensor:
     """The layer's document scores (M,) from its captured inputs, through the (trainable) router projections."""
     h, lay, cos, sin = inputs
     with torch.no_grad():
         q, k, _ = attn.project(h, cos, sin)  # (1, T, H|Hkv, D)
     qf, kf, hf = q.flatten(0, 1), k.flatten(0, 1), h.flatten(0, 1)
     keys = attn.router_keys(take(hf, lay.doc_token_flat), take(kf, lay.doc_token_flat))  # (Nd, Hkv, D)
-    pooled = chunk_mean_pool(keys, lay.chunk_of_token, lay.chunk_counts)  # (C, Hkv, D)
+    pooled = (chunk_mean_pool(keys, lay.chunk_of_token, lay.chunk_counts) if pool == "mean"
+              else chunk_max_pool(keys, lay.chunk_of_token, len(lay.chunk_counts)))  # (C, Hkv, D)
     queries = attn.router_queries(take(hf, lay.active_flat), take(qf, lay.active_flat))  # (1, A, H, D)
     return attn.score(queries, lay.route_mask, pooled, lay)[0]
 
 
-def gold_ranks(attn, part) -> list[int]:
+def gold_ranks(attn, part, pool: str) -> list[int]:
     out = []
     with torch.no_grad():
         for inputs, gold, n in part:
-            order = doc_scores(attn, inputs)[:n].argsort(descending=True).tolist()
+            order = doc_scores(attn, inputs, pool)[:n].argsort(descending=True).tolist()
             out.append(min(order.index(g) for g in gold))
     return out
 
@@ -85,6 +94,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, help="router layer (default: the first)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--pool", choices=["mean", "max"], default="mean", help="routing keys of a chunk: mean or max")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_shipped("cpu", "float32")
@@ -95,11 +105,11 @@ def main() -> None:
     train, test = data[: len(data) * 4 // 5], data[len(data) * 4 // 5:]
 
     def report(label: str) -> None:
-        r = gold_ranks(attn, test)
+        r = gold_ranks(attn, test, args.pool)
         print(f"{label}: held-out gold rank median {statistics.median(r)} of {data[0][2]} documents, "
               f"first {sum(x == 0 for x in r)}/{len(r)}", flush=True)
 
-    report(f"layer {layer}, before")
+    report(f"layer {layer}, {args.pool} pooling, before")
     params = [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]
     for p in model.parameters():
         p.requires_grad_(p in set(params))
@@ -108,7 +118,7 @@ def main() -> None:
         random.Random(epoch).shuffle(train)
         total = 0.0
         for inputs, gold, n in train:
-            s = doc_scores(attn, inputs)[:n] / 0.1
+            s = doc_scores(attn, inputs, args.pool)[:n] / 0.1
             loss = torch.logsumexp(s, 0) - torch.logsumexp(s[gold], 0)
             opt.zero_grad()
             loss.backward()
