@@ -34,6 +34,21 @@ def tiny_model(family: str = "qwen3", msa: dict | None = None, seed: int = 0, dt
     return model.to(dtype).eval()
 
 
+def greedy_decode(model, ids: torch.Tensor, step, n: int) -> torch.Tensor:
+    """Prefill `ids` (B, S; 0 = left padding) without memory, then `n` greedy decode steps with `step` (a
+    `cached.DecodeStep`): the logits of every step (n, B, V)."""
+    from memsparse.model import cached
+
+    valid = ids != 0
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    logits, kv = cached.prefill(model, ids, positions, valid, cached.no_memory, extra=n)
+    out = []
+    for _ in range(n):
+        logits = cached.decode(model, logits.argmax(-1), kv, step)
+        out.append(logits)
+    return torch.stack(out)
+
+
 def make_sample(doc_lengths, n_query=5, n_answer=4, prefix=3, vocab=97, gen=None):
     """One sample [template prefix; documents; routing query; answer] -> (input_ids, doc_ids) of shape (T,)."""
     gen = gen or torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from memsparse.model.decoder import RMSNorm  # noqa: E402
 from memsparse.ops.decode_attention_triton import decode_attention, supported  # noqa: E402
 from memsparse.ops.rope import apply_rope  # noqa: E402
 
-from .conftest import tiny_model  # noqa: E402
+from .conftest import greedy_decode, tiny_model  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -91,18 +91,10 @@ def test_decode_steps_with_the_fused_attention_match():
     """Prefill a padded batch, then decode with the op-by-op and the fused attention: same logits every step."""
     model = tiny_model("qwen3", head_dim=16).to(DEVICE)
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]], device=DEVICE)
-    valid = ids != 0
-    positions = (valid.cumsum(1) - 1).clamp(min=0)
-    runs = []
-    for step in (cached.DecodeStep(), cached.fused_attention(cached.DecodeStep(), model)):
-        logits, kv = cached.prefill(model, ids, positions, valid, cached.no_memory, extra=6)
-        out = []
-        for _ in range(6):
-            logits = cached.decode(model, logits.argmax(-1), kv, step)
-            out.append(logits)
-        runs.append(torch.stack(out))
-    assert runs[1].shape == (6, 2, 97)
-    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
+    ref = greedy_decode(model, ids, cached.DecodeStep(), 6)
+    got = greedy_decode(model, ids, cached.fused_attention(cached.DecodeStep(), model), 6)
+    assert got.shape == (6, 2, 97)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert cached.fused_attention(cached.DecodeStep(), tiny_model("qwen3")).attend is cached._attend  # head_dim 8
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("triton")  # on CPU, tests/conftest.py has set TRITON_INTERP
 from memsparse.model import cached  # noqa: E402
 from memsparse.ops.linear_triton import CONCAT, GLU, RESIDUAL, fused_linear, reference  # noqa: E402
 
-from .conftest import tiny_model  # noqa: E402
+from .conftest import greedy_decode, tiny_model  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -56,19 +56,10 @@ def test_decode_steps_with_fused_linears_match(family):
     Batch 2, biased models and head sizes the attention kernel does not take keep the step given."""
     model = tiny_model(family, head_dim=16).to(DEVICE)
     ids = torch.tensor([[5, 6, 7, 8]], device=DEVICE)
-    valid = ids != 0
-    positions = valid.cumsum(1) - 1
     fused = cached.fused_linears(cached.DecodeStep(), model, 1)
     assert fused.attend is cached._attend_rotating and fused.head is cached._head_fused
-    runs = []
-    for step in (cached.DecodeStep(), fused):
-        logits, kv = cached.prefill(model, ids, positions, valid, cached.no_memory, extra=5)
-        out = []
-        for _ in range(5):
-            logits = cached.decode(model, logits.argmax(-1), kv, step)
-            out.append(logits)
-        runs.append(torch.stack(out))
-    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
+    ref = greedy_decode(model, ids, cached.DecodeStep(), 5)
+    torch.testing.assert_close(greedy_decode(model, ids, fused, 5), ref, atol=1e-4, rtol=1e-4)
     assert cached.fused_linears(cached.DecodeStep(), model, 2) == cached.DecodeStep()
     for other in (tiny_model("qwen2", head_dim=16), tiny_model(family, head_dim=8)):  # q/k/v biases; head size
         assert cached.fused_linears(cached.DecodeStep(), other, 1) == cached.DecodeStep()

@@ -3,9 +3,21 @@ for the GPU paths (`*_triton.py`, imported where used: Triton is optional)."""
 
 import functools
 import importlib.util
+import os
+
+import torch
 
 
 @functools.cache
 def has_triton() -> bool:
     """Whether Triton is installed (looked up once: routing asks in every router layer)."""
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def pdl(device: torch.device) -> bool:
+    """Whether Triton kernels on `device` use programmatic dependent launch (Hopper and later, not under the
+    interpreter): a kernel starts loading its weights while the one before it finishes, and waits for it only
+    before reading what it wrote."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" and not interpret and torch.cuda.get_device_capability(device)[0] >= 9

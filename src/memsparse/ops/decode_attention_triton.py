@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_triton import pdl as _pdl
+from . import pdl
 
 BLOCK_L = 128  # cache columns per iteration (H100, 400 columns: 14 us a call, 16 with 64)
 MAX_SPLITS = 8  # programs a (row, key head) spreads its cache columns over (at batch 1 only 8 programs otherwise)
@@ -167,7 +167,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch
     out = q.new_empty(B, H, D)
     cos, sin = (t.reshape(B, D).contiguous() for t in rope) if rope is not None else (q, q)
     qw, kw, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
-    pdl = _pdl(q.device)
+    use_pdl = pdl(q.device)
     GP = max(16, triton.next_power_of_2(H // Hkv))
     blocks = triton.cdiv(L, BLOCK_L)
     S = min(MAX_SPLITS, triton.next_power_of_2(blocks))
@@ -181,6 +181,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch
         v.stride(0), qw, kw, cos, sin, float(eps), part_m, part_den, part_acc, counter, H=H, HKV=Hkv, D=D, GP=GP,
         BLOCK=BLOCK_L, S=S, NBS=triton.cdiv(blocks, S),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 caches: no TF32 rounding
-        ROPE=rope is not None, QK_NORM=qk_norm is not None, GDC=pdl, launch_pdl=pdl,
+        ROPE=rope is not None, QK_NORM=qk_norm is not None, GDC=use_pdl, launch_pdl=use_pdl,
     )
     return out

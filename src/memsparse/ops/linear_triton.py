@@ -15,12 +15,13 @@ results differ by bf16 rounding only (float32 accumulation and epilogue here). I
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import pdl
 
 CONCAT, GLU, RESIDUAL = 0, 1, 2  # modes: outputs side by side; silu(W0 x) * (W1 x); r + W0 x
 MAX_BATCH = 8
@@ -113,13 +114,6 @@ def _linear_kernel(x, nw, w0, w1, w2, r, out, B, N0, N1, N2, eps, K: tl.constexp
     if MODE == 2:
         y += tl.load(r + bs[:, None] * N0 + rows[None, :], mask=omask, other=0.0).to(tl.float32)
     tl.store(out + bs[:, None] * n_out + col + rows[None, :], y.to(out.dtype.element_ty), mask=omask)
-
-
-@functools.cache
-def pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper and later): a kernel starts loading its weights while the one before
-    it finishes, and waits for it only before reading x."""
-    return device.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def runs_on(device: torch.device) -> bool:
