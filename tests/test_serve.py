@@ -132,6 +132,14 @@ def test_bad_requests_are_refused_and_change_nothing(served, path, body, status,
     assert engine.bank.doc_ids() == [0, 1, 2]
 
 
+def test_a_body_over_the_limit_is_refused_unread(served, monkeypatch):
+    from memsparse.serve import server
+
+    monkeypatch.setattr(server, "MAX_BODY", 16)
+    status, got = _call(served[0], "/ask", {"question": "a question longer than the limit"})
+    assert status == 413 and "over the 16 byte limit" in got["error"]
+
+
 def test_bodies_that_are_not_json_objects(served):
     url, _, _ = served
     assert _call(url, "/ask", raw=b"\xff\xfe")[0] == 400

@@ -40,6 +40,10 @@ class BadRequest(ValueError):
     """A request the server refuses (status 400)."""
 
 
+class _TooLarge(Exception):
+    """A request body over MAX_BODY (status 413)."""
+
+
 def _field(body: dict, name: str, kind: type | tuple, default=None, required: bool = False):
     """body[name] checked to be of `kind` (booleans are not numbers); `default` when absent or null."""
     value = body.get(name)
@@ -192,12 +196,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = self._body() if method == "POST" else self._query(query)
             return self._reply(HTTPStatus.OK, op(self.service, body))
-        except BadRequest as e:
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except _TooLarge as e:
             return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": str(e)})
-        except (ValueError, KeyError) as e:  # refused by the engine or the bank: the request's fault
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e).strip("'\"")})
+        except KeyError as e:  # an unknown document in the bank
+            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e.args[0])})
+        except ValueError as e:  # BadRequest, or refused by the engine or the bank: the request's fault
+            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except Exception as e:  # noqa: BLE001  (the server keeps serving; the client learns what happened)
             log.exception("request %s %s failed", method, self.path)
             return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
@@ -240,10 +244,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
         log.info("%s %s", self.address_string(), format % args)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def make_server(engine: MSAEngine, host: str = "127.0.0.1", port: int = 8080, max_doc_bytes: int = 1 << 20,
