@@ -56,7 +56,8 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     `max_new_tokens` are generated. Finished rows keep stepping with the batch; their tokens are dropped.
     On a GPU, unless `cuda_graph=False`, the decode step runs as a CUDA graph, and so does the whole prefill
     for short rows over a bank gathered on the device (`graphable`, `graphed_prefill`: captured once per shape,
-    then replayed)."""
+    then replayed); each step is enqueued before the host sees the token before it (one step past the end may
+    still run on return)."""
     sampling = sampling or Sampling()
     dev = bank.model.device
     gen = None
@@ -74,21 +75,39 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in rows]
     events: list[str | None] = [None] * len(rows)
-    logits, steps, first = res.logits, 0, 0.0
-    while max_new_tokens > 0:
-        nxt = sample(logits, sampling, gen)  # (B,)
-        for b, t in enumerate(nxt.tolist()):
-            if events[b] is None:
-                out[b].append(t)
-                events[b] = stop(b, out[b])
-        if all(e is not None for e in events) or len(max(out, key=len)) >= max_new_tokens:
-            break
-        logits = step(nxt)
+    logits, steps, first, n = res.logits, 0, 0.0, 0
+    # on a GPU the next step is enqueued before this token reaches the host, so the device never waits for the
+    # host's stop checks; a step after the last token is then wasted (and left running: nothing reads it)
+    ahead = dev.type == "cuda"
+    host = torch.empty(len(rows), dtype=torch.long, pin_memory=True) if ahead else None
+    ready = torch.cuda.Event() if ahead else None
+
+    def advance(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal steps, first
+        logits = step(ids)
         steps += 1
         if steps == 1:
             sync(dev)
             first = time.perf_counter() - t1
-    sync(dev)
+        return logits
+
+    while n < max_new_tokens:
+        nxt = sample(logits, sampling, gen)  # (B,)
+        n += 1
+        if ahead:
+            host.copy_(nxt, non_blocking=True)
+            ready.record()
+            if n < max_new_tokens:
+                logits = advance(nxt)
+            ready.synchronize()
+        for b, t in enumerate((host if ahead else nxt).tolist()):
+            if events[b] is None:
+                out[b].append(t)
+                events[b] = stop(b, out[b])
+        if all(e is not None for e in events):
+            break
+        if not ahead and n < max_new_tokens:
+            logits = advance(nxt)
     t2 = time.perf_counter()
     return Generation(
         tokens=out, events=[e or "length" for e in events], routing=res.memory.routing,

@@ -19,7 +19,7 @@ from ..memory.bank import MemoryBank
 from ..memory.quant import QTensor, dense
 from ..model import cached
 from ..ops import has_triton
-from ..ops.routing import chunk_scores, document_scores
+from ..ops.routing import chunk_scores, document_scores, ranked_documents
 
 SIMILARITIES = ("official", "train", "cosine", "dot")
 Routing = dict[int, list[tuple[int, float]]]  # router layer -> [(doc id, score)], best first
@@ -52,8 +52,13 @@ def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
 def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor,
                         cosine: bool) -> torch.Tensor:
     """(B, N) scores of every document in the bank's table for router queries rq (B, S, H, D) with routing
-    mask (B, S); deleted documents are -inf. Scored one segment (tile) at a time, by the fused Triton kernel
-    (ops/routing_triton.py; see `uses_fused`) or by the PyTorch path."""
+    mask (B, S); deleted documents are -inf."""
+    return _table_scores(bank, layer, rq, rmask, cosine).masked_fill(~bank.routing_view()["alive"], float("-inf"))
+
+
+def _table_scores(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """`document_scores_for` with deleted documents scored too. Scored one segment (tile) at a time, by the fused
+    Triton kernel (ops/routing_triton.py; see `uses_fused`) or by the PyTorch path."""
     msa, view = bank.model.msa_config, bank.routing_view()
     scale = msa.score_scale(bank.model.config.head_dim)
     N = len(view["ids"])
@@ -71,7 +76,7 @@ def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: t
                                        key_inv_norm=view["inv_norms"][layer][n] if cosine else None,
                                        split_fp8=data.dtype == torch.float8_e4m3fn and data.shape[-1] >= 32)
             start += keys.shape[0]
-        return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
+        return ds  # (B, N)
     parts = [
         chunk_scores(rq, rmask, dense(keys, rq.dtype),
                      torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
@@ -80,8 +85,7 @@ def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: t
         for keys in view["route_keys"][layer]
     ]
     cs = torch.cat(parts, 1)  # (B, C)
-    ds = document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), N, msa.chunk_reduce_method)
-    return ds.masked_fill(~view["alive"], float("-inf"))  # (B, N)
+    return document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), N, msa.chunk_reduce_method)  # (B, N)
 
 
 def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool,
@@ -126,18 +130,15 @@ def routing_round_seconds(memory: BankMemory) -> float | None:
 
 
 def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
-    ds = document_scores_for(bank, layer, rq, rmask, cosine)  # (B, N)
-    prior = bank.prior_scores(layer)
-    if prior is not None:  # documents that score high for every question lose that lead
-        ds = ds - prior
+    ds = _table_scores(bank, layer, rq, rmask, cosine)  # (B, N), deleted documents too
+    alive = bank.routing_view()["alive"]
+    prior = bank.prior_scores(layer)  # documents that score high for every question lose that lead
     k = min(k, ds.shape[1])
-    if uses_fused(bank, rq):  # one row of 100K documents: 26 us instead of torch.topk's 52 (H100)
+    if uses_fused(bank, rq):  # one launch for 100K documents, the deleted ones and the prior folded in
         from ..ops.topk_triton import topk
 
-        vals, top = topk(ds, k)  # (B, k')
-    else:
-        vals, top = ds.topk(k, dim=1)
-    return torch.stack([vals.double(), top.double()])  # (2, B, k'): one copy to the host
+        return topk(ds, k, alive, prior)  # (2, B, k'): one copy to the host
+    return ranked_documents(ds, k, alive, prior)
 
 
 class _RoutingGraph:

@@ -21,3 +21,16 @@ def pdl(device: torch.device) -> bool:
     before reading what it wrote."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     return device.type == "cuda" and not interpret and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_COUNTERS: dict[tuple[str, torch.device, int], torch.Tensor] = {}
+
+
+def counters(user: str, device: torch.device, n: int) -> torch.Tensor:
+    """n int32 counts for a kernel whose programs count themselves done (the last one merges the others' work and
+    resets its count to zero): one buffer per user, device and size, never freed (CUDA graphs replay the calls
+    that captured it). Calls of one user on one device must not run concurrently on several streams."""
+    key = (user, device, n)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTERS[key]

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import counters, pdl
 
 BLOCK_L = 128  # cache columns per iteration (H100, 400 columns: 14 us a call, 16 with 64)
 MAX_SPLITS = 8  # programs a (row, key head) spreads its cache columns over (at batch 1 only 8 programs otherwise)
@@ -127,19 +127,6 @@ def _decode_attention(q, kn, vn, K, V, valid, step, out, offset, L, scale, sq, s
             tl.atomic_xchg(counter + pair, 0)  # ready for the next call (graph replays included)
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n counts of finished splits (one per row and key head), zero between calls (the merging program resets
-    its count); one buffer per device and size, never freed (CUDA graphs replay the calls that captured it).
-    Calls on one device must not run concurrently on several streams."""
-    key = (device, n)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
 def supported(head_dim: int, heads: int, kv_heads: int) -> bool:
     """Shapes the kernel takes: a power-of-two head size of at least 16 and whole query groups."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and heads % kv_heads == 0
@@ -175,7 +162,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch
     if S > 1:
         part_m, part_den = (q.new_empty(B * Hkv * S * GP, dtype=torch.float32) for _ in range(2))
         part_acc = q.new_empty(B * Hkv * S * GP * D, dtype=torch.float32)
-        counter = _counters(q.device, B * Hkv)
+        counter = counters("decode_attention", q.device, B * Hkv)
     _decode_attention[(B, Hkv, S)](
         q, k, v, K, V, valid.view(torch.uint8), step, out, offset, L, D ** -0.5, q.stride(0), k.stride(0),
         v.stride(0), qw, kw, cos, sin, float(eps), part_m, part_den, part_acc, counter, H=H, HKV=Hkv, D=D, GP=GP,

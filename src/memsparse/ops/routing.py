@@ -81,6 +81,19 @@ def select_top_k(doc_scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(doc_scores, dtype=torch.bool).scatter(1, idx, torch.isfinite(vals))
 
 
+def ranked_documents(doc_scores: torch.Tensor, k: int, alive: torch.Tensor | None = None,
+                  prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(2, B, k) float64: the k best of each row of doc_scores (B, N) less `prior` (N,), with the documents where
+    `alive` (N,) is False at -inf, best first, and their positions (one tensor: one copy to the host). The
+    reference of `ops/topk_triton.py: topk`."""
+    if prior is not None:
+        doc_scores = doc_scores - prior
+    if alive is not None:
+        doc_scores = doc_scores.masked_fill(~alive, NEG_INF)
+    vals, idx = doc_scores.float().topk(k, dim=1)
+    return torch.stack([vals.double(), idx.double()])
+
+
 def routing_reference(
     q: torch.Tensor,
     keys: torch.Tensor,
