@@ -57,7 +57,7 @@ def main() -> None:
     # (keys, keys tensor, per-chunk scale, variant, rows name, rows, fp8 lo rows, row scale, inverse key norms)
     cases = []
     for kname, k, ks in [("bf16", keys, None), ("fp8", q8.data, q8.scale)]:
-        inv = inverse_norms(k)  # (C, Hkv) float32
+        inv = inverse_norms(k)  # (C, Hkv) float16 for fp8 keys
         for rdt in (torch.bfloat16, torch.float16):
             cases.append((kname, k, ks, "base", rdt, rows32.to(rdt), None, None, None))
         rdt = torch.float16 if kname == "fp8" else torch.bfloat16

@@ -39,7 +39,7 @@ def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_pt
                   R_TILES: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   INV_NORM: tl.constexpr, SPLIT: tl.constexpr):
     """q (R, HKV, D) rows (SPLIT: fp8 hi, with qlo fp8 lo and qs (R,) float32 row scale); k (C, HKV, D);
-    ks (C,) per-chunk key scale (HAS_SCALE); kn (C, HKV) float32 inverse key norms (INV_NORM, cosine only);
+    ks (C,) per-chunk key scale (HAS_SCALE); kn (C, HKV) float16/32 inverse key norms (INV_NORM, cosine only);
     row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima. C_BUCKET (the bit
     length of C) is only a tuning key: the best tile differs between 16K and 1.6M chunks."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -86,11 +86,16 @@ def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_pt
 
 
 def inverse_norms(keys: torch.Tensor, piece: int = 1 << 18) -> torch.Tensor:
-    """(C, Hkv) float32 1 / max(||k||, 1e-12) of routing keys (C, Hkv, D) as stored (fp8/int8: before the
-    per-chunk scale, which cancels under cosine), `piece` chunks at a time (no float32 copy of all keys)."""
-    inv = torch.empty(keys.shape[:2], dtype=torch.float32, device=keys.device)
+    """(C, Hkv) 1 / ||k|| of routing keys (C, Hkv, D) as stored (fp8/int8: before the per-chunk scale, which
+    cancels under cosine), `piece` chunks at a time (no float32 copy of all keys). float16 for one-byte keys
+    (half the bytes: a nonzero fp8 e4m3 / int8 key's norm lies in [2^-9, 448 * sqrt(D)], so its inverse is well
+    inside float16's normal range, 2^-11 relative error), float32 otherwise. A zero key gets the largest
+    inverse the type holds (65504 or 1e12: it only ever multiplies a zero product)."""
+    small = keys.element_size() == 1
+    floor = 1 / 65504 if small else 1e-12
+    inv = torch.empty(keys.shape[:2], dtype=torch.float16 if small else torch.float32, device=keys.device)
     for a in range(0, keys.shape[0], piece):
-        inv[a:a + piece] = torch.linalg.vector_norm(keys[a:a + piece].float(), dim=-1).clamp(min=1e-12).reciprocal()
+        inv[a:a + piece] = torch.linalg.vector_norm(keys[a:a + piece].float(), dim=-1).clamp(min=floor).reciprocal()
     return inv
 
 
@@ -163,7 +168,7 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
     q: (B, S, H, D) router queries; q_mask: (B, S) routing tokens; keys: (C, Hkv, D) routing keys shared by the
     batch (bf16/fp16/fp32, or fp8/int8 with `key_scale` (C,) per chunk); chunk_doc: (C,) document column
     of each chunk. `out` (B, num_docs) accumulates several key tiles (e.g. segments of a bank) by max.
-    key_inv_norm: (C, Hkv) float32 `inverse_norms(keys)`, used instead of norms computed in the kernel under
+    key_inv_norm: (C, Hkv) float16/32 `inverse_norms(keys)`, used instead of norms computed in the kernel under
     cosine (unused for dot products). split_fp8: fp8 e4m3 keys only (head_dim >= 32): fp8 x fp8 products of
     the keys as stored with the rows split into two fp8 terms (`_split_fp8_rows`)."""
     B, S, H, D = q.shape
@@ -174,8 +179,10 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
         raise ValueError(f"split_fp8 needs float8_e4m3fn keys, got {keys.dtype}")
     if split_fp8 and D < 32:
         raise ValueError(f"head_dim {D}: fp8 products (split_fp8) need head_dim >= 32")
-    if key_inv_norm is not None and tuple(key_inv_norm.shape) != (C, Hkv):
-        raise ValueError(f"key_inv_norm {tuple(key_inv_norm.shape)}: expected {(C, Hkv)}")
+    if key_inv_norm is not None and (tuple(key_inv_norm.shape) != (C, Hkv)
+                                     or key_inv_norm.dtype not in (torch.float16, torch.float32)):
+        raise ValueError(f"key_inv_norm {tuple(key_inv_norm.shape)} {key_inv_norm.dtype}: expected {(C, Hkv)} "
+                         "float16 or float32")
     rows, row_lo, row_scale, sample = routing_rows(q, q_mask, Hkv, cosine=cosine, scale=scale, split_fp8=split_fp8)
     if out is None:
         out = torch.full((B, num_docs), float("-inf"), dtype=torch.float32, device=q.device)
@@ -185,7 +192,7 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
     ks = key_scale.contiguous() if key_scale is not None else out  # (C,) float32; unread without a scale
     inv_norm = cosine and key_inv_norm is not None
-    kn = key_inv_norm.float().contiguous() if inv_norm else out  # (C, Hkv) float32; unread without
+    kn = key_inv_norm.contiguous() if inv_norm else out  # (C, Hkv) float16/32; unread without
     _route_kernel[grid](rows, row_lo if split_fp8 else rows, row_scale if split_fp8 else out,
                         sample, keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
                         B * S, C, num_docs, C.bit_length(), B=B, HKV=Hkv, D=D, BLOCK_R=block_r,

@@ -51,11 +51,11 @@ def _topk_kernel(x_ptr, alive_ptr, prior_ptr, cand_v, cand_i, count, out_ptr, N,
     if tl.atomic_add(count + b, 1, sem="acq_rel") == NB - 1:
         c = tl.arange(0, MERGE)
         v = tl.load(cand_v + b * NB * K + c, mask=c < NB * K, other=float("-inf"), cache_modifier=".cg")
+        ci = tl.load(cand_i + b * NB * K + c, mask=c < NB * K, other=0, cache_modifier=".cg")
         for j in tl.static_range(K):  # candidates lie in block order, so ties still go to the lower index
             best, at = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)
-            where = tl.load(cand_i + b * NB * K + at, cache_modifier=".cg")
             tl.store(out_ptr + b * K + j, tl.where(best == LOWEST, float("-inf"), best).to(tl.float64))
-            tl.store(out_ptr + (B + b) * K + j, where.to(tl.float64))
+            tl.store(out_ptr + (B + b) * K + j, tl.max(tl.where(c == at, ci, -1), 0).to(tl.float64))
             v = tl.where(c == at, float("-inf"), v)
         tl.atomic_xchg(count + b, 0)  # ready for the next call (graph replays included)
 
