@@ -16,14 +16,19 @@ QUESTIONS = ["What about trains?", "Tell me of glass.", "Which one is about rive
 @pytest.fixture(scope="module")
 def setup():
     # k above the bank's size: every layer reads every document whatever the priors, so later layers' router
-    # queries do not change with them and scores compare exactly
+    # queries do not change with them and scores compare exactly (head_dim 16: the fused kernel's smallest)
     tok = tiny_tokenizer()
-    return tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 16}, vocab_size=300), tok
+    return tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 16}, vocab_size=300, head_dim=16), tok
 
 
-def test_priors_are_mean_scores_and_routing_subtracts_them(setup):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+def test_priors_are_mean_scores_and_routing_subtracts_them(setup, fused):
+    """With fused routing (on CPU: in Triton's interpreter) the Triton top-k subtracts the priors."""
+    if fused:
+        pytest.importorskip("triton")
     model, tok = setup
     bank = ms.MemoryBank.build(model, tok, DOCS)
+    bank.fused_routing = fused
     engine = ms.MSAEngine(model, tok, bank, similarity="train")
     raw = [engine.route(q) for q in QUESTIONS]
     priors = engine.calibrate_priors(questions=QUESTIONS)
