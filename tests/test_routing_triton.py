@@ -8,6 +8,7 @@ pytest.importorskip("triton")  # on CPU, tests/conftest.py has set TRITON_INTERP
 
 from memsparse.ops.routing import chunk_scores, document_scores  # noqa: E402
 from memsparse.ops.routing_triton import (  # noqa: E402
+    FILL,
     _split_fp8_rows,
     fused_document_scores,
     inverse_norms,
@@ -137,7 +138,10 @@ def test_routing_rows_kernel_matches_torch(cosine, split):
     scale = 0.7
     qn = torch.nn.functional.normalize(q.float(), dim=-1) if cosine else q.float()
     ref = (qn.view(B, S, Hkv, H // Hkv, D).sum(3) * (scale / H)).reshape(B * S, Hkv, D)  # (R, Hkv, D)
-    rows, lo, rs, sample = routing_rows(q, mask.to(DEVICE), Hkv, cosine=cosine, scale=scale, split_fp8=split)
+    fill = torch.zeros(B * S * FILL + 7, device=DEVICE)  # more than the R row programs fill: one program more
+    rows, lo, rs, sample = routing_rows(q, mask.to(DEVICE), Hkv, cosine=cosine, scale=scale, split_fp8=split,
+                                        fill=fill)
+    assert torch.isneginf(fill).all()
     assert sample.tolist() == torch.where(mask, torch.arange(B)[:, None], -1).flatten().tolist()
     if split:
         rs_ref = _split_fp8_rows(ref)[2]

@@ -27,7 +27,8 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_C": 16}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
-    for c, w, s in [(64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
+    for c, w, s in [(64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 4), (128, 8, 4),
+                    (256, 8, 4)]  # (configs that do not fit shared memory are dropped by the autotuner)
 ]
 
 
@@ -109,42 +110,51 @@ def _split_fp8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return hi, (x - hi.float()).to(torch.float8_e4m3fn), scale
 
 
+FILL = 1024  # -inf entries of the output each rows-kernel program writes
+
+
 @triton.jit
-def _rows_kernel(q_ptr, mask_ptr, rows_ptr, lo_ptr, rs_ptr, sample_ptr, S, scale, H: tl.constexpr,
+def _rows_kernel(q_ptr, mask_ptr, rows_ptr, lo_ptr, rs_ptr, sample_ptr, fill_ptr, R, S, F, scale, H: tl.constexpr,
                  HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, GP: tl.constexpr, COSINE: tl.constexpr,
-                 SPLIT: tl.constexpr):
-    """One routing row r = b * S + s: q (R, H, D) -> rows (R, HKV, D) = scale / H * the sum of each key head's G
-    query heads (each normalised under cosine); SPLIT: rows / row scale as fp8 hi (rows) + lo, rs (R,) the row
-    scale (`_split_fp8_rows`); sample (R,) b, or -1 if the token does not route."""
+                 SPLIT: tl.constexpr, FILL: tl.constexpr):
+    """Program r < R makes routing row r = b * S + s: q (R, H, D) -> rows (R, HKV, D) = scale / H * the sum of
+    each key head's G query heads (each normalised under cosine); SPLIT: rows / row scale as fp8 hi (rows) + lo,
+    rs (R,) the row scale (`_split_fp8_rows`); sample (R,) b, or -1 if the token does not route. Every program
+    also sets its FILL entries of fill (F,) float32 to -inf (the output's start, in the same launch)."""
     r = tl.program_id(0)
-    G: tl.constexpr = H // HKV
-    kv = tl.arange(0, HP)[:, None, None]
-    g = tl.arange(0, GP)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    real = (kv < HKV) & (g < G)  # (HP, GP, 1)
-    x = tl.load(q_ptr + (r * H + kv * G + g) * D + d, mask=real, other=0.0).to(tl.float32)  # (HP, GP, D)
-    if COSINE:
-        x = x / tl.maximum(tl.sqrt(tl.sum(x * x, 2)), 1e-12)[:, :, None]
-    rows = tl.sum(x, 1) * (scale / H)  # (HP, D)
-    at = (r * HKV + tl.arange(0, HP)[:, None]) * D + tl.arange(0, D)[None, :]
-    keep = (tl.arange(0, HP) < HKV)[:, None]
-    if SPLIT:
-        rs = tl.maximum(tl.max(tl.max(tl.abs(rows), 1), 0) / 448.0, 1e-12)
-        y = rows / rs
-        hi = y.to(tl.float8e4nv)
-        tl.store(rows_ptr + at, hi, mask=keep)
-        tl.store(lo_ptr + at, (y - hi.to(tl.float32)).to(tl.float8e4nv), mask=keep)
-        tl.store(rs_ptr + r, rs)
-    else:
-        tl.store(rows_ptr + at, rows.to(rows_ptr.dtype.element_ty), mask=keep)
-    routes = tl.load(mask_ptr + r) != 0
-    tl.store(sample_ptr + r, tl.where(routes, r // S, -1))
+    f = r * FILL + tl.arange(0, FILL)
+    tl.store(fill_ptr + f, tl.full((FILL,), float("-inf"), tl.float32), mask=f < F)
+    if r < R:
+        G: tl.constexpr = H // HKV
+        kv = tl.arange(0, HP)[:, None, None]
+        g = tl.arange(0, GP)[None, :, None]
+        d = tl.arange(0, D)[None, None, :]
+        real = (kv < HKV) & (g < G)  # (HP, GP, 1)
+        x = tl.load(q_ptr + (r * H + kv * G + g) * D + d, mask=real, other=0.0).to(tl.float32)  # (HP, GP, D)
+        if COSINE:
+            x = x / tl.maximum(tl.sqrt(tl.sum(x * x, 2)), 1e-12)[:, :, None]
+        rows = tl.sum(x, 1) * (scale / H)  # (HP, D)
+        at = (r * HKV + tl.arange(0, HP)[:, None]) * D + tl.arange(0, D)[None, :]
+        keep = (tl.arange(0, HP) < HKV)[:, None]
+        if SPLIT:
+            rs = tl.maximum(tl.max(tl.max(tl.abs(rows), 1), 0) / 448.0, 1e-12)
+            y = rows / rs
+            hi = y.to(tl.float8e4nv)
+            tl.store(rows_ptr + at, hi, mask=keep)
+            tl.store(lo_ptr + at, (y - hi.to(tl.float32)).to(tl.float8e4nv), mask=keep)
+            tl.store(rs_ptr + r, rs)
+        else:
+            tl.store(rows_ptr + at, rows.to(rows_ptr.dtype.element_ty), mask=keep)
+        routes = tl.load(mask_ptr + r) != 0
+        tl.store(sample_ptr + r, tl.where(routes, r // S, -1))
 
 
-def routing_rows(q: torch.Tensor, q_mask: torch.Tensor, hkv: int, *, cosine: bool, scale: float, split_fp8: bool):
+def routing_rows(q: torch.Tensor, q_mask: torch.Tensor, hkv: int, *, cosine: bool, scale: float, split_fp8: bool,
+                 fill: torch.Tensor | None = None):
     """The kernel's query rows from router queries q (B, S, H, D) and routing mask (B, S), for keys of `hkv` heads:
     rows (R, hkv, D) (bf16 on a GPU, float32 under the interpreter; fp8 hi with `split_fp8`), the fp8 lo rows and
-    (R,) float32 row scales (None without split_fp8), and (R,) int32 sample of each row or -1. One launch."""
+    (R,) float32 row scales (None without split_fp8), and (R,) int32 sample of each row or -1. One launch, which
+    also sets the contiguous float32 tensor `fill` to -inf."""
     B, S, H, D = q.shape
     R = B * S
     dt = torch.float8_e4m3fn if split_fp8 else torch.bfloat16 if q.is_cuda else torch.float32
@@ -152,10 +162,12 @@ def routing_rows(q: torch.Tensor, q_mask: torch.Tensor, hkv: int, *, cosine: boo
     lo = torch.empty_like(rows) if split_fp8 else None
     rs = torch.empty(R, dtype=torch.float32, device=q.device) if split_fp8 else None
     sample = torch.empty(R, dtype=torch.int32, device=q.device)
-    _rows_kernel[(R,)](q.contiguous(), q_mask.contiguous().view(torch.uint8), rows, rows if lo is None else lo,
-                       sample if rs is None else rs, sample, S, scale, H=H, HKV=hkv, D=D,
-                       HP=triton.next_power_of_2(hkv), GP=triton.next_power_of_2(H // hkv), COSINE=cosine,
-                       SPLIT=split_fp8)
+    F = fill.numel() if fill is not None else 0
+    _rows_kernel[(max(R, triton.cdiv(F, FILL)),)](
+        q.contiguous(), q_mask.contiguous().view(torch.uint8), rows, rows if lo is None else lo,
+        sample if rs is None else rs, sample, sample if fill is None else fill, R, S, F, scale, H=H, HKV=hkv, D=D,
+        HP=triton.next_power_of_2(hkv), GP=triton.next_power_of_2(H // hkv), COSINE=cosine, SPLIT=split_fp8,
+        FILL=FILL)
     return rows, lo, rs, sample
 
 
@@ -183,9 +195,11 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
                                      or key_inv_norm.dtype not in (torch.float16, torch.float32)):
         raise ValueError(f"key_inv_norm {tuple(key_inv_norm.shape)} {key_inv_norm.dtype}: expected {(C, Hkv)} "
                          "float16 or float32")
-    rows, row_lo, row_scale, sample = routing_rows(q, q_mask, Hkv, cosine=cosine, scale=scale, split_fp8=split_fp8)
+    fill = None
     if out is None:
-        out = torch.full((B, num_docs), float("-inf"), dtype=torch.float32, device=q.device)
+        out = fill = torch.empty(B, num_docs, dtype=torch.float32, device=q.device)  # -inf from the rows kernel
+    rows, row_lo, row_scale, sample = routing_rows(q, q_mask, Hkv, cosine=cosine, scale=scale, split_fp8=split_fp8,
+                                                   fill=fill)
     if C == 0:
         return out
     block_r = max(16, min(64, triton.next_power_of_2(B * S)))

@@ -65,11 +65,6 @@ def block_size(n: int) -> int:
     return min(16384, max(1024, triton.next_power_of_2(triton.cdiv(n, 64))))
 
 
-def warps(block: int) -> int:
-    """Warps per program: one up to 2048 scores (rounds reduce within a warp, no barriers), then more."""
-    return min(8, max(1, block // 2048))
-
-
 def topk(x: torch.Tensor, k: int, alive: torch.Tensor | None = None, prior: torch.Tensor | None = None) -> torch.Tensor:
     """(2, B, k) float64: the k largest of each row of x (B, N) float32 (less `prior` (N,), with the entries where
     `alive` (N,) bool is False at -inf), best first, and their positions. 1 <= k <= N. k above MAX_K, or more
@@ -89,6 +84,6 @@ def topk(x: torch.Tensor, k: int, alive: torch.Tensor | None = None, prior: torc
         x, x if alive is None else alive.contiguous().view(torch.uint8), x if prior is None else prior.float(),
         cand_v, cand_i, counters("topk", x.device, B), out, N, B, NB, K=k, BLOCK=BLOCK,
         MERGE=triton.next_power_of_2(NB * k), HAS_ALIVE=alive is not None, HAS_PRIOR=prior is not None,
-        LOWEST=_LOWEST, num_warps=warps(BLOCK),
+        LOWEST=_LOWEST, num_warps=4 if BLOCK <= 2048 else 8,  # H100: 1 or 2 warps were slower
     )
     return out
