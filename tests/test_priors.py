@@ -33,6 +33,8 @@ def test_priors_are_mean_scores_and_routing_subtracts_them(setup, fused):
         model = copy.deepcopy(model).cuda()
     bank = ms.MemoryBank.build(model, tok, DOCS)
     bank.fused_routing = fused
+    # the fused kernel multiplies in bf16 on a GPU: scores of a batch and of one question differ slightly
+    tol = 2e-2 if fused and model.device.type == "cuda" else 1e-5
     engine = ms.MSAEngine(model, tok, bank, similarity="train")
     raw = [engine.route(q) for q in QUESTIONS]
     priors = engine.calibrate_priors(questions=QUESTIONS)
@@ -40,13 +42,13 @@ def test_priors_are_mean_scores_and_routing_subtracts_them(setup, fused):
     assert ids == bank.doc_ids()
     for lay in model.router_layers:
         want = torch.tensor([sum(dict(r[lay])[d] for r in raw) / len(raw) for d in ids])
-        assert torch.allclose(priors["scores"][lay].cpu(), want, atol=1e-5)
+        assert torch.allclose(priors["scores"][lay].cpu(), want, atol=tol)
     for q, r in zip(QUESTIONS, raw):  # the tiny model ties some documents exactly: scores per document, ranked
         got = engine.route(q)
         assert sorted(got) == sorted(r)
         for lay, picked in r.items():
             want = {d: s - priors["scores"][lay][ids.index(d)].item() for d, s in picked}
-            assert dict(got[lay]) == pytest.approx(want, abs=1e-5)
+            assert dict(got[lay]) == pytest.approx(want, abs=tol)
             assert all(a[1] >= b[1] for a, b in zip(got[lay], got[lay][1:]))
         assert any(dict(got[lay]) != dict(r[lay]) for lay in r)
     bank.set_doc_priors(None)
