@@ -133,6 +133,29 @@ def test_graphed_prefill_equals_eager(tier, dtype):
     assert len(bank.routing_view()["prefill_graphs"]) == 1  # both question sets pad to one shape: one graph
 
 
+def test_generate_on_cuda_stops_rows_where_asked():
+    """generate's loop on a GPU enqueues each step before the host reads the token before it: rows still stop at
+    the token their stop check names, a step after the batch's last token is taken and dropped (none when the
+    length limit ends it), and later calls on the bank (same graphs, same cache) decode as before."""
+    import memsparse as ms
+    from memsparse.engine.generate import generate
+
+    from .conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300).cuda()
+    bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea."])
+    rows, masks = [[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[True] * 5 + [False], [True, True, False]]
+    full = generate(bank, rows, masks, 6, lambda b, ids: None)
+    assert full.events == ["length"] * 2 and full.timings["decode_tokens"] == 5
+    for n in ([2, 4], [3, 3], [1, 6]):
+        got = generate(bank, rows, masks, 6, lambda b, ids, n=n: "stop" if len(ids) >= n[b] else None)
+        assert got.tokens == [t[:k] for t, k in zip(full.tokens, n)]
+        assert got.events == ["stop"] * 2
+        assert got.timings["decode_tokens"] == min(max(n), 5)  # one step past the last token, within the limit
+    assert generate(bank, rows, masks, 6, lambda b, ids: None).tokens == full.tokens
+
+
 def test_document_priors_on_cuda_match_cpu():
     """Document priors computed on the GPU (fused routing kernel) equal the CPU's, and the routing of questions
     asked there (routing graphs, graphed prefill) subtracts them as on the CPU, in float32. k covers the bank, so
