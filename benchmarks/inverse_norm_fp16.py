@@ -29,12 +29,11 @@ import memsparse.engine.prefill  # noqa: F401  (the module: `memsparse.engine.pr
 from memsparse.demo import default_memory, load_shipped
 
 PREFILL = sys.modules["memsparse.engine.prefill"]
+EXACT = PREFILL.chunk_scores
 
 
 def cosine_with_inverse_norms(round_fp16: bool):
     """`chunk_scores` for cosine: normalised queries times keys scaled by 1/||k||, rounded to float16 or not."""
-    exact = PREFILL.chunk_scores
-
     def scores(q, q_mask, keys, key_mask, *, head_reduce, query_reduce, cosine, scale):
         if not cosine:
             raise ValueError("the shipped model routes by cosine")
@@ -42,7 +41,7 @@ def cosine_with_inverse_norms(round_fp16: bool):
         if round_fp16:
             e = torch.floor(torch.log2(inv))
             inv = (inv * 2.0 ** -e).half().float() * 2.0 ** e  # (C, Hkv) 11-bit mantissa, exponent kept
-        return exact(F.normalize(q, dim=-1), q_mask, keys * inv[..., None], key_mask, head_reduce=head_reduce,
+        return EXACT(F.normalize(q, dim=-1), q_mask, keys * inv[..., None], key_mask, head_reduce=head_reduce,
                      query_reduce=query_reduce, cosine=False, scale=scale)
 
     return scores
@@ -64,7 +63,6 @@ def main() -> None:
     engine = ms.MSAEngine(model, tok, bank)
     rows = [engine.encode_question(q) for q in questions]
     routes = {}
-    exact = PREFILL.chunk_scores
     try:
         for name in ("exact", "fp16"):
             PREFILL.chunk_scores = cosine_with_inverse_norms(name == "fp16")
@@ -74,7 +72,7 @@ def main() -> None:
                 part = rows[a:a + 8]
                 routes[name] += PREFILL.prefill_batch(bank, [r[0] for r in part], [r[1] for r in part]).memory.routing
     finally:
-        PREFILL.chunk_scores = exact
+        PREFILL.chunk_scores = EXACT
     hit = total = same = lists = 0
     for a, b in zip(routes["fp16"], routes["exact"], strict=True):
         for layer in b:
