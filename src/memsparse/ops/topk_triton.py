@@ -5,7 +5,8 @@ launch.
 once per router layer and round. Here each program takes a block of a row (deleted documents dropped and a prior
 subtracted on the way in) and extracts its k largest by k rounds of (max, argmax, remove), leaving them as
 candidates; the last program of the row to finish (an atomic count) reduces the row's (blocks x k) candidates the
-same way and writes scores and positions as one float64 tensor, the layout routing copies to the host. Exact (the
+same way and writes scores and positions as one float64 tensor, the layout routing copies to the host (100K
+documents: 15 us in a CUDA graph on an H100, against 34 us for four launches with the mask and stack). Exact (the
 values of `torch.topk`, best first); among equal scores the lower index wins. Inference only. The reference is
 `routing.ranked_documents` (torch.topk; tests compare both, on a GPU and under TRITON_INTERPRET=1 on the CPU).
 """
