@@ -62,6 +62,11 @@ def test_batch_equals_single_rows(setup):
         for layer in routing:
             assert [d for d, _ in routing[layer]] == [d for d, _ in single.routing[0][layer]]
     assert batch.events == ["length"] * 3 and all(len(t) == 8 for t in batch.tokens)
+    assert batch.timings["decode_tokens"] == 7
+    stop = lambda b, ids: "stop" if len(ids) >= 2 + b else None  # noqa: E731  (rows stop after 2, 3, 4 tokens)
+    cut = generate(bank, [r[0] for r in rows], [r[1] for r in rows], 8, stop)
+    assert cut.tokens == [t[:2 + b] for b, t in enumerate(batch.tokens)] and cut.events == ["stop"] * 3
+    assert cut.timings["decode_tokens"] == 3  # on the CPU no step runs ahead of the stop checks
 
 
 def test_sampling():
