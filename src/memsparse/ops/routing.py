@@ -82,7 +82,7 @@ def select_top_k(doc_scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def ranked_documents(doc_scores: torch.Tensor, k: int, alive: torch.Tensor | None = None,
-                  prior: torch.Tensor | None = None) -> torch.Tensor:
+                     prior: torch.Tensor | None = None) -> torch.Tensor:
     """(2, B, k) float64: the k best of each row of doc_scores (B, N) less `prior` (N,), with the documents where
     `alive` (N,) is False at -inf, best first, and their positions (one tensor: one copy to the host). The
     reference of `ops/topk_triton.py: topk`."""
