@@ -4,8 +4,8 @@ and documentation passages (the demo's), questions = the FAQ questions and a sen
 
 Runs the PyTorch routing path with cosine scores written as dot products of normalised queries and keys scaled by
 their inverse norms, exact or rounded to float16's 11-bit mantissa (the exponent kept, so every inverse is rounded
-as a normal float16 is: the kernel's relative error). The Triton interpreter would run the kernel itself, but takes
-hours on the CPU for this memory.
+as a normal float16 is: the kernel's relative error). The Triton interpreter would run the kernel itself, but did
+not finish one variant in 40 minutes on the CPU for this memory.
 
     python benchmarks/inverse_norm_fp16.py [--docs 300] [--questions 40]
 
