@@ -63,6 +63,21 @@ def chunk_max_pool(x: torch.Tensor, chunk_of_token: torch.Tensor, chunks: int) -
     return x.new_full((chunks, *x.shape[1:]), float("-inf")).scatter_reduce(0, index, x, "amax")
 
 
+def fresh_router(attn, std: float, tied: bool) -> None:
+    """Give a layer new router projections, normal(0, std) as at training start; `tied`: each query head takes
+    the key projection of its key head."""
+    H, Hkv, D, hid = (attn.cfg.num_attention_heads, attn.cfg.num_key_value_heads, attn.cfg.head_dim,
+                      attn.cfg.hidden_size)
+    attn.router_q_proj = torch.nn.Sequential(torch.nn.Linear(hid, H * D, bias=False))
+    attn.router_k_proj = torch.nn.Sequential(torch.nn.Linear(hid, Hkv * D, bias=False))
+    for p in [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]:
+        torch.nn.init.normal_(p, std=std)
+    if tied:
+        with torch.no_grad():
+            k = attn.router_k_proj[0].weight.view(Hkv, D, hid)
+            attn.router_q_proj[0].weight.copy_(k.repeat_interleave(H // Hkv, 0).reshape(H * D, hid))
+
+
 def doc_scores(attn, inputs, pool: str = "mean") -> torch.Tensor:
     """The layer's document scores (M,) from its captured inputs, through the (trainable) router projections."""
     h, lay, cos, sin = inputs
@@ -95,12 +110,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--pool", choices=["mean", "max"], default="mean", help="routing keys of a chunk: mean or max")
+    ap.add_argument("--fresh", choices=["normal", "tied"],
+                    help="new router projections: HF-default init, or one random projection shared by queries "
+                         "and keys (scores start as similarities of the features); normal for a layer without "
+                         "routers unless given")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_shipped("cpu", "float32")
     model.eval()
     layer = model.router_layers[0] if args.layer is None else args.layer
     attn = model.model.layers[layer].self_attn
+    if args.fresh or not hasattr(attn, "router_q_proj"):
+        fresh_router(attn, model.config.initializer_range, args.fresh == "tied")
     data = capture(model, tok, attn, args)
     train, test = data[: len(data) * 4 // 5], data[len(data) * 4 // 5:]
 
