@@ -1,25 +1,36 @@
-"""Can a router layer's projections alone learn a routing task on the model's frozen features?
+"""Can router projections alone learn a routing task on the model's frozen features?
 
-Captures the input of one router layer (hidden states and layout) for RULER samples of one subtask, then trains
-only that layer's router_q_proj / router_k_proj with the InfoNCE aux loss (temperature 0.1) on 80% of them and
-reports the held-out gold document's rank after each epoch. A rank that stays near the middle says the features
-do not expose what routing needs (or not from this many samples). `--pool max` pools the routing keys of a chunk
-by their elementwise maximum instead of the mean (an experiment: a chunk keeps its sharpest token features).
-CPU is enough:
+Runs the shipped model over RULER samples of one subtask and captures, at each requested layer, the layer's
+attention input for the document chunks (its mean over each chunk's tokens) and for the routing-query tokens.
+Then, per layer, it trains only router_q_proj / router_k_proj (new ones, or the trained ones with `--keep`) with
+the InfoNCE aux loss (temperature 0.1) on 80% of the samples and reports the held-out gold document's rank after
+each epoch. The chunk mean of the inputs, projected, is exactly the mean-pooled routing key (the projection is
+linear, without bias), so each step costs two small products. A rank that stays near the middle says the
+features do not expose what routing needs (or not from this many samples).
 
-    python benchmarks/router_probe.py --subtask niah_multikey_2 --memory 2048 --doc-tokens 128 --samples 200 --layer 29
+    python benchmarks/router_probe.py --subtask niah_multikey_2 --samples 2000 --layers 9,22 --device cuda \\
+        --out benchmarks/results/router_probe_multikey_2.json
+
+`--chunk` pools over chunks of another size; `--standardize` z-scores every input feature (training samples'
+statistics) before the projections; `--fresh tied` starts the queries' projection as the keys' (scores start as
+feature similarities).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
+import sys
+import time
 
 import torch
 
 from memsparse.demo import load_shipped
 from memsparse.engine.protocol import Protocol
+from memsparse.eval.meta import run_meta
 from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
 from memsparse.train.samples import collate, memory_stream, rounds
@@ -30,37 +41,42 @@ class _Captured(Exception):
     pass
 
 
-def capture(model, tok, attn, args) -> list:
-    """(layer inputs (h, layout, cos, sin), gold documents, number of documents) per sample."""
+def capture(model, tok, layers: list[int], args) -> dict[int, list]:
+    """Per layer: ((chunk means (C, hidden), query-token inputs (1, A, hidden), layout), gold documents,
+    number of documents) per sample, float32 on the model's device."""
     proto, rng, cap = Protocol(tok), random.Random(1), {}
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
 
-    def stop(module, inputs):
-        cap["inputs"] = tuple(t.detach() if torch.is_tensor(t) else t for t in inputs[:4])
-        raise _Captured
+    def hook_for(layer: int):
+        def hook(module, inputs):
+            h, lay = inputs[0].detach().flatten(0, 1).float(), inputs[1]  # (T, hidden)
+            cap[layer] = (chunk_mean_pool(take(h, lay.doc_token_flat), lay.chunk_of_token, lay.chunk_counts),
+                          take(h, lay.active_flat), lay)
+            if layer == max(layers):
+                raise _Captured
+        return hook
 
-    hook = attn.register_forward_pre_hook(stop)
-    data = []
+    hooks = [model.model.layers[i].self_attn.register_forward_pre_hook(hook_for(i)) for i in layers]
+    data = {i: [] for i in layers}
+    t0 = time.time()
     try:
-        for _ in range(args.samples):
+        for n in range(args.samples):
             s = make_sample(args.subtask, args.memory, count, rng, doc_tokens=args.doc_tokens, haystack_cache={})
             first = rounds(proto, memory_stream(tok, s.documents), s.documents, s.question, [s.gold], s.answers[0])[0]
-            b = collate([first], pad_id=0)
+            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate([first], pad_id=0).items()}
             try:
                 with torch.no_grad():
-                    model(b["input_ids"], b["doc_ids"], attention_mask=b["attention_mask"])
+                    model(batch["input_ids"], batch["doc_ids"], attention_mask=batch["attention_mask"])
             except _Captured:
                 pass
-            data.append((cap["inputs"], s.gold, len(s.documents)))
+            for i in layers:
+                data[i].append((cap[i], s.gold, len(s.documents)))
+            if (n + 1) % 500 == 0:
+                print(f"{n + 1} samples captured, {time.time() - t0:.0f} s", flush=True)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     return data
-
-
-def chunk_max_pool(x: torch.Tensor, chunk_of_token: torch.Tensor, chunks: int) -> torch.Tensor:
-    """Elementwise maximum of x (N, ...) over tokens sharing a chunk: (C, ...)."""
-    index = chunk_of_token.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
-    return x.new_full((chunks, *x.shape[1:]), float("-inf")).scatter_reduce(0, index, x, "amax")
 
 
 def fresh_router(attn, std: float, tied: bool) -> None:
@@ -78,74 +94,93 @@ def fresh_router(attn, std: float, tied: bool) -> None:
             attn.router_q_proj[0].weight.copy_(k.repeat_interleave(H // Hkv, 0).reshape(H * D, hid))
 
 
-def doc_scores(attn, inputs, pool: str = "mean") -> torch.Tensor:
-    """The layer's document scores (M,) from its captured inputs, through the (trainable) router projections."""
-    h, lay, cos, sin = inputs
-    with torch.no_grad():
-        q, k, _ = attn.project(h, cos, sin)  # (1, T, H|Hkv, D)
-    qf, kf, hf = q.flatten(0, 1), k.flatten(0, 1), h.flatten(0, 1)
-    keys = attn.router_keys(take(hf, lay.doc_token_flat), take(kf, lay.doc_token_flat))  # (Nd, Hkv, D)
-    pooled = (chunk_mean_pool(keys, lay.chunk_of_token, lay.chunk_counts) if pool == "mean"
-              else chunk_max_pool(keys, lay.chunk_of_token, len(lay.chunk_counts)))  # (C, Hkv, D)
-    queries = attn.router_queries(take(hf, lay.active_flat), take(qf, lay.active_flat))  # (1, A, H, D)
-    return attn.score(queries, lay.route_mask, pooled, lay)[0]
+def doc_scores(attn, item) -> torch.Tensor:
+    """Document scores (M,) of one captured sample through the layer's (trainable) router projections."""
+    (chunk_means, query_inputs, lay), _, n = item
+    keys = attn.router_k_proj(chunk_means).unflatten(-1, (-1, attn.cfg.head_dim))  # (C, Hkv, D)
+    queries = attn.router_queries(query_inputs, None)  # (1, A, H, D)
+    return attn.score(queries, lay.route_mask, keys, lay)[0][:n]
 
 
-def gold_ranks(attn, part, pool: str) -> list[int]:
-    out = []
-    with torch.no_grad():
-        for inputs, gold, n in part:
-            order = doc_scores(attn, inputs, pool)[:n].argsort(descending=True).tolist()
-            out.append(min(order.index(g) for g in gold))
-    return out
+def standardized(data: list, n_train: int) -> list:
+    """Every feature z-scored with the mean and deviation of the first n_train samples' chunk and query inputs."""
+    feats = torch.cat([torch.cat([c, q.flatten(0, 1)]) for (c, q, _), _, _ in data[:n_train]])
+    mu, sd = feats.mean(0), feats.std(0).clamp(min=1e-6)
+    return [(((c - mu) / sd, (q - mu) / sd, lay), g, n) for (c, q, lay), g, n in data]
+
+
+def probe_layer(attn, data: list, args, std: float) -> list[dict]:
+    """Train the layer's router projections on 80% of `data`; the held-out ranks before and after each epoch."""
+    if not args.keep or not hasattr(attn, "router_q_proj"):
+        fresh_router(attn, std, args.fresh == "tied")
+    attn.router_q_proj.to(data[0][0][0].device, torch.float32)
+    attn.router_k_proj.to(data[0][0][0].device, torch.float32)
+    n_train = len(data) * 4 // 5
+    if args.standardize:
+        data = standardized(data, n_train)
+    train, test = data[:n_train], data[n_train:]
+    params = [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    log = []
+
+    def report(epoch: int | None, loss: float | None) -> None:
+        with torch.no_grad():
+            ranks = [min(doc_scores(attn, it).argsort(descending=True).tolist().index(g) for g in it[1])
+                     for it in test]
+        row = {"epoch": epoch, "train_loss": loss, "median_rank": statistics.median(ranks),
+               "first": sum(r == 0 for r in ranks), "held_out": len(ranks), "documents": data[0][2]}
+        log.append(row)
+        print(json.dumps(row), flush=True)
+
+    report(None, None)
+    for epoch in range(args.epochs):
+        random.Random(epoch).shuffle(train)
+        total = 0.0
+        for item in train:
+            s = doc_scores(attn, item) / 0.1
+            loss = torch.logsumexp(s, 0) - torch.logsumexp(s[item[1]], 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        report(epoch, round(total / len(train), 4))
+    return log
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subtask", default="niah_multikey_2")
-    ap.add_argument("--memory", type=int, default=2048)
+    ap.add_argument("--memory", type=int, default=2048, help="haystack tokens per sample")
     ap.add_argument("--doc-tokens", type=int, default=128)
     ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--layer", type=int, help="router layer (default: the first)")
+    ap.add_argument("--layers", help="comma-separated layers (default: the first router layer)")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--pool", choices=["mean", "max"], default="mean", help="routing keys of a chunk: mean or max")
-    ap.add_argument("--fresh", choices=["normal", "tied"],
-                    help="new router projections: HF-default init, or one random projection shared by queries "
-                         "and keys (scores start as similarities of the features); normal for a layer without "
-                         "routers unless given")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--keep", action="store_true", help="start from the layer's trained router projections")
+    ap.add_argument("--fresh", choices=["normal", "tied"], default="normal", help="init of new projections")
+    ap.add_argument("--chunk", type=int, help="chunk size to pool over (default: the model's)")
+    ap.add_argument("--standardize", action="store_true", help="z-score the inputs before the projections")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="JSON file for the settings and every layer's log")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok = load_shipped("cpu", "float32")
+    model, tok = load_shipped(args.device, "bfloat16")
     model.eval()
-    layer = model.router_layers[0] if args.layer is None else args.layer
-    attn = model.model.layers[layer].self_attn
-    if args.fresh or not hasattr(attn, "router_q_proj"):
-        fresh_router(attn, model.config.initializer_range, args.fresh == "tied")
-    data = capture(model, tok, attn, args)
-    train, test = data[: len(data) * 4 // 5], data[len(data) * 4 // 5:]
-
-    def report(label: str) -> None:
-        r = gold_ranks(attn, test, args.pool)
-        print(f"{label}: held-out gold rank median {statistics.median(r)} of {data[0][2]} documents, "
-              f"first {sum(x == 0 for x in r)}/{len(r)}", flush=True)
-
-    report(f"layer {layer}, {args.pool} pooling, before")
-    params = [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(p in set(params))
-    opt = torch.optim.Adam(params, lr=args.lr)
-    for epoch in range(args.epochs):
-        random.Random(epoch).shuffle(train)
-        total = 0.0
-        for inputs, gold, n in train:
-            s = doc_scores(attn, inputs, args.pool)[:n] / 0.1
-            loss = torch.logsumexp(s, 0) - torch.logsumexp(s[gold], 0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-        report(f"epoch {epoch}, train loss {total / len(train):.3f}")
+    if args.chunk:
+        model.msa_config.pooling_kernel_size = args.chunk
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else [model.router_layers[0]]
+    data = capture(model, tok, layers, args)
+    result = {**run_meta(), "model": "MSA-SmolLM2 (shipped)", "command": " ".join(sys.argv[1:]),
+              "settings": {**vars(args), "chunk": model.msa_config.pooling_kernel_size}, "layers": {}}
+    for layer in layers:
+        print(f"layer {layer}", flush=True)
+        torch.manual_seed(0)
+        result["layers"][str(layer)] = probe_layer(model.model.layers[layer].self_attn, data[layer], args,
+                                                   model.config.initializer_range)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
