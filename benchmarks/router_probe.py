@@ -1,7 +1,8 @@
 """Can router projections alone learn a routing task on the model's frozen features?
 
-Runs the shipped model over RULER samples of one subtask and captures, at each requested layer, the layer's
-attention input for the document chunks (its mean over each chunk's tokens) and for the routing-query tokens.
+Runs the shipped model (or `--weights`) over RULER samples of one subtask and captures, at each requested layer,
+the layer's attention input for the document chunks (its mean over each chunk's tokens) and for the routing-query
+tokens.
 Then, per layer, it trains only router_q_proj / router_k_proj (new ones, or the trained ones with `--keep`) with
 the InfoNCE aux loss (temperature 0.1) on 80% of the samples and reports the held-out gold document's rank after
 each epoch. The chunk mean of the inputs, projected, is exactly the mean-pooled routing key (the projection is
@@ -13,7 +14,8 @@ features do not expose what routing needs (or not from this many samples).
 
 `--chunk` pools over chunks of another size; `--standardize` z-scores every input feature (training samples'
 statistics) before the projections; `--fresh tied` starts the queries' projection as the keys' (scores start as
-feature similarities).
+feature similarities). `--weights runs/NAME/delta --keep --epochs 0` measures a newly trained delta's own routers
+on the same samples.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import time
 
 import torch
 
-from memsparse.demo import load_shipped
+from memsparse.demo import WEIGHTS
 from memsparse.engine.protocol import Protocol
 from memsparse.eval.meta import run_meta
+from memsparse.model.delta import load_delta
 from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
+from memsparse.resources import smollm2_gguf
 from memsparse.train.samples import collate, memory_stream, rounds
 from memsparse.train.tasks.niah import make_sample
 
@@ -161,16 +165,17 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, help="chunk size to pool over (default: the model's)")
     ap.add_argument("--standardize", action="store_true", help="z-score the inputs before the projections")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--weights", default=str(WEIGHTS), help="a delta directory over SmolLM2 (default: the shipped)")
     ap.add_argument("--out", help="JSON file for the settings and every layer's log")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok = load_shipped(args.device, "bfloat16")
+    model, tok = load_delta(args.weights, smollm2_gguf(), dtype="bfloat16", device=args.device)
     model.eval()
     if args.chunk:
         model.msa_config.pooling_kernel_size = args.chunk
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [model.router_layers[0]]
     data = capture(model, tok, layers, args)
-    result = {**run_meta(), "model": "MSA-SmolLM2 (shipped)", "command": " ".join(sys.argv[1:]),
+    result = {**run_meta(), "model": f"MSA-SmolLM2 ({args.weights})", "command": " ".join(sys.argv[1:]),
               "settings": {**vars(args), "chunk": model.msa_config.pooling_kernel_size}, "layers": {}}
     for layer in layers:
         print(f"layer {layer}", flush=True)
