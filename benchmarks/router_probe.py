@@ -13,8 +13,11 @@ features do not expose what routing needs (or not from this many samples).
         --out benchmarks/results/router_probe_multikey_2.json
 
 `--chunk` pools over chunks of another size; `--standardize` z-scores every input feature (training samples'
-statistics) before the projections; `--fresh tied` starts the queries' projection as the keys' (scores start as
-feature similarities). `--weights runs/NAME/delta --keep --epochs 0` measures a newly trained delta's own routers
+statistics) before the projections; `--center` subtracts each sample's mean chunk input from its chunks (keys centred
+over the memory); `--query-reduce` trains and scores with another reduction over the routing tokens; `--fresh tied`
+starts the queries' projection as the keys' (scores start as feature similarities); `--random-embed` (with
+`--layers 0`) gives every token an i.i.d. normal embedding: purely lexical features, to test the routing form itself.
+`--weights runs/NAME/delta --keep --epochs 0` measures a newly trained delta's own routers
 on the same samples.
 """
 
@@ -122,6 +125,8 @@ def probe_layer(attn, data: list, args, std: float) -> list[dict]:
     n_train = len(data) * 4 // 5
     if args.standardize:
         data = standardized(data, n_train)
+    if args.center:
+        data = [((c - c.mean(0), q, lay), g, n) for (c, q, lay), g, n in data]
     train, test = data[:n_train], data[n_train:]
     params = [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]
     opt = torch.optim.Adam(params, lr=args.lr)
@@ -164,6 +169,10 @@ def main() -> None:
     ap.add_argument("--fresh", choices=["normal", "tied"], default="normal", help="init of new projections")
     ap.add_argument("--chunk", type=int, help="chunk size to pool over (default: the model's)")
     ap.add_argument("--standardize", action="store_true", help="z-score the inputs before the projections")
+    ap.add_argument("--center", action="store_true", help="subtract each sample's mean chunk input from its chunks")
+    ap.add_argument("--query-reduce", choices=["max", "mean", "last"],
+                    help="reduction over routing tokens (default: the model's)")
+    ap.add_argument("--random-embed", action="store_true", help="i.i.d. normal token embeddings (use --layers 0)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weights", default=str(WEIGHTS), help="a delta directory over SmolLM2 (default: the shipped)")
     ap.add_argument("--out", help="JSON file for the settings and every layer's log")
@@ -173,10 +182,16 @@ def main() -> None:
     model.eval()
     if args.chunk:
         model.msa_config.pooling_kernel_size = args.chunk
+    if args.query_reduce:
+        model.msa_config.query_reduce_method = args.query_reduce
+    if args.random_embed:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [model.router_layers[0]]
     data = capture(model, tok, layers, args)
     result = {**run_meta(), "model": f"MSA-SmolLM2 ({args.weights})", "command": " ".join(sys.argv[1:]),
-              "settings": {**vars(args), "chunk": model.msa_config.pooling_kernel_size}, "layers": {}}
+              "settings": {**vars(args), "chunk": model.msa_config.pooling_kernel_size,
+                                                  "query_reduce": model.msa_config.query_reduce_method}, "layers": {}}
     for layer in layers:
         print(f"layer {layer}", flush=True)
         torch.manual_seed(0)
