@@ -15,7 +15,8 @@ features do not expose what routing needs (or not from this many samples).
 `--chunk` pools over chunks of another size; `--standardize` z-scores every input feature (training samples'
 statistics) before the projections; `--center` subtracts each sample's mean chunk input from its chunks (keys centred
 over the memory); `--query-reduce` trains and scores with another reduction over the routing tokens; `--fresh tied`
-starts the queries' projection as the keys' (scores start as feature similarities); `--random-embed` (with
+starts the queries' projection as the keys' (scores start as feature similarities), `--fresh nulled` as the inputs'
+singular directions after the top --null-rank (cf. `--null-top`); `--random-embed` (with
 `--layers 0`) gives every token an i.i.d. normal embedding: purely lexical features, to test the routing form itself.
 `--weights runs/NAME/delta --keep --epochs 0` measures a newly trained delta's own routers
 on the same samples.
@@ -39,6 +40,7 @@ from memsparse.eval.meta import run_meta
 from memsparse.model.delta import load_delta
 from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
+from memsparse.ops.routing import chunk_scores, document_scores
 from memsparse.resources import smollm2_gguf
 from memsparse.train.samples import collate, memory_stream, rounds
 from memsparse.train.tasks.niah import make_sample
@@ -86,16 +88,18 @@ def capture(model, tok, layers: list[int], args) -> dict[int, list]:
     return data
 
 
-def fresh_router(attn, std: float, tied: bool) -> None:
+def fresh_router(attn, std: float, tied: bool, keys: torch.Tensor | None = None) -> None:
     """Give a layer new router projections, normal(0, std) as at training start; `tied`: each query head takes
-    the key projection of its key head."""
+    the key projection of its key head; `keys` (Hkv * D, hidden): the key projection to start from (tied)."""
     H, Hkv, D, hid = (attn.cfg.num_attention_heads, attn.cfg.num_key_value_heads, attn.cfg.head_dim,
                       attn.cfg.hidden_size)
     attn.router_q_proj = torch.nn.Sequential(torch.nn.Linear(hid, H * D, bias=False))
     attn.router_k_proj = torch.nn.Sequential(torch.nn.Linear(hid, Hkv * D, bias=False))
     for p in [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]:
         torch.nn.init.normal_(p, std=std)
-    if tied:
+    if keys is not None:
+        attn.router_k_proj[0].weight.data.copy_(keys)
+    if tied or keys is not None:
         with torch.no_grad():
             k = attn.router_k_proj[0].weight.view(Hkv, D, hid)
             attn.router_q_proj[0].weight.copy_(k.repeat_interleave(H // Hkv, 0).reshape(H * D, hid))
@@ -109,6 +113,50 @@ def doc_scores(attn, item) -> torch.Tensor:
     return attn.score(queries, lay.route_mask, keys, lay)[0][:n]
 
 
+def gold_ranks(score, items: list) -> dict:
+    """Median held-out gold rank and how many samples put a gold document first, for score(item) -> (M,)."""
+    with torch.no_grad():
+        ranks = [min(score(it).argsort(descending=True).tolist().index(g) for g in it[1]) for it in items]
+    return {"median_rank": statistics.median(ranks), "first": sum(r == 0 for r in ranks), "held_out": len(ranks)}
+
+
+def input_directions(data: list, n_train: int) -> torch.Tensor:
+    """Right singular vectors (hidden, hidden), by singular value, of the first n_train samples' chunk and query
+    inputs stacked."""
+    feats = torch.cat([torch.cat([c, q.flatten(0, 1)]) for (c, q, _), _, _ in data[:n_train]])  # (N, hidden)
+    return torch.linalg.svd(feats, full_matrices=False).Vh
+
+
+def null_probe(attn, data: list, tops: list[int]) -> list[dict]:
+    """No training: P removes the top-r right singular directions of the training samples' chunk and query
+    inputs. Per r, held-out ranks for the plain nulled inputs as routing vectors (one head of the hidden size,
+    cosine, the model's reductions) and, where the layer has routers, for its routers applied after P."""
+    msa, n_train = attn.msa, len(data) * 4 // 5
+    v = input_directions(data, n_train)
+    eye = torch.eye(v.shape[1], device=v.device)
+
+    def plain(item, proj):
+        (chunk_means, query_inputs, lay), _, n = item
+        keys = take((chunk_means @ proj).unsqueeze(1), lay.chunk_index)  # (1, Cmax, 1, hidden)
+        cs = chunk_scores((query_inputs @ proj).unsqueeze(2), lay.route_mask, keys, lay.chunk_valid,
+                          query_reduce=msa.query_reduce_method)  # (1, Cmax)
+        return document_scores(cs, lay.chunk_column, lay.num_doc_columns, msa.chunk_reduce_method)[0][:n]
+
+    rows = []
+    for r in tops:
+        proj = eye - v[:r].T @ v[:r]  # (hidden, hidden), symmetric
+        row = {"null_top": r, "plain": gold_ranks(lambda it, p=proj: plain(it, p), data[n_train:])}
+        if hasattr(attn, "router_q_proj"):
+            wq, wk = attn.router_q_proj[0].weight, attn.router_k_proj[0].weight
+            saved = wq.data.clone(), wk.data.clone()
+            wq.data, wk.data = saved[0].float() @ proj, saved[1].float() @ proj
+            row["routers"] = gold_ranks(lambda it: doc_scores(attn, it), data[n_train:])
+            wq.data, wk.data = saved
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def standardized(data: list, n_train: int) -> list:
     """Every feature z-scored with the mean and deviation of the first n_train samples' chunk and query inputs."""
     feats = torch.cat([torch.cat([c, q.flatten(0, 1)]) for (c, q, _), _, _ in data[:n_train]])
@@ -119,7 +167,11 @@ def standardized(data: list, n_train: int) -> list:
 def probe_layer(attn, data: list, args, std: float) -> list[dict]:
     """Train the layer's router projections on 80% of `data`; the held-out ranks before and after each epoch."""
     if not args.keep or not hasattr(attn, "router_q_proj"):
-        fresh_router(attn, std, args.fresh == "tied")
+        keys = None
+        if args.fresh == "nulled":  # the next Hkv * D directions after the top r
+            r, width = args.null_rank, attn.cfg.num_key_value_heads * attn.cfg.head_dim
+            keys = input_directions(data, len(data) * 4 // 5)[r:r + width]
+        fresh_router(attn, std, args.fresh == "tied", keys)
     attn.router_q_proj.to(data[0][0][0].device, torch.float32)
     attn.router_k_proj.to(data[0][0][0].device, torch.float32)
     n_train = len(data) * 4 // 5
@@ -133,11 +185,8 @@ def probe_layer(attn, data: list, args, std: float) -> list[dict]:
     log = []
 
     def report(epoch: int | None, loss: float | None) -> None:
-        with torch.no_grad():
-            ranks = [min(doc_scores(attn, it).argsort(descending=True).tolist().index(g) for g in it[1])
-                     for it in test]
-        row = {"epoch": epoch, "train_loss": loss, "median_rank": statistics.median(ranks),
-               "first": sum(r == 0 for r in ranks), "held_out": len(ranks), "documents": data[0][2]}
+        row = {"epoch": epoch, "train_loss": loss, **gold_ranks(lambda it: doc_scores(attn, it), test),
+               "documents": data[0][2]}
         log.append(row)
         print(json.dumps(row), flush=True)
 
@@ -166,13 +215,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="start from the layer's trained router projections")
-    ap.add_argument("--fresh", choices=["normal", "tied"], default="normal", help="init of new projections")
+    ap.add_argument("--fresh", choices=["normal", "tied", "nulled"], default="normal",
+                    help="init of new projections (nulled: see --null-rank)")
+    ap.add_argument("--null-rank", type=int, default=120,
+                    help="--fresh nulled: the keys take the inputs' singular directions after this many")
     ap.add_argument("--chunk", type=int, help="chunk size to pool over (default: the model's)")
     ap.add_argument("--standardize", action="store_true", help="z-score the inputs before the projections")
     ap.add_argument("--center", action="store_true", help="subtract each sample's mean chunk input from its chunks")
     ap.add_argument("--query-reduce", choices=["max", "mean", "last"],
                     help="reduction over routing tokens (default: the model's)")
     ap.add_argument("--random-embed", action="store_true", help="i.i.d. normal token embeddings (use --layers 0)")
+    ap.add_argument("--null-top", help="comma-separated r: measure fixed projections that remove the inputs' "
+                                       "top-r singular directions (no training; see null_probe)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weights", default=str(WEIGHTS), help="a delta directory over SmolLM2 (default: the shipped)")
     ap.add_argument("--out", help="JSON file for the settings and every layer's log")
@@ -195,6 +249,14 @@ def main() -> None:
     for layer in layers:
         print(f"layer {layer}", flush=True)
         torch.manual_seed(0)
+        if args.null_top:
+            attn = model.model.layers[layer].self_attn
+            if hasattr(attn, "router_q_proj"):
+                attn.router_q_proj.float()
+                attn.router_k_proj.float()
+            tops = [int(x) for x in args.null_top.split(",")]
+            result["layers"][str(layer)] = null_probe(attn, data[layer], tops)
+            continue
         result["layers"][str(layer)] = probe_layer(model.model.layers[layer].self_attn, data[layer], args,
                                                    model.config.initializer_range)
     if args.out:
