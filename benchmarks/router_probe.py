@@ -2,8 +2,7 @@
 
 Runs the shipped model (or `--weights`) over RULER samples of one subtask and captures, at each requested layer,
 the layer's attention input for the document chunks (its mean over each chunk's tokens) and for the routing-query
-tokens.
-Then, per layer, it trains only router_q_proj / router_k_proj (new ones, or the trained ones with `--keep`) with
+tokens. Then, per layer, it trains only router_q_proj / router_k_proj (new ones, or the trained ones with `--keep`) with
 the InfoNCE aux loss (temperature 0.1) on 80% of the samples and reports the held-out gold document's rank after
 each epoch. The chunk mean of the inputs, projected, is exactly the mean-pooled routing key (the projection is
 linear, without bias), so each step costs two small products. A rank that stays near the middle says the
@@ -16,10 +15,10 @@ features do not expose what routing needs (or not from this many samples).
 statistics) before the projections; `--center` subtracts each sample's mean chunk input from its chunks (keys centred
 over the memory); `--query-reduce` trains and scores with another reduction over the routing tokens; `--fresh tied`
 starts the queries' projection as the keys' (scores start as feature similarities), `--fresh nulled` as the inputs'
-singular directions after the top --null-rank (cf. `--null-top`); `--random-embed` (with
-`--layers 0`) gives every token an i.i.d. normal embedding: purely lexical features, to test the routing form itself.
-`--weights runs/NAME/delta --keep --epochs 0` measures a newly trained delta's own routers
-on the same samples.
+singular directions after the top --null-rank (cf. `--null-top`); `--random-embed` (with `--layers 0`) gives every
+token an i.i.d. normal embedding: purely lexical features, to test the routing form itself. `--null-top` trains
+nothing and measures fixed projections (see null_probe). `--weights runs/NAME/delta --keep --epochs 0` measures a
+newly trained delta's own routers on the same samples.
 """
 
 from __future__ import annotations
@@ -120,19 +119,27 @@ def gold_ranks(score, items: list) -> dict:
     return {"median_rank": statistics.median(ranks), "first": sum(r == 0 for r in ranks), "held_out": len(ranks)}
 
 
-def input_directions(data: list, n_train: int) -> torch.Tensor:
-    """Right singular vectors (hidden, hidden), by singular value, of the first n_train samples' chunk and query
-    inputs stacked."""
-    feats = torch.cat([torch.cat([c, q.flatten(0, 1)]) for (c, q, _), _, _ in data[:n_train]])  # (N, hidden)
-    return torch.linalg.svd(feats, full_matrices=False).Vh
+def training_split(data: list) -> int:
+    """How many of the samples train (the first 80%); the rest are held out."""
+    return len(data) * 4 // 5
+
+
+def stacked_inputs(data: list) -> torch.Tensor:
+    """The training samples' chunk and query inputs, stacked: (N, hidden)."""
+    return torch.cat([torch.cat([c, q.flatten(0, 1)]) for (c, q, _), _, _ in data[:training_split(data)]])
+
+
+def input_directions(data: list) -> torch.Tensor:
+    """Right singular vectors (hidden, hidden) of the training samples' stacked inputs, by singular value."""
+    return torch.linalg.svd(stacked_inputs(data), full_matrices=False).Vh
 
 
 def null_probe(attn, data: list, tops: list[int]) -> list[dict]:
     """No training: P removes the top-r right singular directions of the training samples' chunk and query
     inputs. Per r, held-out ranks for the plain nulled inputs as routing vectors (one head of the hidden size,
     cosine, the model's reductions) and, where the layer has routers, for its routers applied after P."""
-    msa, n_train = attn.msa, len(data) * 4 // 5
-    v = input_directions(data, n_train)
+    msa, n_train = attn.msa, training_split(data)
+    v = input_directions(data)
     eye = torch.eye(v.shape[1], device=v.device)
 
     def plain(item, proj):
@@ -157,9 +164,9 @@ def null_probe(attn, data: list, tops: list[int]) -> list[dict]:
     return rows
 
 
-def standardized(data: list, n_train: int) -> list:
-    """Every feature z-scored with the mean and deviation of the first n_train samples' chunk and query inputs."""
-    feats = torch.cat([torch.cat([c, q.flatten(0, 1)]) for (c, q, _), _, _ in data[:n_train]])
+def standardized(data: list) -> list:
+    """Every feature z-scored with the mean and deviation of the training samples' chunk and query inputs."""
+    feats = stacked_inputs(data)
     mu, sd = feats.mean(0), feats.std(0).clamp(min=1e-6)
     return [(((c - mu) / sd, (q - mu) / sd, lay), g, n) for (c, q, lay), g, n in data]
 
@@ -170,13 +177,13 @@ def probe_layer(attn, data: list, args, std: float) -> list[dict]:
         keys = None
         if args.fresh == "nulled":  # the next Hkv * D directions after the top r
             r, width = args.null_rank, attn.cfg.num_key_value_heads * attn.cfg.head_dim
-            keys = input_directions(data, len(data) * 4 // 5)[r:r + width]
+            keys = input_directions(data)[r:r + width]
         fresh_router(attn, std, args.fresh == "tied", keys)
     attn.router_q_proj.to(data[0][0][0].device, torch.float32)
     attn.router_k_proj.to(data[0][0][0].device, torch.float32)
-    n_train = len(data) * 4 // 5
+    n_train = training_split(data)
     if args.standardize:
-        data = standardized(data, n_train)
+        data = standardized(data)
     if args.center:
         data = [((c - c.mean(0), q, lay), g, n) for (c, q, lay), g, n in data]
     train, test = data[:n_train], data[n_train:]
@@ -245,20 +252,19 @@ def main() -> None:
     data = capture(model, tok, layers, args)
     result = {**run_meta(), "model": f"MSA-SmolLM2 ({args.weights})", "command": " ".join(sys.argv[1:]),
               "settings": {**vars(args), "chunk": model.msa_config.pooling_kernel_size,
-                                                  "query_reduce": model.msa_config.query_reduce_method}, "layers": {}}
+                           "query_reduce": model.msa_config.query_reduce_method}, "layers": {}}
     for layer in layers:
         print(f"layer {layer}", flush=True)
         torch.manual_seed(0)
+        attn = model.model.layers[layer].self_attn
         if args.null_top:
-            attn = model.model.layers[layer].self_attn
             if hasattr(attn, "router_q_proj"):
                 attn.router_q_proj.float()
                 attn.router_k_proj.float()
-            tops = [int(x) for x in args.null_top.split(",")]
-            result["layers"][str(layer)] = null_probe(attn, data[layer], tops)
-            continue
-        result["layers"][str(layer)] = probe_layer(model.model.layers[layer].self_attn, data[layer], args,
-                                                   model.config.initializer_range)
+            log = null_probe(attn, data[layer], [int(x) for x in args.null_top.split(",")])
+        else:
+            log = probe_layer(attn, data[layer], args, model.config.initializer_range)
+        result["layers"][str(layer)] = log
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
