@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from memsparse.cli import main
@@ -110,9 +111,9 @@ def _ddp_rank(rank: int, world: int, port: int, recipe: str, run: str, out: str)
     seen = {}
 
     class Recording(torch.optim.AdamW):
-        def __init__(self, params, **kw):
-            seen["params"] = list(params)
-            super().__init__(seen["params"], **kw)
+        def __init__(self, groups, **kw):
+            seen["params"] = [p for g in groups for p in g["params"]]
+            super().__init__(groups, **kw)
 
     trainer.torch.optim.AdamW = Recording
     drawn = []
@@ -207,3 +208,37 @@ def test_step_batches_do_not_depend_on_workers_or_resuming(monkeypatch):
     with pytest.raises(ValueError, match="unknown NIAH subtasks"):
         Mixer({"niah": 1.0}, len, niah_subtasks={"niah_multikey_9": 1.0})
     assert set(SUBTASKS) == set(Mixer({"niah": 1.0}, len).subtasks)
+
+
+def test_nulled_router_start_and_router_learning_rate(tmp_path, monkeypatch):
+    """router_init = "nulled" starts the routers on the directions measured over the run's first batches;
+    router_lr_scale = 0 keeps them there while the adapters train; a bad router_init is refused."""
+    from safetensors.torch import load_file
+
+    from memsparse.engine.protocol import Protocol
+    from memsparse.train.router_init import nulled_router_init
+
+    base = tmp_path / "base"
+    tiny_model("llama", vocab_size=300, tie_word_embeddings=True).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text('router_init = "nulled"\nrouter_null_rank = 4\nrouter_init_batches = 3\n'
+                      'router_lr_scale = 0.0\n' + RECIPE.format(base=base))
+    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    r = trainer.Recipe.load(recipe)
+    trainer.train(r, tmp_path / "run", device="cpu", max_steps=2)
+    trained = {n: t.float() for n, t in load_file(tmp_path / "run" / "delta" / "delta.safetensors").items()}
+    expected, tok, _ = trainer.build_model(r, "cpu", None)  # the same start, by hand
+    mixer, proto = trainer.make_mixer(r, tok), Protocol(tok)
+    nulled_router_init(expected, [trainer.step_batch(r, mixer, proto, tok, 0, s)[-1] for s in range(3)], 4)
+    for name, p in expected.named_parameters():
+        if ".router_" in name:  # the delta holds bfloat16
+            torch.testing.assert_close(trained[name], p.to(torch.bfloat16).float(), rtol=0, atol=0)
+    fresh = dict(trainer.build_model(r, "cpu", None)[0].named_parameters())
+    name = "model.layers.3.self_attn.router_k_proj.0.weight"
+    assert not torch.allclose(fresh[name], trained[name], atol=1e-2)  # the start moved the routers
+    lora = [n for n in trained if n.startswith("lora.") and n.endswith(".B")]
+    assert any(trained[n].abs().max() > 0 for n in lora)  # the adapters (B starts at zero) trained
+    recipe.write_text('router_init = "svd"\n' + RECIPE.format(base=base))
+    with pytest.raises(ValueError, match="router_init must be"):
+        trainer.Recipe.load(recipe)

@@ -72,6 +72,10 @@ class Recipe:
     gradient_checkpointing_from: int = 32768  # memory size from which layers are recomputed in backward
     interleave: bool = True  # false: every sample answers straight after the question, from the memory's K̄/V̄
     # alone (no naming rounds, no injected original text): the "no original text" ablation
+    router_init: str = "keep"  # "nulled": start the routers on their inputs' directions (train/router_init.py)
+    router_null_rank: int = 120  # "nulled": how many dominant input directions the routers skip
+    router_init_batches: int = 32  # "nulled": batches (the run's first steps) the directions are measured on
+    router_lr_scale: float = 1.0  # the routers' learning rate relative to the phase's (adapters, token rows)
 
     @classmethod
     def load(cls, path) -> Recipe:
@@ -79,6 +83,8 @@ class Recipe:
         phases = [Phase(**p) for p in d.pop("phase", [])]
         if not phases:
             raise ValueError(f"{path}: a recipe needs at least one [[phase]]")
+        if d.get("router_init", "keep") not in ("keep", "nulled"):
+            raise ValueError(f"{path}: router_init must be 'keep' or 'nulled', got {d['router_init']!r}")
         return cls(**d, phases=phases)
 
 
@@ -155,6 +161,9 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out.mkdir(parents=True, exist_ok=True)
     model, tok, new_ids = build_model(recipe, device, dtype)
+    ckpt = out / "checkpoint.pt"
+    if recipe.router_init == "nulled" and not ckpt.exists():
+        _nulled_start(model, recipe, tok, device)
     model.train()
     params = trainable_parameters(model)
     train_rows(model, new_ids)
@@ -162,8 +171,12 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     # fp32 master weights (the model may run in bf16): routers, adapters and the new tokens' embedding rows
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
     master.append(emb.detach()[new_ids].float().clone().requires_grad_(True))
-    opt = torch.optim.AdamW(master, lr=recipe.phases[0].lr, weight_decay=0.0, betas=(0.9, 0.95))
-    ckpt = out / "checkpoint.pt"
+    routers = {id(p) for n, p in model.named_parameters() if ".router_" in n}
+    router = [id(p) in routers for p in params] + [False]
+    groups = [{"params": [m for m, r in zip(master, router) if r == is_router],
+               "scale": recipe.router_lr_scale if is_router else 1.0} for is_router in (True, False)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.phases[0].lr, weight_decay=0.0,
+                            betas=(0.9, 0.95))
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -188,9 +201,9 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     for step, phase, local, mem, cpu_batch in _loader(recipe, tok, rank, start, stop, device):
         model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
         model.gradient_checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
-        warm = min(1.0, (local + 1) / 20)
+        lr = phase.lr * min(1.0, (local + 1) / 20)
         for g in opt.param_groups:
-            g["lr"] = phase.lr * warm
+            g["lr"] = lr * g["scale"]
         b = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
         _load_master(params, emb, new_ids, master)
         with shape_varying_attention():  # around backward too: checkpointed layers run forward again there
@@ -217,7 +230,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             rec = {"step": step, "phase": phase.name, "memory_tokens": mem, "loss": float(res.loss.detach()),
                    "lm_loss": _f(res.lm_loss), "aux_loss": _f(res.aux_loss),
                    "recall_at_k": round(router_recall(res.doc_scores, b["aux_labels"], k, upper), 4),
-                   "tokens_per_s": round(tokens / (now - t_last)), "lr": opt.param_groups[0]["lr"],
+                   "tokens_per_s": round(tokens / (now - t_last)), "lr": lr,
                    "elapsed_s": round(now - t_start, 1)}
             t_last, tokens = now, 0
             log.write(json.dumps(rec) + "\n")
@@ -239,6 +252,17 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
     return out / "delta"
+
+
+def _nulled_start(model, recipe: Recipe, tok, device: torch.device) -> None:
+    """recipe.router_init = "nulled": measure the router inputs on the run's first batches (rank 0's, so every
+    rank gets the same start) and start the routers there."""
+    from .router_init import nulled_router_init
+
+    mixer, proto = make_mixer(recipe, tok), Protocol(tok)
+    batches = ({n: t.to(device) for n, t in step_batch(recipe, mixer, proto, tok, 0, s)[-1].items()}
+               for s in tqdm(range(recipe.router_init_batches), desc="router init", unit="batch"))
+    nulled_router_init(model, batches, recipe.router_null_rank)
 
 
 def _average_gradients(master: list[torch.Tensor], world: int) -> None:
