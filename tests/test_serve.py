@@ -167,7 +167,9 @@ def test_the_command_line_serves_a_saved_bank(tmp_path):
     bank.save(tmp_path / "bank")
     cmd = [sys.executable, "-c", "import sys; from memsparse.cli import main; sys.exit(main())", "serve",
            str(tmp_path / "bank"), "--port", "0", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # SIGINT as at a terminal, even when the suite runs in the background (where the shell ignores it, inherited)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stderr.readline()
         port = re.search(r"http://127\.0\.0\.1:(\d+)", line)
