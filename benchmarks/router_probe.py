@@ -41,6 +41,7 @@ from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
 from memsparse.ops.routing import chunk_scores, document_scores
 from memsparse.resources import smollm2_gguf
+from memsparse.train.router_init import set_router_from_directions
 from memsparse.train.samples import collate, memory_stream, rounds
 from memsparse.train.tasks.niah import make_sample
 
@@ -96,12 +97,8 @@ def fresh_router(attn, std: float, tied: bool, keys: torch.Tensor | None = None)
     attn.router_k_proj = torch.nn.Sequential(torch.nn.Linear(hid, Hkv * D, bias=False))
     for p in [*attn.router_q_proj.parameters(), *attn.router_k_proj.parameters()]:
         torch.nn.init.normal_(p, std=std)
-    if keys is not None:
-        attn.router_k_proj[0].weight.data.copy_(keys)
     if tied or keys is not None:
-        with torch.no_grad():
-            k = attn.router_k_proj[0].weight.view(Hkv, D, hid)
-            attn.router_q_proj[0].weight.copy_(k.repeat_interleave(H // Hkv, 0).reshape(H * D, hid))
+        set_router_from_directions(attn, attn.router_k_proj[0].weight.detach().clone() if keys is None else keys)
 
 
 def doc_scores(attn, item) -> torch.Tensor:
