@@ -64,6 +64,8 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     res = json.loads(out.read_text())
     assert [(p["tokens"], p["samples"]) for p in res["points"]] == [(400, 2), (500, 1)]
     assert main(argv[:5] + ["2,1,3"] + argv[6:]) == 2  # three counts for two sizes
+    assert main(argv + ["--seed", "7"]) == 0  # another sample stream, recorded in each point to pool runs
+    assert {p["seed"] for p in json.loads(out.read_text())["points"]} == {7}
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):

@@ -287,8 +287,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = Path(args.out or "benchmarks/results/niah.json")
     counts = [int(n) for n in args.samples.split(",")]
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
-                      counts[0] if len(counts) == 1 else counts, interleave=mode, inject_k=args.inject_k,
-                      priors=args.priors, on_point=lambda pts: write_results(pts, name, out))
+                      counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
+                      inject_k=args.inject_k, priors=args.priors, on_point=lambda pts: write_results(pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
@@ -510,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", default="100",
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
+    v.add_argument("--seed", type=int, default=42,
+                   help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
     _interleave_args(v)
     _priors_arg(v)
     v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")

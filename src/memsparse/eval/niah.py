@@ -52,7 +52,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                 picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
                 route_rec.append(len(gold & picked) / len(gold))
                 named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
-            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave),
+            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed,
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
                            "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
                            "named_recall": round(sum(named_rec) / per_subtask, 4),
