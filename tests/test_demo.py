@@ -66,6 +66,19 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert main(argv[:5] + ["2,1,3"] + argv[6:]) == 2  # three counts for two sizes
     assert main(argv + ["--seed", "7"]) == 0  # another sample stream, recorded in each point to pool runs
     assert {p["seed"] for p in json.loads(out.read_text())["points"]} == {7}
+    other = tmp_path / "niah_seed42.json"
+    assert main(argv[:-1] + [str(other)]) == 0
+    a, b = (json.loads(f.read_text()) for f in (out, other))
+    pooled = tmp_path / "pooled.json"
+    assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 0
+    res = json.loads(pooled.read_text())
+    assert [(p["tokens"], p["samples"], sorted(r["seed"] for r in p["runs"])) for p in res["points"]] == \
+        [(400, 4, [7, 42]), (500, 2, [7, 42])]
+    for p, pa, pb in zip(res["points"], a["points"], b["points"]):  # sample-weighted means
+        both = pa["accuracy"] * pa["samples"] + pb["accuracy"] * pb["samples"]
+        assert p["accuracy"] == round(both / p["samples"], 2)
+    assert res["averages"] == {"400": res["points"][0]["accuracy"], "500": res["points"][1]["accuracy"]}
+    assert main(["eval", "niah", "--pool", f"{out},{out}", "--out", str(pooled)]) == 2  # same samples twice
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):

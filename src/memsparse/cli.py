@@ -277,6 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.niah import evaluate, write_results
     from .train.tasks.niah import SUBTASKS
 
+    if args.pool:
+        return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
     model, tok = _load_model(args.model, args.device, args.dtype)
     name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
@@ -293,6 +295,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
               f"{p['named_recall']:>12}")
+    print(f"wrote {out}")
+
+
+def _pool_niah(files: list[str], out: Path) -> None:
+    """Pool `eval niah` result files of one model (runs with different seeds, machines or sizes) into one file."""
+    from .eval.niah import pool, write_results
+
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    models = {r["model"] for r in runs}
+    if len(models) != 1:
+        raise ValueError(f"--pool: results of one model only, got {sorted(models)}")
+    points = [{"commit": r["commit"], "date": r["date"], **p} for r in runs for p in r["points"]]
+    meta = {k: ",".join(sorted({r[k] for r in runs})) for k in ("gpu", "date", "commit")}
+    pooled = pool(points)
+    write_results(pooled, models.pop(), out, meta)
+    for p in pooled:
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['samples']:>4} samples")
     print(f"wrote {out}")
 
 
@@ -510,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", default="100",
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
+    v.add_argument("--pool", metavar="FILES",
+                   help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
     _interleave_args(v)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -63,10 +64,39 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     return points
 
 
-def write_results(points: list[dict], model_name: str, out: Path) -> None:
-    """niah.json = {model, gpu, date, commit, points} and a plot beside it (when matplotlib is installed)."""
+def pool(points: list[dict]) -> list[dict]:
+    """One point per (memory size, subtask) from runs with different seeds (disjoint sample streams): accuracy and
+    recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
+    pooled = []
+    for (n, sub, mode), runs in groups.items():
+        seeds = [r.get("seed", 42) for r in runs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{sub} @ {n}: two runs with seed {max(seeds, key=seeds.count)} measure the same samples")
+        total = sum(r["samples"] for r in runs)
+        mean = {key: sum(r[key] * r["samples"] for r in runs) / total
+                for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")}
+        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, "accuracy": round(mean["accuracy"], 2),
+                       "samples": total, "routing_recall": round(mean["routing_recall"], 4),
+                       "named_recall": round(mean["named_recall"], 4),
+                       "seconds_per_sample": round(mean["seconds_per_sample"], 3),
+                       **({"runs": [{k: r.get(k) for k in ("seed", "samples", "accuracy", "commit", "date")}
+                                    for r in runs]}
+                          if len(runs) > 1 else {k: runs[0][k] for k in ("seed", "commit", "date") if k in runs[0]})})
+    return sorted(pooled, key=lambda p: (p["tokens"], SUBTASKS.index(p["subtask"])))
+
+
+def write_results(points: list[dict], model_name: str, out: Path, meta: dict | None = None) -> None:
+    """niah.json = {model, gpu, date, commit, averages, points} and a plot beside it (when matplotlib is installed);
+    averages: per memory size, the mean accuracy over its subtasks. `meta`: gpu / date / commit of where the points
+    were measured (default: this run)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model_name, **run_meta(), "points": points}, indent=1) + "\n")
+    sizes = sorted({p["tokens"] for p in points})
+    averages = {str(n): round(statistics.mean(p["accuracy"] for p in points if p["tokens"] == n), 2) for n in sizes}
+    out.write_text(json.dumps({"model": model_name, **(meta or run_meta()), "averages": averages, "points": points},
+                              indent=1) + "\n")
     plt = pyplot()
     if plt is None:
         print("matplotlib not installed: no plot")
