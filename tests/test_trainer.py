@@ -119,9 +119,12 @@ def _ddp_rank(rank: int, world: int, port: int, recipe: str, run: str, out: str)
     drawn = []
     draw = Mixer.draw
     Mixer.draw = lambda self, mem: drawn.append(draw(self, mem)) or drawn[-1]
+    starts = []
+    nulled_start = trainer._nulled_start
+    trainer._nulled_start = lambda *a: starts.append(1) or nulled_start(*a)
     trainer.train(trainer.Recipe.load(recipe), Path(run), device="cpu", max_steps=3, max_seconds=3600.0)  # ranks agree
-    torch.save({"params": [p.detach() for p in seen["params"]], "questions": [q.question for q in drawn]},
-               f"{out}/rank{rank}.pt")
+    torch.save({"params": [p.detach() for p in seen["params"]], "questions": [q.question for q in drawn],
+                "starts": len(starts)}, f"{out}/rank{rank}.pt")
     assert not torch.distributed.is_initialized()  # train() closes the process group it opened
 
 
@@ -134,13 +137,15 @@ def test_ddp_ranks_stay_in_step(tmp_path):
     tiny_model("llama", vocab_size=300, tie_word_embeddings=True).save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     recipe = tmp_path / "toy.toml"
-    recipe.write_text(RECIPE.format(base=base))
+    nulled = 'router_init = "nulled"\nrouter_null_rank = 4\nrouter_init_batches = 2\n'
+    recipe.write_text(nulled + RECIPE.format(base=base))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_rank, args=(2, port, str(recipe), str(tmp_path / "run"), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))  # identical updates on both ranks
+    assert (a["starts"], b["starts"]) == (1, 0)  # rank 0 measures the router start, rank 1 receives it
     assert a["questions"] != b["questions"]  # from different samples
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and (tmp_path / "run" / "delta" / "delta.safetensors").exists()

@@ -162,7 +162,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     out.mkdir(parents=True, exist_ok=True)
     model, tok, new_ids = build_model(recipe, device, dtype)
     ckpt = out / "checkpoint.pt"
-    if recipe.router_init == "nulled" and not ckpt.exists():
+    if recipe.router_init == "nulled" and not ckpt.exists() and rank == 0:  # the others get it by broadcast below
         _nulled_start(model, recipe, tok, device)
     model.train()
     params = trainable_parameters(model)
@@ -255,8 +255,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
 
 
 def _nulled_start(model, recipe: Recipe, tok, device: torch.device) -> None:
-    """recipe.router_init = "nulled": measure the router inputs on the run's first batches (rank 0's, so every
-    rank gets the same start) and start the routers there."""
+    """recipe.router_init = "nulled": measure the router inputs on the run's first batches (rank 0's; under torchrun
+    only rank 0 measures, the other ranks receive its master weights) and start the routers there."""
     from .router_init import nulled_router_init
 
     mixer, proto = make_mixer(recipe, tok), Protocol(tok)
