@@ -136,6 +136,8 @@ def test_router_injection(setup, monkeypatch):
     top = sorted(engine_mod.fused_top(engine.route("Is Rome old?"), 2))
     ans = engine.ask("Is Rome old?", interleave="router", inject_k=2)
     assert ans.rounds == [top] and ans.text == "yes" and len(script.calls) == 1
+    assert ans.routing == engine.route("Is Rome old?")  # the routing that picked them, then the answer round's
+    assert ans.round_routing == [ans.routing, {15: []}]
     (row, route), = script.calls[0]
     text = tok.decode(row)
     injected = "".join(f"[{d}]. {DOCS[d]}\n" for d in top)

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   curl -s localhost:8080/ask -d '{"question": "Who wrote the design memo?", "max_new_tokens": 64}'
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
+  memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
   memsparse eval qa --samples 1000 --systems memsparse,rag1,rag5,rag10,full
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16

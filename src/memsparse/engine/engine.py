@@ -183,7 +183,7 @@ class MSAEngine:
 
     def _router_injection(self, rows: list[_Row], k: int, rounds: int, timings: dict) -> None:
         """`rounds` routing passes; in each, every row gets its top-k fused documents not injected yet appended
-        (named, then their text); then the rows answer."""
+        (named, then their text) and the pass's routing recorded; then the rows answer."""
         for _ in range(rounds):
             t0 = time.perf_counter()
             res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
@@ -191,6 +191,7 @@ class MSAEngine:
             timings["route"] += res.memory.route_seconds
             timings["prefill"] += time.perf_counter() - t0
             for row, routing in zip(rows, res.memory.routing):
+                row.routing.append(routing)  # the routing that picked the injected documents
                 top = sorted(fused_top(routing, k, exclude={d for r in row.rounds for d in r}))
                 row.tokens = row.tokens + self.protocol.naming(top)
                 self._inject(row, top)
