@@ -19,6 +19,8 @@ def test_demo_with_own_corpus(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--corpus", str(corpus), "--question", "Where is Ottawa?", "--question", "Yellow?"]) == 0
     out = capsys.readouterr().out
     assert "3 documents" in out and out.count("Q: ") == 2 and out.count("A: ") == 2 and "read [" in out
+    assert main(["demo", "--corpus", str(corpus), "--question", "Yellow?", "--inject-k", "1"]) == 0
+    assert capsys.readouterr().out.count("read [") == 1
     assert main(["demo", "--corpus", str(corpus)]) == 2  # a corpus needs questions
 
 

