@@ -58,6 +58,25 @@ def test_evaluate_qa_tiny(monkeypatch):
     assert all(0 <= r["em"] <= 100 and 0 <= r["f1"] <= 100 for r in res)
 
 
+def test_results_keep_earlier_systems_of_the_same_memory(tmp_path, monkeypatch):
+    """Systems measured again replace their namesakes, the others stay (with where they were measured); another
+    memory or question count starts the file afresh."""
+    import json
+
+    out = tmp_path / "squad_open.json"
+    monkeypatch.setattr(sq, "run_meta", lambda: {"gpu": "A", "date": "d1", "commit": "c1"})
+    sq.write_results([{"name": "memsparse", "em": 1.0, "f1": 2.0}, {"name": "rag1", "em": 0.0, "f1": 9.0}], 500, 10,
+                     out)
+    monkeypatch.setattr(sq, "run_meta", lambda: {"gpu": "B", "date": "d2", "commit": "c2"})
+    res = sq.write_results([{"name": "memsparse", "em": 3.0, "f1": 4.0}, {"name": "memsparse-k1", "em": 0.5,
+                                                                          "f1": 1.5}], 500, 10, out)
+    assert res == json.loads(out.read_text()) and res["commit"] == "c2"
+    assert [(s["name"], s["f1"], s["commit"]) for s in res["systems"]] == [
+        ("memsparse", 4.0, "c2"), ("rag1", 9.0, "c1"), ("memsparse-k1", 1.5, "c2")]
+    res = sq.write_results([{"name": "rag5", "em": 0.0, "f1": 7.0}], 500, 20, out)
+    assert [s["name"] for s in res["systems"]] == ["rag5"]
+
+
 def test_gold_shares_count_routed_and_injected_gold_paragraphs():
     from types import SimpleNamespace as A
 

@@ -365,7 +365,6 @@ def _eval_scale(args: argparse.Namespace) -> None:
 
 def _eval_qa(args: argparse.Namespace) -> None:
     """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
-    from .eval.meta import run_meta
     from .eval.squad import load_squad
     from .model.checkpoint import load_pretrained
     from .model.tokenizer import load_tokenizer
@@ -379,16 +378,14 @@ def _eval_qa(args: argparse.Namespace) -> None:
     if any(s.startswith("rag") or s == "full" for s in systems):
         gguf = smollm2_gguf()
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
-    from .eval.squad import evaluate_qa
+    from .eval.squad import evaluate_qa, write_results
 
     results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
                           priors=args.priors)
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**run_meta(), "memory_tokens": memory_tokens, "questions": len(squad.questions),
-                               "systems": results}, indent=1) + "\n")
+    write_results(results, memory_tokens, len(squad.questions), out)
     for r in results:
         print(f"{r['name']:>12}  EM {r['em']:6.2f}  F1 {r['f1']:6.2f}")
     print(f"wrote {out}")

@@ -20,11 +20,13 @@ import re
 import string
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..model import cached
 from ..resources import ResourceUnavailable, cache_dir, fetch_pypi_sdist
+from .meta import pyplot, run_meta, save_figure
 
 BIGBENCH = ("bigbench", "1.0.0")
 SQUAD_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
@@ -247,3 +249,38 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     return [{"name": name, "em": round(100 * sum(exact_match(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2),
              "f1": round(100 * sum(f1(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2), **extra.get(name, {})}
             for name, ps in preds.items()]
+
+
+def write_results(systems: list[dict], memory_tokens: int, questions: int, out: Path) -> dict:
+    """squad_open.json = {gpu, date, commit, memory_tokens, questions, systems} with each system's own gpu / date /
+    commit; the systems (and notes) of an earlier file over the same memory and questions are kept unless measured
+    again. A bar plot of EM and F1 per system goes beside it (when matplotlib is installed)."""
+    meta = run_meta()
+    new = {s["name"]: {**s, **meta} for s in systems}
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if (old.get("memory_tokens"), old.get("questions")) != (memory_tokens, questions):
+        old = {}  # another memory or question set: nothing to keep
+    merged = [new.pop(s["name"], s) for s in old.get("systems", [])] + list(new.values())
+    result = {**old, **meta, "memory_tokens": memory_tokens, "questions": questions, "systems": merged}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Horizontal bars: EM and F1 of every system (ours first in the file's order)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    systems = result["systems"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(systems) + 1.2))
+    y = torch.arange(len(systems)).tolist()
+    ax.barh([v - 0.2 for v in y], [s["f1"] for s in systems], height=0.4, label="F1")
+    ax.barh([v + 0.2 for v in y], [s["em"] for s in systems], height=0.4, label="exact match")
+    ax.set_yticks(y, [s["name"] for s in systems])
+    ax.invert_yaxis()
+    ax.set_xlabel("%")
+    ax.set_title(f"SQuAD-open: {result['questions']} questions, {result['memory_tokens']:,} memory tokens")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
