@@ -81,6 +81,9 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
         assert p["accuracy"] == round(both / p["samples"], 2)
     assert res["averages"] == {"400": res["points"][0]["accuracy"], "500": res["points"][1]["accuracy"]}
     assert main(["eval", "niah", "--pool", f"{out},{out}", "--out", str(pooled)]) == 2  # same samples twice
+    assert main(argv + ["--seed", "8", "--fusion", "score"]) == 0
+    assert {p["fusion"] for p in json.loads(out.read_text())["points"]} == {"score"}
+    assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # two fusions
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):

@@ -132,7 +132,7 @@ def test_missing_round_token_is_a_clear_error(setup):
 
 def test_router_injection(setup, monkeypatch):
     """interleave="router": the engine injects the router's fused top documents, then the model answers."""
-    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]])
+    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"] * 2])
     top = sorted(engine_mod.fused_top(engine.route("Is Rome old?"), 2))
     ans = engine.ask("Is Rome old?", interleave="router", inject_k=2)
     assert ans.rounds == [top] and ans.text == "yes" and len(script.calls) == 1
@@ -148,6 +148,14 @@ def test_router_injection(setup, monkeypatch):
         engine.ask("Is Rome old?", interleave="maybe")
     with pytest.raises(ValueError, match="router_rounds=0"):
         engine.ask("Is Rome old?", interleave="router", router_rounds=0)
+    engine.fusion = "score"
+    fusions, fused_top = [], engine_mod.fused_top
+    monkeypatch.setattr(engine_mod, "fused_top", lambda *a, fusion, **kw: fusions.append(fusion) or fused_top(
+        *a, fusion=fusion, **kw))
+    ans = engine.ask("Is Rome old?", interleave="router", inject_k=2)
+    assert fusions == ["score"] and ans.rounds == [sorted(fused_top(ans.routing, 2, fusion="score"))]
+    with pytest.raises(ValueError, match="fusion="):
+        ms.MSAEngine(engine.model, tok, engine.bank, fusion="best")
 
 
 def test_fused_top():
@@ -155,3 +163,8 @@ def test_fused_top():
     routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}
     assert engine_mod.fused_top(routing, 2) == [7, 5] and engine_mod.fused_top(routing, 5) == [7, 5, 3]
     assert engine_mod.fused_top({}, 3) == [] and engine_mod.fused_top(routing, 2, exclude={7}) == [5, 3]
+    # score fusion: layer 1 ranks 3 first by far, the other two rank 5 first by a hair: rrf takes 5, scores take 3
+    routing = {1: [(3, 0.9), (5, 0.1)], 2: [(5, 0.31), (3, 0.3)], 3: [(5, 0.31), (3, 0.3)]}
+    assert engine_mod.fused_top(routing, 1) == [5] and engine_mod.fused_top(routing, 1, fusion="score") == [3]
+    with pytest.raises(ValueError, match="fusion="):
+        engine_mod.fused_top(routing, 1, fusion="max")

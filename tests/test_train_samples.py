@@ -87,7 +87,8 @@ def test_two_round_router_sample_matches_the_engine(monkeypatch):
     bank = ms.MemoryBank.build(model, tok, DOCS)
     picks = iter([[1, 2], [3, 0]])  # what the routers rank highest in rounds 1 and 2
     excluded = []
-    monkeypatch.setattr(engine_mod, "fused_top", lambda routing, k, exclude: excluded.append(exclude) or next(picks))
+    monkeypatch.setattr(engine_mod, "fused_top",
+                        lambda routing, k, exclude, fusion: excluded.append(exclude) or next(picks))
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
     monkeypatch.setattr(engine_mod, "generate", script)
     ans = ms.MSAEngine(model, tok, bank, similarity="train").ask("Where?", interleave="router", router_rounds=2)

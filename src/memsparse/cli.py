@@ -165,7 +165,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .engine import MSAEngine
 
     bank = _open_bank(args)
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
+    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, fusion=args.fusion)
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
                      router_rounds=args.router_rounds, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -231,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request on stderr
     bank = _open_bank(args)
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity)
+    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, fusion=args.fusion)
     server = make_server(engine, args.host, args.port, max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
                          interleave=args.interleave, inject_k=args.inject_k)
     host, port = server.server_address[:2]
@@ -291,7 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     counts = [int(n) for n in args.samples.split(",")]
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                       counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
-                      inject_k=args.inject_k, priors=args.priors, on_point=lambda pts: write_results(pts, name, out))
+                      inject_k=args.inject_k, priors=args.priors, fusion=args.fusion,
+                      on_point=lambda pts: write_results(pts, name, out))
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
@@ -381,7 +382,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
     from .eval.squad import evaluate_qa, write_results
 
     results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
-                          priors=args.priors)
+                          fusion=args.fusion, priors=args.priors)
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
@@ -396,6 +397,9 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                    help="who picks the documents to read: the model (Memory Interleave as published), the router "
                         "(default: what the shipped model does well), or nobody (answer in one round)")
     p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
+    p.add_argument("--fusion", choices=["rrf", "score"], default="rrf",
+                   help="router mode: rank documents over the router layers by reciprocal rank (default) or by the sum "
+                        "of their routing scores (README, 'Fusing the router layers')")
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:

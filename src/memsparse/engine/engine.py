@@ -15,14 +15,20 @@ from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 _ID = re.compile(r"\[(\d+)\]")
 
 
-def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list[int]:
-    """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank)),
-    leaving out `exclude`."""
+FUSIONS = ("rrf", "score")
+
+
+def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset(), fusion: str = "rrf") -> list[int]:
+    """The k documents ranked highest over all router layers, leaving out `exclude`. `fusion`: "rrf" =
+    reciprocal-rank fusion (sum of 1 / (60 + rank)); "score" = sum of the layers' routing scores (a layer that did
+    not select a document adds nothing), so the layers that separate the documents most weigh most."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
     fused: dict[int, float] = {}
     for picked in routing.values():
-        for rank, (d, _) in enumerate(picked):
+        for rank, (d, score) in enumerate(picked):
             if d not in exclude:
-                fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
+                fused[d] = fused.get(d, 0.0) + (1.0 / (60 + rank) if fusion == "rrf" else score)
     return sorted(fused, key=fused.get, reverse=True)[:k]
 
 
@@ -65,10 +71,14 @@ class MSAEngine:
     """`similarity`: 'official' (the release's engine: cosine only for INFONCE), 'train' (as trained:
     cosine for every InfoNCE-family loss), 'cosine' or 'dot'."""
 
-    def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4):
+    def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4,
+                 fusion: str = "rrf"):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
         self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
+        self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
         self.protocol = Protocol(tok)
         self.stop_ids, self.round_end = self.protocol.stop_ids, self.protocol.round_end
 
@@ -144,7 +154,7 @@ class MSAEngine:
 
         `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
         inject; "router" = the engine injects the `inject_k` documents the router layers rank highest
-        (reciprocal-rank fusion over layers), then the model answers; False = answer in one round."""
+        (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round."""
         if interleave not in (True, False, "model", "router"):
             raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
         if router_rounds < 1:
@@ -192,7 +202,7 @@ class MSAEngine:
             timings["prefill"] += time.perf_counter() - t0
             for row, routing in zip(rows, res.memory.routing):
                 row.routing.append(routing)  # the routing that picked the injected documents
-                top = sorted(fused_top(routing, k, exclude={d for r in row.rounds for d in r}))
+                top = sorted(fused_top(routing, k, exclude={d for r in row.rounds for d in r}, fusion=self.fusion))
                 row.tokens = row.tokens + self.protocol.naming(top)
                 self._inject(row, top)
         for row in rows:

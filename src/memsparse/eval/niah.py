@@ -24,12 +24,12 @@ from .meta import pyplot, run_meta, save_figure
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, priors: int = 0, on_point=None) -> list[dict]:
+             inject_k: int = 4, priors: int = 0, fusion: str = "rrf", on_point=None) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
     `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
-    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none). `on_point(points so far)` runs
-    after each point (the command line writes the results file there, so an interrupted run keeps what it
-    measured)."""
+    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `fusion`: the engine's (how the
+    injected documents are ranked over the layers). `on_point(points so far)` runs after each point (the command
+    line writes the results file there, so an interrupted run keeps what it measured)."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -44,7 +44,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             for _ in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
-                engine = MSAEngine(model, tok, bank, similarity="train")
+                engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion)
                 if priors:
                     engine.calibrate_priors(n=priors)
                 ans = engine.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
@@ -53,7 +53,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                 picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
                 route_rec.append(len(gold & picked) / len(gold))
                 named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
-            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed,
+            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, "fusion": fusion,
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
                            "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
                            "named_recall": round(sum(named_rec) / per_subtask, 4),
@@ -67,6 +67,10 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
 def pool(points: list[dict]) -> list[dict]:
     """One point per (memory size, subtask) from runs with different seeds (disjoint sample streams): accuracy and
     recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
+    fusions = {p.get("fusion", "rrf") for p in points}  # points before the fusion option used "rrf"
+    if len(fusions) > 1:
+        raise ValueError(f"points of one fusion only, got {sorted(fusions)}")
+    fusion = next(iter(fusions), "rrf")
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
@@ -78,7 +82,8 @@ def pool(points: list[dict]) -> list[dict]:
         total = sum(r["samples"] for r in runs)
         mean = {key: sum(r[key] * r["samples"] for r in runs) / total
                 for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")}
-        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, "accuracy": round(mean["accuracy"], 2),
+        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, "fusion": fusion,
+                       "accuracy": round(mean["accuracy"], 2),
                        "samples": total, "routing_recall": round(mean["routing_recall"], 4),
                        "named_recall": round(mean["named_recall"], 4),
                        "seconds_per_sample": round(mean["seconds_per_sample"], 3),

@@ -212,7 +212,7 @@ def gold_shares(answers, squad: Squad, ids: list[int] | None = None) -> dict[str
 
 
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
-                inject_k: int = 4, priors: int = 0, progress: bool = True) -> list[dict]:
+                inject_k: int = 4, priors: int = 0, fusion: str = "rrf", progress: bool = True) -> list[dict]:
     """EM / F1 (%) per system (memsparse also: `gold_shares`). `msa` = (model, tokenizer) with routers; `plain` =
     (model, tokenizer) without; `priors`: memsparse with document priors from that many pseudo-queries."""
     from ..engine import MSAEngine
@@ -224,7 +224,7 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     if "memsparse" in systems:
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
-        engine = MSAEngine(model, tok, bank, similarity="train")
+        engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion)
         if priors:
             engine.calibrate_priors(n=priors)
         answers = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
