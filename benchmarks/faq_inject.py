@@ -4,9 +4,9 @@ router injection of 1 / 2 / 4 documents, without and with document priors. Per s
 whose FAQ answer was injected (`gold_injected`) and the answer's token F1 against the answer's first sentence
 (what the demo shows as expected).
 
-    python benchmarks/faq_inject.py [--docs 150] [--inject 1,2,4] [--priors 256]
+    python benchmarks/faq_inject.py [--docs 150] [--inject 1,2,4] [--priors 256] [--fusion rrf]
 
-Writes benchmarks/results/faq_inject.json under "<device>" (CPU or GPU).
+Writes benchmarks/results/faq_inject.json under "<device>" (CPU or GPU; "<device>-score" with --fusion score).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=150)
     ap.add_argument("--inject", default="1,2,4")
     ap.add_argument("--priors", type=int, default=256)
+    ap.add_argument("--fusion", choices=["rrf", "score"], default="rrf")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS / "faq_inject.json"))
     args = ap.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     bank = MemoryBank.build(model, tok, docs)
     points = []
     for priors in (0, args.priors):
-        engine = MSAEngine(model, tok, bank, similarity="train")
+        engine = MSAEngine(model, tok, bank, similarity="train", fusion=args.fusion)
         if priors:
             engine.calibrate_priors(n=priors)
         for k in (int(x) for x in args.inject.split(",")):
@@ -54,8 +55,8 @@ def main() -> None:
                            "seconds": round(time.perf_counter() - t0, 1)})
             print(points[-1], flush=True)
     run = {**run_header(device), "model": "MSA-SmolLM2 (shipped)", "dtype": str(model.dtype), "docs": args.docs,
-           "points": points}
-    save_run(Path(args.out), device.type, run)
+           "fusion": args.fusion, "points": points}
+    save_run(Path(args.out), device.type + ("" if args.fusion == "rrf" else f"-{args.fusion}"), run)
 
 
 if __name__ == "__main__":
