@@ -270,8 +270,7 @@ def write_results(systems: list[dict], memory_tokens: int, questions: int, out: 
 
 def plot(result: dict, path: Path) -> None:
     """Horizontal bars: EM and F1 of every system (ours first in the file's order)."""
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         return
     systems = result["systems"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(systems) + 1.2))
