@@ -20,6 +20,7 @@ from common import RESULTS, run_header, save_run
 
 from memsparse.demo import default_memory, load_shipped
 from memsparse.engine import MSAEngine
+from memsparse.engine.engine import FUSIONS
 from memsparse.eval.squad import f1
 from memsparse.memory import MemoryBank
 from memsparse.train.tasks.mix import FAQ_HELD_OUT
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=150)
     ap.add_argument("--inject", default="1,2,4")
     ap.add_argument("--priors", type=int, default=256)
-    ap.add_argument("--fusion", choices=["rrf", "score"], default="rrf")
+    ap.add_argument("--fusion", choices=FUSIONS, default="rrf")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS / "faq_inject.json"))
     args = ap.parse_args()

@@ -18,12 +18,16 @@ _ID = re.compile(r"\[(\d+)\]")
 FUSIONS = ("rrf", "score")
 
 
+def _check_fusion(fusion: str) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
+
+
 def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset(), fusion: str = "rrf") -> list[int]:
     """The k documents ranked highest over all router layers, leaving out `exclude`. `fusion`: "rrf" =
     reciprocal-rank fusion (sum of 1 / (60 + rank)); "score" = sum of the layers' routing scores (a layer that did
     not select a document adds nothing), so the layers that separate the documents most weigh most."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
+    _check_fusion(fusion)
     fused: dict[int, float] = {}
     for picked in routing.values():
         for rank, (d, score) in enumerate(picked):
@@ -75,8 +79,7 @@ class MSAEngine:
                  fusion: str = "rrf"):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
+        _check_fusion(fusion)
         self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
         self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
         self.protocol = Protocol(tok)
