@@ -253,3 +253,38 @@ def test_demo_needle_memory() -> None:
     for q, a in zip(questions, answers):
         key = re.fullmatch(r"What is the special magic number for (.+) mentioned in the provided text\?", q)[1]
         assert sum(f"for {key} is: {a}." in d for d in docs) == 1
+
+
+def test_reading_questions(monkeypatch) -> None:
+    """The extractive task: a year, an amount, a number with its unit or a capitalised name of one sentence becomes
+    a wh-phrase; the answer is exactly the replaced words; the gold passage is named; sentences without a span (or
+    too short) give nothing."""
+    from memsparse.train import corpora
+    from memsparse.train.tasks.mix import Mixer, reading_question
+
+    rng = random.Random(0)
+    sent = "In 1911 the people spent $20,000,000 to carry the waterway 62 miles farther to Utica, as planned."
+    seen = {}
+    for _ in range(60):
+        q, a = reading_question(sent, rng)
+        assert q.endswith("?") and a in sent and a not in q
+        wh = {"1911": "In what year the", "$20,000,000": "spent how much to", "62": "carry the waterway how many miles",
+              "Utica": "farther to what, as"}[a]
+        assert wh in q
+        seen[a] = True
+    assert len(seen) == 4
+    assert reading_question("We moved 2 1/4 million people off the welfare rolls, in the last few years.", rng) is None
+    assert reading_question("Too short, in 1911.", rng) is None and reading_question("", rng) is None
+
+    texts = [f"Address {i}\nThe ship number {i} sailed from the old harbour toward the open sea at dawn yesterday. "
+             f"Nothing else happened there." for i in range(40)]
+    monkeypatch.setattr(corpora, "sotu", lambda: [corpora.Passage(*t.split("\n"), "sotu") for t in texts])
+    mixer = Mixer({"reading": 1.0}, lambda ts: [count(t) for t in ts], seed=2)
+    for _ in range(10):
+        q = mixer.draw(600)
+        (gold,) = q.hops[0]
+        assert q.task == "reading" and q.question == "The ship number what number sailed from the old harbour toward " \
+            "the open sea at dawn yesterday?"
+        assert q.documents[gold].startswith(f"Address {q.answer}\n") and 300 <= sum(map(count, q.documents))
+    with pytest.raises(ValueError, match="unknown tasks \\['squad'\\]"):
+        Mixer({"squad": 1.0, "reading": 1.0}, lambda ts: [count(t) for t in ts])

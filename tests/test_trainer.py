@@ -10,6 +10,7 @@ import torch
 from memsparse.cli import main
 from memsparse.model.delta import load_delta
 from memsparse.train import trainer
+from memsparse.train.tasks import mix
 from memsparse.train.tasks.mix import Mixer, Question
 
 from .conftest import tiny_model, tiny_tokenizer
@@ -50,13 +51,18 @@ def _toy(self, memory_tokens):
     return Question(docs, f"What value has item {g}?", [[g]], docs[g].split()[-1].rstrip("."), "toy")
 
 
+def _add_toy(monkeypatch) -> None:
+    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    monkeypatch.setattr(mix, "TASKS", (*mix.TASKS, "toy"))
+
+
 def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     base = tmp_path / "base"
     tiny_model("llama", vocab_size=300, tie_word_embeddings=True).save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     recipe = tmp_path / "toy.toml"
     recipe.write_text(RECIPE.format(base=base))
-    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    _add_toy(monkeypatch)
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu", "--max-steps", "4"]) == 0
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -84,7 +90,7 @@ def test_time_limit_stops_with_a_checkpoint_and_a_delta(tmp_path, monkeypatch):
     tiny_tokenizer().save_pretrained(base)
     recipe = tmp_path / "toy.toml"
     recipe.write_text(RECIPE.format(base=base).replace("checkpoint_every = 2", "checkpoint_every = 50"))
-    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    _add_toy(monkeypatch)
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu", "--max-minutes", "0"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1 and (run / "delta").is_dir()
@@ -107,7 +113,7 @@ def _ddp_rank(rank: int, world: int, port: int, recipe: str, run: str, out: str)
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    Mixer.toy = _toy
+    Mixer.toy, mix.TASKS = _toy, (*mix.TASKS, "toy")
     seen = {}
 
     class Recording(torch.optim.AdamW):
@@ -172,7 +178,7 @@ def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypat
         (ph["steps"], ph["lr"], ph["memory_tokens"]) for ph in base["phases"]]
     assert not recipes["ablations/no-original-text"].interleave and recipes["smollm2-msa"].interleave
     tok = tiny_tokenizer()
-    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    _add_toy(monkeypatch)
     proto = Protocol(tok)
     for interleave in (True, False):
         recipe = trainer.Recipe(base="x", tasks={"toy": 1.0}, interleave=interleave, phases=[trainer.Phase(
@@ -190,7 +196,7 @@ def test_step_batches_do_not_depend_on_workers_or_resuming(monkeypatch):
     resumed run) continues it exactly; NIAH subtask weights pick only the weighted subtasks."""
     from memsparse.train.tasks.niah import SUBTASKS
 
-    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    _add_toy(monkeypatch)
     tok = tiny_tokenizer()
     recipe = trainer.Recipe(base="x", tasks={"toy": 1.0}, doc_tokens=16, phases=[trainer.Phase(
         "p", steps=7, lr=1.0, w_lm=1, w_aux=1, memory_tokens=[60, 90], batch_size=2)])
@@ -229,7 +235,7 @@ def test_nulled_router_start_and_router_learning_rate(tmp_path, monkeypatch):
     recipe = tmp_path / "toy.toml"
     recipe.write_text('router_init = "nulled"\nrouter_null_rank = 4\nrouter_init_batches = 3\n'
                       'router_lr_scale = 0.0\n' + RECIPE.format(base=base))
-    monkeypatch.setattr(Mixer, "toy", _toy, raising=False)
+    _add_toy(monkeypatch)
     r = trainer.Recipe.load(recipe)
     trainer.train(r, tmp_path / "run", device="cpu", max_steps=2)
     trained = {n: t.float() for n, t in load_file(tmp_path / "run" / "delta" / "delta.safetensors").items()}

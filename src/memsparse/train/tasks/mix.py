@@ -7,6 +7,9 @@
   The last `FAQ_HELD_OUT` questions are never trained on (the demo and evaluation use them).
 - `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
   one passage, the model names it and answers with its title (the first line of the document).
+- `reading` (short extractive answers): State of the Union passages; one sentence of a passage becomes a question by
+  putting a wh-phrase in place of a year ("what year"), an amount ("how many <unit>", "how much"), a number or a
+  capitalised name ("what"); the model names the passage and answers with the replaced words, as SQuAD asks.
 - `definitions` (generative retrieval on headwords): dictionary pages (FOLDOC and WordNet entries packed in
   headword order, about `PAGE_WORDS` words each, one entry a line); the question asks what a headword means (the
   model names its page and answers with the definition's first sentence) or which headword a definition quotes
@@ -25,6 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+TASKS = ("niah", "faq", "retrieval", "reading", "definitions", "multihop")
 FAQ_HELD_OUT = 24
 MULTIHOP_CHAINS = 4
 HOP_LINK = "The {key} leads to the {link}."
@@ -33,6 +37,12 @@ HOP_QUESTION = "What is the special magic number of the place that the {key} lea
 PASSAGE_WORDS = 250  # essay passages of about 330 tokens, room left for a needle within doc_tokens=512
 PAGE_WORDS = 200  # dictionary pages
 NEIGHBOUR_PAGES = 8  # hard negatives on each side of the gold page
+# the spans `reading` asks for: a year, a number with its unit, a money amount, or a capitalised name inside a sentence
+_NUMBER = r"\d+(?:[,.]\d+)*(?![\w/]|\s\d+/)(?:\s(?:million|billion|thousand)\b)?"
+_SPAN = re.compile(r"(?<![\w/$.,])(?:(?P<year>1[6-9]\d\d|20\d\d)(?![\w/,.]\w)"
+                   rf"|(?P<count>{_NUMBER})(?P<unit>\s(?:[a-z]+s|people|men|women|children)\b)?)"
+                   rf"|(?P<money>\$\s?{_NUMBER})"
+                   r"|(?<=[a-z,] )(?P<name>[A-Z][a-z]+(?:\s(?:of\s(?:the\s)?)?[A-Z][a-z]+)*)")
 
 
 @dataclass
@@ -86,6 +96,8 @@ class Mixer:
         from .niah import SUBTASKS
 
         self.weights = {k: v for k, v in weights.items() if v > 0}
+        if set(self.weights) - set(TASKS):
+            raise ValueError(f"unknown tasks {sorted(set(self.weights) - set(TASKS))}; known: {', '.join(TASKS)}")
         unknown = set(niah_subtasks or {}) - set(SUBTASKS)
         if unknown:
             raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
@@ -100,7 +112,7 @@ class Mixer:
 
             self.faq_pairs = python_faq()[:-FAQ_HELD_OUT]
             self.pools["python"] = Pool([p.text for p in python_docs()] + [a for _, a in self.faq_pairs], count_tokens)
-        if "retrieval" in self.weights:
+        if {"retrieval", "reading"} & set(self.weights):
             from ..corpora import sotu
 
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
@@ -144,6 +156,17 @@ class Mixer:
         others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
         docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in others])
         return Question(docs, question, [where], title, "retrieval")
+
+    def reading(self, memory_tokens: int) -> Question:
+        pool = self.pools["sotu"]
+        while True:  # nearly every passage has a sentence with a span
+            gold = self.rng.randrange(len(pool.texts))
+            asked = reading_question(pool.texts[gold].split("\n", 1)[1], self.rng)
+            if asked:
+                break
+        others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
+        docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in others])
+        return Question(docs, asked[0], [where], asked[1], "reading")
 
     def definitions(self, memory_tokens: int) -> Question:
         pool = self.pools["definitions"]
@@ -206,6 +229,30 @@ _NEXT_SENSE = re.compile(r"\s\d+:\s|;\s")  # WordNet: the next sense, or the exa
 def gist(definition: str) -> str:
     """The first sentence of a dictionary definition's first sense, without its category or sense mark."""
     return first_sentence(_NEXT_SENSE.split(_SENSE_MARK.sub("", definition), maxsplit=1)[0])
+
+
+def reading_question(text: str, rng: random.Random) -> tuple[str, str] | None:
+    """(question, answer) from one sentence of `text` (10-45 words) with a year, amount, number or name in it
+    replaced by a wh-phrase; None when no sentence has one."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if 10 <= len(s.split()) <= 45]
+    rng.shuffle(sentences)
+    for sent in sentences:
+        spans = [m for m in _SPAN.finditer(sent) if m.start() > 0]
+        if not spans:
+            continue
+        numbers = [m for m in spans if not m["name"]]
+        m = rng.choice(numbers if numbers and rng.random() < 0.5 else spans)  # names alone would be most questions
+        if m["year"]:
+            wh, answer = "what year", m["year"]
+        elif m["money"]:
+            wh, answer = "how much", m["money"]
+        elif m["count"]:
+            wh, answer = (f"how many{m['unit']}", m["count"]) if m["unit"] else ("what number", m["count"])
+        else:
+            wh, answer = "what", m["name"]
+        question = (sent[:m.start()] + wh + sent[m.end():]).rstrip(" .!?;:,")
+        return question[0].upper() + question[1:] + "?", answer.rstrip(".,")
+    return None
 
 
 def _essay_passages() -> list[str]:
