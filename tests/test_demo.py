@@ -53,11 +53,18 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))
     monkeypatch.setattr(niah, "_words", lambda: niah._Words(["calm", "red"], ["cat", "sky", "sea"]))
     out = tmp_path / "niah.json"
+    answers = tmp_path / "answers.jsonl"
     argv = ["eval", "niah", "--tokens", "400", "--samples", "2", "--subtasks", "niah_single_1,niah_multikey_2",
-            "--out", str(out)]
+            "--out", str(out), "--answers", str(answers)]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert [p["subtask"] for p in res["points"]] == ["niah_single_1", "niah_multikey_2"]
+    lines = [json.loads(x) for x in answers.read_text().splitlines()]  # every sample, as scored
+    assert [(x["subtask"], x["sample"]) for x in lines] == [(p["subtask"], i) for p in res["points"] for i in (0, 1)]
+    for p in res["points"]:
+        mine = [x for x in lines if x["subtask"] == p["subtask"]]
+        assert p["accuracy"] == round(100 * sum(x["score"] for x in mine) / 2, 2)
+        assert all(x["expected"] and x["gold"] and x["question"].endswith("?") for x in mine)
     assert all(p["samples"] == 2 and 0 <= p["accuracy"] <= 100 and p["tokens"] == 400 for p in res["points"])
     assert {"model", "gpu", "date", "commit"} <= set(res)
     assert main(["eval", "niah", "--subtasks", "niah_nope", "--out", str(out)]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -289,10 +290,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
     counts = [int(n) for n in args.samples.split(",")]
-    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
-                      counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
-                      inject_k=args.inject_k, priors=args.priors, fusion=args.fusion,
-                      on_point=lambda pts: write_results(pts, name, out))
+    with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
+        points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
+                          counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
+                          inject_k=args.inject_k, priors=args.priors, fusion=args.fusion,
+                          on_point=lambda pts: write_results(pts, name, out), answers=answers)
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
@@ -537,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
+    v.add_argument("--answers", metavar="FILE",
+                   help="niah: write every sample (question, expected and given answer, score, needle and named "
+                        "documents) to FILE as JSON lines, as it is scored")
     _interleave_args(v)
     _priors_arg(v)
     v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")

@@ -24,12 +24,14 @@ from .meta import pyplot, run_meta, save_figure
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, priors: int = 0, fusion: str = "rrf", on_point=None) -> list[dict]:
+             inject_k: int = 4, priors: int = 0, fusion: str = "rrf", on_point=None, answers=None) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
     `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
     pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `fusion`: the engine's (how the
     injected documents are ranked over the layers). `on_point(points so far)` runs after each point (the command
-    line writes the results file there, so an interrupted run keeps what it measured)."""
+    line writes the results file there, so an interrupted run keeps what it measured). `answers`: a text file to
+    which every sample is written as it is scored, one JSON line (question, expected and given answer, score, the
+    needle documents and the documents named or injected in each round), to see what failed."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -41,7 +43,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             rng = random.Random(f"{seed}-{sub}-{n}")
             acc, route_rec, named_rec = [], [], []
             t0 = time.perf_counter()
-            for _ in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
+            for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
                 engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion)
@@ -53,6 +55,11 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                 picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
                 route_rec.append(len(gold & picked) / len(gold))
                 named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
+                if answers is not None:
+                    answers.write(json.dumps({"tokens": n, "subtask": sub, "seed": seed, "sample": i,
+                                              "question": s.question, "expected": s.answers, "answer": ans.text,
+                                              "score": acc[-1], "gold": sorted(gold), "rounds": ans.rounds}) + "\n")
+                    answers.flush()
             points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, "fusion": fusion,
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
                            "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
