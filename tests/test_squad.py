@@ -1,6 +1,9 @@
 """SQuAD-open evaluation: the official answer normalisation and scores, retrieval, and the whole evaluation on a
 tiny SQuAD with tiny models (no downloads)."""
 
+import io
+import json
+
 import pytest
 import torch
 
@@ -52,10 +55,20 @@ def test_evaluate_qa_tiny(monkeypatch):
     data = sq.Squad(paragraphs=["Paris is the capital of France.", "Ottawa is in Canada.", "Bananas are yellow."],
                     article=[0, 0, 1], questions=questions)
     assert sq.fit_context(tok, data, 20) == [0]
+    lines = io.StringIO()
     res = sq.evaluate_qa(data, ["memsparse", "rag1", "rag2", "full"], msa=(model, tok), plain=(model, tok),
-                         progress=False)
+                         progress=False, answers=lines)
     assert [r["name"] for r in res] == ["memsparse", "rag1", "rag2", "full"]
     assert all(0 <= r["em"] <= 100 and 0 <= r["f1"] <= 100 for r in res)
+    rows = [json.loads(x) for x in lines.getvalue().splitlines()]  # every system's answer to every question
+    assert [(r["system"], r["question"]) for r in rows] == [(s, q) for s in ("memsparse", "rag1", "rag2", "full")
+                                                            for q, _, _ in questions]
+    for r in res:
+        mine = [x for x in rows if x["system"] == r["name"]]
+        assert r["em"] == round(100 * sum(x["em"] for x in mine) / 2, 2)
+        assert r["f1"] == round(100 * sum(x["f1"] for x in mine) / 2, 2)
+    assert all(1 <= len(x["injected"]) <= 3 for x in rows if x["system"] == "memsparse")
+    assert {x["gold_paragraph"] for x in rows} == {1, 2} and all("injected" not in x for x in rows[2:])
 
 
 def test_results_keep_earlier_systems_of_the_same_memory(tmp_path, monkeypatch):

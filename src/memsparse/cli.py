@@ -383,8 +383,9 @@ def _eval_qa(args: argparse.Namespace) -> None:
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
     from .eval.squad import evaluate_qa, write_results
 
-    results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
-                          fusion=args.fusion, priors=args.priors)
+    with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
+        results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
+                              fusion=args.fusion, priors=args.priors, answers=answers)
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
@@ -540,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
     v.add_argument("--answers", metavar="FILE",
-                   help="niah: write every sample (question, expected and given answer, score, needle and named "
-                        "documents) to FILE as JSON lines, as it is scored")
+                   help="niah / qa: write every sample (question, expected and given answer, score, the gold and the "
+                        "named or injected documents) to FILE as JSON lines")
     _interleave_args(v)
     _priors_arg(v)
     v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")

@@ -212,9 +212,12 @@ def gold_shares(answers, squad: Squad, ids: list[int] | None = None) -> dict[str
 
 
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
-                inject_k: int = 4, priors: int = 0, fusion: str = "rrf", progress: bool = True) -> list[dict]:
+                inject_k: int = 4, priors: int = 0, fusion: str = "rrf", progress: bool = True,
+                answers=None) -> list[dict]:
     """EM / F1 (%) per system (memsparse also: `gold_shares`). `msa` = (model, tokenizer) with routers; `plain` =
-    (model, tokenizer) without; `priors`: memsparse with document priors from that many pseudo-queries."""
+    (model, tokenizer) without; `priors`: memsparse with document priors from that many pseudo-queries; `answers`: a
+    text file that gets every system's answer to every question as a JSON line (with EM, F1, the gold paragraph and,
+    for memsparse, the injected paragraphs)."""
     from ..engine import MSAEngine
     from ..memory import MemoryBank
 
@@ -227,9 +230,10 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion)
         if priors:
             engine.calibrate_priors(n=priors)
-        answers = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
-        preds["memsparse"] = [a.text for a in answers]
-        extra["memsparse"] = gold_shares(answers, squad)
+        asked = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
+        preds["memsparse"] = [a.text for a in asked]
+        injected = [a.rounds[0] if a.rounds else [] for a in asked]
+        extra["memsparse"] = gold_shares(asked, squad)
     rag = [s for s in systems if s.startswith("rag")]
     if rag:
         model, tok = plain
@@ -246,9 +250,18 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         ctx = "\n\n".join(squad.paragraphs[i] for i in keep)
         preds["full"] = generate_plain(model, tok, [PROMPT.format(context=ctx, question=q) for q, _, _ in qs],
                                        batch_size=4, progress="full" if progress else None)
-    return [{"name": name, "em": round(100 * sum(exact_match(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2),
-             "f1": round(100 * sum(f1(p, a) for p, (_, a, _) in zip(ps, qs)) / len(qs), 2), **extra.get(name, {})}
-            for name, ps in preds.items()]
+    results = []
+    for name, ps in preds.items():
+        em = [exact_match(p, a) for p, (_, a, _) in zip(ps, qs)]
+        f = [f1(p, a) for p, (_, a, _) in zip(ps, qs)]
+        results.append({"name": name, "em": round(100 * sum(em) / len(qs), 2), "f1": round(100 * sum(f) / len(qs), 2),
+                        **extra.get(name, {})})
+        for i, ((q, gold, par), p) in enumerate(zip(qs, ps)):
+            if answers is not None:
+                answers.write(json.dumps({"system": name, "question": q, "expected": gold, "answer": p, "em": em[i],
+                                          "f1": f[i], "gold_paragraph": par,
+                                          **({"injected": injected[i]} if name == "memsparse" else {})}) + "\n")
+    return results
 
 
 def write_results(systems: list[dict], memory_tokens: int, questions: int, out: Path) -> dict:
