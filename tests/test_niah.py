@@ -286,5 +286,9 @@ def test_reading_questions(monkeypatch) -> None:
         assert q.task == "reading" and q.question == "The ship number what number sailed from the old harbour toward " \
             "the open sea at dawn yesterday?"
         assert q.documents[gold].startswith(f"Address {q.answer}\n") and 300 <= sum(map(count, q.documents))
+    monkeypatch.setattr(corpora, "sotu", lambda: [corpora.Passage("Address", "nothing to ask about here at all, "
+                                                                     "not a single name or number in it.", "sotu")])
+    with pytest.raises(ValueError, match="no passage has a sentence"):
+        Mixer({"reading": 1.0}, lambda ts: [count(t) for t in ts]).draw(600)
     with pytest.raises(ValueError, match="unknown tasks \\['squad'\\]"):
         Mixer({"squad": 1.0, "reading": 1.0}, lambda ts: [count(t) for t in ts])
