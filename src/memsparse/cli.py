@@ -400,7 +400,9 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                    help="who picks the documents to read: the model (Memory Interleave as published), the router "
                         "(default: what the shipped model does well), or nobody (answer in one round)")
     p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
-    p.add_argument("--fusion", choices=["rrf", "score"], default="rrf",
+    from .engine.engine import FUSIONS
+
+    p.add_argument("--fusion", choices=FUSIONS, default="rrf",
                    help="router mode: rank documents over the router layers by reciprocal rank (default) or by the sum "
                         "of their routing scores (README, 'Fusing the router layers')")
 

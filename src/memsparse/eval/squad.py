@@ -256,11 +256,10 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         f = [f1(p, a) for p, (_, a, _) in zip(ps, qs)]
         results.append({"name": name, "em": round(100 * sum(em) / len(qs), 2), "f1": round(100 * sum(f) / len(qs), 2),
                         **extra.get(name, {})})
-        for i, ((q, gold, par), p) in enumerate(zip(qs, ps)):
-            if answers is not None:
-                answers.write(json.dumps({"system": name, "question": q, "expected": gold, "answer": p, "em": em[i],
-                                          "f1": f[i], "gold_paragraph": par,
-                                          **({"injected": injected[i]} if name == "memsparse" else {})}) + "\n")
+        for i, ((q, gold, par), p) in enumerate(zip(qs, ps) if answers is not None else []):
+            answers.write(json.dumps({"system": name, "question": q, "expected": gold, "answer": p, "em": em[i],
+                                      "f1": f[i], "gold_paragraph": par,
+                                      **({"injected": injected[i]} if name == "memsparse" else {})}) + "\n")
     return results
 
 
@@ -287,7 +286,7 @@ def plot(result: dict, path: Path) -> None:
         return
     systems = result["systems"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(systems) + 1.2))
-    y = torch.arange(len(systems)).tolist()
+    y = list(range(len(systems)))
     ax.barh([v - 0.2 for v in y], [s["f1"] for s in systems], height=0.4, label="F1")
     ax.barh([v + 0.2 for v in y], [s["em"] for s in systems], height=0.4, label="exact match")
     ax.set_yticks(y, [s["name"] for s in systems])
