@@ -31,7 +31,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     injected documents are ranked over the layers). `on_point(points so far)` runs after each point (the command
     line writes the results file there, so an interrupted run keeps what it measured). `answers`: a text file to
     which every sample is written as it is scored, one JSON line (question, expected and given answer, score, the
-    needle documents and the documents named or injected in each round), to see what failed."""
+    needle documents, the documents named or injected in each round and every router layer's first-round top-k with
+    scores), to see what failed."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -58,7 +59,9 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                 if answers is not None:
                     answers.write(json.dumps({"tokens": n, "subtask": sub, "seed": seed, "sample": i,
                                               "question": s.question, "expected": s.answers, "answer": ans.text,
-                                              "score": acc[-1], "gold": sorted(gold), "rounds": ans.rounds}) + "\n")
+                                              "score": acc[-1], "gold": sorted(gold), "rounds": ans.rounds,
+                                              "routing": {str(layer): [[d, round(float(x), 4)] for d, x in picked]
+                                                          for layer, picked in ans.routing.items()}}) + "\n")
                     answers.flush()
             points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, "fusion": fusion,
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
