@@ -157,9 +157,16 @@ def test_ddp_ranks_stay_in_step(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3] and (tmp_path / "run" / "delta" / "delta.safetensors").exists()
 
 
-def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypatch):
+def _with_line(recipe: Path, line: str, tmp_path: Path) -> Path:
+    out = tmp_path / recipe.name
+    out.write_text(line + "\n" + recipe.read_text())
+    return out
+
+
+def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypatch, tmp_path):
     """Every recipe under recipes/ parses; each ablation differs from its baseline in one setting only; with
-    `interleave = false` the samples hold no injected document text."""
+    `interleave = false` the samples hold no injected document text; `noise_docs` sets how many documents
+    beside the gold ones a router-injection sample reads, and a bad range is refused."""
     from dataclasses import asdict
 
     from memsparse.engine.protocol import Protocol
@@ -189,6 +196,19 @@ def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypat
         texts = [tok.decode([t for t, d in zip(ids, docs) if d <= 0])
                  for *_, b in batches for ids, docs in zip(b["input_ids"].tolist(), b["doc_ids"].tolist())]
         assert any("has value" in t for t in texts) == interleave  # injected document text, or none
+    injected = {}
+    for lo_hi in ([1, 3], [6, 6]):  # noise documents per hop: the router-injection samples read gold + noise
+        recipe = trainer.Recipe(base="x", tasks={"toy": 1.0}, noise_docs=lo_hi, doc_tokens=16, phases=[
+            trainer.Phase("p", steps=8, lr=1.0, w_lm=1, w_aux=1, memory_tokens=[200])])
+        mixer = trainer.make_mixer(recipe, tok)
+        texts = [tok.decode([t for t, d in zip(ids, docs) if d <= 0])
+                 for step in range(8) for ids, docs in zip(*(v.tolist() for v in (
+                     trainer.step_batch(recipe, mixer, proto, tok, 0, step)[-1][k] for k in ("input_ids", "doc_ids"))))]
+        injected[lo_hi[1]] = max(t.count("has value") for t in texts)
+    assert injected[3] <= 4 and injected[6] == 7
+    bad = Path(__file__).parent.parent / "recipes" / "smollm2-msa.toml"
+    with pytest.raises(ValueError, match="noise_docs"):
+        trainer.Recipe.load(_with_line(bad, "noise_docs = [3, 1]", tmp_path))
 
 
 def test_step_batches_do_not_depend_on_workers_or_resuming(monkeypatch):

@@ -76,6 +76,8 @@ class Recipe:
     router_null_rank: int = 120  # "nulled": how many dominant input directions the routers skip
     router_init_batches: int = 32  # "nulled": batches (the run's first steps) the directions are measured on
     router_lr_scale: float = 1.0  # the routers' learning rate relative to the phase's (adapters, token rows)
+    noise_docs: list[int] = field(default_factory=lambda: [1, 3])  # [min, max] noise documents per hop injected
+    # beside the gold ones in the router-injection samples (the engine injects `inject_k` in all)
 
     @classmethod
     def load(cls, path) -> Recipe:
@@ -85,6 +87,10 @@ class Recipe:
             raise ValueError(f"{path}: a recipe needs at least one [[phase]]")
         if d.get("router_init", "keep") not in ("keep", "nulled"):
             raise ValueError(f"{path}: router_init must be 'keep' or 'nulled', got {d['router_init']!r}")
+        lo_hi = d.get("noise_docs", [1, 3])
+        if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(x, int) for x in lo_hi)
+                and 0 <= lo_hi[0] <= lo_hi[1]):
+            raise ValueError(f"{path}: noise_docs must be [min, max] with 0 <= min <= max, got {lo_hi!r}")
         return cls(**d, phases=phases)
 
 
@@ -315,7 +321,7 @@ def step_batch(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rank: int, st
         q = mixer.draw(mem)
         gold = {d for h in q.hops for d in h}
         others = [i for i in range(len(q.documents)) if i not in gold]
-        picked = rng.sample(others, min(len(others), sum(rng.randint(1, 3) for _ in q.hops)))
+        picked = rng.sample(others, min(len(others), sum(rng.randint(*recipe.noise_docs) for _ in q.hops)))
         cuts = sorted(rng.randint(0, len(picked)) for _ in q.hops[1:])  # noise split over the rounds
         noise = [picked[a:b] for a, b in zip([0] + cuts, cuts + [len(picked)])]
         samples = rounds(proto, memory_stream(tok, q.documents), q.documents, q.question, q.hops, q.answer,
