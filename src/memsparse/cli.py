@@ -166,7 +166,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .engine import MSAEngine
 
     bank = _open_bank(args)
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, fusion=args.fusion)
+    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
                      router_rounds=args.router_rounds, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request on stderr
     bank = _open_bank(args)
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, fusion=args.fusion)
+    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
     server = make_server(engine, args.host, args.port, max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
                          interleave=args.interleave, inject_k=args.inject_k)
     host, port = server.server_address[:2]
@@ -293,7 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
         points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                           counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
-                          inject_k=args.inject_k, priors=args.priors, fusion=args.fusion,
+                          inject_k=args.inject_k, priors=args.priors, **_engine_kw(args),
                           on_point=lambda pts: write_results(pts, name, out), answers=answers)
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
@@ -385,7 +385,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
 
     with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
         results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
-                              fusion=args.fusion, priors=args.priors, answers=answers)
+                              priors=args.priors, answers=answers, **_engine_kw(args))
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
@@ -405,6 +405,16 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", choices=FUSIONS, default="rrf",
                    help="router mode: rank documents over the router layers by reciprocal rank (default) or by the sum "
                         "of their routing scores (README, 'Fusing the router layers')")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="router mode: re-rank the N best documents with finer routing keys before injecting (0: off; "
+                        "README, 'Refined routing')")
+    p.add_argument("--refine-chunk", type=int, default=4, metavar="P",
+                   help="with --refine: tokens per routing key of the re-ranked documents (default 4; the bank's: 64)")
+
+
+def _engine_kw(args: argparse.Namespace) -> dict:
+    """MSAEngine settings from _interleave_args."""
+    return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk}
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:

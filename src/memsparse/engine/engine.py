@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..memory.bank import MemoryBank
+from ..memory.bank import MemoryBank, render_documents
 from .generate import Sampling, generate
 from .prefill import Routing, prefill_batch
 from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
@@ -76,12 +76,17 @@ class MSAEngine:
     cosine for every InfoNCE-family loss), 'cosine' or 'dot'."""
 
     def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4,
-                 fusion: str = "rrf"):
+                 fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
         _check_fusion(fusion)
+        if refine < 0 or not 1 <= refine_chunk <= bank.pool_size:
+            raise ValueError(f"refine={refine}, refine_chunk={refine_chunk}: expected refine >= 0 (0: off) and "
+                             f"1 <= refine_chunk <= the bank's chunk size {bank.pool_size}")
         self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
         self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
+        # router injection re-ranks its `refine` best documents with keys pooled over `refine_chunk` tokens (refined)
+        self.refine, self.refine_chunk = refine, refine_chunk
         self.protocol = Protocol(tok)
         self.stop_ids, self.round_end = self.protocol.stop_ids, self.protocol.round_end
 
@@ -205,12 +210,30 @@ class MSAEngine:
             timings["prefill"] += time.perf_counter() - t0
             for row, routing in zip(rows, res.memory.routing):
                 row.routing.append(routing)  # the routing that picked the injected documents
-                top = sorted(fused_top(routing, k, exclude={d for r in row.rounds for d in r}, fusion=self.fusion))
+                done = {d for r in row.rounds for d in r}
+                if self.refine:
+                    t0 = time.perf_counter()
+                    routing = self.refined(row.tokens, row.route, fused_top(routing, self.refine, done, self.fusion))
+                    timings["route"] += time.perf_counter() - t0
+                top = sorted(fused_top(routing, k, exclude=done, fusion=self.fusion))
                 row.tokens = row.tokens + self.protocol.naming(top)
                 self._inject(row, top)
         for row in rows:
             self._to_answer(row, self.protocol.end_of_retrieve())
             row.route += [False] * (len(row.tokens) - len(row.route))
+
+    def refined(self, tokens: list[int], route: list[bool], shortlist: list[int]) -> Routing:
+        """The routing of one question over `shortlist` only, its documents re-encoded with keys pooled over
+        `refine_chunk` tokens instead of the bank's P: a needle sentence is a small part of a P-token chunk mean,
+        a larger part of a finer one. Documents without stored text are left out."""
+        docs = [d for d in shortlist if self.bank.text(d) is not None]
+        if not docs:
+            return {}
+        texts = [self.bank.text(d) for d in docs]
+        fine = self.bank.like(chunk_size=self.refine_chunk, key_dtype="model", content_dtype="model")
+        fine.add_tokens(render_documents(self.tok, docs, texts), texts=texts)  # ids 0..n-1 = docs' positions
+        res = prefill_batch(fine, [tokens], [route], similarity=self.similarity, route_only=True)
+        return {layer: [(docs[i], score) for i, score in picked] for layer, picked in res.memory.routing[0].items()}
 
     def _inject(self, row: _Row, doc_ids: list[int]) -> None:
         """Append the documents' text; the question block and this text route the next round."""

@@ -24,11 +24,12 @@ from .meta import pyplot, run_meta, save_figure
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, priors: int = 0, fusion: str = "rrf", on_point=None, answers=None) -> list[dict]:
+             inject_k: int = 4, priors: int = 0, fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4,
+             on_point=None, answers=None) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
     `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
-    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `fusion`: the engine's (how the
-    injected documents are ranked over the layers). `on_point(points so far)` runs after each point (the command
+    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `fusion`, `refine`, `refine_chunk`:
+    the engine's (how the injected documents are ranked). `on_point(points so far)` runs after each point (the command
     line writes the results file there, so an interrupted run keeps what it measured). `answers`: a text file to
     which every sample is written as it is scored, one JSON line (question, expected and given answer, score, the
     needle documents, the documents named or injected in each round and every router layer's first-round top-k with
@@ -47,7 +48,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
-                engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion)
+                engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion, refine=refine,
+                                   refine_chunk=refine_chunk)
                 if priors:
                     engine.calibrate_priors(n=priors)
                 ans = engine.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
@@ -64,6 +66,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                                                           for layer, picked in ans.routing.items()}}) + "\n")
                     answers.flush()
             points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, "fusion": fusion,
+                           **({"refine": refine, "refine_chunk": refine_chunk} if refine else {}),
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
                            "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
                            "named_recall": round(sum(named_rec) / per_subtask, 4),
@@ -77,10 +80,11 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
 def pool(points: list[dict]) -> list[dict]:
     """One point per (memory size, subtask) from runs with different seeds (disjoint sample streams): accuracy and
     recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
-    fusions = {p.get("fusion", "rrf") for p in points}  # points before the fusion option used "rrf"
-    if len(fusions) > 1:
-        raise ValueError(f"points of one fusion only, got {sorted(fusions)}")
-    fusion = next(iter(fusions), "rrf")
+    engines = {(p.get("fusion", "rrf"), p.get("refine", 0), p.get("refine_chunk", 4) if p.get("refine") else 4)
+               for p in points}  # points before these options used "rrf" and no refinement
+    if len(engines) > 1:
+        raise ValueError(f"points of one engine setting (fusion, refine, refine_chunk) only, got {sorted(engines)}")
+    fusion, refine, refine_chunk = next(iter(engines), ("rrf", 0, 4))
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
@@ -93,6 +97,7 @@ def pool(points: list[dict]) -> list[dict]:
         mean = {key: sum(r[key] * r["samples"] for r in runs) / total
                 for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")}
         pooled.append({"tokens": n, "subtask": sub, "interleave": mode, "fusion": fusion,
+                       **({"refine": refine, "refine_chunk": refine_chunk} if refine else {}),
                        "accuracy": round(mean["accuracy"], 2),
                        "samples": total, "routing_recall": round(mean["routing_recall"], 4),
                        "named_recall": round(mean["named_recall"], 4),

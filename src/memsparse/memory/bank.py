@@ -119,6 +119,8 @@ class MemoryBank:
     # for those queries (memory/quant.py; engine `calibrate_keys`), saved with the bank
     doc_priors: dict | None = None  # {"ids": (M,) long, "scores": {router layer: (M,) float32}}: each document's
     # mean routing score over calibration questions, subtracted before top-k (engine `calibrate_priors`), saved
+    chunk_size: int | None = None  # tokens per pooled chunk; None = the model's P (finer: a refinement bank, the
+    # engine's `refine`; never saved)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
@@ -143,11 +145,12 @@ class MemoryBank:
 
     def like(self, **overrides) -> MemoryBank:
         """An empty bank for the same model, prefix (its cached K/V, not recomputed) and tokenizer, in this bank's
-        dtypes and tier unless overridden (key_dtype, content_dtype, tier)."""
-        kw = {"key_dtype": self.key_dtype, "content_dtype": self.content_dtype, "tier": self.tier} | overrides
+        dtypes, tier and chunk size unless overridden (key_dtype, content_dtype, tier, chunk_size)."""
+        kw = {"key_dtype": self.key_dtype, "content_dtype": self.content_dtype, "tier": self.tier,
+              "chunk_size": self.chunk_size} | overrides
         _check_dtypes(kw["key_dtype"], kw["content_dtype"])
         bank = MemoryBank(model=self.model, prefix_ids=self.prefix_ids, prefix_kv=self.prefix_kv, tok=self.tok,
-                          key_dtype=kw["key_dtype"], content_dtype=kw["content_dtype"])
+                          key_dtype=kw["key_dtype"], content_dtype=kw["content_dtype"], chunk_size=kw["chunk_size"])
         return bank.place(kw["tier"])
 
     def save(self, path: str | Path | None = None, compact: bool | None = None) -> Path:
@@ -204,7 +207,7 @@ class MemoryBank:
                 start = len(self.prefix_ids) + self.next_position + done
                 pos = torch.arange(start, start + n, device=dev)[None]  # (1, n)
             with shape_varying_attention():
-                encoded = self.model.encode_documents(flat, doc_ids, pos)
+                encoded = self.model.encode_documents(flat, doc_ids, pos, chunk_size=self.pool_size)
             for layer, pooled in encoded.items():
                 # host tier: batches leave the device as they come; pinned once, after concatenation
                 parts.setdefault(layer, []).append(tuple(t.cpu() if self.tier == "host" else t for t in pooled))
@@ -226,7 +229,7 @@ class MemoryBank:
         """Append already-encoded documents as one segment: per router layer K̄, V̄ (chunks, Hkv, D) and, for a
         decoupled router, K̄r; `token_count` per document (its chunks follow in order). Stored in the bank's
         key and content dtypes, on its tier. Returns the new ids."""
-        P = self.model.msa_config.pooling_kernel_size
+        P = self.pool_size
         chunks = [(n + P - 1) // P for n in token_count]
         for lay, k in keys.items():
             if k.shape[0] != sum(chunks) or values[lay].shape != k.shape:
@@ -386,6 +389,11 @@ class MemoryBank:
         return sum(nbytes(t) for s in self.segments for t in s.route_keys.values())
 
     # ----------------------------------------------------------------------------------------- queries
+    @property
+    def pool_size(self) -> int:
+        """Tokens per pooled chunk: `chunk_size`, or the model's P."""
+        return self.chunk_size or self.model.msa_config.pooling_kernel_size
+
     @property
     def num_docs(self) -> int:
         """Live documents."""

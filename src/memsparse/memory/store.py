@@ -151,6 +151,10 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
     path = Path(path) if path is not None else bank.path
     if path is None:
         raise ValueError("save(path): this bank has no directory yet")
+    model_p = bank.model.msa_config.pooling_kernel_size
+    if bank.pool_size != model_p:
+        raise ValueError(f"this bank pools {bank.pool_size} tokens per chunk, the model {model_p}: a refinement "
+                         "bank is not saved")
     dead = sum(bank.segments[r.segment].chunk_count[r.local] for d, r in bank._rows.items() if d in bank.deleted)
     if compact or (compact is None and dead * 4 > bank.num_chunks):
         bank.compact()

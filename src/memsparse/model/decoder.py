@@ -256,13 +256,14 @@ class MSAForCausalLM(nn.Module):
 
     @torch.no_grad()
     def encode_documents(self, input_ids: torch.Tensor, doc_ids: torch.Tensor,
-                         position_ids: torch.Tensor | None = None) -> dict[int, tuple]:
+                         position_ids: torch.Tensor | None = None, chunk_size: int | None = None) -> dict[int, tuple]:
         """Memory encoding (stage 1): documents only (doc_ids > 0 everywhere), each processed independently
         with document-wise positions (or the given `position_ids`). Returns {router layer: (K̄, V̄, K̄r)}, each
-        (chunks, Hkv, D), chunks in document order (documents in (sample, position) order)."""
+        (chunks, Hkv, D), chunks in document order (documents in (sample, position) order), pooled over
+        `chunk_size` tokens (default: the model's P)."""
         if (doc_ids <= 0).any():
             raise ValueError("encode_documents takes document tokens only (doc_ids > 0)")
-        lay = SequenceLayout.build(doc_ids, self.msa_config, position_ids=position_ids)
+        lay = SequenceLayout.build(doc_ids, self.msa_config, position_ids=position_ids, chunk_size=chunk_size)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(lay.positions, x.dtype)
         memory: list = []

@@ -74,6 +74,7 @@ class SequenceLayout:
         msa: MSAConfig,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        chunk_size: int | None = None,
     ) -> SequenceLayout:
         if doc_ids.dim() != 2:
             raise ValueError(f"doc_ids must be (batch, length), got shape {tuple(doc_ids.shape)}")
@@ -129,12 +130,13 @@ class SequenceLayout:
             )
 
         # chunks
-        chunk_of_token, chunk_counts = chunk_ids_for_documents(doc_lengths, msa.pooling_kernel_size)
-        chunks_per_doc = (doc_lengths + msa.pooling_kernel_size - 1) // msa.pooling_kernel_size
+        P = chunk_size or msa.pooling_kernel_size  # a refinement bank pools finer than the model (engine refine)
+        chunk_of_token, chunk_counts = chunk_ids_for_documents(doc_lengths, P)
+        chunks_per_doc = (doc_lengths + P - 1) // P
         chunk_doc = torch.repeat_interleave(torch.arange(len(doc_lengths), device=dev), chunks_per_doc)
         first_chunk = torch.cumsum(chunks_per_doc, 0) - chunks_per_doc
         chunk_rank = torch.arange(len(chunk_doc), device=dev) - first_chunk[chunk_doc]
-        chunk_seq = start_flat[chunk_doc] % T + chunk_rank * msa.pooling_kernel_size
+        chunk_seq = start_flat[chunk_doc] % T + chunk_rank * P
         chunk_sample = doc_sample[chunk_doc]
         chunk_index, chunk_valid = _pad_by_sample(chunk_sample, B)
         chunk_col = doc_column[chunk_doc]
