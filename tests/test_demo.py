@@ -91,6 +91,10 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert main(argv + ["--seed", "8", "--fusion", "score"]) == 0
     assert {p["fusion"] for p in json.loads(out.read_text())["points"]} == {"score"}
     assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # two fusions
+    assert main(argv[:-1] + [str(out), "--seed", "9", "--refine", "3", "--refine-chunk", "2"]) == 0
+    assert {(p["refine"], p["refine_chunk"]) for p in json.loads(out.read_text())["points"]} == {(3, 2)}
+    assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # refined and not
+    assert main(argv + ["--refine", "3", "--refine-chunk", "5"]) == 2  # finer than the bank's 4 tokens only
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):
