@@ -95,6 +95,9 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert {(p["refine"], p["refine_chunk"]) for p in json.loads(out.read_text())["points"]} == {(3, 2)}
     assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # refined and not
     assert main(argv + ["--refine", "3", "--refine-chunk", "5"]) == 2  # finer than the bank's 4 tokens only
+    assert main(argv[:-1] + [str(out), "--seed", "10", "--widen", "3"]) == 0
+    assert {(p["widen"], p["widen_margin"]) for p in json.loads(out.read_text())["points"]} == {(3, 0.6667)}
+    assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # widened and not
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):

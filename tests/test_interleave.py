@@ -202,3 +202,32 @@ def test_fused_top():
     assert engine_mod.fused_top(routing, 1) == [5] and engine_mod.fused_top(routing, 1, fusion="score") == [3]
     with pytest.raises(ValueError, match="fusion="):
         engine_mod.fused_top(routing, 1, fusion="max")
+
+
+def test_cut_drop():
+    """The largest drop in the share of layers holding neighbouring documents (fused order) in their own top k."""
+    head = {layer: [(0, 0.9), (1, 0.5), (2, 0.4)] for layer in range(15)}  # every layer: 0, 1, then 2
+    assert engine_mod.cut_drop(head, [0, 1, 2], 1) == 1.0  # all layers hold 0 in their top 1, none holds 1
+    assert engine_mod.cut_drop(head, [0, 1, 2, 3], 2) == 1.0  # 0 and 1 in every top 2, 2 in none
+    spread = {layer: [(layer % 5, 0.9), ((layer + 1) % 5, 0.8)] for layer in range(15)}  # votes over 5 documents
+    order = engine_mod.fused_top(spread, 5)
+    assert engine_mod.cut_drop(spread, order, 2) == 0.0  # each document in 6 of the 15 layers' top 2
+    split = {layer: [(0 if layer < 10 else 1, 0.9)] for layer in range(15)}  # 10 layers for 0, 5 for 1
+    assert engine_mod.cut_drop(split, [0, 1], 1) == round(10 / 15 - 5 / 15, 6)
+    assert engine_mod.cut_drop({}, [0, 1], 1) == 1.0 and engine_mod.cut_drop(head, [0], 1) == 1.0
+
+
+def test_widened_injection(setup, monkeypatch):
+    """widen: router injection injects `widen` documents (the fused top) instead of inject_k when the layers cut no
+    clear head (cut_drop below widen_margin), inject_k otherwise."""
+    model, tok, bank = setup
+    q = "Is Rome old?"
+    for drop, injected in ((0.1, 3), (0.9, 1)):
+        engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]])
+        engine.widen = 3
+        monkeypatch.setattr(engine_mod, "cut_drop", lambda routing, order, k, d=drop: d)
+        ans = engine.ask(q, interleave="router", inject_k=1)
+        assert ans.rounds == [sorted(engine_mod.fused_top(ans.routing, injected))]
+    for bad in ({"widen": -1}, {"widen_margin": 0.0}, {"widen_margin": 1.5}):
+        with pytest.raises(ValueError, match="widen_margin"):
+            ms.MSAEngine(model, tok, bank, **bad)

@@ -293,7 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
         points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                           counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
-                          inject_k=args.inject_k, priors=args.priors, **_engine_kw(args),
+                          inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
                           on_point=lambda pts: write_results(pts, name, out), answers=answers)
     print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     for p in points:
@@ -385,7 +385,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
 
     with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
         results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
-                              priors=args.priors, answers=answers, **_engine_kw(args))
+                              priors=args.priors, answers=answers, engine=_engine_kw(args))
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
@@ -410,11 +410,14 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                         "README, 'Refined routing')")
     p.add_argument("--refine-chunk", type=int, default=4, metavar="P",
                    help="with --refine: tokens per routing key of the re-ranked documents (default 4; the bank's: 64)")
+    p.add_argument("--widen", type=int, default=0, metavar="N",
+                   help="router mode: inject N documents instead of --inject-k when the router layers agree on no "
+                        "clear head (0: off; README, 'Widened injection')")
 
 
 def _engine_kw(args: argparse.Namespace) -> dict:
     """MSAEngine settings from _interleave_args."""
-    return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk}
+    return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk, "widen": args.widen}
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:

@@ -18,6 +18,14 @@ _ID = re.compile(r"\[(\d+)\]")
 FUSIONS = ("rrf", "score")
 
 
+def engine_settings(fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, widen: int = 0,
+                    widen_margin: float = 2 / 3) -> dict:
+    """MSAEngine's router-injection settings as results record them: the fusion always, the refinement and the
+    widening only when on (results written before an option existed ran without it)."""
+    return {"fusion": fusion, **({"refine": refine, "refine_chunk": refine_chunk} if refine else {}),
+            **({"widen": widen, "widen_margin": round(widen_margin, 4)} if widen else {})}
+
+
 def _check_fusion(fusion: str) -> None:
     if fusion not in FUSIONS:
         raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
@@ -34,6 +42,18 @@ def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset(), fusion:
             if d not in exclude:
                 fused[d] = fused.get(d, 0.0) + (1.0 / (60 + rank) if fusion == "rrf" else score)
     return sorted(fused, key=fused.get, reverse=True)[:k]
+
+
+def cut_drop(routing: Routing, order: list[int], k: int) -> float:
+    """How clearly the router layers cut `order` (documents in fused order) within its first k + 1: the largest
+    drop, between neighbours, in the share of layers whose own top k holds the document. Near 1 when the layers
+    agree on a head (one needle every layer ranks first, or four every layer holds); small when their votes are
+    spread over look-alike documents."""
+    if not routing or len(order) < 2:
+        return 1.0
+    tops = [{d for d, _ in picked[:k]} for picked in routing.values()]
+    share = [sum(d in t for t in tops) / len(tops) for d in order[:k + 1]]
+    return round(max(a - b for a, b in zip(share, share[1:])), 6)  # rounded: 10 of 15 layers is 2/3
 
 
 @dataclass
@@ -76,17 +96,24 @@ class MSAEngine:
     cosine for every InfoNCE-family loss), 'cosine' or 'dot'."""
 
     def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4,
-                 fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4):
+                 fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, widen: int = 0,
+                 widen_margin: float = 2 / 3):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
         _check_fusion(fusion)
         if refine < 0 or not 1 <= refine_chunk <= bank.pool_size:
             raise ValueError(f"refine={refine}, refine_chunk={refine_chunk}: expected refine >= 0 (0: off) and "
                              f"1 <= refine_chunk <= the bank's chunk size {bank.pool_size}")
+        if widen < 0 or not 0 < widen_margin <= 1:
+            raise ValueError(f"widen={widen}, widen_margin={widen_margin}: expected widen >= 0 (0: off) and "
+                             "0 < widen_margin <= 1")
         self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
         self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
         # router injection re-ranks its `refine` best documents with keys pooled over `refine_chunk` tokens (refined)
         self.refine, self.refine_chunk = refine, refine_chunk
+        # router injection injects `widen` documents instead of inject_k when the layers cut no clear head (cut_drop
+        # below `widen_margin`): look-alike documents split their votes and the right one is often ranked 5th-8th
+        self.widen, self.widen_margin = widen, widen_margin
         self.protocol = Protocol(tok)
         self.stop_ids, self.round_end = self.protocol.stop_ids, self.protocol.round_end
 
@@ -215,7 +242,9 @@ class MSAEngine:
                     t0 = time.perf_counter()
                     routing = self.refined(row.tokens, row.route, fused_top(routing, self.refine, done, self.fusion))
                     timings["route"] += time.perf_counter() - t0
-                top = sorted(fused_top(routing, k, exclude=done, fusion=self.fusion))
+                order = fused_top(routing, max(k + 1, self.widen), exclude=done, fusion=self.fusion)
+                wide = self.widen > k and cut_drop(routing, order, k) < self.widen_margin
+                top = sorted(order[:self.widen if wide else k])
                 row.tokens = row.tokens + self.protocol.naming(top)
                 self._inject(row, top)
         for row in rows:

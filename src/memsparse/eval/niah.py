@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..engine import MSAEngine
+from ..engine.engine import engine_settings
 from ..memory import MemoryBank
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
@@ -24,17 +25,18 @@ from .meta import pyplot, run_meta, save_figure
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, priors: int = 0, fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4,
-             on_point=None, answers=None) -> list[dict]:
+             inject_k: int = 4, priors: int = 0, engine: dict | None = None, on_point=None,
+             answers=None) -> list[dict]:
     """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
     `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
-    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `fusion`, `refine`, `refine_chunk`:
-    the engine's (how the injected documents are ranked). `on_point(points so far)` runs after each point (the command
-    line writes the results file there, so an interrupted run keeps what it measured). `answers`: a text file to
-    which every sample is written as it is scored, one JSON line (question, expected and given answer, score, the
-    needle documents, the documents named or injected in each round and every router layer's first-round top-k with
-    scores), to see what failed."""
+    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
+    (fusion, refine, widen: how the injected documents are chosen). `on_point(points so far)` runs after each point
+    (the command line writes the results file there, so an interrupted run keeps what it measured). `answers`: a
+    text file to which every sample is written as it is scored, one JSON line (question, expected and given answer,
+    score, the needle documents, the documents named or injected in each round and every router layer's first-round
+    top-k with scores), to see what failed."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
+    settings = engine_settings(**(engine or {}))
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -48,11 +50,10 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
-                engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion, refine=refine,
-                                   refine_chunk=refine_chunk)
+                eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
                 if priors:
-                    engine.calibrate_priors(n=priors)
-                ans = engine.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
+                    eng.calibrate_priors(n=priors)
+                ans = eng.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
                 gold = set(s.gold)
                 acc.append(string_match_all(ans.text, s.answers))
                 picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
@@ -65,8 +66,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                                               "routing": {str(layer): [[d, round(float(x), 4)] for d, x in picked]
                                                           for layer, picked in ans.routing.items()}}) + "\n")
                     answers.flush()
-            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, "fusion": fusion,
-                           **({"refine": refine, "refine_chunk": refine_chunk} if refine else {}),
+            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, **settings,
                            "accuracy": round(100 * sum(acc) / len(acc), 2),
                            "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
                            "named_recall": round(sum(named_rec) / per_subtask, 4),
@@ -80,11 +80,11 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
 def pool(points: list[dict]) -> list[dict]:
     """One point per (memory size, subtask) from runs with different seeds (disjoint sample streams): accuracy and
     recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
-    engines = {(p.get("fusion", "rrf"), p.get("refine", 0), p.get("refine_chunk", 4) if p.get("refine") else 4)
-               for p in points}  # points before these options used "rrf" and no refinement
+    names = ("fusion", "refine", "refine_chunk", "widen", "widen_margin")
+    engines = {json.dumps(engine_settings(**{k: p[k] for k in names if k in p})) for p in points}
     if len(engines) > 1:
-        raise ValueError(f"points of one engine setting (fusion, refine, refine_chunk) only, got {sorted(engines)}")
-    fusion, refine, refine_chunk = next(iter(engines), ("rrf", 0, 4))
+        raise ValueError(f"points of one engine setting (fusion, refine, widen) only, got {sorted(engines)}")
+    settings = json.loads(next(iter(engines), json.dumps(engine_settings())))
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
@@ -96,8 +96,7 @@ def pool(points: list[dict]) -> list[dict]:
         total = sum(r["samples"] for r in runs)
         mean = {key: sum(r[key] * r["samples"] for r in runs) / total
                 for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")}
-        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, "fusion": fusion,
-                       **({"refine": refine, "refine_chunk": refine_chunk} if refine else {}),
+        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, **settings,
                        "accuracy": round(mean["accuracy"], 2),
                        "samples": total, "routing_recall": round(mean["routing_recall"], 4),
                        "named_recall": round(mean["named_recall"], 4),

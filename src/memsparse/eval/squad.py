@@ -212,11 +212,11 @@ def gold_shares(answers, squad: Squad, ids: list[int] | None = None) -> dict[str
 
 
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
-                inject_k: int = 4, priors: int = 0, fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4,
-                progress: bool = True, answers=None) -> list[dict]:
+                inject_k: int = 4, priors: int = 0, engine: dict | None = None, progress: bool = True,
+                answers=None) -> list[dict]:
     """EM / F1 (%) per system (memsparse also: `gold_shares`). `msa` = (model, tokenizer) with routers; `plain` =
-    (model, tokenizer) without; `priors`: memsparse with document priors from that many pseudo-queries; `fusion`,
-    `refine`, `refine_chunk`: its engine's; `answers`: a
+    (model, tokenizer) without; `priors`: memsparse with document priors from that many pseudo-queries; `engine`:
+    its MSAEngine keywords (fusion, refine, widen); `answers`: a
     text file that gets every system's answer to every question as a JSON line (with EM, F1, the gold paragraph and,
     for memsparse, the injected paragraphs)."""
     from ..engine import MSAEngine
@@ -228,11 +228,10 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     if "memsparse" in systems:
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
-        engine = MSAEngine(model, tok, bank, similarity="train", fusion=fusion, refine=refine,
-                           refine_chunk=refine_chunk)
+        eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
         if priors:
-            engine.calibrate_priors(n=priors)
-        asked = engine.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
+            eng.calibrate_priors(n=priors)
+        asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
         preds["memsparse"] = [a.text for a in asked]
         injected = [a.rounds[0] if a.rounds else [] for a in asked]
         extra["memsparse"] = gold_shares(asked, squad)
