@@ -19,6 +19,7 @@ from pathlib import Path
 from common import RESULTS
 
 from memsparse.engine.engine import cut_drop, fused_top
+from memsparse.eval.meta import run_meta
 
 
 def load(path: str) -> dict[tuple[str, int], dict]:
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("wide", help="answers of the run injecting more")
     ap.add_argument("--inject-k", type=int, default=4)
     ap.add_argument("--margins", default="0,1/2,3/5,2/3,11/15,2", help="0: never widen, > 1: always")
+    ap.add_argument("--measured", default="2x NVIDIA H200, 2026-11-28, commit e95795e, seed 42, 1M tokens",
+                    help="where and when the two answer files were measured (recorded in the results)")
     ap.add_argument("--out", default=str(RESULTS / "widen_replay.json"))
     args = ap.parse_args()
     narrow, wide = load(args.narrow), load(args.wide)
@@ -42,7 +45,8 @@ def main() -> None:
         routing = {int(layer): [tuple(x) for x in picked] for layer, picked in narrow[key]["routing"].items()}
         drops[key] = cut_drop(routing, fused_top(routing, args.inject_k + 1), args.inject_k)
     subtasks = sorted({s for s, _ in common})
-    result = {"narrow": args.narrow, "wide": args.wide, "inject_k": args.inject_k,
+    result = {"measured": args.measured, "replayed": {k: v for k, v in run_meta().items() if k in ("date", "commit")},
+              "narrow": args.narrow, "wide": args.wide, "inject_k": args.inject_k,
               "samples": {s: sum(k[0] == s for k in common) for s in subtasks}, "margins": []}
     print(f"{'margin':>6} " + " ".join(f"{s.removeprefix('niah_'):>10}" for s in subtasks) + "   average  widened")
     for margin in (float(Fraction(m)) for m in args.margins.split(",")):
