@@ -5,7 +5,8 @@ what the engine would have answered, as long as routing is the same in both runs
 
     python benchmarks/widen_replay.py results/answers/niah_1m_v8_k4.jsonl.gz results/answers/niah_1m_v8_k8.jsonl.gz
 
-Writes benchmarks/results/widen_replay.json (per margin: accuracy per subtask, the share of samples widened).
+Writes benchmarks/results/widen_replay.json: the GPU, date and commit of the measured answers (the replay's own
+under "replayed"), and per margin the accuracy per subtask and the share of samples widened.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def main() -> None:
     ap.add_argument("wide", help="answers of the run injecting more")
     ap.add_argument("--inject-k", type=int, default=4)
     ap.add_argument("--margins", default="0,1/2,3/5,2/3,11/15,2", help="0: never widen, > 1: always")
-    ap.add_argument("--measured", default="2x NVIDIA H200, 2026-11-28, commit e95795e, seed 42, 1M tokens",
-                    help="where and when the two answer files were measured (recorded in the results)")
+    ap.add_argument("--gpu", default="2x NVIDIA H200", help="the GPU that measured the two answer files")
+    ap.add_argument("--date", default="2026-11-28", help="when they were measured")
+    ap.add_argument("--commit", default="e95795e", help="the commit they were measured at")
     ap.add_argument("--out", default=str(RESULTS / "widen_replay.json"))
     args = ap.parse_args()
     narrow, wide = load(args.narrow), load(args.wide)
@@ -45,7 +47,7 @@ def main() -> None:
         routing = {int(layer): [tuple(x) for x in picked] for layer, picked in narrow[key]["routing"].items()}
         drops[key] = cut_drop(routing, fused_top(routing, args.inject_k + 1), args.inject_k)
     subtasks = sorted({s for s, _ in common})
-    result = {"measured": args.measured, "replayed": {k: v for k, v in run_meta().items() if k in ("date", "commit")},
+    result = {"gpu": args.gpu, "date": args.date, "commit": args.commit, "replayed": run_meta(),
               "narrow": args.narrow, "wide": args.wide, "inject_k": args.inject_k,
               "samples": {s: sum(k[0] == s for k in common) for s in subtasks}, "margins": []}
     print(f"{'margin':>6} " + " ".join(f"{s.removeprefix('niah_'):>10}" for s in subtasks) + "   average  widened")

@@ -8,6 +8,7 @@ selected (routing recall) and how many the model named (named recall).
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import statistics
@@ -80,11 +81,11 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
 def pool(points: list[dict]) -> list[dict]:
     """One point per (memory size, subtask) from runs with different seeds (disjoint sample streams): accuracy and
     recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
-    names = ("fusion", "refine", "refine_chunk", "widen", "widen_margin")
-    engines = {json.dumps(engine_settings(**{k: p[k] for k in names if k in p})) for p in points}
+    names = inspect.signature(engine_settings).parameters
+    engines = {tuple(engine_settings(**{k: p[k] for k in names if k in p}).items()) for p in points}
     if len(engines) > 1:
         raise ValueError(f"points of one engine setting (fusion, refine, widen) only, got {sorted(engines)}")
-    settings = json.loads(next(iter(engines), json.dumps(engine_settings())))
+    settings = dict(next(iter(engines), ()))
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
