@@ -200,8 +200,13 @@ def test_fused_top():
     # score fusion: layer 1 ranks 3 first by far, the other two rank 5 first by a hair: rrf takes 5, scores take 3
     routing = {1: [(3, 0.9), (5, 0.1)], 2: [(5, 0.31), (3, 0.3)], 3: [(5, 0.31), (3, 0.3)]}
     assert engine_mod.fused_top(routing, 1) == [5] and engine_mod.fused_top(routing, 1, fusion="score") == [3]
+    # max fusion: a document's best score in any layer; 5 is second in layer 1 (0.1) and first in the others (0.31)
+    routing[4] = [(7, 0.6), (5, 0.05)]
+    assert engine_mod.fused_top(routing, 3, fusion="max") == [3, 7, 5]
+    assert engine_mod.fused_top(routing, 3, fusion="score") == [3, 5, 7]
+    assert engine_mod.fused_top(routing, 2, exclude={3}, fusion="max") == [7, 5]
     with pytest.raises(ValueError, match="fusion="):
-        engine_mod.fused_top(routing, 1, fusion="max")
+        engine_mod.fused_top(routing, 1, fusion="mean")
 
 
 def test_cut_drop():

@@ -276,7 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from .eval.niah import evaluate, write_results
+    from .eval.niah import by_setting, evaluate, parse_settings, setting_label, setting_of, write_results
     from .train.tasks.niah import SUBTASKS
 
     if args.pool:
@@ -290,16 +290,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
     counts = [int(n) for n in args.samples.split(",")]
+    compare = parse_settings(args.compare or "")
+
+    def write(points: list[dict]) -> list[Path]:  # the main setting's points to --out, each compared one beside it
+        sets = by_setting(points)
+        files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
+        for f, (_, pts) in zip(files, sets):
+            write_results(pts, name, f)
+        return files
+
     with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
         points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                           counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
-                          inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
-                          on_point=lambda pts: write_results(pts, name, out), answers=answers)
-    print(f"{'tokens':>8} {'subtask':<16} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
+                          inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args), compare=compare,
+                          on_point=write, answers=answers)
+    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
+    base = setting_of(points[0])
     for p in points:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['routing_recall']:>14} "
-              f"{p['named_recall']:>12}")
-    print(f"wrote {out}")
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} {p['accuracy']:>8} "
+              f"{p['routing_recall']:>14} {p['named_recall']:>12}")
+    print("wrote " + ", ".join(map(str, write(points))))
 
 
 def _pool_niah(files: list[str], out: Path) -> None:
@@ -403,8 +413,9 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
     from .engine.engine import FUSIONS
 
     p.add_argument("--fusion", choices=FUSIONS, default="rrf",
-                   help="router mode: rank documents over the router layers by reciprocal rank (default) or by the sum "
-                        "of their routing scores (README, 'Fusing the router layers')")
+                   help="router mode: rank documents over the router layers by reciprocal rank (default), by the sum "
+                        "of their routing scores or by their best score in any layer (README, 'Fusing the router "
+                        "layers')")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="router mode: re-rank the N best documents with finer routing keys before injecting (0: off; "
                         "README, 'Refined routing')")
@@ -555,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
+    v.add_argument("--compare", metavar="SETTINGS",
+                   help="niah: also answer every sample with these settings, on the same banks ('fusion=max;widen=8;"
+                        "inject_k=8': ';' between settings, ',' between keys); each writes its results beside --out "
+                        "(niah.fusion-max.json)")
     v.add_argument("--answers", metavar="FILE",
                    help="niah / qa: write every sample (question, expected and given answer, score, the gold and the "
                         "named or injected documents) to FILE as JSON lines")

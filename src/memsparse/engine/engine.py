@@ -15,7 +15,7 @@ from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 _ID = re.compile(r"\[(\d+)\]")
 
 
-FUSIONS = ("rrf", "score")
+FUSIONS = ("rrf", "score", "max")
 
 
 def engine_settings(fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, widen: int = 0,
@@ -34,12 +34,17 @@ def _check_fusion(fusion: str) -> None:
 def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset(), fusion: str = "rrf") -> list[int]:
     """The k documents ranked highest over all router layers, leaving out `exclude`. `fusion`: "rrf" =
     reciprocal-rank fusion (sum of 1 / (60 + rank)); "score" = sum of the layers' routing scores (a layer that did
-    not select a document adds nothing), so the layers that separate the documents most weigh most."""
+    not select a document adds nothing), so the layers that separate the documents most weigh most; "max" = a
+    document's highest routing score in any layer, so one sure layer outweighs many unsure ones."""
     _check_fusion(fusion)
     fused: dict[int, float] = {}
     for picked in routing.values():
         for rank, (d, score) in enumerate(picked):
-            if d not in exclude:
+            if d in exclude:
+                continue
+            if fusion == "max":
+                fused[d] = max(fused.get(d, score), score)
+            else:
                 fused[d] = fused.get(d, 0.0) + (1.0 / (60 + rank) if fusion == "rrf" else score)
     return sorted(fused, key=fused.get, reverse=True)[:k]
 

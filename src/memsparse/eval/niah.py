@@ -24,68 +24,122 @@ from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
 
+SETTING_KEYS = (*inspect.signature(engine_settings).parameters, "inject_k")
+
+
+def setting_of(point: dict) -> dict:
+    """The injection setting a point (or answer line) was measured with: engine_settings and inject_k (results
+    written before inject_k was recorded injected 4)."""
+    names = inspect.signature(engine_settings).parameters
+    return {**engine_settings(**{k: point[k] for k in names if k in point}), "inject_k": point.get("inject_k", 4)}
+
+
+def parse_settings(text: str) -> list[dict]:
+    """`--compare` text: settings separated by ';', each a comma list of key=value over SETTING_KEYS
+    ("fusion=max;widen=8,widen_margin=0.5;inject_k=8")."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        setting = {}
+        for item in part.split(","):
+            key, eq, value = item.strip().partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in SETTING_KEYS:
+                raise ValueError(f"--compare {part!r}: expected key=value with keys from {', '.join(SETTING_KEYS)}")
+            value = value.strip()
+            setting[key] = value if key == "fusion" else float(value) if key == "widen_margin" else int(value)
+        out.append(setting)
+    return out
+
+
+def setting_label(setting: dict, base: dict) -> str:
+    """File-name label of a setting: what differs from `base` ("fusion-max", "widen-8_widen_margin-0.5")."""
+    return "_".join(f"{k}-{v}" for k, v in setting.items() if base.get(k) != v) or "same"
+
+
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, priors: int = 0, engine: dict | None = None, on_point=None,
-             answers=None) -> list[dict]:
-    """One point per (memory size, subtask): accuracy (%), routing and named recall, seconds per sample.
+             inject_k: int = 4, priors: int = 0, engine: dict | None = None, compare: list[dict] = (),
+             on_point=None, answers=None) -> list[dict]:
+    """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample.
     `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
     pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
-    (fusion, refine, widen: how the injected documents are chosen). `on_point(points so far)` runs after each point
-    (the command line writes the results file there, so an interrupted run keeps what it measured). `answers`: a
-    text file to which every sample is written as it is scored, one JSON line (question, expected and given answer,
-    score, the needle documents, the documents named or injected in each round and every router layer's first-round
-    top-k with scores), to see what failed."""
+    (fusion, refine, widen: how the injected documents are chosen); `compare`: more settings (engine keywords and/or
+    inject_k, over `engine`'s) answered on the same samples and banks, a paired comparison at little more cost
+    (building a sample's bank is most of its time); points carry their setting (`setting_of`).
+    `on_point(points so far)` runs after each point (the command line writes the results file there, so an
+    interrupted run keeps what it measured). `answers`: a text file to which every answer is written as it is scored,
+    one JSON line (its setting, question, expected and given answer, score, the needle documents, the documents named
+    or injected in each round and every router layer's first-round top-k with scores), to see what failed."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
-    settings = engine_settings(**(engine or {}))
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
+    variants = [{**(engine or {}), "inject_k": inject_k}]
+    variants += [{**variants[0], **c} for c in compare]
+    unknown = {k for v in variants for k in v} - set(SETTING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown setting keys {sorted(unknown)}; expected some of {', '.join(SETTING_KEYS)}")
+    settings = [setting_of(v) for v in variants]
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     cache: dict = {}  # per-sentence token counts of the haystacks
     points = []
     for n, per_subtask in zip(tokens, counts):
         for sub in subtasks:
             rng = random.Random(f"{seed}-{sub}-{n}")
-            acc, route_rec, named_rec = [], [], []
-            t0 = time.perf_counter()
+            acc, route_rec, named_rec, seconds = ([[] for _ in variants] for _ in range(4))
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
+                t0 = time.perf_counter()
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
-                eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
-                if priors:
-                    eng.calibrate_priors(n=priors)
-                ans = eng.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave, inject_k=inject_k)
+                shared = time.perf_counter() - t0
                 gold = set(s.gold)
-                acc.append(string_match_all(ans.text, s.answers))
-                picked = set().union(*({d for d, _ in v} for v in ans.routing.values())) if ans.routing else set()
-                route_rec.append(len(gold & picked) / len(gold))
-                named_rec.append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
-                if answers is not None:
-                    answers.write(json.dumps({"tokens": n, "subtask": sub, "seed": seed, "sample": i,
-                                              "question": s.question, "expected": s.answers, "answer": ans.text,
-                                              "score": acc[-1], "gold": sorted(gold), "rounds": ans.rounds,
-                                              "routing": {str(layer): [[d, round(float(x), 4)] for d, x in picked]
-                                                          for layer, picked in ans.routing.items()}}) + "\n")
-                    answers.flush()
-            points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, **settings,
-                           "accuracy": round(100 * sum(acc) / len(acc), 2),
-                           "samples": per_subtask, "routing_recall": round(sum(route_rec) / per_subtask, 4),
-                           "named_recall": round(sum(named_rec) / per_subtask, 4),
-                           "seconds_per_sample": round((time.perf_counter() - t0) / per_subtask, 3)})
-            print(json.dumps(points[-1]), flush=True)
+                for v, (kw, setting) in enumerate(zip(variants, settings)):
+                    t0 = time.perf_counter()
+                    eng = MSAEngine(model, tok, bank, similarity="train", **{k: x for k, x in kw.items()
+                                                                           if k != "inject_k"})
+                    if priors:
+                        eng.calibrate_priors(n=priors)
+                    ans = eng.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave,
+                                  inject_k=kw["inject_k"])
+                    seconds[v].append(shared + time.perf_counter() - t0)
+                    acc[v].append(string_match_all(ans.text, s.answers))
+                    picked = set().union(*({d for d, _ in x} for x in ans.routing.values())) if ans.routing else set()
+                    route_rec[v].append(len(gold & picked) / len(gold))
+                    named_rec[v].append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
+                    if answers is not None:
+                        answers.write(json.dumps({
+                            "tokens": n, "subtask": sub, "seed": seed, "sample": i, **setting,
+                            "question": s.question, "expected": s.answers, "answer": ans.text, "score": acc[v][-1],
+                            "gold": sorted(gold), "rounds": ans.rounds,
+                            "routing": {str(layer): [[d, round(float(x), 4)] for d, x in top]
+                                        for layer, top in ans.routing.items()}}) + "\n")
+                        answers.flush()
+            for v, setting in enumerate(settings):
+                points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, **setting,
+                               "accuracy": round(100 * sum(acc[v]) / per_subtask, 2), "samples": per_subtask,
+                               "routing_recall": round(sum(route_rec[v]) / per_subtask, 4),
+                               "named_recall": round(sum(named_rec[v]) / per_subtask, 4),
+                               "seconds_per_sample": round(sum(seconds[v]) / per_subtask, 3)})
+                print(json.dumps(points[-1]), flush=True)
             if on_point:
                 on_point(points)
     return points
 
 
+def by_setting(points: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Points grouped by setting (`setting_of`), in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault(tuple(setting_of(p).items()), []).append(p)
+    return [(dict(k), ps) for k, ps in groups.items()]
+
+
 def pool(points: list[dict]) -> list[dict]:
     """One point per (memory size, subtask) from runs with different seeds (disjoint sample streams): accuracy and
     recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
-    names = inspect.signature(engine_settings).parameters
-    engines = {tuple(engine_settings(**{k: p[k] for k in names if k in p}).items()) for p in points}
-    if len(engines) > 1:
-        raise ValueError(f"points of one engine setting (fusion, refine, widen) only, got {sorted(engines)}")
-    settings = dict(next(iter(engines), ()))
+    sets = by_setting(points)
+    if len(sets) > 1:
+        raise ValueError(f"points of one setting (fusion, refine, widen, inject_k) only, got {[s for s, _ in sets]}")
+    settings = sets[0][0] if sets else {}
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
