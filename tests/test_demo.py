@@ -107,14 +107,16 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert [(p["fusion"], p["inject_k"], p.get("widen")) for f in files for p in both[f]] == \
         [("rrf", 4, None), ("max", 4, None), ("rrf", 1, 3)]
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
-    assert [(x["sample"], x["fusion"], x["inject_k"]) for x in lines[:3]] == [(0, "rrf", 4), (0, "max", 4), (0, "rrf", 1)]
+    assert [(x["sample"], x["fusion"], x["inject_k"]) for x in lines[:3]] == \
+        [(0, "rrf", 4), (0, "max", 4), (0, "rrf", 1)]
     assert len({x["question"] for x in lines[:3]}) == 1  # one sample, three settings
     for f, extra in (("", []), (".fusion-max", ["--fusion", "max"]), (".widen-3_widen_margin-0.6667_inject_k-1",
                                                                         ["--inject-k", "1", "--widen", "3"])):
         alone = tmp_path / "alone.json"
         assert main(argv + ["--out", str(alone)] + extra) == 0
-        assert [(p["accuracy"], p["routing_recall"], p["named_recall"]) for p in json.loads(alone.read_text())["points"]] == \
-            [(p["accuracy"], p["routing_recall"], p["named_recall"]) for p in both[f]]
+        stats = [[(p["accuracy"], p["routing_recall"], p["named_recall"]) for p in pts]
+                 for pts in (json.loads(alone.read_text())["points"], both[f])]
+        assert stats[0] == stats[1]
     assert main(["eval", "niah", "--pool", f"{files['']},{files['.fusion-max']}", "--out", str(pooled)]) == 2
     assert main(argv + ["--out", str(out), "--compare", "fusion=max,k=2"]) == 2
 

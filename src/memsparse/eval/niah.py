@@ -23,7 +23,6 @@ from ..memory import MemoryBank
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
-
 SETTING_KEYS = (*inspect.signature(engine_settings).parameters, "inject_k")
 
 
