@@ -299,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             write_results(pts, name, f)
         return files
 
-    with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
+    with _answers_file(args.answers) as answers:
         points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                           counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
                           inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args), compare=compare,
@@ -393,7 +393,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
     from .eval.squad import evaluate_qa, write_results
 
-    with open(args.answers, "w") if args.answers else contextlib.nullcontext() as answers:
+    with _answers_file(args.answers) as answers:
         results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
                               priors=args.priors, answers=answers, engine=_engine_kw(args))
     tok = (msa or plain)[1]
@@ -403,6 +403,14 @@ def _eval_qa(args: argparse.Namespace) -> None:
     for r in results:
         print(f"{r['name']:>12}  EM {r['em']:6.2f}  F1 {r['f1']:6.2f}")
     print(f"wrote {out}")
+
+
+def _answers_file(path: str | None):
+    """`--answers FILE` opened for writing (its folder made), or a null context."""
+    if not path:
+        return contextlib.nullcontext()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w")
 
 
 def _interleave_args(p: argparse.ArgumentParser) -> None:
