@@ -104,6 +104,7 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert main(argv + ["--out", str(out), "--compare", "fusion=max;inject_k=1,widen=3"]) == 0
     files = {f: tmp_path / f"niah{f}.json" for f in ("", ".fusion-max", ".widen-3_widen_margin-0.6667_inject_k-1")}
     both = {f: json.loads(x.read_text())["points"] for f, x in files.items()}
+    both_model = json.loads(files[""].read_text())["model"]
     assert [(p["fusion"], p["inject_k"], p.get("widen")) for f in files for p in both[f]] == \
         [("rrf", 4, None), ("max", 4, None), ("rrf", 1, 3)]
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
@@ -118,6 +119,22 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
                  for pts in (json.loads(alone.read_text())["points"], both[f])]
         assert stats[0] == stats[1]
     assert main(["eval", "niah", "--pool", f"{files['']},{files['.fusion-max']}", "--out", str(pooled)]) == 2
+    # --from-answers: the same results rebuilt from the answer lines, also from a run cut short mid-sample
+    keys = ("tokens", "subtask", "fusion", "inject_k", "accuracy", "samples", "routing_recall", "named_recall")
+    rebuilt = tmp_path / "rebuilt.json"
+    assert main(argv + ["--out", str(out), "--compare", "fusion=max;inject_k=1,widen=3"]) == 0
+    text = answers.read_text()
+    assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
+    for f in files:
+        got = json.loads((tmp_path / f"rebuilt{f}.json").read_text())
+        assert [[p[k] for k in keys] for p in got["points"]] == [[p[k] for k in keys] for p in both[f]]
+        assert got["commit"] and got["model"] == both_model
+    answers.write_text("".join(text.splitlines(keepends=True)[:-1]))  # the last sample's last setting missing
+    assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
+    assert [p["samples"] for f in files for p in json.loads((tmp_path / f"rebuilt{f}.json").read_text())["points"]] \
+        == [2, 2, 2]
+    answers.write_text(text.replace('"model": ', '"model": "x", "m": ', 1))
+    assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 2  # two models
     assert main(argv + ["--out", str(out), "--compare", "fusion=max,k=2"]) == 2
 
 

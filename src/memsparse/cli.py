@@ -276,11 +276,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from .eval.niah import by_setting, evaluate, parse_settings, setting_label, setting_of, write_results
+    from .eval.niah import evaluate, parse_settings, setting_label, setting_of
     from .train.tasks.niah import SUBTASKS
 
     if args.pool:
         return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
+    if args.from_answers:
+        return _niah_from_answers(args.from_answers.split(","), Path(args.out or "benchmarks/results/niah.json"))
     model, tok = _load_model(args.model, args.device, args.dtype)
     name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
@@ -291,25 +293,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = Path(args.out or "benchmarks/results/niah.json")
     counts = [int(n) for n in args.samples.split(",")]
     compare = parse_settings(args.compare or "")
-
-    def write(points: list[dict]) -> list[Path]:  # the main setting's points to --out, each compared one beside it
-        sets = by_setting(points)
-        files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
-        for f, (_, pts) in zip(files, sets):
-            write_results(pts, name, f)
-        return files
-
     with _answers_file(args.answers) as answers:
         points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                           counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
                           inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args), compare=compare,
-                          on_point=write, answers=answers)
+                          on_point=lambda pts: _write_niah(pts, name, out), answers=answers, name=name)
     print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     base = setting_of(points[0])
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} {p['accuracy']:>8} "
               f"{p['routing_recall']:>14} {p['named_recall']:>12}")
-    print("wrote " + ", ".join(map(str, write(points))))
+    print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
+
+
+def _write_niah(points: list[dict], name: str, out: Path, meta: dict | None = None) -> list[Path]:
+    """The first setting's points to `out`, each other setting's beside it (niah.fusion-max.json)."""
+    from .eval.niah import by_setting, setting_label, write_results
+
+    sets = by_setting(points)
+    files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
+    for f, (_, pts) in zip(files, sets):
+        write_results(pts, name, f, meta)
+    return files
+
+
+def _niah_from_answers(files: list[str], out: Path) -> None:
+    """Results files rebuilt from `eval niah --answers` files (plain or .gz) of one model: the points of runs cut
+    short, several seeds pooled (`pool`), one file per setting, machine / date / commit as the lines record them."""
+    import gzip
+
+    from .eval.niah import by_setting, pool, summarize
+
+    records = []
+    for f in files:
+        with (gzip.open if f.endswith(".gz") else open)(f, "rt") as fh:
+            records += [json.loads(line) for line in fh if line.strip()]
+    if not records:
+        raise ValueError(f"--from-answers: no answers in {', '.join(files)}")
+    models = {r.get("model") for r in records}
+    if len(models) != 1 or None in models:
+        raise ValueError(f"--from-answers: lines of one recorded model only, got {sorted(map(str, models))}")
+    meta = {k: ",".join(sorted({str(r.get(k, "unrecorded")) for r in records})) for k in ("gpu", "date", "commit")}
+    points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
+    for p in points:
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['fusion']:>6} k={p['inject_k']} {p['accuracy']:>8} "
+              f"{p['samples']:>4} samples")
+    print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta))))
 
 
 def _pool_niah(files: list[str], out: Path) -> None:
@@ -574,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
+    v.add_argument("--from-answers", metavar="FILES",
+                   help="niah: rebuild results from --answers files (comma list, .gz too; runs cut short, seeds "
+                        "pooled) into --out instead of measuring")
     v.add_argument("--compare", metavar="SETTINGS",
                    help="niah: also answer every sample with these settings, on the same banks ('fusion=max;widen=8;"
                         "inject_k=8': ';' between settings, ',' between keys); each writes its results beside --out "

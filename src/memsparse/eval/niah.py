@@ -58,17 +58,18 @@ def setting_label(setting: dict, base: dict) -> str:
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
              inject_k: int = 4, priors: int = 0, engine: dict | None = None, compare: list[dict] = (),
-             on_point=None, answers=None) -> list[dict]:
-    """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample.
-    `samples`: per subtask, one count for every size or one per size; `priors`: document priors from that many
-    pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
+             on_point=None, answers=None, name: str = "") -> list[dict]:
+    """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample
+    (`summarize`). `samples`: per subtask, one count for every size or one per size; `priors`: document priors from
+    that many pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
     (fusion, refine, widen: how the injected documents are chosen); `compare`: more settings (engine keywords and/or
     inject_k, over `engine`'s) answered on the same samples and banks, a paired comparison at little more cost
     (building a sample's bank is most of its time); points carry their setting (`setting_of`).
     `on_point(points so far)` runs after each point (the command line writes the results file there, so an
     interrupted run keeps what it measured). `answers`: a text file to which every answer is written as it is scored,
-    one JSON line (its setting, question, expected and given answer, score, the needle documents, the documents named
-    or injected in each round and every router layer's first-round top-k with scores), to see what failed."""
+    one JSON line (the model `name`, machine, commit, setting, question, expected and given answer, score, the needle
+    documents, the documents named or injected in each round, every router layer's first-round top-k with scores and
+    the seconds it took), to see what failed and to rebuild the points of a run cut short (`summarize`)."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -78,20 +79,20 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     if unknown:
         raise ValueError(f"unknown setting keys {sorted(unknown)}; expected some of {', '.join(SETTING_KEYS)}")
     settings = [setting_of(v) for v in variants]
+    meta = {"model": name, **run_meta()}
     count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     cache: dict = {}  # per-sentence token counts of the haystacks
     points = []
     for n, per_subtask in zip(tokens, counts):
         for sub in subtasks:
             rng = random.Random(f"{seed}-{sub}-{n}")
-            acc, route_rec, named_rec, seconds = ([[] for _ in variants] for _ in range(4))
+            records = []
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 t0 = time.perf_counter()
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
                 shared = time.perf_counter() - t0
-                gold = set(s.gold)
-                for v, (kw, setting) in enumerate(zip(variants, settings)):
+                for kw, setting in zip(variants, settings):
                     t0 = time.perf_counter()
                     eng = MSAEngine(model, tok, bank, similarity="train", **{k: x for k, x in kw.items()
                                                                            if k != "inject_k"})
@@ -99,28 +100,48 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                         eng.calibrate_priors(n=priors)
                     ans = eng.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave,
                                   inject_k=kw["inject_k"])
-                    seconds[v].append(shared + time.perf_counter() - t0)
-                    acc[v].append(string_match_all(ans.text, s.answers))
-                    picked = set().union(*({d for d, _ in x} for x in ans.routing.values())) if ans.routing else set()
-                    route_rec[v].append(len(gold & picked) / len(gold))
-                    named_rec[v].append(len(gold & {d for r in ans.rounds for d in r}) / len(gold))
+                    records.append({
+                        **meta, "tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed,
+                        "sample": i, **setting, "question": s.question, "expected": s.answers, "answer": ans.text,
+                        "score": string_match_all(ans.text, s.answers), "gold": sorted(s.gold), "rounds": ans.rounds,
+                        "routing": {str(layer): [[d, round(float(x), 4)] for d, x in top]
+                                    for layer, top in ans.routing.items()},
+                        "seconds": round(shared + time.perf_counter() - t0, 3)})
                     if answers is not None:
-                        answers.write(json.dumps({
-                            "tokens": n, "subtask": sub, "seed": seed, "sample": i, **setting,
-                            "question": s.question, "expected": s.answers, "answer": ans.text, "score": acc[v][-1],
-                            "gold": sorted(gold), "rounds": ans.rounds,
-                            "routing": {str(layer): [[d, round(float(x), 4)] for d, x in top]
-                                        for layer, top in ans.routing.items()}}) + "\n")
+                        answers.write(json.dumps(records[-1]) + "\n")
                         answers.flush()
-            for v, setting in enumerate(settings):
-                points.append({"tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, **setting,
-                               "accuracy": round(100 * sum(acc[v]) / per_subtask, 2), "samples": per_subtask,
-                               "routing_recall": round(sum(route_rec[v]) / per_subtask, 4),
-                               "named_recall": round(sum(named_rec[v]) / per_subtask, 4),
-                               "seconds_per_sample": round(sum(seconds[v]) / per_subtask, 3)})
+            for p in summarize(records):
+                points.append({k: v for k, v in p.items() if k not in ("commit", "date")})
                 print(json.dumps(points[-1]), flush=True)
             if on_point:
                 on_point(points)
+    return points
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Points from answer records (evaluate's `answers` lines), one per (memory size, subtask, interleave, seed,
+    setting), in order of first appearance, with the commit and date of their run when recorded. A sample some of a
+    run's settings did not answer (a run cut short between them) is left out of all, so the settings stay paired."""
+    runs: dict[tuple, dict[tuple, dict[int, dict]]] = {}
+    for r in records:
+        run = (r["tokens"], r["subtask"], r.get("interleave", "router"), r["seed"])
+        runs.setdefault(run, {}).setdefault(tuple(setting_of(r).items()), {})[r["sample"]] = r
+    points = []
+    for (n, sub, mode, seed), sets in runs.items():
+        common = sorted(set.intersection(*(set(by_sample) for by_sample in sets.values())))
+        for setting, by_sample in sets.items():
+            rs = [by_sample[i] for i in common]
+            golds = [set(r["gold"]) for r in rs]
+            routed = [{d for top in r["routing"].values() for d, _ in top} for r in rs]
+            named = [{d for ids in r["rounds"] for d in ids} for r in rs]
+            seconds = [r.get("seconds") for r in rs]
+            points.append({
+                "tokens": n, "subtask": sub, "interleave": mode, "seed": seed, **dict(setting),
+                "accuracy": round(100 * sum(r["score"] for r in rs) / len(rs), 2), "samples": len(rs),
+                "routing_recall": round(sum(len(g & x) / len(g) for g, x in zip(golds, routed)) / len(rs), 4),
+                "named_recall": round(sum(len(g & x) / len(g) for g, x in zip(golds, named)) / len(rs), 4),
+                **({"seconds_per_sample": round(sum(seconds) / len(rs), 3)} if None not in seconds else {}),
+                **{k: rs[0][k] for k in ("commit", "date") if k in rs[0]}})
     return points
 
 
@@ -149,12 +170,14 @@ def pool(points: list[dict]) -> list[dict]:
             raise ValueError(f"{sub} @ {n}: two runs with seed {max(seeds, key=seeds.count)} measure the same samples")
         total = sum(r["samples"] for r in runs)
         mean = {key: sum(r[key] * r["samples"] for r in runs) / total
-                for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")}
+                for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")
+                if all(key in r for r in runs)}
         pooled.append({"tokens": n, "subtask": sub, "interleave": mode, **settings,
                        "accuracy": round(mean["accuracy"], 2),
                        "samples": total, "routing_recall": round(mean["routing_recall"], 4),
                        "named_recall": round(mean["named_recall"], 4),
-                       "seconds_per_sample": round(mean["seconds_per_sample"], 3),
+                       **({"seconds_per_sample": round(mean["seconds_per_sample"], 3)}
+                          if "seconds_per_sample" in mean else {}),
                        **({"runs": [{k: r.get(k) for k in ("seed", "samples", "accuracy", "commit", "date")}
                                     for r in runs]}
                           if len(runs) > 1 else {k: runs[0][k] for k in ("seed", "commit", "date") if k in runs[0]})})
