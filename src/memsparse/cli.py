@@ -322,7 +322,7 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     short, several seeds pooled (`pool`), one file per setting, machine / date / commit as the lines record them."""
     import gzip
 
-    from .eval.niah import by_setting, pool, summarize
+    from .eval.niah import by_setting, pool, setting_label, setting_of, summarize
 
     records = []
     for f in files:
@@ -336,8 +336,8 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     meta = {k: ",".join(sorted({str(r.get(k, "unrecorded")) for r in records})) for k in ("gpu", "date", "commit")}
     points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
     for p in points:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['fusion']:>6} k={p['inject_k']} {p['accuracy']:>8} "
-              f"{p['samples']:>4} samples")
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
+              f"{p['accuracy']:>8} {p['samples']:>4} samples")
     print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta))))
 
 

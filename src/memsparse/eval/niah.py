@@ -23,14 +23,15 @@ from ..memory import MemoryBank
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
-SETTING_KEYS = (*inspect.signature(engine_settings).parameters, "inject_k")
+_ENGINE_KEYS = tuple(inspect.signature(engine_settings).parameters)
+SETTING_KEYS = (*_ENGINE_KEYS, "inject_k")
 
 
 def setting_of(point: dict) -> dict:
     """The injection setting a point (or answer line) was measured with: engine_settings and inject_k (results
     written before inject_k was recorded injected 4)."""
-    names = inspect.signature(engine_settings).parameters
-    return {**engine_settings(**{k: point[k] for k in names if k in point}), "inject_k": point.get("inject_k", 4)}
+    engine = engine_settings(**{k: point[k] for k in _ENGINE_KEYS if k in point})
+    return {**engine, "inject_k": point.get("inject_k", 4)}
 
 
 def parse_settings(text: str) -> list[dict]:
