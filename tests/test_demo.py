@@ -133,6 +133,12 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
     assert [p["samples"] for f in files for p in json.loads((tmp_path / f"rebuilt{f}.json").read_text())["points"]] \
         == [2, 2, 2]
+    lines = [json.loads(line) for line in text.splitlines()]  # each file: the commit of its own setting's lines
+    answers.write_text("".join(json.dumps({**r, "commit": "c0ffee"} if r["fusion"] == "max" else r) + "\n"
+                               for r in lines))
+    assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
+    commits = {f: json.loads((tmp_path / f"rebuilt{f}.json").read_text())["commit"] for f in files}
+    assert commits[".fusion-max"] == "c0ffee" and "c0ffee" not in commits[""], commits
     answers.write_text(text.replace('"model": ', '"model": "x", "m": ', 1))
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 2  # two models
     assert main(argv + ["--out", str(out), "--compare", "fusion=max,k=2"]) == 2

@@ -306,14 +306,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
 
 
-def _write_niah(points: list[dict], name: str, out: Path, meta: dict | None = None) -> list[Path]:
-    """The first setting's points to `out`, each other setting's beside it (niah.fusion-max.json)."""
+def _write_niah(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
+    """The first setting's points to `out`, each other setting's beside it (niah.fusion-max.json); `meta_of(setting)`:
+    that file's machine / date / commit (default: this run's)."""
     from .eval.niah import by_setting, setting_label, write_results
 
     sets = by_setting(points)
     files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
-    for f, (_, pts) in zip(files, sets):
-        write_results(pts, name, f, meta)
+    for f, (setting, pts) in zip(files, sets):
+        write_results(pts, name, f, meta_of(setting) if meta_of else None)
     return files
 
 
@@ -333,12 +334,15 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     models = {r.get("model") for r in records}
     if len(models) != 1 or None in models:
         raise ValueError(f"--from-answers: lines of one recorded model only, got {sorted(map(str, models))}")
-    meta = {k: ",".join(sorted({str(r.get(k, "unrecorded")) for r in records})) for k in ("gpu", "date", "commit")}
+    def meta_of(setting: dict) -> dict:  # machine / date / commit of the lines of that setting only
+        rs = [r for r in records if setting_of(r) == setting]
+        return {k: ",".join(sorted({str(r.get(k, "unrecorded")) for r in rs})) for k in ("gpu", "date", "commit")}
+
     points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
               f"{p['accuracy']:>8} {p['samples']:>4} samples")
-    print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta))))
+    print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta_of))))
 
 
 def _pool_niah(files: list[str], out: Path) -> None:
