@@ -95,6 +95,20 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert {(p["refine"], p["refine_chunk"]) for p in json.loads(out.read_text())["points"]} == {(3, 2)}
     assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # refined and not
     assert main(argv + ["--refine", "3", "--refine-chunk", "5"]) == 2  # finer than the bank's 4 tokens only
+    assert main(argv[:-1] + [str(out), "--refine", "3", "--refine-depth", "4", "--refine-margin", "0.5"]) == 0
+    assert {(p["refine_depth"], p["refine_margin"]) for p in json.loads(out.read_text())["points"]} == {(4, 0.5)}
+    assert main(argv + ["--refine", "3", "--refine-margin", "0"]) == 2
+    # --sample-ids: only the chosen samples of the stream, each the very sample a full run draws
+    picked, every = tmp_path / "picked.jsonl", tmp_path / "every.jsonl"
+    run = ["eval", "niah", "--tokens", "400", "--samples", "3", "--subtasks", "niah_single_1", "--seed", "12",
+           "--out", str(out)]
+    assert main(run + ["--answers", str(every)]) == 0
+    assert main(run + ["--sample-ids", "2,0", "--answers", str(picked)]) == 0
+    full = {x["sample"]: x for x in map(json.loads, every.read_text().splitlines())}
+    part = [json.loads(x) for x in picked.read_text().splitlines()]
+    assert [x["sample"] for x in part] == [0, 2]
+    assert all((x["question"], x["gold"]) == (full[x["sample"]]["question"], full[x["sample"]]["gold"]) for x in part)
+    assert main(run + ["--sample-ids", "3"]) == 2  # beyond --samples
     assert main(argv[:-1] + [str(out), "--seed", "10", "--widen", "3"]) == 0
     assert {(p["widen"], p["widen_margin"]) for p in json.loads(out.read_text())["points"]} == {(3, 0.6667)}
     assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # widened and not

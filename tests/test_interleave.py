@@ -192,6 +192,42 @@ def test_refined_routing(setup, monkeypatch, tmp_path):
             ms.MSAEngine(model, tok, bank, **bad)
 
 
+def test_refine_depth_and_margin(setup, monkeypatch):
+    """refine_depth: the first pass records each layer's top D documents (its top k as before, and the memory
+    attention still reads the top k: same logits); the shortlist is drawn from them. refine_margin: re-rank only
+    when the layers' cut (cut_drop) is below it."""
+    from memsparse.engine.prefill import prefill_batch
+
+    model, tok, bank = setup
+    q = "Is Rome old?"
+    ids, mask = ms.MSAEngine(model, tok, bank).encode_question(q)
+    flat = prefill_batch(bank, [ids], [mask], similarity="train")
+    deep = prefill_batch(bank, [ids], [mask], similarity="train", depth=4)
+    torch.testing.assert_close(deep.logits, flat.logits)
+    for layer, picked in flat.memory.routing[0].items():
+        wide = deep.memory.routing[0][layer]
+        assert len(picked) == 2 and len(wide) == 4 and {d for d, _ in wide} == {0, 1, 2, 3}
+        assert [d for d, _ in wide[:2]] == [d for d, _ in picked]
+    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"] * 3])
+    real, shortlists = engine.refined, []
+    monkeypatch.setattr(engine, "refined", lambda t, r, short: shortlists.append(short) or real(t, r, short))
+    routing = engine.route(q)
+    cut = engine_mod.cut_drop(routing, engine_mod.fused_top(routing, 2), 1)
+    engine.refine, engine.refine_depth = 4, 4
+    ans = engine.ask(q, interleave="router", inject_k=1)  # refine_margin 1: always
+    assert shortlists == [engine_mod.fused_top(deep.memory.routing[0], 4)] and ans.routing == routing
+    engine.refine_margin = cut
+    if cut > 0:  # a cut as clear as the margin: no re-ranking, the bank's top
+        assert engine.ask(q, interleave="router", inject_k=1).rounds == [engine_mod.fused_top(routing, 1)]
+        assert len(shortlists) == 1
+    engine.refine_margin = min(1.0, cut + 0.01)
+    engine.ask(q, interleave="router", inject_k=1)
+    assert len(shortlists) == 2
+    for bad in ({"refine_depth": -1}, {"refine_margin": 0.0}, {"refine_margin": 1.5}):
+        with pytest.raises(ValueError, match="refine_margin"):
+            ms.MSAEngine(model, tok, bank, **bad)
+
+
 def test_fused_top():
     """Reciprocal-rank fusion: a document ranked by many layers beats one ranked first by a single layer."""
     routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}

@@ -293,11 +293,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = Path(args.out or "benchmarks/results/niah.json")
     counts = [int(n) for n in args.samples.split(",")]
     compare = parse_settings(args.compare or "")
+    only = {int(i) for i in args.sample_ids.split(",")} if args.sample_ids else None
+    if only and max(only) >= max(counts):
+        raise ValueError(f"--sample-ids {args.sample_ids}: every id must be below --samples {args.samples}")
     with _answers_file(args.answers) as answers:
         points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
                           counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
                           inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args), compare=compare,
-                          on_point=lambda pts: _write_niah(pts, name, out), answers=answers, name=name)
+                          on_point=lambda pts: _write_niah(pts, name, out), answers=answers, name=name, only=only)
     print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     base = setting_of(points[0])
     for p in points:
@@ -462,6 +465,12 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                         "README, 'Refined routing')")
     p.add_argument("--refine-chunk", type=int, default=4, metavar="P",
                    help="with --refine: tokens per routing key of the re-ranked documents (default 4; the bank's: 64)")
+    p.add_argument("--refine-depth", type=int, default=0, metavar="D",
+                   help="with --refine: draw the N from each router layer's top D documents (default 0: the layers' "
+                        "top-k, 16)")
+    p.add_argument("--refine-margin", type=float, default=1.0, metavar="M",
+                   help="with --refine: re-rank only when the router layers cut no clear head (their agreement drops "
+                        "by less than M within the top --inject-k; default 1: always)")
     p.add_argument("--widen", type=int, default=0, metavar="N",
                    help="router mode: inject N documents instead of --inject-k when the router layers agree on no "
                         "clear head (0: off; README, 'Widened injection')")
@@ -469,7 +478,8 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_kw(args: argparse.Namespace) -> dict:
     """MSAEngine settings from _interleave_args."""
-    return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk, "widen": args.widen}
+    return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk,
+            "refine_depth": args.refine_depth, "refine_margin": args.refine_margin, "widen": args.widen}
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
@@ -603,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", default="100",
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
+    v.add_argument("--sample-ids", metavar="I,J,...",
+                   help="niah: answer only these samples of each subtask's stream (0-based, below --samples), to "
+                        "re-run chosen samples of an earlier run with another setting")
     v.add_argument("--pool", metavar="FILES",
                    help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,

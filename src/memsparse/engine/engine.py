@@ -18,11 +18,14 @@ _ID = re.compile(r"\[(\d+)\]")
 FUSIONS = ("rrf", "score", "max")
 
 
-def engine_settings(fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, widen: int = 0,
-                    widen_margin: float = 2 / 3) -> dict:
+def engine_settings(fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, refine_depth: int = 0,
+                    refine_margin: float = 1.0, widen: int = 0, widen_margin: float = 2 / 3) -> dict:
     """MSAEngine's router-injection settings as results record them: the fusion always, the refinement and the
-    widening only when on (results written before an option existed ran without it)."""
-    return {"fusion": fusion, **({"refine": refine, "refine_chunk": refine_chunk} if refine else {}),
+    widening only when on, their newer options only when not the default (results written before an option
+    existed ran without it)."""
+    fine = {"refine": refine, "refine_chunk": refine_chunk, **({"refine_depth": refine_depth} if refine_depth else {}),
+            **({"refine_margin": round(refine_margin, 4)} if refine_margin < 1 else {})}
+    return {"fusion": fusion, **(fine if refine else {}),
             **({"widen": widen, "widen_margin": round(widen_margin, 4)} if widen else {})}
 
 
@@ -101,21 +104,25 @@ class MSAEngine:
     cosine for every InfoNCE-family loss), 'cosine' or 'dot'."""
 
     def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4,
-                 fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, widen: int = 0,
-                 widen_margin: float = 2 / 3):
+                 fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, refine_depth: int = 0,
+                 refine_margin: float = 1.0, widen: int = 0, widen_margin: float = 2 / 3):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
         _check_fusion(fusion)
-        if refine < 0 or not 1 <= refine_chunk <= bank.pool_size:
-            raise ValueError(f"refine={refine}, refine_chunk={refine_chunk}: expected refine >= 0 (0: off) and "
-                             f"1 <= refine_chunk <= the bank's chunk size {bank.pool_size}")
+        if refine < 0 or not 1 <= refine_chunk <= bank.pool_size or refine_depth < 0 or not 0 < refine_margin <= 1:
+            raise ValueError(f"refine={refine}, refine_chunk={refine_chunk}, refine_depth={refine_depth}, "
+                             f"refine_margin={refine_margin}: expected refine >= 0 (0: off), 1 <= refine_chunk <= the "
+                             f"bank's chunk size {bank.pool_size}, refine_depth >= 0 and 0 < refine_margin <= 1")
         if widen < 0 or not 0 < widen_margin <= 1:
             raise ValueError(f"widen={widen}, widen_margin={widen_margin}: expected widen >= 0 (0: off) and "
                              "0 < widen_margin <= 1")
         self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
         self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
-        # router injection re-ranks its `refine` best documents with keys pooled over `refine_chunk` tokens (refined)
+        # router injection re-ranks its `refine` best documents with keys pooled over `refine_chunk` tokens (refined),
+        # ranked over each layer's top `refine_depth` (0: the layers' top-k), when the layers cut no clear head
+        # (cut_drop below `refine_margin`; 1: always)
         self.refine, self.refine_chunk = refine, refine_chunk
+        self.refine_depth, self.refine_margin = refine_depth, refine_margin
         # router injection injects `widen` documents instead of inject_k when the layers cut no clear head (cut_drop
         # below `widen_margin`): look-alike documents split their votes and the right one is often ranked 5th-8th
         self.widen, self.widen_margin = widen, widen_margin
@@ -237,15 +244,18 @@ class MSAEngine:
         for _ in range(rounds):
             t0 = time.perf_counter()
             res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
-                                similarity=self.similarity, route_only=True)
+                                similarity=self.similarity, route_only=True,
+                                depth=self.refine_depth if self.refine else 0)
             timings["route"] += res.memory.route_seconds
             timings["prefill"] += time.perf_counter() - t0
-            for row, routing in zip(rows, res.memory.routing):
+            for row, deep in zip(rows, res.memory.routing):
+                routing = {layer: picked[:res.memory.top_k] for layer, picked in deep.items()}
                 row.routing.append(routing)  # the routing that picked the injected documents
                 done = {d for r in row.rounds for d in r}
-                if self.refine:
+                if self.refine and (self.refine_margin >= 1 or cut_drop(
+                        routing, fused_top(routing, k + 1, done, self.fusion), k) < self.refine_margin):
                     t0 = time.perf_counter()
-                    routing = self.refined(row.tokens, row.route, fused_top(routing, self.refine, done, self.fusion))
+                    routing = self.refined(row.tokens, row.route, fused_top(deep, self.refine, done, self.fusion))
                     timings["route"] += time.perf_counter() - t0
                 order = fused_top(routing, max(k + 1, self.widen), exclude=done, fusion=self.fusion)
                 wide = self.widen > k and cut_drop(routing, order, k) < self.widen_margin

@@ -187,6 +187,7 @@ class BankMemory:
     route_mask: torch.Tensor  # (B, S)
     cosine: bool
     top_k: int
+    depth: int = 0  # routing records each layer's top max(top_k, depth) documents; attention reads the top_k
     _routing: list[Routing] = field(default_factory=list)
     _pending: list = field(default_factory=list)  # (layer, (2, B, k) scores and table positions, table ids)
     _spans: list = field(default_factory=list)  # (start, routed, gathered) clocks per router layer
@@ -230,9 +231,11 @@ class BankMemory:
             return self._via_host(i, attn, h, q)
         timed = not capturing(q.device)  # no timing events inside a captured prefill
         t0 = _clock(q.device) if timed else None
-        top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine, self.top_k)
+        top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
+                            max(self.top_k, self.depth))  # (2, B, k'), best first
         self._pending.append((i, top.clone() if top.is_cuda else top, bank.routing_view()["ids"]))
         t1 = _clock(q.device) if timed else None
+        top = top[:, :, :self.top_k]
         k, v, valid = bank.gather_top(i, top[1].long(), torch.isfinite(top[0]))  # (B, k * m, ...)
         if timed:
             self._spans.append((t0, t1, _clock(q.device)))
@@ -249,13 +252,13 @@ class BankMemory:
         sync(q.device)
         t0 = time.perf_counter()
         vals, top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
-                                  self.top_k).tolist()  # (B, k) each; waits for the device
+                                  max(self.top_k, self.depth)).tolist()  # (B, k') each; waits for the device
         t1 = time.perf_counter()
         ids = bank.routing_view()["ids"]
         for b, (vb, tb) in enumerate(zip(vals, top)):
             picked = [(ids[int(t)], v) for v, t in zip(vb, tb) if v != float("-inf")]
             self._routing[b][i] = picked
-            k, v = bank.gather(i, sorted(d for d, _ in picked), self.copy_stream)  # chunks in document order
+            k, v = bank.gather(i, sorted(d for d, _ in picked[:self.top_k]), self.copy_stream)  # in document order
             rows_k[b].append(k)
             rows_v[b].append(v)
         sync(q.device)
@@ -342,14 +345,15 @@ class PrefillResult:
 @torch.no_grad()
 def prefill_batch(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str = "train",
                   top_k: int | None = None, extra: int = 0, logits: str = "last",
-                  route_only: bool = False) -> PrefillResult:
+                  route_only: bool = False, depth: int = 0) -> PrefillResult:
     """Route and prefill active token rows (after the template prefix); `route_masks` mark each row's routing
-    tokens. `route_only` stops after the last router layer (no logits, no usable cache)."""
+    tokens. `route_only` stops after the last router layer (no logits, no usable cache). `depth`: the routing
+    records each layer's top max(k, depth) documents (attention still reads the top k)."""
     model = bank.model
     _check_route_masks(route_masks)
     k = top_k or model.msa_config.engine_top_k
     ids, pos, valid, rmask = batch_rows(rows, route_masks, query_offset(bank, k), model.device)
-    memory = BankMemory(bank, rmask, uses_cosine(model, similarity), k)
+    memory = BankMemory(bank, rmask, uses_cosine(model, similarity), k, depth)
     out, cache = cached.prefill(model, ids, pos, valid, memory, extra=extra, logits=logits,
                                 last_layer=max(model.router_layers) if route_only else None)
     return PrefillResult(logits=out, cache=cache, memory=memory)

@@ -46,7 +46,7 @@ def parse_settings(text: str) -> list[dict]:
             if not eq or key not in SETTING_KEYS:
                 raise ValueError(f"--compare {part!r}: expected key=value with keys from {', '.join(SETTING_KEYS)}")
             value = value.strip()
-            setting[key] = value if key == "fusion" else float(value) if key == "widen_margin" else int(value)
+            setting[key] = value if key == "fusion" else float(value) if key.endswith("_margin") else int(value)
         out.append(setting)
     return out
 
@@ -59,7 +59,7 @@ def setting_label(setting: dict, base: dict) -> str:
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
              inject_k: int = 4, priors: int = 0, engine: dict | None = None, compare: list[dict] = (),
-             on_point=None, answers=None, name: str = "") -> list[dict]:
+             on_point=None, answers=None, name: str = "", only: set[int] | None = None) -> list[dict]:
     """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample
     (`summarize`). `samples`: per subtask, one count for every size or one per size; `priors`: document priors from
     that many pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
@@ -70,7 +70,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     interrupted run keeps what it measured). `answers`: a text file to which every answer is written as it is scored,
     one JSON line (the model `name`, machine, commit, setting, question, expected and given answer, score, the needle
     documents, the documents named or injected in each round, every router layer's first-round top-k with scores and
-    the seconds it took), to see what failed and to rebuild the points of a run cut short (`summarize`)."""
+    the seconds it took), to see what failed and to rebuild the points of a run cut short (`summarize`). `only`:
+    answer just these samples (indices into each subtask's stream of `samples`; the others are drawn, not answered)."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -91,6 +92,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 t0 = time.perf_counter()
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
+                if only is not None and i not in only:
+                    continue
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto")
                 shared = time.perf_counter() - t0
                 for kw, setting in zip(variants, settings):
