@@ -1,0 +1,103 @@
+"""A gated router-injection option replayed on measured `eval niah --answers` lines. Router injection can widen
+(`MSAEngine(widen=N, widen_margin=M)`) or re-rank (`refine=N, refine_margin=M`) only when the router layers cut no
+clear head (`engine.cut_drop` of the first-round routing below M). Given base lines (the option off) and option lines
+(the option on, for at least the samples the gate picks) of the same samples, a sample whose recorded routing falls
+below the margin takes the option line's score and every other sample the base line's: what the engine with that
+margin answers, since on a clear cut the option changes nothing and the first-round routing is the same in both
+runs (up to GPU summation order). An option line counts for a sample only if its own run applied the option there
+(its recorded margin, if any, above the sample's cut); a margin for which some gated sample has none is reported
+incomplete.
+
+    python benchmarks/gate_replay.py --base results/answers/niah_1m_v8_k4.jsonl.gz \\
+        --option results/answers/niah_1m_v8_k8.jsonl.gz --margins 0,1/2,3/5,2/3,11/15,2 --out results/widen_replay.json
+
+Writes per margin the accuracy per subtask, the average and the share of samples gated, with the machines, dates
+and commits of the lines used (the replay's own under "replayed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from fractions import Fraction
+from pathlib import Path
+
+from memsparse.engine.engine import cut_drop, fused_top
+from memsparse.eval.meta import run_meta
+from memsparse.eval.niah import parse_settings, setting_of
+
+Key = tuple[int, str, int, int]  # tokens, subtask, seed, sample
+
+
+def load(paths: list[str], keep) -> dict[Key, dict]:
+    """The lines of `paths` that `keep(line)` accepts, by sample (the first line of a sample wins)."""
+    out: dict[Key, dict] = {}
+    for path in paths:
+        with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+            for line in map(json.loads, f):
+                if keep(line):
+                    out.setdefault((int(line["tokens"]), line["subtask"], int(line["seed"]), int(line["sample"])), line)
+    return out
+
+
+def live_margin(line: dict) -> float:
+    """The gate of the run that wrote an option line: its refine or widen margin (refine without one: always)."""
+    if line.get("refine"):
+        return line.get("refine_margin", float("inf"))
+    return line["widen_margin"] if line.get("widen") else float("inf")
+
+
+def sources(lines) -> list[dict]:
+    return [dict(zip(("gpu", "date", "commit"), m)) for m in sorted({(x.get("gpu"), x.get("date"), x.get("commit"))
+                                                                     for x in lines}, key=str)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="comma list of answer files; their lines without refine or widen")
+    ap.add_argument("--option", required=True, help="comma list of answer files with the option on")
+    ap.add_argument("--select", default="", help="option lines: only those with these settings ('refine=64'); "
+                                                  "default: every line of the --option files")
+    ap.add_argument("--inject-k", type=int, default=4)
+    ap.add_argument("--margins", default="0,1/2,3/5,2/3,11/15,2", help="0: never, > 1: always")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    plain = setting_of({"inject_k": args.inject_k})
+    base = load(args.base.split(","), lambda x: setting_of(x) == plain)
+    want = parse_settings(args.select)[0] if args.select else {}
+    option = load(args.option.split(","), lambda x: all(x.get(k) == v for k, v in want.items()))
+    drops = {}
+    for key, line in base.items():
+        routing = {int(layer): [tuple(x) for x in picked] for layer, picked in line["routing"].items()}
+        drops[key] = cut_drop(routing, fused_top(routing, args.inject_k + 1), args.inject_k)
+    # the samples each option line's run applied its option to: those below its own gate (none recorded: all)
+    option = {k: x for k, x in option.items() if k in drops and drops[k] < live_margin(x)}
+    subtasks = sorted({k[1] for k in base})
+    measured = {"base": sources(base.values()), "option": sources(option.values())}
+    result = {"base": args.base.split(","), "option": args.option.split(","), "select": want,
+              "inject_k": args.inject_k, "measured": measured,
+              "replayed": run_meta(), "samples": {s: sum(k[1] == s for k in base) for s in subtasks}, "margins": []}
+    print(f"{'margin':>6} " + " ".join(f"{s.removeprefix('niah_'):>10}" for s in subtasks) + "   average   gated")
+    for margin in (float(Fraction(m)) for m in args.margins.split(",")):
+        gated = {k for k, d in drops.items() if d < margin}
+        missing = sorted(gated - set(option))
+        if missing:
+            result["margins"].append({"margin": margin, "incomplete": len(missing)})
+            print(f"{margin:>6.3f}  incomplete: {len(missing)} gated samples without an option line")
+            continue
+        acc, share = {}, {}
+        for s in subtasks:
+            keys = [k for k in base if k[1] == s]
+            acc[s] = round(100 * sum(float((option if k in gated else base)[k]["score"]) for k in keys) / len(keys), 2)
+            share[s] = round(sum(k in gated for k in keys) / len(keys), 3)
+        avg = round(sum(acc.values()) / len(acc), 2)
+        result["margins"].append({"margin": margin, "accuracy": acc, "average": avg, "gated": share})
+        print(f"{margin:>6.3f} " + " ".join(f"{acc[s]:>10.1f}" for s in subtasks)
+              + f"   {avg:7.2f}  {sum(share.values()) / len(share):6.1%}")
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
