@@ -189,7 +189,7 @@ class BankMemory:
     top_k: int
     depth: int = 0  # routing records each layer's top max(top_k, depth) documents; attention reads the top_k
     _routing: list[Routing] = field(default_factory=list)
-    _pending: list = field(default_factory=list)  # (layer, (2, B, k) scores and table positions, table ids)
+    _pending: list = field(default_factory=list)  # (layer, (2, B, k') scores and table positions, table ids)
     _spans: list = field(default_factory=list)  # (start, routed, gathered) clocks per router layer
     _seconds: list = field(default_factory=lambda: [0.0, 0.0])  # host-tier route, gather seconds
 
