@@ -228,6 +228,20 @@ def test_refine_depth_and_margin(setup, monkeypatch):
             ms.MSAEngine(model, tok, bank, **bad)
 
 
+def test_given_documents(setup, monkeypatch):
+    """documents=: router mode injects the given documents (another retriever's pick) instead of routing."""
+    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]] * 2)
+    ans = engine.ask_batch(["Is Rome old?", "Where is Ottawa?"], interleave="router", documents=[[3, 0], [1]])
+    assert [a.rounds for a in ans] == [[[0, 3]], [[1]]] and [a.text for a in ans] == ["yes", "yes"]
+    (row0, _), (row1, _) = script.calls[0]
+    text0, text1 = tok.decode(row0), tok.decode(row1)
+    assert f"[0]. {DOCS[0]}" in text0 and f"[3]. {DOCS[3]}" in text0 and DOCS[1] not in text0
+    assert f"[1]. {DOCS[1]}" in text1 and DOCS[0] not in text1
+    for bad in ({"documents": [[0]], "interleave": True}, {"documents": [[0], [1]]}, {"documents": [[7]]}):
+        with pytest.raises(ValueError, match="documents"):
+            engine.ask_batch(["Is Rome old?"], **{"interleave": "router", **bad})
+
+
 def test_fused_top():
     """Reciprocal-rank fusion: a document ranked by many layers beats one ranked first by a single layer."""
     routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}

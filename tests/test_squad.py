@@ -56,19 +56,22 @@ def test_evaluate_qa_tiny(monkeypatch):
                     article=[0, 0, 1], questions=questions)
     assert sq.fit_context(tok, data, 20) == [0]
     lines = io.StringIO()
-    res = sq.evaluate_qa(data, ["memsparse", "rag1", "rag2", "full"], msa=(model, tok), plain=(model, tok),
-                         progress=False, answers=lines)
-    assert [r["name"] for r in res] == ["memsparse", "rag1", "rag2", "full"]
+    systems = ["memsparse", "rag2-msa", "rag1", "rag2", "full"]
+    res = sq.evaluate_qa(data, systems, msa=(model, tok), plain=(model, tok), progress=False, answers=lines)
+    assert [r["name"] for r in res] == systems
     assert all(0 <= r["em"] <= 100 and 0 <= r["f1"] <= 100 for r in res)
     rows = [json.loads(x) for x in lines.getvalue().splitlines()]  # every system's answer to every question
-    assert [(r["system"], r["question"]) for r in rows] == [(s, q) for s in ("memsparse", "rag1", "rag2", "full")
-                                                            for q, _, _ in questions]
+    assert [(r["system"], r["question"]) for r in rows] == [(s, q) for s in systems for q, _, _ in questions]
+    top = sq.retrieve(*reversed(sq.embeddings(data, "cpu")), 2)  # rag2-msa: MiniLM's top 2 injected into the MSA model
+    assert [x["injected"] for x in rows if x["system"] == "rag2-msa"] == [sorted(t) for t in top]
+    with pytest.raises(ValueError, match="unknown systems"):
+        sq.evaluate_qa(data, ["rag1-plain"], plain=(model, tok), progress=False)
     for r in res:
         mine = [x for x in rows if x["system"] == r["name"]]
         assert r["em"] == round(100 * sum(x["em"] for x in mine) / 2, 2)
         assert r["f1"] == round(100 * sum(x["f1"] for x in mine) / 2, 2)
     assert all(1 <= len(x["injected"]) <= 3 for x in rows if x["system"] == "memsparse")
-    assert {x["gold_paragraph"] for x in rows} == {1, 2} and all("injected" not in x for x in rows[2:])
+    assert {x["gold_paragraph"] for x in rows} == {1, 2} and all("injected" not in x for x in rows[4:])
 
 
 def test_results_keep_earlier_systems_of_the_same_memory(tmp_path, monkeypatch):

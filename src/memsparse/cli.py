@@ -422,9 +422,10 @@ def _eval_qa(args: argparse.Namespace) -> None:
     systems = args.systems.split(",")
     squad = load_squad(_count(args.samples))
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    msa = _load_model(args.model, device, args.dtype) if "memsparse" in systems else None
+    msa = _load_model(args.model, device, args.dtype) if any(s == "memsparse" or s.endswith("-msa")
+                                                             for s in systems) else None
     plain = None
-    if any(s.startswith("rag") or s == "full" for s in systems):
+    if any((s.startswith("rag") and not s.endswith("-msa")) or s == "full" for s in systems):
         gguf = smollm2_gguf()
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
     from .eval.squad import evaluate_qa, write_results

@@ -196,14 +196,23 @@ class MSAEngine:
     def ask_batch(self, questions: list[str], max_new_tokens: int = 256, interleave: bool | str = True,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
-                  router_rounds: int = 1, batch_size: int = 16) -> list[Answer]:
+                  router_rounds: int = 1, batch_size: int = 16,
+                  documents: list[list[int]] | None = None) -> list[Answer]:
         """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
 
         `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
         inject; "router" = the engine injects the `inject_k` documents the router layers rank highest
-        (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round."""
+        (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round.
+        `documents` (router mode): per question, the documents to inject instead (one round; another retriever's
+        pick, read as the model reads routed ones)."""
         if interleave not in (True, False, "model", "router"):
             raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
+        if documents is not None:
+            if interleave != "router" or len(documents) != len(questions):
+                raise ValueError("documents: one list per question, with interleave='router'")
+            unknown = sorted({d for docs in documents for d in docs if d not in self.bank or self.bank.text(d) is None})
+            if unknown:
+                raise ValueError(f"documents: ids {unknown[:10]} are not in the bank or have no stored text")
         if router_rounds < 1:
             raise ValueError(f"router_rounds={router_rounds}: expected at least 1")
         if interleave and self.round_end is None:
@@ -214,11 +223,11 @@ class MSAEngine:
         out = []
         for i in range(0, len(questions), batch_size):
             out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [], rounds,
-                                inject_k, router_rounds)
+                                inject_k, router_rounds, documents and documents[i:i + batch_size])
         return out
 
     def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k,
-                router_rounds) -> list[Answer]:
+                router_rounds, documents=None) -> list[Answer]:
         rows = []
         for q in questions:
             ids, mask = self.encode_question(q)
@@ -226,7 +235,7 @@ class MSAEngine:
                              phase="retrieve" if interleave in (True, "model") else "answer"))
         timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
         if interleave == "router":
-            self._router_injection(rows, inject_k, router_rounds, timings)
+            self._router_injection(rows, inject_k, router_rounds, timings, documents)
         while live := [r for r in rows if r.finish is None]:
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
                          max(budget - r.used for r in live),
@@ -238,10 +247,15 @@ class MSAEngine:
                 self._advance(row, ids, event, max_rounds)
         return [self._result(r, timings) for r in rows]
 
-    def _router_injection(self, rows: list[_Row], k: int, rounds: int, timings: dict) -> None:
+    def _router_injection(self, rows: list[_Row], k: int, rounds: int, timings: dict,
+                          given: list[list[int]] | None = None) -> None:
         """`rounds` routing passes; in each, every row gets its top-k fused documents not injected yet appended
-        (named, then their text) and the pass's routing recorded; then the rows answer."""
-        for _ in range(rounds):
+        (named, then their text) and the pass's routing recorded; then the rows answer. `given`: per row, the
+        documents to inject instead (one round, no routing)."""
+        for row, docs in zip(rows, given or []):
+            row.tokens = row.tokens + self.protocol.naming(sorted(docs))
+            self._inject(row, sorted(docs))
+        for _ in range(0 if given else rounds):
             t0 = time.perf_counter()
             res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
                                 similarity=self.similarity, route_only=True,

