@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--scale-tasks", default="niah,squad", help="scale: tasks ('' only builds the distractor bank)")
     v.add_argument("--key-dtypes", default="bf16,fp8", help="scale: routing-key dtypes to measure (fp8: at --fp8-at)")
     v.add_argument("--systems", default="memsparse,rag1,rag5,rag10,full",
-                   help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), full (8K context)")
+                   help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), ragK-msa (the same K "
+                        "paragraphs injected into the MSA model), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
     v.add_argument("--samples", default="100",
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
