@@ -228,9 +228,21 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     if unknown:
         raise ValueError(f"unknown systems {unknown}: expected memsparse, ragK, ragK-msa or full")
     qs = squad.questions
-    preds: dict[str, list[str]] = {}
-    extra: dict[str, dict] = {}  # per system: more than EM / F1
-    injected: dict[str, list[list[int]]] = {}  # per MSA system: the paragraphs injected for each question
+    results = []
+
+    def score(name: str, ps: list[str], extra: dict | None = None, injected: list[list[int]] | None = None) -> None:
+        """A system's EM / F1, its answer lines written (and flushed) as soon as it has answered."""
+        em = [exact_match(p, a) for p, (_, a, _) in zip(ps, qs)]
+        f = [f1(p, a) for p, (_, a, _) in zip(ps, qs)]
+        results.append({"name": name, "em": round(100 * sum(em) / len(qs), 2), "f1": round(100 * sum(f) / len(qs), 2),
+                        **(extra or {})})
+        for i, ((q, gold, par), p) in enumerate(zip(qs, ps) if answers is not None else []):
+            answers.write(json.dumps({"system": name, "question": q, "expected": gold, "answer": p, "em": em[i],
+                                      "f1": f[i], "gold_paragraph": par,
+                                      **({"injected": injected[i]} if injected else {})}) + "\n")
+        if answers is not None:
+            answers.flush()
+
     rag = {s: int(m[1]) for s in systems if (m := re.fullmatch(r"rag(\d+)(-msa)?", s))}
     if rag:
         doc_emb, q_emb = embeddings(squad, device)
@@ -246,31 +258,20 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         for name, docs in picks.items():
             asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k,
                                   documents=docs)
-            preds[name] = [a.text for a in asked]
-            injected[name] = [a.rounds[0] if a.rounds else [] for a in asked]
-            extra[name] = gold_shares(asked, squad)
+            score(name, [a.text for a in asked], gold_shares(asked, squad),
+                  [a.rounds[0] if a.rounds else [] for a in asked])
     for name, k in rag.items():
         if not name.endswith("-msa"):
             model, tok = plain
-            preds[name] = generate_plain(model, tok, [PROMPT.format(
+            score(name, generate_plain(model, tok, [PROMPT.format(
                 context="\n\n".join(squad.paragraphs[i] for i in t[:k]), question=q) for (q, _, _), t in zip(qs, top)],
-                progress=name if progress else None)
+                progress=name if progress else None))
     if "full" in systems:
         model, tok = plain
         keep = fit_context(tok, squad, model.config.max_position_embeddings - 256)
         ctx = "\n\n".join(squad.paragraphs[i] for i in keep)
-        preds["full"] = generate_plain(model, tok, [PROMPT.format(context=ctx, question=q) for q, _, _ in qs],
-                                       batch_size=4, progress="full" if progress else None)
-    results = []
-    for name, ps in preds.items():
-        em = [exact_match(p, a) for p, (_, a, _) in zip(ps, qs)]
-        f = [f1(p, a) for p, (_, a, _) in zip(ps, qs)]
-        results.append({"name": name, "em": round(100 * sum(em) / len(qs), 2), "f1": round(100 * sum(f) / len(qs), 2),
-                        **extra.get(name, {})})
-        for i, ((q, gold, par), p) in enumerate(zip(qs, ps) if answers is not None else []):
-            answers.write(json.dumps({"system": name, "question": q, "expected": gold, "answer": p, "em": em[i],
-                                      "f1": f[i], "gold_paragraph": par,
-                                      **({"injected": injected[name][i]} if name in injected else {})}) + "\n")
+        score("full", generate_plain(model, tok, [PROMPT.format(context=ctx, question=q) for q, _, _ in qs],
+                                     batch_size=4, progress="full" if progress else None))
     return results
 
 
