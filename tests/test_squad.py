@@ -64,6 +64,9 @@ def test_evaluate_qa_tiny(monkeypatch):
     assert [(r["system"], r["question"]) for r in rows] == [(s, q) for s in systems for q, _, _ in questions]
     top = sq.retrieve(*reversed(sq.embeddings(data, "cpu")), 2)  # rag2-msa: MiniLM's top 2 injected into the MSA model
     assert [x["injected"] for x in rows if x["system"] == "rag2-msa"] == [sorted(t) for t in top]
+    assert set(res[0]) >= {"gold_routed", "gold_injected"} and "gold_routed" not in res[1]  # rag2-msa: not routed
+    assert sq.readers(["rag1-msa"]) == (True, False) and sq.readers(["memsparse", "rag5"]) == (True, True)
+    assert sq.readers(["full"]) == (False, True)
     with pytest.raises(ValueError, match="unknown systems"):
         sq.evaluate_qa(data, ["rag1-plain"], plain=(model, tok), progress=False)
     for r in res:

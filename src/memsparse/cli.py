@@ -414,18 +414,18 @@ def _eval_scale(args: argparse.Namespace) -> None:
 
 def _eval_qa(args: argparse.Namespace) -> None:
     """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
-    from .eval.squad import load_squad
+    from .eval.squad import load_squad, readers
     from .model.checkpoint import load_pretrained
     from .model.tokenizer import load_tokenizer
     from .resources import smollm2_gguf
 
     systems = args.systems.split(",")
+    needs_msa, needs_plain = readers(systems)
     squad = load_squad(_count(args.samples))
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    msa = _load_model(args.model, device, args.dtype) if any(s == "memsparse" or s.endswith("-msa")
-                                                             for s in systems) else None
+    msa = _load_model(args.model, device, args.dtype) if needs_msa else None
     plain = None
-    if any((s.startswith("rag") and not s.endswith("-msa")) or s == "full" for s in systems):
+    if needs_plain:
         gguf = smollm2_gguf()
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
     from .eval.squad import evaluate_qa, write_results

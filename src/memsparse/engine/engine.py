@@ -252,9 +252,9 @@ class MSAEngine:
         """`rounds` routing passes; in each, every row gets its top-k fused documents not injected yet appended
         (named, then their text) and the pass's routing recorded; then the rows answer. `given`: per row, the
         documents to inject instead (one round, no routing)."""
-        for row, docs in zip(rows, given or []):
-            row.tokens = row.tokens + self.protocol.naming(sorted(docs))
-            self._inject(row, sorted(docs))
+        for row, docs in zip(rows, map(sorted, given or [])):
+            row.tokens = row.tokens + self.protocol.naming(docs)
+            self._inject(row, docs)
         for _ in range(0 if given else rounds):
             t0 = time.perf_counter()
             res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],

@@ -213,6 +213,18 @@ def gold_shares(answers, squad: Squad, ids: list[int] | None = None) -> dict[str
             "gold_injected": round(100 * sum(injected) / len(injected), 2)}
 
 
+SYSTEM = re.compile(r"memsparse|full|rag(\d+)(-msa)?")  # the systems evaluate_qa knows
+
+
+def readers(systems: list[str]) -> tuple[bool, bool]:
+    """Whether `systems` need the MSA model and plain SmolLM2; unknown system names are an error."""
+    unknown = [s for s in systems if not SYSTEM.fullmatch(s)]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}: expected memsparse, ragK, ragK-msa or full")
+    return (any(s == "memsparse" or s.endswith("-msa") for s in systems),
+            any(s == "full" or (s.startswith("rag") and not s.endswith("-msa")) for s in systems))
+
+
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
                 inject_k: int = 4, priors: int = 0, engine: dict | None = None, progress: bool = True,
                 answers=None) -> list[dict]:
@@ -224,9 +236,7 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     from ..engine import MSAEngine
     from ..memory import MemoryBank
 
-    unknown = [s for s in systems if not re.fullmatch(r"memsparse|full|rag\d+(-msa)?", s)]
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}: expected memsparse, ragK, ragK-msa or full")
+    needs_msa, _ = readers(systems)
     qs = squad.questions
     results = []
 
@@ -243,11 +253,11 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         if answers is not None:
             answers.flush()
 
-    rag = {s: int(m[1]) for s in systems if (m := re.fullmatch(r"rag(\d+)(-msa)?", s))}
+    rag = {s: int(m[1]) for s in systems if (m := SYSTEM.fullmatch(s)) and m[1]}
     if rag:
         doc_emb, q_emb = embeddings(squad, device)
         top = retrieve(q_emb, doc_emb, max(rag.values()))
-    if msa is not None and ("memsparse" in systems or any(s.endswith("-msa") for s in rag)):
+    if needs_msa:
         model, tok = msa
         bank = MemoryBank.build(model, tok, squad.paragraphs, progress=progress)
         eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
@@ -258,7 +268,8 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         for name, docs in picks.items():
             asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k,
                                   documents=docs)
-            score(name, [a.text for a in asked], gold_shares(asked, squad),
+            shares = gold_shares(asked, squad)  # gold_routed only where the router picked the paragraphs
+            score(name, [a.text for a in asked], shares if docs is None else {"gold_injected": shares["gold_injected"]},
                   [a.rounds[0] if a.rounds else [] for a in asked])
     for name, k in rag.items():
         if not name.endswith("-msa"):
