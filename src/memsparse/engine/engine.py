@@ -64,6 +64,20 @@ def cut_drop(routing: Routing, order: list[int], k: int) -> float:
     return round(max(a - b for a, b in zip(share, share[1:])), 6)  # rounded: 10 of 15 layers is 2/3
 
 
+def refine_routing(bank: MemoryBank, tok, tokens: list[int], route: list[bool], docs: list[int], texts: list[str],
+                   chunk: int, similarity: str, depth: int = 0) -> Routing:
+    """The routing of one question (active `tokens`, routing mask `route`) over `docs` only, their `texts`
+    re-encoded in a fresh bank like `bank` with keys pooled over `chunk` tokens instead of the bank's P: a needle
+    sentence is a small part of a P-token chunk mean, a larger part of a finer one. `depth`: per layer, that many
+    documents (0: the bank's top-k)."""
+    if not docs:
+        return {}
+    fine = bank.like(chunk_size=chunk, key_dtype="model", content_dtype="model")
+    fine.add_tokens(render_documents(tok, docs, texts), texts=texts)  # ids 0..n-1 = docs' positions
+    res = prefill_batch(fine, [tokens], [route], similarity=similarity, route_only=True, depth=depth)
+    return {layer: [(docs[i], score) for i, score in picked] for layer, picked in res.memory.routing[0].items()}
+
+
 @dataclass
 class Answer:
     question: str
@@ -281,17 +295,11 @@ class MSAEngine:
             row.route += [False] * (len(row.tokens) - len(row.route))
 
     def refined(self, tokens: list[int], route: list[bool], shortlist: list[int]) -> Routing:
-        """The routing of one question over `shortlist` only, its documents re-encoded with keys pooled over
-        `refine_chunk` tokens instead of the bank's P: a needle sentence is a small part of a P-token chunk mean,
-        a larger part of a finer one. Documents without stored text are left out."""
+        """The routing of one question over `shortlist` only, re-encoded with keys pooled over `refine_chunk`
+        tokens (`refine_routing`). Documents without stored text are left out."""
         docs = [d for d in shortlist if self.bank.text(d) is not None]
-        if not docs:
-            return {}
-        texts = [self.bank.text(d) for d in docs]
-        fine = self.bank.like(chunk_size=self.refine_chunk, key_dtype="model", content_dtype="model")
-        fine.add_tokens(render_documents(self.tok, docs, texts), texts=texts)  # ids 0..n-1 = docs' positions
-        res = prefill_batch(fine, [tokens], [route], similarity=self.similarity, route_only=True)
-        return {layer: [(docs[i], score) for i, score in picked] for layer, picked in res.memory.routing[0].items()}
+        return refine_routing(self.bank, self.tok, tokens, route, docs, [self.bank.text(d) for d in docs],
+                              self.refine_chunk, self.similarity)
 
     def _inject(self, row: _Row, doc_ids: list[int]) -> None:
         """Append the documents' text; the question block and this text route the next round."""
