@@ -95,8 +95,10 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert {(p["refine"], p["refine_chunk"]) for p in json.loads(out.read_text())["points"]} == {(3, 2)}
     assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # refined and not
     assert main(argv + ["--refine", "3", "--refine-chunk", "5"]) == 2  # finer than the bank's 4 tokens only
-    assert main(argv[:-1] + [str(out), "--refine", "3", "--refine-depth", "4", "--refine-margin", "0.5"]) == 0
-    assert {(p["refine_depth"], p["refine_margin"]) for p in json.loads(out.read_text())["points"]} == {(4, 0.5)}
+    assert main(argv[:-1] + [str(out), "--refine", "3", "--refine-depth", "4", "--refine-margin", "0.5",
+                             "--refine-fuse"]) == 0
+    assert {(p["refine_depth"], p["refine_margin"], p["refine_fuse"])
+            for p in json.loads(out.read_text())["points"]} == {(4, 0.5, True)}
     assert main(argv + ["--refine", "3", "--refine-margin", "0"]) == 2
     # --sample-ids: only the chosen samples of the stream, each the very sample a full run draws
     picked, every = tmp_path / "picked.jsonl", tmp_path / "every.jsonl"

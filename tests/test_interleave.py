@@ -228,6 +228,26 @@ def test_refine_depth_and_margin(setup, monkeypatch):
             ms.MSAEngine(model, tok, bank, **bad)
 
 
+def test_refine_fuse(setup, monkeypatch):
+    """refine_fuse: the injected documents are the fused top over the first pass's layers and the refined ones
+    together (a document both passes rank high wins), not over the refined layers alone; recorded in the setting."""
+    q = "Is Rome old?"
+    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"] * 2])
+    engine.refine, engine.refine_chunk = 4, 2
+    routing = engine.route(q)
+    assert sorted(engine_mod.fused_top(routing, 2)) == [0, 1]  # the bank's head: 0 and 1
+    refined = {2: [(2, 0.9), (3, 0.8)], 3: [(3, 0.9), (2, 0.8)]}  # a refinement that prefers 2 and 3
+    monkeypatch.setattr(engine, "refined", lambda tokens, route, shortlist: refined)
+    alone = engine.ask(q, interleave="router", inject_k=2).rounds
+    engine.refine_fuse = True
+    fused = engine.ask(q, interleave="router", inject_k=2).rounds
+    assert alone == [[2, 3]]
+    assert fused == [sorted(engine_mod.fused_top(dict(enumerate([*routing.values(), *refined.values()])), 2))]
+    assert fused != alone and 2 in fused[0]  # 2: second in a first-pass layer and high in the refined ones
+    assert engine_mod.engine_settings(refine=3, refine_fuse=True)["refine_fuse"] is True
+    assert "refine_fuse" not in engine_mod.engine_settings(refine=3)
+
+
 def test_given_documents(setup, monkeypatch):
     """documents=: router mode injects the given documents (another retriever's pick) instead of routing."""
     engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]] * 2)

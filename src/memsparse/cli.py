@@ -472,6 +472,9 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-margin", type=float, default=1.0, metavar="M",
                    help="with --refine: re-rank only when the router layers cut no clear head (their agreement drops "
                         "by less than M within the top --inject-k; default 1: always)")
+    p.add_argument("--refine-fuse", action="store_true",
+                   help="with --refine: fuse the refined routing with the first pass (both passes' router layers vote) "
+                        "instead of replacing it")
     p.add_argument("--widen", type=int, default=0, metavar="N",
                    help="router mode: inject N documents instead of --inject-k when the router layers agree on no "
                         "clear head (0: off; README, 'Widened injection')")
@@ -480,7 +483,8 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
 def _engine_kw(args: argparse.Namespace) -> dict:
     """MSAEngine settings from _interleave_args."""
     return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk,
-            "refine_depth": args.refine_depth, "refine_margin": args.refine_margin, "widen": args.widen}
+            "refine_depth": args.refine_depth, "refine_margin": args.refine_margin, "refine_fuse": args.refine_fuse,
+            "widen": args.widen}
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:

@@ -19,12 +19,14 @@ FUSIONS = ("rrf", "score", "max")
 
 
 def engine_settings(fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, refine_depth: int = 0,
-                    refine_margin: float = 1.0, widen: int = 0, widen_margin: float = 2 / 3) -> dict:
+                    refine_margin: float = 1.0, refine_fuse: bool = False, widen: int = 0,
+                    widen_margin: float = 2 / 3) -> dict:
     """MSAEngine's router-injection settings as results record them: the fusion always, the refinement and the
     widening only when on, their newer options only when not the default (results written before an option
     existed ran without it)."""
     fine = {"refine": refine, "refine_chunk": refine_chunk, **({"refine_depth": refine_depth} if refine_depth else {}),
-            **({"refine_margin": round(refine_margin, 4)} if refine_margin < 1 else {})}
+            **({"refine_margin": round(refine_margin, 4)} if refine_margin < 1 else {}),
+            **({"refine_fuse": True} if refine_fuse else {})}
     return {"fusion": fusion, **(fine if refine else {}),
             **({"widen": widen, "widen_margin": round(widen_margin, 4)} if widen else {})}
 
@@ -119,7 +121,7 @@ class MSAEngine:
 
     def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4,
                  fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, refine_depth: int = 0,
-                 refine_margin: float = 1.0, widen: int = 0, widen_margin: float = 2 / 3):
+                 refine_margin: float = 1.0, refine_fuse: bool = False, widen: int = 0, widen_margin: float = 2 / 3):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
         _check_fusion(fusion)
@@ -134,9 +136,10 @@ class MSAEngine:
         self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
         # router injection re-ranks its `refine` best documents with keys pooled over `refine_chunk` tokens (refined),
         # ranked over each layer's top `refine_depth` (0: the layers' top-k), when the layers cut no clear head
-        # (cut_drop below `refine_margin`; 1: always)
+        # (cut_drop below `refine_margin`; 1: always); `refine_fuse`: the refined layers' votes join the first pass's
+        # (fused over both) instead of replacing them
         self.refine, self.refine_chunk = refine, refine_chunk
-        self.refine_depth, self.refine_margin = refine_depth, refine_margin
+        self.refine_depth, self.refine_margin, self.refine_fuse = refine_depth, refine_margin, bool(refine_fuse)
         # router injection injects `widen` documents instead of inject_k when the layers cut no clear head (cut_drop
         # below `widen_margin`): look-alike documents split their votes and the right one is often ranked 5th-8th
         self.widen, self.widen_margin = widen, widen_margin
@@ -283,7 +286,9 @@ class MSAEngine:
                 if self.refine and (self.refine_margin >= 1 or cut_drop(
                         routing, fused_top(routing, k + 1, done, self.fusion), k) < self.refine_margin):
                     t0 = time.perf_counter()
-                    routing = self.refined(row.tokens, row.route, fused_top(deep, self.refine, done, self.fusion))
+                    fine = self.refined(row.tokens, row.route, fused_top(deep, self.refine, done, self.fusion))
+                    # both passes' layers vote (keys are only labels here) or the refined ones alone
+                    routing = dict(enumerate([*routing.values(), *fine.values()])) if self.refine_fuse else fine
                     timings["route"] += time.perf_counter() - t0
                 order = fused_top(routing, max(k + 1, self.widen), exclude=done, fusion=self.fusion)
                 wide = self.widen > k and cut_drop(routing, order, k) < self.widen_margin
