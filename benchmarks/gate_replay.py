@@ -6,7 +6,7 @@ below the margin takes the option line's score and every other sample the base l
 margin answers, since on a clear cut the option changes nothing and the first-round routing is the same in both
 runs (up to GPU summation order). An option line counts for a sample only if its own run applied the option there
 (its recorded margin, if any, above the sample's cut); a margin for which some gated sample has none is reported
-incomplete.
+incomplete, with the subtasks whose gated samples all have one replayed alone.
 
     python benchmarks/gate_replay.py --base results/answers/niah_1m_v8_k4.jsonl.gz \\
         --option results/answers/niah_1m_v8_k8.jsonl.gz --margins 0,1/2,3/5,2/3,11/15,2 --out results/widen_replay.json
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def live_margin(line: dict) -> float:
     if line.get("refine"):
         return line.get("refine_margin", float("inf"))
     return line["widen_margin"] if line.get("widen") else float("inf")
+
+
+def to_measure(keys: list[Key]) -> dict[str, list[int]]:
+    """Samples still to answer with the option, as `eval niah` takes them: {"tokens:subtask:seed": sample ids}
+    (`--tokens --subtasks --seed --sample-ids`)."""
+    out: dict[str, list[int]] = {}
+    for n, sub, seed, i in keys:
+        out.setdefault(f"{n}:{sub}:{seed}", []).append(i)
+    return out
 
 
 def sources(lines) -> list[dict]:
@@ -81,20 +91,23 @@ def main() -> None:
     print(f"{'margin':>6} " + " ".join(f"{s.removeprefix('niah_'):>10}" for s in subtasks) + "   average   gated")
     for margin in (float(Fraction(m)) for m in args.margins.split(",")):
         gated = {k for k, d in drops.items() if d < margin}
-        missing = sorted(gated - set(option))
-        if missing:
-            result["margins"].append({"margin": margin, "incomplete": len(missing)})
-            print(f"{margin:>6.3f}  incomplete: {len(missing)} gated samples without an option line")
-            continue
+        unmeasured = sorted(gated - set(option))
+        missing = Counter(k[1] for k in unmeasured)
         acc, share = {}, {}
-        for s in subtasks:
+        for s in (s for s in subtasks if not missing[s]):  # a subtask counts only with every gated sample measured
             keys = [k for k in base if k[1] == s]
             acc[s] = round(100 * sum(float((option if k in gated else base)[k]["score"]) for k in keys) / len(keys), 2)
             share[s] = round(sum(k in gated for k in keys) / len(keys), 3)
+        row = " ".join(f"{acc[s]:>10.1f}" if s in acc else f"{'-':>10}" for s in subtasks)
+        if missing:
+            result["margins"].append({"margin": margin, "incomplete": sum(missing.values()),
+                                      "missing": dict(sorted(missing.items())), "to_measure": to_measure(unmeasured),
+                                      **({"accuracy": acc, "gated": share} if acc else {})})
+            print(f"{margin:>6.3f} {row}   incomplete: {sum(missing.values())} gated samples without an option line")
+            continue
         avg = round(sum(acc.values()) / len(acc), 2)
         result["margins"].append({"margin": margin, "accuracy": acc, "average": avg, "gated": share})
-        print(f"{margin:>6.3f} " + " ".join(f"{acc[s]:>10.1f}" for s in subtasks)
-              + f"   {avg:7.2f}  {sum(share.values()) / len(share):6.1%}")
+        print(f"{margin:>6.3f} {row}   {avg:7.2f}  {sum(share.values()) / len(share):6.1%}")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -19,8 +19,8 @@ def drop(routing) -> float:
     return cut_drop(r, fused_top(r, 5), 4)
 
 
-def line(sample: int, routing, score: float, **setting) -> dict:
-    return {"tokens": 1024, "subtask": "niah_multikey_2", "seed": 1, "sample": sample, "fusion": "rrf",
+def line(sample: int, routing, score: float, subtask: str = "niah_multikey_2", **setting) -> dict:
+    return {"tokens": 1024, "subtask": subtask, "seed": 1, "sample": sample, "fusion": "rrf",
             "inject_k": 4, "score": score, "routing": {str(k): v for k, v in routing.items()}, "gpu": "g",
             "date": "d", "commit": "c", **setting}
 
@@ -28,7 +28,7 @@ def line(sample: int, routing, score: float, **setting) -> dict:
 def replay(tmp_path, margins: str) -> dict:
     base, option, out = tmp_path / "base.jsonl", tmp_path / "option.jsonl", tmp_path / "out.json"
     base.write_text("".join(json.dumps(x) + "\n" for x in [
-        line(0, CLEAR, 1.0), line(1, SPREAD, 0.0), line(2, SPLIT, 0.0),
+        line(0, CLEAR, 1.0), line(1, SPREAD, 0.0), line(2, SPLIT, 0.0), line(0, CLEAR, 1.0, "niah_single_1"),
         line(0, CLEAR, 0.0, fusion="max")]))  # another setting's line: not a base line
     refined = {"refine": 64, "refine_chunk": 4, "refine_margin": 0.4}
     option.write_text("".join(json.dumps(x) + "\n" for x in [
@@ -43,9 +43,14 @@ def test_gate_replay(tmp_path):
     assert drop(CLEAR) == 1.0 and drop(SPREAD) == 0.0 and 0.4 < drop(SPLIT) < 0.6
     res = replay(tmp_path, "0,0.3,0.6,2")
     never, gated, wider, always = res["margins"]
-    assert never["accuracy"]["niah_multikey_2"] == 33.33 and never["gated"]["niah_multikey_2"] == 0.0
+    assert never["accuracy"] == {"niah_multikey_2": 33.33, "niah_single_1": 100.0} and never["average"] == 66.66
+    assert never["gated"]["niah_multikey_2"] == 0.0
     assert gated["accuracy"]["niah_multikey_2"] == 66.67 and gated["gated"]["niah_multikey_2"] == 0.333
-    # the split sample is below 0.6 (and the clear one below 2), but the option lines' run (margin 0.4) left them
-    # alone: no option line for them
-    assert wider == {"margin": 0.6, "incomplete": 1} and always == {"margin": 2.0, "incomplete": 2}
-    assert res["samples"] == {"niah_multikey_2": 3} and res["select"] == {"refine": 64}
+    # the split sample is below 0.6 (and the clear ones below 2), but the option lines' run (margin 0.4) left them
+    # alone: no option line for them; a subtask with all its gated samples measured is still replayed
+    assert wider == {"margin": 0.6, "incomplete": 1, "missing": {"niah_multikey_2": 1},
+                     "to_measure": {"1024:niah_multikey_2:1": [2]}, "accuracy": {"niah_single_1": 100.0},
+                     "gated": {"niah_single_1": 0.0}}
+    assert always == {"margin": 2.0, "incomplete": 3, "missing": {"niah_multikey_2": 2, "niah_single_1": 1},
+                      "to_measure": {"1024:niah_multikey_2:1": [0, 2], "1024:niah_single_1:1": [0]}}
+    assert res["samples"] == {"niah_multikey_2": 3, "niah_single_1": 1} and res["select"] == {"refine": 64}
