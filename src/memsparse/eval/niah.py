@@ -94,7 +94,9 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                 s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 if only is not None and i not in only:
                     continue
-                bank = MemoryBank.build(model, tok, s.documents, tier="auto")
+                # a bar for banks that take minutes (128K tokens and up on a CPU)
+                bank = MemoryBank.build(model, tok, s.documents, tier="auto",
+                                        progress=model.device.type == "cpu" and n >= 1 << 17)
                 shared = time.perf_counter() - t0
                 for kw, setting in zip(variants, settings):
                     t0 = time.perf_counter()
