@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gate_replay import load
 
-from memsparse.engine.engine import cut_drop, fused_top
+from memsparse.engine.engine import cut_drop, fused_top, joint_routing
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 
@@ -51,8 +51,7 @@ def main() -> None:
         for margin in MARGINS:
             label = "always" if margin > 1 else f"gated {margin}"
             picks[f"refined, {label}"] = fused_top(fine if cut < margin else first, k)
-            both = dict(enumerate([*first.values(), *fine.values()]))
-            picks[f"fused, {label}"] = fused_top(both if cut < margin else first, k)
+            picks[f"fused, {label}"] = fused_top(joint_routing(first, fine) if cut < margin else first, k)
         gold = set(line["gold"])
         for rule, top in picks.items():
             recall.setdefault(rule, {}).setdefault(key[1], []).append(len(gold & set(top)) / len(gold))

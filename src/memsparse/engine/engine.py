@@ -66,6 +66,12 @@ def cut_drop(routing: Routing, order: list[int], k: int) -> float:
     return round(max(a - b for a, b in zip(share, share[1:])), 6)  # rounded: 10 of 15 layers is 2/3
 
 
+def joint_routing(first: Routing, refined: Routing) -> Routing:
+    """Both passes' layer lists as one routing, for fused_top to rank over all of them (`refine_fuse`): a document
+    both passes rank high wins. Keys are only labels."""
+    return dict(enumerate([*first.values(), *refined.values()]))
+
+
 def refine_routing(bank: MemoryBank, tok, tokens: list[int], route: list[bool], docs: list[int], texts: list[str],
                    chunk: int, similarity: str, depth: int = 0) -> Routing:
     """The routing of one question (active `tokens`, routing mask `route`) over `docs` only, their `texts`
@@ -287,8 +293,7 @@ class MSAEngine:
                         routing, fused_top(routing, k + 1, done, self.fusion), k) < self.refine_margin):
                     t0 = time.perf_counter()
                     fine = self.refined(row.tokens, row.route, fused_top(deep, self.refine, done, self.fusion))
-                    # both passes' layers vote (keys are only labels here) or the refined ones alone
-                    routing = dict(enumerate([*routing.values(), *fine.values()])) if self.refine_fuse else fine
+                    routing = joint_routing(routing, fine) if self.refine_fuse else fine
                     timings["route"] += time.perf_counter() - t0
                 order = fused_top(routing, max(k + 1, self.widen), exclude=done, fusion=self.fusion)
                 wide = self.widen > k and cut_drop(routing, order, k) < self.widen_margin
