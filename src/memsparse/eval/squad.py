@@ -225,6 +225,16 @@ def readers(systems: list[str]) -> tuple[bool, bool]:
             any(s == "full" or (s.startswith("rag") and not s.endswith("-msa")) for s in systems))
 
 
+def system_name(engine: dict | None, inject_k: int = 4, priors: int = 0) -> str:
+    """memsparse's name in results: `memsparse`, with the settings that differ from the defaults appended
+    (`memsparse-refine-64_refine_chunk-4`), so a run with other settings lands beside the default one in the
+    results file instead of replacing it."""
+    from .niah import setting_label, setting_of
+
+    label = setting_label(setting_of({**(engine or {}), "inject_k": inject_k}), setting_of({}))
+    return "-".join(["memsparse", *([label] if label != "same" else []), *([f"priors-{priors}"] if priors else [])])
+
+
 def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: str = "cpu",
                 inject_k: int = 4, priors: int = 0, engine: dict | None = None, progress: bool = True,
                 answers=None) -> list[dict]:
@@ -263,7 +273,7 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
         if priors:
             eng.calibrate_priors(n=priors)
-        picks = {"memsparse": None} if "memsparse" in systems else {}
+        picks = {system_name(engine, inject_k, priors): None} if "memsparse" in systems else {}
         picks.update({s: [t[:k] for t in top] for s, k in rag.items() if s.endswith("-msa")})
         for name, docs in picks.items():
             asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k,
