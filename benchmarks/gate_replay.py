@@ -42,6 +42,12 @@ def load(paths: list[str], keep) -> dict[Key, dict]:
     return out
 
 
+def routing_of(recorded: dict, depth: int | None = None) -> dict:
+    """An answer line's recorded routing ({"layer": [[doc, score], ...]}) as the engine's Routing, each layer's
+    list cut to its first `depth` (None: all)."""
+    return {int(layer): [tuple(x) for x in picked[:depth]] for layer, picked in recorded.items()}
+
+
 def live_margin(line: dict) -> float:
     """The gate of the run that wrote an option line: its refine or widen margin (refine without one: always)."""
     if line.get("refine"):
@@ -79,7 +85,7 @@ def main() -> None:
     option = load(args.option.split(","), lambda x: all(x.get(k) == v for k, v in want.items()))
     drops = {}
     for key, line in base.items():
-        routing = {int(layer): [tuple(x) for x in picked] for layer, picked in line["routing"].items()}
+        routing = routing_of(line["routing"])
         drops[key] = cut_drop(routing, fused_top(routing, args.inject_k + 1), args.inject_k)
     # the samples each option line's run applied its option to: those below its own gate (none recorded: all)
     option = {k: x for k, x in option.items() if k in drops and drops[k] < live_margin(x)}

@@ -16,7 +16,7 @@ import gzip
 import json
 from pathlib import Path
 
-from gate_replay import load
+from gate_replay import load, routing_of
 
 from memsparse.engine.engine import cut_drop, fused_top, joint_routing
 from memsparse.eval.meta import run_meta
@@ -25,15 +25,12 @@ from memsparse.eval.niah import setting_of
 MARGINS = (0.4, 0.5, 0.6, 1.01)  # 1.01: always
 
 
-def routing_of(recorded: dict, depth: int = 16) -> dict:
-    return {int(layer): [tuple(x) for x in picked[:depth]] for layer, picked in recorded.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="comma list of answer files (their plain lines)")
     ap.add_argument("--refined", required=True, help="refined_routing.py output")
     ap.add_argument("--inject-k", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=16, help="the model's k: the refined routing the engine fuses")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     base = load(args.base.split(","), lambda x: setting_of(x) == setting_of({"inject_k": args.inject_k}))
@@ -45,7 +42,7 @@ def main() -> None:
         if key not in refined:
             continue
         first = routing_of(line["routing"])
-        fine = routing_of(refined[key]["refined"])  # the engine's refined routing: each layer's top 16
+        fine = routing_of(refined[key]["refined"], args.top_k)  # the engine's refined routing: each layer's top k
         cut = cut_drop(first, fused_top(first, k + 1), k)
         picks = {"first pass": fused_top(first, k)}
         for margin in MARGINS:

@@ -18,7 +18,7 @@ import gzip
 import json
 import random
 
-from gate_replay import load
+from gate_replay import load, routing_of
 from tqdm.auto import tqdm
 
 from memsparse.demo import load_shipped
@@ -67,8 +67,7 @@ def main() -> None:
                 line = lines[(n, sub, seed, i)]
                 if line["question"] != s.question or line["gold"] != sorted(s.gold):
                     raise ValueError(f"{sub} seed {seed} sample {i}: regenerated sample differs from the answer line")
-                routing = {int(layer): [tuple(x) for x in picked] for layer, picked in line["routing"].items()}
-                shortlist = fused_top(routing, args.refine, fusion=args.fusion)
+                shortlist = fused_top(routing_of(line["routing"]), args.refine, fusion=args.fusion)
                 tokens, route = protocol.question(s.question)
                 refined = refine_routing(empty, tok, tokens, route, shortlist, [s.documents[d] for d in shortlist],
                                          args.refine_chunk, "train", depth=len(shortlist))
