@@ -113,7 +113,7 @@ def main() -> None:
             continue
         avg = round(sum(acc.values()) / len(acc), 2)
         result["margins"].append({"margin": margin, "accuracy": acc, "average": avg, "gated": share})
-        print(f"{margin:>6.3f} {row}   {avg:7.2f}  {sum(share.values()) / len(share):6.1%}")
+        print(f"{margin:>6.3f} {row}   {avg:7.2f}  {len(gated) / len(base):6.1%}")  # of all samples
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
