@@ -18,11 +18,22 @@ from pathlib import Path
 
 from gate_replay import load, routing_of
 
-from memsparse.engine.engine import cut_drop, fused_top, joint_routing
+from memsparse.engine.engine import Routing, cut_drop, fused_top, joint_routing
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 
 MARGINS = (0.4, 0.5, 0.6, 1.01)  # 1.01: always
+
+
+def rule_picks(first: Routing, fine: Routing, k: int) -> dict[str, list[int]]:
+    """The k documents each rule injects, from the first pass's routing and the refined routing of its shortlist."""
+    cut = cut_drop(first, fused_top(first, k + 1), k)
+    picks = {"first pass": fused_top(first, k)}
+    for margin in MARGINS:
+        label = "always" if margin > 1 else f"gated {margin}"
+        picks[f"refined, {label}"] = fused_top(fine if cut < margin else first, k)
+        picks[f"fused, {label}"] = fused_top(joint_routing(first, fine) if cut < margin else first, k)
+    return picks
 
 
 def main() -> None:
@@ -43,14 +54,8 @@ def main() -> None:
             continue
         first = routing_of(line["routing"])
         fine = routing_of(refined[key]["refined"], args.top_k)  # the engine's refined routing: each layer's top k
-        cut = cut_drop(first, fused_top(first, k + 1), k)
-        picks = {"first pass": fused_top(first, k)}
-        for margin in MARGINS:
-            label = "always" if margin > 1 else f"gated {margin}"
-            picks[f"refined, {label}"] = fused_top(fine if cut < margin else first, k)
-            picks[f"fused, {label}"] = fused_top(joint_routing(first, fine) if cut < margin else first, k)
         gold = set(line["gold"])
-        for rule, top in picks.items():
+        for rule, top in rule_picks(first, fine, k).items():
             recall.setdefault(rule, {}).setdefault(key[1], []).append(len(gold & set(top)) / len(gold))
     table = {rule: {s: round(100 * sum(v) / len(v), 1) for s, v in sorted(per.items())} for rule, per in recall.items()}
     subtasks = sorted(next(iter(recall.values())))
