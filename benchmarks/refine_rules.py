@@ -25,12 +25,17 @@ from memsparse.eval.niah import setting_of
 MARGINS = (0.4, 0.5, 0.6, 1.01)  # 1.01: always
 
 
+def rule_label(margin: float) -> str:
+    """A gate's name in the rules' labels ("refined, gated 0.5", "fused, always")."""
+    return "always" if margin > 1 else f"gated {margin}"
+
+
 def rule_picks(first: Routing, fine: Routing, k: int) -> dict[str, list[int]]:
     """The k documents each rule injects, from the first pass's routing and the refined routing of its shortlist."""
     cut = cut_drop(first, fused_top(first, k + 1), k)
     picks = {"first pass": fused_top(first, k)}
     for margin in MARGINS:
-        label = "always" if margin > 1 else f"gated {margin}"
+        label = rule_label(margin)
         picks[f"refined, {label}"] = fused_top(fine if cut < margin else first, k)
         picks[f"fused, {label}"] = fused_top(joint_routing(first, fine) if cut < margin else first, k)
     return picks

@@ -1,5 +1,5 @@
-"""The refinement rules of `refine_rules.py` on SQuAD-open: for each question, the share of rules that put its gold
-paragraph among the injected ones (routing only, nothing generated). The memory is all 2,067 dev paragraphs, the
+"""The refinement rules of `refine_rules.py` on SQuAD-open: for each rule, the share of questions whose gold paragraph
+it injects (routing only, nothing generated). The memory is all 2,067 dev paragraphs, the
 questions the first N of `eval qa`'s 1,000; each question is routed once and its shortlist refined once, and every
 rule's injected set is derived from those two routings exactly as the engine derives it.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from refine_rules import rule_picks
 from tqdm import tqdm
 
-from memsparse.cli import _load_model
+from memsparse.demo import load_shipped
 from memsparse.engine import MSAEngine
 from memsparse.engine.engine import fused_top
 from memsparse.eval.meta import run_meta
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     squad = load_squad(1000)
-    model, tok = _load_model(None, args.device, None)
+    model, tok = load_shipped(args.device)
     t0 = time.perf_counter()
     bank = MemoryBank.build(model, tok, squad.paragraphs, progress=True)
     build = time.perf_counter() - t0

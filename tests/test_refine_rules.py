@@ -10,7 +10,7 @@ from memsparse.engine.engine import fused_top
 from .conftest import tiny_model, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from refine_rules import MARGINS, rule_picks  # noqa: E402
+from refine_rules import MARGINS, rule_label, rule_picks  # noqa: E402
 
 DOCS = [f"Note {i}: the {c} {a} keeps {i * 7 % 10} {b}." for i, (a, b, c) in enumerate(
     zip(["cat", "fox", "owl", "elk", "bee", "ant"] * 2, ["keys", "maps", "jars", "bells"] * 3,
@@ -24,18 +24,16 @@ def test_rule_picks_are_the_engines():
     bank = ms.MemoryBank.build(model, tok, DOCS)
     k, shortlist = 2, 6
     base = ms.MSAEngine(model, tok, bank, similarity="train", refine=shortlist, refine_chunk=2)
+    live = {f"{'fused' if fuse else 'refined'}, {rule_label(margin)}": ms.MSAEngine(
+        model, tok, bank, similarity="train", refine=shortlist, refine_chunk=2, refine_margin=min(margin, 1),
+        refine_fuse=fuse) for margin in MARGINS for fuse in (False, True)}  # refine_margin 1: always
     fuse_matters = gate_matters = False
     for q in QUESTIONS:
         first = base.route(q)
         picks = rule_picks(first, base.refined(*base.encode_question(q), fused_top(first, shortlist)), k)
-        for margin in MARGINS:
-            label = "always" if margin > 1 else f"gated {margin}"
-            for fuse in (False, True):
-                live = ms.MSAEngine(model, tok, bank, similarity="train", refine=shortlist, refine_chunk=2,
-                                    refine_margin=min(margin, 1), refine_fuse=fuse)  # 1: always
-                rounds = live.ask(q, max_new_tokens=1, interleave="router", inject_k=k).rounds
-                rule = f"{'fused' if fuse else 'refined'}, {label}"
-                assert rounds[0] == sorted(picks[rule]), (q, rule)
+        for rule, engine in live.items():
+            rounds = engine.ask(q, max_new_tokens=1, interleave="router", inject_k=k).rounds
+            assert rounds[0] == sorted(picks[rule]), (q, rule)
         fuse_matters |= sorted(picks["fused, always"]) != sorted(picks["refined, always"])
         gate_matters |= sorted(picks["refined, gated 0.5"]) != sorted(picks["refined, gated 0.6"])
     assert fuse_matters and gate_matters  # the rules inject different documents here: the comparison is not vacuous
