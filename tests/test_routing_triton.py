@@ -230,3 +230,28 @@ def test_routing_round_seconds_replays_the_fused_routing_graphs():
     assert routing_round_seconds(res.memory) > 0
     bank.fused_routing = False
     assert routing_round_seconds(prefill_batch(bank, [[5, 6, 7, 8]], [[True] * 4]).memory) is None
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="routing graphs need a GPU")
+def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_tokens():
+    """A routing graph replayed for a question shorter than the one before it (same padded length) routes as the
+    ungraphed path does: the longer question's routing tokens left in the graph's static input do not count."""
+    import memsparse as ms
+    from memsparse.engine.prefill import _top_documents, top_documents
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48).to(DEVICE)
+    bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea."])
+    bank.fused_routing = True
+    layer = model.router_layers[0]
+    g = torch.Generator().manual_seed(0)
+    long, short = (torch.randn(1, n, 6, 16, generator=g).to(DEVICE) for n in (20, 7))
+    for rq in (long, short):  # both pad to one 32-token graph: the second is a replay
+        mask = torch.ones(rq.shape[:2], dtype=torch.bool, device=DEVICE)
+        got = top_documents(bank, layer, rq, mask, True, 4).clone()
+        ref = _top_documents(bank, layer, rq, mask, True, 4)
+        assert torch.equal(got[1], ref[1]) and torch.allclose(got[0], ref[0], atol=TOL)
+    assert len(bank.routing_view()["graphs"]) == 1

@@ -103,6 +103,7 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
         g = graphs[key] = _RoutingGraph(bank, layer, rq, rmask, cosine, k, key[2])
     g.rq[:, :S].copy_(rq)
     g.mask[:, :S].copy_(rmask)
+    g.mask[:, S:].zero_()  # a longer question of the same bucket left routing tokens there
     g.graph.replay()
     return g.out
 
