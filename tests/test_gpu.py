@@ -71,7 +71,7 @@ def test_cuda_engine_matches_cpu_across_tiers(tmp_path):
         got = ms.MSAEngine(gpu, tok, bank, similarity="train").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
         for a, b in zip(ref, got):
             assert a.transcript == b.transcript
-            assert_same_routing(a.routing, b.routing, atol=1e-4)
+            assert_same_routing(a.routing, b.routing, atol=2e-2)  # the kernel multiplies in bf16
 
 
 @pytest.mark.parametrize("compile,fused", [(False, False), (True, False), (True, True)])
@@ -181,3 +181,33 @@ def test_document_priors_on_cuda_match_cpu():
         assert sorted(a.routing) == sorted(b.routing)
         for layer in a.routing:
             assert dict(a.routing[layer]) == pytest.approx(dict(b.routing[layer]), abs=1e-4)
+
+
+def test_cuda_question_stream_routes_as_the_pytorch_path():
+    """Questions of different lengths asked one after another and in batches over one bank (routing graphs
+    captured, then replayed for shorter and longer questions) inject, route and answer as the PyTorch routing
+    path does."""
+    import memsparse as ms
+
+    from .conftest import assert_same_routing, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48).cuda()
+    docs = ["Paris is the capital of France.", "Ottawa is the capital of Canada.", "Bananas are yellow and sweet.",
+            "Rome is old and has many churches.", "Tea.", "Lisbon is by the sea."]
+    bank = ms.MemoryBank.build(model, tok, docs)
+    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    questions = ["Where is Paris, is it in France or in Canada, and is Rome old?", "Tea?", "Where is Ottawa?",
+                 "Bananas?", "Is Lisbon by the sea or is Rome by the sea?", "Rome?"]
+
+    def ask() -> list:
+        single = [engine.ask(q, max_new_tokens=4, interleave="router", inject_k=2) for q in questions]
+        return single + engine.ask_batch(questions[::-1], max_new_tokens=4, interleave="router", inject_k=2)
+
+    got = ask()  # fused routing: the default on a GPU
+    bank.fused_routing, bank._view = False, None
+    ref = ask()
+    for a, b in zip(got, ref, strict=True):
+        assert a.rounds == b.rounds and a.text == b.text
+        assert_same_routing(a.routing, b.routing, atol=2e-2)  # the kernel multiplies in bf16
