@@ -459,11 +459,11 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--fusion", choices=FUSIONS, default="rrf",
                    help="router mode: rank documents over the router layers by reciprocal rank (default), by the sum "
-                        "of their routing scores or by their best score in any layer (README, 'Fusing the router "
-                        "layers')")
+                        "of their routing scores or by their best score in any layer (docs/msa-smollm2.md, "
+                        "'Fusing the router layers')")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="router mode: re-rank the N best documents with finer routing keys before injecting (0: off; "
-                        "README, 'Refined routing')")
+                        "docs/msa-smollm2.md, 'Refined routing')")
     p.add_argument("--refine-chunk", type=int, default=4, metavar="P",
                    help="with --refine: tokens per routing key of the re-ranked documents (default 4; the bank's: 64)")
     p.add_argument("--refine-depth", type=int, default=0, metavar="D",
@@ -477,7 +477,7 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                         "instead of replacing it")
     p.add_argument("--widen", type=int, default=0, metavar="N",
                    help="router mode: inject N documents instead of --inject-k when the router layers agree on no "
-                        "clear head (0: off; README, 'Widened injection')")
+                        "clear head (0: off; docs/msa-smollm2.md, 'Widened injection')")
 
 
 def _engine_kw(args: argparse.Namespace) -> dict:
@@ -491,7 +491,8 @@ def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--priors", type=int, default=default, metavar="N",
                    help="document priors: subtract from each document's routing score its mean score over N "
                         "sentences of the memory, so hub documents stop crowding out the others; helps open "
-                        "questions over real text, hurts needle search (README, 'Document priors'). 0: off, as "
+                        "questions over real text, hurts needle search (docs/msa-smollm2.md, 'Document priors'). "
+                        "0: off, as "
                         f"published; encode saves them with the bank, the others compute them per memory "
                         f"(default {default}{', not for the needle memory' if default else ''})")
 

