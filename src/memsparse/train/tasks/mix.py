@@ -10,10 +10,13 @@
 - `reading` (short extractive answers): State of the Union passages; one sentence of a passage becomes a question by
   putting a wh-phrase in place of a year ("what year"), an amount ("how many <unit>", "how much"), a number or a
   capitalised name ("what"); the model names the passage and answers with the replaced words, as SQuAD asks.
+- `handbook`: `retrieval` over the Debian Administrator's Handbook's passages (Debian `debian-handbook`); the answer
+  is the passage's section title.
 - `definitions` (generative retrieval on headwords): dictionary pages (FOLDOC and WordNet entries packed in
   headword order, about `PAGE_WORDS` words each, one entry a line); the question asks what a headword means (the
   model names its page and answers with the definition's first sentence) or which headword a definition quotes
   (answer: the headword). Half the distractors are the neighbouring pages, whose headwords share words with it.
+- `webster`: `definitions` over GCIDE (Webster's 1913 with additions, Debian `dict-gcide`) pages.
 - `multihop`: two-hop chains in an essay haystack (Paul Graham essays packed into passages). `MULTIHOP_CHAINS`
   chains "The {key} leads to the {link}." / "The special magic number of the {link} is: {value}." are hidden in
   distinct passages; the question names one key, so only the passage holding its link sentence shares words
@@ -28,7 +31,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-TASKS = ("niah", "faq", "retrieval", "reading", "definitions", "multihop")
+TASKS = ("niah", "faq", "retrieval", "handbook", "reading", "definitions", "webster", "multihop")
 FAQ_HELD_OUT = 24
 MULTIHOP_CHAINS = 4
 HOP_LINK = "The {key} leads to the {link}."
@@ -118,9 +121,16 @@ class Mixer:
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
         if "multihop" in self.weights:
             self.pools["essays"] = Pool(_essay_passages(), count_tokens)
-        if "definitions" in self.weights:
-            pages, self.page_entries = _dictionary_pages()
-            self.pools["definitions"] = Pool(pages, count_tokens)
+        if "handbook" in self.weights:
+            from ..corpora import debian_handbook
+
+            self.pools["handbook"] = Pool([f"{p.title}\n{p.text}" for p in debian_handbook()], count_tokens)
+        self.page_entries: dict[str, list[list[tuple[str, str, bool]]]] = {}  # per dictionary task, as its pool
+        for task in {"definitions", "webster"} & set(self.weights):
+            from .. import corpora
+
+            pages, self.page_entries[task] = _dictionary_pages(getattr(corpora, task)())
+            self.pools[task] = Pool(pages, count_tokens)
 
     def _count_one(self, text: str) -> int:
         return self.count([text])[0]
@@ -146,7 +156,14 @@ class Mixer:
         return Question(docs, q, [where], first_sentence(a), "faq")
 
     def retrieval(self, memory_tokens: int) -> Question:
-        pool = self.pools["sotu"]
+        return self._quoted("sotu", memory_tokens, "retrieval")
+
+    def handbook(self, memory_tokens: int) -> Question:
+        return self._quoted("handbook", memory_tokens, "handbook")
+
+    def _quoted(self, source: str, memory_tokens: int, task: str) -> Question:
+        """Which titled passage of `source` holds a quoted span of 8-20 words (answer: its title)."""
+        pool = self.pools[source]
         gold = self.rng.randrange(len(pool.texts))
         title, body = pool.texts[gold].split("\n", 1)
         words = body.split()
@@ -155,7 +172,7 @@ class Mixer:
         question = f"Which document contains the passage \"{' '.join(words[start:start + n])}\"?"
         others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
         docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in others])
-        return Question(docs, question, [where], title, "retrieval")
+        return Question(docs, question, [where], title, task)
 
     def reading(self, memory_tokens: int) -> Question:
         pool = self.pools["sotu"]
@@ -171,9 +188,16 @@ class Mixer:
         return Question(docs, asked[0], [where], asked[1], "reading")
 
     def definitions(self, memory_tokens: int) -> Question:
-        pool = self.pools["definitions"]
+        return self._headword("definitions", memory_tokens)
+
+    def webster(self, memory_tokens: int) -> Question:
+        return self._headword("webster", memory_tokens)
+
+    def _headword(self, task: str, memory_tokens: int) -> Question:
+        """What a headword of the `task` dictionary pages means, or which headword a quoted definition defines."""
+        pool = self.pools[task]
         gold = self.rng.randrange(len(pool.texts))
-        head, text, unique = self.rng.choice(self.page_entries[gold])
+        head, text, unique = self.rng.choice(self.page_entries[task][gold])
         if unique and self.rng.random() < 0.5:
             words = text.split()
             n = min(len(words), self.rng.randint(6, 14))
@@ -192,7 +216,7 @@ class Mixer:
         line = f"\n{head}: "  # the same headword in another dictionary would make the question ambiguous
         picked = [i for i in picked if line not in "\n" + pool.texts[i]]
         docs, where = _place(self.rng, [pool.texts[gold]], [pool.texts[i] for i in picked])
-        return Question(docs, question, [where], answer, "definitions")
+        return Question(docs, question, [where], answer, task)
 
     def multihop(self, memory_tokens: int) -> Question:
         from .niah import _draw, _words
@@ -272,15 +296,16 @@ def _essay_passages() -> list[str]:
     return out + (["\n".join(cur)] if cur else [])
 
 
-def _dictionary_pages() -> tuple[list[str], list[list[tuple[str, str, bool]]]]:
-    """Dictionary entries packed in order into pages of about `PAGE_WORDS` words, one `headword: definition` a line
-    (a page never mixes dictionaries); per page its entries as (headword, definition, whether a quote of the
-    definition can identify it: the definition is unique in the corpus and no headword repeats on the page)."""
+def _dictionary_pages(entries: list) -> tuple[list[str], list[list[tuple[str, str, bool]]]]:
+    """Dictionary entries (`corpora.Passage`: headword, definition, dictionary) packed in order into pages of about
+    `PAGE_WORDS` words, one `headword: definition` a line (a page never mixes dictionaries); per page its entries as
+    (headword, definition, whether a quote of the definition can identify it: the definition is unique in the corpus
+    and no headword repeats on the page)."""
     from collections import Counter
 
-    from ..corpora import definitions, n_words
+    from ..corpora import n_words
 
-    entries = [e for e in definitions() if gist(e.text)]  # an answer to "what does X mean" is needed
+    entries = [e for e in entries if gist(e.text)]  # an answer to "what does X mean" is needed
     seen = Counter(e.text for e in entries)
     pages, page_entries, cur, size, source = [], [], [], 0, None
     for e in entries + [None]:
