@@ -84,8 +84,8 @@ def test_evaluate_qa_tiny(monkeypatch):
 
 
 def test_results_keep_earlier_systems_of_the_same_memory(tmp_path, monkeypatch):
-    """Systems measured again replace their namesakes, the others stay (with where they were measured); another
-    memory or question count starts the file afresh."""
+    """Systems measured again replace their namesakes, the others stay (with where they were measured); results over
+    another memory or question count are refused, the file left as it was."""
     import json
 
     out = tmp_path / "squad_open.json"
@@ -98,7 +98,12 @@ def test_results_keep_earlier_systems_of_the_same_memory(tmp_path, monkeypatch):
     assert res == json.loads(out.read_text()) and res["commit"] == "c2"
     assert [(s["name"], s["f1"], s["commit"]) for s in res["systems"]] == [
         ("memsparse", 4.0, "c2"), ("rag1", 9.0, "c1"), ("memsparse-k1", 1.5, "c2")]
-    res = sq.write_results([{"name": "rag5", "em": 0.0, "f1": 7.0}], 500, 20, out)
+    before = out.read_text()
+    for tokens, questions in ((500, 20), (600, 10)):
+        with pytest.raises(ValueError, match="holds results over 10 questions and 500 memory tokens"):
+            sq.write_results([{"name": "rag5", "em": 0.0, "f1": 7.0}], tokens, questions, out)
+    assert out.read_text() == before
+    res = sq.write_results([{"name": "rag5", "em": 0.0, "f1": 7.0}], 500, 20, tmp_path / "other.json")
     assert [s["name"] for s in res["systems"]] == ["rag5"]
 
 

@@ -270,6 +270,7 @@ def _count(samples: str) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    args.samples = args.samples or ("1000" if args.task == "qa" else "100")
     if args.task == "qa":
         return _eval_qa(args)
     if args.task == "scale":
@@ -414,7 +415,7 @@ def _eval_scale(args: argparse.Namespace) -> None:
 
 def _eval_qa(args: argparse.Namespace) -> None:
     """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
-    from .eval.squad import load_squad, readers
+    from .eval.squad import check_results_file, load_squad, readers
     from .model.checkpoint import load_pretrained
     from .model.tokenizer import load_tokenizer
     from .resources import smollm2_gguf
@@ -430,12 +431,13 @@ def _eval_qa(args: argparse.Namespace) -> None:
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
     from .eval.squad import evaluate_qa, write_results
 
-    with _answers_file(args.answers) as answers:
-        results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
-                              priors=args.priors, answers=answers, engine=_engine_kw(args))
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
     out = Path(args.out or "benchmarks/results/squad_open.json")
+    check_results_file(out, memory_tokens, len(squad.questions))  # before the hours of answering, not after
+    with _answers_file(args.answers) as answers:
+        results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
+                              priors=args.priors, answers=answers, engine=_engine_kw(args))
     write_results(results, memory_tokens, len(squad.questions), out)
     for r in results:
         print(f"{r['name']:>12}  EM {r['em']:6.2f}  F1 {r['f1']:6.2f}")
@@ -617,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), ragK-msa (the same K "
                         "paragraphs injected into the MSA model), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
-    v.add_argument("--samples", default="100",
-                   help="niah: samples per subtask, one count or one per --tokens size (100,50,10); qa: questions")
+    v.add_argument("--samples",
+                   help="niah: samples per subtask, one count or one per --tokens size (100,50,10; default 100); "
+                        "qa: questions (default 1000, the issue's protocol); scale, multihop: samples (default 100)")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
     v.add_argument("--sample-ids", metavar="I,J,...",
                    help="niah: answer only these samples of each subtask's stream (0-based, below --samples), to "
