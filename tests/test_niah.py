@@ -304,7 +304,8 @@ def test_handbook_and_webster_tasks(monkeypatch) -> None:
     book = [corpora.Passage(f"Debian Administrator's Handbook: Section {i}", f"Paragraph {i} says that the "
                             f"package number {i} is configured with care and then tested.", "debian-handbook")
             for i in range(40)]
-    words = [corpora.Passage(f"Word{i:03d}", f"A thing numbered {i}; another sense.", "gcide") for i in range(200)]
+    words = [corpora.Passage(f"Word{i // 2:03d}", f"A {'thing' if i % 2 else 'deed'} numbered {i}; another sense.",
+                             "gcide") for i in range(200)]  # each headword twice in a row (noun, verb)
     monkeypatch.setattr(corpora, "debian_handbook", lambda: book)
     monkeypatch.setattr(corpora, "webster", lambda: words)
     monkeypatch.setattr(corpora, "definitions", lambda: pytest.fail("webster read the FOLDOC / WordNet entries"))
@@ -322,4 +323,6 @@ def test_handbook_and_webster_tasks(monkeypatch) -> None:
         else:
             assert q.task == "webster" and re.search(r"Word\d{3}: ", q.documents[gold])
             assert q.answer in q.documents[gold]
+            if q.question.startswith("What does"):  # the headword's first entry
+                assert q.answer.startswith("A deed numbered ")
     assert tasks == {"handbook", "webster"}

@@ -203,8 +203,9 @@ class Mixer:
             n = min(len(words), self.rng.randint(6, 14))
             start = self.rng.randint(0, len(words) - n)
             question, answer = f"Which word is defined as \"{' '.join(words[start:start + n])}\"?", head
-        else:
-            question, answer = f"What does \"{head}\" mean?", gist(text)
+        else:  # a headword listed twice on the page (GCIDE's noun and verb): its first entry, as a dictionary reads
+            first = next(t for h, t, _ in self.page_entries[task][gold] if h == head)
+            question, answer = f"What does \"{head}\" mean?", gist(first)
         near = [i for d in range(1, NEIGHBOUR_PAGES + 1) for i in (gold - d, gold + d) if 0 <= i < len(pool.texts)]
         picked, total = [], pool.tokens[gold]
         for i in near:  # hard negatives first, up to half the memory
