@@ -296,16 +296,18 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
     return results
 
 
-def check_results_file(out: Path, memory_tokens: int, questions: int) -> None:
-    """Refuse to write results over `memory_tokens` tokens and `questions` questions into a file that holds results
-    over another memory or question count (they would be lost: nothing of it could be kept)."""
+def check_results_file(out: Path, memory_tokens: int, questions: int) -> dict:
+    """The results already in `out` ({} if none); refuses results over `memory_tokens` tokens and `questions`
+    questions where the file holds results over another memory or question count (they would be lost: nothing
+    of it could be kept)."""
     if not out.exists():
-        return
+        return {}
     old = json.loads(out.read_text())
     if (old.get("memory_tokens"), old.get("questions")) != (memory_tokens, questions):
         raise ValueError(f"{out} holds results over {old.get('questions')} questions and {old.get('memory_tokens')} "
                          f"memory tokens, this run is over {questions} and {memory_tokens}: pass --out for a file "
                          "of its own (or remove that one)")
+    return old
 
 
 def write_results(systems: list[dict], memory_tokens: int, questions: int, out: Path) -> dict:
@@ -313,10 +315,9 @@ def write_results(systems: list[dict], memory_tokens: int, questions: int, out: 
     commit; the systems (and notes) of an earlier file over the same memory and questions are kept unless measured
     again, and a file over another memory or question count is refused (`check_results_file`). A bar plot of EM
     and F1 per system goes beside it (when matplotlib is installed)."""
-    check_results_file(out, memory_tokens, questions)
+    old = check_results_file(out, memory_tokens, questions)
     meta = run_meta()
     new = {s["name"]: {**s, **meta} for s in systems}
-    old = json.loads(out.read_text()) if out.exists() else {}
     merged = [new.pop(s["name"], s) for s in old.get("systems", [])] + list(new.values())
     result = {**old, **meta, "memory_tokens": memory_tokens, "questions": questions, "systems": merged}
     out.parent.mkdir(parents=True, exist_ok=True)

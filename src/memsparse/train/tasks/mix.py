@@ -126,9 +126,9 @@ class Mixer:
 
             self.pools["handbook"] = Pool([f"{p.title}\n{p.text}" for p in debian_handbook()], count_tokens)
         self.page_entries: dict[str, list[list[tuple[str, str, bool]]]] = {}  # per dictionary task, as its pool
-        for task in [t for t in ("definitions", "webster") if t in self.weights]:
-            from .. import corpora
+        from .. import corpora
 
+        for task in [t for t in ("definitions", "webster") if t in self.weights]:
             pages, self.page_entries[task] = _dictionary_pages(getattr(corpora, task)())
             self.pools[task] = Pool(pages, count_tokens)
 
