@@ -22,6 +22,7 @@ from memsparse.demo import load_shipped
 from memsparse.engine import MSAEngine
 from memsparse.engine.engine import FUSIONS, fused_top
 from memsparse.memory import MemoryBank
+from memsparse.model.tokenizer import TokenCounter
 from memsparse.train.tasks.niah import make_sample
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     model, tok = load_shipped(args.device)
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = TokenCounter.of(tok)
     subtasks = args.subtasks.split(",")
     counts = [int(n) for n in args.samples.split(",")]
     counts = counts * len(subtasks) if len(counts) == 1 else counts

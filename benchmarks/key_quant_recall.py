@@ -31,6 +31,7 @@ from memsparse.demo import load_shipped
 from memsparse.engine.calibrate import pseudo_queries
 from memsparse.eval.scale import recall
 from memsparse.eval.squad import load_squad
+from memsparse.model.tokenizer import TokenCounter
 from memsparse.train.tasks.niah import make_sample, string_match_all
 
 KINDS = ("model", "bf16", "fp8", "int8", "fp8-questions", "fp8-pseudo")  # the model's own keys, rounded to bf16,
@@ -97,7 +98,7 @@ def main() -> None:
               "gold_in_top_k": {kd: found(routes[kd], gold) for kd in KINDS}}
     print(json.dumps(result), flush=True)
 
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = TokenCounter.of(tok)
     hits = {kd: [] for kd in KINDS}
     same = {kd: [] for kd in KINDS[1:]}
     for sub in ("niah_single_2", "niah_multikey_1", "niah_multivalue"):

@@ -27,6 +27,7 @@ from memsparse.engine.protocol import Protocol
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 from memsparse.memory.bank import TEMPLATE_PREFIX, MemoryBank
+from memsparse.model.tokenizer import TokenCounter
 from memsparse.train.tasks.niah import make_sample
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     model, tok = load_shipped(args.device)
     protocol, meta = Protocol(tok), run_meta()
     empty = MemoryBank.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok)
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731  (as eval niah)
+    count = TokenCounter.of(tok)  # as eval niah
     cache: dict = {}
     with gzip.open(args.out, "wt") as out, tqdm(total=len(lines), desc="samples") as bar:
         for (n, sub, seed), wanted in streams.items():

@@ -37,6 +37,7 @@ from memsparse.demo import WEIGHTS
 from memsparse.engine.protocol import Protocol
 from memsparse.eval.meta import run_meta
 from memsparse.model.delta import load_delta
+from memsparse.model.tokenizer import TokenCounter
 from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
 from memsparse.ops.routing import chunk_scores, document_scores
@@ -54,7 +55,7 @@ def capture(model, tok, layers: list[int], args) -> dict[int, list]:
     """Per layer: ((chunk means (C, hidden), query-token inputs (1, A, hidden), layout), gold documents,
     number of documents) per sample, float32 on the model's device."""
     proto, rng, cap = Protocol(tok), random.Random(1), {}
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = TokenCounter.of(tok)
 
     def hook_for(layer: int):
         def hook(module, inputs):

@@ -126,6 +126,22 @@ def test_deterministic() -> None:
     assert len({x.answers[0] for x in a}) == 3  # samples differ within a run
 
 
+@pytest.mark.parametrize("subtask", niah.SUBTASKS)
+def test_batched_counting_draws_the_same_samples(subtask: str, monkeypatch) -> None:
+    """Distractor lines drawn and counted LINE_BATCH at a time by a batched counter (`many`, as
+    `TokenCounter.of(tok)`) give the samples and random stream of drawing and counting them one by one."""
+    from memsparse.model.tokenizer import TokenCounter
+
+    batched = TokenCounter(lambda texts: [count(t) for t in texts])
+    for target in (700, 9000):  # the budget runs out in the first batch of lines, and in a later one
+        ra, rb = random.Random(3), random.Random(3)
+        monkeypatch.setattr(niah, "LINE_BATCH", 1)
+        a = [niah.make_sample(subtask, target, count, ra, doc_tokens=100) for _ in range(2)]
+        monkeypatch.setattr(niah, "LINE_BATCH", 512)
+        b = [niah.make_sample(subtask, target, batched, rb, doc_tokens=100) for _ in range(2)]
+        assert a == b and ra.random() == rb.random()
+
+
 def test_lengths_and_limits() -> None:
     for target in (500, 20_000):
         s = niah.make_sample("niah_single_2", target, count, random.Random(0), doc_tokens=32)
@@ -243,9 +259,9 @@ def test_demo_needle_memory() -> None:
     each question names one needle's key, whose value is the reference and sits in exactly one document."""
     from memsparse.demo import needle_memory
 
-    class WordTok:
+    class WordTok:  # a tokenizer's call: one text or a batch
         def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": text.split()}
+            return {"input_ids": text.split() if isinstance(text, str) else [t.split() for t in text]}
 
     docs, names, questions, answers = needle_memory(1500, 3, WordTok(), seed=2)
     assert len(docs) == len(set(docs)) == len(names) and len(questions) == len(answers) == 3

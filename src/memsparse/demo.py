@@ -54,10 +54,10 @@ def default_memory(n_docs: int, n_questions: int, seed: int = 0) -> tuple[list[s
 def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
     """(documents, names, questions, reference answers): one RULER essay haystack of about `tokens` tokens holding
     niah_multikey_1's four needles (distinct keys, random depths), asked about in order of depth (at most 4)."""
+    from .model.tokenizer import TokenCounter
     from .train.tasks.niah import NEEDLE, _prompt, make_sample
 
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    sample = make_sample("niah_multikey_1", tokens, count, random.Random(seed))
+    sample = make_sample("niah_multikey_1", tokens, TokenCounter.of(tok), random.Random(seed))
     pattern = re.compile(re.escape(NEEDLE).replace(r"\{type_needle_v\}", "numbers")
                          .replace(r"\{key\}", "(.+?)").replace(r"\{value\}", r"(\d+)"))
     needles = [m.groups() for d in sample.documents for m in pattern.finditer(d)][:n_questions]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..engine import MSAEngine
 from ..memory import MemoryBank
+from ..model.tokenizer import TokenCounter
 from ..train.tasks.mix import Mixer
 from ..train.tasks.niah import string_match_all
 
@@ -25,7 +26,7 @@ def evaluate(model, tok, tokens: list[int], samples: int = 100, router_rounds: t
              inject_k: int = 4, doc_tokens: int = 512, seed: int = EVAL_SEED) -> list[dict]:
     """One point per (memory size, rounds): accuracy (%), hop-1 / hop-2 injection recall, seconds per sample.
     Every rounds setting answers the same questions."""
-    count = lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    count = TokenCounter.of(tok).many
     points = []
     for n in tokens:
         mixer = Mixer({"multihop": 1.0}, count, doc_tokens=doc_tokens, seed=seed + n)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..engine import MSAEngine
 from ..engine.engine import engine_settings
 from ..memory import MemoryBank
+from ..model.tokenizer import TokenCounter
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
@@ -82,7 +83,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
         raise ValueError(f"unknown setting keys {sorted(unknown)}; expected some of {', '.join(SETTING_KEYS)}")
     settings = [setting_of(v) for v in variants]
     meta = {"model": name, **run_meta()}
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = TokenCounter.of(tok)
     cache: dict = {}  # per-sentence token counts of the haystacks
     points = []
     for n, per_subtask in zip(tokens, counts):

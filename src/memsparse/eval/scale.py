@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..engine import MSAEngine
 from ..memory import MemoryBank
+from ..model.tokenizer import TokenCounter
 from ..train.tasks.niah import make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
@@ -87,7 +88,7 @@ def _drop(bank: MemoryBank, ids: list[int]) -> None:
 def niah_scores(model, tok, banks: dict, subtasks: list[str], samples: int, seed: int = 7,
                 haystack: int = 32768, inject_k: int = 4) -> dict[int, float]:
     """Accuracy (%) per size (key of `banks`; None = the sample's documents alone) over the same samples."""
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = TokenCounter.of(tok)
     cache: dict = {}
     hits: dict = {size: [] for size in banks}
     for sub in subtasks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import AddedToken, normalizers
@@ -152,3 +153,19 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike[str] | None = None) -> PreTr
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+class TokenCounter:
+    """Token counts from a batch counting function `many(texts) -> counts`: of one text (`counter(text)`) or of many
+    in one call (`counter.many(texts)`: far faster for thousands of short texts, as RULER's haystack lines).
+    `TokenCounter.of(tok)` counts with a tokenizer, special tokens left out."""
+
+    def __init__(self, many: Callable[[list[str]], list[int]]):
+        self.many = many
+
+    def __call__(self, text: str) -> int:
+        return self.many([text])[0]
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerBase) -> TokenCounter:
+        return cls(lambda texts: [len(x) for x in tok(list(texts), add_special_tokens=False)["input_ids"]])

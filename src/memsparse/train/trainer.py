@@ -33,6 +33,7 @@ from ..model.delta import (
     train_rows,
     trainable_parameters,
 )
+from ..model.tokenizer import TokenCounter
 from ..ops.attention import shape_varying_attention
 from .samples import collate, memory_stream, rounds
 from .tasks.mix import Mixer
@@ -306,7 +307,7 @@ def _load_master(params, emb, new_ids, master) -> None:
 
 def make_mixer(recipe: Recipe, tok) -> Mixer:
     """The recipe's task mix, counting tokens with `tok` (reseeded at every step by `step_batch`)."""
-    return Mixer(recipe.tasks, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]],
+    return Mixer(recipe.tasks, TokenCounter.of(tok).many,
                  doc_tokens=recipe.doc_tokens, niah_subtasks=recipe.niah_subtasks)
 
 

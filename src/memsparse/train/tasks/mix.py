@@ -132,18 +132,16 @@ class Mixer:
             pages, self.page_entries[task] = _dictionary_pages(getattr(corpora, task)())
             self.pools[task] = Pool(pages, count_tokens)
 
-    def _count_one(self, text: str) -> int:
-        return self.count([text])[0]
-
     def draw(self, memory_tokens: int) -> Question:
         task = self.rng.choices(list(self.weights), list(self.weights.values()))[0]
         return getattr(self, task)(memory_tokens)
 
     def niah(self, memory_tokens: int) -> Question:
+        from ...model.tokenizer import TokenCounter
         from .niah import make_sample
 
         sub = self.rng.choices(list(self.subtasks), list(self.subtasks.values()))[0]
-        s = make_sample(sub, memory_tokens, self._count_one, self.rng, doc_tokens=self.doc_tokens,
+        s = make_sample(sub, memory_tokens, TokenCounter(self.count), self.rng, doc_tokens=self.doc_tokens,
                         haystack_cache=self._niah_cache)
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
 

@@ -53,6 +53,7 @@ CONFIGS = {
     "niah_multiquery": ("essay", "words", "numbers", 1, 1, 4),
 }
 SUBTASKS = tuple(CONFIGS)
+LINE_BATCH = 512  # needle-haystack distractor lines drawn and counted at a time
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TEMPLATE = (
@@ -132,12 +133,12 @@ def _draw(kind: str, rng: random.Random, words) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _essay_fit(sents: list[str], cum: list[int], cost, budget: int) -> int:
+def _essay_fit(sents: list[str], cum: list[int], costs, budget: int) -> int:
     """Largest sentence count (the corpus repeated) whose cost fits ``budget``; extends the cumulative costs ``cum``
-    lazily."""
+    lazily (``costs``: of a list of units)."""
     while len(cum) < len(sents) and (not cum or cum[-1] <= budget):
-        for s in sents[len(cum) : len(cum) + 256]:
-            cum.append((cum[-1] if cum else 0) + cost(s))
+        for c in costs(sents[len(cum) : len(cum) + 256]):
+            cum.append((cum[-1] if cum else 0) + c)
     if len(cum) == len(sents) and cum[-1] <= budget:
         if cum[-1] <= 0:
             raise ValueError("the essay haystack counts no tokens")
@@ -185,8 +186,13 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
     sep = " " if hay == "essay" else "\n"
     base = count_tokens(sep)
 
-    def cost(s: str) -> int:  # marginal tokens of a unit between separators (BPE may merge ".\n" into one token)
-        return count_tokens(sep + s + sep) - base
+    many = getattr(count_tokens, "many", None) or (lambda texts: [count_tokens(t) for t in texts])
+
+    def costs(units: list[str]) -> list[int]:  # marginal tokens of units between separators (BPE may merge ".\n")
+        return [c - base for c in many([sep + s + sep for s in units])] if units else []
+
+    def cost(s: str) -> int:
+        return costs([s])[0]
 
     keys, values, needles = [], [], []
     for k in range(num_k):
@@ -207,7 +213,7 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
     if hay == "essay":
         sents = _essay_sentences()
         cum = cache.setdefault(("essay", haystacks.paul_graham_essays, count_tokens), [])
-        n = _essay_fit(sents, cum, cost, budget)
+        n = _essay_fit(sents, cum, costs, budget)
         if n < 1:
             raise ValueError(f"memory_tokens={memory_tokens} is too small for {subtask}")
         depths = sorted(int(n * (d / 100)) for d in rng.sample(DEPTHS, len(needles)))
@@ -223,17 +229,27 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
             c = cost(NOISE)
             units = [(NOISE, c, -1)] * max(0, budget // c)
         else:
-            units, used = [], 0
-            while True:
+            def line() -> str:  # a distractor needle line with a fresh key
                 key = _draw(type_k, rng, words)
                 while key in keys:
                     key = _draw(type_k, rng, words)
-                line = NEEDLE.format(type_needle_v=type_v, key=key, value=_draw(type_v, rng, words))
-                c = cost(line)
-                if used + c > budget:
-                    break
-                units.append((line, c, -1))
-                used += c
+                return NEEDLE.format(type_needle_v=type_v, key=key, value=_draw(type_v, rng, words))
+
+            # lines are drawn and counted in batches; the line that overflows the budget is the last one drawn, as
+            # when drawing one by one (the random stream is replayed up to it)
+            units, used, full = [], 0, False
+            while not full:
+                state = rng.getstate()
+                lines = [line() for _ in range(LINE_BATCH)]
+                for n, (text, c) in enumerate(zip(lines, costs(lines))):
+                    if used + c > budget:
+                        rng.setstate(state)
+                        for _ in range(n + 1):
+                            line()
+                        full = True
+                        break
+                    units.append((text, c, -1))
+                    used += c
         if len(units) < len(needles):
             raise ValueError(f"memory_tokens={memory_tokens} is too small for {subtask}")
         for index, needle in zip(sorted(rng.sample(range(len(units)), len(needles)), reverse=True), needles):
