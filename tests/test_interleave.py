@@ -49,10 +49,25 @@ class Script:
 
 
 def _engine(setup, monkeypatch, scripts):
+    """An engine whose answers follow `scripts`; router injection without refinement (tests turn it on)."""
     model, tok, bank = setup
     script = Script(tok, scripts)
     monkeypatch.setattr(engine_mod, "generate", script)
-    return ms.MSAEngine(model, tok, bank, similarity="train"), script, tok
+    plain = {"refine": 0, "refine_margin": 1.0, "refine_fuse": False}
+    return ms.MSAEngine(model, tok, bank, similarity="train", **plain), script, tok
+
+
+def test_router_defaults(setup):
+    """The engine and the command line default to ROUTER_DEFAULTS: fused refinement gated at 0.5."""
+    from memsparse.cli import _engine_kw, build_parser
+
+    model, tok, bank = setup
+    engine = ms.MSAEngine(model, tok, bank)
+    assert {k: getattr(engine, k) for k in engine_mod.ROUTER_DEFAULTS} == engine_mod.ROUTER_DEFAULTS
+    assert (engine.refine, engine.refine_chunk, engine.refine_margin, engine.refine_fuse) == (64, 4, 0.5, True)
+    args = build_parser().parse_args(["ask", "bank", "q"])
+    assert _engine_kw(args) == {k: v for k, v in engine_mod.ROUTER_DEFAULTS.items() if k != "widen_margin"}
+    assert _engine_kw(build_parser().parse_args(["ask", "bank", "q", "--no-refine-fuse"]))["refine_fuse"] is False
 
 
 def test_two_hop_protocol(setup, monkeypatch):

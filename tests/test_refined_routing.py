@@ -26,8 +26,9 @@ def test_refined_routing_predicts_the_engine(tmp_path, monkeypatch):
     plain, refined, dump = tmp_path / "plain.jsonl", tmp_path / "refined.jsonl", tmp_path / "dump.jsonl.gz"
     argv = ["eval", "niah", "--tokens", "3000", "--samples", "3", "--subtasks", "niah_multikey_2", "--inject-k", "2",
             "--out", str(tmp_path / "niah.json")]
-    assert main(argv + ["--answers", str(plain)]) == 0
-    assert main(argv + ["--answers", str(refined), "--refine", "3", "--refine-chunk", "2"]) == 0
+    assert main(argv + ["--answers", str(plain), "--refine", "0"]) == 0
+    assert main(argv + ["--answers", str(refined), "--refine", "3", "--refine-chunk", "2", "--refine-margin", "1",
+                        "--no-refine-fuse"]) == 0  # refined always, the refined routing alone: what the script replays
     monkeypatch.syspath_prepend(str(BENCH))
     import refined_routing
 

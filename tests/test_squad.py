@@ -67,12 +67,12 @@ def test_evaluate_qa_tiny(monkeypatch):
     assert set(res[0]) >= {"gold_routed", "gold_injected"} and "gold_routed" not in res[1]  # rag2-msa: not routed
     assert sq.readers(["rag1-msa"]) == (True, False) and sq.readers(["memsparse", "rag5"]) == (True, True)
     assert sq.readers(["full"]) == (False, True)
-    cli_defaults = {"fusion": "rrf", "refine": 0, "refine_chunk": 4, "refine_depth": 0, "refine_margin": 1.0,
-                    "refine_fuse": False, "widen": 0}
+    cli_defaults = {"fusion": "rrf", "refine": 64, "refine_chunk": 4, "refine_depth": 0, "refine_margin": 0.5,
+                    "refine_fuse": True, "widen": 0}
     assert sq.system_name(None) == "memsparse" and sq.system_name(cli_defaults, 4) == "memsparse"
-    assert sq.system_name({"refine": 64, "refine_fuse": True}, 4, 256) == \
-        "memsparse-refine-64_refine_chunk-4_refine_fuse-True-priors-256"
+    assert sq.system_name({"refine_fuse": False}, 4, 256) == "memsparse-refine_fuse-False-priors-256"
     assert sq.system_name({}, 1) == "memsparse-inject_k-1"
+    assert sq.system_name({"refine": 0}, 2) == "memsparse-inject_k-2_refine-0"  # named as in squad_open.json
     with pytest.raises(ValueError, match="unknown systems"):
         sq.evaluate_qa(data, ["rag1-plain"], plain=(model, tok), progress=False)
     for r in res:

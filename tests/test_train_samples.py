@@ -63,7 +63,7 @@ def test_router_answer_sample_matches_the_engine(monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     bank = ms.MemoryBank.build(model, tok, DOCS)
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank, similarity="train", refine=0)
     top = sorted(engine_mod.fused_top(engine.route("Where is Ottawa?"), 2))
     gold, noise = [top[0]], top[1:]
     sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where is Ottawa?", [gold], "x", noise=[noise])[0]
@@ -91,7 +91,8 @@ def test_two_round_router_sample_matches_the_engine(monkeypatch):
                         lambda routing, k, exclude, fusion: excluded.append(exclude) or next(picks))
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
     monkeypatch.setattr(engine_mod, "generate", script)
-    ans = ms.MSAEngine(model, tok, bank, similarity="train").ask("Where?", interleave="router", router_rounds=2)
+    ans = ms.MSAEngine(model, tok, bank, similarity="train", refine=0).ask(
+        "Where?", interleave="router", router_rounds=2)
     assert ans.rounds == [[1, 2], [0, 3]] and excluded == [set(), {1, 2}]
     sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where?", [[1], [3]], "x", noise=[[2], [0]])[0]
     (row, route), = script.calls[0]

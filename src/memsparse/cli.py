@@ -458,26 +458,28 @@ def _interleave_args(p: argparse.ArgumentParser) -> None:
                         "(default: what the shipped model does well), or nobody (answer in one round)")
     p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
     from .engine.engine import FUSIONS
+    from .engine.engine import ROUTER_DEFAULTS as D
 
-    p.add_argument("--fusion", choices=FUSIONS, default="rrf",
+    p.add_argument("--fusion", choices=FUSIONS, default=D["fusion"],
                    help="router mode: rank documents over the router layers by reciprocal rank (default), by the sum "
                         "of their routing scores or by their best score in any layer (docs/msa-smollm2.md, "
                         "'Fusing the router layers')")
-    p.add_argument("--refine", type=int, default=0, metavar="N",
-                   help="router mode: re-rank the N best documents with finer routing keys before injecting (0: off; "
-                        "docs/msa-smollm2.md, 'Refined routing')")
-    p.add_argument("--refine-chunk", type=int, default=4, metavar="P",
-                   help="with --refine: tokens per routing key of the re-ranked documents (default 4; the bank's: 64)")
-    p.add_argument("--refine-depth", type=int, default=0, metavar="D",
+    p.add_argument("--refine", type=int, default=D["refine"], metavar="N",
+                   help=f"router mode: re-rank the N best documents with finer routing keys before injecting (default "
+                        f"{D['refine']}; 0: off; docs/msa-smollm2.md, 'Refined routing')")
+    p.add_argument("--refine-chunk", type=int, default=D["refine_chunk"], metavar="P",
+                   help=f"with --refine: tokens per routing key of the re-ranked documents (default "
+                        f"{D['refine_chunk']}; the bank's: 64)")
+    p.add_argument("--refine-depth", type=int, default=D["refine_depth"], metavar="D",
                    help="with --refine: draw the N from each router layer's top D documents (default 0: the layers' "
                         "top-k, 16)")
-    p.add_argument("--refine-margin", type=float, default=1.0, metavar="M",
+    p.add_argument("--refine-margin", type=float, default=D["refine_margin"], metavar="M",
                    help="with --refine: re-rank only when the router layers cut no clear head (their agreement drops "
-                        "by less than M within the top --inject-k; default 1: always)")
-    p.add_argument("--refine-fuse", action="store_true",
+                        f"by less than M within the top --inject-k; default {D['refine_margin']}; 1: always)")
+    p.add_argument("--refine-fuse", action=argparse.BooleanOptionalAction, default=D["refine_fuse"],
                    help="with --refine: fuse the refined routing with the first pass (both passes' router layers vote) "
-                        "instead of replacing it")
-    p.add_argument("--widen", type=int, default=0, metavar="N",
+                        "instead of replacing it (default: fuse)")
+    p.add_argument("--widen", type=int, default=D["widen"], metavar="N",
                    help="router mode: inject N documents instead of --inject-k when the router layers agree on no "
                         "clear head (0: off; docs/msa-smollm2.md, 'Widened injection')")
 

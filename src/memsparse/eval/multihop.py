@@ -14,6 +14,7 @@ import time
 from tqdm.auto import tqdm
 
 from ..engine import MSAEngine
+from ..engine.engine import ROUTER_DEFAULTS, engine_settings
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..train.tasks.mix import Mixer
@@ -46,7 +47,8 @@ def evaluate(model, tok, tokens: list[int], samples: int = 100, router_rounds: t
                 s["hop1"].append(q.hops[0][0] in injected)
                 s["hop2"].append(q.hops[1][0] in injected)
         for r, s in stats.items():
-            points.append({"tokens": n, "router_rounds": r, "inject_k": inject_k, "samples": samples,
+            points.append({"tokens": n, "router_rounds": r, **engine_settings(**ROUTER_DEFAULTS),
+                           "inject_k": inject_k, "samples": samples,
                            "accuracy": round(100 * sum(s["acc"]) / samples, 2),
                            "hop1_injected": round(sum(s["hop1"]) / samples, 4),
                            "hop2_injected": round(sum(s["hop2"]) / samples, 4),

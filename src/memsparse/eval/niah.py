@@ -18,13 +18,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..engine import MSAEngine
-from ..engine.engine import engine_settings
+from ..engine.engine import ROUTER_DEFAULTS, engine_settings
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
-_ENGINE_KEYS = tuple(inspect.signature(engine_settings).parameters)
+_OFF = {k: p.default for k, p in inspect.signature(engine_settings).parameters.items()}  # a missing key's value
+_ENGINE_KEYS = tuple(_OFF)
 SETTING_KEYS = (*_ENGINE_KEYS, "inject_k")
 
 
@@ -53,8 +54,12 @@ def parse_settings(text: str) -> list[dict]:
 
 
 def setting_label(setting: dict, base: dict) -> str:
-    """File-name label of a setting: what differs from `base` ("fusion-max", "widen-8_widen_margin-0.5")."""
-    return "_".join(f"{k}-{v}" for k, v in setting.items() if base.get(k) != v) or "same"
+    """File-name label of a setting: what differs from `base` ("fusion-max", "widen-8_widen_margin-0.5"); a key of
+    `base` the setting lacks with its off value ("refine-0", "refine_fuse-False"; an option's sub-keys left out
+    where the option itself is off)."""
+    off = [f"{k}-{_OFF[k]}" for k in base
+           if k not in setting and (k in ("refine", "widen") or k.split("_")[0] in setting)]
+    return "_".join([f"{k}-{v}" for k, v in setting.items() if base.get(k) != v] + off) or "same"
 
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
@@ -76,7 +81,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
-    variants = [{**(engine or {}), "inject_k": inject_k}]
+    variants = [{**ROUTER_DEFAULTS, **(engine or {}), "inject_k": inject_k}]
     variants += [{**variants[0], **c} for c in compare]
     unknown = {k for v in variants for k in v} - set(SETTING_KEYS)
     if unknown:

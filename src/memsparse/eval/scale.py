@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..engine import MSAEngine
+from ..engine.engine import ROUTER_DEFAULTS, engine_settings
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..train.tasks.niah import make_sample, string_match_all
@@ -154,6 +155,7 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
               "squad_memory_tokens": squad_tokens, "points": [], "recall": []}
     # a run of some tasks or key dtypes keeps an earlier file's other results (each point names its commit)
     dtypes = [kd for kd in key_dtypes if kd == "bf16" or fp8_at]
+    engine = engine_settings(**ROUTER_DEFAULTS)  # each point's router setting (earlier points: no refinement)
     old = json.loads(out.read_text()) if out.exists() else {}
     for task, prefix, name in (("niah", "niah_", "niah"), ("squad", "squad_", "squad_open_em")):
         if task not in tasks:
@@ -181,14 +183,14 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
         niah = niah_scores(model, tok, banks_for(haystack, kd, only), list(subtasks), niah_samples,
                            haystack=haystack) if "niah" in tasks else {}
         for size, score in niah.items():
-            result["points"].append({"task": "niah", "tokens": size, "score": score, "key_dtype": kd,
+            result["points"].append({"task": "niah", "tokens": size, "score": score, "key_dtype": kd, **engine,
                                      "commit": result["commit"]})
         save()
         sq = squad_scores(model, tok, banks_for(squad_tokens, kd, only), squad) if squad else {}
         for size, (scores, routes) in sq.items():
             result["points"].append({"task": "squad_open_em", "tokens": size, "score": scores["em"],
                                      "f1": scores["f1"], "gold_routed": scores["gold_routed"], "key_dtype": kd,
-                                     "commit": result["commit"]})
+                                     **engine, "commit": result["commit"]})
             if kd == "fp8" and size in bf16_routes:
                 result["recall"].append({"tokens": size, "top_k_recall_fp8_vs_bf16": recall(bf16_routes[size],
                                                                                             routes)})

@@ -226,12 +226,14 @@ def readers(systems: list[str]) -> tuple[bool, bool]:
 
 
 def system_name(engine: dict | None, inject_k: int = 4, priors: int = 0) -> str:
-    """memsparse's name in results: `memsparse`, with the settings that differ from the defaults appended
-    (`memsparse-refine-64_refine_chunk-4`), so a run with other settings lands beside the default one in the
+    """memsparse's name in results: `memsparse`, with the settings that differ from the engine's defaults appended
+    (`memsparse-refine-0`, `memsparse-inject_k-1`), so a run with other settings lands beside the default one in the
     results file instead of replacing it."""
+    from ..engine.engine import ROUTER_DEFAULTS
     from .niah import setting_label, setting_of
 
-    label = setting_label(setting_of({**(engine or {}), "inject_k": inject_k}), setting_of({}))
+    label = setting_label(setting_of({**ROUTER_DEFAULTS, **(engine or {}), "inject_k": inject_k}),
+                          setting_of({**ROUTER_DEFAULTS, "inject_k": 4}))
     return "-".join(["memsparse", *([label] if label != "same" else []), *([f"priors-{priors}"] if priors else [])])
 
 
