@@ -156,3 +156,44 @@ def test_bank_opens_in_the_dtype_it_was_encoded_in(model_dir, tmp_path, capsys, 
     assert _run(capsys, "ask", bank, "Where is Paris?", "--max-new-tokens", "2")[0] == 0
     assert _run(capsys, "ask", bank, "Where is Paris?", "--max-new-tokens", "2", "--dtype", "bfloat16")[0] == 0
     assert seen == ["float32", "bfloat16"]
+
+
+def test_eval_niah_jobs(model_dir, tmp_path, capsys):
+    """`eval niah --jobs 2`: the (size, subtask) pairs answered by two worker processes give the points and answer
+    lines of one process; a worker that fails names itself and keeps the answers for --from-answers."""
+    argv = ["eval", "niah", "--model", model_dir, "--device", "cpu", "--tokens", "400,500", "--samples", "2",
+            "--subtasks", "niah_multikey_3", "--seed", "3", "--compare", "inject_k=1"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    code, _, err = _run(capsys, *argv, "--out", one, "--answers", tmp_path / "one.jsonl")
+    assert code == 0, err
+    code, out, err = _run(capsys, *argv, "--jobs", "2", "--out", two, "--answers", tmp_path / "two.jsonl")
+    assert code == 0, err
+    assert "2 (size, subtask) units over 2 workers (CPU)" in out
+    for a, b in ((one, two), (tmp_path / "one.inject_k-1.json", tmp_path / "two.inject_k-1.json")):
+        pa, pb = (json.loads(f.read_text())["points"] for f in (a, b))
+        assert [(p["tokens"], p["samples"]) for p in pb] == [(400, 2), (500, 2)]
+        keys = ("tokens", "subtask", "accuracy", "routing_recall", "named_recall", "samples", "inject_k", "refine")
+        assert [{k: p.get(k) for k in keys} for p in pa] == [{k: p.get(k) for k in keys} for p in pb]
+    lines = [[{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in f.read_text().splitlines()]
+             for f in (tmp_path / "one.jsonl", tmp_path / "two.jsonl")]
+    key = lambda x: (x["tokens"], x["sample"], x["inject_k"])  # noqa: E731
+    assert len(lines[0]) == 8 and sorted(lines[0], key=key) == sorted(lines[1], key=key)
+    assert not list(tmp_path.glob("two-jobs-*"))  # the work folder goes once merged
+    code, _, err = _run(capsys, *argv[:3], tmp_path / "no-model", *argv[4:], "--jobs", "2", "--out", two)
+    assert code == 2 and "2 of 2 workers failed" in err and "no such model" in err
+    assert "--from-answers" in err and list(tmp_path.glob("two-jobs-*"))
+    code, _, err = _run(capsys, "eval", "multihop", "--jobs", "2")
+    assert code == 2 and "--jobs 2" in err
+
+
+def test_jobs_worker_command_line_reproduces_the_options():
+    """A --jobs worker's command line parses back to the parent's options (switches and their --no- forms too)."""
+    from memsparse.cli import _child_argv, build_parser
+
+    argv = ["eval", "niah", "--tokens", "400,500", "--samples", "3,2", "--no-refine-fuse", "--refine-margin", "0.3",
+            "--compare", "fusion=max;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
+    args = build_parser().parse_args(argv)
+    back = build_parser().parse_args(_child_argv(args, drop={"jobs", "out"}))
+    assert {k: v for k, v in vars(back).items() if k not in ("jobs", "out", "func")} == \
+        {k: v for k, v in vars(args).items() if k not in ("jobs", "out", "func")}
+    assert back.jobs == 1 and back.out is None and back.refine_fuse is False

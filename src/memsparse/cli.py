@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
+  memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
   memsparse eval qa --samples 1000 --systems memsparse,rag1,rag5,rag10,full
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
@@ -271,6 +272,8 @@ def _count(samples: str) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     args.samples = args.samples or ("1000" if args.task == "qa" else "100")
+    if args.jobs < 1 or (args.jobs > 1 and args.task != "niah"):
+        raise ValueError(f"--jobs {args.jobs}: expected a count >= 1, above 1 for niah only")
     if args.task == "qa":
         return _eval_qa(args)
     if args.task == "scale":
@@ -284,30 +287,87 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
     if args.from_answers:
         return _niah_from_answers(args.from_answers.split(","), Path(args.out or "benchmarks/results/niah.json"))
-    model, tok = _load_model(args.model, args.device, args.dtype)
-    name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
+    sizes = [int(t) for t in args.tokens.split(",")]
     counts = [int(n) for n in args.samples.split(",")]
     compare = parse_settings(args.compare or "")
     only = {int(i) for i in args.sample_ids.split(",")} if args.sample_ids else None
     if only and max(only) >= max(counts):
         raise ValueError(f"--sample-ids {args.sample_ids}: every id must be below --samples {args.samples}")
+    if args.jobs > 1:
+        per_size = dict(zip(sizes, counts * len(sizes) if len(counts) == 1 else counts))
+        answers_per = {n: (len(only) if only else c) * (1 + len(compare)) for n, c in per_size.items()}
+        return _niah_jobs(args, [(n, s) for n in sorted(sizes, reverse=True) for s in subtasks], answers_per, out)
+    units = {(int(n), s) for n, s in (u.split(":") for u in args.units.split(","))} if args.units else None
+    model, tok = _load_model(args.model, args.device, args.dtype)
+    name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     with _answers_file(args.answers) as answers:
-        points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], subtasks,
-                          counts[0] if len(counts) == 1 else counts, seed=args.seed, interleave=mode,
-                          inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args), compare=compare,
-                          on_point=lambda pts: _write_niah(pts, name, out), answers=answers, name=name, only=only)
+        points = evaluate(model, tok, sizes, subtasks, counts[0] if len(counts) == 1 else counts, seed=args.seed,
+                          interleave=mode, inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
+                          compare=compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
+                          name=name, only=only, units=units)
     print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
     base = setting_of(points[0])
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} {p['accuracy']:>8} "
               f"{p['routing_recall']:>14} {p['named_recall']:>12}")
     print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
+
+
+def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_per: dict[int, int],
+               out: Path) -> None:
+    """`eval niah --jobs N`: the (memory size, subtask) units dealt round robin to N worker processes (this command
+    line with `--units`; one GPU each, round robin, unless --device cpu), then their answer lines merged into
+    --answers and rebuilt into --out as `--from-answers` does. If a worker fails, every worker's answers so far stay
+    in the work folder (named in the error) for `--from-answers`."""
+    import shutil
+    import tempfile
+
+    from .eval.jobs import run_workers, visible_gpus
+
+    n = min(args.jobs, len(units))
+    shares = [units[i::n] for i in range(n)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{out.stem}-jobs-", dir=out.parent))
+    answers = [work / f"answers{i}.jsonl" for i in range(n)]
+    base = _child_argv(args, drop={"jobs", "units", "answers", "out"})
+    commands = [base + ["--units", ",".join(f"{t}:{s}" for t, s in share), "--answers", str(answers[i]),
+                        "--out", str(work / f"niah{i}.json")] for i, share in enumerate(shares)]
+    gpus = [] if (args.device or "").startswith("cpu") else visible_gpus()
+    print(f"{len(units)} (size, subtask) units over {n} workers "
+          f"({'GPUs ' + ', '.join(gpus) if gpus else 'CPU'}); logs in {work}")
+    try:
+        run_workers(commands, answers, [work / f"worker{i}.log" for i in range(n)],
+                    sum(answers_per[t] for t, _ in units), gpus)
+    except RuntimeError as e:
+        raise ValueError(f"{e}\nanswers so far: {work} (rebuild with --from-answers)") from e
+    if args.answers:
+        Path(args.answers).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.answers, "w") as f:
+            for a in answers:
+                f.write(a.read_text())
+    _niah_from_answers([str(a) for a in answers], out)
+    shutil.rmtree(work)
+
+
+def _child_argv(args: argparse.Namespace, drop: set[str]) -> list[str]:
+    """`eval` arguments reproducing `args` (options at their default left out), except the options in `drop`."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    argv = ["eval", args.task]
+    for a in sub.choices["eval"]._actions:
+        value = getattr(args, a.dest, None)
+        if not a.option_strings or a.dest in drop or a.default == argparse.SUPPRESS or value == a.default:
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            argv.append(a.option_strings[0 if value else 1])
+        else:
+            argv += [a.option_strings[0]] + ([] if a.nargs == 0 else [str(value)])
+    return argv
 
 
 def _write_niah(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
@@ -625,6 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10; default 100); "
                         "qa: questions (default 1000, the issue's protocol); scale, multihop: samples (default 100)")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
+    v.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="niah: spread the (memory size, subtask) pairs over N worker processes, one GPU each (round "
+                        "robin over the visible GPUs; several per GPU overlap sample drawing with the GPU's work; "
+                        "on a CPU they share its cores)")
+    v.add_argument("--units", help=argparse.SUPPRESS)  # a --jobs worker's (size:subtask) pairs
     v.add_argument("--sample-ids", metavar="I,J,...",
                    help="niah: answer only these samples of each subtask's stream (0-based, below --samples), to "
                         "re-run chosen samples of an earlier run with another setting")

@@ -65,7 +65,8 @@ def setting_label(setting: dict, base: dict) -> str:
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
              inject_k: int = 4, priors: int = 0, engine: dict | None = None, compare: list[dict] = (),
-             on_point=None, answers=None, name: str = "", only: set[int] | None = None) -> list[dict]:
+             on_point=None, answers=None, name: str = "", only: set[int] | None = None,
+             units: set[tuple[int, str]] | None = None) -> list[dict]:
     """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample
     (`summarize`). `samples`: per subtask, one count for every size or one per size; `priors`: document priors from
     that many pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
@@ -77,7 +78,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     one JSON line (the model `name`, machine, commit, setting, question, expected and given answer, score, the needle
     documents, the documents named or injected in each round, every router layer's first-round top-k with scores and
     the seconds it took), to see what failed and to rebuild the points of a run cut short (`summarize`). `only`:
-    answer just these samples (indices into each subtask's stream of `samples`; the others are drawn, not answered)."""
+    answer just these samples (indices into each subtask's stream of `samples`; the others are drawn, not answered).
+    `units`: measure just these (memory size, subtask) pairs (a worker's share of `--jobs`)."""
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -93,6 +95,8 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     points = []
     for n, per_subtask in zip(tokens, counts):
         for sub in subtasks:
+            if units is not None and (n, sub) not in units:
+                continue
             rng = random.Random(f"{seed}-{sub}-{n}")
             records = []
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
