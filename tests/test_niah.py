@@ -342,3 +342,20 @@ def test_handbook_and_webster_tasks(monkeypatch) -> None:
             if q.question.startswith("What does"):  # the headword's first entry
                 assert q.answer.startswith("A deed numbered ")
     assert tasks == {"handbook", "webster"}
+
+
+def test_mixer_counts_the_essay_haystack_once() -> None:
+    """Training draws reuse the essay sentences' token counts: a later NIAH question counts only its needles."""
+    from memsparse.train.tasks.mix import Mixer
+
+    counted = []
+
+    def words(texts: list[str]) -> list[int]:
+        counted.extend(texts)
+        return [count(t) for t in texts]
+
+    mixer = Mixer({"niah": 1.0}, words, seed=1, niah_subtasks={"niah_single_2": 1.0})
+    mixer.draw(2500)
+    first = len(counted)
+    mixer.draw(2500)
+    assert first > len(SENTENCES) and len(counted) - first < 10

@@ -105,7 +105,10 @@ class Mixer:
         if unknown:
             raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
         self.subtasks = {k: v for k, v in (niah_subtasks or dict.fromkeys(SUBTASKS, 1.0)).items() if v > 0}
+        from ...model.tokenizer import TokenCounter
+
         self.count = count_tokens
+        self._niah_count = TokenCounter(count_tokens)  # one object: it keys the haystack cache below
         self.doc_tokens = doc_tokens
         self.rng = random.Random(seed)
         self.pools: dict[str, Pool] = {}
@@ -137,11 +140,10 @@ class Mixer:
         return getattr(self, task)(memory_tokens)
 
     def niah(self, memory_tokens: int) -> Question:
-        from ...model.tokenizer import TokenCounter
         from .niah import make_sample
 
         sub = self.rng.choices(list(self.subtasks), list(self.subtasks.values()))[0]
-        s = make_sample(sub, memory_tokens, TokenCounter(self.count), self.rng, doc_tokens=self.doc_tokens,
+        s = make_sample(sub, memory_tokens, self._niah_count, self.rng, doc_tokens=self.doc_tokens,
                         haystack_cache=self._niah_cache)
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
 

@@ -241,10 +241,10 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
             while not full:
                 state = rng.getstate()
                 lines = [line() for _ in range(LINE_BATCH)]
-                for n, (text, c) in enumerate(zip(lines, costs(lines))):
+                for j, (text, c) in enumerate(zip(lines, costs(lines))):
                     if used + c > budget:
                         rng.setstate(state)
-                        for _ in range(n + 1):
+                        for _ in range(j + 1):
                             line()
                         full = True
                         break
