@@ -322,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_per: dict[int, int],
                out: Path) -> None:
     """`eval niah --jobs N`: the (memory size, subtask) units dealt round robin to N worker processes (this command
-    line with `--units`; one GPU each, round robin, unless --device cpu), then their answer lines merged into
+    line with `--units`; one GPU each, round robin, unless --device names one), then their answer lines merged into
     --answers and rebuilt into --out as `--from-answers` does. If a worker fails, every worker's answers so far stay
     in the work folder (named in the error) for `--from-answers`."""
     import shutil
@@ -338,7 +338,7 @@ def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_p
     base = _child_argv(args, drop={"jobs", "units", "answers", "out"})
     commands = [base + ["--units", ",".join(f"{t}:{s}" for t, s in share), "--answers", str(answers[i]),
                         "--out", str(work / f"niah{i}.json")] for i, share in enumerate(shares)]
-    gpus = [] if (args.device or "").startswith("cpu") else visible_gpus()
+    gpus = visible_gpus() if args.device in (None, "cuda") else []  # --device cpu / cuda:1: every worker there
     print(f"{len(units)} (size, subtask) units over {n} workers "
           f"({'GPUs ' + ', '.join(gpus) if gpus else 'CPU'}); logs in {work}")
     try:
