@@ -107,8 +107,7 @@ class Mixer:
         self.subtasks = {k: v for k, v in (niah_subtasks or dict.fromkeys(SUBTASKS, 1.0)).items() if v > 0}
         from ...model.tokenizer import TokenCounter
 
-        self.count = count_tokens
-        self._niah_count = TokenCounter(count_tokens)  # one object: it keys the haystack cache below
+        self.count = TokenCounter(count_tokens)  # one object: it keys the haystack cache below
         self.doc_tokens = doc_tokens
         self.rng = random.Random(seed)
         self.pools: dict[str, Pool] = {}
@@ -143,7 +142,7 @@ class Mixer:
         from .niah import make_sample
 
         sub = self.rng.choices(list(self.subtasks), list(self.subtasks.values()))[0]
-        s = make_sample(sub, memory_tokens, self._niah_count, self.rng, doc_tokens=self.doc_tokens,
+        s = make_sample(sub, memory_tokens, self.count, self.rng, doc_tokens=self.doc_tokens,
                         haystack_cache=self._niah_cache)
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
 
@@ -231,7 +230,7 @@ class Mixer:
         values = [_draw("numbers", self.rng, words) for _ in keys]
         needles = [HOP_LINK.format(key=k, link=lk) for k, lk in zip(keys, links)]
         needles += [HOP_VALUE.format(link=lk, value=v) for lk, v in zip(links, values)]
-        room = memory_tokens - sum(self.count(needles))
+        room = memory_tokens - sum(self.count.many(needles))
         picked = pool.fill(self.rng, room, set())
         if len(picked) < len(needles):
             raise ValueError(f"memory_tokens={memory_tokens} is too small for {len(needles)} multihop passages")
