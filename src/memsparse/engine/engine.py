@@ -7,6 +7,8 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
+from tqdm.auto import tqdm
+
 from ..memory.bank import MemoryBank, render_documents
 from .generate import Sampling, generate
 from .prefill import Routing, prefill_batch
@@ -231,14 +233,14 @@ class MSAEngine:
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
                   router_rounds: int = 1, batch_size: int = 16,
-                  documents: list[list[int]] | None = None) -> list[Answer]:
+                  documents: list[list[int]] | None = None, progress: str | None = None) -> list[Answer]:
         """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
 
         `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
         inject; "router" = the engine injects the `inject_k` documents the router layers rank highest
         (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round.
         `documents` (router mode): per question, the documents to inject instead (one round; another retriever's
-        pick, read as the model reads routed ones)."""
+        pick, read as the model reads routed ones). `progress`: a progress bar with this label."""
         if interleave not in (True, False, "model", "router"):
             raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
         if documents is not None:
@@ -255,9 +257,11 @@ class MSAEngine:
         sampling = Sampling(temperature, top_p, seed)
         rounds = self.max_rounds if max_rounds is None else max_rounds
         out = []
-        for i in range(0, len(questions), batch_size):
-            out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [], rounds,
-                                inject_k, router_rounds, documents and documents[i:i + batch_size])
+        with tqdm(total=len(questions), desc=progress, unit="question", disable=progress is None) as bar:
+            for i in range(0, len(questions), batch_size):
+                out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [],
+                                    rounds, inject_k, router_rounds, documents and documents[i:i + batch_size])
+                bar.update(len(questions[i:i + batch_size]))
         return out
 
     def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k,

@@ -279,7 +279,7 @@ def evaluate_qa(squad: Squad, systems: list[str], msa=None, plain=None, device: 
         picks.update({s: [t[:k] for t in top] for s, k in rag.items() if s.endswith("-msa")})
         for name, docs in picks.items():
             asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=32, interleave="router", inject_k=inject_k,
-                                  documents=docs)
+                                  documents=docs, progress=name if progress else None)
             shares = gold_shares(asked, squad)  # gold_routed only where the router picked the paragraphs
             score(name, [a.text for a in asked], shares if docs is None else {"gold_injected": shares["gold_injected"]},
                   [a.rounds[0] if a.rounds else [] for a in asked])
