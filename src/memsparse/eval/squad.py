@@ -340,6 +340,6 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yticks(y, [s["name"] for s in systems])
     ax.invert_yaxis()
     ax.set_xlabel("%")
-    ax.set_title(f"SQuAD-open: {result['questions']} questions, {result['memory_tokens']:,} memory tokens")
+    ax.set_title(f"SQuAD-open: {result['questions']} questions,\n{result['memory_tokens']:,} memory tokens")
     ax.legend(fontsize=8)
     save_figure(fig, path)
