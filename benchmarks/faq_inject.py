@@ -4,9 +4,10 @@ router injection of 1 / 2 / 4 documents, without and with document priors. Per s
 whose FAQ answer was injected (`gold_injected`) and the answer's token F1 against the answer's first sentence
 (what the demo shows as expected).
 
-    python benchmarks/faq_inject.py [--docs 150] [--inject 1,2,4] [--priors 256] [--fusion rrf]
+    python benchmarks/faq_inject.py [--docs 300] [--inject 1,2,4] [--priors 256] [--fusion rrf]
 
-Writes benchmarks/results/faq_inject.json under "<device>" (CPU or GPU; "<device>-score" with --fusion score).
+Writes benchmarks/results/faq_inject.json under "<device>-docs<N>" (CPU or GPU; "<device>-score-docs<N>" with
+--fusion score), with the engine's setting (its defaults, the fusion as given).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 from common import RESULTS, run_header, save_run
 
-from memsparse.demo import default_memory, load_shipped
+from memsparse.demo import FAQ_DOCS, default_memory, load_shipped
 from memsparse.engine import MSAEngine
-from memsparse.engine.engine import FUSIONS
+from memsparse.engine.engine import FUSIONS, ROUTER_DEFAULTS
 from memsparse.eval.squad import f1
 from memsparse.memory import MemoryBank
 from memsparse.train.tasks.mix import FAQ_HELD_OUT
@@ -28,7 +29,7 @@ from memsparse.train.tasks.mix import FAQ_HELD_OUT
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--docs", type=int, default=150)
+    ap.add_argument("--docs", type=int, default=FAQ_DOCS)
     ap.add_argument("--inject", default="1,2,4")
     ap.add_argument("--priors", type=int, default=256)
     ap.add_argument("--fusion", choices=FUSIONS, default="rrf")
@@ -56,8 +57,9 @@ def main() -> None:
                            "seconds": round(time.perf_counter() - t0, 1)})
             print(points[-1], flush=True)
     run = {**run_header(device), "model": "MSA-SmolLM2 (shipped)", "dtype": str(model.dtype), "docs": args.docs,
-           "fusion": args.fusion, "points": points}
-    save_run(Path(args.out), device.type + ("" if args.fusion == "rrf" else f"-{args.fusion}"), run)
+           "engine": {**ROUTER_DEFAULTS, "fusion": args.fusion}, "points": points}
+    key = device.type + ("" if args.fusion == "rrf" else f"-{args.fusion}") + f"-docs{args.docs}"
+    save_run(Path(args.out), key, run)
 
 
 if __name__ == "__main__":

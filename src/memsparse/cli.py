@@ -257,9 +257,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run
+    from .demo import FAQ_DOCS, run
 
-    run(corpus=args.corpus, questions=args.question, n_docs=args.docs, device=args.device, dtype=args.dtype,
+    run(corpus=args.corpus, questions=args.question, n_docs=args.docs or FAQ_DOCS, device=args.device, dtype=args.dtype,
         priors=args.priors, inject_k=args.inject_k)
 
 
@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=fmt)
     m.add_argument("--corpus", help="your own corpus (JSONL, a directory of .txt/.md, or one document per line)")
     m.add_argument("--question", action="append", help="a question (repeatable)")
-    m.add_argument("--docs", type=int, default=150, help="documents in the default FAQ memory")
+    m.add_argument("--docs", type=int, help="documents in the default FAQ memory (default 300)")
     m.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     m.add_argument("--inject-k", type=int,
                    help="documents injected per question (default: 4; 1 in the FAQ memory, where one reads best)")
