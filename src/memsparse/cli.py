@@ -259,8 +259,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import FAQ_DOCS, run
 
-    run(corpus=args.corpus, questions=args.question, n_docs=args.docs or FAQ_DOCS, device=args.device, dtype=args.dtype,
-        priors=args.priors, inject_k=args.inject_k)
+    run(corpus=args.corpus, questions=args.question, n_docs=FAQ_DOCS if args.docs is None else args.docs,
+        device=args.device, dtype=args.dtype, priors=args.priors, inject_k=args.inject_k)
 
 
 def _count(samples: str) -> int:
