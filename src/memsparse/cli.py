@@ -295,19 +295,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = Path(args.out or "benchmarks/results/niah.json")
     sizes = [int(t) for t in args.tokens.split(",")]
     counts = [int(n) for n in args.samples.split(",")]
+    counts = counts * len(sizes) if len(counts) == 1 else counts  # per size (evaluate refuses a count mismatch)
     compare = parse_settings(args.compare or "")
     only = {int(i) for i in args.sample_ids.split(",")} if args.sample_ids else None
     if only and max(only) >= max(counts):
         raise ValueError(f"--sample-ids {args.sample_ids}: every id must be below --samples {args.samples}")
     if args.jobs > 1:
-        per_size = dict(zip(sizes, counts * len(sizes) if len(counts) == 1 else counts))
-        answers_per = {n: (len(only) if only else c) * (1 + len(compare)) for n, c in per_size.items()}
+        answers_per = {n: (len(only) if only else c) * (1 + len(compare)) for n, c in zip(sizes, counts)}
         return _niah_jobs(args, [(n, s) for n in sorted(sizes, reverse=True) for s in subtasks], answers_per, out)
     units = {(int(n), s) for n, s in (u.split(":") for u in args.units.split(","))} if args.units else None
     model, tok = _load_model(args.model, args.device, args.dtype)
     name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     with _answers_file(args.answers) as answers:
-        points = evaluate(model, tok, sizes, subtasks, counts[0] if len(counts) == 1 else counts, seed=args.seed,
+        points = evaluate(model, tok, sizes, subtasks, counts, seed=args.seed,
                           interleave=mode, inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
                           compare=compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
                           name=name, only=only, units=units)
