@@ -171,26 +171,15 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     ckpt = out / "checkpoint.pt"
     if recipe.router_init == "nulled" and not ckpt.exists() and rank == 0:  # the others get it by broadcast below
         _nulled_start(model, recipe, tok, device)
-    model.train()
-    params = trainable_parameters(model)
-    train_rows(model, new_ids)
-    emb = model.model.embed_tokens.weight
-    # fp32 master weights (the model may run in bf16): routers, adapters and the new tokens' embedding rows
-    master = [p.detach().float().clone().requires_grad_(True) for p in params]
-    master.append(emb.detach()[new_ids].float().clone().requires_grad_(True))
-    routers = {id(p) for n, p in model.named_parameters() if ".router_" in n}
-    router = [id(p) in routers for p in params] + [False]
-    groups = [{"params": [m for m, r in zip(master, router) if r == is_router],
-               "scale": recipe.router_lr_scale if is_router else 1.0} for is_router in (True, False)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.phases[0].lr, weight_decay=0.0,
-                            betas=(0.9, 0.95))
+    state = TrainState(model, new_ids, recipe.phases[0].lr, recipe.router_lr_scale)
+    master, opt = state.master, state.opt
     step = 0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        for m, v in zip(master, state["master"]):
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        for m, v in zip(master, saved["master"]):
             m.data.copy_(v)
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+        opt.load_state_dict(saved["opt"])
+        step = saved["step"]
         if rank == 0:
             print(f"resuming from step {step}")
     if world > 1:
@@ -206,27 +195,10 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     t_start = t_last = time.perf_counter()
     tokens = 0
     for step, phase, local, mem, cpu_batch in _loader(recipe, tok, rank, start, stop, device):
-        model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
-        model.gradient_checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
         lr = phase.lr * min(1.0, (local + 1) / 20)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["scale"]
         b = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
-        _load_master(params, emb, new_ids, master)
-        with shape_varying_attention():  # around backward too: checkpointed layers run forward again there
-            res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
-                        attention_mask=b["attention_mask"])
-            res.loss.backward()
-        for p, m in zip(params, master):
-            m.grad = p.grad.float() if p.grad is not None else None
-            p.grad = None
-        master[-1].grad = emb.grad[new_ids].float() if emb.grad is not None else None
-        emb.grad = None
-        if world > 1:
-            _average_gradients(master, world)
-        torch.nn.utils.clip_grad_norm_(master, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        checkpointing = device.type == "cuda" and mem >= recipe.gradient_checkpointing_from
+        res = state.step(b, phase, lr, checkpointing=checkpointing, average=world > 1)
         step += 1
         tokens += int(b["attention_mask"].sum()) * world
         bar.update(1)
@@ -248,7 +220,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
         if step == stop:
             break
     bar.close()
-    _load_master(params, emb, new_ids, master)
+    state.load_master()
     if world > 1:
         dist.barrier()
         if started:
@@ -259,6 +231,58 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
     return out / "delta"
+
+
+class TrainState:
+    """What one training step changes: the model's trainable tensors (routers, LoRA adapters, the new tokens'
+    embedding rows; the base frozen), their fp32 master copies and the AdamW state."""
+
+    def __init__(self, model, new_ids: list[int], lr: float, router_lr_scale: float = 1.0):
+        self.model, self.new_ids = model, new_ids
+        model.train()
+        self.params = trainable_parameters(model)
+        train_rows(model, new_ids)
+        self.emb = model.model.embed_tokens.weight
+        # fp32 master weights (the model may run in bf16): routers, adapters and the new tokens' embedding rows
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.master.append(self.emb.detach()[new_ids].float().clone().requires_grad_(True))
+        routers = {id(p) for n, p in model.named_parameters() if ".router_" in n}
+        router = [id(p) in routers for p in self.params] + [False]
+        groups = [{"params": [m for m, r in zip(self.master, router) if r == is_router],
+                   "scale": router_lr_scale if is_router else 1.0} for is_router in (True, False)]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def step(self, b: dict, phase: Phase, lr: float, checkpointing: bool = False, average: bool = False):
+        """Forward, backward and an optimizer step on the device batch `b`; returns the model's output."""
+        model, master = self.model, self.master
+        model.msa_config.lmloss_weigth, model.msa_config.auxloss_weight = phase.w_lm, phase.w_aux
+        model.gradient_checkpointing = checkpointing
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["scale"]
+        self.load_master()
+        with shape_varying_attention():  # around backward too: checkpointed layers run forward again there
+            res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
+                        attention_mask=b["attention_mask"])
+            res.loss.backward()
+        for p, m in zip(self.params, master):
+            m.grad = p.grad.float() if p.grad is not None else None
+            p.grad = None
+        emb = self.emb
+        master[-1].grad = emb.grad[self.new_ids].float() if emb.grad is not None else None
+        emb.grad = None
+        if average:
+            _average_gradients(master, torch.distributed.get_world_size())
+        torch.nn.utils.clip_grad_norm_(master, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return res
+
+    @torch.no_grad()
+    def load_master(self) -> None:
+        """Copy the fp32 master weights into the model's parameters."""
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+        self.emb[self.new_ids] = self.master[-1].to(self.emb.dtype)
 
 
 def _nulled_start(model, recipe: Recipe, tok, device: torch.device) -> None:
@@ -295,14 +319,6 @@ def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
     flag = torch.tensor(float(mine), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-@torch.no_grad()
-def _load_master(params, emb, new_ids, master) -> None:
-    """Copy the fp32 master weights into the model's parameters."""
-    for p, m in zip(params, master):
-        p.copy_(m)
-    emb[new_ids] = master[-1].to(emb.dtype)
 
 
 def make_mixer(recipe: Recipe, tok) -> Mixer:
