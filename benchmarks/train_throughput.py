@@ -76,14 +76,21 @@ def time_batches(args) -> None:
         dev = [{k: v.to(device).long() if v.dtype == torch.int32 else v.to(device) for k, v in b.items()
                 if torch.is_tensor(v)} for b in batches]
         torch.cuda.reset_peak_memory_stats()
-        for b in dev:  # warm-up: first sight of each shape
-            state.step(b, phase, 1e-5, checkpointing=ckpt)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            for b in dev:
+        try:
+            for b in dev:  # warm-up: first sight of each shape
                 state.step(b, phase, 1e-5, checkpointing=ckpt)
-        sync(device)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                for b in dev:
+                    state.step(b, phase, 1e-5, checkpointing=ckpt)
+            sync(device)
+        except torch.cuda.OutOfMemoryError:
+            print(f"memory {size} batch {bs}: out of GPU memory", flush=True)
+            state.opt.zero_grad(set_to_none=True)
+            del dev
+            torch.cuda.empty_cache()
+            continue
         secs = (time.perf_counter() - t0) / (args.repeats * len(dev))
         tokens = sum(int(b["attention_mask"].sum()) for b in dev) / len(dev)
         tps = tokens / secs
