@@ -71,7 +71,8 @@ def time_batches(args) -> None:
         groups.setdefault((b["memory_tokens"], b["batch_size"]), []).append(b)
     points = []
     for (size, bs), batches in groups.items():
-        ckpt = {"on": True, "off": False}.get(args.checkpointing, size >= trainer.Recipe.gradient_checkpointing_from)
+        longest = max(b["input_ids"].numel() for b in batches)
+        ckpt = {"on": True, "off": False}.get(args.checkpointing, trainer.needs_checkpointing(model, longest, device))
         phase = trainer.Phase("bench", 1, 1e-4, 1.0, 0.1, [size], bs)
         dev = [{k: v.to(device).long() if v.dtype == torch.int32 else v.to(device) for k, v in b.items()
                 if torch.is_tensor(v)} for b in batches]
@@ -105,7 +106,8 @@ def time_batches(args) -> None:
         size, bs = (int(x) for x in args.profile.split("x"))
         b = {k: v.to(device).long() if v.dtype == torch.int32 else v.to(device) for k, v in
              groups[(size, bs)][0].items() if torch.is_tensor(v)}
-        ckpt = args.checkpointing == "on" or (args.checkpointing == "auto" and size >= 32768)
+        ckpt = {"on": True, "off": False}.get(args.checkpointing, trainer.needs_checkpointing(
+            model, b["input_ids"].numel(), device))
         phase = trainer.Phase("bench", 1, 1e-4, 1.0, 0.1, [size], bs)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:

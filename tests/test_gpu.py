@@ -212,3 +212,30 @@ def test_cuda_question_stream_routes_as_the_pytorch_path():
     for a, b in zip(got, ref, strict=True):
         assert a.rounds == b.rounds and a.text == b.text
         assert_same_routing(a.routing, b.routing, atol=2e-2)  # the kernel multiplies in bf16
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)], ids=["gqa-9-3", "mha-4"])
+def test_varlen_document_attention_matches_buckets_forward_and_backward(heads):
+    """The variable-length flash path against the padded-bucket path (bf16, awkward lengths), values and
+    gradients of q, k and v."""
+    from memsparse.model.layout import _buckets
+    from memsparse.ops.attention import bucketed_document_attention, varlen_causal_attention, varlen_usable
+
+    H, Hkv = heads
+    lengths = torch.tensor([1, 63, 64, 65, 200, 511, 7], device="cuda")
+    n = int(lengths.sum())
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(n, h, 64, device="cuda", generator=g, dtype=torch.bfloat16) for h in (H, Hkv, Hkv))
+    if not varlen_usable(q):
+        pytest.skip("this torch has no varlen_attn")
+    w = torch.randn(n, H, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    results = []
+    for path in (lambda a, b, c: varlen_causal_attention(a, b, c, cu, int(lengths.max())),
+                 lambda a, b, c: bucketed_document_attention(a, b, c, _buckets(lengths))):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = path(*leaves)
+        (out.float() * w.float()).sum().backward()
+        results.append([out.float()] + [t.grad.float() for t in leaves])
+    for a, b in zip(*results):
+        assert (a - b).abs().max() < 2e-2 * max(1.0, b.abs().max().item()), (a - b).abs().max()

@@ -61,16 +61,16 @@ def test_lm_loss_reaches_selected_documents_only():
     model, ids, doc, mask = _router_setup(k=2)
     attn = model.model.layers[1].self_attn
     lay = SequenceLayout.build(doc, model.msa_config, mask)
-    cos, sin = model.rope(lay.positions, torch.float64)
+    cos, sin = (lay.pack(t) for t in model.rope(lay.positions, torch.float64))
     h = torch.randn(*ids.shape, model.config.hidden_size, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        _, scores = attn(h, lay, cos, sin)
+        _, scores = attn(lay.pack(h), lay, cos, sin)
     selected = scores[0].topk(2).indices + 1  # document ids
     active = (doc[0] <= 0).nonzero().squeeze(1)
 
     def active_out(h_):
-        return attn(h_, lay, cos, sin)[0][:, active]
+        return lay.unpack(attn(lay.pack(h_), lay, cos, sin)[0])[:, active]
 
     h_req = h.clone().requires_grad_()
     assert torch.autograd.gradcheck(active_out, (h_req,), eps=1e-6, atol=1e-6, nondet_tol=0.0)

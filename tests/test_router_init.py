@@ -19,7 +19,7 @@ def reference_gram(model, samples, layer: int) -> torch.Tensor:
     averaged, plus every routing-query token (doc_ids == 0)."""
     seen = {}
     hook = model.model.layers[layer].self_attn.register_forward_pre_hook(
-        lambda m, inputs: seen.__setitem__("h", inputs[0][0].double()))
+        lambda m, inputs: seen.__setitem__("h", inputs[1].unpack(inputs[0])[0].double()))  # sequence order
     P, rows = model.msa_config.pooling_kernel_size, []
     try:
         for ids, doc in samples:

@@ -103,7 +103,8 @@ def test_router_layer_matches_loop_reference(P, k, offset, family):
     lay = SequenceLayout.build(doc, model.msa_config, mask)
     h = torch.randn(*ids.shape, model.config.hidden_size, dtype=torch.float64, generator=g)
     cos, sin = model.rope(lay.positions, torch.float64)
-    got, scores = attn(h, lay, cos, sin)
+    got, scores = attn(lay.pack(h), lay, lay.pack(cos), lay.pack(sin))
+    got = lay.unpack(got)
     for b, (_, d) in enumerate(samples):
         ref, ref_scores = reference_router_layer(attn, h[b, : len(d)], d, P, k, offset)
         assert torch.allclose(got[b, : len(d)], ref, atol=1e-10), (got[b, : len(d)] - ref).abs().max()

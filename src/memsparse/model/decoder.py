@@ -34,8 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float64 else x.float()  # float32 statistics, as HF
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(xf, (xf.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -92,36 +91,35 @@ class MSAAttention(nn.Module):
 
     def forward(self, h: torch.Tensor, lay: SequenceLayout, cos: torch.Tensor, sin: torch.Tensor,
                 memory: list | None = None):
-        """Attention output (B, T, hidden) and document scores (B, M) in router layers (else None).
+        """h (N, hidden): the layout's packed rows (`lay.packed_index`: document tokens, then the (B, A) active
+        slots). Returns the attention output (N, hidden) and document scores (B, M) in router layers (else None).
         With `memory` given, a router layer appends its pooled (K̄, V̄, K̄r) to it (memory encoding)."""
-        B, T, _ = h.shape
-        H, D = self.cfg.num_attention_heads, self.cfg.head_dim
-        q, k, v = self.project(h, cos, sin)  # (B, T, H|Hkv, D)
-        qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*T, H|Hkv, D)
-        out = q.new_zeros(B * T, H, D)
-        d_idx = lay.doc_token_flat
-        pooled = None
-        if lay.has_documents:
-            k_doc, v_doc = take(kf, d_idx), take(vf, d_idx)  # (Nd, Hkv, D)
-            out = out.index_copy(0, d_idx, packed_document_attention(take(qf, d_idx), k_doc, v_doc, lay.buckets))
+        B, A = lay.active_index.shape
+        nd = lay.num_doc_tokens
+        q, k, v = self.project(h, cos, sin)  # (N, H|Hkv, D)
+        outs, pooled = [], None
+        if nd:
+            k_doc, v_doc = k[:nd], v[:nd]  # (Nd, Hkv, D)
+            outs.append(packed_document_attention(q[:nd], k_doc, v_doc, lay.buckets, lay.doc_cu_seqlens,
+                                                  lay.max_doc_length))  # (Nd, H, D)
             if self.is_router:
-                pooled = self.pool(take(h.flatten(0, 1), d_idx), k_doc, v_doc, lay)
+                pooled = self.pool(h[:nd], k_doc, v_doc, lay)
                 if memory is not None:
                     memory.append(pooled)
         scores = None
-        if lay.active_rows.numel():
-            a_flat = lay.active_flat  # (B, A)
-            q_act, k_act, v_act = take(qf, a_flat), take(kf, a_flat), take(vf, a_flat)  # (B, A, H|Hkv, D)
-            if pooled is not None:
-                r_queries = self.router_queries(take(h.flatten(0, 1), a_flat), q_act)  # (B, A, H, D)
-                scores = self.score(r_queries, lay.route_mask, pooled[2], lay)  # (B, M)
-                selected = select_top_k(scores, self.msa.top_k_docs)  # (B, M)
-                o_act = self.memory_attention(q_act, k_act, v_act, pooled[0], pooled[1], selected, lay)
-            else:
-                o_act = sdpa(q_act, k_act, v_act, causal=True)  # (B, A, H, D); padding is at the end
-            rows = lay.active_rows
-            out = out.index_copy(0, a_flat.flatten()[rows], take(o_act.flatten(0, 1), rows))
-        return self.o_proj(out.view(B, T, H * D)), scores
+        q_act, k_act, v_act = q[nd:].unflatten(0, (B, A)), k[nd:].unflatten(0, (B, A)), v[nd:].unflatten(0, (B, A))
+        if not lay.active_rows.numel():  # documents only (memory encoding): nothing reads the active slots
+            o_act = torch.zeros_like(q_act)
+        elif pooled is not None:
+            r_queries = self.router_queries(h[nd:].unflatten(0, (B, A)), q_act)  # (B, A, H, D)
+            scores = self.score(r_queries, lay.route_mask, pooled[2], lay)  # (B, M)
+            selected = select_top_k(scores, self.msa.top_k_docs)  # (B, M)
+            o_act = self.memory_attention(q_act, k_act, v_act, pooled[0], pooled[1], selected, lay)
+        else:
+            o_act = sdpa(q_act, k_act, v_act, causal=True)  # (B, A, H, D); padding is at the end
+        outs.append(o_act.flatten(0, 1))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (N, H, D)
+        return self.o_proj(out.flatten(1)), scores
 
     def pool(self, h_doc, k_doc, v_doc, lay: SequenceLayout):
         """Chunk means (C, Hkv, D) of content keys (post-norm, post-RoPE), values and routing keys."""
@@ -229,6 +227,11 @@ class MSAForCausalLM(nn.Module):
         return rope_cos_sin(positions, self._inv_freq_dev, self.rope_scaling, dtype)
 
     # loading / saving live in checkpoint.py; bound here for the public contract
+    def _packed_inputs(self, input_ids: torch.Tensor, lay: SequenceLayout):
+        """Embeddings (N, hidden) and cos, sin (N, D) of the layout's packed rows (`lay.packed_index`)."""
+        x = self.model.embed_tokens(lay.pack(input_ids))
+        return (x, *self.rope(lay.pack(lay.positions), x.dtype))
+
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, msa_config=None) -> MSAForCausalLM:
         from .checkpoint import load_pretrained
@@ -264,8 +267,7 @@ class MSAForCausalLM(nn.Module):
         if (doc_ids <= 0).any():
             raise ValueError("encode_documents takes document tokens only (doc_ids > 0)")
         lay = SequenceLayout.build(doc_ids, self.msa_config, position_ids=position_ids, chunk_size=chunk_size)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(lay.positions, x.dtype)
+        x, cos, sin = self._packed_inputs(input_ids, lay)
         memory: list = []
         last = max(self.router_layers)
         for layer in self.model.layers[: last + 1]:
@@ -290,8 +292,7 @@ class MSAForCausalLM(nn.Module):
         if doc_ids.shape != input_ids.shape:
             raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         lay = SequenceLayout.build(doc_ids, self.msa_config, attention_mask, position_ids)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(lay.positions, x.dtype)  # (B, T, D)
+        x, cos, sin = self._packed_inputs(input_ids, lay)  # (N, hidden), (N, D)
         doc_scores: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
@@ -300,9 +301,9 @@ class MSAForCausalLM(nn.Module):
                 x, scores = layer(x, lay, cos, sin)
             if scores is not None:
                 doc_scores[i] = scores
-        x = self.model.norm(x)
+        x = self.model.norm(x[lay.num_doc_tokens:])  # (B * A, hidden): the active slots
         a_valid = lay.active_valid
-        logits = self.lm_head(take(x.flatten(0, 1), lay.active_flat))  # (B, A, V)
+        logits = self.lm_head(x.unflatten(0, lay.active_index.shape))  # (B, A, V)
         out = MSAOutput(logits=logits, logits_index=lay.active_index.masked_fill(~a_valid, -1), doc_scores=doc_scores)
 
         msa = self.msa_config

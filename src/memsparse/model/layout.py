@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.indexing import take
 from ..ops.pooling import chunk_ids_for_documents
 from .config import MSAConfig
 
@@ -42,6 +43,8 @@ class SequenceLayout:
     doc_column: torch.Tensor  # (N,) document id - 1
     doc_lengths: torch.Tensor  # (N,)
     buckets: list[DocumentBucket]
+    doc_cu_seqlens: torch.Tensor  # (N + 1,) int32 start of each document in the packed tokens, then Nd
+    max_doc_length: int
     num_doc_columns: int  # largest document id in the batch
     # chunks of P tokens, never crossing a document boundary
     chunk_of_token: torch.Tensor  # (Nd,)
@@ -62,10 +65,32 @@ class SequenceLayout:
         return self.doc_token_flat.numel() > 0
 
     @property
+    def num_doc_tokens(self) -> int:
+        return self.doc_token_flat.numel()
+
+    @property
     def active_flat(self) -> torch.Tensor:
         """(B, A) flat indices b * T + t of the active slots."""
         offsets = torch.arange(self.batch, device=self.active_index.device).unsqueeze(1) * self.length
         return self.active_index + offsets
+
+    @property
+    def packed_index(self) -> torch.Tensor:
+        """(Nd + B * A,) flat indices b * T + t of the rows the decoder layers work on: the document tokens packed
+        back to back (in document order), then the (B, A) active slots (padded slots repeat a real row; their
+        outputs are never read)."""
+        return torch.cat([self.doc_token_flat, self.active_flat.flatten()])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) in sequence order -> (N, ...) packed rows (`packed_index`)."""
+        return take(x.flatten(0, 1), self.packed_index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) packed rows -> (B, T, ...) in sequence order, zeros at padding and unused slots."""
+        nd = self.num_doc_tokens
+        rows = torch.cat([torch.arange(nd, device=x.device), nd + self.active_rows])
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:])
+        return out.index_copy(0, self.packed_index[rows], take(x, rows)).unflatten(0, (self.batch, self.length))
 
     @classmethod
     def build(
@@ -162,6 +187,8 @@ class SequenceLayout:
             doc_column=doc_column,
             doc_lengths=doc_lengths,
             buckets=_buckets(doc_lengths),
+            doc_cu_seqlens=torch.cat([doc_lengths.new_zeros(1), doc_lengths.cumsum(0)]).to(torch.int32),
+            max_doc_length=int(doc_lengths.max()) if len(doc_lengths) else 0,
             num_doc_columns=max_id,
             chunk_of_token=chunk_of_token,
             chunk_counts=chunk_counts,

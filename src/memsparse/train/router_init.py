@@ -16,7 +16,6 @@ from collections.abc import Iterable
 
 import torch
 
-from ..ops.indexing import take
 from ..ops.pooling import chunk_mean_pool
 
 
@@ -33,11 +32,12 @@ def router_input_grams(model, batches: Iterable[dict]) -> dict[int, torch.Tensor
 
     def hook_for(layer: int):
         def hook(module, inputs):
-            h, lay = inputs[0].flatten(0, 1), inputs[1]  # (B * T, hidden)
+            h, lay = inputs[0], inputs[1]  # (N, hidden): the layout's packed rows
+            nd = lay.num_doc_tokens
             rows = [h.new_zeros(0, h.shape[1])]
             if lay.has_documents:
-                rows.append(chunk_mean_pool(take(h, lay.doc_token_flat), lay.chunk_of_token, lay.chunk_counts))
-            rows.append(take(h, lay.active_flat)[lay.route_mask])  # (routing tokens, hidden)
+                rows.append(chunk_mean_pool(h[:nd], lay.chunk_of_token, lay.chunk_counts))
+            rows.append(h[nd:].unflatten(0, lay.active_index.shape)[lay.route_mask])  # (routing tokens, hidden)
             x = torch.cat(rows).double()
             grams[layer] = grams.get(layer, 0) + x.T @ x
             if layer == layers[-1]:
