@@ -199,7 +199,7 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
         checkpointing = needs_checkpointing(model, b["input_ids"].numel(), device)
         res = state.step(b, phase, lr, checkpointing=checkpointing, average=world > 1)
         step += 1
-        tokens += int(b["attention_mask"].sum()) * world
+        tokens += int(cpu_batch["attention_mask"].sum()) * world  # counted on the host: no device sync
         bar.update(1)
         if max_seconds is not None and _out_of_time(time.perf_counter() - t_start >= max_seconds, world, device):
             stop = step
