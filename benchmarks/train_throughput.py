@@ -71,8 +71,7 @@ def time_batches(args) -> None:
         groups.setdefault((b["memory_tokens"], b["batch_size"]), []).append(b)
     points = []
     for (size, bs), batches in groups.items():
-        longest = max(b["input_ids"].numel() for b in batches)
-        ckpt = {"on": True, "off": False}.get(args.checkpointing, trainer.needs_checkpointing(model, longest, device))
+        ckpt = {"on": True, "off": False}.get(args.checkpointing, _trainer_checkpoints(model, batches, device))
         phase = trainer.Phase("bench", 1, 1e-4, 1.0, 0.1, [size], bs)
         dev = [{k: v.to(device).long() if v.dtype == torch.int32 else v.to(device) for k, v in b.items()
                 if torch.is_tensor(v)} for b in batches]
@@ -106,8 +105,7 @@ def time_batches(args) -> None:
         size, bs = (int(x) for x in args.profile.split("x"))
         b = {k: v.to(device).long() if v.dtype == torch.int32 else v.to(device) for k, v in
              groups[(size, bs)][0].items() if torch.is_tensor(v)}
-        ckpt = {"on": True, "off": False}.get(args.checkpointing, trainer.needs_checkpointing(
-            model, b["input_ids"].numel(), device))
+        ckpt = {"on": True, "off": False}.get(args.checkpointing, _trainer_checkpoints(model, [b], device))
         phase = trainer.Phase("bench", 1, 1e-4, 1.0, 0.1, [size], bs)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
@@ -123,6 +121,14 @@ def time_batches(args) -> None:
     for p in points:
         print(f"{p['memory_tokens']:>8} {p['batch_size']:>5} {p['tokens_per_step']:>7} {p['step_ms']:>8} "
               f"{p['tokens_per_s']:>8} {p['mfu_6n']:>8} {p['checkpointing']!s:>5} {p['peak_mem_gb']:>5}")
+
+
+def _trainer_checkpoints(model, batches: list[dict], device) -> bool:
+    """The trainer's checkpointing choice for these batches (before `needs_checkpointing`, 2026-12-06: from 32K
+    memory tokens on)."""
+    if hasattr(trainer, "needs_checkpointing"):
+        return trainer.needs_checkpointing(model, max(b["input_ids"].numel() for b in batches), device)
+    return batches[0]["memory_tokens"] >= 32768
 
 
 class _VocabStub:
