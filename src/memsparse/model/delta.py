@@ -19,7 +19,15 @@ from .decoder import MSAForCausalLM
 
 DELTA_CONFIG = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the default: attention projections
+LORA_PROJECTIONS = LORA_TARGETS + ("gate_proj", "up_proj", "down_proj")  # every projection that can take one
+
+
+def projection(layer, name: str) -> nn.Linear:
+    """The decoder layer's projection `name` (attention: q/k/v/o_proj; MLP: gate/up/down_proj)."""
+    if name not in LORA_PROJECTIONS:
+        raise ValueError(f"no projection {name!r}: LoRA targets are {', '.join(LORA_PROJECTIONS)}")
+    return getattr(layer.self_attn if name in LORA_TARGETS else layer.mlp, name)
 
 
 def add_special_tokens(model: MSAForCausalLM, tok, tokens: list[str]) -> list[int]:
@@ -71,13 +79,14 @@ class LoRA(nn.Module):
 
 def attach_lora(model: MSAForCausalLM, rank: int, alpha: float | None = None,
                 targets: tuple[str, ...] = LORA_TARGETS) -> nn.ModuleDict:
-    """LoRA adapters on `targets` of every layer, as `model.lora["{layer}_{name}"]` (hooked, not merged)."""
+    """LoRA adapters on `targets` (names of LORA_PROJECTIONS) of every layer, as `model.lora["{layer}_{name}"]`
+    (hooked, not merged)."""
     alpha = alpha if alpha is not None else 2.0 * rank
     model.lora = nn.ModuleDict()
     model.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     for i, layer in enumerate(model.model.layers):
         for name in targets:
-            linear = getattr(layer.self_attn, name)
+            linear = projection(layer, name)
             adapter = LoRA(linear, rank, alpha)
             model.lora[f"{i}_{name}"] = adapter
             linear.register_forward_hook(adapter.hook)
@@ -137,7 +146,7 @@ def apply_delta_weights(model: MSAForCausalLM, path, new_ids: list[int], merge_l
             raise ValueError(f"{path}: delta weight {name} matches nothing in the model")
     for key, ab in lora.items():
         layer, proj = key.split("_", 1)
-        w = getattr(model.model.layers[int(layer)].self_attn, proj).weight
+        w = projection(model.model.layers[int(layer)], proj).weight
         w += (ab["B"].float() @ ab["A"].float() * merge_lora).to(w.dtype)
 
 

