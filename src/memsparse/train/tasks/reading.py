@@ -38,6 +38,7 @@ NEIGHBOURS = 2  # passages on each side of the gold one, in the same document, t
 SIMILAR = 12  # passages sharing the most rare words with the gold one, taken as hard negatives
 REWORD_P = 0.85  # chance of rewording a word that has a synonym
 TRIES = 30
+CANDIDATES = 4  # rewordings tried per sentence: the one sharing the fewest words with the passage is asked
 VOCAB_MIN = 20  # a WordNet synonym is used only if it occurs this often in the corpora
 
 STOP = frozenset("""a about above after again against all also am an and any are as at be because been before being
@@ -96,8 +97,9 @@ def _stem(word: str) -> str:
     w = word.lower().strip("'-")
     for suffix in ("ations", "ation", "ings", "ing", "ies", "ied", "ed", "es", "ly", "s"):
         if w.endswith(suffix) and len(w) - len(suffix) >= 3:
-            return w[:-len(suffix)]
-    return w
+            w = w[:-len(suffix)]
+            break
+    return w[:-1] if w.endswith("e") and len(w) > 3 else w  # vote ~ voted
 
 
 def content_words(text: str) -> list[str]:
@@ -312,7 +314,8 @@ def paraphrase_question(sentence: str, rw: Rewriter, rng: random.Random) -> str:
 
 def ask(kind: str, passage: str, rw: Rewriter, rng: random.Random) -> tuple[str, str] | None:
     """(question, answer) of type `kind` ("cloze", "rewrite", "paraphrase") about one sentence of `passage` that
-    keeps `overlap` at most `OVERLAP_MAX` with at least one content word shared; None when no sentence allows it."""
+    keeps `overlap` at most `OVERLAP_MAX` with at least one content word shared (the least of `CANDIDATES` rewordings);
+    None when no sentence allows it."""
     sents = sentences(passage)
     rng.shuffle(sents)
     for sent in sents[:6]:
@@ -320,7 +323,8 @@ def ask(kind: str, passage: str, rw: Rewriter, rng: random.Random) -> tuple[str,
         found = [f for f in found if f[2] != "name" or f[3].lower() not in rw.synonyms]  # "the Government"
         if not found:
             continue
-        for _ in range(4):
+        best = None
+        for _ in range(CANDIDATES):
             span = rng.choice(found)
             if kind == "cloze":
                 q = cloze_question(sent, span, rw, rng)
@@ -330,7 +334,9 @@ def ask(kind: str, passage: str, rw: Rewriter, rng: random.Random) -> tuple[str,
                 q = paraphrase_question(sent, rw, rng)
             frac, n = overlap(q, passage)
             if n >= 2 and 0 < frac <= OVERLAP_MAX and span[3].lower() not in q.lower():
-                return q, span[3]
+                best = min(best or (frac, q, span[3]), (frac, q, span[3]))
+        if best:
+            return best[1], best[2]
     return None
 
 
