@@ -25,7 +25,7 @@ from memsparse.resources import ResourceUnavailable
 from .corpora import Passage, _cached, _normalize, debian_package, pack_passages, python_docs, python_faq
 
 FAQ_PACKAGES = ("python3.11-doc", "perl-doc", "git-doc", "debian-faq", "sqlite3-doc")
-_FORMAT = 3  # bump to invalidate this module's caches
+_FORMAT = 4  # bump to invalidate this module's caches
 
 
 def _one(root: Path, pattern: str, pkg: str) -> Path:
@@ -191,8 +191,8 @@ def debian_faq_sections(text: str) -> list[tuple[str, str]]:
 
 
 def debian_faq_pairs(text: str) -> list[tuple[str, str]]:
-    """(question, answer) of the Debian FAQ's sections whose heading is a question."""
-    return [(h, a) for h, a in debian_faq_sections(text) if h.endswith("?") and a]
+    """(question, answer) of the Debian FAQ's sections whose heading is a question (has a "?")."""
+    return [(h, a) for h, a in debian_faq_sections(text) if "?" in h and a]
 
 
 # --- HTML (sqlite3-doc) -------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def _build_documents(pkg: str, max_words: int) -> list:
 
         path = _one(root, "usr/share/doc/debian/FAQ/debian-faq.en.txt.gz", pkg)
         for head, text in debian_faq_sections(gzip.decompress(path.read_bytes()).decode("utf-8", "replace")):
-            if not head.endswith("?"):
+            if "?" not in head:
                 out += [[head, p, pkg] for p in pack_passages(text.split("\n\n"), max_words)]
     elif pkg == "sqlite3-doc":
         for path in sorted(root.glob("usr/share/doc/sqlite3/*.html")):
