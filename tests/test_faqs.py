@@ -33,6 +33,8 @@ See L<perlvar/"$."> and L<the open manual|perlfunc/open>.
 
 =head2 Why does C<< $x <=> $y >> return E<lt>0?
 
+(contributed by A. Writer)
+
 Because the left operand is smaller.
 """
 
@@ -102,6 +104,7 @@ def test_perl_faq_pod() -> None:
     assert answer.startswith("Read it line by line and add one for each, or use $. after the loop.")
     assert '"$." in perlvar' in answer and "the open manual" in answer and "X<" not in answer
     assert "    my $n = 0;\n    $n++ while <$fh>;" not in answer and "my $n = 0;\n$n++ while <$fh>;" in answer
+    assert pairs[1][1] == "Because the left operand is smaller."
 
 
 def test_git_faq_asciidoc() -> None:

@@ -25,7 +25,7 @@ from memsparse.resources import ResourceUnavailable
 from .corpora import Passage, _cached, _normalize, debian_package, pack_passages, python_docs, python_faq
 
 FAQ_PACKAGES = ("python3.11-doc", "perl-doc", "git-doc", "debian-faq", "sqlite3-doc")
-_FORMAT = 4  # bump to invalidate this module's caches
+_FORMAT = 5  # bump to invalidate this module's caches
 
 
 def _one(root: Path, pattern: str, pkg: str) -> Path:
@@ -126,8 +126,9 @@ def pod_sections(pod: str) -> list[tuple[int, str, str]]:
 def perl_faq_pairs(pod: str) -> list[tuple[str, str]]:
     """(question, answer) of each ``=head2`` of one perlfaq POD file whose heading is a question (has a "?" or 4
     words or more: "Perl Books" is a list, not an answer)."""
-    return [(q, a) for level, q, a in pod_sections(pod)
-            if level == 2 and a.strip() and ("?" in q or len(q.split()) > 3)]
+    credit = re.compile(r"^\((?:contributed|written|edited) by [^)]*\)\s*", re.I)  # "(contributed by brian d foy)"
+    pairs = [(q, credit.sub("", a)) for level, q, a in pod_sections(pod) if level == 2]
+    return [(q, a) for q, a in pairs if a.strip() and ("?" in q or len(q.split()) > 3)]
 
 
 # --- AsciiDoc (git-doc) -------------------------------------------------------------------------------------------
