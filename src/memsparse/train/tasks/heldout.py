@@ -29,3 +29,11 @@ RULER_PHRASES: tuple[str, ...] = (
     "I will quiz you about",
     "The special magic",
 )
+
+# FAQ packages (train/faqs.py `FAQ_PACKAGES`) whose questions and answers training never sees: evaluation only.
+HELDOUT_FAQ_PACKAGES: dict[str, str] = {
+    "debian-faq": "the Debian GNU/Linux FAQ (123 questions): FAQ evaluation on a package never trained on",
+    "sqlite3-doc": "the SQLite FAQ (27 questions): FAQ evaluation on a package never trained on",
+}
+# FAQ packages used in training whose last N questions (in document order) are held out for evaluation and the demo.
+HELDOUT_FAQ_LAST: dict[str, int] = {"python3.11-doc": 24}

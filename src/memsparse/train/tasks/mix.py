@@ -2,9 +2,12 @@
 
 - `niah`: RULER NIAH samples (niah.py), all 8 subtasks (equally often, or with the `niah_subtasks` weights);
   the model names the documents holding the queried needles and answers with the values.
-- `faq`: the Python FAQ (Debian python3.11-doc): the memory holds the answer passage among distractor passages
-  of the Python documentation and other FAQ answers; the model names it and answers with its first sentence.
-  The last `FAQ_HELD_OUT` questions are never trained on (the demo and evaluation use them).
+- `faq`: human-written FAQ pairs of the training packages of `faqs.FAQ_PACKAGES` (Python, Perl and Git FAQs;
+  `heldout.HELDOUT_FAQ_PACKAGES` are never drawn): the memory holds the answer passage among distractors from the
+  same package (its other FAQ answers and its documentation); the model names it and answers with its first
+  sentence. The last `FAQ_HELD_OUT` Python FAQ questions are never trained on (the demo and evaluation use them).
+- `cloze`, `rewrite`, `paraphrase`, `twofacts`: reading questions over real text that do not copy the passage's
+  words, with hard negatives from the same corpus (reading.py says which corpora and how).
 - `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
   one passage, the model names it and answers with its title (the first line of the document).
 - `reading` (short extractive answers): State of the Union passages; one sentence of a passage becomes a question by
@@ -31,8 +34,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-TASKS = ("niah", "faq", "retrieval", "handbook", "reading", "definitions", "webster", "multihop")
-FAQ_HELD_OUT = 24
+from .heldout import HELDOUT_FAQ_LAST
+from .reading import READING_TASKS
+
+TASKS = ("niah", "faq", "retrieval", "handbook", "reading", "definitions", "webster", "multihop", *READING_TASKS)
+FAQ_HELD_OUT = HELDOUT_FAQ_LAST["python3.11-doc"]
 MULTIHOP_CHAINS = 4
 HOP_LINK = "The {key} leads to the {link}."
 HOP_VALUE = "The special magic number of the {link} is: {value}."
@@ -113,10 +119,18 @@ class Mixer:
         self.pools: dict[str, Pool] = {}
         self._niah_cache: dict = {}  # per-sentence token counts of the haystacks, kept across samples
         if "faq" in self.weights:
-            from ..corpora import python_docs, python_faq
+            from ..faqs import faq_documents, training_faq_packages, training_faq_pairs
 
-            self.faq_pairs = python_faq()[:-FAQ_HELD_OUT]
-            self.pools["python"] = Pool([p.text for p in python_docs()] + [a for _, a in self.faq_pairs], count_tokens)
+            self.faq_pairs = []  # (package, question, answer)
+            for pkg in training_faq_packages():
+                pairs = training_faq_pairs(pkg)
+                self.faq_pairs += [(pkg, q, a) for q, a in pairs]
+                self.pools[f"faq:{pkg}"] = Pool([p.text for p in faq_documents(pkg)] + [a for _, a in pairs],
+                                                count_tokens)
+        if set(READING_TASKS) & set(self.weights):
+            from .reading import ReadingTasks
+
+            self.reading_tasks = ReadingTasks(count_tokens, self.rng)
         if {"retrieval", "reading"} & set(self.weights):
             from ..corpora import sotu
 
@@ -147,12 +161,24 @@ class Mixer:
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
 
     def faq(self, memory_tokens: int) -> Question:
-        pool = self.pools["python"]
-        q, a = self.rng.choice(self.faq_pairs)
+        pkg, q, a = self.rng.choice(self.faq_pairs)
+        pool = self.pools[f"faq:{pkg}"]
         gold = pool.texts.index(a)
         others = pool.fill(self.rng, memory_tokens - pool.tokens[gold], {gold})
         docs, where = _place(self.rng, [a], [pool.texts[i] for i in others])
         return Question(docs, q, [where], first_sentence(a), "faq")
+
+    def cloze(self, memory_tokens: int) -> Question:
+        return self.reading_tasks.draw("cloze", memory_tokens)
+
+    def rewrite(self, memory_tokens: int) -> Question:
+        return self.reading_tasks.draw("rewrite", memory_tokens)
+
+    def paraphrase(self, memory_tokens: int) -> Question:
+        return self.reading_tasks.draw("paraphrase", memory_tokens)
+
+    def twofacts(self, memory_tokens: int) -> Question:
+        return self.reading_tasks.draw("twofacts", memory_tokens)
 
     def retrieval(self, memory_tokens: int) -> Question:
         return self._quoted("sotu", memory_tokens, "retrieval")
