@@ -158,6 +158,23 @@ def test_entries_split_and_qa_set(tmp_path):
         faqs.qa_set(rows, "train")
 
 
+def test_the_faq_packages_are_eval_only():
+    """The packages read here are exactly the ones training must never read."""
+    from memsparse.train.tasks.heldout import EVAL_ONLY_CORPORA, EVAL_ONLY_FAQ_PACKAGES
+
+    assert set(faqs.SOURCES) == set(EVAL_ONLY_FAQ_PACKAGES) and "debian_faqs" in EVAL_ONLY_CORPORA
+    import ast
+    from pathlib import Path
+
+    import memsparse.train
+
+    train = Path(memsparse.train.__file__).parent
+    for path in train.rglob("*.py"):  # no string in training code names one of them (heldout.py only lists them)
+        if path.name != "heldout.py":
+            named = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+            assert not named & set(EVAL_ONLY_FAQ_PACKAGES), path
+
+
 def test_split_is_fixed_and_by_chapter():
     """The hash is fixed: these chapters' splits never change (a change would mix test questions into dev)."""
     got = {c: faqs.split_of(p, c) for p, c in [("perl-doc", "Perl FAQ perlfaq8: DESCRIPTION"),
