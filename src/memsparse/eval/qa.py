@@ -255,8 +255,9 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
                 inject_k: int = 4, priors: int = 0, engine: dict | None = None, progress: bool = True,
                 answers=None) -> list[dict]:
     """Per system: `scores` (n, EM / F1 and their standard errors, %), and where a ranking decides what is read the
-    gold passage's `gold_rank_rates` (memsparse: its router, layers fused as the engine fuses them; ragK, ragK-msa:
-    MiniLM); memsparse also `gold_shares`. `msa` = (model, tokenizer) with routers; `plain` = (model, tokenizer)
+    gold passage's `gold_rank_rates` (memsparse: its router's first pass, layers fused as the engine fuses them,
+    before any refinement; ragK, ragK-msa: MiniLM); memsparse also `gold_shares` (`gold_injected`: what was read,
+    after refinement). `msa` = (model, tokenizer) with routers; `plain` = (model, tokenizer)
     without; `priors`: memsparse with document priors from that many pseudo-queries; `engine`: its MSAEngine
     keywords (fusion, refine, widen); `answers`: a text file that gets every system's answer to every question as
     a JSON line (the generated text, the extracted answer, EM, F1, the gold passage and, for memsparse and ragK-msa,
