@@ -110,6 +110,7 @@ def test_reference_answer_and_passage_rules():
     assert faqs.reference_answer(["    only code"]) == ""
     assert faqs.passage(["a " * 10, "b " * 10, "c " * 10], max_words=25) == "\n\n".join(["a " * 10, "b " * 10])
     assert faqs.passage(["w " * 50], max_words=20) == " ".join(["w"] * 20)
+    assert faqs.passage(["(contributed by brian d foy)", "Use it."]) == "Use it."
 
 
 def _fake_packages(tmp_path):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..resources import ResourceUnavailable, cache_dir
 
-FORMAT = 1  # bump to invalidate the parsed cache
+FORMAT = 2  # bump to invalidate the parsed cache
 DEV_SHARE = 0.4  # share of chapters (hashed) in the development split
 MAX_WORDS = 300  # an answer passage is cut to its first paragraphs within this many words
 SPLITS = ("dev", "test")
@@ -57,13 +57,19 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
+_CREDIT = re.compile(r"\(?(?:contributed|written) by[^)]*\)?\.?", re.I)  # "(contributed by brian d foy)"
+
+
+def _credit(par: str) -> bool:
+    return bool(_CREDIT.fullmatch(" ".join(par.split())))
+
+
 def reference_answer(paragraphs: list[str], max_words: int = 40) -> str:
     """The first sentence of the first prose paragraph (not code, not a credit line), at most `max_words` words; a
     bare "Yes."/"No." takes the sentence after it with it."""
     for par in paragraphs:
         text = " ".join(par.split())
-        if not text or par.startswith((" ", "\t")) or re.fullmatch(r"\(?(contributed|written) by[^)]*\)?\.?", text,
-                                                                   re.I):
+        if not text or par.startswith((" ", "\t")) or _credit(par):
             continue
         sentences = re.split(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])", text)
         first = sentences[0]
@@ -74,9 +80,10 @@ def reference_answer(paragraphs: list[str], max_words: int = 40) -> str:
 
 
 def passage(paragraphs: list[str], max_words: int = MAX_WORDS) -> str:
-    """Paragraphs joined by blank lines, as many as fit `max_words` (the first one cut to it if needed)."""
+    """Paragraphs joined by blank lines, as many as fit `max_words` (the first one cut to it if needed); credit lines
+    ("(contributed by ...)") left out."""
     out, n = [], 0
-    for par in paragraphs:
+    for par in (p for p in paragraphs if not _credit(p)):
         w = _words(par)
         if out and n + w > max_words:
             break
