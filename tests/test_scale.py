@@ -60,6 +60,18 @@ def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
     out.write_text(json.dumps({**old, "squad_questions": 200, "points": old["points"] + [squad]}))
     kept = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32)
     assert squad in kept["points"] and kept["squad_questions"] == 200 and len(kept["points"]) == 4
+    from memsparse.eval import faqs
+
+    data = faqs.QASet(["The bell is 7.", "Salt is white."], [0, 1], [("What is the bell?", ["7"], 0)],
+                      name="debian-faqs", split="dev")
+    monkeypatch.setattr(faqs, "load_qa", lambda split, n: data if (split, n) == ("dev", 5) else None)
+    qa = scale.run(model, tok, [64], out, tasks=("qa",), key_dtypes=("bf16",), haystack=32, qa_questions=5,
+                   qa_split="dev")
+    assert (qa["qa_source"], qa["qa_split"], qa["qa_questions"]) == ("debian-faqs", "dev", 1)
+    points = [p for p in qa["points"] if p["task"] == "qa"]
+    assert [p["tokens"] for p in points] == [qa["qa_memory_tokens"], 64] and squad in qa["points"]
+    assert all(p["score"] == p["f1"] and p["n"] == 1 and "f1_se" in p for p in points)
+    assert [p for p in qa["points"] if p["task"] == "niah"] == [p for p in kept["points"] if p["task"] == "niah"]
 
 
 def test_qa_scores_report_em_f1_and_gold_routing():
