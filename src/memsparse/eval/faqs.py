@@ -268,9 +268,11 @@ def build_entries(extracted: dict[str, Path]) -> list[dict]:
         try:
             entries = parse(root)
         except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-            raise ResourceUnavailable(f"cannot read the {name} in Debian package {pkg}: {e}") from None
+            raise ResourceUnavailable(f"cannot read the {name} in Debian package {pkg}: {e} (remove {root} to "
+                                      "fetch it again)") from None
         if not entries:
-            raise ResourceUnavailable(f"no {name} entries found in Debian package {pkg} (under {root})")
+            raise ResourceUnavailable(f"no {name} entries found in Debian package {pkg} (remove {root} to fetch it "
+                                      "again)")
         for chapter, question, paragraphs in entries:
             text, ref = passage(paragraphs), reference_answer(paragraphs)
             if _words(text) < 5:
