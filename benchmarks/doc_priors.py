@@ -20,16 +20,17 @@ import torch
 from common import RESULTS, run_header, save_run
 
 from memsparse.demo import load_shipped
+from memsparse.eval.faqs import QASet, load_qa
 from memsparse.eval.niah import evaluate
-from memsparse.eval.squad import Squad, evaluate_qa, load_squad
+from memsparse.eval.qa import evaluate_qa
 
 
 def squad_points(model, tok, paragraphs: int, questions: int, priors: int) -> list[dict]:
     """`memsparse eval qa`'s memsparse system over the first `paragraphs` dev paragraphs (0: all), without and
     with priors."""
-    sq = load_squad(1000 if paragraphs == 0 else 2000)
+    sq = load_qa("dev")  # SQuAD dev until bigbench 1.0.0 was no longer served; the FAQ dev split since
     n = paragraphs or len(sq.paragraphs)
-    data = Squad(sq.paragraphs[:n], sq.article[:n], [q for q in sq.questions if q[2] < n][:questions])
+    data = QASet(sq.paragraphs[:n], sq.article[:n], [q for q in sq.questions if q[2] < n][:questions])
     points = []
     for p in (0, priors):
         (res,) = evaluate_qa(data, ["memsparse"], msa=(model, tok), priors=p)

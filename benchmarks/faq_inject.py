@@ -22,7 +22,7 @@ from common import RESULTS, run_header, save_run
 from memsparse.demo import FAQ_DOCS, default_memory, load_shipped
 from memsparse.engine import MSAEngine
 from memsparse.engine.engine import FUSIONS, ROUTER_DEFAULTS
-from memsparse.eval.squad import f1
+from memsparse.eval.qa import f1
 from memsparse.memory import MemoryBank
 from memsparse.train.tasks.mix import FAQ_HELD_OUT
 

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from memsparse import MemoryBank, MSAEngine
 from memsparse.demo import load_shipped
 from memsparse.engine.calibrate import pseudo_queries
+from memsparse.eval.faqs import load_qa
 from memsparse.eval.scale import recall
-from memsparse.eval.squad import load_squad
 from memsparse.model.tokenizer import TokenCounter
 from memsparse.train.tasks.niah import make_sample, string_match_all
 
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_shipped(str(dev), "bfloat16" if dev.type == "cuda" else "float32")  # as measured
-    squad = load_squad(10**6)  # every question, in a seeded order
+    squad = load_qa("dev")  # every dev question, in a seeded order (SQuAD dev before bigbench 1.0.0 went)
     paragraphs = squad.paragraphs[:args.paragraphs]
     asked = [(q, p) for q, _, p in squad.questions if p < len(paragraphs)][:args.questions]
     questions, gold = [q for q, _ in asked], [p for _, p in asked]  # document id = paragraph index

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from memsparse.demo import load_shipped
 from memsparse.engine import MSAEngine
 from memsparse.engine.engine import cut_drop, fused_top
+from memsparse.eval.faqs import load_qa
 from memsparse.eval.meta import run_meta
-from memsparse.eval.squad import load_squad
 from memsparse.memory import MemoryBank
 
 SYSTEMS = {1: "memsparse-inject_k-1", 2: "memsparse-inject_k-2", 4: "memsparse"}  # injected documents -> eval qa name
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    squad = load_squad(1000)
+    squad = load_qa("dev")  # SQuAD dev until bigbench 1.0.0 was no longer served
     lines = {k: answer_lines(args.answers, k) for k in (1, args.fallback)}
     model, tok = load_shipped(args.device)
     bank = MemoryBank.build(model, tok, squad.paragraphs, progress=True)

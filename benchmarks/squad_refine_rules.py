@@ -19,8 +19,8 @@ from tqdm import tqdm
 from memsparse.demo import load_shipped
 from memsparse.engine import MSAEngine
 from memsparse.engine.engine import fused_top
+from memsparse.eval.faqs import load_qa
 from memsparse.eval.meta import run_meta
-from memsparse.eval.squad import load_squad
 from memsparse.memory import MemoryBank
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    squad = load_squad(1000)
+    squad = load_qa("dev")  # SQuAD dev until bigbench 1.0.0 was no longer served
     model, tok = load_shipped(args.device)
     t0 = time.perf_counter()
     bank = MemoryBank.build(model, tok, squad.paragraphs, progress=True)

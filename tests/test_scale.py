@@ -37,7 +37,10 @@ def test_sized_bank_is_a_prefix_view_and_tasks_come_and_go():
 
 
 def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
-    """`eval scale --scale-tasks squad` after a NIAH run keeps the NIAH points (each names its commit)."""
+    """`eval scale --scale-tasks qa` after a NIAH run keeps the NIAH points (each names its commit), and points of
+    tasks no longer measured (SQuAD before the FAQ set) stay."""
+    import json
+
     from memsparse.eval import scale
 
     tok = tiny_tokenizer()
@@ -52,20 +55,38 @@ def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
     assert all(p["commit"] == first["commit"] for p in again["points"])
     fp8 = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32, fp8_at=64, key_dtypes=("fp8",))
     assert [(p["tokens"], p["key_dtype"]) for p in fp8["points"]] == [(32, "bf16"), (64, "bf16"), (64, "fp8")]
+    old = json.loads(out.read_text())
+    squad = {"task": "squad_open_em", "tokens": 9, "score": 1.0, "key_dtype": "bf16", "commit": "old"}
+    out.write_text(json.dumps({**old, "squad_questions": 200, "points": old["points"] + [squad]}))
+    kept = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32)
+    assert squad in kept["points"] and kept["squad_questions"] == 200 and len(kept["points"]) == 4
+    from memsparse.eval import faqs
+
+    data = faqs.QASet(["The bell is 7.", "Salt is white."], [0, 1], [("What is the bell?", ["7"], 0)],
+                      name="debian-faqs", split="dev")
+    monkeypatch.setattr(faqs, "load_qa", lambda split, n: data if (split, n) == ("dev", 5) else None)
+    qa = scale.run(model, tok, [64], out, tasks=("qa",), key_dtypes=("bf16",), haystack=32, qa_questions=5,
+                   qa_split="dev")
+    assert (qa["qa_source"], qa["qa_split"], qa["qa_questions"]) == ("debian-faqs", "dev", 1)
+    points = [p for p in qa["points"] if p["task"] == "qa"]
+    assert [p["tokens"] for p in points] == [qa["qa_memory_tokens"], 64] and squad in qa["points"]
+    assert all(p["score"] == p["f1"] and p["n"] == 1 and "f1_se" in p for p in points)
+    assert [p for p in qa["points"] if p["task"] == "niah"] == [p for p in kept["points"] if p["task"] == "niah"]
 
 
-def test_squad_scores_report_em_f1_and_gold_routing():
-    """With k at least the bank's size every document is routed, so every gold paragraph is found (100%), alone
+def test_qa_scores_report_em_f1_and_gold_routing():
+    """With k at least the bank's size every document is routed, so every gold passage is found (100%), alone
     or on top of distractors; the distractor bank is left as it was."""
-    from memsparse.eval.scale import squad_scores
-    from memsparse.eval.squad import Squad
+    from memsparse.eval.faqs import QASet
+    from memsparse.eval.scale import qa_scores
 
     tok = tiny_tokenizer()
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 32}, vocab_size=300)
-    squad = Squad(paragraphs=["The bell is 7.", "Salt is white.", "Seeds grow."], article=[0, 0, 1],
+    data = QASet(paragraphs=["The bell is 7.", "Salt is white.", "Seeds grow."], article=[0, 0, 1],
                   questions=[("What is the bell?", ["7"], 0), ("What grows?", ["Seeds"], 2)])
     big = ms.MemoryBank.build(model, tok, DOCS[:5])
-    out = squad_scores(model, tok, {40: None, 400: big}, squad, inject_k=2)
+    out = qa_scores(model, tok, {40: None, 400: big}, data, inject_k=2)
     assert set(out) == {40, 400} and big.doc_ids() == list(range(5))
     for scores, routes in out.values():
         assert scores["gold_routed"] == 100.0 and 0 <= scores["em"] <= scores["f1"] <= 100 and len(routes) == 2
+        assert scores["n"] == 2 and scores["f1_se"] >= 0

@@ -24,7 +24,7 @@ EXAMPLES = """examples:
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
   memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
-  memsparse eval qa --samples 1000 --systems memsparse,rag1,rag5,rag10,full
+  memsparse eval qa --split test --systems memsparse,rag1,rag1-msa,rag4,full   # the Debian FAQs, test split
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
@@ -271,7 +271,7 @@ def _count(samples: str) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    args.samples = args.samples or ("1000" if args.task == "qa" else "100")
+    args.samples = args.samples or (None if args.task == "qa" else "100")
     if args.jobs < 1 or (args.jobs > 1 and args.task != "niah"):
         raise ValueError(f"--jobs {args.jobs}: expected a count >= 1, above 1 for niah only")
     if args.task == "qa":
@@ -464,7 +464,7 @@ def _eval_scale(args: argparse.Namespace) -> None:
     model, tok = _load_model(args.model, args.device, args.dtype)
     res = run(model, tok, [int(t) for t in args.tokens.split(",")], Path(args.out or
               "benchmarks/results/scale_quality.json"), niah_samples=_count(args.samples),
-              squad_questions=args.questions,
+              qa_questions=args.questions, qa_split=args.split,
               bank_path=Path(args.bank_cache) if args.bank_cache else None, fp8_at=args.fp8_at,
               tasks=tuple(t for t in args.scale_tasks.split(",") if t), key_dtypes=tuple(args.key_dtypes.split(",")))
     for p in res["points"]:
@@ -474,33 +474,37 @@ def _eval_scale(args: argparse.Namespace) -> None:
 
 
 def _eval_qa(args: argparse.Namespace) -> None:
-    """SQuAD-open: squad_open.json = {gpu, date, commit, memory_tokens, questions, systems: [{name, em, f1}]}."""
-    from .eval.squad import check_results_file, load_squad, readers
+    """Open-memory QA over the Debian FAQs: qa_<split>.json = {gpu, date, commit, source, split, memory_passages,
+    memory_tokens, questions, systems: [{name, n, em, em_se, f1, f1_se, gold_top1, gold_top4, ...}]}."""
+    from .eval.faqs import load_qa
+    from .eval.qa import check_results_file, readers
     from .model.checkpoint import load_pretrained
     from .model.tokenizer import load_tokenizer
     from .resources import smollm2_gguf
 
     systems = args.systems.split(",")
     needs_msa, needs_plain = readers(systems)
-    squad = load_squad(_count(args.samples))
+    data = load_qa(args.split, _count(args.samples) if args.samples else None)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     msa = _load_model(args.model, device, args.dtype) if needs_msa else None
     plain = None
     if needs_plain:
         gguf = smollm2_gguf()
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
-    from .eval.squad import evaluate_qa, write_results
+    from .eval.qa import evaluate_qa, table, write_results
 
     tok = (msa or plain)[1]
-    memory_tokens = sum(len(x) for x in tok(squad.paragraphs, add_special_tokens=False)["input_ids"])
-    out = Path(args.out or "benchmarks/results/squad_open.json")
-    check_results_file(out, memory_tokens, len(squad.questions))  # before the hours of answering, not after
+    memory_tokens = sum(len(x) for x in tok(data.paragraphs, add_special_tokens=False)["input_ids"])
+    out = Path(args.out or f"benchmarks/results/qa_{args.split}.json")
+    check_results_file(out, data, memory_tokens)  # before the hours of answering, not after
     with _answers_file(args.answers) as answers:
-        results = evaluate_qa(squad, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
+        results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
                               priors=args.priors, answers=answers, engine=_engine_kw(args))
-    write_results(results, memory_tokens, len(squad.questions), out)
-    for r in results:
-        print(f"{r['name']:>12}  EM {r['em']:6.2f}  F1 {r['f1']:6.2f}")
+    write_results(results, data, memory_tokens, out)
+    print(f"{data.name}, {data.split} split: {len(data.questions)} questions over {len(data.paragraphs)} passages "
+          f"({memory_tokens:,} tokens); F1 / EM of the extracted answer, ± standard error; top1 / top4: gold passage "
+          "ranked first / in the top 4 by the router (memsparse) or MiniLM (rag)")
+    print(table(results))
     print(f"wrote {out}")
 
 
@@ -666,24 +670,27 @@ def build_parser() -> argparse.ArgumentParser:
     _priors_arg(m, default=DEMO_PRIORS)
     m.set_defaults(func=cmd_demo)
 
-    v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or SQuAD-open (qa) against RAG baselines",
+    v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or open-memory QA (qa) against RAG baselines",
                        epilog=EXAMPLES, formatter_class=fmt)
     v.add_argument("task", choices=["niah", "qa", "scale", "multihop"],
-                   help="niah, qa (SQuAD-open vs RAG), scale (NIAH and SQuAD-open with 1M-100M distractor tokens), "
+                   help="niah, qa (QA over Debian documentation FAQs vs RAG), scale (NIAH and that QA with 1M-100M "
+                        "distractor tokens), "
                         "multihop (two-hop chains answered with 1, 2, ... rounds of router injection)")
     v.add_argument("--router-rounds", default="1,2", help="multihop: rounds of router injection to compare")
-    v.add_argument("--questions", type=int, default=200, help="scale: SQuAD questions")
+    v.add_argument("--questions", type=int, default=200, help="scale: QA questions (of --split)")
+    v.add_argument("--split", choices=["dev", "test"], default="test",
+                   help="qa, scale: the questions' split (defaults are chosen on dev, figures reported on test)")
     v.add_argument("--bank-cache", help="scale: directory to save / reuse the distractor bank")
     v.add_argument("--fp8-at", type=int, help="scale: also measure fp8 routing keys at this size")
-    v.add_argument("--scale-tasks", default="niah,squad", help="scale: tasks ('' only builds the distractor bank)")
+    v.add_argument("--scale-tasks", default="niah,qa", help="scale: tasks ('' only builds the distractor bank)")
     v.add_argument("--key-dtypes", default="bf16,fp8", help="scale: routing-key dtypes to measure (fp8: at --fp8-at)")
-    v.add_argument("--systems", default="memsparse,rag1,rag5,rag10,full",
+    v.add_argument("--systems", default="memsparse,rag1-msa,rag1,rag4,full",
                    help="qa: memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), ragK-msa (the same K "
-                        "paragraphs injected into the MSA model), full (8K context)")
+                        "passages injected into the MSA model), full (8K context)")
     v.add_argument("--tokens", default="32768", help="memory sizes, comma separated (e.g. 32768,131072,1048576)")
     v.add_argument("--samples",
                    help="niah: samples per subtask, one count or one per --tokens size (100,50,10; default 100); "
-                        "qa: questions (default 1000, the issue's protocol); scale, multihop: samples (default 100)")
+                        "qa: questions (default: all of --split); scale, multihop: samples (default 100)")
     v.add_argument("--subtasks", help="comma list (default: all 8)")
     v.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="niah: spread the (memory size, subtask) pairs over N worker processes, one GPU each (round "
@@ -709,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "named or injected documents) to FILE as JSON lines")
     _interleave_args(v)
     _priors_arg(v)
-    v.add_argument("--out", help="default: benchmarks/results/niah.json or squad_open.json")
+    v.add_argument("--out", help="default: benchmarks/results/niah.json or qa_<split>.json")
     _model_args(v, "the shipped MSA-SmolLM2")
     v.set_defaults(func=cmd_eval)
 

