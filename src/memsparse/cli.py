@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
   memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
+  memsparse eval niah --heldout --split test --tokens 131072        # unseen haystack and wording, test seeds
   memsparse eval qa --samples 1000 --systems memsparse,rag1,rag5,rag10,full
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
@@ -280,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from .eval.niah import evaluate, parse_settings, setting_label, setting_of
+    from .eval.niah import average, evaluate, parse_settings, setting_label, setting_of, stream_seed
     from .train.tasks.niah import SUBTASKS
 
     if args.pool:
@@ -291,6 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
+    stream_seed(args.seed, args.split)  # a seed outside the split's range: the error before any work
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
     sizes = [int(t) for t in args.tokens.split(",")]
@@ -310,12 +312,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         points = evaluate(model, tok, sizes, subtasks, counts, seed=args.seed,
                           interleave=mode, inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
                           compare=compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
-                          name=name, only=only, units=units)
-    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
+                          name=name, only=only, units=units, data="heldout" if args.heldout else "ruler",
+                          split=args.split)
+    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>14} {'routing recall':>14} {'named recall':>12}")
     base = setting_of(points[0])
     for p in points:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} {p['accuracy']:>8} "
-              f"{p['routing_recall']:>14} {p['named_recall']:>12}")
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} "
+              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
+    for n, setting in dict.fromkeys((p["tokens"], tuple(setting_of(p).items())) for p in points):
+        group = [p for p in points if p["tokens"] == n and tuple(setting_of(p).items()) == setting]
+        print(f"{n:>8} {'average':<16} {setting_label(dict(setting), base):<24} "
+              "{:>7} ± {:<4}".format(*average(group)))
     print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
 
 
@@ -405,7 +412,7 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
-              f"{p['accuracy']:>8} {p['samples']:>4} samples")
+              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
     print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta_of))))
 
 
@@ -697,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
+    v.add_argument("--heldout", action="store_true",
+                   help="niah: the 8 subtasks on the unseen haystack (Debian fortunes) with held-out needle, question "
+                        "and key/value wording that training never sees (train/tasks/heldout.py), instead of RULER "
+                        "as published")
+    v.add_argument("--split", choices=["dev", "test"],
+                   help="niah: draw from the development or the test range of seeds (disjoint: --seed S draws stream "
+                        "S or 1000000 + S); choose settings on dev, report on test")
     v.add_argument("--from-answers", metavar="FILES",
                    help="niah: rebuild results from --answers files (comma list, .gz too; runs cut short, seeds "
                         "pooled) into --out instead of measuring")
