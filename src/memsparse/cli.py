@@ -281,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from .eval.niah import average, evaluate, parse_settings, setting_label, setting_of, stream_seed
+    from .eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
     from .train.tasks.niah import SUBTASKS
 
     if args.pool:
@@ -319,11 +319,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} "
               f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
+    _print_averages(points)
+    print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
+
+
+def _print_averages(points: list[dict]) -> None:
+    """Per memory size and setting: the mean accuracy over the subtasks, ± its standard error."""
+    from .eval.niah import average, setting_label, setting_of
+
+    base = setting_of(points[0])
     for n, setting in dict.fromkeys((p["tokens"], tuple(setting_of(p).items())) for p in points):
         group = [p for p in points if p["tokens"] == n and tuple(setting_of(p).items()) == setting]
         print(f"{n:>8} {'average':<16} {setting_label(dict(setting), base):<24} "
               "{:>7} ± {:<4}".format(*average(group)))
-    print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
 
 
 def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_per: dict[int, int],
@@ -413,6 +421,7 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
               f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
+    _print_averages(points)
     print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta_of))))
 
 
@@ -429,7 +438,8 @@ def _pool_niah(files: list[str], out: Path) -> None:
     pooled = pool(points)
     write_results(pooled, models.pop(), out, meta)
     for p in pooled:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['samples']:>4} samples")
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
+    _print_averages(pooled)
     print(f"wrote {out}")
 
 
