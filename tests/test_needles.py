@@ -127,3 +127,22 @@ def test_eval_niah_heldout_command(tmp_path, monkeypatch, capsys) -> None:
     ruler.write_text(json.dumps(res))
     assert main(["eval", "niah", "--pool", f"{out},{ruler}", "--out", str(tmp_path / "pooled.json")]) == 2
     assert "one kind of samples" in capsys.readouterr().err
+
+
+def test_mixer_counts_each_passage_once() -> None:
+    """Training draws keep the haystack passages' sentence counts: once every passage was seen, a NIAH question
+    over real text counts only its own needles."""
+    from memsparse.train.tasks.mix import Mixer
+
+    counted: list[str] = []
+
+    def words(texts: list[str]) -> list[int]:
+        counted.extend(texts)
+        return [count(t) for t in texts]
+
+    mixer = Mixer({"niah": 1.0}, words, doc_tokens=64, seed=1, niah_subtasks={"niah_single_2": 1.0})
+    for _ in range(40):  # 30 passages of about 60 words in each of 5 haystacks
+        mixer.draw(1500)
+    before = len(counted)
+    mixer.draw(1500)
+    assert len(counted) - before <= 2  # the needle (and nothing of the haystack)
