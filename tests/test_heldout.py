@@ -216,3 +216,26 @@ def test_the_check_catches_planted_leaks(inline_corpora, monkeypatch) -> None:
     for what, grammar in plants.items():
         assert any(x.startswith(what) for x in first_leaks(grammar)), what
     assert "fortunes" in inline_corpora
+
+
+@pytest.mark.slow
+def test_real_training_corpora_hold_no_eval_only_text() -> None:
+    """With the real corpora: training NIAH and multihop questions hold no RULER wording or held-out template, their
+    answers no held-out value format, and no sentence of the Paul Graham essays or the fortunes (the eval-only
+    haystacks) turns up in them."""
+    from memsparse.resources import ResourceUnavailable
+
+    try:
+        essays, fortunes = haystacks.paul_graham_essays(), haystacks.fortunes()
+        mixer = Mixer({"niah": 1.0, "multihop": 1.0}, count, seed=7)
+    except ResourceUnavailable as e:
+        pytest.skip(f"a corpus is not reachable: {e}")
+    rng = random.Random(0)
+    eval_only = [s for s in rng.sample(haystacks.split_sentences(essays), 400) if len(s.split()) >= 12]
+    eval_only += [c for c in rng.sample(fortunes, 400) if len(c.split()) >= 12]
+    for i in range(40):
+        q = mixer.draw(2048 + 512 * (i % 4))
+        text = "\n".join(q.documents + [q.question])
+        assert not [x for x in leaks(text) if x.startswith(("RULER", "held-out template"))], q.task
+        assert not [p for p in HELDOUT_FORMATS if p.search(q.answer)], q.answer
+        assert not [s for s in eval_only if s in text], q.task
