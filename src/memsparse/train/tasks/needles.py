@@ -347,16 +347,14 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
                 return x
         raise ValueError(f"{subtask}: cannot draw {len(taken) + 1} distinct keys or values")
 
-    keys, values, needles = [], [], []
+    keys, values, said = [], [], []  # said: (needle sentence, index of its key)
     for k in range(num_k):
         keys.append(fresh(draw_key, keys))
         values.append([])
         for _ in range(num_v):
             values[-1].append(fresh(draw_value, [v for vs in values for v in vs]))
-            needles.append([sentence(template, key=keys[k], value=values[-1][-1], noun=noun), k])
-    for n, c in zip(needles, costs([t for t, _ in needles])):
-        n.insert(1, c)
-    needles = [tuple(n) for n in needles]
+            said.append((sentence(template, key=keys[k], value=values[-1][-1], noun=noun), k))
+    needles = [(t, c, k) for (t, k), c in zip(said, costs([t for t, _ in said]))]
     rng.shuffle(needles)
     if max(c for _, c, _ in needles) > doc_tokens:
         raise ValueError(f"doc_tokens={doc_tokens} is too small for a needle")
