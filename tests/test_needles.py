@@ -121,6 +121,8 @@ def test_eval_niah_heldout_command(tmp_path, monkeypatch, capsys) -> None:
                if x["subtask"] == "niah_multikey_3")
     assert main(argv[:5] + ["--seed", "1000000"] + argv[7:]) == 2
     assert "must be in [0, 1000000)" in capsys.readouterr().err
+    assert main(["eval", "multihop", "--heldout"]) == 2
+    assert "for eval niah only" in capsys.readouterr().err
 
     ruler = tmp_path / "ruler.json"
     res["points"] = [{**p, "data": "ruler", "seed": 9} for p in res["points"]]

@@ -275,6 +275,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     args.samples = args.samples or ("1000" if args.task == "qa" else "100")
     if args.jobs < 1 or (args.jobs > 1 and args.task != "niah"):
         raise ValueError(f"--jobs {args.jobs}: expected a count >= 1, above 1 for niah only")
+    if (args.heldout or args.split) and args.task != "niah":
+        raise ValueError("--heldout and --split are for eval niah only")
     if args.task == "qa":
         return _eval_qa(args)
     if args.task == "scale":
