@@ -193,15 +193,17 @@ def test_real_haystacks(monkeypatch) -> None:
 
 
 def test_multihop_chains(monkeypatch) -> None:
-    """The two-hop task: every chain's link and value sentence sit in distinct passages; the question names only
-    the key, so the first hop's passage is the one sharing its words and the second is found through the link."""
+    """`eval multihop`'s two-hop questions (essays, RULER-style wording): every chain's link and value sentence sit
+    in distinct passages; the question names only the key, so the first hop's passage is the one sharing its words
+    and the second is found through the link."""
+    from memsparse.eval.multihop import questions
     from memsparse.train.tasks import mix
-    from memsparse.train.tasks.mix import MULTIHOP_CHAINS, Mixer
+    from memsparse.train.tasks.mix import MULTIHOP_CHAINS
 
     monkeypatch.setattr(mix, "PASSAGE_WORDS", 60)  # the synthetic essay holds about 1900 words
-    mixer = Mixer({"multihop": 1.0}, lambda texts: [count(t) for t in texts], seed=3)
+    counts = lambda texts: [count(t) for t in texts]  # noqa: E731
     for memory in (600, 900):
-        q = mixer.multihop(memory)
+        (q,) = questions(counts, memory, 1, random.Random(memory))
         (first,), (second,) = q.hops
         key = re.fullmatch(r"What is the special magic number of the place that the (\S+) leads to\?", q.question)[1]
         link = re.search(rf"The {re.escape(key)} leads to the (\S+)\.", q.documents[first])[1]
@@ -211,9 +213,9 @@ def test_multihop_chains(monkeypatch) -> None:
         assert len(hosts) == len(set(hosts)) == 2 * MULTIHOP_CHAINS
         assert memory - 10 * len(q.documents) <= sum(count(d) for d in q.documents) <= memory + 80  # +8 a doc
     with pytest.raises(ValueError, match="too small"):
-        mixer.multihop(300)
-    with pytest.raises(ValueError, match="more than the essay passages hold"):
-        mixer.multihop(5000)
+        questions(counts, 300, 1, random.Random(0))
+    with pytest.raises(ValueError, match="more than the passages hold"):
+        questions(counts, 5000, 1, random.Random(0))
 
 
 def test_definition_pages(monkeypatch) -> None:
@@ -342,20 +344,3 @@ def test_handbook_and_webster_tasks(monkeypatch) -> None:
             if q.question.startswith("What does"):  # the headword's first entry
                 assert q.answer.startswith("A deed numbered ")
     assert tasks == {"handbook", "webster"}
-
-
-def test_mixer_counts_the_essay_haystack_once() -> None:
-    """Training draws reuse the essay sentences' token counts: a later NIAH question counts only its needles."""
-    from memsparse.train.tasks.mix import Mixer
-
-    counted = []
-
-    def words(texts: list[str]) -> list[int]:
-        counted.extend(texts)
-        return [count(t) for t in texts]
-
-    mixer = Mixer({"niah": 1.0}, words, seed=1, niah_subtasks={"niah_single_2": 1.0})
-    mixer.draw(2500)
-    first = len(counted)
-    mixer.draw(2500)
-    assert first > len(SENTENCES) and len(counted) - first < 10

@@ -84,8 +84,8 @@ def test_held_out_faq_never_drawn(fake_faqs) -> None:
     for pkg in heldout.EVAL_ONLY_FAQ_PACKAGES:
         with pytest.raises(ValueError, match="evaluation only"):
             faqs.training_faq_pairs(pkg)
-    assert FAQ_HELD_OUT == heldout.HELDOUT_FAQ_LAST["python3.11-doc"] == 24
-    held = {q for pkg, n in heldout.HELDOUT_FAQ_LAST.items() for q, _ in FAKE[pkg][-n:]}
+    assert FAQ_HELD_OUT == heldout.EVAL_ONLY_FAQ_LAST["python3.11-doc"] == 24
+    held = {q for pkg, n in heldout.EVAL_ONLY_FAQ_LAST.items() for q, _ in FAKE[pkg][-n:]}
     mixer = Mixer({"faq": 1.0}, lambda texts: [len(t.split()) for t in texts], seed=0)
     seen, asked = set(), set()
     for _ in range(600):

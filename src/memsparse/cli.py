@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
   memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
+  memsparse eval niah --heldout --split test --tokens 131072        # unseen haystack and wording, test seeds
   memsparse eval qa --split test --systems memsparse,rag1,rag1-msa,rag4,full   # the Debian FAQs, test split
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
@@ -274,13 +275,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     args.samples = args.samples or (None if args.task == "qa" else "100")
     if args.jobs < 1 or (args.jobs > 1 and args.task != "niah"):
         raise ValueError(f"--jobs {args.jobs}: expected a count >= 1, above 1 for niah only")
+    if args.heldout and args.task != "niah":
+        raise ValueError("--heldout is for eval niah only")
+    if args.split is not None and args.task not in ("niah", "qa", "scale"):
+        raise ValueError("--split is for eval niah, qa and scale")
+    if args.task in ("qa", "scale"):
+        args.split = args.split or "test"
     if args.task == "qa":
         return _eval_qa(args)
     if args.task == "scale":
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from .eval.niah import evaluate, parse_settings, setting_label, setting_of
+    from .eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
     from .train.tasks.niah import SUBTASKS
 
     if args.pool:
@@ -291,6 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
+    stream_seed(args.seed, args.split)  # a seed outside the split's range: the error before any work
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
     sizes = [int(t) for t in args.tokens.split(",")]
@@ -310,13 +318,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         points = evaluate(model, tok, sizes, subtasks, counts, seed=args.seed,
                           interleave=mode, inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
                           compare=compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
-                          name=name, only=only, units=units)
-    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>8} {'routing recall':>14} {'named recall':>12}")
+                          name=name, only=only, units=units, data="heldout" if args.heldout else "ruler",
+                          split=args.split)
+    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>14} {'routing recall':>14} {'named recall':>12}")
     base = setting_of(points[0])
     for p in points:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} {p['accuracy']:>8} "
-              f"{p['routing_recall']:>14} {p['named_recall']:>12}")
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} "
+              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
+    _print_averages(points)
     print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
+
+
+def _print_averages(points: list[dict]) -> None:
+    """Per memory size and setting: the mean accuracy over the subtasks, ± its standard error."""
+    from .eval.niah import average, setting_label, setting_of
+
+    base = setting_of(points[0])
+    for n, setting in dict.fromkeys((p["tokens"], tuple(setting_of(p).items())) for p in points):
+        group = [p for p in points if p["tokens"] == n and tuple(setting_of(p).items()) == setting]
+        print(f"{n:>8} {'average':<16} {setting_label(dict(setting), base):<24} "
+              "{:>7} ± {:<4}".format(*average(group)))
 
 
 def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_per: dict[int, int],
@@ -405,7 +426,8 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
     for p in points:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
-              f"{p['accuracy']:>8} {p['samples']:>4} samples")
+              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
+    _print_averages(points)
     print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta_of))))
 
 
@@ -422,7 +444,8 @@ def _pool_niah(files: list[str], out: Path) -> None:
     pooled = pool(points)
     write_results(pooled, models.pop(), out, meta)
     for p in pooled:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>8} {p['samples']:>4} samples")
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
+    _print_averages(pooled)
     print(f"wrote {out}")
 
 
@@ -678,8 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "multihop (two-hop chains answered with 1, 2, ... rounds of router injection)")
     v.add_argument("--router-rounds", default="1,2", help="multihop: rounds of router injection to compare")
     v.add_argument("--questions", type=int, default=200, help="scale: QA questions (of --split)")
-    v.add_argument("--split", choices=["dev", "test"], default="test",
-                   help="qa, scale: the questions' split (defaults are chosen on dev, figures reported on test)")
     v.add_argument("--bank-cache", help="scale: directory to save / reuse the distractor bank")
     v.add_argument("--fp8-at", type=int, help="scale: also measure fp8 routing keys at this size")
     v.add_argument("--scale-tasks", default="niah,qa", help="scale: tasks ('' only builds the distractor bank)")
@@ -704,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: pool these result files (comma list) into --out instead of measuring")
     v.add_argument("--seed", type=int, default=42,
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
+    v.add_argument("--heldout", action="store_true",
+                   help="niah: the 8 subtasks on the unseen haystack (Debian fortunes) with held-out needle, question "
+                        "and key/value wording that training never sees (train/tasks/heldout.py), instead of RULER "
+                        "as published")
+    v.add_argument("--split", choices=["dev", "test"],
+                   help="choose settings on dev, report on test. niah: the development or test range of seeds "
+                        "(disjoint: --seed S draws stream S or 1000000 + S; default: --seed as is); qa, scale: the "
+                        "questions' split (default test)")
     v.add_argument("--from-answers", metavar="FILES",
                    help="niah: rebuild results from --answers files (comma list, .gz too; runs cut short, seeds "
                         "pooled) into --out instead of measuring")

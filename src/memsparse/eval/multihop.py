@@ -1,14 +1,17 @@
-"""`memsparse eval multihop`: two-hop questions (train/tasks/mix.py `multihop`) answered with one or more rounds
-of router-selected injection, to measure what Memory Interleave adds.
+"""`memsparse eval multihop`: two-hop questions answered with one or more rounds of router-selected injection, to
+measure what Memory Interleave adds.
 
-Questions come from their own seed (training draws from the recipe's seed), so keys, links and values are new;
-each sample's memory becomes a bank. Per (memory size, rounds): accuracy (the value in the answer) and how often
-each hop's document was injected.
+The questions are built as training's `multihop` task builds them (train/tasks/mix.py `hidden_chains`), but in
+evaluation-only material: the Paul Graham essays packed into passages, RULER's adjective-noun words as keys and
+links, 7-digit values and RULER-style wording (`HOP_LINK`, `HOP_VALUE`, `HOP_QUESTION`). Each sample's memory
+becomes a bank. Per (memory size, rounds): accuracy (the value in the answer) and how often each hop's document was
+injected.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 
 from tqdm.auto import tqdm
@@ -17,23 +20,43 @@ from ..engine import MSAEngine
 from ..engine.engine import ROUTER_DEFAULTS, engine_settings
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
-from ..train.tasks.mix import Mixer
-from ..train.tasks.niah import string_match_all
+from ..train.tasks.mix import MULTIHOP_CHAINS, Pool, Question, hidden_chains, line_passages
+from ..train.tasks.niah import _draw, _essay_sentences, _words, string_match_all
 
 EVAL_SEED = 987_654  # far from any recipe's seed + 1000 * rank
+HOP_LINK = "The {key} leads to the {link}."
+HOP_VALUE = "The special magic number of the {link} is: {value}."
+HOP_QUESTION = "What is the special magic number of the place that the {key} leads to?"
+
+
+def questions(count_many, memory_tokens: int, n: int, rng: random.Random) -> list[Question]:
+    """`n` two-hop questions over the essays (see the module docstring)."""
+    pool, words = Pool(line_passages([" ".join(_essay_sentences())]), count_many), _words()
+    out = []
+    for _ in range(n):
+        drawn: list[str] = []
+        while len(drawn) < 2 * MULTIHOP_CHAINS:
+            w = _draw("words", rng, words)
+            drawn += [w] if w not in drawn else []
+        keys, links = drawn[:MULTIHOP_CHAINS], drawn[MULTIHOP_CHAINS:]
+        values = [_draw("numbers", rng, words) for _ in keys]
+        out.append(hidden_chains(rng, pool, count_many, memory_tokens,
+                                 [HOP_LINK.format(key=k, link=lk) for k, lk in zip(keys, links)],
+                                 [HOP_VALUE.format(link=lk, value=v) for lk, v in zip(links, values)],
+                                 HOP_QUESTION, keys, values))
+    return out
 
 
 def evaluate(model, tok, tokens: list[int], samples: int = 100, router_rounds: tuple[int, ...] = (1, 2),
-             inject_k: int = 4, doc_tokens: int = 512, seed: int = EVAL_SEED) -> list[dict]:
+             inject_k: int = 4, seed: int = EVAL_SEED) -> list[dict]:
     """One point per (memory size, rounds): accuracy (%), hop-1 / hop-2 injection recall, seconds per sample.
     Every rounds setting answers the same questions."""
     count = TokenCounter.of(tok).many
     points = []
     for n in tokens:
-        mixer = Mixer({"multihop": 1.0}, count, doc_tokens=doc_tokens, seed=seed + n)
-        questions = [mixer.multihop(n) for _ in range(samples)]
+        asked = questions(count, n, samples, random.Random(seed + n))
         stats = {r: {"acc": [], "hop1": [], "hop2": [], "t": 0.0} for r in router_rounds}
-        for q in tqdm(questions, desc=f"multihop @ {n}", leave=False):
+        for q in tqdm(asked, desc=f"multihop @ {n}", leave=False):
             bank = MemoryBank.build(model, tok, q.documents, tier="auto")
             engine = MSAEngine(model, tok, bank, similarity="train")
             for r in router_rounds:

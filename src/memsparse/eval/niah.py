@@ -3,13 +3,20 @@
 Each sample's haystack becomes a bank (documents split by the generator's published rule); the question goes
 through the engine in the official protocol (Memory Interleave on by default) and the answer is scored with
 RULER's `string_match_all`. Also recorded per point: how many of the needle documents the router layers
-selected (routing recall) and how many the model named (named recall).
+selected (routing recall), how many the model named (named recall) and the standard error of the accuracy.
+
+`data`: "ruler" (RULER as published: essays, RULER's wording and words) or "heldout" (the same 8 subtask shapes from
+train/tasks/needles.py's `HELDOUT` grammar: the unseen Debian fortunes haystack, held-out templates, key kinds and
+value formats, none of which training sees). `split`: "dev" or "test", disjoint seed ranges (`SPLIT_SEEDS`): a
+`seed` below SPLIT_SEEDS draws the dev stream `seed`, the test stream `seed + SPLIT_SEEDS`.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import math
 import random
 import statistics
 import time
@@ -21,12 +28,41 @@ from ..engine import MSAEngine
 from ..engine.engine import ROUTER_DEFAULTS, engine_settings
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
+from ..train.tasks import needles
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
 _OFF = {k: p.default for k, p in inspect.signature(engine_settings).parameters.items()}  # a missing key's value
 _ENGINE_KEYS = tuple(_OFF)
 SETTING_KEYS = (*_ENGINE_KEYS, "inject_k")
+DATA = ("ruler", "heldout")
+SPLITS = ("dev", "test")
+SPLIT_SEEDS = 1_000_000  # dev: seeds [0, SPLIT_SEEDS); test: [SPLIT_SEEDS, 2 * SPLIT_SEEDS)
+
+
+def stream_seed(seed: int, split: str | None) -> int:
+    """The seed of the sample streams: `seed` itself without a split, else its place in the split's range."""
+    if split is None:
+        return seed
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if not 0 <= seed < SPLIT_SEEDS:
+        raise ValueError(f"seed {seed}: with a dev/test split it must be in [0, {SPLIT_SEEDS})")
+    return seed + SPLIT_SEEDS * SPLITS.index(split)
+
+
+def stderr(accuracy: float, samples: int) -> float:
+    """Standard error (in points) of an accuracy in % over `samples` samples: 100 * sqrt(p (1 - p) / n)."""
+    p = accuracy / 100
+    return round(100 * math.sqrt(max(p * (1 - p), 0.0) / samples), 2) if samples else 0.0
+
+
+def average(points: list[dict]) -> tuple[float, float]:
+    """(mean accuracy, its standard error) over points (subtasks) of one memory size: the points' standard errors
+    combined as independent, sqrt(sum se^2) / k."""
+    errs = [p.get("stderr", stderr(p["accuracy"], p["samples"])) for p in points]
+    return (round(statistics.mean(p["accuracy"] for p in points), 2),
+            round(math.sqrt(sum(e * e for e in errs)) / len(errs), 2))
 
 
 def setting_of(point: dict) -> dict:
@@ -66,7 +102,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
              doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
              inject_k: int = 4, priors: int = 0, engine: dict | None = None, compare: list[dict] = (),
              on_point=None, answers=None, name: str = "", only: set[int] | None = None,
-             units: set[tuple[int, str]] | None = None) -> list[dict]:
+             units: set[tuple[int, str]] | None = None, data: str = "ruler", split: str | None = None) -> list[dict]:
     """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample
     (`summarize`). `samples`: per subtask, one count for every size or one per size; `priors`: document priors from
     that many pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
@@ -79,7 +115,13 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     documents, the documents named or injected in each round, every router layer's first-round top-k with scores and
     the seconds it took), to see what failed and to rebuild the points of a run cut short (`summarize`). `only`:
     answer just these samples (indices into each subtask's stream of `samples`; the others are drawn, not answered).
-    `units`: measure just these (memory size, subtask) pairs (a worker's share of `--jobs`)."""
+    `units`: measure just these (memory size, subtask) pairs (a worker's share of `--jobs`). `data`, `split`: which
+    samples (module docstring); points and answer lines record both, and the stream seed as `seed`."""
+    if data not in DATA:
+        raise ValueError(f"data {data!r}: expected one of {', '.join(DATA)}")
+    seed = stream_seed(seed, split)
+    draw = make_sample if data == "ruler" else functools.partial(needles.make_sample, grammar=needles.HELDOUT)
+    tags = {"data": data, **({"split": split} if split else {})}
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
@@ -101,7 +143,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
             records = []
             for i in tqdm(range(per_subtask), desc=f"{sub} @ {n}", leave=False):
                 t0 = time.perf_counter()
-                s = make_sample(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
+                s = draw(sub, n, count, rng, doc_tokens=doc_tokens, haystack_cache=cache)
                 if only is not None and i not in only:
                     continue
                 # a bar for banks that take minutes (128K tokens and up on a CPU)
@@ -117,7 +159,7 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                     ans = eng.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave,
                                   inject_k=kw["inject_k"])
                     records.append({
-                        **meta, "tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed,
+                        **meta, "tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, **tags,
                         "sample": i, **setting, "question": s.question, "expected": s.answers, "answer": ans.text,
                         "score": string_match_all(ans.text, s.answers), "gold": sorted(s.gold), "rounds": ans.rounds,
                         "routing": {str(layer): [[d, round(float(x), 4)] for d, x in top]
@@ -140,10 +182,11 @@ def summarize(records: list[dict]) -> list[dict]:
     run's settings did not answer (a run cut short between them) is left out of all, so the settings stay paired."""
     runs: dict[tuple, dict[tuple, dict[int, dict]]] = {}
     for r in records:
-        run = (r["tokens"], r["subtask"], r.get("interleave", "router"), r["seed"])
+        run = (r["tokens"], r["subtask"], r.get("interleave", "router"), r["seed"], r.get("data", "ruler"),
+               r.get("split"))
         runs.setdefault(run, {}).setdefault(tuple(setting_of(r).items()), {})[r["sample"]] = r
     points = []
-    for (n, sub, mode, seed), sets in runs.items():
+    for (n, sub, mode, seed, data, split), sets in runs.items():
         common = sorted(set.intersection(*(set(by_sample) for by_sample in sets.values())))
         for setting, by_sample in sets.items():
             rs = [by_sample[i] for i in common]
@@ -151,9 +194,11 @@ def summarize(records: list[dict]) -> list[dict]:
             routed = [{d for top in r["routing"].values() for d, _ in top} for r in rs]
             named = [{d for ids in r["rounds"] for d in ids} for r in rs]
             seconds = [r.get("seconds") for r in rs]
+            accuracy = 100 * sum(r["score"] for r in rs) / len(rs)
             points.append({
-                "tokens": n, "subtask": sub, "interleave": mode, "seed": seed, **dict(setting),
-                "accuracy": round(100 * sum(r["score"] for r in rs) / len(rs), 2), "samples": len(rs),
+                "tokens": n, "subtask": sub, "interleave": mode, "seed": seed, "data": data,
+                **({"split": split} if split else {}), **dict(setting),
+                "accuracy": round(accuracy, 2), "stderr": stderr(accuracy, len(rs)), "samples": len(rs),
                 "routing_recall": round(sum(len(g & x) / len(g) for g, x in zip(golds, routed)) / len(rs), 4),
                 "named_recall": round(sum(len(g & x) / len(g) for g, x in zip(golds, named)) / len(rs), 4),
                 **({"seconds_per_sample": round(sum(seconds) / len(rs), 3)} if None not in seconds else {}),
@@ -176,6 +221,11 @@ def pool(points: list[dict]) -> list[dict]:
     if len(sets) > 1:
         raise ValueError(f"points of one setting (fusion, refine, widen, inject_k) only, got {[s for s, _ in sets]}")
     settings = sets[0][0] if sets else {}
+    kinds = {(p.get("data", "ruler"), p.get("split")) for p in points}
+    if len(kinds) > 1:
+        raise ValueError(f"points of one kind of samples (data, split) only, got {sorted(kinds, key=str)}")
+    tags = {"data": kinds.pop()[0]} if points else {}
+    tags.update({"split": points[0]["split"]} if points and points[0].get("split") else {})
     groups: dict[tuple, list[dict]] = {}
     for p in points:
         groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
@@ -188,8 +238,8 @@ def pool(points: list[dict]) -> list[dict]:
         mean = {key: sum(r[key] * r["samples"] for r in runs) / total
                 for key in ("accuracy", "routing_recall", "named_recall", "seconds_per_sample")
                 if all(key in r for r in runs)}
-        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, **settings,
-                       "accuracy": round(mean["accuracy"], 2),
+        pooled.append({"tokens": n, "subtask": sub, "interleave": mode, **tags, **settings,
+                       "accuracy": round(mean["accuracy"], 2), "stderr": stderr(mean["accuracy"], total),
                        "samples": total, "routing_recall": round(mean["routing_recall"], 4),
                        "named_recall": round(mean["named_recall"], 4),
                        **({"seconds_per_sample": round(mean["seconds_per_sample"], 3)}
@@ -201,13 +251,17 @@ def pool(points: list[dict]) -> list[dict]:
 
 
 def write_results(points: list[dict], model_name: str, out: Path, meta: dict | None = None) -> None:
-    """niah.json = {model, gpu, date, commit, averages, points} and a plot beside it (when matplotlib is installed);
-    averages: per memory size, the mean accuracy over its subtasks. `meta`: gpu / date / commit of where the points
-    were measured (default: this run)."""
+    """niah.json = {model, gpu, date, commit, data, split, averages, stderrs, points} and a plot beside it (when
+    matplotlib is installed); averages: per memory size, the mean accuracy over its subtasks, stderrs their standard
+    errors (`average`). `meta`: gpu / date / commit of where the points were measured (default: this run)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     sizes = sorted({p["tokens"] for p in points})
-    averages = {str(n): round(statistics.mean(p["accuracy"] for p in points if p["tokens"] == n), 2) for n in sizes}
-    out.write_text(json.dumps({"model": model_name, **(meta or run_meta()), "averages": averages, "points": points},
+    avg = {str(n): average([p for p in points if p["tokens"] == n]) for n in sizes}
+    tags = {"data": ",".join(sorted({p.get("data", "ruler") for p in points})),
+            "split": ",".join(sorted({p["split"] for p in points if p.get("split")})) or None}
+    out.write_text(json.dumps({"model": model_name, **(meta or run_meta()), **tags,
+                               "averages": {n: a for n, (a, _) in avg.items()},
+                               "stderrs": {n: e for n, (_, e) in avg.items()}, "points": points},
                               indent=1) + "\n")
     plt = pyplot()
     if plt is None:
@@ -220,6 +274,7 @@ def write_results(points: list[dict], model_name: str, out: Path, meta: dict | N
     ax.set_xscale("log", base=2)
     ax.set_xlabel("memory tokens")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"RULER NIAH, {model_name}")
+    ax.set_title(f"{'RULER NIAH' if tags['data'] == 'ruler' else 'NIAH, held-out haystack and wording'}, "
+                 f"{model_name}")
     ax.legend(fontsize=7)
     save_figure(fig, out.with_suffix(".png"))

@@ -7,7 +7,7 @@ Packages (fetched with `corpora.debian_package`, parsed once and cached as JSON 
 * ``sqlite3-doc``: the SQLite FAQ (HTML, ``(N) Question`` items); distractors: the other HTML pages.
 
 The packages whose FAQs `eval qa` asks (`tasks.heldout.EVAL_ONLY_FAQ_PACKAGES`) are never read here, and the last
-`tasks.heldout.HELDOUT_FAQ_LAST` Python FAQ questions never train.
+`tasks.heldout.EVAL_ONLY_FAQ_LAST` Python FAQ questions never train.
 """
 
 from __future__ import annotations
@@ -163,13 +163,13 @@ def faq_documents(pkg: str, max_words: int = 250) -> list[Passage]:
 
 def training_faq_pairs(pkg: str) -> list[tuple[str, str]]:
     """The pairs of `pkg` that training may use: none of an evaluation package (an error), and not the last
-    `heldout.HELDOUT_FAQ_LAST[pkg]` questions."""
-    from .tasks.heldout import EVAL_ONLY_FAQ_PACKAGES, HELDOUT_FAQ_LAST
+    `heldout.EVAL_ONLY_FAQ_LAST[pkg]` questions."""
+    from .tasks.heldout import EVAL_ONLY_FAQ_LAST, EVAL_ONLY_FAQ_PACKAGES
 
     if pkg in EVAL_ONLY_FAQ_PACKAGES:
         raise ValueError(f"FAQ package {pkg} is evaluation only ({EVAL_ONLY_FAQ_PACKAGES[pkg]})")
     pairs = faq_pairs(pkg)
-    return pairs[:len(pairs) - HELDOUT_FAQ_LAST.get(pkg, 0)]
+    return pairs[:len(pairs) - EVAL_ONLY_FAQ_LAST.get(pkg, 0)]
 
 
 def training_faq_packages() -> list[str]:

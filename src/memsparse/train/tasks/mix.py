@@ -1,11 +1,13 @@
 """Training questions from every task, as (memory documents, question, documents to name, answer).
 
-- `niah`: RULER NIAH samples (niah.py), all 8 subtasks (equally often, or with the `niah_subtasks` weights);
-  the model names the documents holding the queried needles and answers with the values.
-- `faq`: human-written FAQ pairs of the training packages of `faqs.FAQ_PACKAGES` (Python, Perl and Git FAQs;
-  `heldout.HELDOUT_FAQ_PACKAGES` are never drawn): the memory holds the answer passage among distractors from the
-  same package (its other FAQ answers and its documentation); the model names it and answers with its first
-  sentence. The last `FAQ_HELD_OUT` Python FAQ questions are never trained on (the demo and evaluation use them).
+- `niah`: needle-in-a-haystack samples in the training grammar (needles.py `TRAIN`: templated needles, questions,
+  key kinds and value formats over training corpora), all 8 RULER subtask shapes (equally often, or with the
+  `niah_subtasks` weights); the model names the documents holding the queried needles and answers with the values.
+  RULER itself (niah.py: its wording, the Paul Graham essays) is evaluation only (heldout.py).
+- `faq`: human-written FAQ pairs of the packages of `faqs.FAQ_PACKAGES` (Python, Git and SQLite FAQs; the packages
+  `eval qa` asks, `heldout.EVAL_ONLY_FAQ_PACKAGES`, are never read): the memory holds the answer passage among
+  distractors from the same package (its other FAQ answers and its documentation); the model names it and answers
+  with its first sentence. The last `FAQ_HELD_OUT` Python FAQ questions are never trained on (the demo uses them).
 - `cloze`, `rewrite`, `paraphrase`, `twofacts`: reading questions over real text that do not copy the passage's
   words, with hard negatives from the same corpus (reading.py says which corpora and how).
 - `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
@@ -20,11 +22,13 @@
   model names its page and answers with the definition's first sentence) or which headword a definition quotes
   (answer: the headword). Half the distractors are the neighbouring pages, whose headwords share words with it.
 - `webster`: `definitions` over GCIDE (Webster's 1913 with additions, Debian `dict-gcide`) pages.
-- `multihop`: two-hop chains in an essay haystack (Paul Graham essays packed into passages). `MULTIHOP_CHAINS`
-  chains "The {key} leads to the {link}." / "The special magic number of the {link} is: {value}." are hidden in
-  distinct passages; the question names one key, so only the passage holding its link sentence shares words
-  with it: the passage with the value is found from the injected link sentence (a second Memory Interleave
-  round). Keys and links are RULER's adjective-noun words, values 7-digit numbers.
+- `multihop`: two-hop chains in passages of training corpora (State of the Union, the Debian handbook; one
+  sentence a line). `MULTIHOP_CHAINS` chains, a link sentence ("The {key} leads to the {link}.", needles.py
+  `TRAIN_HOPS`) and a value sentence (a training needle template with the link as its key), are hidden in distinct
+  passages; the question names one key, so only the passage holding its link sentence shares words with it: the
+  passage with the value is found from the injected link sentence (a second Memory Interleave round). Keys and
+  links are training adjective-noun pairs, values a training value format. `eval multihop` asks the same way in
+  RULER's wording over the essays (`hidden_chains`).
 """
 
 from __future__ import annotations
@@ -34,16 +38,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .heldout import HELDOUT_FAQ_LAST
+from .heldout import EVAL_ONLY_FAQ_LAST
 from .reading import READING_TASKS
 
 TASKS = ("niah", "faq", "retrieval", "handbook", "reading", "definitions", "webster", "multihop", *READING_TASKS)
-FAQ_HELD_OUT = HELDOUT_FAQ_LAST["python3.11-doc"]
+FAQ_HELD_OUT = EVAL_ONLY_FAQ_LAST["python3.11-doc"]
 MULTIHOP_CHAINS = 4
-HOP_LINK = "The {key} leads to the {link}."
-HOP_VALUE = "The special magic number of the {link} is: {value}."
-HOP_QUESTION = "What is the special magic number of the place that the {key} leads to?"
-PASSAGE_WORDS = 250  # essay passages of about 330 tokens, room left for a needle within doc_tokens=512
+MULTIHOP_CORPORA = ("sotu", "debian_handbook")  # train/corpora.py sources of the multihop passages
+PASSAGE_WORDS = 250  # passages of about 330 tokens, room left for a needle within doc_tokens=512
 PAGE_WORDS = 200  # dictionary pages
 NEIGHBOUR_PAGES = 8  # hard negatives on each side of the gold page
 # the spans `reading` asks for: a year, a number with its unit, a money amount, or a capitalised name inside a sentence
@@ -102,7 +104,7 @@ class Mixer:
 
     def __init__(self, weights: dict[str, float], count_tokens: Callable[[list[str]], list[int]],
                  doc_tokens: int = 512, seed: int = 0, niah_subtasks: dict[str, float] | None = None):
-        from .niah import SUBTASKS
+        from .needles import SUBTASKS
 
         self.weights = {k: v for k, v in weights.items() if v > 0}
         if set(self.weights) - set(TASKS):
@@ -117,7 +119,7 @@ class Mixer:
         self.doc_tokens = doc_tokens
         self.rng = random.Random(seed)
         self.pools: dict[str, Pool] = {}
-        self._niah_cache: dict = {}  # per-sentence token counts of the haystacks, kept across samples
+        self._niah_cache: dict = {}  # haystack passages and their per-sentence token counts, kept across samples
         if "faq" in self.weights:
             from ..faqs import faq_documents, training_faq_packages, training_faq_pairs
 
@@ -136,7 +138,10 @@ class Mixer:
 
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
         if "multihop" in self.weights:
-            self.pools["essays"] = Pool(_essay_passages(), count_tokens)
+            from .. import corpora
+
+            texts = [p.text for name in MULTIHOP_CORPORA for p in getattr(corpora, name)()]
+            self.pools["multihop"] = Pool(line_passages(texts), count_tokens)
         if "handbook" in self.weights:
             from ..corpora import debian_handbook
 
@@ -153,11 +158,11 @@ class Mixer:
         return getattr(self, task)(memory_tokens)
 
     def niah(self, memory_tokens: int) -> Question:
-        from .niah import make_sample
+        from .needles import TRAIN, make_sample
 
         sub = self.rng.choices(list(self.subtasks), list(self.subtasks.values()))[0]
         s = make_sample(sub, memory_tokens, self.count, self.rng, doc_tokens=self.doc_tokens,
-                        haystack_cache=self._niah_cache)
+                        haystack_cache=self._niah_cache, grammar=TRAIN)
         return Question(s.documents, s.question, [sorted(s.gold)], ", ".join(s.answers), f"niah:{sub}")
 
     def faq(self, memory_tokens: int) -> Question:
@@ -245,33 +250,33 @@ class Mixer:
         return Question(docs, question, [where], answer, task)
 
     def multihop(self, memory_tokens: int) -> Question:
-        from .niah import _draw, _words
+        from .needles import train_hops
 
-        pool, words = self.pools["essays"], _words()
-        drawn: list[str] = []
-        while len(drawn) < 2 * MULTIHOP_CHAINS:
-            w = _draw("words", self.rng, words)
-            drawn += [w] if w not in drawn else []
-        keys, links = drawn[:MULTIHOP_CHAINS], drawn[MULTIHOP_CHAINS:]
-        values = [_draw("numbers", self.rng, words) for _ in keys]
-        needles = [HOP_LINK.format(key=k, link=lk) for k, lk in zip(keys, links)]
-        needles += [HOP_VALUE.format(link=lk, value=v) for lk, v in zip(links, values)]
-        room = memory_tokens - sum(self.count.many(needles))
-        picked = pool.fill(self.rng, room, set())
-        if len(picked) < len(needles):
-            raise ValueError(f"memory_tokens={memory_tokens} is too small for {len(needles)} multihop passages")
-        if len(picked) == len(pool.texts) and sum(pool.tokens) + 8 * len(picked) < room:
-            raise ValueError(f"memory_tokens={memory_tokens} is more than the essay passages hold "
-                             f"({sum(pool.tokens)} tokens)")
-        docs = [pool.texts[i] for i in picked]
-        hosts = self.rng.sample(range(len(docs)), len(needles))  # one needle per passage
-        for h, needle in zip(hosts, needles):
-            sents = docs[h].split("\n")
-            sents.insert(self.rng.randint(0, len(sents)), needle)
-            docs[h] = "\n".join(sents)
-        q = self.rng.randrange(MULTIHOP_CHAINS)
-        return Question(docs, HOP_QUESTION.format(key=keys[q]), [[hosts[q]], [hosts[MULTIHOP_CHAINS + q]]],
-                        values[q], "multihop")
+        links, values_said, question, keys, values = train_hops(self.rng, MULTIHOP_CHAINS)
+        return hidden_chains(self.rng, self.pools["multihop"], self.count.many, memory_tokens, links, values_said,
+                             question, keys, values)
+
+
+def hidden_chains(rng: random.Random, pool: Pool, count_many: Callable[[list[str]], list[int]], memory_tokens: int,
+                  links: list[str], values_said: list[str], question: str, keys: list[str],
+                  values: list[str]) -> Question:
+    """A two-hop question: the link and value sentences of each chain hidden in distinct passages of `pool` (one
+    sentence a line) filling about `memory_tokens`; `question` ({key}) asks about a random chain's key."""
+    needles = links + values_said
+    room = memory_tokens - sum(count_many(needles))
+    picked = pool.fill(rng, room, set())
+    if len(picked) < len(needles):
+        raise ValueError(f"memory_tokens={memory_tokens} is too small for {len(needles)} multihop passages")
+    if len(picked) == len(pool.texts) and sum(pool.tokens) + 8 * len(picked) < room:
+        raise ValueError(f"memory_tokens={memory_tokens} is more than the passages hold ({sum(pool.tokens)} tokens)")
+    docs = [pool.texts[i] for i in picked]
+    hosts = rng.sample(range(len(docs)), len(needles))  # one needle per passage
+    for h, needle in zip(hosts, needles):
+        sents = docs[h].split("\n")
+        sents.insert(rng.randint(0, len(sents)), needle)
+        docs[h] = "\n".join(sents)
+    q, chains = rng.randrange(len(links)), len(links)
+    return Question(docs, question.format(key=keys[q]), [[hosts[q]], [hosts[chains + q]]], values[q], "multihop")
 
 
 _SENSE_MARK = re.compile(r"^(?:<[^>]*>\s*|(?:n|v|adj|adv)\s+1:\s*)")  # FOLDOC's <category>, WordNet's "n 1:"
@@ -307,12 +312,12 @@ def reading_question(text: str, rng: random.Random) -> tuple[str, str] | None:
     return None
 
 
-def _essay_passages() -> list[str]:
-    """The essays' sentences packed in order into passages of about `PASSAGE_WORDS` words, one sentence a line."""
-    from .niah import _essay_sentences
+def line_passages(texts: list[str]) -> list[str]:
+    """The texts' sentences packed in order into passages of about `PASSAGE_WORDS` words, one sentence a line."""
+    from .haystacks import split_sentences
 
     out, cur, size = [], [], 0
-    for s in _essay_sentences():
+    for s in (s for t in texts for s in split_sentences(" ".join(t.split()))):
         n = len(s.split())
         if cur and size + n > PASSAGE_WORDS:
             out.append("\n".join(cur))

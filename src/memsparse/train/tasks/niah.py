@@ -261,6 +261,15 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
     query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
     instruction, question, prefix = _prompt(type_v, query, num_q * num_v == 1)
 
+    docs, gold = pack_documents(units, sep, doc_tokens, cost, set(indices))
+    return NiahSample(subtask, docs, question, instruction, answers, gold, prefix)
+
+
+def pack_documents(units: list[tuple[str, int, int]], sep: str, doc_tokens: int, cost,
+                   asked: set[int]) -> tuple[list[str], list[int]]:
+    """(documents, gold): units (text, tokens, needle key index or -1) packed greedily in order into documents of at
+    most ``doc_tokens`` tokens joined by ``sep`` (a unit longer than that cut at spaces, ``cost`` counting a piece);
+    gold: the sorted indices of the documents holding a needle of a key in ``asked``."""
     docs, gold, cur, size = [], set(), [], 0
     for text, c, k in units:
         pieces = _cut(text, cost, doc_tokens) if c > doc_tokens else [(text, c)]
@@ -270,10 +279,10 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
                 cur, size = [], 0
             cur.append(piece)
             size += pc
-            if k in indices:
+            if k in asked:
                 gold.add(len(docs))
     docs.append(sep.join(cur))
-    return NiahSample(subtask, docs, question, instruction, answers, sorted(gold), prefix)
+    return docs, sorted(gold)
 
 
 def generate(subtask: str, n: int, memory_tokens: int, count_tokens: Callable[[str], int], seed: int = RANDOM_SEED,
