@@ -164,7 +164,8 @@ class MemoryBank:
         return bank.place(kw["tier"])
 
     def save(self, path: str | Path | None = None, compact: bool | None = None) -> Path:
-        """Commit to a directory atomically (see store.py); later saves to it write only new segments."""
+        """Commit to a directory atomically as its one writer (see store.py); later saves to it write only new
+        segments, and only if no other process committed since this bank was loaded."""
         from .store import save
 
         return save(self, path, compact)

@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -371,8 +372,8 @@ def _check_segment(sh: _Shard, m: dict, s: dict, where: Path) -> None:
 
 def _check_bank(m: dict, shards: dict[str, _Shard], where: Path) -> None:
     """Every file of a snapshot: its own checks, the prefix / moments / priors shapes, every segment, the ids."""
-    for sh in shards.values():
-        _check_file(sh, m, where)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing and isfinite release the GIL
+        list(pool.map(lambda sh: _check_file(sh, m, where), shards.values()))
     hkv, d = m["model"]["kv_heads"], m["model"]["head_dim"]
     prefix = shards[m["prefix"]]
     for i in range(m["model"]["layers"]):
