@@ -168,11 +168,12 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
     assert reader.text(0) == DOCS[0]  # its files are gone from the directory, not from its mapping
 
 
-def test_server_follows_other_writers(tok, tmp_path):
+def test_server_follows_other_writers(tok, model_dir, tmp_path):
     from memsparse.serve import make_server
 
-    path = _bank(tok, tmp_path / "b")
-    model = _model()
+    path = tmp_path / "b"
+    model = ms.MSAForCausalLM.from_pretrained(model_dir)
+    ms.MemoryBank.build(model, tok, DOCS).save(path)
     engine = ms.MSAEngine(model, tok, ms.MemoryBank.load(path, model, tok))
     server = make_server(engine, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -184,8 +185,9 @@ def test_server_follows_other_writers(tok, tmp_path):
             return json.loads(r.read())
 
     try:
-        with store.update(path, _model(), tok) as other:  # another writer (as `memsparse docs add` would)
-            other.add(["written elsewhere"])
+        (tmp_path / "more.txt").write_text("written elsewhere")
+        subprocess.run([sys.executable, "-m", "memsparse.cli", "docs", "add", str(path), str(tmp_path / "more.txt"),
+                        "--model", str(model_dir), "--device", "cpu"], check=True, cwd=ROOT, capture_output=True)
         assert call("/docs?id=5")["text"] == "written elsewhere"  # a read sees the other commit
         assert call("/docs/add", {"texts": ["written by the server"]}) == {"ids": [6]}  # no reused id
         with store.update(path, _model(), tok) as other:
