@@ -101,6 +101,35 @@ def test_a_stale_copy_is_refused_not_committed(tok, tmp_path):
                                                                               "from the second copy"]
 
 
+def test_add_documents_encodes_again_after_a_commit_during_its_encoding(tok, tmp_path, monkeypatch):
+    path = _bank(tok, tmp_path / "b")
+    model = _model()
+    real, calls = ms.MemoryBank.add, []
+
+    def add(bank, texts, **kw):  # another writer commits while the first encoding runs
+        calls.append(bank.commit)
+        if len(calls) == 1:
+            with store.update(path, _model(), tok) as other:
+                assert real(other, ["committed meanwhile"]) == [5]
+        return real(bank, texts, **kw)
+
+    monkeypatch.setattr(ms.MemoryBank, "add", add)
+    bank, ids = store.add_documents(path, model, tok, ["mine", "mine too"], names=["a", "b"])
+    assert calls == [1, 2] and ids == [6, 7] and bank.commit == 3  # encoded again on commit 2, with ids 6 and 7
+    monkeypatch.setattr(ms.MemoryBank, "add", real)
+    loaded = ms.MemoryBank.load(path, model, tok)
+    assert [loaded.name(6), loaded.text(7)] == ["a", "mine too"]
+
+    def tail_keys(bank, n_docs):  # K̄ of the bank's last n documents, first router layer
+        lay, seg = model.router_layers[0], bank.segments[-1]
+        return seg.keys[lay][seg.num_chunks - sum(seg.chunk_count[-n_docs:]):]
+
+    ok = ms.MemoryBank.build(model, tok, [*DOCS, "committed meanwhile", "mine", "mine too"])
+    stale = ms.MemoryBank.build(model, tok, [*DOCS, "mine", "mine too"])  # as ids 5 and 6 would have been
+    torch.testing.assert_close(tail_keys(loaded, 2), tail_keys(ok, 2))  # encoded as documents 6 and 7 are
+    assert not torch.allclose(tail_keys(stale, 2), tail_keys(ok, 2))
+
+
 _HOLDER = """
 import sys, time
 from memsparse.memory import store
@@ -283,6 +312,7 @@ def test_damaged_files_are_one_line_errors(tok, tmp_path, capsys, case):
     path = _bank(tok, tmp_path / "b")
     model = _model()
     assert model.router_layers[0] == 2  # the layer DAMAGE names
+    ms.MemoryBank.load(path, model, tok)  # checked once: what changes afterwards is checked again
     _damage(case, path, tok, tmp_path)
     with pytest.raises(BankError, match=DAMAGE[case]):
         ms.MemoryBank.load(path, model, tok)

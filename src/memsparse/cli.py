@@ -197,7 +197,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_docs(args: argparse.Namespace) -> None:
-    from .memory.store import update
+    from .memory.store import add_documents, update
 
     if args.action == "add" and len(args.items) != 1:
         raise ValueError("docs add takes one CORPUS (a JSONL file, a directory or a text file)")
@@ -208,18 +208,16 @@ def cmd_docs(args: argparse.Namespace) -> None:
             raise ValueError(f"docs verify takes no arguments after the bank, got {args.items}")
         return cmd_verify(args)
     texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
-    if args.action in ("add", "delete"):  # as the bank's one writer, on its latest commit (store.update)
+    if args.action == "add":  # encoded outside the write lock, committed on the latest commit (store.add_documents)
         model, tok = _bank_model(args)
+        bank, ids = add_documents(args.bank, model, tok, texts, names, timeout=args.wait, progress=True)
+        print(f"added documents {ids[0]}..{ids[-1]} to {args.bank} (commit {bank.commit})")
+    elif args.action == "delete":  # as the bank's one writer, on its latest commit (store.update)
+        model, tok = _bank_model(args)
+        ids = [int(x) for x in args.items]
         with update(args.bank, model, tok, timeout=args.wait) as bank:
-            if args.action == "add":
-                ids = bank.add(texts, names=names, progress=True)
-            else:
-                ids = [int(x) for x in args.items]
-                bank.delete(ids)
-        if args.action == "add":
-            print(f"added documents {ids[0]}..{ids[-1]} to {args.bank} (commit {bank.commit})")
-        else:
-            print(f"deleted {len(ids)} documents from {args.bank} (commit {bank.commit})")
+            bank.delete(ids)
+        print(f"deleted {len(ids)} documents from {args.bank} (commit {bank.commit})")
     else:
         bank = _open_bank(args)
         for d in bank.doc_ids()[: args.limit]:

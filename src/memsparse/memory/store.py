@@ -15,7 +15,8 @@ Writers. Every commit (`save`, hence `docs add/delete`, compaction, overwrite, t
 from reading the latest manifest to the end of its clean-up; a second writer waits, or after its timeout fails with
 `BankBusy` naming the holder. `save` refuses a bank loaded from an older commit than the directory's (BankError:
 reload and retry) instead of overwriting another writer's commit; `update()` locks, loads the latest commit, lets the
-caller change it and commits, which is how every mutating command works.
+caller change it and commits, which is how every mutating command works (`add_documents` encodes before locking and
+again under the lock only if another commit came meanwhile).
 
 Commits and snapshots. A commit writes new files only (a referenced file is never modified), fsyncs them, writes the
 manifest under a temporary name, fsyncs, renames it over manifest.json (the atomically replaced pointer; its
@@ -67,7 +68,7 @@ _FILES = ("seg-", "prefix-", "moments-", "priors-", f".{MANIFEST}")  # what clea
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn}
-__all__ = ["BankBusy", "BankError", "load", "read_manifest", "save", "update", "verify", "writer"]
+__all__ = ["BankBusy", "BankError", "add_documents", "load", "read_manifest", "save", "update", "verify", "writer"]
 
 
 class BankBusy(BankError):
@@ -253,6 +254,7 @@ class _Shard:
     tensors: dict[str, torch.Tensor]
     meta: dict
     raw: np.ndarray  # (bytes,) the file
+    stat: tuple  # (device, inode, size, mtime) when mapped: which file this was
 
 
 def _map(path: Path) -> _Shard:
@@ -262,7 +264,8 @@ def _map(path: Path) -> _Shard:
 
     if not path.is_file():
         raise BankError(f"{path.parent}: shard {path.name} is missing; the bank is damaged")
-    size = path.stat().st_size
+    st = path.stat()
+    size = st.st_size
     if size < 8:
         raise bad(f"not a readable shard ({size} bytes)")
     raw = np.memmap(path, dtype=np.uint8, mode="c", offset=0, shape=(size,))
@@ -306,22 +309,31 @@ def _map(path: Path) -> _Shard:
             continue
         part = torch.from_numpy(raw[8 + n + a: 8 + n + b])  # (bytes,) uint8, a view of the mapping
         out[name] = part.view(dtype).view(v["shape"])
-    return _Shard(path.name, out, meta, raw)
+    return _Shard(path.name, out, meta, raw, (st.st_dev, st.st_ino, size, st.st_mtime_ns))
 
 
-def _check_file(sh: _Shard, m: dict, where: Path) -> None:
-    """The shard was written for the bank's model, matches its recorded checksum (if any), holds finite floats."""
+_passed: set[tuple] = set()  # (file identity, recorded sha256) of the files this process checked: committed files
+# are never rewritten in place, so reopening a bank (the server following a commit, `update`) checks its new files only
+
+
+def _check_file(sh: _Shard, m: dict, where: Path, again: bool = True) -> None:
+    """The shard was written for the bank's model, matches its recorded checksum (if any), holds finite floats.
+    again=False: not if this process checked the same file against the same checksum before."""
+    entry = m.get("files", {}).get(sh.name)
+    seen = (sh.stat, m["fingerprint"], entry and entry.get("sha256"))
+    if not again and seen in _passed:
+        return
     fp = m["fingerprint"]
     if sh.meta.get("fingerprint", fp) != fp:
         raise BankError(f"{where}: shard {sh.name} was written for another model (fingerprint "
                         f"{sh.meta['fingerprint']}, the bank's {fp}); the bank is damaged")
-    entry = m.get("files", {}).get(sh.name)
     if entry is not None and (entry.get("bytes") != len(sh.raw) or entry.get("sha256") != _sha256(sh.raw)):
         raise BankError(f"{where}: shard {sh.name} fails its checksum (changed or replaced since it was committed); "
                         "the bank is damaged")
     for k, t in sh.tensors.items():
         if _nonfinite(t):
             raise BankError(f"{where}: shard {sh.name}: tensor {k} holds NaN or infinite values; the bank is damaged")
+    _passed.add(seen)
 
 
 def _expect(sh: _Shard, where: Path, key: str, shape: tuple, kinds: tuple[torch.dtype, ...]) -> torch.Tensor:
@@ -370,10 +382,11 @@ def _check_segment(sh: _Shard, m: dict, s: dict, where: Path) -> None:
                 raise BankError(f"{where}: shard {sh.name}: {key} and its scale do not match; the bank is damaged")
 
 
-def _check_bank(m: dict, shards: dict[str, _Shard], where: Path) -> None:
-    """Every file of a snapshot: its own checks, the prefix / moments / priors shapes, every segment, the ids."""
+def _check_bank(m: dict, shards: dict[str, _Shard], where: Path, again: bool = True) -> None:
+    """Every file of a snapshot: its own checks (again=False: see `_check_file`), the prefix / moments / priors
+    shapes, every segment, the ids."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing and isfinite release the GIL
-        list(pool.map(lambda sh: _check_file(sh, m, where), shards.values()))
+        list(pool.map(lambda sh: _check_file(sh, m, where, again), shards.values()))
     hkv, d = m["model"]["kv_heads"], m["model"]["head_dim"]
     prefix = shards[m["prefix"]]
     for i in range(m["model"]["layers"]):
@@ -529,6 +542,21 @@ def update(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto"
         bank.save()
 
 
+def add_documents(path: str | Path, model: MSAForCausalLM, tok, texts: list[str], names: list[str] | None = None,
+                  timeout: float | None = None, **kw) -> tuple[MemoryBank, list[int]]:
+    """Add documents to a bank's latest commit, encoding them before taking the write lock, which is then held for
+    the commit only; if another commit came meanwhile they are encoded again under the lock (a document's id is
+    part of its encoding). `kw`: MemoryBank.add's. Returns the committed bank and the new ids."""
+    bank = load(path, model, tok)
+    ids = bank.add(texts, names=names, **kw)
+    with writer(path, timeout):
+        if read_manifest(path).get("commit", 0) != bank.commit:
+            bank = load(path, model, tok)
+            ids = bank.add(texts, names=names, **kw)
+        bank.save()
+    return bank, ids
+
+
 def _manifest_sum(m: dict) -> str:
     body = json.dumps({k: v for k, v in m.items() if k != "checksum"}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
@@ -595,7 +623,7 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
     if m["fingerprint"] != fp:
         raise BankError(f"{path}: this bank was encoded by a different model (fingerprint {m['fingerprint']}, "
                         f"the given model has {fp}); re-encode the corpus with this model")
-    _check_bank(m, shards, path)
+    _check_bank(m, shards, path, again=False)
     layers = model.router_layers
     prefix = shards[m["prefix"]].tensors
     kv = [tuple(prefix[f"layer.{i}.{n}"].to(model.device, model.dtype) for n in "kv")
