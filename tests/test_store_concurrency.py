@@ -188,6 +188,7 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
     assert [reader.text(d) for d in reader.doc_ids()] == DOCS
     engine, old_engine = ms.MSAEngine(model, tok, reader), ms.MSAEngine(model, tok, before)
     assert engine.route("Where is Ottawa?") == old_engine.route("Where is Ottawa?")
+    assert store.verify(path)["leftover"] == 1  # the compacted segment's old shard, kept for the reader
     after = ms.MemoryBank.load(path, model, tok)
     assert after.commit == 2 and after.doc_ids() == [3, 4] and after.deleted == set()
     with store.update(path, model, tok) as bank:  # the next commit, with no reader about, cleans up
@@ -357,17 +358,22 @@ def test_nan_is_not_written(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- format 1
-def test_format_1_bank_opens_unverified_and_migrates(tok, tmp_path):
+def test_format_1_bank_opens_unverified_and_migrates(tok, tmp_path, capsys):
     path = _bank(tok, tmp_path / "b")
     m = json.loads((path / MANIFEST).read_text())
     for k in ("commit", "files", "checksum"):
         del m[k]
     (path / MANIFEST).write_text(json.dumps({**m, "version": 1}))  # as memsparse wrote banks before
     model = _model()
-    assert store.verify(path) == {"commit": 0, "files": 2, "unverified": 2, "documents": len(DOCS)}
+    assert main(["docs", "verify", str(path)]) == 0
+    assert capsys.readouterr().out == (f"{path}: commit 0, 2 files intact, 2 without checksums (format 1: recorded at "
+                                       f"its next commit), {len(DOCS)} documents\n")
+    assert store.verify(path) == {"commit": 0, "files": 2, "unverified": 2, "leftover": 0,
+                                  "documents": len(DOCS)}
     assert ms.MemoryBank.load(path, model, tok).doc_ids() == list(range(len(DOCS)))
     with store.update(path, model, tok) as bank:  # the next commit records every file's checksum
         bank.add(["new"])
     m = store.read_manifest(path)
     assert m["version"] == 2 and m["commit"] == 1 and set(m["files"]) == set(store._named(m))
-    assert store.verify(path) == {"commit": 1, "files": 3, "unverified": 0, "documents": len(DOCS) + 1}
+    assert store.verify(path) == {"commit": 1, "files": 3, "unverified": 0, "leftover": 0,
+                                  "documents": len(DOCS) + 1}

@@ -231,7 +231,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
     r = verify(args.bank)  # a damaged file: BankError, one line
     n = r["unverified"]
     unverified = f", {n} without checksums (format 1: recorded at its next commit)" if n else ""
-    print(f"{args.bank}: commit {r['commit']}, {r['files']} files intact{unverified}, {r['documents']} documents")
+    leftover = f"; {r['leftover']} files of older commits (removed by the next commit)" if r["leftover"] else ""
+    print(f"{args.bank}: commit {r['commit']}, {r['files']} files intact{unverified}, {r['documents']} documents"
+          f"{leftover}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -648,8 +648,8 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
 
 def verify(path: str | Path) -> dict:
     """Check every file of a bank's current commit without its model: the checks of `load` plus every stored text.
-    Returns {"commit", "files", "unverified" (files without a recorded checksum: format 1), "documents"}; the first
-    damage found is a BankError."""
+    Returns {"commit", "files", "unverified" (files without a recorded checksum: format 1), "leftover" (files no
+    commit names, removed by the next commit), "documents"}; the first damage found is a BankError."""
     path = Path(path)
     m, shards = _snapshot(path)
     _check_bank(m, shards, path)
@@ -663,4 +663,5 @@ def verify(path: str | Path) -> dict:
                 raise BankError(f"{path}: shard {sh.name}: {e}; the bank is damaged") from None
     return {"commit": m.get("commit", 0), "files": len(shards),
             "unverified": sum(name not in m.get("files", {}) for name in shards),
+            "leftover": sum(p.name.startswith(_FILES) and p.name not in shards for p in path.iterdir()),
             "documents": sum(s["docs"] for s in m["segments"]) - len(m["deleted"])}
