@@ -25,12 +25,16 @@ Readers (`load`, `verify`) hold `readers.lock` shared from reading manifest.json
 mapped; a mapping stays valid after its file is unlinked, so a reader keeps a consistent snapshot for as long as it
 lives. Clean-up rule: after its commit a writer removes the files the new manifest does not name (older commits'
 and interrupted ones') only if it gets `readers.lock` exclusively without waiting; otherwise a reader is between
-manifest and mapping and the next commit cleans up instead. No timing is involved.
+manifest and mapping and the next commit cleans up instead. No timing is involved; readers never wait for writers
+(only for a clean-up's unlinks), writers never wait for readers.
 
 Integrity. Every file's sha256 is recorded at commit and checked on load against the bytes mapped; headers are
 checked against the file (dtypes, shapes, offsets, size) and every tensor against the manifest (shapes, counts,
 ids); floating tensors must be finite; shards carry the fingerprint of the model they were written for. Any failure
-is one BankError line. Stored texts are decoded on use (a damaged one is a BankError) and all of them by `verify`.
+is one BankError line. Opening thus reads every byte once (sha256 and finiteness, files in parallel); a process that
+reopens a bank (the server following a commit, `update`) skips the files it checked before and that have not changed
+since (same inode, size and mtime; committed files are never rewritten). Stored texts are decoded on use (a damaged
+one is a BankError) and all of them by `verify`, which checks every file every time.
 Banks of format 1 (no commit number, no checksums) open unverified by checksum (every other check applies); their
 next commit records the checksums of all their files (format 2).
 """
