@@ -142,20 +142,25 @@ def _take_lock(path: Path, timeout: float | None) -> int:
     except OSError as e:
         raise BankError(f"{path}: cannot take the bank's write lock ({e.strerror})") from None
     deadline = None if timeout is None else time.monotonic() + timeout
-    pause = 0.01
+    pause, looks = 0.01, 0
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
-                os.close(fd)
-                raise BankBusy(f"{path}: the bank is being written by another process ({holder}); gave up after "
-                               f"{timeout:g} s") from None
-            time.sleep(pause if left is None else min(pause, left))
-            pause = min(2 * pause, 0.5)
+            pass
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+            if not holder and looks < 20:  # the lock is changing hands (its line is written just after taking it)
+                looks += 1
+                time.sleep(0.005)
+                continue
+            os.close(fd)
+            raise BankBusy(f"{path}: the bank is being written by another process ({holder or 'holder unknown'}); "
+                           f"gave up after {timeout:g} s")
+        time.sleep(pause if left is None else min(pause, left))
+        pause = min(2 * pause, 0.5)
     cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
     since = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.ftruncate(fd, 0)
