@@ -163,6 +163,39 @@ def test_lock_timeout_names_the_holder(tok, model_dir, tmp_path, capsys):
         assert (path / store.LOCK).read_text().startswith(f"pid {os.getpid()} ")
 
 
+def test_a_forked_child_does_not_inherit_the_lock(tok, tmp_path):
+    path = _bank(tok, tmp_path / "b")
+    (to_child, from_parent), (to_parent, from_child) = os.pipe()[::-1], os.pipe()[::-1]
+    pid = None
+    try:
+        with store.writer(path):
+            pid = os.fork()
+            if pid == 0:  # the child: the parent's lock is not its own, and it does not keep it held
+                try:
+                    with store.writer(path, timeout=0):
+                        os.write(to_parent, b"took it")
+                except BankBusy:
+                    os.write(to_parent, b"busy")
+                os.read(from_parent, 1)  # lives on after the parent lets go
+                os._exit(0)
+            child_saw = os.read(from_child, 16)
+        proc = subprocess.run([sys.executable, "-c", _TRY, str(path)], capture_output=True, text=True, cwd=ROOT)
+    finally:
+        if pid:
+            os.write(to_child, b"x")
+            os.waitpid(pid, 0)
+    assert child_saw == b"busy"
+    assert proc.stdout.strip() == "took it", proc.stderr  # the child, still alive, does not hold the lock
+
+
+_TRY = """
+import sys
+from memsparse.memory import store
+with store.writer(sys.argv[1], timeout=0):
+    print("took it")
+"""
+
+
 # ---------------------------------------------------------------------------------------------- readers
 def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypatch):
     path = _bank(tok, tmp_path / "b")

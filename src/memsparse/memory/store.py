@@ -110,6 +110,20 @@ _held: dict[str, list] = {}  # resolved bank directory -> [thread lock, lock fil
 _held_guard = threading.Lock()
 
 
+def _forget_locks() -> None:
+    """In a forked child: the parent's locks are not the child's (closing the inherited descriptors leaves them
+    held by the parent; keeping them would keep them held after the parent lets go)."""
+    global _held_guard
+    for entry in _held.values():
+        if entry[1] is not None:
+            os.close(entry[1])
+    _held.clear()
+    _held_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
+
+
 @contextlib.contextmanager
 def writer(path: str | Path, timeout: float | None = None):
     """Hold the bank's write lock (the directory is created if need be): one writer at a time across processes,
