@@ -388,6 +388,16 @@ def test_nan_is_not_written(tok, tmp_path):
     with pytest.raises(BankError, match="tensor layer.2.v of seg-.* holds NaN or infinite values; not written"):
         bank.save(tmp_path / "b")
     assert not (tmp_path / "b" / MANIFEST).exists()
+    bank.segments[0].values[2][0, 0, 0] = 0.0
+    bank.save(tmp_path / "b")
+    bank.add(["later"])
+    bank.key_moments = {lay: torch.full((2, 8, 8), float("inf")) for lay in bank.model.router_layers}
+    with pytest.raises(BankError, match="tensor layer.2 of moments-.* holds NaN or infinite values"):
+        bank.save()  # the new segment is written, the commit is not
+    bank.key_moments = None
+    bank.save()  # the segment named by the failed commit is written again
+    assert store.verify(tmp_path / "b")["documents"] == len(DOCS) + 1
+    assert ms.MemoryBank.load(tmp_path / "b", _model(), tok).text(len(DOCS)) == "later"
 
 
 # ---------------------------------------------------------------------------------------------- format 1

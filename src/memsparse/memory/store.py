@@ -515,8 +515,9 @@ def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None
     prefix_file = kept(old["prefix"]) if old else write("prefix", {
         f"layer.{i}.{n}": t for i, kv in enumerate(bank.prefix_kv) for n, t in zip("kv", kv)})
     shards = []
+    committed = set(_named(old)) if old else set()  # (a file named by a commit that failed is written again)
     for seg in bank.segments:
-        if old and seg.file:
+        if seg.file in committed:
             kept(seg.file)
         else:
             seg.file = write("seg", _segment_tensors(seg))
