@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   memsparse docs add ./notes.bank more.jsonl
   memsparse docs delete ./notes.bank 3 17
   memsparse docs list ./notes.bank
+  memsparse docs verify ./notes.bank                                   # checksums, shapes, values, texts
   memsparse info ./notes.bank
   memsparse serve ./notes.bank --port 8080
   curl -s localhost:8080/ask -d '{"question": "Who wrote the design memo?", "max_new_tokens": 64}'
@@ -118,13 +119,19 @@ def _load_model(path: str | None, device: str | None, dtype: str | None):
     return model, load_tokenizer(path)
 
 
-def _open_bank(args: argparse.Namespace, tier: str = "auto"):
-    from .memory.bank import MemoryBank
+def _bank_model(args: argparse.Namespace):
+    """The model (and tokenizer) a bank was encoded with: --model, or the one its manifest names."""
     from .memory.store import encoding_dtype, read_manifest
 
     manifest = read_manifest(args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
-    model, tok = _load_model(model_path, args.device, args.dtype or encoding_dtype(manifest))
+    return _load_model(model_path, args.device, args.dtype or encoding_dtype(manifest))
+
+
+def _open_bank(args: argparse.Namespace, tier: str = "auto"):
+    from .memory.bank import MemoryBank
+
+    model, tok = _bank_model(args)
     return MemoryBank.load(args.bank, model, tok, tier=tier)
 
 
@@ -138,11 +145,12 @@ def _read_docs(corpus: str, max_doc_mb: float):
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from .memory.bank import MemoryBank
-    from .memory.store import MANIFEST
+    from .memory.store import MANIFEST, writer
 
     out = Path(args.out)
+    exists = f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite"
     if (out / MANIFEST).exists() and not args.overwrite:
-        raise ValueError(f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite")
+        raise ValueError(exists)
     texts, names = _read_docs(args.corpus, args.max_doc_mb)
     model, tok = _load_model(args.model, args.device, args.dtype)
     calibrate = args.key_dtype in ("fp8", "int8") and args.calibrate_keys > 0
@@ -159,7 +167,10 @@ def cmd_encode(args: argparse.Namespace) -> None:
             engine.calibrate_priors(n=args.priors)
     model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
     bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
-    bank.save(out)  # committed atomically: an interrupted encode leaves no bank (or the previous one)
+    with writer(out, args.wait):  # committed atomically: an interrupted encode leaves no bank (or the previous one)
+        if (out / MANIFEST).exists() and not args.overwrite:  # another process wrote one meanwhile
+            raise ValueError(exists)
+        bank.save(out)
     tokens = sum(bank.token_count(d) for d in bank.doc_ids())
     print(f"wrote {out}: {bank.num_docs} documents, {tokens} tokens, {bank.num_chunks} chunks")
 
@@ -187,25 +198,43 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_docs(args: argparse.Namespace) -> None:
+    from .memory.store import add_documents, update
+
     if args.action == "add" and len(args.items) != 1:
         raise ValueError("docs add takes one CORPUS (a JSONL file, a directory or a text file)")
     if args.action == "delete" and (not args.items or not all(x.isdigit() for x in args.items)):
         raise ValueError(f"docs delete takes document ids (non-negative integers), got {args.items}")
+    if args.action == "verify":
+        if args.items:
+            raise ValueError(f"docs verify takes no arguments after the bank, got {args.items}")
+        return cmd_verify(args)
     texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
-    bank = _open_bank(args)
-    if args.action == "add":
-        ids = bank.add(texts, names=names, progress=True)
-        bank.save()
-        print(f"added documents {ids[0]}..{ids[-1]} to {args.bank}")
-    elif args.action == "delete":
+    if args.action == "add":  # encoded outside the write lock, committed on the latest commit (store.add_documents)
+        model, tok = _bank_model(args)
+        bank, ids = add_documents(args.bank, model, tok, texts, names, timeout=args.wait, progress=True)
+        print(f"added documents {ids[0]}..{ids[-1]} to {args.bank} (commit {bank.commit})")
+    elif args.action == "delete":  # as the bank's one writer, on its latest commit (store.update)
+        model, tok = _bank_model(args)
         ids = [int(x) for x in args.items]
-        bank.delete(ids)
-        bank.save()
-        print(f"deleted {len(ids)} documents from {args.bank}")
+        with update(args.bank, model, tok, timeout=args.wait) as bank:
+            bank.delete(ids)
+        print(f"deleted {len(ids)} documents from {args.bank} (commit {bank.commit})")
     else:
+        bank = _open_bank(args)
         for d in bank.doc_ids()[: args.limit]:
             text = (bank.text(d) or "").replace("\n", " ")
             print(f"[{d}]\t{bank.name(d)}\t{bank.token_count(d)} tokens\t{text[:60]}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from .memory.store import verify
+
+    r = verify(args.bank)  # a damaged file: BankError, one line
+    n = r["unverified"]
+    unverified = f", {n} without checksums (format 1: recorded at its next commit)" if n else ""
+    leftover = f"; {r['leftover']} files of older commits (removed by the next commit)" if r["leftover"] else ""
+    print(f"{args.bank}: commit {r['commit']}, {r['files']} files intact{unverified}, {r['documents']} documents"
+          f"{leftover}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -221,6 +250,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "document priors": "yes" if m.get("doc_priors") else "no",
         "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
         "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "format version": m["version"],
+        "commit": m.get("commit", 0),
     }
     for k, v in info.items():
         print(f"{k:>28}: {v}")
@@ -588,6 +618,11 @@ def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
                         f"(default {default}{', not for the needle memory' if default else ''})")
 
 
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for another process writing the bank before giving up (default: 600)")
+
+
 def _model_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--model", help=f"'shipped', a trained delta directory, or an MSA checkpoint directory / .gguf "
                                    f"(default: {default})")
@@ -642,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="document keys/values: the model's dtype, or 8-bit with a scale per chunk and head")
     e.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents (default 1 MB)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    _wait_arg(e)
     e.set_defaults(func=cmd_encode)
 
     a = sub.add_parser("ask", help="answer a question from a bank", epilog=EXAMPLES, formatter_class=fmt)
@@ -661,12 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_ask)
 
     d = sub.add_parser("docs", help="add, delete or list a bank's documents", epilog=EXAMPLES, formatter_class=fmt)
-    d.add_argument("action", choices=["add", "delete", "list"])
+    d.add_argument("action", choices=["add", "delete", "list", "verify"],
+                   help="verify: check every file of the bank (checksums, shapes, values, texts); no model needed")
     d.add_argument("bank")
     d.add_argument("items", nargs="*", help="add: a CORPUS; delete: document ids")
     _model_args(d, "the model the bank was encoded with")
     d.add_argument("--max-doc-mb", type=float, default=1.0)
     d.add_argument("--limit", type=int, default=None, help="list: at most this many")
+    _wait_arg(d)
     d.set_defaults(func=cmd_docs)
 
     s = sub.add_parser("serve", help="answer questions from a bank over HTTP (JSON API)", epilog=EXAMPLES,
@@ -768,6 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tiny", action="store_true", help="a tiny random geometry instead of Qwen3-4B (smoke test)")
     b.add_argument("--out", default="benchmarks/results/speed.json")
     b.set_defaults(func=cmd_bench)
+
+    f = sub.add_parser("fsck", help="check every file of a bank (= docs verify)", epilog=EXAMPLES, formatter_class=fmt)
+    f.add_argument("bank")
+    f.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("info", help="summarise a bank", epilog=EXAMPLES, formatter_class=fmt)
     i.add_argument("bank")

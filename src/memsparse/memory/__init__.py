@@ -3,6 +3,6 @@ tiers, and the on-disk store."""
 
 from .bank import MemoryBank, render_document
 from .corpus import CorpusError, Document, read_corpus
-from .store import BankError
+from .store import BankBusy, BankError
 
-__all__ = ["BankError", "CorpusError", "Document", "MemoryBank", "read_corpus", "render_document"]
+__all__ = ["BankBusy", "BankError", "CorpusError", "Document", "MemoryBank", "read_corpus", "render_document"]

@@ -29,6 +29,10 @@ TEMPLATE_PREFIX = "<|im_start|>user\n"
 TIERS = ("auto", "device", "host")
 
 
+class BankError(ValueError):
+    """A bank directory that cannot be used: missing, damaged, from another model or a newer format."""
+
+
 def render_document(tok, doc_id: int, text: str) -> list[int]:
     """Token ids of `<|im_start|>[i]. {text}[i]<|im_end|>`; the text is always plain text: special-token
     strings inside it are split into ordinary tokens, never read as control tokens."""
@@ -68,7 +72,12 @@ class PackedTexts:
 
     def __getitem__(self, i: int) -> tuple[str, str | None]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        name, text = json.loads(zlib.decompress(self.data[a:b].numpy().tobytes()))
+        try:
+            name, text = json.loads(zlib.decompress(self.data[a:b].numpy().tobytes()))
+            if not isinstance(name, str) or not isinstance(text, str | None):
+                raise TypeError("not a (name, text) pair")
+        except (zlib.error, ValueError, TypeError) as e:  # ValueError: bad JSON / UTF-8, or not a pair
+            raise BankError(f"the stored text of table row {i} is damaged ({e})") from None
         return name, text
 
 
@@ -121,6 +130,7 @@ class MemoryBank:
     # mean routing score over calibration questions, subtracted before top-k (engine `calibrate_priors`), saved
     chunk_size: int | None = None  # tokens per pooled chunk; None = the model's P (finer: a refinement bank, the
     # engine's `refine`; never saved)
+    commit: int | None = None  # the store's commit this bank was loaded from / saved as (store.py)
     _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
@@ -154,7 +164,8 @@ class MemoryBank:
         return bank.place(kw["tier"])
 
     def save(self, path: str | Path | None = None, compact: bool | None = None) -> Path:
-        """Commit to a directory atomically (see store.py); later saves to it write only new segments."""
+        """Commit to a directory atomically as its one writer (see store.py); later saves to it write only new
+        segments, and only if no other process committed since this bank was loaded."""
         from .store import save
 
         return save(self, path, compact)

@@ -12,9 +12,11 @@
     POST /docs/add        {"texts": [str], "names": [str]} -> {"ids": [...]}
     POST /docs/delete     {"ids": [int]} -> {"deleted": n}
 
-Document changes are committed to the bank's directory (atomically, as `memsparse docs`) when it has one. Bad
-requests get status 400 and {"error": "..."} and change nothing; unknown paths 404, bodies over MAX_BODY 413,
-failures of the server itself 500 (it keeps serving). Requests reach the
+Document changes are committed to the bank's directory (atomically, as `memsparse docs`: as the bank's one writer,
+on its latest commit) when it has one; every request first follows commits other processes made (the bank is
+reopened when the directory's commit moved). Bad requests get status 400 and {"error": "..."} and change nothing;
+unknown paths 404, bodies over MAX_BODY 413, a bank another process is writing for over WRITE_WAIT seconds 503, a
+damaged bank and failures of the server itself 500 (it keeps serving). Requests reach the
 engine one at a time (a lock): the GPU decode graphs and the bank are not shared between threads. Text in
 questions and documents is plain text: special tokens and protocol strings in it never act as such.
 """
@@ -29,10 +31,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..engine.engine import MSAEngine
+from ..memory.bank import BankError
 from ..memory.corpus import CorpusError, check_document
+from ..memory.store import BankBusy, load, read_manifest, writer
 
 log = logging.getLogger("memsparse.serve")
 MAX_BODY = 64 << 20  # bytes of one request body
+WRITE_WAIT = 30.0  # seconds a document change waits for another process writing the bank
 INTERLEAVE = {"model": True, "router": "router", "off": False, True: True, False: False}
 
 
@@ -73,7 +78,43 @@ class Service:
         self.interleave, self.inject_k = interleave, inject_k
         self.lock = threading.Lock()
 
+    def _follow(self) -> None:
+        """Reopen the bank if another process committed to its directory since (call holding self.lock)."""
+        if self.bank.path is not None and read_manifest(self.bank.path).get("commit", 0) != self.bank.commit:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        old = self.bank
+        bank = load(old.path, old.model, old.tok, tier=old.tier)
+        bank.fused_routing = old.fused_routing
+        self.engine.bank = self.bank = bank
+
+    def _read(self, op):
+        """op() on the bank's latest commit, serialised with every other request."""
+        with self.lock:
+            self._follow()
+            return op()
+
+    def _write(self, change):
+        """change(bank) as the bank's one writer on its latest commit, then committed (on a failed commit the bank
+        is reopened: what did not commit is not served)."""
+        with self.lock:
+            if self.bank.path is None:
+                return change(self.bank)
+            with writer(self.bank.path, timeout=WRITE_WAIT):
+                self._follow()
+                out = change(self.bank)
+                try:
+                    self.bank.save()
+                except BaseException:
+                    self._reopen()
+                    raise
+                return out
+
     def info(self, query: dict) -> dict:
+        return self._read(self._info)
+
+    def _info(self) -> dict:
         bank, model = self.bank, self.bank.model
         docs = bank.doc_ids()
         return {"documents": len(docs), "tokens": sum(bank.token_count(d) for d in docs), "chunks": bank.num_chunks,
@@ -84,6 +125,9 @@ class Service:
 
     def docs(self, query: dict) -> dict:
         _only(query, {"offset", "limit", "id"})
+        return self._read(lambda: self._docs(query))
+
+    def _docs(self, query: dict) -> dict:
         if "id" in query:
             d = _int_param(query, "id", 0)
             if d not in self.bank:
@@ -98,8 +142,7 @@ class Service:
     def route(self, body: dict) -> dict:
         _only(body, {"question"})
         question = _field(body, "question", str, required=True)
-        with self.lock:
-            routing = self.engine.route(question)
+        routing = self._read(lambda: self.engine.route(question))
         return {"routing": {str(layer): [[d, s] for d, s in picked] for layer, picked in routing.items()}}
 
     def ask(self, body: dict) -> dict | list:
@@ -120,8 +163,7 @@ class Service:
             kw["stop"] = _strings(body["stop"], "stop")
         if not 1 <= kw["max_new_tokens"] <= 8192:
             raise BadRequest(f"field 'max_new_tokens' must be in 1..8192, got {kw['max_new_tokens']}")
-        with self.lock:
-            ans = self.engine.ask(question, interleave=INTERLEAVE[interleave], **kw)
+        ans = self._read(lambda: self.engine.ask(question, interleave=INTERLEAVE[interleave], **kw))
         return [a.to_dict() for a in ans] if isinstance(ans, list) else ans.to_dict()
 
     def add(self, body: dict) -> dict:
@@ -135,27 +177,22 @@ class Service:
                 check_document(text, f"texts[{n}]", self.max_doc_bytes)
             except CorpusError as e:
                 raise BadRequest(str(e)) from None
-        with self.lock:
-            ids = self.bank.add(texts, names=names)
-            self._commit()
-        return {"ids": ids}
+        return {"ids": self._write(lambda bank: bank.add(texts, names=names))}
 
     def delete(self, body: dict) -> dict:
         _only(body, {"ids"})
         ids = _field(body, "ids", list, required=True)
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise BadRequest("field 'ids' must be a non-empty list of integers")
-        with self.lock:
-            missing = [i for i in ids if i not in self.bank]
+
+        def change(bank):
+            missing = [i for i in ids if i not in bank]
             if missing:
                 raise BadRequest(f"no documents {missing} in the bank")
-            self.bank.delete(ids)
-            self._commit()
-        return {"deleted": len(ids)}
+            bank.delete(ids)
 
-    def _commit(self) -> None:
-        if self.bank.path is not None:
-            self.bank.save()
+        self._write(change)
+        return {"deleted": len(ids)}
 
 
 def _int_param(query: dict, name: str, default: int) -> int:
@@ -198,6 +235,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply(HTTPStatus.OK, op(self.service, body))
         except _TooLarge as e:
             return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": str(e)})
+        except BankBusy as e:  # another process is writing the bank
+            return self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
+        except BankError as e:  # the bank on disk is damaged or was changed under a stale copy: not the request's fault
+            log.error("request %s %s: %s", method, self.path, e)
+            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(e)})
         except KeyError as e:  # an unknown document in the bank
             return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e.args[0])})
         except ValueError as e:  # BadRequest, or refused by the engine or the bank: the request's fault
