@@ -258,7 +258,9 @@ class TrainState:
         router = [id(p) in routers for p in self.params] + [False]
         groups = [{"params": [m for m, r in zip(self.master, router) if r == is_router],
                    "scale": router_lr_scale if is_router else 1.0} for is_router in (True, False)]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0, betas=(0.9, 0.95),
+                                     fused=self.emb.is_cuda)
+        self.master_grads = [torch.zeros_like(m) for m in self.master]  # fp32, filled from the model's at each step
 
     def step(self, b: dict, phase: Phase, lr: float, checkpointing: bool = False, average: bool = False):
         """Forward, backward and an optimizer step on the device batch `b`; returns the model's output."""
@@ -272,12 +274,12 @@ class TrainState:
             res = model(b["input_ids"], b["doc_ids"], labels=b["labels"], aux_labels=b["aux_labels"],
                         attention_mask=b["attention_mask"])
             res.loss.backward()
-        for p, m in zip(self.params, master):
-            m.grad = p.grad.float() if p.grad is not None else None
-            p.grad = None
         emb = self.emb
-        master[-1].grad = emb.grad[self.new_ids].float() if emb.grad is not None else None
-        emb.grad = None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads.append(emb.grad[self.new_ids] if emb.grad is not None else torch.zeros_like(master[-1]))
+        torch._foreach_copy_(self.master_grads, grads)  # one multi-tensor launch, not one per tensor
+        for p, m, g in zip([*self.params, emb], master, self.master_grads):
+            m.grad, p.grad = g, None
         if average:
             _average_gradients(master, torch.distributed.get_world_size())
         torch.nn.utils.clip_grad_norm_(master, 1.0)
@@ -288,8 +290,7 @@ class TrainState:
     @torch.no_grad()
     def load_master(self) -> None:
         """Copy the fp32 master weights into the model's parameters."""
-        for p, m in zip(self.params, self.master):
-            p.copy_(m)
+        torch._foreach_copy_(self.params, self.master[:-1])
         self.emb[self.new_ids] = self.master[-1].to(self.emb.dtype)
 
 
