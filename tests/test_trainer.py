@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memsparse.cli import main
-from memsparse.model.delta import load_delta
+from memsparse.model.delta import delta_sha256, load_delta
 from memsparse.train import trainer
 from memsparse.train.tasks import mix
 from memsparse.train.tasks.mix import Mixer, Question
@@ -72,7 +72,8 @@ def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu"]) == 0  # resumes at step 4
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and log[-1]["memory_tokens"] == 80
-    assert "resuming from step 4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resuming from step 4" in printed
     model, tok = load_delta(run / "delta", base)
     assert model.router_layers == [2, 3] and (run / "delta" / "delta.safetensors").stat().st_size < 100_000
     again = tmp_path / "again.toml"  # a new run starting from the delta
@@ -81,6 +82,18 @@ def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     shipped = dict(model.named_parameters())
     name = "model.layers.3.self_attn.router_q_proj.0.weight"
     assert torch.equal(dict(started.named_parameters())[name], shipped[name])
+    sha = delta_sha256(run / "delta")
+    assert f"sha256 {sha})" in printed  # printed, for the next recipe to pin
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(f'init = "{run / "delta"}"\ninit_sha256 = "{sha}"\n' + RECIPE.format(base=base))
+    trainer.build_model(trainer.Recipe.load(pinned), "cpu", None)
+    pinned.write_text(f'init = "{run / "delta"}"\ninit_sha256 = "{"0" * 64}"\n' + RECIPE.format(base=base))
+    with pytest.raises(ValueError, match="not the delta this recipe starts from"):
+        trainer.build_model(trainer.Recipe.load(pinned), "cpu", None)
+    child = tmp_path / "child"
+    assert main(["train", str(again), "--out", str(child), "--device", "cpu", "--max-steps", "1"]) == 0
+    parent = json.loads((child / "delta" / "delta.json").read_text())["parent"]
+    assert parent == {"path": str(run / "delta"), "sha256": sha}
 
 
 def test_time_limit_stops_with_a_checkpoint_and_a_delta(tmp_path, monkeypatch):

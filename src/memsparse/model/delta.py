@@ -113,8 +113,21 @@ def train_rows(model: MSAForCausalLM, row_ids: list[int]) -> None:
     emb.register_hook(lambda g: g * keep)
 
 
-def save_delta(model: MSAForCausalLM, path, base: str, added_tokens: list[str], new_token_ids: list[int]) -> int:
-    """Write delta.safetensors (bfloat16) and delta.json; returns the weights file's size in bytes."""
+def delta_sha256(path) -> str:
+    """sha256 of a delta's weights file: its identity, by which a recipe pins the delta it starts from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(path) / DELTA_WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_delta(model: MSAForCausalLM, path, base: str, added_tokens: list[str], new_token_ids: list[int],
+               parent: dict | None = None) -> int:
+    """Write delta.safetensors (bfloat16) and delta.json (with `parent`, the delta it was trained from: its path
+    and sha256); returns the weights file's size in bytes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {n: p for n, p in model.named_parameters() if ".router_" in n or n.startswith("lora.")}
@@ -123,7 +136,7 @@ def save_delta(model: MSAForCausalLM, path, base: str, added_tokens: list[str], 
     save_file({n: t.detach().to(torch.bfloat16).contiguous().cpu() for n, t in state.items()},
               str(path / DELTA_WEIGHTS))
     cfg = {"base": base, "msa_config": model.msa_config.to_dict(model.config.num_hidden_layers),
-           "added_tokens": added_tokens, "lora": getattr(model, "lora_config", None)}
+           "added_tokens": added_tokens, "lora": getattr(model, "lora_config", None), "parent": parent}
     (path / DELTA_CONFIG).write_text(json.dumps(cfg, indent=1))
     return (path / DELTA_WEIGHTS).stat().st_size
 

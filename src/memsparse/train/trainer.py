@@ -31,6 +31,7 @@ from ..model.delta import (
     add_special_tokens,
     apply_delta_weights,
     attach_lora,
+    delta_sha256,
     save_delta,
     train_rows,
     trainable_parameters,
@@ -69,6 +70,7 @@ class Recipe:
     tasks: dict = field(default_factory=lambda: {"niah": 1.0})
     niah_subtasks: dict = field(default_factory=dict)  # weights of the NIAH subtasks (default: all equal)
     init: str | None = None  # a delta directory to start from (its routers, adapters and token rows)
+    init_sha256: str | None = None  # the sha256 of init's weights (`delta_sha256`): the run refuses another delta
     doc_tokens: int = 512
     phases: list[Phase] = field(default_factory=list)
     seed: int = 0
@@ -122,6 +124,10 @@ def build_model(recipe: Recipe, device, dtype):
     if recipe.lora_rank:
         attach_lora(model, recipe.lora_rank, targets=tuple(recipe.lora_targets))
     if recipe.init:  # start from a saved delta: routers, (unmerged) adapters, the new tokens' rows
+        found = delta_sha256(recipe.init)
+        if recipe.init_sha256 and found != recipe.init_sha256:
+            raise ValueError(f"{recipe.init}: its weights have sha256 {found}, the recipe pins {recipe.init_sha256} "
+                             "(init_sha256): not the delta this recipe starts from")
         apply_delta_weights(model, recipe.init, new_ids)
     return model, tok, new_ids
 
@@ -234,8 +240,10 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     if rank != 0:
         return None
     log.close()
-    size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids)
-    print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB) after {step} steps")
+    parent = {"path": recipe.init, "sha256": delta_sha256(recipe.init)} if recipe.init else None
+    size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids,
+                      parent=parent)
+    print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB, sha256 {delta_sha256(out / 'delta')}) after {step} steps")
     if size > SHIPPABLE_DELTA_BYTES:
         print(f"note: the delta is over {SHIPPABLE_DELTA_BYTES // 2**20} MiB, more than the repository ships")
     return out / "delta"
