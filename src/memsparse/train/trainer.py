@@ -5,7 +5,7 @@ each phase has its steps, learning rate, loss weights (w_lm, w_aux) and a memory
 steps through the listed sizes evenly). The base stays frozen; the routers, LoRA adapters and new tokens' rows
 train (model/delta.py). Progress is logged to `train_log.jsonl` (loss, LM and aux loss, router recall@k,
 tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps and the run resumes from it.
-Every step's batch is drawn from its own seed (recipe seed, rank, step), on GPUs in `DATA_WORKERS` worker
+Every step's batch is drawn from its own seed (recipe seed, rank, step), on GPUs in `data_workers()` worker
 processes (the Python-heavy sample generation never competes with the training loop for the GIL): the batches do
 not depend on the number of workers, and a resumed run continues the exact stream. Under torchrun (several GPUs,
 or CPU processes with gloo) the ranks average their gradients.
@@ -43,7 +43,15 @@ from .tasks.mix import Mixer
 
 ADDED_TOKENS = [ROUND_END]
 SHIPPABLE_DELTA_BYTES = 16 * 2**20  # the most a delta committed to the repository may weigh
-DATA_WORKERS = 2  # sample-generation processes per rank on GPUs (none on CPU)
+MAX_DATA_WORKERS = 8  # sample-generation processes per rank on GPUs at most (none on CPU)
+
+
+def data_workers() -> int:
+    """Sample-generation processes for one rank: its share of the host's cores less two (the training loop and
+    the system), between 2 and MAX_DATA_WORKERS. A 32K-token batch of the needle tasks takes 0.3-0.5 s of one core
+    to draw and tokenize, and a training step at 32K about 0.3 s on an H100: two workers would starve it."""
+    per_rank = (os.cpu_count() or 4) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(2, min(MAX_DATA_WORKERS, per_rank - 2))
 
 
 @dataclass
@@ -392,7 +400,7 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 
 def _loader(recipe: Recipe, tok, rank: int, start: int, stop: int, device: torch.device):
-    workers = DATA_WORKERS if device.type == "cuda" else 0
+    workers = data_workers() if device.type == "cuda" else 0
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after tokenizer use
     return torch.utils.data.DataLoader(StepBatches(recipe, tok, rank, start, stop), batch_size=None,
