@@ -153,6 +153,8 @@ def test_memory_routes_match_the_engine_and_commit(client, engine, tmp_path):
     ("post", "/v1/completions", {"model": "memsparse", "prompt": "Paris " * 5000}, 400,
      "tokens, over the server's limit of 4096"),
     ("post", "/v1/completions", {"model": "memsparse", "prompt": "   "}, 400, "the question is empty"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": ["q"] * 33}, 400, "33 questions; expected 1 to 32"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": []}, 400, "0 questions"),
     ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "colour": "red"}, 400, "unknown field 'colour'"),
     ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "n": 2}, 400, "n:"),
     ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "interleave": "sometimes"}, 400, "interleave"),

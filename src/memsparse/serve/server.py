@@ -2,7 +2,8 @@
 
 OpenAI-compatible (the `openai` client works with base_url=http://HOST:PORT/v1; the memory answers from the bank):
 
-    GET  /v1/models                 the one model served ({"object": "list", "data": [{"id": MODEL, ...}]})
+    GET  /v1/models                 the one model served ({"object": "list", "data": [{"id": MODEL, ...}]});
+                                    GET /v1/models/{id}: that model (404 for any other; so is a request naming one)
     POST /v1/chat/completions       the last user message is the question (system and earlier turns are not read);
                                     max_tokens | max_completion_tokens, temperature, top_p, seed, stop, stream
     POST /v1/completions            prompt: the question (a string, or a list of them: one choice each)
@@ -99,6 +100,7 @@ class Settings:
     max_question_tokens: int = 4096
     max_router_rounds: int = 4
     max_inject_k: int = 32
+    max_prompts: int = 32  # questions in one /v1/completions request
     timeout: float = 300.0  # seconds from arrival to answer
     interleave: str = "router"  # what a request that does not say gets
     inject_k: int = 4
@@ -228,9 +230,11 @@ class EngineQueue:
             cancel = threading.Event()
             self.running = 1
 
-            def done(_):
+            def done(job):
                 self.running = 0
                 self._lock.release()
+                if not job.cancelled():
+                    job.exception()  # retrieved here when the request was given up (no "never retrieved" noise)
 
             job = loop.run_in_executor(None, work, cancel)
             job.add_done_callback(done)  # the engine is free once the work stops, whatever became of the request
@@ -505,7 +509,7 @@ def _replay(body: bytes, receive):
 
 
 # --------------------------------------------------------------------------------------------- the app
-def create_app(engine: MSAEngine, settings: Settings | None = None) -> FastAPI:
+def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
     """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process."""
     settings = settings or Settings()
     settings.check()
@@ -632,8 +636,9 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         questions = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not questions:
-            raise ApiError(400, "prompt: an empty list", param="prompt")
+        if not 1 <= len(questions) <= settings.max_prompts:
+            raise ApiError(400, f"prompt: {len(questions)} questions; expected 1 to {settings.max_prompts}",
+                           param="prompt")
         prompt = sum(check_question(q, "prompt") for q in questions)
         kw = engine_kwargs(req, req.max_tokens)
         answers = await answer(request, questions, kw)
