@@ -45,6 +45,17 @@ def _settings(**kw) -> Settings:
     return Settings(**{"api_key": KEY, **kw})
 
 
+@pytest.fixture(scope="module")
+def shared(model_tok, tmp_path_factory):
+    """One server for the tests that change nothing (each checks that nothing changed)."""
+    model, tok = model_tok
+    path = tmp_path_factory.mktemp("shared") / "bank"
+    ms.MemoryBank.build(model, tok, DOCS).save(path)
+    engine = ms.MSAEngine(model, tok, ms.MemoryBank.load(path, model, tok))
+    with TestClient(create_app(engine, _settings()), base_url=BASE, headers=AUTH) as c:
+        yield c, engine
+
+
 @pytest.fixture()
 def client(engine):
     with TestClient(create_app(engine, _settings()), base_url=BASE, headers=AUTH) as c:
@@ -170,7 +181,8 @@ def test_memory_routes_match_the_engine_and_commit(client, engine, tmp_path):
     ("get", "/v1/memory/documents?limit=100000", None, 400, "limit"),
     ("get", "/nowhere", None, 404, "Not Found"),
 ])
-def test_bad_requests_are_refused_and_change_nothing(client, engine, method, path, body, status, message):
+def test_bad_requests_are_refused_and_change_nothing(shared, method, path, body, status, message):
+    client, engine = shared
     kw = {} if body is None else {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
     r = client.request(method.upper(), path, **kw)
     got = r.json()
@@ -179,7 +191,8 @@ def test_bad_requests_are_refused_and_change_nothing(client, engine, method, pat
     assert engine.bank.doc_ids() == [0, 1, 2]
 
 
-def test_bodies_that_are_not_json_objects(client):
+def test_bodies_that_are_not_json_objects(shared):
+    client, _ = shared
     for raw, message in [(b"{not json", "not valid JSON"), (b"[1, 2]", "valid dictionary"), (b"\xff\xfe", "JSON")]:
         r = client.post("/v1/memory/route", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
