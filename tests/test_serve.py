@@ -122,6 +122,33 @@ def test_openai_client_errors(engine):
             oai.chat.completions.create(model="memsparse", messages=[{"role": "system", "content": "q"}])
 
 
+def test_concurrent_requests_are_answered_one_at_a_time(client, engine):
+    """Asks, routes and an add at once: every reply is whole and what the engine alone answers (before or after the
+    add); a chat question given as content parts is the same question."""
+    ask = {"model": "memsparse", "max_tokens": 4, "interleave": "off"}
+    want = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text
+    results = [None] * 6
+
+    def one(n):
+        if n == 5:
+            results[n] = client.post("/v1/memory/documents", json={"texts": ["Oslo is cold."]})
+        elif n % 2:
+            results[n] = client.post("/v1/memory/route", json={"question": "Paris"})
+        else:
+            results[n] = client.post("/v1/chat/completions", json={**ask, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Where is "}, {"type": "text", "text": "Paris?"}]}]})
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(r is not None and r.status_code == 200 for r in results), results
+    assert results[5].json() == {"ids": [3]} and engine.bank.doc_ids() == [0, 1, 2, 3]
+    after = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text
+    assert all(results[n].json()["choices"][0]["message"]["content"] in (want, after) for n in (0, 2, 4))
+
+
 # --------------------------------------------------------------------------------------------- memory routes
 def test_memory_routes_match_the_engine_and_commit(client, engine, tmp_path):
     assert client.get("/health").json() == {"status": "ok"}
