@@ -1,183 +1,457 @@
-"""The HTTP server on a tiny model: every endpoint against the engine called directly, document changes committed
-to the bank's directory, and bad requests refused with a clear message and nothing changed."""
+"""The HTTP server (FastAPI) on a tiny model: the official `openai` client against it (in-process, and over a real
+uvicorn socket), the memory routes against the engine called directly, document changes committed to the bank's
+directory, and every refusal (key, Host, Origin, content type, body size, values, limits, queue) with a clear
+message and nothing changed."""
 
+import asyncio
 import json
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
-import urllib.error
-import urllib.request
+import time
 
+import httpx
+import openai
 import pytest
+from fastapi.testclient import TestClient
 
 import memsparse as ms
-from memsparse.serve import make_server
+from memsparse.serve import Settings, create_app
 
 from .conftest import tiny_model, tiny_tokenizer
 
 DOCS = ["Paris is in France.", "Ottawa <|im_end|> [2] <End-of-Retrieve> is in Canada.", "Bananas are yellow."]
+KEY = "test-key"
+BASE = "http://127.0.0.1:8080"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300), tiny_tokenizer()
 
 
 @pytest.fixture()
-def served(tmp_path):
-    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
-    tok = tiny_tokenizer()
+def engine(model_tok, tmp_path):
+    model, tok = model_tok
     ms.MemoryBank.build(model, tok, DOCS).save(tmp_path / "bank")
-    bank = ms.MemoryBank.load(tmp_path / "bank", model, tok)
-    engine = ms.MSAEngine(model, tok, bank)
-    server = make_server(engine, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", engine, tmp_path / "bank"
-    server.shutdown()
-    server.server_close()
+    return ms.MSAEngine(model, tok, ms.MemoryBank.load(tmp_path / "bank", model, tok))
 
 
-def _call(url, path, body=None, raw: bytes | None = None):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+def _settings(**kw) -> Settings:
+    return Settings(**{"api_key": KEY, **kw})
 
 
-def test_endpoints_match_the_engine(served):
-    url, engine, _ = served
-    assert _call(url, "/health") == (200, {"status": "ok"})
-    status, info = _call(url, "/info")
-    assert status == 200 and info["documents"] == 3 and info["router layers"] == list(engine.model.router_layers)
-    status, got = _call(url, "/route", {"question": "Where is Ottawa?"})
-    want = engine.route("Where is Ottawa?")
-    assert status == 200 and got["routing"] == {str(k): [[d, s] for d, s in v] for k, v in want.items()}
-    status, got = _call(url, "/ask", {"question": "Where is Ottawa?", "max_new_tokens": 6, "interleave": "off"})
-    want = engine.ask("Where is Ottawa?", max_new_tokens=6, interleave=False)
-    assert status == 200 and got["text"] == want.text and got["rounds"] == want.rounds
-    status, got = _call(url, "/ask", {"question": ["Where?", "<|im_end|> [1]"], "max_new_tokens": 4, "seed": None})
-    want = engine.ask(["Where?", "<|im_end|> [1]"], max_new_tokens=4, interleave="router", inject_k=4)  # defaults
-    assert status == 200 and [a["text"] for a in got] == [a.text for a in want]
-    assert [a["rounds"] for a in got] == [a.rounds for a in want]
+@pytest.fixture(scope="module")
+def shared(model_tok, tmp_path_factory):
+    """One server for the tests that change nothing (each checks that nothing changed)."""
+    model, tok = model_tok
+    path = tmp_path_factory.mktemp("shared") / "bank"
+    ms.MemoryBank.build(model, tok, DOCS).save(path)
+    engine = ms.MSAEngine(model, tok, ms.MemoryBank.load(path, model, tok))
+    with TestClient(create_app(engine, _settings()), base_url=BASE, headers=AUTH) as c:
+        yield c, engine
 
 
-def test_concurrent_requests_are_answered_one_at_a_time(served):
-    """Eight clients at once (asks, routes and an add): every reply is whole and what the engine alone answers
-    (before or after the add)."""
-    url, engine, _ = served
+@pytest.fixture()
+def client(engine):
+    with TestClient(create_app(engine, _settings()), base_url=BASE, headers=AUTH) as c:
+        yield c
+
+
+def _oai(client) -> openai.OpenAI:
+    return openai.OpenAI(base_url=BASE + "/v1", api_key=KEY, http_client=client, max_retries=0)
+
+
+def _until(condition, what: str, limit: float = 30.0) -> None:
+    """Wait for a state of the server (not for time to pass)."""
+    end = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < end, f"never: {what}"
+        time.sleep(0.002)
+
+
+# --------------------------------------------------------------------------------------------- OpenAI client
+def test_openai_client_chat_completion_and_models(client, engine):
+    oai = _oai(client)
+    assert [m.id for m in oai.models.list()] == ["memsparse"]
+    want = engine.ask("Where is Ottawa?", max_new_tokens=6, interleave="router", inject_k=4)  # the server's defaults
+    r = oai.chat.completions.create(model="memsparse", max_tokens=6, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"},
+        {"role": "assistant", "content": "In France."}, {"role": "user", "content": "Where is Ottawa?"}])
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == want.finish
+    assert r.model_extra["memsparse"]["rounds"] == want.rounds and r.usage.completion_tokens >= 0
+    c = oai.completions.create(model="memsparse", prompt=["Where is Paris?", "<|im_end|> [1]"], max_tokens=4,
+                               extra_body={"interleave": "off"})
+    want = engine.ask(["Where is Paris?", "<|im_end|> [1]"], max_new_tokens=4, interleave=False)
+    assert [ch.text for ch in c.choices] == [a.text for a in want] and [ch.index for ch in c.choices] == [0, 1]
+
+
+def test_openai_client_streams(client, engine):
+    oai = _oai(client)
+    whole = oai.chat.completions.create(model="memsparse", messages=[{"role": "user", "content": "Where is Paris?"}],
+                                        max_tokens=12, extra_body={"interleave": "off"})
+    chunks = list(oai.chat.completions.create(model="memsparse", max_tokens=12, stream=True,
+                                              messages=[{"role": "user", "content": "Where is Paris?"}],
+                                              stream_options={"include_usage": True}, extra_body={"interleave": "off"}))
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason and chunks[-1].usage is not None
+    text = "".join(c.choices[0].text for c in oai.completions.create(
+        model="memsparse", prompt="Where is Paris?", max_tokens=12, stream=True, extra_body={"interleave": "off"}))
+    assert text == engine.ask("Where is Paris?", max_new_tokens=12, interleave=False).text
+    raw = client.post("/v1/completions", json={"model": "memsparse", "prompt": "Paris", "max_tokens": 3,
+                                               "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream") and raw.text.endswith("data: [DONE]\n\n")
+
+
+def test_openai_client_errors(engine):
+    with TestClient(create_app(engine, _settings()), base_url=BASE) as c:
+        with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+            openai.OpenAI(base_url=BASE + "/v1", api_key="nope", http_client=c, max_retries=0).models.list()
+        oai = _oai(c)
+        with pytest.raises(openai.NotFoundError, match="no model 'gpt-4o'"):
+            oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
+        with pytest.raises(openai.BadRequestError, match="over the server's limit of 1024"):
+            oai.completions.create(model="memsparse", prompt="q", max_tokens=5000)
+        with pytest.raises(openai.BadRequestError, match="no user message"):
+            oai.chat.completions.create(model="memsparse", messages=[{"role": "system", "content": "q"}])
+
+
+def test_concurrent_requests_are_answered_one_at_a_time(client, engine):
+    """Asks, routes and an add at once: every reply is whole and what the engine alone answers (before or after the
+    add); a chat question given as content parts is the same question."""
+    ask = {"model": "memsparse", "max_tokens": 4, "interleave": "off"}
     want = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text
-    results = [None] * 8
+    results = [None] * 6
 
-    def client(n):
-        if n == 7:
-            results[n] = _call(url, "/docs/add", {"texts": ["Oslo is cold."]})
+    def one(n):
+        if n == 5:
+            results[n] = client.post("/v1/memory/documents", json={"texts": ["Oslo is cold."]})
         elif n % 2:
-            results[n] = _call(url, "/route", {"question": "Paris"})
+            results[n] = client.post("/v1/memory/route", json={"question": "Paris"})
         else:
-            results[n] = _call(url, "/ask", {"question": "Where is Paris?", "max_new_tokens": 4, "interleave": "off"})
+            results[n] = client.post("/v1/chat/completions", json={**ask, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Where is "}, {"type": "text", "text": "Paris?"}]}]})
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
-    assert all(r is not None and r[0] == 200 for r in results), results
-    assert results[7][1] == {"ids": [3]} and engine.bank.doc_ids() == [0, 1, 2, 3]
-    after = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text  # the add may come first
-    assert all(results[n][1]["text"] in (want, after) for n in range(0, 7, 2))
+        t.join(60)
+    assert all(r is not None and r.status_code == 200 for r in results), results
+    assert results[5].json() == {"ids": [3]} and engine.bank.doc_ids() == [0, 1, 2, 3]
+    after = engine.ask("Where is Paris?", max_new_tokens=4, interleave=False).text
+    assert all(results[n].json()["choices"][0]["message"]["content"] in (want, after) for n in (0, 2, 4))
 
 
-def test_documents_are_listed(served):
-    url, _, _ = served
-    status, got = _call(url, "/docs?offset=1&limit=1")
-    assert status == 200 and got["total"] == 3 and [d["id"] for d in got["documents"]] == [1]
-    assert got["documents"][0]["text"] == DOCS[1] and got["documents"][0]["tokens"] > 0
-    assert _call(url, "/docs?id=2")[1]["text"] == DOCS[2]
-    assert "no document 9" in _call(url, "/docs?id=9")[1]["error"]
-    assert "non-negative integer" in _call(url, "/docs?limit=-1")[1]["error"]
-    assert "more than once" in _call(url, "/docs?limit=1&limit=2")[1]["error"]
-    assert "unknown field(s) ['page']" in _call(url, "/docs?page=2")[1]["error"]
-
-
-def test_documents_are_added_and_deleted_and_committed(served):
-    url, engine, path = served
-    status, got = _call(url, "/docs/add", {"texts": ["Rome is old.", "Lisbon is by the sea."], "names": ["r", "l"]})
-    assert status == 200 and got == {"ids": [3, 4]}
-    assert _call(url, "/docs/delete", {"ids": [1]}) == (200, {"deleted": 1})
-    reopened = ms.MemoryBank.load(path, engine.model, engine.tok)
-    assert reopened.doc_ids() == [0, 2, 3, 4]
-    assert reopened.name(3) == "r" and reopened.text(4) == "Lisbon is by the sea."
-    routed = {d for v in _call(url, "/route", {"question": "Ottawa"})[1]["routing"].values() for d, _ in v}
+# --------------------------------------------------------------------------------------------- memory routes
+def test_memory_routes_match_the_engine_and_commit(client, engine, tmp_path):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/v1/memory/info").json()
+    assert info["documents"] == 3 and info["router layers"] == list(engine.model.router_layers)
+    got = client.post("/v1/memory/route", json={"question": "Where is Ottawa?"}).json()
+    want = engine.route("Where is Ottawa?")
+    assert got["routing"] == {str(k): [[d, s] for d, s in v] for k, v in want.items()}
+    listed = client.get("/v1/memory/documents", params={"offset": 1, "limit": 1}).json()
+    assert listed["total"] == 3 and [d["id"] for d in listed["data"]] == [1] and listed["data"][0]["text"] == DOCS[1]
+    assert client.get("/v1/memory/documents/2").json()["text"] == DOCS[2]
+    r = client.post("/v1/memory/documents", json={"texts": ["Rome is old.", "Lisbon is by the sea."],
+                                                  "names": ["r", "l"]})
+    assert r.status_code == 200 and r.json() == {"ids": [3, 4]}
+    assert client.delete("/v1/memory/documents/1").json() == {"id": 1, "deleted": True}
+    reopened = ms.MemoryBank.load(tmp_path / "bank", engine.model, engine.tok)
+    assert reopened.doc_ids() == [0, 2, 3, 4] and reopened.name(3) == "r"
+    assert reopened.text(4) == "Lisbon is by the sea."
+    routed = {d for v in client.post("/v1/memory/route", json={"question": "Ottawa"}).json()["routing"].values()
+              for d, _ in v}
     assert 1 not in routed
+    metrics = client.get("/metrics").text
+    assert 'memsparse_requests_total{method="DELETE",route="/v1/memory/documents/{doc_id}",status="200"} 1' in metrics
+    assert "memsparse_queue_waiting 0" in metrics and 'memsparse_request_seconds_count{route="/health"} 1' in metrics
 
 
-@pytest.mark.parametrize("path,body,status,message", [
-    ("/ask", {}, 400, "missing field 'question'"),
-    ("/ask", {"question": 3}, 400, "'question' must be str or list"),
-    ("/ask", {"question": []}, 400, "non-empty list of strings"),
-    ("/ask", {"question": "q", "max_new_tokens": True}, 400, "'max_new_tokens' must be int"),
-    ("/ask", {"question": "q", "max_new_tokens": 0}, 400, "1..8192"),
-    ("/ask", {"question": "q", "interleave": "sometimes"}, 400, "'interleave' must be"),
-    ("/ask", {"question": "q", "temperature": -1}, 400, "temperature must be >= 0"),
-    ("/ask", {"question": "q", "colour": "red"}, 400, "unknown field(s) ['colour']"),
-    ("/route", {"question": "q", "k": 3}, 400, "unknown field(s) ['k']"),
-    ("/docs/add", {"texts": ["ok", "   "]}, 400, "texts[1]: document is empty"),
-    ("/docs/add", {"texts": ["a"], "names": ["x", "y"]}, 400, "2 entries for 1 texts"),
-    ("/docs/add", {"texts": ["\ud800"]}, 400, "unpaired surrogate"),
-    ("/docs/delete", {"ids": [7]}, 400, "no documents [7]"),
-    ("/docs/delete", {"ids": [0, "1"]}, 400, "list of integers"),
-    ("/nowhere", {}, 404, "no POST /nowhere"),
+@pytest.mark.parametrize("method,path,body,status,message", [
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "temperature": float("nan")}, 400,
+     "temperature: Input should be a finite number"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "top_p": float("inf")}, 400, "top_p"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "temperature": 3}, 400, "temperature"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "inject_k": -3}, 400,
+     "inject_k: Input should be greater than or equal to 1"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "inject_k": 33}, 400, "inject_k 33 is over"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "router_rounds": 99}, 400,
+     "router_rounds 99 is over the server's limit of 4"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "max_tokens": 1025}, 400,
+     "max_tokens 1025 is over the server's limit of 1024"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "max_tokens": True}, 400, "max_tokens"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "Paris " * 5000}, 400,
+     "tokens, over the server's limit of 4096"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "   "}, 400, "the question is empty"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": ["q"] * 33}, 400, "33 questions; expected 1 to 32"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": []}, 400, "0 questions"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "colour": "red"}, 400, "unknown field 'colour'"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "n": 2}, 400, "n:"),
+    ("post", "/v1/completions", {"model": "memsparse", "prompt": "q", "interleave": "sometimes"}, 400, "interleave"),
+    ("post", "/v1/completions", {"prompt": "q"}, 400, "model: Field required"),
+    ("post", "/v1/memory/route", {"question": "q", "k": 3}, 400, "unknown field 'k'"),
+    ("post", "/v1/memory/documents", {"texts": ["ok", "   "]}, 400, "texts[1]: document is empty"),
+    ("post", "/v1/memory/documents", {"texts": ["a"], "names": ["x", "y"]}, 400, "2 entries for 1 texts"),
+    ("post", "/v1/memory/documents", {"texts": ["\ud800"]}, 400, "unpaired surrogate"),
+    ("post", "/v1/memory/documents", {"texts": []}, 400, "texts"),
+    ("delete", "/v1/memory/documents/7", None, 404, "no document 7"),
+    ("get", "/v1/memory/documents/9", None, 404, "no document 9"),
+    ("get", "/v1/memory/documents?limit=-1", None, 400, "limit"),
+    ("get", "/v1/memory/documents?limit=100000", None, 400, "limit"),
+    ("get", "/nowhere", None, 404, "Not Found"),
 ])
-def test_bad_requests_are_refused_and_change_nothing(served, path, body, status, message):
-    url, engine, _ = served
-    got_status, got = _call(url, path, body)
-    assert got_status == status and message in got["error"], got
+def test_bad_requests_are_refused_and_change_nothing(shared, method, path, body, status, message):
+    client, engine = shared
+    kw = {} if body is None else {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+    r = client.request(method.upper(), path, **kw)
+    got = r.json()
+    text = got["error"]["message"] if isinstance(got.get("error"), dict) else got.get("detail")
+    assert r.status_code == status and message in text, got
     assert engine.bank.doc_ids() == [0, 1, 2]
 
 
-def test_a_body_over_the_limit_is_refused_unread(served, monkeypatch):
-    from memsparse.serve import server
-
-    monkeypatch.setattr(server, "MAX_BODY", 16)
-    status, got = _call(served[0], "/ask", {"question": "a question longer than the limit"})
-    assert status == 413 and "over the 16 byte limit" in got["error"]
-
-
-def test_bodies_that_are_not_json_objects(served):
-    url, _, _ = served
-    assert _call(url, "/ask", raw=b"\xff\xfe")[0] == 400
-    status, got = _call(url, "/ask", raw=b"{not json")
-    assert status == 400 and "not valid JSON" in got["error"]
-    status, got = _call(url, "/ask", raw=b"[1, 2]")
-    assert status == 400 and "JSON object" in got["error"]
-    status, got = _call(url, "/health", raw=b"{}")  # POST to a GET path
-    assert status == 404 and "/health" in got["error"]
+def test_bodies_that_are_not_json_objects(shared):
+    client, _ = shared
+    for raw, message in [(b"{not json", "not valid JSON"), (b"[1, 2]", "valid dictionary"), (b"\xff\xfe", "JSON")]:
+        r = client.post("/v1/memory/route", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
-def test_the_command_line_serves_a_saved_bank(tmp_path):
-    """`memsparse serve BANK --port 0` in its own process: answers, then stops cleanly on Ctrl-C (SIGINT)."""
-    import re
-    import signal
-    import subprocess
-    import sys
+# --------------------------------------------------------------------------------------------- guards
+def _asgi(app, method: str, path: str, headers: dict[str, str], chunks=(b"",), gone: asyncio.Event | None = None):
+    """One request straight into the ASGI app: the body in `chunks`; after it, the client disconnects when `gone` is
+    set (never when None). Returns (status, body)."""
+    out = {"status": None, "body": b""}
+    parts = list(chunks)
 
+    async def receive():
+        if parts:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+        await (gone or asyncio.Event()).wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 8080),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in {"host": "127.0.0.1:8080", **headers}.items()]}
+
+    async def call():
+        await app(scope, receive, send)
+        return out["status"], out["body"]
+
+    return call()
+
+
+def _refused(app, method="POST", path="/v1/memory/documents", headers=None, chunks=(b'{"texts": ["x"]}',)):
+    status, body = asyncio.run(_asgi(app, method, path, {**AUTH, "content-type": "application/json",
+                                                         **(headers or {})}, chunks))
+    return status, json.loads(body).get("error", {}).get("message", "") if body else ""
+
+
+def test_keys_hosts_origins_and_content_types_are_checked_first(engine):
+    app = create_app(engine, _settings(max_body_bytes=64))
+    assert _refused(app, headers={"Authorization": ""})[0] == 401
+    assert _refused(app, headers={"Authorization": "Bearer wrong"}) == (401, "wrong API key")
+    assert _refused(app, "GET", "/metrics", headers={"Authorization": ""})[0] == 401
+    assert _refused(app, "GET", "/health", headers={"Authorization": ""}, chunks=())[0] == 200  # no key needed
+    status, message = _refused(app, headers={"host": "evil.example:8080"})
+    assert status == 403 and "DNS rebinding" in message
+    status, message = _refused(app, headers={"origin": "http://evil.example"})
+    assert status == 403 and "cross-origin" in message
+    assert _refused(app, headers={"origin": "null"})[0] == 403
+    assert _refused(app, headers={"host": "localhost:8080", "origin": "http://localhost:8080"})[0] == 200  # same origin
+    status, message = _refused(app, headers={"content-type": "text/plain"})
+    assert status == 415 and "application/json" in message
+    assert _refused(app, headers={"content-type": ""})[0] == 415
+    assert _refused(app, headers={"content-length": "-1"}) == (400, "Content-Length '-1' is not a non-negative integer")
+    status, message = _refused(app, headers={"content-length": "100000"})
+    assert status == 413 and "over the 64 byte limit" in message
+    big = [b'{"texts": [', b'"' + b"x" * 80 + b'"]}']
+    status, message = _refused(app, headers={"content-length": "10"}, chunks=big)
+    assert status == 413 and "over the 64 byte limit" in message  # a Content-Length that lies
+    assert _refused(app, chunks=big)[0] == 413  # chunked, no length
+    assert engine.bank.doc_ids() == [0, 1, 2, 3]  # only the same-origin add went through
+    assert create_app(engine, _settings(host="0.0.0.0"))  # a wildcard address: any Host, a key required
+    with pytest.raises(ValueError, match="needs an API key"):
+        create_app(engine, Settings(host="0.0.0.0"))
+    open_app = create_app(engine, Settings())  # loopback without a key: no key asked
+    assert _refused(open_app, "GET", "/v1/memory/info", headers={"Authorization": ""}, chunks=())[0] == 200
+
+
+def _blocking(engine, monkeypatch):
+    """engine.route holds the engine until `release` is set; `entered` counts the calls that reached it."""
+    release, entered = threading.Event(), []
+    real = engine.route
+
+    def route(question):
+        entered.append(question)
+        assert release.wait(60)
+        return real(question)
+
+    monkeypatch.setattr(engine, "route", route)
+    return release, entered
+
+
+def test_a_full_queue_is_429_and_the_waiting_are_served(engine, monkeypatch):
+    release, entered = _blocking(engine, monkeypatch)
+    app = create_app(engine, _settings(max_queue=1))
+    queue = app.state.queue
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
+        results = {}
+
+        def ask(name):
+            results[name] = c.post("/v1/memory/route", json={"question": name})
+
+        first = threading.Thread(target=ask, args=("first",))
+        first.start()
+        _until(lambda: queue.running == 1, "the first request runs")
+        second = threading.Thread(target=ask, args=("second",))
+        second.start()
+        _until(lambda: queue.waiting == 1, "the second request waits")
+        r = c.post("/v1/memory/route", json={"question": "third"})
+        assert r.status_code == 429 and "--max-queue" in r.json()["error"]["message"]
+        assert "memsparse_queue_waiting 1" in c.get("/metrics").text
+        release.set()
+        first.join(60)
+        second.join(60)
+        assert results["first"].status_code == results["second"].status_code == 200
+        assert entered == ["first", "second"]
+
+
+def test_a_client_that_goes_away_leaves_the_queue(engine, monkeypatch):
+    release, entered = _blocking(engine, monkeypatch)
+    app = create_app(engine, _settings())
+    queue = app.state.queue
+    body = (json.dumps({"question": "q"}).encode(),)
+    headers = {**AUTH, "content-type": "application/json"}
+
+    async def scenario():
+        first = asyncio.ensure_future(_asgi(app, "POST", "/v1/memory/route", headers, body))
+        while queue.running != 1:
+            await asyncio.sleep(0.002)
+        gone = asyncio.Event()
+        second = asyncio.ensure_future(_asgi(app, "POST", "/v1/memory/route", headers, body, gone))
+        while queue.waiting != 1:
+            await asyncio.sleep(0.002)
+        gone.set()  # the second client disconnects while it waits
+        assert (await second)[0] == 499 and queue.waiting == 0
+        release.set()
+        assert (await first)[0] == 200
+
+    asyncio.run(scenario())
+    assert len(entered) == 1  # the second request never reached the engine
+
+
+def test_a_client_that_goes_away_stops_its_answer(engine, monkeypatch):
+    """Disconnecting during decoding: the engine stops at the next token (Cancelled) and serves the next request."""
+    started, go, steps = threading.Event(), threading.Event(), []
+    real = engine._event
+
+    def event(*args):
+        steps.append(1)
+        started.set()
+        assert go.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_event", event)
+    app = create_app(engine, _settings())
+    queue = app.state.queue
+    body = json.dumps({"model": "memsparse", "prompt": "q", "max_tokens": 50, "interleave": "off"}).encode()
+    headers = {**AUTH, "content-type": "application/json"}
+
+    async def scenario():
+        gone = asyncio.Event()
+        request = asyncio.ensure_future(_asgi(app, "POST", "/v1/completions", headers, (body,), gone))
+        await asyncio.to_thread(started.wait, 60)
+        gone.set()
+        assert (await request)[0] == 499
+        go.set()
+        while queue.running:
+            await asyncio.sleep(0.002)
+
+    asyncio.run(scenario())
+    assert len(steps) == 1  # the token after the disconnect raised Cancelled before the next step
+    monkeypatch.setattr(engine, "_event", real)
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
+        assert c.post("/v1/memory/route", json={"question": "q"}).status_code == 200
+
+
+def test_a_request_past_the_timeout_is_504(engine, monkeypatch):
+    release, _ = _blocking(engine, monkeypatch)
+    with TestClient(create_app(engine, _settings(timeout=0.2)), base_url=BASE, headers=AUTH) as c:
+        r = c.post("/v1/memory/route", json={"question": "q"})
+        release.set()
+    assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------------------------- a real socket
+def test_concurrent_openai_clients_over_uvicorn(engine):
+    """8 clients x 3 requests (chat, completion, streamed chat) over a real socket: none fails; latency printed."""
+    import uvicorn
+
+    from memsparse.serve.load import run_load
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, _settings(max_queue=16)), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(timeout=120) as http:
+            out = run_load(f"http://127.0.0.1:{port}/v1", KEY, clients=8, requests=3, max_tokens=4, http_client=http)
+            metrics = http.get(f"http://127.0.0.1:{port}/metrics", headers=AUTH).text
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    print(json.dumps(out))
+    assert out["failures"] == [] and out["succeeded"] == 24
+    served = sum(int(n) for n in re.findall(r'route="/v1/(?:chat/)?completions",status="200"} (\d+)', metrics))
+    assert served == 24
+
+
+def test_the_command_line_serves_a_saved_bank(tmp_path, model_tok):
+    """`memsparse serve BANK --port 0` in its own process: the openai client is answered, a non-loopback address
+    without a key is refused in one line, and Ctrl-C (SIGINT) stops it cleanly."""
+    model, tok = model_tok
     model_dir = tmp_path / "model"
-    tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    model, tok = ms.MSAForCausalLM.from_pretrained(model_dir), ms.load_tokenizer(model_dir)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    model = ms.MSAForCausalLM.from_pretrained(model_dir)
     bank = ms.MemoryBank.build(model, tok, DOCS)
     bank.meta["model"] = str(model_dir)
     bank.save(tmp_path / "bank")
     cmd = [sys.executable, "-c", "import sys; from memsparse.cli import main; sys.exit(main())", "serve",
-           str(tmp_path / "bank"), "--port", "0", "--device", "cpu"]
+           str(tmp_path / "bank"), "--device", "cpu"]
+    refused = subprocess.run(cmd + ["--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "MEMSPARSE_API_KEY": ""})
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith(
+        "memsparse serve: binding 0.0.0.0 (not this machine only) needs an API key")
     # SIGINT as at a terminal, even when the suite runs in the background (where the shell ignores it, inherited)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd + ["--port", "0", "--api-key", KEY], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stderr.readline()
         port = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert port, line + proc.stderr.read() if proc.poll() is not None else line
-        url = f"http://127.0.0.1:{port.group(1)}"
-        assert _call(url, "/info")[1]["documents"] == 3
-        status, got = _call(url, "/ask", {"question": "Where is Paris?", "max_new_tokens": 3, "interleave": "off"})
-        assert status == 200 and got["question"] == "Where is Paris?"
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port.group(1)}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in oai.models.list()] == ["memsparse"]
+        r = oai.completions.create(model="memsparse", prompt="Where is Paris?", max_tokens=3,
+                                   extra_body={"interleave": "off"})
+        assert r.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

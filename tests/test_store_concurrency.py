@@ -7,8 +7,6 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -232,35 +230,31 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
 
 
 def test_server_follows_other_writers(tok, model_dir, tmp_path):
-    from memsparse.serve import make_server
+    from fastapi.testclient import TestClient
+
+    from memsparse.serve import create_app
 
     path = tmp_path / "b"
     model = ms.MSAForCausalLM.from_pretrained(model_dir)
     ms.MemoryBank.build(model, tok, DOCS).save(path)
     engine = ms.MSAEngine(model, tok, ms.MemoryBank.load(path, model, tok))
-    server = make_server(engine, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    with TestClient(create_app(engine), base_url="http://127.0.0.1:8080") as client:
 
-    def call(route, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        with urllib.request.urlopen(urllib.request.Request(url + route, data=data)) as r:
-            return json.loads(r.read())
+        def call(route, body=None):
+            r = client.post(route, json=body) if body is not None else client.get(route)
+            assert r.status_code == 200, r.text
+            return r.json()
 
-    try:
         (tmp_path / "more.txt").write_text("written elsewhere")
         subprocess.run([sys.executable, "-m", "memsparse.cli", "docs", "add", str(path), str(tmp_path / "more.txt"),
                         "--model", str(model_dir), "--device", "cpu"], check=True, cwd=ROOT, capture_output=True)
-        assert call("/docs?id=5")["text"] == "written elsewhere"  # a read sees the other commit
-        assert call("/docs/add", {"texts": ["written by the server"]}) == {"ids": [6]}  # no reused id
+        assert call("/v1/memory/documents/5")["text"] == "written elsewhere"  # a read sees the other commit
+        assert call("/v1/memory/documents", {"texts": ["written by the server"]}) == {"ids": [6]}  # no reused id
         with store.update(path, _model(), tok) as other:
             other.delete([6])
-        assert call("/docs/add", {"texts": ["again"]}) == {"ids": [7]}
+        assert call("/v1/memory/documents", {"texts": ["again"]}) == {"ids": [7]}
         bank = ms.MemoryBank.load(path, model, tok)
         assert bank.doc_ids() == [0, 1, 2, 3, 4, 5, 7] and bank.text(5) == "written elsewhere"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------- damage

@@ -20,7 +20,8 @@ EXAMPLES = """examples:
   memsparse docs verify ./notes.bank                                   # checksums, shapes, values, texts
   memsparse info ./notes.bank
   memsparse serve ./notes.bank --port 8080
-  curl -s localhost:8080/ask -d '{"question": "Who wrote the design memo?", "max_new_tokens": 64}'
+  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \
+       -d '{"model": "memsparse", "prompt": "Who wrote the design memo?", "max_tokens": 64}'
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
@@ -258,24 +259,40 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
+    import os
+    import socket
 
     from .engine import MSAEngine
-    from .serve import make_server
+    from .serve import Settings, create_app, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request on stderr
+    settings = Settings(
+        host=args.host, api_key=args.api_key or os.environ.get("MEMSPARSE_API_KEY") or None,
+        allow_hosts=args.allow_host or [], model_name=args.model_name, max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
+        max_new_tokens=args.max_new_tokens, max_question_tokens=args.max_question_tokens,
+        max_router_rounds=args.max_router_rounds, timeout=args.timeout, interleave=args.interleave,
+        inject_k=args.inject_k)
+    try:
+        settings.check()
+    except ValueError as e:
+        sys.exit(f"memsparse serve: {e}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one JSON line per request on stderr
     bank = _open_bank(args)
     engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
-    server = make_server(engine, args.host, args.port, max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
-                         interleave=args.interleave, inject_k=args.inject_k)
-    host, port = server.server_address[:2]
-    print(f"serving {args.bank} ({bank.num_docs} documents) on http://{host}:{port} "
-          "(GET /health /info /docs; POST /ask /route /docs/add /docs/delete); Ctrl-C stops", file=sys.stderr)
+    app = create_app(engine, settings)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        sock = socket.create_server((args.host.strip("[]"), args.port), family=family, backlog=2048)
+    except OSError as e:
+        sys.exit(f"memsparse serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    keyed = " with an API key" if settings.api_key else ""
+    print(f"serving {args.bank} ({bank.num_docs} documents) as model {settings.model_name!r} on "
+          f"http://{shown}:{port}/v1 (OpenAI API; /v1/memory/...; /health, /metrics){keyed}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(app, sock, settings, max_connections=args.max_connections)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -707,16 +724,28 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_arg(d)
     d.set_defaults(func=cmd_docs)
 
-    s = sub.add_parser("serve", help="answer questions from a bank over HTTP (JSON API)", epilog=EXAMPLES,
-                       formatter_class=fmt)
+    s = sub.add_parser("serve", help="answer questions from a bank over HTTP (OpenAI-compatible API)",
+                       epilog=EXAMPLES, formatter_class=fmt)
     s.add_argument("bank")
     _model_args(s, "the model the bank was encoded with")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; any other needs an API key)")
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    s.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $MEMSPARSE_API_KEY)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a Host name served besides the bound address and localhost (repeatable; '*': any)")
+    s.add_argument("--model-name", default="memsparse", help="the model id of /v1/models (default: memsparse)")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting for the engine; more get 429")
+    s.add_argument("--max-connections", type=int, default=256, help="open connections; more get 503")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
+    s.add_argument("--max-new-tokens", type=int, default=1024, help="the most max_tokens a request may ask")
+    s.add_argument("--max-question-tokens", type=int, default=4096, help="refuse longer questions")
+    s.add_argument("--max-router-rounds", type=int, default=4, help="the most router_rounds a request may ask")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds from arrival to answer (504 past it)")
     s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
                    help="routing score: as in training (default) or as the official engine")
-    s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents in /docs/add")
-    _interleave_args(s)  # /ask's defaults
+    s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents")
+    _interleave_args(s)  # the completions' defaults
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the shipped MSA-SmolLM2 answering questions from a memory (CPU, minutes)",

@@ -4,6 +4,7 @@ Interleave. Only ids in the model's own output are parsed; document and question
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -92,6 +93,10 @@ def refine_routing(bank: MemoryBank, tok, tokens: list[int], route: list[bool], 
     fine.add_tokens(render_documents(tok, docs, texts), texts=texts)  # ids 0..n-1 = docs' positions
     res = prefill_batch(fine, [tokens], [route], similarity=similarity, route_only=True, depth=depth)
     return {layer: [(docs[i], score) for i, score in picked] for layer, picked in res.memory.routing[0].items()}
+
+
+class Cancelled(RuntimeError):
+    """An answer stopped part-way because its `cancel` event was set."""
 
 
 @dataclass
@@ -233,14 +238,16 @@ class MSAEngine:
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
                   router_rounds: int = 1, batch_size: int = 16,
-                  documents: list[list[int]] | None = None, progress: str | None = None) -> list[Answer]:
+                  documents: list[list[int]] | None = None, progress: str | None = None,
+                  cancel: threading.Event | None = None) -> list[Answer]:
         """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
 
         `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
         inject; "router" = the engine injects the `inject_k` documents the router layers rank highest
         (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round.
         `documents` (router mode): per question, the documents to inject instead (one round; another retriever's
-        pick, read as the model reads routed ones). `progress`: a progress bar with this label."""
+        pick, read as the model reads routed ones). `progress`: a progress bar with this label. `cancel`: once set
+        (by another thread), the next decoded token raises Cancelled (the server's timeouts and departed clients)."""
         if interleave not in (True, False, "model", "router"):
             raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
         if documents is not None:
@@ -260,12 +267,13 @@ class MSAEngine:
         with tqdm(total=len(questions), desc=progress, unit="question", disable=progress is None) as bar:
             for i in range(0, len(questions), batch_size):
                 out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [],
-                                    rounds, inject_k, router_rounds, documents and documents[i:i + batch_size])
+                                    rounds, inject_k, router_rounds, documents and documents[i:i + batch_size],
+                                    cancel)
                 bar.update(len(questions[i:i + batch_size]))
         return out
 
     def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k,
-                router_rounds, documents=None) -> list[Answer]:
+                router_rounds, documents=None, cancel: threading.Event | None = None) -> list[Answer]:
         rows = []
         for q in questions:
             ids, mask = self.encode_question(q)
@@ -275,9 +283,14 @@ class MSAEngine:
         if interleave == "router":
             self._router_injection(rows, inject_k, router_rounds, timings, documents)
         while live := [r for r in rows if r.finish is None]:
+
+            def event(b: int, ids: list[int], live=live) -> str | None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("the request was cancelled")
+                return self._event(live[b], ids, stop_strings, budget)
+
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
-                         max(budget - r.used for r in live),
-                         lambda b, ids: self._event(live[b], ids, stop_strings, budget), sampling, self.similarity)
+                         max(budget - r.used for r in live), event, sampling, self.similarity)
             for k in timings:
                 timings[k] += g.timings[k]
             for row, ids, event, routing in zip(live, g.tokens, g.events, g.routing):

@@ -1,5 +1,5 @@
-"""The HTTP server (`memsparse serve`): an engine and its bank behind a JSON API."""
+"""The HTTP server (`memsparse serve`): an engine and its bank behind an OpenAI-compatible API (FastAPI)."""
 
-from .server import make_server
+from .server import Settings, create_app, serve
 
-__all__ = ["make_server"]
+__all__ = ["Settings", "create_app", "serve"]

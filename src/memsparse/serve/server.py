@@ -1,85 +1,298 @@
-"""`memsparse serve`: one MSA engine and its memory bank behind a small JSON API (standard library only).
+"""`memsparse serve`: one MSA engine and its memory bank behind an OpenAI-compatible HTTP API (FastAPI on uvicorn).
 
-    GET  /health          {"status": "ok"}
-    GET  /info            the bank: documents, tokens, chunks, dtypes, router layers, model
-    GET  /docs?offset=0&limit=100   documents in insertion order: [{"id", "name", "tokens", "text"}] (text cut to
-                          200 characters; ?id=N: that one document, whole)
-    POST /route           {"question": str} -> {"routing": {layer: [[doc id, score], ...]}} (best first)
-    POST /ask             {"question": str | [str], "max_new_tokens": 256, "interleave": "model" | "router" | "off",
-                           "temperature": 0.0, "top_p": 1.0, "seed": null, "stop": [str], "inject_k": 4,
-                           "router_rounds": 1} -> the answer object (a list of them for a list of questions);
-                          interleave and inject_k default to the server's settings (as `memsparse ask`: router, 4)
-    POST /docs/add        {"texts": [str], "names": [str]} -> {"ids": [...]}
-    POST /docs/delete     {"ids": [int]} -> {"deleted": n}
+OpenAI-compatible (the `openai` client works with base_url=http://HOST:PORT/v1; the memory answers from the bank):
 
-Document changes are committed to the bank's directory (atomically, as `memsparse docs`: as the bank's one writer,
-on its latest commit) when it has one; every request first follows commits other processes made (the bank is
-reopened when the directory's commit moved). Bad requests get status 400 and {"error": "..."} and change nothing;
-unknown paths 404, bodies over MAX_BODY 413, a bank another process is writing for over WRITE_WAIT seconds 503, a
-damaged bank and failures of the server itself 500 (it keeps serving). Requests reach the
-engine one at a time (a lock): the GPU decode graphs and the bank are not shared between threads. Text in
-questions and documents is plain text: special tokens and protocol strings in it never act as such.
+    GET  /v1/models                 the one model served ({"object": "list", "data": [{"id": MODEL, ...}]});
+                                    GET /v1/models/{id}: that model (404 for any other; so is a request naming one)
+    POST /v1/chat/completions       the last user message is the question (system and earlier turns are not read);
+                                    max_tokens | max_completion_tokens, temperature, top_p, seed, stop, stream
+    POST /v1/completions            prompt: the question (a string, or a list of them: one choice each)
+
+    Both take memsparse's own fields beside OpenAI's (extra_body= in the openai client): "interleave" ("model" |
+    "router" | "off"; default the server's --interleave), "inject_k", "router_rounds"; every answer carries a
+    "memsparse" object: {"rounds": documents read in each round, "routing": the first round's routing, "timings"}.
+    `stream: true` answers with Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`: the
+    answer is generated whole (it is only known once the model has written its answer marker), then sent in
+    chunks of a few words; the first chunk carries the role, the last the finish reason.
+
+Memory:
+
+    GET    /v1/memory/documents?offset=0&limit=100   {"object": "list", "total", "offset", "data": [{"id", "name",
+                                                      "tokens", "text" (cut to 200 characters)}]}
+    POST   /v1/memory/documents  {"texts": [str], "names": [str]} -> {"ids": [...]}   (committed to the bank)
+    GET    /v1/memory/documents/{id}                 that document, whole
+    DELETE /v1/memory/documents/{id}                 {"id", "deleted": true}            (committed to the bank)
+    POST   /v1/memory/route      {"question": str} -> {"routing": {layer: [[doc id, score], ...]}} (best first)
+    GET    /v1/memory/info       the bank: documents, tokens, chunks, dtypes, router layers, model
+    GET    /health               {"status": "ok"} (no key needed)
+    GET    /metrics              Prometheus text: requests by route and status, latency histogram, queue length
+
+The stdlib server's routes map as: /info -> /v1/memory/info, /docs -> /v1/memory/documents[/{id}], /route ->
+/v1/memory/route, /ask -> /v1/completions (the answer object's rounds and routing under "memsparse"),
+/docs/add -> POST /v1/memory/documents, /docs/delete -> DELETE /v1/memory/documents/{id}.
+
+Guards, before anything is read or run: the Host header must name the bound address, localhost or an --allow-host
+name (DNS rebinding; any Host when bound to a wildcard address, where a key is required); a browser request from
+another origin (an Origin header that is not http(s)://HOST) is refused 403; every route but /health needs
+`Authorization: Bearer KEY` when a key is set (401), and a key is required to bind a non-loopback address; a POST
+must be application/json (415: a text/plain form post from a web page changes nothing); bodies are read up to
+--max-body-mb whatever Content-Length says (a negative or non-numeric one is 400, a larger one 413 unread).
+Validation errors are 400 in OpenAI's error format {"error": {"message", "type", "param", "code"}}; NaN or
+infinite numbers are refused there. Limits: question tokens, max_tokens (--max-new-tokens), inject_k,
+router_rounds (400 past them).
+
+Engine work (answers, routing, the bank's reads and changes) runs one request at a time in a worker thread: the
+GPU decode graphs and the bank are not shared. Up to --max-queue requests wait their turn; more get 429. A
+request that is not answered within --timeout seconds gets 504; a client that goes away while its request waits
+leaves the queue, and one whose answer is being generated stops it at the next token (the engine's `cancel`).
+Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
+request first follows commits other processes made; a bank another process is writing for over WRITE_WAIT
+seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
+path, status, latency). Text in questions and documents is plain text: special tokens never act as such.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import math
+import re
 import threading
-import urllib.parse
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from ..engine.engine import MSAEngine
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.engine import Cancelled, MSAEngine
 from ..memory.bank import BankError
 from ..memory.corpus import CorpusError, check_document
 from ..memory.store import BankBusy, load, read_manifest, writer
 
 log = logging.getLogger("memsparse.serve")
-MAX_BODY = 64 << 20  # bytes of one request body
 WRITE_WAIT = 30.0  # seconds a document change waits for another process writing the bank
-INTERLEAVE = {"model": True, "router": "router", "off": False, True: True, False: False}
+INTERLEAVE = {"model": True, "router": "router", "off": False}
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-class BadRequest(ValueError):
-    """A request the server refuses (status 400)."""
+@dataclass
+class Settings:
+    """What `memsparse serve` was told (its flags)."""
+
+    host: str = "127.0.0.1"
+    api_key: str | None = None
+    allow_hosts: list[str] = field(default_factory=list)  # Host names accepted besides the bound one and localhost
+    model_name: str = "memsparse"
+    max_queue: int = 16  # requests waiting for the engine (past them: 429)
+    max_body_bytes: int = 16 << 20
+    max_doc_bytes: int = 1 << 20
+    max_new_tokens: int = 1024
+    max_question_tokens: int = 4096
+    max_router_rounds: int = 4
+    max_inject_k: int = 32
+    max_prompts: int = 32  # questions in one /v1/completions request
+    timeout: float = 300.0  # seconds from arrival to answer
+    interleave: str = "router"  # what a request that does not say gets
+    inject_k: int = 4
+
+    def check(self) -> None:
+        """Refuse settings that would expose the bank: a non-loopback address needs a key."""
+        if not self.api_key and not is_loopback(self.host):
+            raise ValueError(f"binding {self.host} (not this machine only) needs an API key: pass --api-key or set "
+                             "MEMSPARSE_API_KEY")
+        if self.max_queue < 0 or self.max_body_bytes < 1 or self.max_new_tokens < 1 or self.timeout <= 0:
+            raise ValueError("--max-queue must be >= 0; --max-body-mb, --max-new-tokens and --timeout > 0")
+        if self.interleave not in INTERLEAVE:
+            raise ValueError(f"interleave {self.interleave!r}: expected one of {sorted(INTERLEAVE)}")
 
 
-class _TooLarge(Exception):
-    """A request body over MAX_BODY (status 413)."""
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def _field(body: dict, name: str, kind: type | tuple, default=None, required: bool = False):
-    """body[name] checked to be of `kind` (booleans are not numbers); `default` when absent or null."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise BadRequest(f"missing field {name!r}")
-        return default
-    if kind in (int, float, (int, float)) and isinstance(value, bool) or not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise BadRequest(f"field {name!r} must be {names}, got {type(value).__name__}")
-    return value
+class ApiError(Exception):
+    """A refusal: status, message, OpenAI error type and code."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.kind, self.code, self.param)
 
 
-def _strings(value, name: str) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise BadRequest(f"field {name!r} must be a non-empty list of strings")
-    return value
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
+# --------------------------------------------------------------------------------------------- request models
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Generation(_Body):
+    """Sampling and memory fields common to both completion routes."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    interleave: Literal["model", "router", "off"] | None = None
+    inject_k: int | None = Field(None, ge=1)
+    router_rounds: int = Field(1, ge=1)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(Generation):
+    prompt: str | list[str]
+
+
+class AddRequest(_Body):
+    texts: list[str] = Field(min_length=1)
+    names: list[str] | None = None
+
+
+class RouteRequest(_Body):
+    question: str
+
+
+# --------------------------------------------------------------------------------------------- the engine queue
+class EngineQueue:
+    """Engine work one request at a time in a worker thread; at most `max_queue` requests wait (429 past that)."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.waiting = 0  # requests waiting for the engine
+        self.running = 0  # 0 or 1
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the lock's loop (a server runs in one)
+
+    async def run(self, request: Request, work, timeout: float):
+        """work(cancel: threading.Event) in the worker thread, after the requests before it; 429 when the queue is
+        full, 504 past `timeout` seconds, and given up (its work stopped) when the client disconnects."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop and not (self._lock and self._lock.locked()):
+            self._lock, self._loop = asyncio.Lock(), loop
+        if self._lock.locked() and self.waiting >= self.max_queue:
+            raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting for the engine (the limit, "
+                                "--max-queue); retry later", "rate_limit_error", "queue_full")
+        deadline = loop.time() + timeout
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            self.waiting += 1
+            try:
+                await self._acquire(gone, deadline)
+            finally:
+                self.waiting -= 1
+            cancel = threading.Event()
+            self.running = 1
+
+            def done(job):
+                self.running = 0
+                self._lock.release()
+                if not job.cancelled():
+                    job.exception()  # retrieved here when the request was given up (no "never retrieved" noise)
+
+            job = loop.run_in_executor(None, work, cancel)
+            job.add_done_callback(done)  # the engine is free once the work stops, whatever became of the request
+            try:
+                finished, _ = await asyncio.wait({job, gone}, timeout=max(deadline - loop.time(), 0),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+            if job not in finished:
+                cancel.set()
+                if gone in finished:
+                    raise ApiError(499, "the client went away", "cancelled", "client_closed")
+                raise ApiError(504, f"no answer within the server's {timeout:g} s timeout (--timeout)",
+                               "timeout_error", "timeout")
+            return job.result()
+        finally:
+            gone.cancel()
+
+    async def _acquire(self, gone: asyncio.Future, deadline: float) -> None:
+        acquire = asyncio.ensure_future(self._lock.acquire())
+        try:
+            finished, _ = await asyncio.wait({acquire, gone}, timeout=max(deadline - asyncio.get_running_loop().time(),
+                                                                           0), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            _give_back(acquire, self._lock)
+            raise
+        if acquire in finished:
+            return
+        _give_back(acquire, self._lock)
+        if gone in finished:
+            raise ApiError(499, "the client went away", "cancelled", "client_closed")
+        raise ApiError(504, "no turn at the engine within the server's timeout (--timeout)", "timeout_error", "timeout")
+
+
+def _give_back(acquire: asyncio.Future, lock: asyncio.Lock) -> None:
+    """Stop waiting for the lock; release it if the wait had already won it."""
+    if acquire.done() and not acquire.cancelled():
+        lock.release()
+    else:
+        acquire.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the request's body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --------------------------------------------------------------------------------------------- the bank's operations
 class Service:
-    """The API's operations over one engine, serialised by a lock; each takes and returns JSON-ready values."""
+    """The bank's operations over one engine (called in the engine's worker thread, one at a time)."""
 
-    def __init__(self, engine: MSAEngine, max_doc_bytes: int = 1 << 20, interleave: str = "router",
-                 inject_k: int = 4):
-        self.engine, self.bank = engine, engine.bank
-        self.max_doc_bytes = max_doc_bytes
-        self.interleave, self.inject_k = interleave, inject_k
-        self.lock = threading.Lock()
+    def __init__(self, engine: MSAEngine, settings: Settings):
+        self.engine, self.bank, self.settings = engine, engine.bank, settings
 
-    def _follow(self) -> None:
-        """Reopen the bank if another process committed to its directory since (call holding self.lock)."""
+    def follow(self) -> None:
+        """Reopen the bank if another process committed to its directory since."""
         if self.bank.path is not None and read_manifest(self.bank.path).get("commit", 0) != self.bank.commit:
             self._reopen()
 
@@ -89,208 +302,430 @@ class Service:
         bank.fused_routing = old.fused_routing
         self.engine.bank = self.bank = bank
 
-    def _read(self, op):
-        """op() on the bank's latest commit, serialised with every other request."""
-        with self.lock:
-            self._follow()
-            return op()
+    def read(self, op):
+        self.follow()
+        return op()
 
-    def _write(self, change):
+    def write(self, change):
         """change(bank) as the bank's one writer on its latest commit, then committed (on a failed commit the bank
         is reopened: what did not commit is not served)."""
-        with self.lock:
-            if self.bank.path is None:
-                return change(self.bank)
-            with writer(self.bank.path, timeout=WRITE_WAIT):
-                self._follow()
-                out = change(self.bank)
-                try:
-                    self.bank.save()
-                except BaseException:
-                    self._reopen()
-                    raise
-                return out
+        if self.bank.path is None:
+            return change(self.bank)
+        with writer(self.bank.path, timeout=WRITE_WAIT):
+            self.follow()
+            out = change(self.bank)
+            try:
+                self.bank.save()
+            except BaseException:
+                self._reopen()
+                raise
+            return out
 
-    def info(self, query: dict) -> dict:
-        return self._read(self._info)
-
-    def _info(self) -> dict:
+    def info(self) -> dict:
         bank, model = self.bank, self.bank.model
         docs = bank.doc_ids()
         return {"documents": len(docs), "tokens": sum(bank.token_count(d) for d in docs), "chunks": bank.num_chunks,
                 "routing keys": bank.key_dtype, "document keys/values": bank.content_dtype, "tier": bank.tier,
                 "router layers": list(model.router_layers), "top_k": model.msa_config.engine_top_k,
                 "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-                "directory": str(bank.path) if bank.path else None}
+                "directory": str(bank.path) if bank.path else None, "commit": bank.commit}
 
-    def docs(self, query: dict) -> dict:
-        _only(query, {"offset", "limit", "id"})
-        return self._read(lambda: self._docs(query))
+    def document(self, d: int, cut: int | None = None) -> dict:
+        text = self.bank.text(d) or ""
+        return {"id": d, "name": self.bank.name(d), "tokens": self.bank.token_count(d),
+                "text": text[:cut] if cut else text}
 
-    def _docs(self, query: dict) -> dict:
-        if "id" in query:
-            d = _int_param(query, "id", 0)
-            if d not in self.bank:
-                raise BadRequest(f"no document {d} in the bank")
-            return {"id": d, "name": self.bank.name(d), "tokens": self.bank.token_count(d), "text": self.bank.text(d)}
-        offset, limit = _int_param(query, "offset", 0), _int_param(query, "limit", 100)
+    def documents(self, offset: int, limit: int) -> dict:
         ids = self.bank.doc_ids()
-        rows = [{"id": d, "name": self.bank.name(d), "tokens": self.bank.token_count(d),
-                 "text": (self.bank.text(d) or "")[:200]} for d in ids[offset:offset + limit]]
-        return {"total": len(ids), "offset": offset, "documents": rows}
+        return {"object": "list", "total": len(ids), "offset": offset,
+                "data": [self.document(d, 200) for d in ids[offset:offset + limit]]}
 
-    def route(self, body: dict) -> dict:
-        _only(body, {"question"})
-        question = _field(body, "question", str, required=True)
-        routing = self._read(lambda: self.engine.route(question))
+    def get(self, d: int) -> dict:
+        if d not in self.bank:
+            raise ApiError(404, f"no document {d} in the bank", code="document_not_found")
+        return self.document(d)
+
+    def add(self, texts: list[str], names: list[str] | None) -> dict:
+        return {"ids": self.write(lambda bank: bank.add(texts, names=names))}
+
+    def delete(self, d: int) -> dict:
+        def change(bank):
+            if d not in bank:
+                raise ApiError(404, f"no document {d} in the bank", code="document_not_found")
+            bank.delete([d])
+
+        self.write(change)
+        return {"id": d, "deleted": True}
+
+
+# --------------------------------------------------------------------------------------------- metrics
+class Metrics:
+    """Requests by route and status, a latency histogram per route, in Prometheus' text format."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.latency: dict[str, list] = {}  # route -> [bucket counts..., sum, count]
+        self.lock = threading.Lock()
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(method, route, status)] += 1
+            h = self.latency.setdefault(route, [0] * len(BUCKETS) + [0.0, 0])
+            for i, b in enumerate(BUCKETS):
+                h[i] += seconds <= b
+            h[-2] += seconds
+            h[-1] += 1
+
+    def text(self, queue: EngineQueue) -> str:
+        out = ["# HELP memsparse_requests_total HTTP requests answered, by method, route and status.",
+               "# TYPE memsparse_requests_total counter"]
+        with self.lock:
+            for (method, route, status), n in sorted(self.requests.items()):
+                out.append(f'memsparse_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
+            out += ["# HELP memsparse_request_seconds Time from request to response, by route.",
+                    "# TYPE memsparse_request_seconds histogram"]
+            for route, h in sorted(self.latency.items()):
+                for b, n in zip(BUCKETS, h):
+                    out.append(f'memsparse_request_seconds_bucket{{route="{route}",le="{b:g}"}} {n}')
+                out.append(f'memsparse_request_seconds_bucket{{route="{route}",le="+Inf"}} {h[-1]}')
+                out.append(f'memsparse_request_seconds_sum{{route="{route}"}} {h[-2]:.6f}')
+                out.append(f'memsparse_request_seconds_count{{route="{route}"}} {h[-1]}')
+        out += ["# HELP memsparse_queue_waiting Requests waiting for the engine.",
+                "# TYPE memsparse_queue_waiting gauge", f"memsparse_queue_waiting {queue.waiting}",
+                "# HELP memsparse_engine_busy 1 while the engine runs a request.",
+                "# TYPE memsparse_engine_busy gauge", f"memsparse_engine_busy {queue.running}"]
+        return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- guards (ASGI)
+class Guard:
+    """Host, Origin, API key, content type and body size, checked before the app sees a request; the body is read
+    here (at most max_body_bytes) and replayed to the app. Logs one JSON line and counts every request."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.hosts = {h.lower() for h in settings.allow_hosts} | LOOPBACK_NAMES | {settings.host.strip("[]").lower()}
+        self.any_host = settings.host in ("0.0.0.0", "::", "") or "*" in settings.allow_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            body = b""
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body, refusal = await self._body(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, sent)
+            else:
+                await self.app(scope, _replay(body, receive), sent)
+        finally:
+            seconds = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(scope["method"], route, status[0], seconds)
+            client = scope.get("client")
+            log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status[0],
+                                 "latency_ms": round(seconds * 1000, 2), "client": client[0] if client else None}))
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = _headers(scope)
+        host = headers.get("host", "")
+        name = urlsplit("//" + host).hostname or ""
+        if not self.any_host and name.lower() not in self.hosts:
+            return error_response(403, f"Host {host!r} is not served here (DNS rebinding guard; --allow-host adds "
+                                       "names)", "permission_error", "bad_host")
+        origin = headers.get("origin")
+        if origin is not None and (urlsplit(origin).scheme not in ("http", "https")
+                                   or urlsplit(origin).netloc.lower() != host.lower()):
+            return error_response(403, f"cross-origin request from {origin!r} refused", "permission_error",
+                                  "cross_origin")
+        if self.settings.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not given.startswith("Bearer "):
+                return error_response(401, "missing API key: send 'Authorization: Bearer KEY'",
+                                      "authentication_error", "missing_api_key")
+            if not hmac.compare_digest(given[7:].strip().encode(), self.settings.api_key.encode()):
+                return error_response(401, "wrong API key", "authentication_error", "invalid_api_key")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return error_response(415, f"a {scope['method']} body must be application/json, got "
+                                           f"{kind or 'no Content-Type'}", code="unsupported_media_type")
+        return None
+
+    async def _body(self, scope, receive) -> tuple[bytes, JSONResponse | None]:
+        limit = self.settings.max_body_bytes
+        length = _headers(scope).get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return b"", error_response(400, f"Content-Length {length!r} is not a non-negative integer")
+            if int(length) > limit:
+                return b"", error_response(413, f"request body of {length} bytes is over the {limit} byte limit "
+                                                "(--max-body-mb)", code="body_too_large")
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return b"", error_response(499, "the client went away", "cancelled", "client_closed")
+                    size += len(message.get("body", b""))
+                    if size > limit:
+                        return b"", error_response(413, f"request body over the {limit} byte limit (--max-body-mb)",
+                                                   code="body_too_large")
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            return b"", error_response(408, "the request body did not arrive in time", code="timeout")
+        return b"".join(chunks), None
+
+
+def _headers(scope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in scope["headers"]:
+        out.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+    return out
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+# --------------------------------------------------------------------------------------------- the app
+def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
+    """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process."""
+    settings = settings or Settings()
+    settings.check()
+    service, queue, metrics = Service(engine, settings), EngineQueue(settings.max_queue), Metrics()
+    tok = engine.tok
+    app = FastAPI(title="memsparse", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service, app.state.queue, app.state.metrics, app.state.settings = service, queue, metrics, settings
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        if first["type"] == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json")
+        if first["type"] == "extra_forbidden":
+            return error_response(400, f"unknown field {where!r}", param=where, code="unknown_field")
+        return error_response(400, f"{where}: {first['msg']}", param=where or None, code="invalid_value")
+
+    async def engine_run(request: Request, work):
+        try:
+            return await queue.run(request, work, settings.timeout)
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Cancelled as e:
+            raise ApiError(499, str(e), "cancelled", "client_closed") from None
+        except BankBusy as e:  # another process is writing the bank
+            raise ApiError(503, str(e), "server_error", "bank_busy") from None
+        except BankError as e:  # the bank on disk is damaged: not the request's fault
+            log.error(json.dumps({"path": request.url.path, "error": str(e)}))
+            raise ApiError(500, str(e), "server_error", "bank_error") from None
+        except (ValueError, KeyError, CorpusError) as e:  # refused by the engine or the bank: the request's fault
+            raise ApiError(400, str(e.args[0] if isinstance(e, KeyError) else e)) from None
+        except Exception as e:  # noqa: BLE001  (the server keeps serving; the client learns what happened)
+            log.exception("request %s failed", request.url.path)
+            raise ApiError(500, f"{type(e).__name__}: {e}", "server_error") from None
+
+    # ------------------------------------------------------------------ OpenAI
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "memsparse"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        if name != settings.model_name:
+            raise ApiError(404, f"no model {name!r}; this server serves {settings.model_name!r}",
+                           code="model_not_found")
+        return model_card()
+
+    def engine_kwargs(req: Generation, max_tokens: int | None) -> dict:
+        if req.model != settings.model_name:
+            raise ApiError(404, f"no model {req.model!r}; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        n = max_tokens if max_tokens is not None else min(256, settings.max_new_tokens)
+        if n > settings.max_new_tokens:
+            raise ApiError(400, f"max_tokens {n} is over the server's limit of {settings.max_new_tokens} "
+                                "(--max-new-tokens)", param="max_tokens", code="too_many_tokens")
+        inject_k = settings.inject_k if req.inject_k is None else req.inject_k
+        if inject_k > settings.max_inject_k:
+            raise ApiError(400, f"inject_k {inject_k} is over the server's limit of {settings.max_inject_k}",
+                           param="inject_k")
+        if req.router_rounds > settings.max_router_rounds:
+            raise ApiError(400, f"router_rounds {req.router_rounds} is over the server's limit of "
+                                f"{settings.max_router_rounds}", param="router_rounds")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        return {"max_new_tokens": n, "interleave": INTERLEAVE[req.interleave or settings.interleave],
+                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stop": stop or None,
+                "inject_k": inject_k, "router_rounds": req.router_rounds}
+
+    def check_question(q: str, param: str) -> int:
+        n = len(tok.encode(q, add_special_tokens=False))
+        if not q.strip():
+            raise ApiError(400, f"{param}: the question is empty", param=param)
+        if n > settings.max_question_tokens:
+            raise ApiError(400, f"{param}: the question is {n} tokens, over the server's limit of "
+                                f"{settings.max_question_tokens}", param=param, code="too_many_tokens")
+        return n
+
+    async def answer(request: Request, questions: list[str], kw: dict):
+        def work(cancel):
+            return service.read(lambda: engine.ask_batch(questions, cancel=cancel, **kw))
+
+        return await engine_run(request, work)
+
+    def extension(a) -> dict:
+        return {"rounds": a.rounds, "routing": {str(k): v for k, v in a.routing.items()}, "timings": a.timings}
+
+    def usage(prompt: int, answers) -> dict:
+        done = sum(len(tok.encode(a.text, add_special_tokens=False)) for a in answers)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        users = [m for m in req.messages if m.role == "user"]
+        if not users:
+            raise ApiError(400, "messages: no user message (its last one is the question)", param="messages")
+        question = users[-1].text()
+        prompt = check_question(question, "messages")
+        kw = engine_kwargs(req, req.max_completion_tokens or req.max_tokens)
+        (a,) = await answer(request, [question], kw)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        if req.stream:
+            chunk = {**head, "object": "chat.completion.chunk"}
+            events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]}]
+            events += [{**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                       for piece in pieces(a.text)]
+            events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": a.finish}],
+                           "memsparse": extension(a)})
+            if (req.stream_options or {}).get("include_usage"):
+                events.append({**chunk, "choices": [], "usage": usage(prompt, [a])})
+            return sse(events)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
+                             "finish_reason": a.finish}],
+                "usage": usage(prompt, [a]), "memsparse": extension(a)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        questions = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not 1 <= len(questions) <= settings.max_prompts:
+            raise ApiError(400, f"prompt: {len(questions)} questions; expected 1 to {settings.max_prompts}",
+                           param="prompt")
+        prompt = sum(check_question(q, "prompt") for q in questions)
+        kw = engine_kwargs(req, req.max_tokens)
+        answers = await answer(request, questions, kw)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name,
+                "object": "text_completion"}
+        if req.stream:
+            events = []
+            for i, a in enumerate(answers):
+                events += [{**head, "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]}
+                           for piece in pieces(a.text)]
+                events.append({**head, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                    "finish_reason": a.finish}], "memsparse": extension(a)})
+            if (req.stream_options or {}).get("include_usage"):
+                events.append({**head, "choices": [], "usage": usage(prompt, answers)})
+            return sse(events)
+        return {**head, "choices": [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish,
+                                     "memsparse": extension(a)} for i, a in enumerate(answers)],
+                "usage": usage(prompt, answers)}
+
+    # ------------------------------------------------------------------ memory
+    @app.get("/v1/memory/info")
+    async def info(request: Request):
+        return await engine_run(request, lambda cancel: service.read(service.info))
+
+    @app.get("/v1/memory/documents")
+    async def documents(request: Request, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)):
+        return await engine_run(request, lambda cancel: service.read(lambda: service.documents(offset, limit)))
+
+    @app.get("/v1/memory/documents/{doc_id}")
+    async def document(doc_id: int, request: Request):
+        return await engine_run(request, lambda cancel: service.read(lambda: service.get(doc_id)))
+
+    @app.post("/v1/memory/documents")
+    async def add(req: AddRequest, request: Request):
+        if req.names is not None and len(req.names) != len(req.texts):
+            raise ApiError(400, f"names: {len(req.names)} entries for {len(req.texts)} texts", param="names")
+        for n, text in enumerate(req.texts):
+            try:
+                check_document(text, f"texts[{n}]", settings.max_doc_bytes)
+            except CorpusError as e:
+                raise ApiError(400, str(e), param=f"texts[{n}]") from None
+        return await engine_run(request, lambda cancel: service.add(req.texts, req.names))
+
+    @app.delete("/v1/memory/documents/{doc_id}")
+    async def delete(doc_id: int, request: Request):
+        return await engine_run(request, lambda cancel: service.delete(doc_id))
+
+    @app.post("/v1/memory/route")
+    async def route(req: RouteRequest, request: Request):
+        check_question(req.question, "question")
+        routing = await engine_run(request, lambda cancel: service.read(lambda: engine.route(req.question)))
         return {"routing": {str(layer): [[d, s] for d, s in picked] for layer, picked in routing.items()}}
 
-    def ask(self, body: dict) -> dict | list:
-        _only(body, {"question", "max_new_tokens", "interleave", "temperature", "top_p", "seed", "stop", "inject_k",
-                     "router_rounds"})
-        question = _field(body, "question", (str, list), required=True)
-        if isinstance(question, list):
-            _strings(question, "question")
-        interleave = body.get("interleave", self.interleave)
-        if not (isinstance(interleave, bool) or interleave in ("model", "router", "off")):
-            raise BadRequest(f"field 'interleave' must be 'model', 'router', 'off' or a boolean, got {interleave!r}")
-        kw = {"max_new_tokens": _field(body, "max_new_tokens", int, 256),
-              "temperature": float(_field(body, "temperature", (int, float), 0.0)),
-              "top_p": float(_field(body, "top_p", (int, float), 1.0)),
-              "seed": _field(body, "seed", int), "inject_k": _field(body, "inject_k", int, self.inject_k),
-              "router_rounds": _field(body, "router_rounds", int, 1)}
-        if "stop" in body:
-            kw["stop"] = _strings(body["stop"], "stop")
-        if not 1 <= kw["max_new_tokens"] <= 8192:
-            raise BadRequest(f"field 'max_new_tokens' must be in 1..8192, got {kw['max_new_tokens']}")
-        ans = self._read(lambda: self.engine.ask(question, interleave=INTERLEAVE[interleave], **kw))
-        return [a.to_dict() for a in ans] if isinstance(ans, list) else ans.to_dict()
+    # ------------------------------------------------------------------ operations
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
 
-    def add(self, body: dict) -> dict:
-        _only(body, {"texts", "names"})
-        texts = _strings(_field(body, "texts", list, required=True), "texts")
-        names = body.get("names")
-        if names is not None and (len(_strings(names, "names")) != len(texts)):
-            raise BadRequest(f"field 'names' has {len(names)} entries for {len(texts)} texts")
-        for n, text in enumerate(texts):
-            try:
-                check_document(text, f"texts[{n}]", self.max_doc_bytes)
-            except CorpusError as e:
-                raise BadRequest(str(e)) from None
-        return {"ids": self._write(lambda bank: bank.add(texts, names=names))}
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.text(queue), media_type="text/plain; version=0.0.4")
 
-    def delete(self, body: dict) -> dict:
-        _only(body, {"ids"})
-        ids = _field(body, "ids", list, required=True)
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise BadRequest("field 'ids' must be a non-empty list of integers")
-
-        def change(bank):
-            missing = [i for i in ids if i not in bank]
-            if missing:
-                raise BadRequest(f"no documents {missing} in the bank")
-            bank.delete(ids)
-
-        self._write(change)
-        return {"deleted": len(ids)}
+    guarded = Guard(app, settings, metrics)
+    guarded.state = app.state  # the tests and the command line reach the queue and settings through it
+    return guarded
 
 
-def _int_param(query: dict, name: str, default: int) -> int:
-    """A non-negative integer query parameter."""
-    value = query.get(name, str(default))
-    if not value.isdigit():
-        raise BadRequest(f"query parameter {name!r} must be a non-negative integer, got {value!r}")
-    return int(value)
+def pieces(text: str, words: int = 3) -> list[str]:
+    """The answer in chunks of a few words (whitespace kept), as streamed."""
+    tokens = re.findall(r"\s*\S+", text) or ([text] if text else [])
+    return ["".join(tokens[i:i + words]) for i in range(0, len(tokens), words)]
 
 
-def _only(body: dict, allowed: set[str]) -> None:
-    extra = sorted(set(body) - allowed)
-    if extra:
-        raise BadRequest(f"unknown field(s) {extra}; expected some of {sorted(allowed)}")
+def sse(events: list[dict[str, Any]]) -> StreamingResponse:
+    async def stream():
+        for e in events:
+            yield f"data: {json.dumps(e, ensure_ascii=False, allow_nan=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-ROUTES = {("GET", "/health"): lambda s, q: {"status": "ok"}, ("GET", "/info"): Service.info,
-          ("GET", "/docs"): Service.docs, ("POST", "/route"): Service.route, ("POST", "/ask"): Service.ask,
-          ("POST", "/docs/add"): Service.add, ("POST", "/docs/delete"): Service.delete}
+def serve(app, sock, settings: Settings, max_connections: int = 256) -> None:
+    """Run the app with uvicorn on a bound, listening socket (port 0 works: the caller knows the port) until
+    Ctrl-C / SIGTERM."""
+    import uvicorn
 
-
-class Handler(BaseHTTPRequestHandler):
-    service: Service  # set by make_server
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def _handle(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        op = ROUTES.get((method, path))
-        if op is None:
-            known = [p for m, p in ROUTES if m == method]
-            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no {method} {self.path}; try {known}"})
-        try:
-            body = self._body() if method == "POST" else self._query(query)
-            return self._reply(HTTPStatus.OK, op(self.service, body))
-        except _TooLarge as e:
-            return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": str(e)})
-        except BankBusy as e:  # another process is writing the bank
-            return self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
-        except BankError as e:  # the bank on disk is damaged or was changed under a stale copy: not the request's fault
-            log.error("request %s %s: %s", method, self.path, e)
-            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(e)})
-        except KeyError as e:  # an unknown document in the bank
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e.args[0])})
-        except ValueError as e:  # BadRequest, or refused by the engine or the bank: the request's fault
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        except Exception as e:  # noqa: BLE001  (the server keeps serving; the client learns what happened)
-            log.exception("request %s %s failed", method, self.path)
-            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
-
-    @staticmethod
-    def _query(query: str) -> dict:
-        """The query string's parameters (each given once)."""
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
-        twice = sorted(k for k, v in params.items() if len(v) > 1)
-        if twice:
-            raise BadRequest(f"query parameter(s) {twice} given more than once")
-        return {k: v[0] for k, v in params.items()}
-
-    def _body(self) -> dict:
-        try:
-            n = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise BadRequest("a POST needs a Content-Length header") from None
-        if n > MAX_BODY:
-            self.close_connection = True  # the body is not read
-            raise _TooLarge(f"request body of {n} bytes is over the {MAX_BODY} byte limit")
-        raw = self.rfile.read(n)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise BadRequest(f"request body is not UTF-8: {e}") from None
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-        return body
-
-    def _reply(self, status: HTTPStatus, payload) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
-        log.info("%s %s", self.address_string(), format % args)
-
-
-def make_server(engine: MSAEngine, host: str = "127.0.0.1", port: int = 8080, max_doc_bytes: int = 1 << 20,
-                interleave: str = "router", inject_k: int = 4) -> ThreadingHTTPServer:
-    """A threaded HTTP server over `engine` (not yet serving: call `serve_forever()`; port 0 picks a free one).
-    `interleave` and `inject_k`: what /ask does when a request does not say."""
-    handler = type("BoundHandler", (Handler,), {"service": Service(engine, max_doc_bytes, interleave, inject_k)})
-    return ThreadingHTTPServer((host, port), handler)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=max_connections,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=int(math.ceil(min(settings.timeout, 30))))
+    uvicorn.Server(config).run(sockets=[sock])
