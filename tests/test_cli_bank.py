@@ -43,8 +43,13 @@ def test_encode_ask_docs_info(model_dir, tmp_path, capsys):
     ans = json.loads(out)
     assert ans["question"] == "Where is Ottawa?" and set(ans) >= {"text", "rounds", "routing", "timings"}
     assert all(len(v) == 2 for v in ans["routing"].values())
-    code, out, _ = _run(capsys, "ask", bank, "Where is Ottawa?", "--interleave", "off", "--max-new-tokens", "3")
-    assert code == 0 and "routing (layer 3)" in out
+    code, out, err = _run(capsys, "ask", bank, "Where is Ottawa?", "--interleave", "off", "--max-new-tokens", "3")
+    assert code == 0 and "routing (" not in out + err and "round 1" not in out + err  # quiet by default
+    code, out, err = _run(capsys, "ask", bank, "Where is Ottawa?", "--interleave", "off", "--max-new-tokens", "3", "-v")
+    assert code == 0 and "routing (layer 3)" in err and "routing (" not in out
+    code, out, err = _run(capsys, "ask", bank, "Where is Ottawa?", "--inject-k", "1", "--max-new-tokens", "2",
+                          "--verbose")
+    assert code == 0 and "round 1: documents [" in err and "round 1" not in out
     code, out, _ = _run(capsys, "ask", bank, "Where?", "--router-rounds", "2", "--inject-k", "1", "--json")
     rounds = json.loads(out)["rounds"]
     assert code == 0 and len(rounds) == 2 and len({d for r in rounds for d in r}) == 2  # a new document each round
@@ -197,3 +202,95 @@ def test_jobs_worker_command_line_reproduces_the_options():
     assert {k: v for k, v in vars(back).items() if k not in ("jobs", "out", "func")} == \
         {k: v for k, v in vars(args).items() if k not in ("jobs", "out", "func")}
     assert back.jobs == 1 and back.out is None and back.refine_fuse is False
+
+
+def test_version_and_examples(capsys):
+    """--version prints the package's version; the full examples are the top-level help's, each command's its own."""
+    from memsparse.cli import EXAMPLES, version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"memsparse {version()}"
+    assert version()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert EXAMPLES in capsys.readouterr().out
+    for command in ("encode", "ask", "docs", "info", "fsck", "eval", "convert"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:" not in out or "examples:\n" + out.split("examples:\n", 1)[1] != EXAMPLES, command
+        examples = [x for x in out.split("examples:\n", 1)[-1].splitlines() if x.startswith("  memsparse ")] \
+            if "examples:" in out else []
+        assert all(x.split()[1] == command for x in examples), (command, examples)
+    assert "memsparse docs compact" in EXAMPLES
+
+
+def test_timing_line_parts_within_their_whole():
+    """Routing is printed as part of the prefill, re-ranking (refined routing, outside the prefill) apart."""
+    from memsparse.cli import timing_line
+
+    line = timing_line({"prefill": 0.44, "route": 0.10, "refine": 2.2, "decode": 1.0})
+    assert line == "0.44 s prefill incl. 0.10 s routing, 2.20 s re-ranking, 1.00 s decode"
+    assert "re-ranking" not in timing_line({"prefill": 0.4, "route": 0.1, "refine": 0.0, "decode": 1.0})
+
+
+def test_refined_routing_time_is_not_counted_as_prefill_routing(model_dir, tmp_path):
+    """The engine's "route" seconds are measured inside "prefill" (so never exceed it); the refinement's re-encoding,
+    outside the prefill, is "refine"."""
+    model, tok = ms.MSAForCausalLM.from_pretrained(model_dir), ms.load_tokenizer(model_dir)
+    texts = [f"Document {i} says the code word is w{i}." for i in range(6)]
+    bank = ms.MemoryBank.build(model, tok, texts)
+    engine = ms.MSAEngine(model, tok, bank, refine=4, refine_chunk=2, refine_margin=1.0)
+    t = engine.ask("What is the code word?", max_new_tokens=2, interleave="router", inject_k=1).timings
+    assert t["refine"] > 0 and 0 <= t["route"] <= t["prefill"]
+
+
+def test_docs_list_info_without_model_compact_and_token_counts(model_dir, tmp_path, capsys, monkeypatch):
+    """`docs list` and `info` read the bank's table without loading a model; after a delete `info` counts the live
+    documents' tokens (as the server's /info does), before and after `docs compact`, which drops the data."""
+    from memsparse import cli
+
+    texts = ["Hi.", "Ottawa is in Canada, and Toronto is too.", "Bananas are yellow fruit from warm lands.",
+             "Rome is an old city in Italy by the river."]  # deleting the short one leaves compaction to `compact`
+    corpus = _jsonl(tmp_path / "c.jsonl", texts)
+    bank = tmp_path / "bank"
+    assert _run(capsys, "encode", corpus, "--model", model_dir, "--out", bank, "--device", "cpu")[0] == 0
+    assert _run(capsys, "docs", "delete", bank, "0")[0] == 0
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    model, tok = ms.MSAForCausalLM.from_pretrained(model_dir), ms.load_tokenizer(model_dir)
+    live = ms.MemoryBank.load(bank, model, tok)
+    want = sum(live.token_count(d) for d in live.doc_ids())  # what the server's /info reports
+    assert live.num_tokens == want and json.loads((bank / MANIFEST).read_text())["tokens"] == want
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_load_model", no_model)
+        code, out, err = _run(capsys, "docs", "list", bank)
+        assert code == 0, err
+        assert [r.split("\t")[0] for r in out.strip().splitlines()] == ["[1]", "[2]", "[3]"]
+        assert out.strip().splitlines()[0].split("\t")[1:3] == ["doc-1", f"{live.token_count(1)} tokens"]
+        code, out, err = _run(capsys, "info", bank)
+        assert code == 0 and f"tokens: {want}\n" in out and "documents: 3\n" in out, err
+        assert "deleted (not yet compacted): 1" in out
+    chunks = live.num_chunks
+    code, out, err = _run(capsys, "docs", "compact", bank)
+    assert code == 0 and f"{live.segments[0].chunk_count[0]} chunks of deleted documents dropped" in out, err
+    after = ms.MemoryBank.load(bank, model, tok)
+    assert after.doc_ids() == [1, 2, 3] and after.num_chunks < chunks and after.num_tokens == want
+    code, out, _ = _run(capsys, "info", bank)
+    assert f"tokens: {want}\n" in out and "deleted (not yet compacted): 0" in out
+    assert _run(capsys, "docs", "compact", bank, "3")[0] == 2
+
+
+def test_status_lines_at_a_terminal_only(model_dir, tmp_path, capsys, monkeypatch):
+    from memsparse import cli
+
+    corpus = _jsonl(tmp_path / "c.jsonl", ["Paris is in France.", "Bananas."])
+    monkeypatch.setattr(cli, "_tty", lambda: True)
+    code, _, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", tmp_path / "b", "--priors", "4")
+    assert code == 0 and "loading the model" in err and "document priors from 4 sentences" in err
+    monkeypatch.setattr(cli, "_tty", lambda: False)
+    code, _, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", tmp_path / "c", "--priors", "4")
+    assert code == 0 and "loading the model" not in err and "document priors" not in err

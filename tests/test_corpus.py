@@ -196,3 +196,20 @@ def test_jsonl_duplicate_int_and_str_id(tmp_path: Path) -> None:
 
 def test_corpus_error_is_value_error() -> None:
     assert issubclass(CorpusError, ValueError)
+
+
+def test_hard_wrapped_text_file_warns_once(tmp_path: Path, caplog) -> None:
+    """A plain text file stays one document per line, but hard-wrapped prose (lines stopping mid-sentence) is
+    flagged with one warning; a file of whole sentences per line is not."""
+    wrapped = tmp_path / "essay.txt"
+    wrapped.write_text("The committee met on Tuesday and\ndecided that the budget would\nbe cut by half.\n\n"
+                       "Later that week the chair\nresigned, citing health.\n")
+    with caplog.at_level("WARNING", logger="memsparse.memory.corpus"):
+        assert len(read_corpus(wrapped)) == 5
+    assert len(caplog.records) == 1 and "stop mid-sentence" in caplog.records[0].getMessage()
+    caplog.clear()
+    lines = tmp_path / "facts.txt"
+    lines.write_text("Paris is the capital of France.\nOttawa is in Canada.\nBananas are yellow!\n")
+    with caplog.at_level("WARNING", logger="memsparse.memory.corpus"):
+        assert len(read_corpus(lines)) == 3
+    assert not caplog.records

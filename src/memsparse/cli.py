@@ -6,9 +6,10 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
-EXAMPLES = """examples:
+_EXAMPLES = """
   memsparse demo
   memsparse demo --corpus notes.txt --question "Who wrote the design memo?"
   memsparse encode notes.jsonl --out ./notes.bank                      # the shipped MSA-SmolLM2
@@ -17,6 +18,7 @@ EXAMPLES = """examples:
   memsparse docs add ./notes.bank more.jsonl
   memsparse docs delete ./notes.bank 3 17
   memsparse docs list ./notes.bank
+  memsparse docs compact ./notes.bank                                  # drop deleted documents' data
   memsparse docs verify ./notes.bank                                   # checksums, shapes, values, texts
   memsparse info ./notes.bank
   memsparse serve ./notes.bank --port 8080
@@ -31,7 +33,28 @@ EXAMPLES = """examples:
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
-"""
+""".strip("\n").splitlines()
+EXAMPLES = "examples:\n" + "\n".join(_EXAMPLES) + "\n"  # the top-level help's: every command's
+
+
+def examples(command: str) -> str | None:
+    """A subcommand's help epilog: its own lines of EXAMPLES (the curl line goes with serve), or None."""
+    own = [line for n, line in enumerate(_EXAMPLES) if line.split()[1] == command
+           or (command == "serve" and line.startswith("  curl") and _EXAMPLES[n - 1].split()[1] == "serve")]
+    return "examples:\n" + "\n".join(own) + "\n" if own else None
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's __version__."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("memsparse")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def parse_layers(spec: str, num_layers: int) -> str:
@@ -93,16 +116,40 @@ SHIPPED = "shipped"
 def _load_model(path: str | None, device: str | None, dtype: str | None):
     """Model and tokenizer: the shipped MSA-SmolLM2 ('shipped' or None), a trained delta directory, or an MSA
     checkpoint directory / .gguf; refuses a model without trained routers."""
-    import json as _json
-
     import torch
 
-    from . import MSAForCausalLM, load_tokenizer
     from .model.checkpoint import default_dtype
-    from .model.delta import DELTA_CONFIG, is_delta, load_delta
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
+    with _status(f"loading the model ({path or SHIPPED}, {device}, {dtype})"):
+        return _load(path, device, dtype)
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _status(what: str):
+    """'what ...' on stderr, then how long it took, at a terminal only (nothing in logs or pipes)."""
+    tty = _tty()
+    if tty:
+        print(f"{what} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if tty:
+            print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def _load(path: str | None, device: str, dtype: str):
+    import json as _json
+
+    from . import MSAForCausalLM, load_tokenizer
+    from .model.delta import DELTA_CONFIG, is_delta, load_delta
+
     if path in (None, SHIPPED):
         from .demo import load_shipped
 
@@ -165,15 +212,15 @@ def cmd_encode(args: argparse.Namespace) -> None:
         if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
             engine.calibrate_keys(args.key_dtype, n=args.calibrate_keys)
         if args.priors:  # after the keys take their final form: the priors are scores under them
-            engine.calibrate_priors(n=args.priors)
+            with _status(f"document priors from {args.priors} sentences of the corpus (minutes on a CPU)"):
+                engine.calibrate_priors(n=args.priors)
     model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
     bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
     with writer(out, args.wait):  # committed atomically: an interrupted encode leaves no bank (or the previous one)
         if (out / MANIFEST).exists() and not args.overwrite:  # another process wrote one meanwhile
             raise ValueError(exists)
         bank.save(out)
-    tokens = sum(bank.token_count(d) for d in bank.doc_ids())
-    print(f"wrote {out}: {bank.num_docs} documents, {tokens} tokens, {bank.num_chunks} chunks")
+    print(f"wrote {out}: {bank.num_docs} documents, {bank.num_tokens} tokens, {bank.num_chunks} chunks")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -187,15 +234,22 @@ def cmd_ask(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=1))
         return
-    for n, ids in enumerate(ans.rounds, 1):
-        print(f"round {n}: documents {ids or 'none known'}")
-    layer = max(ans.routing) if ans.routing else None
-    if layer is not None:
-        print(f"routing (layer {layer}): " + ", ".join(f"[{d}] {s:.3f}" for d, s in ans.routing[layer]))
+    if args.verbose:  # which documents each round read, and the last router layer's scores
+        for n, ids in enumerate(ans.rounds, 1):
+            print(f"round {n}: documents {ids or 'none known'}", file=sys.stderr)
+        layer = max(ans.routing) if ans.routing else None
+        if layer is not None:
+            print(f"routing (layer {layer}): " + ", ".join(f"[{d}] {s:.3f}" for d, s in ans.routing[layer]),
+                  file=sys.stderr)
     print(ans.text)
-    t = ans.timings
-    print(f"({t['prefill']:.2f} s prefill incl. {t['route']:.2f} s routing, {t['decode']:.2f} s decode, "
-          f"{ans.finish})", file=sys.stderr)
+    print(f"({timing_line(ans.timings)}, {ans.finish})", file=sys.stderr)
+
+
+def timing_line(t: dict) -> str:
+    """An answer's timings as printed: routing (scoring, top-k) is part of the prefill; re-ranking (refined
+    routing, router mode) is a stage of its own (see engine.Answer.timings)."""
+    refine = f", {t['refine']:.2f} s re-ranking" if t.get("refine") else ""
+    return f"{t['prefill']:.2f} s prefill incl. {t['route']:.2f} s routing{refine}, {t['decode']:.2f} s decode"
 
 
 def cmd_docs(args: argparse.Namespace) -> None:
@@ -205,9 +259,9 @@ def cmd_docs(args: argparse.Namespace) -> None:
         raise ValueError("docs add takes one CORPUS (a JSONL file, a directory or a text file)")
     if args.action == "delete" and (not args.items or not all(x.isdigit() for x in args.items)):
         raise ValueError(f"docs delete takes document ids (non-negative integers), got {args.items}")
+    if args.action in ("verify", "list", "compact") and args.items:
+        raise ValueError(f"docs {args.action} takes no arguments after the bank, got {args.items}")
     if args.action == "verify":
-        if args.items:
-            raise ValueError(f"docs verify takes no arguments after the bank, got {args.items}")
         return cmd_verify(args)
     texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
     if args.action == "add":  # encoded outside the write lock, committed on the latest commit (store.add_documents)
@@ -220,11 +274,18 @@ def cmd_docs(args: argparse.Namespace) -> None:
         with update(args.bank, model, tok, timeout=args.wait) as bank:
             bank.delete(ids)
         print(f"deleted {len(ids)} documents from {args.bank} (commit {bank.commit})")
-    else:
-        bank = _open_bank(args)
-        for d in bank.doc_ids()[: args.limit]:
-            text = (bank.text(d) or "").replace("\n", " ")
-            print(f"[{d}]\t{bank.name(d)}\t{bank.token_count(d)} tokens\t{text[:60]}")
+    elif args.action == "compact":  # as the bank's one writer, on its latest commit
+        from .memory.store import compact
+
+        model, tok = _bank_model(args)
+        bank, dropped = compact(args.bank, model, tok, timeout=args.wait)
+        print(f"compacted {args.bank}: {dropped} chunks of deleted documents dropped (commit {bank.commit})")
+    else:  # the document table only: no model
+        from .memory.store import documents
+
+        for doc in documents(args.bank)[: args.limit]:
+            text = (doc.text or "").replace("\n", " ")
+            print(f"[{doc.id}]\t{doc.name}\t{doc.tokens} tokens\t{text[:60]}")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -239,14 +300,16 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .memory.store import read_manifest
+    from .memory.store import documents, read_manifest
 
     m = read_manifest(args.bank)
+    docs = documents(args.bank)  # the live documents' tokens (older manifests count deleted ones too), no model
+    tokens = sum(d.tokens for d in docs)
     disk = sum(p.stat().st_size for p in Path(args.bank).iterdir())
     info = {
-        "bank": str(args.bank), "documents": m["docs"], "deleted (not yet compacted)": len(m["deleted"]),
-        "tokens": m["tokens"], "chunks": m["chunks"], "segments": len(m["segments"]),
-        "bytes on disk": disk, "bytes per token": round(disk / max(m["tokens"], 1), 1), "dtype": m["dtype"],
+        "bank": str(args.bank), "documents": len(docs), "deleted (not yet compacted)": len(m["deleted"]),
+        "tokens": tokens, "chunks": m["chunks"], "segments": len(m["segments"]),
+        "bytes on disk": disk, "bytes per token": round(disk / max(tokens, 1), 1), "dtype": m["dtype"],
         "routing keys": m.get("key_dtype", "model"), "document keys/values": m.get("content_dtype", "model"),
         "document priors": "yes" if m.get("doc_priors") else "no",
         "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
@@ -626,13 +689,17 @@ def _engine_kw(args: argparse.Namespace) -> dict:
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
+    from .engine.calibrate import PRIOR_SENTENCES
+
+    why = (f"default {default}: the demo's memories are real text; not for its needle memory" if default else
+           f"default 0, as published: priors hurt needle search; for questions over real text try {PRIOR_SENTENCES}, "
+           "the demo's setting")
     p.add_argument("--priors", type=int, default=default, metavar="N",
                    help="document priors: subtract from each document's routing score its mean score over N "
                         "sentences of the memory, so hub documents stop crowding out the others; helps open "
                         "questions over real text, hurts needle search (docs/msa-smollm2.md, 'Document priors'). "
-                        "0: off, as "
-                        f"published; encode saves them with the bank, the others compute them per memory "
-                        f"(default {default}{', not for the needle memory' if default else ''})")
+                        f"encode saves them with the bank, the others compute them per memory; minutes on a CPU. "
+                        f"0: off ({why})")
 
 
 def _wait_arg(p: argparse.ArgumentParser) -> None:
@@ -659,10 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memsparse", description="Memory Sparse Attention: models with a sparse memory over large corpora.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
         "convert", help="turn a Llama/Qwen2/Qwen3 checkpoint (HF dir or .gguf) into the official MSA layout",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("src", help="HF checkpoint directory, official MSA directory, or .gguf file")
     c.add_argument("dst", help="output directory")
@@ -676,9 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     fmt = argparse.RawDescriptionHelpFormatter
-    e = sub.add_parser("encode", help="encode a corpus into a memory bank", epilog=EXAMPLES, formatter_class=fmt)
-    e.add_argument("corpus", help="JSONL file with a 'text' field (optional 'id'), a directory of .txt/.md "
-                                  "files, or a text file with one document per line")
+    e = sub.add_parser("encode", help="encode a corpus into a memory bank", formatter_class=fmt)
+    e.add_argument("corpus", help="JSONL file with a 'text' field (optional 'id'), one document per line; a "
+                                  "directory of .txt/.md files, one document per file; or any other file (.txt "
+                                  "included), one document per non-blank line: hard-wrapped prose there becomes "
+                                  "a document per line (a warning says so), so give it as a directory instead")
     e.add_argument("--out", required=True, help="bank directory to write")
     _model_args(e, "the shipped MSA-SmolLM2")
     e.add_argument("--tier", choices=["auto", "device", "host"], default="auto",
@@ -697,11 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_arg(e)
     e.set_defaults(func=cmd_encode)
 
-    a = sub.add_parser("ask", help="answer a question from a bank", epilog=EXAMPLES, formatter_class=fmt)
+    a = sub.add_parser("ask", help="answer a question from a bank", formatter_class=fmt)
     a.add_argument("bank")
     a.add_argument("question")
     _model_args(a, "the model the bank was encoded with")
     a.add_argument("--json", action="store_true", help="print the whole answer object as JSON")
+    a.add_argument("-v", "--verbose", action="store_true",
+                   help="also print (to stderr) the documents each round read and the routing scores")
     a.add_argument("--max-new-tokens", type=int, default=256)
     _interleave_args(a)
     a.add_argument("--router-rounds", type=int, default=1,
@@ -713,9 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing score: as in training (default) or as the official engine")
     a.set_defaults(func=cmd_ask)
 
-    d = sub.add_parser("docs", help="add, delete or list a bank's documents", epilog=EXAMPLES, formatter_class=fmt)
-    d.add_argument("action", choices=["add", "delete", "list", "verify"],
-                   help="verify: check every file of the bank (checksums, shapes, values, texts); no model needed")
+    d = sub.add_parser("docs", help="add, delete, list or compact a bank's documents", formatter_class=fmt)
+    d.add_argument("action", choices=["add", "delete", "list", "compact", "verify"],
+                   help="list: the document table (no model loaded); compact: drop deleted documents' data now "
+                        "(commits do so by themselves once over a quarter of the chunks are deleted); verify: check "
+                        "every file of the bank (checksums, shapes, values, texts), no model needed")
     d.add_argument("bank")
     d.add_argument("items", nargs="*", help="add: a CORPUS; delete: document ids")
     _model_args(d, "the model the bank was encoded with")
@@ -749,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the shipped MSA-SmolLM2 answering questions from a memory (CPU, minutes)",
-                       epilog=EXAMPLES, formatter_class=fmt)
+                       formatter_class=fmt)
     m.add_argument("--corpus", help="your own corpus (JSONL, a directory of .txt/.md, or one document per line)")
     m.add_argument("--question", action="append", help="a question (repeatable)")
     m.add_argument("--docs", type=int, help="documents in the default FAQ memory (default 300)")
@@ -757,11 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--inject-k", type=int,
                    help="documents injected per question (default: 4; 1 in the FAQ memory, where one reads best)")
     _dtype_arg(m)
-    _priors_arg(m, default=DEMO_PRIORS)
+    _priors_arg(m, default=DEMO_PRIORS)  # deliberately unlike encode / eval (see _priors_arg)
     m.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("eval", help="evaluate a model: RULER NIAH, or open-memory QA (qa) against RAG baselines",
-                       epilog=EXAMPLES, formatter_class=fmt)
+                       formatter_class=fmt)
     v.add_argument("task", choices=["niah", "qa", "scale", "multihop"],
                    help="niah, qa (QA over Debian documentation FAQs vs RAG), scale (NIAH and that QA with 1M-100M "
                         "distractor tokens), "
@@ -816,8 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(v, "the shipped MSA-SmolLM2")
     v.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="train an MSA model from a recipe (recipes/*.toml)", epilog=EXAMPLES,
-                       formatter_class=fmt)
+    t = sub.add_parser("train", help="train an MSA model from a recipe (recipes/*.toml)", formatter_class=fmt)
     t.add_argument("recipe", help="a recipe TOML file")
     t.add_argument("--out", help="run directory (default: runs/<recipe name>); an existing run resumes")
     t.add_argument("--device", help="cpu, cuda (default: cuda when available)")
@@ -827,7 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="speed at 1M-100M tokens of memory against the hardware floors (GPU)",
-                       epilog=EXAMPLES, formatter_class=fmt)
+                       formatter_class=fmt)
     b.add_argument("what", choices=["speed"])
     b.add_argument("--tokens", default="1048576,10485760,104857600", help="memory sizes, comma separated")
     b.add_argument("--models", default="qwen3-4b,smollm2", help="qwen3-4b (random weights), smollm2 (shipped)")
@@ -836,13 +909,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results/speed.json")
     b.set_defaults(func=cmd_bench)
 
-    f = sub.add_parser("fsck", help="check every file of a bank (= docs verify)", epilog=EXAMPLES, formatter_class=fmt)
+    f = sub.add_parser("fsck", help="check every file of a bank (= docs verify)", formatter_class=fmt)
     f.add_argument("bank")
     f.set_defaults(func=cmd_verify)
 
-    i = sub.add_parser("info", help="summarise a bank", epilog=EXAMPLES, formatter_class=fmt)
+    i = sub.add_parser("info", help="summarise a bank", formatter_class=fmt)
     i.add_argument("bank")
     i.set_defaults(func=cmd_info)
+    for name, parser in sub.choices.items():  # each command's own examples; all of them in the top-level help
+        parser.epilog = examples(name)
     return p
 
 

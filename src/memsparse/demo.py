@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from .engine.calibrate import PRIOR_SENTENCES
+
 WEIGHTS = Path(__file__).parent / "weights" / "msa-smollm2"
-DEMO_PRIORS = 256  # document priors from this many sentences of a memory of real text (`calibrate_priors`)
+DEMO_PRIORS = PRIOR_SENTENCES  # the demo's memories are real text: document priors on (off elsewhere by default)
 INJECT_K = 4  # documents injected per question (the needles, --corpus); the FAQ memory: FAQ_INJECT_K
 FAQ_INJECT_K = 1  # v8 on the 24 held-out FAQ questions, with priors: F1 58.3 (1 document) against 47.0 (4)
 FAQ_DOCS = 300  # documents in the FAQ memory: the 24 held-out answers among documentation passages

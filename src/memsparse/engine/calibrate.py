@@ -23,6 +23,8 @@ from ..model import cached
 from .prefill import BankMemory, batch_rows, document_scores_for, query_offset, uses_cosine
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+PRIOR_SENTENCES = 256  # pseudo-queries document priors are computed from, where priors are wanted (they are off by
+# default: they help open questions over real text and hurt needle search; docs/msa-smollm2.md, "Document priors")
 
 
 def pseudo_queries(bank: MemoryBank, n: int, seed: int = 0, max_words: int = 40) -> list[str]:

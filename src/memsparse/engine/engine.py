@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm.auto import tqdm
 
 from ..memory.bank import MemoryBank, render_documents
+from .calibrate import PRIOR_SENTENCES
 from .generate import Sampling, generate
 from .prefill import Routing, prefill_batch
 from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
@@ -108,7 +109,9 @@ class Answer:
     round_routing: list[Routing]  # the routing of every round
     transcript: str  # everything after the prompt: generated and injected text
     finish: str  # 'stop' (a stop token) or 'length' (max_new_tokens reached)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (of the batch), decode_tokens
+    # seconds per stage (of the batch), decode_tokens. "route" (scoring and top-k) and "gather" are parts of
+    # "prefill"; "refine" (router mode: re-encoding the shortlist with finer keys) is a stage of its own, outside both
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -189,7 +192,7 @@ class MSAEngine:
         self.bank.set_key_dtype(kind, moments)
         return moments
 
-    def calibrate_priors(self, questions: list[str] | None = None, n: int = 256, seed: int = 0) -> dict:
+    def calibrate_priors(self, questions: list[str] | None = None, n: int = PRIOR_SENTENCES, seed: int = 0) -> dict:
         """Give every document a prior per router layer, its mean routing score over `questions` (default: `n`
         pseudo-queries, sentences of the bank's own documents), subtracted from its score before top-k: documents
         that score high whatever the question (hubs) stop crowding out the others. Documents added later get the
@@ -279,7 +282,7 @@ class MSAEngine:
             ids, mask = self.encode_question(q)
             rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
                              phase="retrieve" if interleave in (True, "model") else "answer"))
-        timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "decode": 0.0, "decode_tokens": 0}
+        timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "refine": 0.0, "decode": 0.0, "decode_tokens": 0}
         if interleave == "router":
             self._router_injection(rows, inject_k, router_rounds, timings, documents)
         while live := [r for r in rows if r.finish is None]:
@@ -292,7 +295,7 @@ class MSAEngine:
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
                          max(budget - r.used for r in live), event, sampling, self.similarity)
             for k in timings:
-                timings[k] += g.timings[k]
+                timings[k] += g.timings.get(k, 0)
             for row, ids, event, routing in zip(live, g.tokens, g.events, g.routing):
                 row.routing.append(routing)
                 self._advance(row, ids, event, max_rounds)
@@ -322,7 +325,7 @@ class MSAEngine:
                     t0 = time.perf_counter()
                     fine = self.refined(row.tokens, row.route, fused_top(deep, self.refine, done, self.fusion))
                     routing = joint_routing(routing, fine) if self.refine_fuse else fine
-                    timings["route"] += time.perf_counter() - t0
+                    timings["refine"] += time.perf_counter() - t0  # outside the prefill it is not part of
                 order = fused_top(routing, max(k + 1, self.widen), exclude=done, fusion=self.fusion)
                 wide = self.widen > k and cut_drop(routing, order, k) < self.widen_margin
                 top = sorted(order[:self.widen if wide else k])

@@ -414,6 +414,11 @@ class MemoryBank:
     def num_chunks(self) -> int:
         return sum(s.num_chunks for s in self.segments)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the live documents (deleted ones excluded, compacted or not)."""
+        return sum(n for s in self.segments for d, n in zip(s.doc_ids, s.token_count) if d not in self.deleted)
+
     def doc_ids(self) -> list[int]:
         """Live document ids in insertion order."""
         return [d for s in self.segments for d in s.doc_ids if d not in self.deleted]

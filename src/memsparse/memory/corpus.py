@@ -4,6 +4,7 @@ with one document per line, checked up front so that every problem is one clear 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 DIR_SUFFIXES = {".txt", ".md"}
 _BOM = b"\xef\xbb\xbf"
+_ENDS = tuple('.!?:;"\')]}»”’…')  # how a line that is a whole document (a sentence or more) usually ends
+log = logging.getLogger(__name__)
 
 
 class CorpusError(ValueError):
@@ -124,18 +127,29 @@ def _read_jsonl(path: Path, max_doc_bytes: int) -> list[Document]:
 
 def _read_lines(path: Path, max_doc_bytes: int) -> list[Document]:
     docs = []
+    cut = 0  # lines that stop mid-sentence with text on the next line: hard-wrapped prose, not one document a line
+    last = None  # the previous line's text, when it was not blank
     for n, start, raw in _lines(path):
         text = _decode(raw, str(path), n, start)
         if text.strip():
             check_document(text, f"{path} line {n}", max_doc_bytes, size=len(raw))
             docs.append(Document(text=text, name=f"{path.name}:{n}"))
+            cut += last is not None and not last.rstrip().endswith(_ENDS)
+            last = text
+        else:
+            last = None
+    if cut >= max(2, len(docs) // 5):
+        log.warning(f"warning: {path}: a text file is one document per line, and {cut} of its {len(docs)} lines "
+                    "stop mid-sentence (hard-wrapped text?); give a directory of .txt/.md files (one document "
+                    "each) or JSONL instead")
     return docs
 
 
 def read_corpus(path: str | Path, max_doc_bytes: int = 1 << 20) -> list[Document]:
     """The documents of the corpus at `path`: a directory (every non-hidden *.txt / *.md file, sorted by relative
     path), a .jsonl / .ndjson / .json JSON-lines file ({"text": str, "id"?: str | int} per line), or any other file
-    (one document per non-blank line). Raises CorpusError naming the file, line or document on any problem."""
+    (one document per non-blank line; a warning is logged, once, when many lines stop mid-sentence: hard-wrapped
+    prose). Raises CorpusError naming the file, line or document on any problem."""
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"no such file or directory: {path}")

@@ -72,7 +72,8 @@ _FILES = ("seg-", "prefix-", "moments-", "priors-", f".{MANIFEST}")  # what clea
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn}
-__all__ = ["BankBusy", "BankError", "add_documents", "load", "read_manifest", "save", "update", "verify", "writer"]
+__all__ = ["BankBusy", "BankError", "DocumentEntry", "add_documents", "compact", "documents", "load", "read_manifest",
+           "save", "update", "verify", "writer"]
 
 
 class BankBusy(BankError):
@@ -541,7 +542,7 @@ def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None
         "content_dtype": bank.content_dtype, "prefix_ids": bank.prefix_ids, "prefix": prefix_file,
         "segments": shards, "deleted": sorted(bank.deleted), "next_id": bank.next_id,
         "next_position": bank.next_position, "docs": bank.num_docs, "chunks": bank.num_chunks, "meta": bank.meta,
-        "tokens": sum(n for s in bank.segments for n in s.token_count), "key_moments": moments_file,
+        "tokens": bank.num_tokens, "key_moments": moments_file,
         "doc_priors": priors_file, "files": files,
     }
     manifest["checksum"] = _manifest_sum(manifest)
@@ -579,6 +580,55 @@ def add_documents(path: str | Path, model: MSAForCausalLM, tok, texts: list[str]
             ids = bank.add(texts, names=names, **kw)
         bank.save()
     return bank, ids
+
+
+def compact(path: str | Path, model: MSAForCausalLM, tok=None, timeout: float | None = None) -> tuple[MemoryBank, int]:
+    """Drop the data of a bank's deleted documents now (a commit does so by itself once over a quarter of the chunks
+    are deleted), as its one writer on its latest commit. Returns the committed bank and the chunks dropped."""
+    with writer(path, timeout):
+        bank = load(path, model, tok)
+        before = bank.num_chunks
+        bank.save(compact=True)
+    return bank, before - bank.num_chunks
+
+
+@dataclass
+class DocumentEntry:
+    """A live document of a bank's table, read without the model (`documents`); its name and text decoded on use."""
+
+    id: int
+    tokens: int
+    _texts: PackedTexts
+    _row: int
+
+    @property
+    def name(self) -> str:
+        return self._texts[self._row][0]
+
+    @property
+    def text(self) -> str | None:
+        return self._texts[self._row][1]
+
+
+def documents(path: str | Path) -> list[DocumentEntry]:
+    """The live documents of a bank's current commit in insertion order, from its shards' document tables alone (no
+    model is loaded, no checksum is checked: `verify` does that). Token counts are the ones MemoryBank reports."""
+    path = Path(path)
+    m, shards = _snapshot(path)
+    deleted, out = set(m["deleted"]), []
+    for s in m["segments"]:
+        sh = shards[s["file"]]
+        t = sh.tensors
+        try:
+            ids, tokens = t["doc_ids"].tolist(), t["token_count"].tolist()
+            texts = PackedTexts(t["text_data"], t["text_offsets"])
+        except KeyError as e:
+            raise BankError(f"{path}: shard {sh.name} lacks tensor {e}; the bank is damaged") from None
+        if not len(ids) == len(tokens) == len(texts) == s["docs"]:
+            raise BankError(f"{path}: shard {sh.name}: its document table does not match the manifest; the bank is "
+                            "damaged")
+        out += [DocumentEntry(d, n, texts, row) for row, (d, n) in enumerate(zip(ids, tokens)) if d not in deleted]
+    return out
 
 
 def _manifest_sum(m: dict) -> str:
