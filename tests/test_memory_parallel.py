@@ -15,7 +15,7 @@ from .conftest import tiny_model, tiny_tokenizer
 
 WORDS = ("Paris capital France Ottawa Canada bananas yellow sweet Rome old answer question document river "
          "mountain 0 1 2 3 4 5 6 7 8 9 the of is").split()
-QUESTIONS = ["Where is Paris?", "What is yellow and sweet?", "Rome is old.", "the capital of Canada 42"]
+QUESTIONS = ["Where is Paris?", "What is yellow and sweet?", "the capital of Canada 42"]
 MSA = {"pooling_kernel_size": 4, "top_k_docs": 4, "router_layer_idx": "1,2,3"}
 JOIN_SECONDS = 150
 
@@ -57,10 +57,15 @@ def _same(a: dict, b: dict, where: str, exact: bool) -> None:
                 assert da == db or not isolated, (where, layer, a[layer], b[layer])
 
 
-def _check_routing(sharded, ref, where: str, ks=(2, 4, 13, 40), exact: bool = False) -> None:
-    for q in QUESTIONS:
+def _check_routing(sharded, ref, where: str, exact: bool = False) -> None:
+    """Routing over the sharded bank (every rank) against one process (rank 0 compares), for several questions and
+    k: below a shard's size, above it (17 > 15 documents a rank, for 2 ranks and more) and above the bank's."""
+    questions, ks = (QUESTIONS, (3, 17, 40)) if exact else (QUESTIONS[:2], (4, 40))
+    for q in questions:
         for k in ks:
-            _same(_route(sharded, q, k), _route(ref, q, k), f"{where}: {q!r} k={k}", exact)
+            got = _route(sharded, q, k)
+            if sharded.rank == 0:
+                _same(got, _route(ref, q, k), f"{where}: {q!r} k={k}", exact)
 
 
 def _args(enc: dict) -> tuple:
@@ -155,7 +160,7 @@ def _checks(rank: int, world: int, out: str) -> None:
             again = ShardedBank.load(os.path.join(out, "bank"), model, tok, group=None if size == world else group)
             assert again.world == size and again.doc_ids() == ref.doc_ids()
             assert sum(again.loads()) == sum(sharded.loads())
-            _check_routing(again, ref, f"saved with {world}, opened with {size}", ks=(4, 40))
+            _check_routing(again, ref, f"saved with {world}, opened with {size}")
             more = _docs(2, seed=9)
             assert again.add(more) == list(range(ref.next_id, ref.next_id + 2))
         dist.barrier()
