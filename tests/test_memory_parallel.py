@@ -186,3 +186,28 @@ def test_memory_parallel_equals_one_process(world, tmp_path):
     assert not errors, "\n".join(errors)
     assert not hung, f"ranks {[procs.index(p) for p in hung]} did not finish in {JOIN_SECONDS} s"
     assert [p.exitcode for p in procs] == [0] * world
+
+
+def test_place_goes_to_the_least_loaded_rank():
+    from memsparse.memory.parallel import place
+
+    loads = [5, 2, 2]
+    assert place([3, 1, 4, 1], loads) == [1, 2, 2, 0] and loads == [6, 5, 7]  # ties: the lower rank
+    assert place([], [0]) == []
+
+
+@pytest.mark.parametrize("n,k", [(7, 3), (200, 16), (50, 50)])
+def test_routing_top_k_ties_go_to_the_lower_position(n, k):
+    """The one-process order the merge over ranks reproduces: score descending, then position ascending (deleted
+    documents -inf, -0.0 equal to 0.0)."""
+    from memsparse.ops.routing import ranked_documents
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randint(-2, 3, (3, n), generator=g).float() * 0.25)
+    x[0, ::3] = -0.0
+    alive = torch.rand(n, generator=g) > 0.2
+    top = ranked_documents(x, k, alive)
+    for b in range(3):
+        s = x[b].masked_fill(~alive, float("-inf")).tolist()
+        order = sorted(range(n), key=lambda j: (-s[j], j))[:k]
+        assert top[1, b].long().tolist() == order and top[0, b].tolist() == [s[j] for j in order]
