@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.prefill import BankMemory, _top_documents
-from .bank import TEMPLATE_PREFIX, MemoryBank, render_documents
+from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
 
 _FAR = float(2**53)  # the global id of a padding candidate (sorts after every real id)
 INDEX = "memory-parallel.json"
@@ -289,6 +289,8 @@ class ShardedBank:
         if saved == world:
             bank = cls(MemoryBank.load(path / f"rank-{rank}", model, tok), group)
             ranks = [r for _, r, *_ in table]
+            if bank.shard.doc_ids() != [d for (d, *_), r in zip(table, ranks) if r == rank]:
+                raise BankError(f"{path}: rank-{rank} does not hold the documents {INDEX} gives it")
         else:
             olds = [MemoryBank.load(path / f"rank-{r}", model, tok) for r in range(saved)]
             bank = cls(olds[0].like(tier="auto"), group)
@@ -368,8 +370,8 @@ class ShardedMemory(BankMemory):
         m = sb.max_chunks
         ref = sb.prefix_kv[i][0]
         dev, dtype = ref.device, sb.model.dtype
-        keys = torch.zeros(B, k, m, *ref.shape[1:], dtype=dtype, device=dev)  # (B, k, m, Hkv, D)
-        values = torch.zeros_like(keys)
+        kv = torch.zeros(2, B, k, m, *ref.shape[1:], dtype=dtype, device=dev)  # (2, B, k, m, Hkv, D): K̄, V̄
+        keys, values = kv[0], kv[1]
         valid = torch.zeros(B, k, m, dtype=torch.bool, device=dev)
         ok = torch.isfinite(top[0])
         order = torch.where(ok, top[1], _FAR).sort(1).values.tolist()  # (B, k) ids in table order, missing last
@@ -384,8 +386,7 @@ class ShardedMemory(BankMemory):
                     keys[b, j, :kk.shape[0]] = kk
                     values[b, j, :vv.shape[0]] = vv
         if sb.world > 1:
-            dist.all_reduce(keys, group=sb.group)  # zero except on the rank that holds each document
-            dist.all_reduce(values, group=sb.group)
+            dist.all_reduce(kv, group=sb.group)  # zero except on the rank that holds each document: exact sums
         return keys.flatten(1, 2), values.flatten(1, 2), valid.flatten(1)
 
 
