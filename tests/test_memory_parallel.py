@@ -136,6 +136,13 @@ def _checks(rank: int, world: int, out: str) -> None:
     _check_routing(copy, ref, "add/delete, copied", exact=True)
     with pytest.raises(KeyError):
         sharded.delete([5])
+    with pytest.raises(ValueError, match="different arguments"):  # a collective call, checked
+        sharded.delete([1 + rank])
+
+    # more ranks than documents: a rank with an empty shard still takes part
+    small = ShardedBank.build(model, tok, docs[:world - 1])
+    assert len(small.shard.doc_ids()) == (rank < world - 1)
+    _check_routing(small, ms.MemoryBank.build(model, tok, docs[:world - 1]), "empty shard")
 
     # answers (over the exact copy): greedy decoding over the gathered K̄/V̄, in one round and with router
     # injection (the selected documents' text injected)
