@@ -354,7 +354,8 @@ def prefill_batch(bank: MemoryBank, rows: list[list[int]], route_masks: list[lis
     _check_route_masks(route_masks)
     k = top_k or model.msa_config.engine_top_k
     ids, pos, valid, rmask = batch_rows(rows, route_masks, query_offset(bank, k), model.device)
-    memory = BankMemory(bank, rmask, uses_cosine(model, similarity), k, depth)
+    memory_class = getattr(bank, "memory_class", BankMemory)  # a memory sharded over ranks: memory/parallel.py
+    memory = memory_class(bank, rmask, uses_cosine(model, similarity), k, depth)
     out, cache = cached.prefill(model, ids, pos, valid, memory, extra=extra, logits=logits,
                                 last_layer=max(model.router_layers) if route_only else None)
     return PrefillResult(logits=out, cache=cache, memory=memory)

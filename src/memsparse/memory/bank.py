@@ -177,18 +177,31 @@ class MemoryBank:
 
         return load(path, model, tok, tier)
 
-    def add(self, docs: list[str], names: list[str] | None = None, progress: bool = False, **kw) -> list[int]:
-        """Encode new documents; returns their ids. `names`: optional labels kept in the table."""
+    def add(self, docs: list[str], names: list[str] | None = None, progress: bool = False,
+            ids: list[int] | None = None, **kw) -> list[int]:
+        """Encode new documents; returns their ids. `names`: optional labels kept in the table. `ids`: explicit
+        ids (increasing, from `next_id` on; a shard of a memory over ranks keeps the global ids: memory/parallel.py)."""
         if self.tok is None:
             raise ValueError("this bank has no tokenizer (made from token ids): use add_tokens")
-        tokens = render_documents(self.tok, list(range(self.next_id, self.next_id + len(docs))), list(docs))
-        return self.add_tokens(tokens, texts=list(docs), names=names, progress=progress, **kw)
+        ids = self._new_ids(len(docs), ids)
+        tokens = render_documents(self.tok, ids, list(docs))
+        return self.add_tokens(tokens, texts=list(docs), names=names, progress=progress, ids=ids, **kw)
+
+    def _new_ids(self, n: int, ids: list[int] | None) -> list[int]:
+        """The ids of `n` new documents: `ids` checked (increasing, none below `next_id`), or the next n."""
+        if ids is None:
+            return list(range(self.next_id, self.next_id + n))
+        ids = [int(d) for d in ids]
+        if len(ids) != n or any(b <= a for a, b in zip(ids, ids[1:])) or (ids and ids[0] < self.next_id):
+            raise ValueError(f"ids: expected {n} increasing ids from {self.next_id} on")
+        return ids
 
     @torch.no_grad()
     def add_tokens(self, tokens: list[list[int]], texts: list[str | None] | None = None,
                    names: list[str] | None = None, batch_tokens: int | None = None,
-                   progress: bool = False) -> list[int]:
-        """Encode already-tokenized documents, packed many per forward, as one new segment; returns their ids."""
+                   progress: bool = False, ids: list[int] | None = None) -> list[int]:
+        """Encode already-tokenized documents, packed many per forward, as one new segment; returns their ids
+        (`ids`: explicit ones, as in `add`)."""
         if not tokens:
             return []
         if any(len(t) == 0 for t in tokens):
@@ -229,24 +242,25 @@ class MemoryBank:
         decoupled = self.model.msa_config.decouple_router
         ids = self.add_encoded({lay: c[0] for lay, c in cat.items()}, {lay: c[1] for lay, c in cat.items()},
                                 {lay: c[2] for lay, c in cat.items()} if decoupled else None,
-                                list(map(len, tokens)), texts, names)
+                                list(map(len, tokens)), texts, names, ids=ids)
         if global_positions:
             self.next_position += sum(map(len, tokens))
         return ids
 
     def add_encoded(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor],
                     route_keys: dict[int, torch.Tensor] | None, token_count: list[int],
-                    texts: list[str | None] | None = None, names: list[str] | None = None) -> list[int]:
+                    texts: list[str | None] | None = None, names: list[str] | None = None,
+                    ids: list[int] | None = None) -> list[int]:
         """Append already-encoded documents as one segment: per router layer K̄, V̄ (chunks, Hkv, D) and, for a
         decoupled router, K̄r; `token_count` per document (its chunks follow in order). Stored in the bank's
-        key and content dtypes, on its tier. Returns the new ids."""
+        key and content dtypes, on its tier. Returns the new ids (`ids`: explicit ones, as in `add`)."""
         P = self.pool_size
         chunks = [(n + P - 1) // P for n in token_count]
         for lay, k in keys.items():
             if k.shape[0] != sum(chunks) or values[lay].shape != k.shape:
                 raise ValueError(f"layer {lay}: {tuple(k.shape)} keys for {sum(chunks)} chunks")
         dev = self.model.device
-        ids = list(range(self.next_id, self.next_id + len(token_count)))
+        ids = self._new_ids(len(token_count), ids)
         shared = route_keys is None and self.key_dtype == "model" and self.content_dtype == "model"
         ck = {lay: self._to_tier(quantize(k, self.content_dtype, per_head=True)) for lay, k in keys.items()}
         rk = ck if shared else {lay: quantize(k, self.key_dtype, per_head=False, moments=self._moments(lay))

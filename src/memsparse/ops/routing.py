@@ -84,14 +84,26 @@ def select_top_k(doc_scores: torch.Tensor, k: int) -> torch.Tensor:
 def ranked_documents(doc_scores: torch.Tensor, k: int, alive: torch.Tensor | None = None,
                      prior: torch.Tensor | None = None) -> torch.Tensor:
     """(2, B, k) float64: the k best of each row of doc_scores (B, N) less `prior` (N,), with the documents where
-    `alive` (N,) is False at -inf, best first, and their positions (one tensor: one copy to the host). The
-    reference of `ops/topk_triton.py: topk`."""
+    `alive` (N,) is False at -inf, best first, and their positions (one tensor: one copy to the host). Among equal
+    scores the lower position wins, as in the kernel (`torch.topk` leaves the order of ties unspecified, and on the
+    CPU it varies): the memory sharded over ranks merges its shards' candidates by the same rule. The reference
+    of `ops/topk_triton.py: topk`."""
     if prior is not None:
         doc_scores = doc_scores - prior
     if alive is not None:
         doc_scores = doc_scores.masked_fill(~alive, NEG_INF)
-    vals, idx = doc_scores.float().topk(k, dim=1)
-    return torch.stack([vals.double(), idx.double()])
+    vals = doc_scores.float()
+    idx = tie_ordered_keys(vals).topk(k, dim=1).indices  # keys are distinct: the order is total
+    return torch.stack([vals.gather(1, idx).double(), idx.double()])
+
+
+def tie_ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys (B, N) of float32 scores (B, N) ordered as (score, then lower position first): the float's bits
+    made monotone in the high 32 bits (-0.0 taken as 0.0), the position reversed in the low 32."""
+    bits = (scores + 0.0).view(torch.int32).long()  # (+ 0.0: -0.0 -> 0.0)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, lower key
+    pos = torch.arange(scores.shape[-1], device=scores.device)
+    return ordered * 2**32 + (2**32 - 1 - pos)
 
 
 def routing_reference(

@@ -1,0 +1,393 @@
+"""Memory Parallel: one memory bank sharded by documents over the ranks of a torch.distributed process group
+(gloo on CPUs; the same collectives run on NCCL), with the answers of one process.
+
+Layout. Every rank holds a `MemoryBank` shard of its documents under their GLOBAL ids (a shard's table is in
+increasing global id order, as the one-process bank's table is). New documents go, one by one in id order, to the
+rank holding the fewest live chunks (ties: the lower rank). The document table (owner rank, chunks, tokens, name
+and text of every id) is replicated: every call that changes the memory (`add`, `add_encoded`, `delete`,
+`compact`) is collective, made by every rank with the same arguments (checked), and each rank encodes only its
+own documents.
+
+Routing (`ShardedMemory`, the `cached.Memory` the engine's prefill uses for a `ShardedBank`). The forward runs
+replicated on every rank (SPMD: every rank calls `route` / `ask` with the same question). In each router layer
+rank 0's router queries are broadcast, every rank scores its shard with the bank's routing code and takes its
+local top-k (ties: lower global id), the candidates (score, global id) are all-gathered and merged by (score
+descending, global id ascending): exactly the order of the one-process top-k (`ops.routing.ranked_documents` and
+the Triton kernel both put the lower table position first among equal scores). The selected documents' K̄/V̄ are
+assembled in the one-process layout (`MemoryBank.gather_top`: table order, each padded to the longest document of
+the table) by the ranks that hold them and summed over ranks (an all-reduce of a buffer that is zero except where
+a rank holds the document), so every rank attends to the same memory as one process would.
+
+Not sharded here: documents at global positions (doc_positions='global'), 8-bit keys or K̄/V̄ calibrated with
+query moments, document priors, the fused GPU kernels' own path (they run per shard unchanged, the merge is the
+same), the CLI under torchrun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..engine.prefill import BankMemory, _top_documents
+from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
+
+_FAR = float(2**53)  # the global id of a padding candidate (sorts after every real id)
+INDEX = "memory-parallel.json"
+
+
+def place(chunks: list[int], loads: list[int]) -> list[int]:
+    """The rank of each new document (in order): the least loaded by live chunks, ties to the lower rank; `loads`
+    (chunks per rank) is updated in place."""
+    out = []
+    for c in chunks:
+        r = min(range(len(loads)), key=lambda n: (loads[n], n))
+        loads[r] += c
+        out.append(r)
+    return out
+
+
+def encoded(bank: MemoryBank, ids: list[int]) -> dict:
+    """The stored encoding of documents of `bank` (model dtypes only), in the arguments of `add_encoded`: per router
+    layer K̄, V̄ and K̄r (chunks, Hkv, D) of the documents in the given order, token counts, texts and names."""
+    if bank.key_dtype != "model" or bank.content_dtype != "model":
+        raise ValueError("moving documents between banks needs model-dtype keys and K̄/V̄")
+    keys, values, route = {}, {}, {}
+    for layer in bank.model.router_layers:
+        parts = [bank.gather(layer, [d]) for d in ids]
+        keys[layer] = torch.cat([k for k, _ in parts])
+        values[layer] = torch.cat([v for _, v in parts])
+        rk = []
+        for d in ids:
+            r = bank._rows[d]
+            seg = bank.segments[r.segment]
+            rk.append(seg.route_keys[layer][r.chunk_start:r.chunk_start + seg.chunk_count[r.local]])
+        route[layer] = torch.cat(rk)
+    decoupled = bank.model.msa_config.decouple_router
+    return {"keys": keys, "values": values, "route_keys": route if decoupled else None,
+            "token_count": [bank.token_count(d) for d in ids], "texts": [bank.text(d) for d in ids],
+            "names": [bank.name(d) for d in ids]}
+
+
+class ShardedBank:
+    """A memory bank sharded by documents over the ranks of `group` (default: the world). Build with
+    `ShardedBank.build` (collective) or `ShardedBank.load`; use it where a `MemoryBank` goes in `MSAEngine`
+    (every rank calling `route` / `ask` with the same questions)."""
+
+    def __init__(self, shard: MemoryBank, group=None):
+        msa = shard.model.msa_config
+        if msa.doc_positions == "global":
+            raise ValueError("Memory Parallel: documents at global positions (doc_positions='global') are not sharded")
+        if shard.doc_priors is not None or shard.key_moments is not None:
+            raise ValueError("Memory Parallel: document priors and calibrated 8-bit keys are not sharded")
+        self.shard, self.group = shard, group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.src = dist.get_global_rank(group, 0) if group is not None else 0  # rank 0 of the group, globally
+        self.owner: dict[int, int] = {}  # global id -> rank, for every table row (tombstones too, until compaction)
+        self.chunks: dict[int, int] = {}  # global id -> chunks
+        self.tokens: dict[int, int] = {}  # global id -> tokens
+        self.records: dict[int, tuple[str, str | None]] = {}  # global id -> (name, text)
+        self.deleted: set[int] = set()
+        self.next_id = 0
+
+    memory_class = None  # set below: ShardedMemory (the engine's prefill builds one per batch)
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def build(cls, model, tok, docs: list[str], group=None, **kw) -> ShardedBank:
+        """Encode `docs` (global ids 0..N-1), each on the rank `place` gives it (collective)."""
+        shard = MemoryBank.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok)
+        shard.place("auto")
+        bank = cls(shard, group)
+        bank.add(docs, **kw)
+        return bank
+
+    def _agree(self, what: str, payload) -> None:
+        """Check that every rank made this collective call with the same arguments."""
+        digest = hashlib.sha256(repr(payload).encode()).digest()
+        mine = torch.tensor(list(digest), dtype=torch.int64)
+        got = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(got, mine, group=self.group)
+        if any(not torch.equal(g, mine) for g in got):
+            raise ValueError(f"ShardedBank.{what}: the ranks were given different arguments (the call is collective)")
+
+    def loads(self) -> list[int]:
+        """Live chunks per rank."""
+        out = [0] * self.world
+        for d, r in self.owner.items():
+            if d not in self.deleted:
+                out[r] += self.chunks[d]
+        return out
+
+    def add(self, docs: list[str], names: list[str] | None = None, **kw) -> list[int]:
+        """Encode new documents (collective); returns their global ids."""
+        docs = list(docs)
+        self._agree("add", (docs, names))
+        ids = list(range(self.next_id, self.next_id + len(docs)))
+        tokens = render_documents(self.shard.tok, ids, docs)
+        P = self.pool_size
+        ranks = place([(len(t) + P - 1) // P for t in tokens], self.loads())
+        mine = [j for j, r in enumerate(ranks) if r == self.rank]
+        if mine:
+            self.shard.add_tokens([tokens[j] for j in mine], texts=[docs[j] for j in mine],
+                                  names=[names[j] for j in mine] if names else None, ids=[ids[j] for j in mine], **kw)
+        names = names or [str(d) for d in ids]
+        for j, d in enumerate(ids):
+            self._note(d, ranks[j], (len(tokens[j]) + P - 1) // P, len(tokens[j]), (names[j], docs[j]))
+        return ids
+
+    def add_encoded(self, keys: dict, values: dict, route_keys: dict | None, token_count: list[int],
+                    texts: list[str | None] | None = None, names: list[str] | None = None) -> list[int]:
+        """`MemoryBank.add_encoded` over the ranks (collective): each rank keeps the documents placed on it."""
+        self._agree("add_encoded", (token_count, texts, names,
+                                    [(lay, float(k.double().sum())) for lay, k in sorted(keys.items())]))
+        P = self.pool_size
+        chunks = [(n + P - 1) // P for n in token_count]
+        ids = list(range(self.next_id, self.next_id + len(token_count)))
+        ranks = place(chunks, self.loads())
+        starts = [sum(chunks[:j]) for j in range(len(chunks))]
+        mine = [j for j, r in enumerate(ranks) if r == self.rank]
+        if mine:
+            rows = torch.cat([torch.arange(starts[j], starts[j] + chunks[j]) for j in mine])
+
+            def pick(store):
+                return {lay: t.index_select(0, rows.to(t.device)) for lay, t in store.items()}
+
+            self.shard.add_encoded(pick(keys), pick(values), pick(route_keys) if route_keys is not None else None,
+                                   [token_count[j] for j in mine], [texts[j] for j in mine] if texts else None,
+                                   [names[j] for j in mine] if names else None, ids=[ids[j] for j in mine])
+        for j, d in enumerate(ids):
+            self._note(d, ranks[j], chunks[j], token_count[j],
+                       ((names or [str(i) for i in ids])[j], texts[j] if texts else None))
+        return ids
+
+    def _note(self, d: int, rank: int, chunks: int, tokens: int, record: tuple[str, str | None]) -> None:
+        self.owner[d], self.chunks[d], self.tokens[d], self.records[d] = rank, chunks, tokens, record
+        self.next_id = max(self.next_id, d + 1)
+
+    def delete(self, ids: list[int]) -> None:
+        """Tombstone documents on the ranks that hold them (collective)."""
+        ids = [int(d) for d in ids]
+        self._agree("delete", ids)
+        for d in ids:
+            if d not in self:
+                raise KeyError(f"no document {d} in the bank")
+        mine = [d for d in ids if self.owner[d] == self.rank]
+        if mine:
+            self.shard.delete(mine)
+        self.deleted.update(ids)
+
+    def compact(self) -> None:
+        """Drop deleted documents' data on every rank (collective; ids kept)."""
+        self._agree("compact", sorted(self.deleted))
+        self.shard.compact()
+        for d in self.deleted:
+            for table in (self.owner, self.chunks, self.tokens, self.records):
+                del table[d]
+        self.deleted = set()
+
+    # ----------------------------------------------------------------------------------------- the bank interface
+    @property
+    def model(self):
+        return self.shard.model
+
+    @property
+    def tok(self):
+        return self.shard.tok
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        return self.shard.prefix_ids
+
+    @property
+    def prefix_kv(self):
+        return self.shard.prefix_kv
+
+    @property
+    def next_position(self) -> int:
+        return 0
+
+    @property
+    def pool_size(self) -> int:
+        return self.shard.pool_size
+
+    @property
+    def tier(self) -> str:
+        return self.shard.tier
+
+    @property
+    def num_docs(self) -> int:
+        """Live documents over all ranks."""
+        return len(self.owner) - len(self.deleted)
+
+    @property
+    def table_size(self) -> int:
+        """Table rows over all ranks (tombstones included until compaction), as `len(routing_view()['ids'])`."""
+        return len(self.owner)
+
+    @property
+    def max_chunks(self) -> int:
+        """The longest document of the table in chunks (tombstones included), as `routing_view()['max_chunks']`."""
+        return max(self.chunks.values(), default=0)
+
+    def doc_ids(self) -> list[int]:
+        return sorted(d for d in self.owner if d not in self.deleted)
+
+    def __contains__(self, doc_id: int) -> bool:
+        return doc_id in self.owner and doc_id not in self.deleted
+
+    def _record(self, doc_id: int) -> tuple[str, str | None]:
+        if doc_id not in self:
+            raise KeyError(f"no document {doc_id} in the bank")
+        return self.records[doc_id]
+
+    def text(self, doc_id: int) -> str | None:
+        return self._record(doc_id)[1]
+
+    def name(self, doc_id: int) -> str:
+        return self._record(doc_id)[0]
+
+    def token_count(self, doc_id: int) -> int:
+        return self.tokens[doc_id]
+
+    def like(self, **overrides) -> MemoryBank:
+        """An empty local (unsharded) bank for the same model (the engine's refinement re-encodes a shortlist)."""
+        return self.shard.like(**overrides)
+
+    # ----------------------------------------------------------------------------------------- on disk
+    def save(self, path: str | Path) -> Path:
+        """Save (collective; deleted documents are compacted away first) as one bank directory per rank
+        (`rank-{r}`, the store's format) plus `memory-parallel.json`, the replicated table (owner rank, chunks,
+        tokens, name and text of every document), written by rank 0 once every shard is committed."""
+        path = Path(path)
+        if self.deleted:
+            self.compact()
+        self.shard.save(path / f"rank-{self.rank}")
+        dist.barrier(group=self.group)
+        if self.rank == 0:
+            table = [[d, self.owner[d], self.chunks[d], self.tokens[d], *self.records[d]] for d in sorted(self.owner)]
+            tmp = path / (INDEX + ".tmp")
+            tmp.write_text(json.dumps({"world_size": self.world, "next_id": self.next_id, "table": table}))
+            tmp.replace(path / INDEX)
+        dist.barrier(group=self.group)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model, tok=None, group=None) -> ShardedBank:
+        """Open a bank saved by `save` with any number of ranks (collective). With the world size it was saved
+        with, each rank opens its own directory; otherwise the documents are placed again (`place`, in id order,
+        as `add` would place them) and each rank copies its documents' encodings out of the saved shards (opened
+        memory-mapped)."""
+        path = Path(path)
+        index = json.loads((path / INDEX).read_text())
+        rank, world, saved = dist.get_rank(group), dist.get_world_size(group), index["world_size"]
+        table = index["table"]
+        if saved == world:
+            bank = cls(MemoryBank.load(path / f"rank-{rank}", model, tok), group)
+            ranks = [r for _, r, *_ in table]
+            if bank.shard.doc_ids() != [d for (d, *_), r in zip(table, ranks) if r == rank]:
+                raise BankError(f"{path}: rank-{rank} does not hold the documents {INDEX} gives it")
+        else:
+            olds = [MemoryBank.load(path / f"rank-{r}", model, tok) for r in range(saved)]
+            bank = cls(olds[0].like(tier="auto"), group)
+            ranks = place([c for _, _, c, *_ in table], [0] * world)
+            mine = [(d, r) for (d, r, *_), new in zip(table, ranks) if new == rank]
+            if mine:
+                parts = [encoded(olds[r], [d]) for d, r in mine]
+                names = ("keys", "values") + (("route_keys",) if parts[0]["route_keys"] is not None else ())
+                cat = {n: {lay: torch.cat([p[n][lay] for p in parts]) for lay in parts[0][n]} for n in names}
+                bank.shard.add_encoded(cat["keys"], cat["values"], cat.get("route_keys"),
+                                       [p["token_count"][0] for p in parts], [p["texts"][0] for p in parts],
+                                       [p["names"][0] for p in parts], ids=[d for d, _ in mine])
+        for (d, _, chunks, tokens, name, text), r in zip(table, ranks):
+            bank._note(d, r, chunks, tokens, (name, text))
+        bank.next_id = max(bank.next_id, index["next_id"])
+        bank.shard.next_id = max(bank.shard.next_id, bank.next_id)
+        return bank
+
+
+class ShardedMemory(BankMemory):
+    """The `cached.Memory` of a batch over a `ShardedBank`: routing merged over the ranks, and the selected
+    documents' K̄/V̄ summed over the ranks that hold them, in the one-process layout (see the module's doc)."""
+
+    def __post_init__(self):
+        self._routing = [{} for _ in range(self.route_mask.shape[0])]
+        self.via_host = False
+        self.copy_stream = None
+
+    def __call__(self, i, attn, h, q):
+        sb: ShardedBank = self.bank
+        B = q.shape[0]
+        pk, pv = sb.prefix_kv[i]  # (p, Hkv, D)
+        ones = torch.ones(B, pk.shape[0], dtype=torch.bool, device=pk.device)
+        if not (attn.is_router and sb.num_docs):
+            return pk.expand(B, *pk.shape), pv.expand(B, *pv.shape), ones
+        t0 = time.perf_counter()
+        rq = attn.router_queries(h, q).contiguous()  # (B, S, H, D)
+        dist.broadcast(rq, src=sb.src, group=sb.group)  # every rank scores rank 0's queries
+        K = min(max(self.top_k, self.depth), sb.table_size)
+        top = self._merge(i, rq, K)  # (2, B, K): scores, global ids, best first
+        vals, gids = top.tolist()
+        for b in range(B):
+            self._routing[b][i] = [(int(g), v) for v, g in zip(vals[b], gids[b]) if v != float("-inf")]
+        t1 = time.perf_counter()
+        k, v, valid = self._gather(i, top[:, :, :min(self.top_k, K)])
+        self._seconds[0] += t1 - t0
+        self._seconds[1] += time.perf_counter() - t1
+        return (torch.cat([pk.expand(B, *pk.shape), k], 1), torch.cat([pv.expand(B, *pv.shape), v], 1),
+                torch.cat([ones, valid], 1))
+
+    def _merge(self, i: int, rq: torch.Tensor, K: int) -> torch.Tensor:
+        """(2, B, K) float64 scores and global ids of the global top-K, best first, ties to the lower id."""
+        sb: ShardedBank = self.bank
+        B = rq.shape[0]
+        local = torch.full((2, B, K), float("-inf"), dtype=torch.float64, device=rq.device)
+        local[1] = _FAR
+        shard = sb.shard
+        n = len(shard.routing_view()["ids"]) if shard.segments else 0
+        if n:
+            top = _top_documents(shard, i, rq, self.route_mask, self.cosine, min(K, n))  # (2, B, k'), local positions
+            ids = torch.tensor(shard.routing_view()["ids"], dtype=torch.float64, device=rq.device)
+            local[0, :, :top.shape[2]] = top[0]
+            local[1, :, :top.shape[2]] = ids[top[1].long()]
+        got = [torch.empty_like(local) for _ in range(sb.world)]
+        dist.all_gather(got, local, group=sb.group)
+        cand = torch.cat(got, 2)  # (2, B, world * K)
+        by_id = cand[1].argsort(dim=1, stable=True)
+        by_score = cand[0].gather(1, by_id).argsort(dim=1, descending=True, stable=True)
+        order = by_id.gather(1, by_score)[:, :K]  # (B, K)
+        return torch.stack([cand[0].gather(1, order), cand[1].gather(1, order)])
+
+    def _gather(self, i: int, top: torch.Tensor):
+        """K̄, V̄ (B, k * m, Hkv, D) and validity (B, k * m) of the picks `top` (2, B, k), as `gather_top` lays
+        them out: each row's documents in id (table) order, missing picks last, each padded to m chunks."""
+        sb: ShardedBank = self.bank
+        B, k = top.shape[1:]
+        m = sb.max_chunks
+        ref = sb.prefix_kv[i][0]
+        dev, dtype = ref.device, sb.model.dtype
+        kv = torch.zeros(2, B, k, m, *ref.shape[1:], dtype=dtype, device=dev)  # (2, B, k, m, Hkv, D): K̄, V̄
+        keys, values = kv[0], kv[1]
+        valid = torch.zeros(B, k, m, dtype=torch.bool, device=dev)
+        ok = torch.isfinite(top[0])
+        order = torch.where(ok, top[1], _FAR).sort(1).values.tolist()  # (B, k) ids in table order, missing last
+        for b in range(B):
+            for j, g in enumerate(order[b]):
+                if g == _FAR:
+                    continue
+                d = int(g)
+                valid[b, j, :sb.chunks[d]] = True
+                if sb.owner[d] == sb.rank:
+                    kk, vv = sb.shard.gather(i, [d])  # (chunks, Hkv, D)
+                    keys[b, j, :kk.shape[0]] = kk
+                    values[b, j, :vv.shape[0]] = vv
+        if sb.world > 1:
+            dist.all_reduce(kv, group=sb.group)  # zero except on the rank that holds each document: exact sums
+        return keys.flatten(1, 2), values.flatten(1, 2), valid.flatten(1)
+
+
+ShardedBank.memory_class = ShardedMemory
