@@ -22,8 +22,7 @@ _EXAMPLES = """
   memsparse docs verify ./notes.bank                                   # checksums, shapes, values, texts
   memsparse info ./notes.bank
   memsparse serve ./notes.bank --port 8080
-  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \
-       -d '{"model": "memsparse", "prompt": "Who wrote the design memo?", "max_tokens": 64}'
+  curl localhost:8080/v1/completions -H 'Content-Type: application/json' -d '{"model": "memsparse", "prompt": "Who?"}'
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
