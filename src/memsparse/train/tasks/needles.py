@@ -29,19 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import heldout
-from .niah import DEPTHS, NiahSample, pack_documents
+from .niah import CONFIGS, DEPTHS, NiahSample, pack_documents
 
-# subtask: (haystack, key slot, value slot, num_needle_k, num_needle_v, num_needle_q); RULER's shapes (niah.CONFIGS)
-SHAPES = {
-    "niah_single_1": ("noise", "name", "short", 1, 1, 1),
-    "niah_single_2": ("text", "name", "short", 1, 1, 1),
-    "niah_single_3": ("text", "name", "long", 1, 1, 1),
-    "niah_multikey_1": ("text", "name", "short", 4, 1, 1),
-    "niah_multikey_2": ("needle", "name", "short", 1, 1, 1),
-    "niah_multikey_3": ("needle", "long", "long", 1, 1, 1),
-    "niah_multivalue": ("text", "name", "short", 1, 4, 1),
-    "niah_multiquery": ("text", "name", "short", 1, 1, 4),
-}
+# subtask: (haystack, key slot, value slot, num_needle_k, num_needle_v, num_needle_q): RULER's shapes (niah.CONFIGS)
+# with its haystacks and key / value types mapped to this generator's kinds
+_HAYSTACK = {"noise": "noise", "essay": "text", "needle": "needle"}
+_SLOT = {"words": "name", "numbers": "short", "uuids": "long"}
+SHAPES = {name: (_HAYSTACK[hay], _SLOT[key], _SLOT[value], nk, nv, nq)
+          for name, (hay, key, value, nk, nv, nq) in CONFIGS.items()}
 SUBTASKS = tuple(SHAPES)
 NOISE_SENTENCES = 4  # filler sentences per noise line
 LINE_BATCH = 256  # needle-haystack distractor lines drawn and counted at a time
