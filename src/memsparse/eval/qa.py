@@ -154,7 +154,9 @@ def embeddings(data: QASet, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def retrieve(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int) -> list[list[int]]:
-    """Top-k paragraphs per question by inner product: a FAISS exact index when faiss is installed."""
+    """Top-k paragraphs per question by inner product (k at most the paragraphs): a FAISS exact index when faiss is
+    installed, else torch."""
+    k = min(k, doc_emb.shape[0])
     try:
         import faiss
 
