@@ -1,18 +1,13 @@
-"""Shared by the benchmark scripts: model geometries, timing, memory high-water marks, run metadata."""
+"""Shared by the benchmark scripts: model geometries, timing, memory high-water marks, the results folder."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-from memsparse.eval.meta import commit
 
 SMOLLM2 = dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope={"rope_type": "default",
@@ -44,19 +39,3 @@ def peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
-
-
-def run_header(device: torch.device) -> dict:
-    """Machine, device, date, commit and torch version of a run."""
-    machine = (torch.cuda.get_device_name() if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
-    return {"machine": machine, "device": device.type, "date": datetime.date.today().isoformat(),
-            "commit": commit(), "torch": torch.__version__}
-
-
-def save_run(out: Path, key: str, run: dict) -> None:
-    """Merge `run` into the JSON file's "runs" under `key`."""
-    runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
-    runs[key] = run
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")

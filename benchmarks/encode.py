@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, SMALL, SMOLLM2, peak_mb, run_header, save_run, sync
+from common import RESULTS, SMALL, SMOLLM2, peak_mb, sync
 
 from memsparse import DecoderConfig, MemoryBank, MSAForCausalLM
+from memsparse.eval.meta import run_header, save_run
 
 
 def random_docs(tokens: int, doc_len: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -20,12 +20,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import RESULTS, peak_mb, run_header, save_run
+from common import RESULTS, peak_mb
 from encode import bank_model, random_docs
 
 from memsparse import MemoryBank
 from memsparse.engine import prefill_batch
 from memsparse.engine.generate import generate
+from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.speed import questions
 
 

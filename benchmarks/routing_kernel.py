@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 import triton
-from common import RESULTS, run_header, save_run, timed
+from common import RESULTS, timed
 
+from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.speed import read_rate
 from memsparse.memory.quant import quantize
 from memsparse.ops.routing_triton import (

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, SMALL, SMOLLM2, peak_mb, run_header, save_run, sync, timed
+from common import RESULTS, SMALL, SMOLLM2, peak_mb, sync, timed
 
 from memsparse import DecoderConfig, MSAForCausalLM
+from memsparse.eval.meta import run_header, save_run
 from memsparse.ops.attention import shape_varying_attention
 
 

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, SMOLLM2, run_header, save_run, sync
+from common import RESULTS, SMOLLM2, sync
 
 from memsparse import DecoderConfig, MSAForCausalLM
+from memsparse.eval.meta import run_header, save_run
 from memsparse.model.delta import add_special_tokens, attach_lora
 from memsparse.train import trainer
 

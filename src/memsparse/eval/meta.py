@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -48,3 +51,19 @@ def save_figure(fig, path) -> None:
 def run_meta() -> dict:
     """{gpu, date, commit} of a results file."""
     return {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit()}
+
+
+def run_header(device: torch.device) -> dict:
+    """Machine, device, date, commit and torch version of a benchmark run."""
+    machine = (torch.cuda.get_device_name() if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
+    return {"machine": machine, "device": device.type, "date": datetime.date.today().isoformat(),
+            "commit": commit(), "torch": torch.__version__}
+
+
+def save_run(out: Path, key: str, run: dict) -> None:
+    """Merge `run` into the JSON file's "runs" under `key`."""
+    runs = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
+    runs[key] = run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")

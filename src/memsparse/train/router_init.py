@@ -1,7 +1,7 @@
 """Data-dependent router start: projections onto the router inputs' directions after the dominant ones.
 
 Router projections trained by the aux loss from a random (or tied) start stay at chance on tasks whose key is one
-rare word among similar documents (NIAH multikey: benchmarks/router_probe.py, docs/msa-smollm2.md, "Why multikey_2/3
+rare word among similar documents (NIAH multikey: research/router_probe.py, docs/msa-smollm2.md, "Why multikey_2/3
 failed"), although the layer inputs carry it: removing the inputs' top singular directions and scoring the rest by
 cosine routes them. `nulled_router_init` starts every router layer there: over some batches it sums the Gram matrix of
 the layer's attention inputs (document chunk means and routing-query tokens), and gives the key projection the

@@ -1,4 +1,4 @@
-"""benchmarks/refine_rules.py's rule_picks: the documents each refinement rule injects, derived from one first-pass
+"""research/refine_rules.py's rule_picks: the documents each refinement rule injects, derived from one first-pass
 routing and one refined routing, are exactly those a live MSAEngine with that rule's settings injects."""
 
 import sys
@@ -6,10 +6,9 @@ from pathlib import Path
 
 import memsparse as ms
 from memsparse.engine.engine import fused_top
+from tests.conftest import tiny_model, tiny_tokenizer
 
-from .conftest import tiny_model, tiny_tokenizer
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from refine_rules import MARGINS, rule_label, rule_picks  # noqa: E402
 
 DOCS = [f"Note {i}: the {c} {a} keeps {i * 7 % 10} {b}." for i, (a, b, c) in enumerate(

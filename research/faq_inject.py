@@ -4,7 +4,7 @@ router injection of 1 / 2 / 4 documents, without and with document priors. Per s
 whose FAQ answer was injected (`gold_injected`) and the answer's token F1 against the answer's first sentence
 (what the demo shows as expected).
 
-    python benchmarks/faq_inject.py [--docs 300] [--inject 1,2,4] [--priors 256] [--fusion rrf]
+    python research/faq_inject.py [--docs 300] [--inject 1,2,4] [--priors 256] [--fusion rrf]
 
 Writes benchmarks/results/faq_inject.json under "<device>-docs<N>" (CPU or GPU; "<device>-score-docs<N>" with
 --fusion score), with the engine's setting (its defaults, the fusion as given).
@@ -17,14 +17,16 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, run_header, save_run
 
 from memsparse.demo import FAQ_DOCS, default_memory, load_shipped
 from memsparse.engine import MSAEngine
 from memsparse.engine.engine import FUSIONS, ROUTER_DEFAULTS
+from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.qa import f1
 from memsparse.memory import MemoryBank
 from memsparse.train.tasks.mix import FAQ_HELD_OUT
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:

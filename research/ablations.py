@@ -1,8 +1,8 @@
-"""Collect the small-scale ablation runs of benchmarks/ablations.sh into benchmarks/results/ablations.json and a
+"""Collect the small-scale ablation runs of research/ablations.sh into benchmarks/results/ablations.json and a
 bar plot: per run the training time, router recall@k and LM loss at the end of training, the NIAH average at the
 training size (and at 10x it), and two-hop accuracy with 1 and 2 rounds of router injection.
 
-Usage: python benchmarks/ablations.py OUT_DIR   (OUT_DIR as given to ablations.sh)
+Usage: python research/ablations.py OUT_DIR   (OUT_DIR as given to ablations.sh)
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from common import RESULTS
-
 from memsparse.eval.meta import pyplot, save_figure
+
+RESULTS = Path(__file__).parent / "results"
 
 RUNS = ("base", "no-warmup", "no-original-text", "global-rope")
 LABELS = {"base": "baseline (warm-up + aux, text injected, doc-wise RoPE)", "no-warmup": "no warm-up / aux loss",

@@ -1,4 +1,4 @@
-"""benchmarks/refined_routing.py: the refined routing it recomputes from answer lines (the samples regenerated, no
+"""research/refined_routing.py: the refined routing it recomputes from answer lines (the samples regenerated, no
 bank) predicts exactly the documents a live refined run injects, and it refuses lines its samples do not match."""
 
 import gzip
@@ -12,10 +12,9 @@ from memsparse import cli
 from memsparse.cli import main
 from memsparse.engine.engine import fused_top
 from memsparse.train.tasks import niah
+from tests.conftest import tiny_model, tiny_tokenizer
 
-from .conftest import tiny_model, tiny_tokenizer
-
-BENCH = Path(__file__).parents[1] / "benchmarks"
+RESEARCH = Path(__file__).parents[1]
 
 
 def test_refined_routing_predicts_the_engine(tmp_path, monkeypatch):
@@ -29,7 +28,7 @@ def test_refined_routing_predicts_the_engine(tmp_path, monkeypatch):
     assert main(argv + ["--answers", str(plain), "--refine", "0"]) == 0
     assert main(argv + ["--answers", str(refined), "--refine", "3", "--refine-chunk", "2", "--refine-margin", "1",
                         "--no-refine-fuse"]) == 0  # refined always, the refined routing alone: what the script replays
-    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.syspath_prepend(str(RESEARCH))
     import refined_routing
 
     monkeypatch.setattr(refined_routing, "load_shipped", lambda device=None: (model, tok))

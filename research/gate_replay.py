@@ -8,8 +8,9 @@ runs (up to GPU summation order). An option line counts for a sample only if its
 (its recorded margin, if any, above the sample's cut); a margin for which some gated sample has none is reported
 incomplete, with the subtasks whose gated samples all have one replayed alone.
 
-    python benchmarks/gate_replay.py --base results/answers/niah_1m_v8_k4.jsonl.gz \\
-        --option results/answers/niah_1m_v8_k8.jsonl.gz --margins 0,1/2,3/5,2/3,11/15,2 --out results/widen_replay.json
+    python research/gate_replay.py --base benchmarks/results/answers/niah_1m_v8_k4.jsonl.gz \\
+        --option benchmarks/results/answers/niah_1m_v8_k8.jsonl.gz --margins 0,1/2,3/5,2/3,11/15,2 \\
+        --out research/results/widen_replay.json
 
 Writes per margin the accuracy per subtask, the average and the share of samples gated, with the machines, dates
 and commits of the lines used (the replay's own under "replayed").

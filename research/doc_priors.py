@@ -5,7 +5,7 @@
   among the 4 injected (`gold_injected`);
 - RULER NIAH at `--niah-tokens` (as `memsparse eval niah`, router interleave) for `--subtasks`.
 
-    python benchmarks/doc_priors.py [--paragraphs 300] [--questions 200] [--priors 256] [--niah-samples 6]
+    python research/doc_priors.py [--paragraphs 300] [--questions 200] [--priors 256] [--niah-samples 6]
 
 Writes benchmarks/results/doc_priors.json under "<device>-p<paragraphs>" (CPU or GPU).
 """
@@ -17,12 +17,14 @@ import json
 from pathlib import Path
 
 import torch
-from common import RESULTS, run_header, save_run
 
 from memsparse.demo import load_shipped
 from memsparse.eval.faqs import QASet, load_qa
+from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.niah import evaluate
 from memsparse.eval.qa import evaluate_qa
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def squad_points(model, tok, paragraphs: int, questions: int, priors: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""benchmarks/gate_replay.py: a gated option replayed on answer lines takes the option line's score exactly for the
+"""research/gate_replay.py: a gated option replayed on answer lines takes the option line's score exactly for the
 samples below the margin, and never an option line whose own run did not apply the option there."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from memsparse.engine.engine import cut_drop, fused_top
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gate_replay.py"
+SCRIPT = Path(__file__).parents[1] / "gate_replay.py"
 CLEAR = {layer: [[d, 1 - d / 10] for d in range(5)] for layer in range(16)}  # every layer: 0, 1, 2, 3, then 4
 SPREAD = {layer: [[(layer + j) % 8, 1 - j / 10] for j in range(4)] for layer in range(16)}  # votes over 8 docs
 SPLIT = {layer: [[d, 1 - d / 10] for d in ([0, 1, 2, 3] if layer < 12 else [0, 1, 2, 4])] for layer in range(16)}

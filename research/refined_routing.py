@@ -4,7 +4,7 @@ that the answer line records, so each sample needs its documents (regenerated: t
 and not its 1M-token bank: seconds per sample instead of a bank build. Every router layer ranks the whole shortlist
 (`refine_routing` with depth N), to study how refined and first-round routing should combine.
 
-    python benchmarks/refined_routing.py --answers results/answers/niah_1m_v8_k4.jsonl.gz \\
+    python research/refined_routing.py --answers benchmarks/results/answers/niah_1m_v8_k4.jsonl.gz \\
         --subtasks niah_multikey_2 --seeds 42 --out refined.jsonl.gz
 
 Writes one JSON line per sample (gzipped): tokens, subtask, seed, sample, gold, the shortlist (fused order) and

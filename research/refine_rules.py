@@ -1,12 +1,12 @@
 """How refinement should combine with the first pass, judged by named recall (the share of needle documents among
 the injected ones) on measured samples: the first-round routing from the answer lines, the refined routing from
-`benchmarks/refined_routing.py`. Rules: the first pass alone; the refined routing alone (`MSAEngine(refine=N)`);
+`research/refined_routing.py`. Rules: the first pass alone; the refined routing alone (`MSAEngine(refine=N)`);
 both passes' layers fused (`refine_fuse=True`); each always or gated (only below a cut_drop margin). The injected
 set a rule predicts is exactly the engine's (checked against live answer lines), but named recall is not accuracy:
 the chosen rule still has to be answered live (`gate_replay.py`).
 
-    python benchmarks/refine_rules.py --base results/answers/niah_1m_v8_k4.jsonl.gz,... \\
-        --refined results/answers/refined_1m_v8.jsonl.gz --out results/refine_rules.json
+    python research/refine_rules.py --base benchmarks/results/answers/niah_1m_v8_k4.jsonl.gz,... \\
+        --refined benchmarks/results/answers/refined_1m_v8.jsonl.gz --out research/results/refine_rules.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ fp8 keys come rounded plainly and rounded for the routing queries (memory/quant.
 query moments of `--calibration` held-out SQuAD questions (about paragraphs outside the bank), `fp8-pseudo` with
 those of pseudo-queries, sentences of the bank's own documents (`MSAEngine.calibrate_keys`' default).
 
-    python benchmarks/key_quant_recall.py [--paragraphs 400] [--questions 200] [--niah-samples 10] [--calibration 300]
+    python research/key_quant_recall.py [--paragraphs 400] [--questions 200] [--niah-samples 10] [--calibration 300]
 
 Writes benchmarks/results/key_quant_recall.json (runs on CPU or GPU; the model's own dtype is the reference).
 """
@@ -23,16 +23,18 @@ import random
 from pathlib import Path
 
 import torch
-from common import RESULTS, run_header
 from tqdm.auto import tqdm
 
 from memsparse import MemoryBank, MSAEngine
 from memsparse.demo import load_shipped
 from memsparse.engine.calibrate import pseudo_queries
 from memsparse.eval.faqs import load_qa
+from memsparse.eval.meta import run_header
 from memsparse.eval.scale import recall
 from memsparse.model.tokenizer import TokenCounter
 from memsparse.train.tasks.niah import make_sample, string_match_all
+
+RESULTS = Path(__file__).parent / "results"
 
 KINDS = ("model", "bf16", "fp8", "int8", "fp8-questions", "fp8-pseudo")  # the model's own keys, rounded to bf16,
 # 8-bit from bf16 (fp8 also rounded for calibration questions or for pseudo-queries)

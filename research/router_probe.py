@@ -8,8 +8,8 @@ each epoch. The chunk mean of the inputs, projected, is exactly the mean-pooled 
 linear, without bias), so each step costs two small products. A rank that stays near the middle says the
 features do not expose what routing needs (or not from this many samples).
 
-    python benchmarks/router_probe.py --subtask niah_multikey_2 --samples 2000 --layers 9,22 --device cuda \\
-        --out benchmarks/results/router_probe_multikey_2.json
+    python research/router_probe.py --subtask niah_multikey_2 --samples 2000 --layers 9,22 --device cuda \\
+        --out research/results/router_probe_multikey_2.json
 
 `--chunk` pools over chunks of another size; `--standardize` z-scores every input feature (training samples'
 statistics) before the projections; `--center` subtracts each sample's mean chunk input from its chunks (keys centred
