@@ -1,4 +1,4 @@
-"""Collect the small-scale ablation runs of research/ablations.sh into benchmarks/results/ablations.json and a
+"""Collect the small-scale ablation runs of research/ablations.sh into research/results/ablations.json and a
 bar plot: per run the training time, router recall@k and LM loss at the end of training, the NIAH average at the
 training size (and at 10x it), and two-hop accuracy with 1 and 2 rounds of router injection.
 

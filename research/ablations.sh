@@ -4,7 +4,7 @@
 #   the two-hop task with 1 and 2 rounds of router injection ("no Memory Interleave" = 1 round of base);
 #   no-original-text answers with --interleave off (nothing injected), as it was trained.
 # Usage: research/ablations.sh RUNS_DIR OUT_DIR [NIAH_SAMPLES] [NIAH_10X_SAMPLES] [MULTIHOP_SAMPLES]
-# then: python research/ablations.py OUT_DIR   (writes benchmarks/results/ablations.json and .png)
+# then: python research/ablations.py OUT_DIR   (writes research/results/ablations.json and .png)
 set -u
 runs=$1 out=$2 n=${3:-25} n10=${4:-10} nm=${5:-50}
 mkdir -p "$runs" "$out"

@@ -7,7 +7,7 @@
 
     python research/doc_priors.py [--paragraphs 300] [--questions 200] [--priors 256] [--niah-samples 6]
 
-Writes benchmarks/results/doc_priors.json under "<device>-p<paragraphs>" (CPU or GPU).
+Writes research/results/doc_priors.json under "<device>-p<paragraphs>" (CPU or GPU).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ whose FAQ answer was injected (`gold_injected`) and the answer's token F1 agains
 
     python research/faq_inject.py [--docs 300] [--inject 1,2,4] [--priors 256] [--fusion rrf]
 
-Writes benchmarks/results/faq_inject.json under "<device>-docs<N>" (CPU or GPU; "<device>-score-docs<N>" with
+Writes research/results/faq_inject.json under "<device>-docs<N>" (CPU or GPU; "<device>-score-docs<N>" with
 --fusion score), with the engine's setting (its defaults, the fusion as given).
 """
 

@@ -12,7 +12,7 @@ those of pseudo-queries, sentences of the bank's own documents (`MSAEngine.calib
 
     python research/key_quant_recall.py [--paragraphs 400] [--questions 200] [--niah-samples 10] [--calibration 300]
 
-Writes benchmarks/results/key_quant_recall.json (runs on CPU or GPU; the model's own dtype is the reference).
+Writes research/results/key_quant_recall.json (runs on CPU or GPU; the model's own dtype is the reference).
 """
 
 from __future__ import annotations
