@@ -6,7 +6,7 @@ the question only sees the top-k documents' chunks); dense attention grows with 
 
     python benchmarks/train_step.py                 # small config on CPU, SmolLM2 geometry on a GPU
     python benchmarks/train_step.py --sizes 8192,16384 --repeats 2
-    python benchmarks/train_step.py --save-batches recipes/smollm2-msa-v2.toml:0,130,300,500 --batches b.pt
+    python benchmarks/train_step.py --save-batches recipes/history/smollm2-msa-v2.toml:0,130,300,500 --batches b.pt
     python benchmarks/train_step.py --batches b.pt --profile   # real training batches (LoRA, frozen base)
 
 Results are merged into benchmarks/results/train_step.json under the device kind ("cpu", "cuda",

@@ -155,7 +155,7 @@ class _VocabStub:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make-batches", metavar="FILE", help="draw batches (CPU) and write them here")
-    ap.add_argument("--recipe", default="recipes/smollm2-msa-v8.toml")
+    ap.add_argument("--recipe", default="recipes/history/smollm2-msa-v8.toml")
     ap.add_argument("--sizes", default="16384,32768,65536")
     ap.add_argument("--batch-sizes", default="1,2")
     ap.add_argument("--n", type=int, default=3, help="batches per (size, batch size)")
