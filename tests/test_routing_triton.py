@@ -255,3 +255,45 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
         ref = _top_documents(bank, layer, rq, mask, True, 4)
         assert torch.equal(got[1], ref[1]) and torch.allclose(got[0], ref[0], atol=TOL)
     assert len(bank.routing_view()["graphs"]) == 1
+
+
+def _left_padded(lens, H, D, g):
+    """Router queries (B, S, H, D) of questions of `lens` routing tokens, left-padded as the engine batches them
+    (two non-routing tokens after each question)."""
+    S = max(lens) + 2
+    q = torch.randn(len(lens), S, H, D, generator=g)
+    mask = torch.zeros(len(lens), S, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        mask[b, S - n - 2:S - 2] = True
+    return q.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("lens", [(5, 1, 9), (100, 130, 70)], ids=["one-row-tile", "three-hundred-rows"])
+def test_batched_routing_equals_one_question_at_a_time(lens, cosine):
+    """A batch of questions of different lengths scores, ranks and breaks ties as each question routed alone, in
+    one tile of rows or (past MAX_BLOCK_R rows) several; documents 0 and 1 have the same keys (a tie: the lower
+    position ranks first)."""
+    from memsparse.ops.routing import one_question_at_a_time, ranked_documents
+    from memsparse.ops.routing_triton import MAX_BLOCK_R
+    from memsparse.ops.topk_triton import topk
+
+    g = torch.Generator().manual_seed(sum(lens))
+    H, Hkv, D, N = 6, 2, 16, 9
+    q, mask = _left_padded(lens, H, D, g)
+    assert (q.shape[0] * q.shape[1] > MAX_BLOCK_R) == (max(lens) > 9)
+    doc = torch.arange(45, device=DEVICE) // 5  # 5 chunks per document
+    keys = torch.randn(45, Hkv, D, generator=g).to(DEVICE)
+    keys[5:10] = keys[:5]
+    scale = 1.0 if cosine else D**-0.5
+    batched = fused_document_scores(q, mask, keys, doc, N, cosine=cosine, scale=scale)
+    alone = one_question_at_a_time(fused_document_scores, q, mask, keys, doc, N, cosine=cosine, scale=scale)
+    ref = one_question_at_a_time(_reference, q, mask, keys, doc, N, cosine, scale)
+    assert torch.allclose(batched, alone, atol=TOL / 10, rtol=TOL / 10)
+    assert torch.allclose(batched, ref, atol=TOL, rtol=TOL)
+    assert torch.equal(batched[:, 0], batched[:, 1])
+    top = topk(batched, 4, torch.ones(N, dtype=torch.bool, device=DEVICE), None)
+    want = ranked_documents(ref, 4)
+    assert torch.equal(top[1], want[1].to(top.device))
+    for row in top[1].long().tolist():
+        assert 0 not in row or 1 not in row or row.index(0) < row.index(1)

@@ -1,9 +1,12 @@
 """Fused routing kernel (Triton): document scores of a batch of routing queries over a tile of chunks per
 program, in a single pass over the routing keys.
 
-Each program owns BLOCK_C chunks and reads their keys once for the whole batch: per key head it multiplies
+Each program owns BLOCK_C chunks and scores them against every query row of the batch: per key head it multiplies
 (query rows x D) by (D x chunks) (bf16 on a GPU, float32 accumulation), where a row is one token of one
-sample whose G query heads were summed beforehand (head reduce "mean": one product per key head). Cosine
+sample whose G query heads were summed beforehand (head reduce "mean": one product per key head). The rows of the
+whole batch form one tile of up to MAX_BLOCK_R rows (the chunk tile shrinks as the row tile grows, so the
+accumulator stays within ACC_BUDGET floats), so a batch of questions reads each routing key once, as one question
+does; only a batch of more rows than that re-reads its key tile once per further MAX_BLOCK_R rows. Cosine
 normalises the keys in registers; fp8 or int8 keys are scaled per chunk (the scale cancels under cosine). Per
 sample the kernel takes the max over that sample's routing rows (query reduce "max") and folds the chunk
 scores into per-document maxima (chunk reduce "max") with atomic max, so no (tokens x chunks) score matrix is
@@ -25,13 +28,21 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_BLOCK_R = 256  # query rows one program scores per read of its key tile (a batch of 8 questions of 32 tokens)
+ACC_BUDGET = 16384  # float32 accumulator entries per program (BLOCK_R x BLOCK_C)
 _CONFIGS = [triton.Config({"BLOCK_C": 16}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
-    for c, w, s in [(64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
-]
+    for c, w, s in [(32, 4, 2), (32, 8, 2), (64, 2, 3), (64, 4, 3), (64, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
+]  # (a row tile of 256 needs fewer stages: its query tile alone is 64 KB of shared memory per stage at D=128)
 
 
-@triton.autotune(configs=_CONFIGS,
+def _fitting(configs, nargs, **kw):
+    """The chunk tiles whose accumulator (BLOCK_R x BLOCK_C) fits ACC_BUDGET (the smallest tile when none does)."""
+    fit = [c for c in configs if kw["BLOCK_R"] * c.kwargs["BLOCK_C"] <= ACC_BUDGET]
+    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_C"])]
+
+
+@triton.autotune(configs=_CONFIGS, prune_configs_by={"early_config_prune": _fitting},
                   key=["HKV", "D", "BLOCK_R", "R_TILES", "B", "HAS_SCALE", "COSINE", "INV_NORM", "SPLIT", "C_BUCKET"])
 @triton.jit
 def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_ptr, out_ptr, R, C, N, C_BUCKET,
@@ -40,7 +51,8 @@ def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_pt
                   INV_NORM: tl.constexpr, SPLIT: tl.constexpr):
     """q (R, HKV, D) rows (SPLIT: fp8 hi, with qlo fp8 lo and qs (R,) float32 row scale); k (C, HKV, D);
     ks (C,) per-chunk key scale (HAS_SCALE); kn (C, HKV) float16/32 inverse key norms (INV_NORM, cosine only);
-    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima. C_BUCKET (the bit
+    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N)
+    maxima. With R_TILES = 1 (R <= BLOCK_R) the program reads its keys once for the whole batch. C_BUCKET (the bit
     length of C) is only a tuning key: the best tile differs between 16K and 1.6M chunks."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, D)
@@ -201,7 +213,7 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
                                                    fill=fill)
     if C == 0:
         return out
-    block_r = max(16, min(64, triton.next_power_of_2(B * S)))
+    block_r = max(16, min(MAX_BLOCK_R, triton.next_power_of_2(B * S)))
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
     ks = key_scale.contiguous() if key_scale is not None else out  # (C,) float32; unread without a scale
     inv_norm = cosine and key_inv_norm is not None
