@@ -333,7 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
         max_new_tokens=args.max_new_tokens, max_question_tokens=args.max_question_tokens,
         max_router_rounds=args.max_router_rounds, timeout=args.timeout, interleave=args.interleave,
-        inject_k=args.inject_k)
+        inject_k=args.inject_k, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     try:
         settings.check()
     except ValueError as e:
@@ -720,6 +720,7 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEMO_PRIORS
+    from .serve.settings import Settings as ServeSettings
 
     p = argparse.ArgumentParser(
         prog="memsparse", description="Memory Sparse Attention: models with a sparse memory over large corpora.",
@@ -815,6 +816,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-question-tokens", type=int, default=4096, help="refuse longer questions")
     s.add_argument("--max-router-rounds", type=int, default=4, help="the most router_rounds a request may ask")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds from arrival to answer (504 past it)")
+    s.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
+                   help="questions of concurrent requests answered together in one engine batch (1: one at a time)")
+    s.add_argument("--batch-window-ms", type=float, default=ServeSettings.batch_window_ms,
+                   help="how long a request waits for others to join its batch")
     s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
                    help="routing score: as in training (default) or as the official engine")
     s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents")

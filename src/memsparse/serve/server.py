@@ -12,8 +12,9 @@ OpenAI-compatible (the `openai` client works with base_url=http://HOST:PORT/v1; 
     "router" | "off"; default the server's --interleave), "inject_k", "router_rounds"; every answer carries a
     "memsparse" object: {"rounds": documents read in each round, "routing": the first round's routing, "timings"}.
     `stream: true` answers with Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`: the
-    answer is generated whole (it is only known once the model has written its answer marker), then sent in
-    chunks of a few words; the first chunk carries the role, the last the finish reason.
+    answer's text is sent as the engine decodes it (the text after the answer marker; while the model may still be
+    writing the marker, nothing); the first chunk carries the role, the last the finish reason. The status line
+    leaves with the first text: a refusal before it is an HTTP error, one after it an `{"error": ...}` event.
 
 Memory:
 
@@ -41,10 +42,14 @@ Validation errors are 400 in OpenAI's error format {"error": {"message", "type",
 infinite numbers are refused there. Limits: question tokens, max_tokens (--max-new-tokens), inject_k,
 router_rounds (400 past them).
 
-Engine work (answers, routing, the bank's reads and changes) runs one request at a time in a worker thread: the
-GPU decode graphs and the bank are not shared. Up to --max-queue requests wait their turn; more get 429. A
-request that is not answered within --timeout seconds gets 504; a client that goes away while its request waits
-leaves the queue, and one whose answer is being generated stops it at the next token (the engine's `cancel`).
+Engine work (answers, routing, the bank's reads and changes) runs in one worker thread, which owns the engine:
+the GPU decode graphs and the bank are not shared. Answers are batched across clients: the oldest waiting request
+waits up to --batch-window-ms for others with the same sampling settings (max_tokens may differ; a seeded sampled
+request goes alone), up to --max-batch questions, and the engine answers them together (routing, prefill and
+decode in batches: each routing key is read once per batch). Other work runs alone, in arrival order. Up to
+--max-queue requests wait their turn; more get 429. A request that is not answered within --timeout seconds gets
+504; a client that goes away while its request waits leaves the queue, and one whose answer is being generated
+stops its questions at their next token (the engine's per-question `cancel`) while the rest of the batch goes on.
 Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
 request first follows commits other processes made; a bank another process is writing for over WRITE_WAIT
 seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
