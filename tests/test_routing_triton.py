@@ -297,3 +297,25 @@ def test_batched_routing_equals_one_question_at_a_time(lens, cosine):
     assert torch.equal(top[1], want[1].to(top.device))
     for row in top[1].long().tolist():
         assert 0 not in row or 1 not in row or row.index(0) < row.index(1)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="routing graphs need a GPU")
+def test_batched_routing_graph_equals_one_question_at_a_time():
+    """On a GPU a batch of 8 questions routes through one captured routing graph per layer: the same top documents
+    and scores as each question routed alone."""
+    import memsparse as ms
+    from memsparse.engine.prefill import top_documents
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48).to(DEVICE)
+    bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea.", "Rome."])
+    bank.fused_routing = True
+    layer = model.router_layers[0]
+    q, mask = _left_padded([3, 17, 9, 30, 1, 12, 25, 8], 6, 16, torch.Generator().manual_seed(0))
+    batched = top_documents(bank, layer, q, mask, True, 3).clone()
+    for b in range(q.shape[0]):
+        alone = top_documents(bank, layer, q[b:b + 1, mask[b]], mask[b:b + 1, mask[b]], True, 3)
+        assert torch.equal(batched[1, b], alone[1, 0]) and torch.allclose(batched[0, b], alone[0, 0], atol=TOL)

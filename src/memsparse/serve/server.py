@@ -249,8 +249,11 @@ class EngineQueue:
                 self.running = 1
                 if batch[0].work is None and batch[0].key is not None:
                     self._gather(batch)
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            for job in [j for j in live if j.cancel.is_set()]:  # withdrawn while its batch gathered
+                job.future.set_exception(Cancelled("the request was cancelled"))
             try:
-                self._run([j for j in batch if j.future.set_running_or_notify_cancel() and not j.cancel.is_set()])
+                self._run([j for j in live if not j.future.done()])
             finally:
                 with self._cond:
                     self.running = 0
