@@ -319,3 +319,22 @@ def test_batched_routing_graph_equals_one_question_at_a_time():
     for b in range(q.shape[0]):
         alone = top_documents(bank, layer, q[b:b + 1, mask[b]], mask[b:b + 1, mask[b]], True, 3)
         assert torch.equal(batched[1, b], alone[1, 0]) and torch.allclose(batched[0, b], alone[0, 0], atol=TOL)
+
+
+def test_the_tiles_tried_for_a_batch():
+    """The autotuner tries a row tile of all the rows up to 64; past that 64, 128 or 256 rows (up to the rows there
+    are), each with a chunk tile whose accumulator fits ACC_BUDGET."""
+    import triton
+
+    from memsparse.ops.routing_triton import ACC_BUDGET, MAX_BLOCK_R, _fitting
+
+    configs = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}) for r in (16, 32, 64, 128, MAX_BLOCK_R)
+               for c in (32, 64, 128, 256)]
+
+    def tiles(rows):
+        return {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in _fitting(configs, {}, R_BUCKET=rows)}
+
+    assert tiles(16) == {(16, c) for c in (32, 64, 128, 256)}
+    assert {r for r, _ in tiles(64)} == {64}
+    assert {r for r, _ in tiles(512)} == {64, 128, MAX_BLOCK_R}
+    assert all(r * c <= ACC_BUDGET for r, c in tiles(512)) and (MAX_BLOCK_R, 64) in tiles(512)
