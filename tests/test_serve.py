@@ -572,3 +572,47 @@ def test_a_client_that_leaves_a_batch_does_not_hurt_the_others(engine, monkeypat
 def test_bad_batching_settings_are_one_line_errors(engine, bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         create_app(engine, _settings(**bad))
+
+
+def test_a_streaming_client_that_goes_away_stops_its_answer(engine, monkeypatch):
+    """A client that disconnects after the first streamed text: its question stops at its next token and the
+    stream ends; the engine serves the next request."""
+    steps, real = [], engine._event
+    monkeypatch.setattr(engine, "_event", lambda *a: steps.append(1) or real(*a))
+    app = create_app(engine, _settings())
+    gone, seen = asyncio.Event(), []
+
+    async def send(message):
+        if message["type"] == "http.response.body" and b'"content": "' in message.get("body", b"") \
+                and b'"content": ""' not in message["body"]:
+            seen.append(len(steps))
+            gone.set()
+
+    async def receive_after(body):
+        parts = [body]
+
+        async def receive():
+            if parts:
+                return {"type": "http.request", "body": parts.pop(0), "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        return receive
+
+    body = json.dumps({"model": "memsparse", "messages": [{"role": "user", "content": "Where is Paris?"}],
+                       "max_tokens": 200, "stream": True, "interleave": "off"}).encode()
+
+    async def scenario():
+        headers = {"host": "127.0.0.1:8080", **AUTH, "content-type": "application/json"}
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080),
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        await app(scope, await receive_after(body), send)
+        while app.state.queue.running:
+            await asyncio.sleep(0.002)
+
+    asyncio.run(scenario())
+    assert seen and len(steps) < 100  # alone this answer decodes 146 tokens (on CPU here: stopped at the 3rd)
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
+        assert c.post("/v1/memory/route", json={"question": "q"}).status_code == 200
