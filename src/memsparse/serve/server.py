@@ -293,7 +293,7 @@ class EngineQueue:
             self.batches += 1
             answers = self.answer([q for job in batch for q in job.questions], kw,
                                   [job.kw["max_new_tokens"] for job, _ in owners], [job.cancel for job, _ in owners],
-                                  on_text)
+                                  on_text if any(job.on_text for job in batch) else None)  # (text costs a decode)
             for job in batch:
                 job.future.set_result(answers[:len(job.questions)])
                 answers = answers[len(job.questions):]
