@@ -853,9 +853,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-router-rounds", type=int, default=4, help="the most router_rounds a request may ask")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds from arrival to answer (504 past it)")
     s.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
-                   help="questions of concurrent requests answered together in one engine batch (1: one at a time)")
+                   help="questions of concurrent requests answered together in one engine batch (1: one at a time; "
+                        "default %(default)s)")
     s.add_argument("--batch-window-ms", type=float, default=ServeSettings.batch_window_ms,
-                   help="how long a request waits for others to join its batch")
+                   help="how long a request waits for others to join its batch (default %(default)s)")
     s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
                    help="routing score: as in training (default) or as the official engine")
     s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents")
