@@ -46,10 +46,11 @@ Engine work (answers, routing, the bank's reads and changes) runs in one worker 
 the GPU decode graphs and the bank are not shared. Answers are batched across clients: the oldest waiting request
 waits up to --batch-window-ms for others with the same sampling settings (max_tokens may differ; a seeded sampled
 request goes alone), up to --max-batch questions, and the engine answers them together (routing, prefill and
-decode in batches: one routing pass per batch, see ops/routing_triton.py). Other work runs alone, in arrival order. Up to
---max-queue requests wait their turn; more get 429. A request that is not answered within --timeout seconds gets
-504; a client that goes away while its request waits leaves the queue, and one whose answer is being generated
-stops its questions at their next token (the engine's per-question `cancel`) while the rest of the batch goes on.
+decode in batches: one routing pass per batch, see ops/routing_triton.py). Other work runs alone, in arrival
+order. Up to --max-queue requests wait their turn; more get 429. A request that is not answered within --timeout
+seconds gets 504; a client that goes away while its request waits leaves the queue, and one whose answer is being
+generated stops its questions at their next token (the engine's per-question `cancel`) while the rest of the batch
+goes on.
 Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
 request first follows commits other processes made; a bank another process is writing for over WRITE_WAIT
 seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
