@@ -255,3 +255,86 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
         ref = _top_documents(bank, layer, rq, mask, True, 4)
         assert torch.equal(got[1], ref[1]) and torch.allclose(got[0], ref[0], atol=TOL)
     assert len(bank.routing_view()["graphs"]) == 1
+
+
+def _left_padded(lens, H, D, g):
+    """Router queries (B, S, H, D) of questions of `lens` routing tokens, left-padded as the engine batches them
+    (two non-routing tokens after each question)."""
+    S = max(lens) + 2
+    q = torch.randn(len(lens), S, H, D, generator=g)
+    mask = torch.zeros(len(lens), S, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        mask[b, S - n - 2:S - 2] = True
+    return q.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("cosine", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("lens", [(5, 1, 9), (100, 130, 70)], ids=["one-row-tile", "three-hundred-rows"])
+def test_batched_routing_equals_one_question_at_a_time(lens, cosine):
+    """A batch of questions of different lengths scores, ranks and breaks ties as each question routed alone, in
+    one tile of rows or (past MAX_BLOCK_R rows) several; documents 0 and 1 have the same keys (a tie: the lower
+    position ranks first)."""
+    from memsparse.ops.routing import one_question_at_a_time, ranked_documents
+    from memsparse.ops.routing_triton import MAX_BLOCK_R
+    from memsparse.ops.topk_triton import topk
+
+    g = torch.Generator().manual_seed(sum(lens))
+    H, Hkv, D, N = 6, 2, 16, 9
+    q, mask = _left_padded(lens, H, D, g)
+    assert (q.shape[0] * q.shape[1] > MAX_BLOCK_R) == (max(lens) > 9)
+    doc = torch.arange(45, device=DEVICE) // 5  # 5 chunks per document
+    keys = torch.randn(45, Hkv, D, generator=g).to(DEVICE)
+    keys[5:10] = keys[:5]
+    scale = 1.0 if cosine else D**-0.5
+    batched = fused_document_scores(q, mask, keys, doc, N, cosine=cosine, scale=scale)
+    alone = one_question_at_a_time(fused_document_scores, q, mask, keys, doc, N, cosine=cosine, scale=scale)
+    ref = one_question_at_a_time(_reference, q, mask, keys, doc, N, cosine, scale)
+    assert torch.allclose(batched, alone, atol=TOL / 10, rtol=TOL / 10)
+    assert torch.allclose(batched, ref, atol=TOL, rtol=TOL)
+    assert torch.equal(batched[:, 0], batched[:, 1])
+    top = topk(batched, 4, torch.ones(N, dtype=torch.bool, device=DEVICE), None)
+    want = ranked_documents(ref, 4)
+    assert torch.equal(top[1], want[1].to(top.device))
+    for row in top[1].long().tolist():
+        assert 0 not in row or 1 not in row or row.index(0) < row.index(1)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="routing graphs need a GPU")
+def test_batched_routing_graph_equals_one_question_at_a_time():
+    """On a GPU a batch of 8 questions routes through one captured routing graph per layer: the same top documents
+    and scores as each question routed alone."""
+    import memsparse as ms
+    from memsparse.engine.prefill import top_documents
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300, head_dim=16,
+                       num_attention_heads=6, num_key_value_heads=2, hidden_size=48).to(DEVICE)
+    bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea.", "Rome."])
+    bank.fused_routing = True
+    layer = model.router_layers[0]
+    q, mask = _left_padded([3, 17, 9, 30, 1, 12, 25, 8], 6, 16, torch.Generator().manual_seed(0))
+    batched = top_documents(bank, layer, q, mask, True, 3).clone()
+    for b in range(q.shape[0]):
+        alone = top_documents(bank, layer, q[b:b + 1, mask[b]], mask[b:b + 1, mask[b]], True, 3)
+        assert torch.equal(batched[1, b], alone[1, 0]) and torch.allclose(batched[0, b], alone[0, 0], atol=TOL)
+
+
+def test_the_tiles_tried_for_a_batch():
+    """The autotuner tries a row tile of all the rows up to 64; past that 64, 128 or 256 rows (up to the rows there
+    are), each with a chunk tile whose accumulator fits ACC_BUDGET."""
+    import triton
+
+    from memsparse.ops.routing_triton import ACC_BUDGET, MAX_BLOCK_R, _fitting
+
+    configs = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}) for r in (16, 32, 64, 128, MAX_BLOCK_R)
+               for c in (32, 64, 128, 256)]
+
+    def tiles(rows):
+        return {(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]) for c in _fitting(configs, {}, R_BUCKET=rows)}
+
+    assert tiles(16) == {(16, c) for c in (32, 64, 128, 256)}
+    assert {r for r, _ in tiles(64)} == {64}
+    assert {r for r, _ in tiles(512)} == {64, 128, MAX_BLOCK_R}
+    assert all(r * c <= ACC_BUDGET for r, c in tiles(512)) and (MAX_BLOCK_R, 64) in tiles(512)

@@ -455,3 +455,164 @@ def test_the_command_line_serves_a_saved_bank(tmp_path, model_tok):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+# --------------------------------------------------------------------------------------------- batching
+QUESTIONS = ["Where is Paris?", "Where is Ottawa?", "Bananas?", "Is Paris in France or in Canada?"]
+
+
+def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(engine):
+    """Four concurrent greedy requests (different max_tokens, chat and completion) share engine batches and get
+    what each question alone gets from the engine."""
+    budgets = [4, 7, 5, 6]
+    want = [engine.ask(q, max_new_tokens=n, interleave="router", inject_k=4) for q, n in zip(QUESTIONS, budgets)]
+    app = create_app(engine, _settings(batch_window_ms=500, max_batch=8))
+    results = [None] * 4
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
+        def one(n):
+            body = {"model": "memsparse", "max_tokens": budgets[n]}
+            if n % 2:
+                r = c.post("/v1/completions", json={**body, "prompt": QUESTIONS[n]})
+                results[n] = r.json()["choices"][0]["text"]
+            else:
+                messages = [{"role": "user", "content": QUESTIONS[n]}]
+                r = c.post("/v1/chat/completions", json={**body, "messages": messages})
+                results[n] = r.json()["choices"][0]["message"]["content"]
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = c.get("/metrics").text
+    assert results == [a.text for a in want]
+    batches = int(re.search(r"memsparse_engine_batches_total (\d+)", metrics).group(1))
+    assert batches == app.state.queue.batches < 4  # (a 500 ms window: in practice one batch)
+
+
+def test_streaming_sends_text_as_it_is_decoded(engine, monkeypatch):
+    """The answer's text leaves in several events, the first of them before the decode has ended; joined, they are
+    the answer."""
+    steps = []
+    real = engine._event
+    monkeypatch.setattr(engine, "_event", lambda *a: steps.append(1) or real(*a))
+    want = engine.ask("Where is Paris?", max_new_tokens=16, interleave=False)
+    steps.clear()
+    app = create_app(engine, _settings())
+    events = []  # (tokens decoded when it was sent, event)
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            events.extend((len(steps), json.loads(e[6:])) for e in message.get("body", b"").decode().split("\n\n")
+                          if e.startswith("data: {"))
+
+    body = json.dumps({"model": "memsparse", "messages": [{"role": "user", "content": "Where is Paris?"}],
+                       "max_tokens": 16, "stream": True, "interleave": "off"}).encode()
+    asyncio.run(_asgi_send(app, "/v1/chat/completions", body, send))
+    texts = [(n, e["choices"][0]["delta"]["content"]) for n, e in events
+             if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert "".join(t for _, t in texts) == want.text and len(texts) > 2
+    assert texts[0][0] < len(steps)  # the first piece left while tokens were still being decoded
+    assert events[-1][1]["choices"][0]["finish_reason"] == want.finish
+
+
+def _asgi_send(app, path: str, body: bytes, send):
+    """A POST straight into the ASGI app, its response messages to `send`."""
+    parts = [body]
+
+    async def receive():
+        if parts:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": False}
+        await asyncio.Event().wait()
+
+    headers = {"host": "127.0.0.1:8080", **AUTH, "content-type": "application/json"}
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 8080), "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    return app(scope, receive, send)
+
+
+def test_a_client_that_leaves_a_batch_does_not_hurt_the_others(engine, monkeypatch):
+    """Two requests in one batch; the first client disconnects after its first token: its question stops at its
+    next token (499), the other's answer is what it gets alone."""
+    want = engine.ask(QUESTIONS[1], max_new_tokens=8, interleave=False)
+    real, seen = engine._event, []
+    gone, loop = asyncio.Event(), []
+
+    def event(row, ids, *rest):
+        if row.question == QUESTIONS[0]:
+            seen.append(len(ids))
+            if len(ids) == 1:
+                loop[0].call_soon_threadsafe(gone.set)
+                assert row.cancel.wait(60)  # the server has withdrawn the request
+        return real(row, ids, *rest)
+
+    monkeypatch.setattr(engine, "_event", event)
+    app = create_app(engine, _settings(batch_window_ms=500))
+    headers = {**AUTH, "content-type": "application/json"}
+
+    def body(q):
+        return (json.dumps({"model": "memsparse", "prompt": q, "max_tokens": 8, "interleave": "off"}).encode(),)
+
+    async def scenario():
+        loop.append(asyncio.get_running_loop())
+        first = asyncio.ensure_future(_asgi(app, "POST", "/v1/completions", headers, body(QUESTIONS[0]), gone))
+        second = asyncio.ensure_future(_asgi(app, "POST", "/v1/completions", headers, body(QUESTIONS[1])))
+        return await first, await second
+
+    (status1, _), (status2, answer) = asyncio.run(scenario())
+    assert status1 == 499 and seen == [1]  # no token after the one that saw the client leave
+    assert status2 == 200 and json.loads(answer)["choices"][0]["text"] == want.text
+    assert app.state.queue.batches == 1
+
+
+@pytest.mark.parametrize("bad,message", [({"max_batch": 0}, "--max-batch 0: expected at least 1"),
+                                         ({"batch_window_ms": -1.0}, "--batch-window-ms -1: expected 0 to 1000"),
+                                         ({"batch_window_ms": float("nan")}, "--batch-window-ms nan")])
+def test_bad_batching_settings_are_one_line_errors(engine, bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_app(engine, _settings(**bad))
+
+
+def test_a_streaming_client_that_goes_away_stops_its_answer(engine, monkeypatch):
+    """A client that disconnects after the first streamed text: its question stops at its next token and the
+    stream ends; the engine serves the next request."""
+    steps, real = [], engine._event
+    monkeypatch.setattr(engine, "_event", lambda *a: steps.append(1) or real(*a))
+    app = create_app(engine, _settings())
+    gone, seen = asyncio.Event(), []
+
+    async def send(message):
+        if message["type"] == "http.response.body" and b'"content": "' in message.get("body", b"") \
+                and b'"content": ""' not in message["body"]:
+            seen.append(len(steps))
+            gone.set()
+
+    async def receive_after(body):
+        parts = [body]
+
+        async def receive():
+            if parts:
+                return {"type": "http.request", "body": parts.pop(0), "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        return receive
+
+    body = json.dumps({"model": "memsparse", "messages": [{"role": "user", "content": "Where is Paris?"}],
+                       "max_tokens": 200, "stream": True, "interleave": "off"}).encode()
+
+    async def scenario():
+        headers = {"host": "127.0.0.1:8080", **AUTH, "content-type": "application/json"}
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080),
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        await app(scope, await receive_after(body), send)
+        while app.state.queue.running:
+            await asyncio.sleep(0.002)
+
+    asyncio.run(scenario())
+    assert seen and len(steps) < 100  # alone this answer decodes 146 tokens (on CPU here: stopped at the 3rd)
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
+        assert c.post("/v1/memory/route", json={"question": "q"}).status_code == 200

@@ -29,6 +29,8 @@ _EXAMPLES = """
   memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
   memsparse eval niah --heldout --split test --tokens 131072        # unseen haystack and wording, test seeds
   memsparse eval qa --split test --systems memsparse,rag1,rag1-msa,rag4,full   # the Debian FAQs, test split
+  memsparse bench serve --tokens 104857600                          # an H100: batch 1 vs 8, 1 vs 8 clients at 100M
+  memsparse bench serve --tiny --tokens 65536 --out /tmp/serve.json # a CPU smoke test (timings mean nothing)
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
   memsparse convert SmolLM2-135M-Instruct.Q4_1.gguf ./msa-smollm2 --router-layers 15-29 --dtype bfloat16
   memsparse convert ./plain-llama ./msa-llama --msa head_reduce_method=max --msa aux_loss_method=INFONCE
@@ -333,7 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
         max_new_tokens=args.max_new_tokens, max_question_tokens=args.max_question_tokens,
         max_router_rounds=args.max_router_rounds, timeout=args.timeout, interleave=args.interleave,
-        inject_k=args.inject_k)
+        inject_k=args.inject_k, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     try:
         settings.check()
     except ValueError as e:
@@ -577,9 +579,14 @@ def _eval_multihop(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: expected at least 1")
+    if args.what == "serve":
+        return _bench_serve(args)
     from .eval.speed import Settings, run
 
-    res = run(Path(args.out), [int(t) for t in args.tokens.split(",")], args.models.split(","),
+    out = args.out or "benchmarks/results/speed.json"
+    res = run(Path(out), _sizes(args.tokens or "1048576,10485760,104857600"), args.models.split(","),
               Settings(repeats=args.repeats), tiny=args.tiny)
     print(f"{'model':<9} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'torch':>7} {'TTFT':>7} "
           f"{'dec ms':>6} {'floor':>6} {'GPU GB':>6} {'host GB':>7}")
@@ -587,7 +594,36 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"{p['model']:<9} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
               f"{p['routing_floor_ms']:>7} {p.get('routing_ms_torch', '-'):>7} {p['ttft_ms']:>7} "
               f"{p['decode_ms_per_token']:>6} {p['decode_floor_ms']:>6} {p['gpu_gb']:>6} {p['host_gb']:>7}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
+
+
+def _sizes(spec: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--tokens {spec!r}: expected memory sizes in tokens, comma separated") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--tokens {spec!r}: expected positive sizes")
+    return sizes
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from .eval.serving import Settings, run
+
+    sizes = _sizes(args.tokens or str(Settings.tokens))
+    if len(sizes) != 1:
+        raise ValueError(f"--tokens {args.tokens}: bench serve measures one memory size")
+    out = args.out or "benchmarks/results/serve.json"
+    res = run(Path(out), Settings(tokens=sizes[0], repeats=args.repeats), tiny=args.tiny)
+    print(f"{res['model']} at {res['tokens']} tokens on {res['gpu']}")
+    for r in res["routing"]:
+        print(f"  routing, batch {r['batch']:>2}: {r['routing_ms']:>9} ms ({r['routing_timer']})")
+    for r in res["server"]:
+        print(f"  server, {r['clients']:>2} clients: {r['requests_per_s']:>7} requests/s, "
+              f"{r['decoded_tokens_per_s']:>8} tokens/s, p50 {r['latency_s']['p50']} s")
+    print(f"  batch {res['routing'][-1]['batch']} routes in {res['routing_ratio']}x the time of one question; "
+          f"{res['server'][-1]['clients']} clients get {res['throughput_ratio']}x one client's throughput")
+    print(f"wrote {out}")
 
 
 def _eval_scale(args: argparse.Namespace) -> None:
@@ -720,6 +756,7 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEMO_PRIORS
+    from .serve.settings import Settings as ServeSettings
 
     p = argparse.ArgumentParser(
         prog="memsparse", description="Memory Sparse Attention: models with a sparse memory over large corpora.",
@@ -815,6 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-question-tokens", type=int, default=4096, help="refuse longer questions")
     s.add_argument("--max-router-rounds", type=int, default=4, help="the most router_rounds a request may ask")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds from arrival to answer (504 past it)")
+    s.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
+                   help="questions of concurrent requests answered together in one engine batch (1: one at a time; "
+                        "default %(default)s)")
+    s.add_argument("--batch-window-ms", type=float, default=ServeSettings.batch_window_ms,
+                   help="how long a request waits for others to join its batch (default %(default)s)")
     s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
                    help="routing score: as in training (default) or as the official engine")
     s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents")
@@ -898,14 +940,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after the step that passes this many minutes, with checkpoint and delta (resumable)")
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="speed at 1M-100M tokens of memory against the hardware floors (GPU)",
-                       formatter_class=fmt)
-    b.add_argument("what", choices=["speed"])
-    b.add_argument("--tokens", default="1048576,10485760,104857600", help="memory sizes, comma separated")
-    b.add_argument("--models", default="qwen3-4b,smollm2", help="qwen3-4b (random weights), smollm2 (shipped)")
-    b.add_argument("--repeats", type=int, default=5)
+    b = sub.add_parser("bench", help="speed at 1M-100M tokens of memory against the hardware floors, or what batching "
+                                     "across clients buys (GPU)", formatter_class=fmt,
+                       description="speed: routing, time to first token and decode against the memory size, next to "
+                                   "their floors. serve: routing ms for a batch of 1 vs 8 questions at one memory "
+                                   "size, and the server's throughput with 1 vs 8 concurrent clients (Qwen3-4B "
+                                   "geometry, random weights). The figures that count come from a GPU: on an H100, "
+                                   "'memsparse bench serve --tokens 104857600' (100M tokens); on a CPU use --tiny "
+                                   "and small --tokens, a smoke test whose timings mean nothing.")
+    b.add_argument("what", choices=["speed", "serve"])
+    b.add_argument("--tokens", help="memory sizes, comma separated (speed: default 1048576,10485760,104857600; "
+                                    "serve: one size, default 104857600)")
+    b.add_argument("--models", default="qwen3-4b,smollm2", help="speed: qwen3-4b (random weights), smollm2 (shipped)")
+    b.add_argument("--repeats", type=int, default=5, help="timed rounds per point")
     b.add_argument("--tiny", action="store_true", help="a tiny random geometry instead of Qwen3-4B (smoke test)")
-    b.add_argument("--out", default="benchmarks/results/speed.json")
+    b.add_argument("--out", help="default: benchmarks/results/speed.json or serve.json")
     b.set_defaults(func=cmd_bench)
 
     f = sub.add_parser("fsck", help="check every file of a bank (= docs verify)", formatter_class=fmt)

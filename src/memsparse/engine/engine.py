@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
@@ -108,7 +109,7 @@ class Answer:
     routing: Routing  # the first round's routing, as route()
     round_routing: list[Routing]  # the routing of every round
     transcript: str  # everything after the prompt: generated and injected text
-    finish: str  # 'stop' (a stop token) or 'length' (max_new_tokens reached)
+    finish: str  # 'stop' (a stop token), 'length' (max_new_tokens reached) or 'cancelled' (its `cancel` event)
     # seconds per stage (of the batch), decode_tokens. "route" (scoring and top-k) and "gather" are parts of
     # "prefill"; "refine" (router mode: re-encoding the shortlist with finer keys) is a stage of its own, outside both
     timings: dict[str, float] = field(default_factory=dict)
@@ -135,6 +136,10 @@ class _Row:
     used: int = 0  # tokens generated so far
     finish: str | None = None
     final: list[int] = field(default_factory=list)  # the last round's generated ids
+    index: int = 0  # position in its batch
+    budget: int = 256  # max_new_tokens
+    cancel: threading.Event | None = None  # set: this question stops at its next token
+    shown: str = ""  # answer text passed to on_text so far
 
 
 class MSAEngine:
@@ -226,9 +231,15 @@ class MSAEngine:
     # ------------------------------------------------------------------------------------- queries
     def route(self, question: str) -> Routing:
         """Per router layer the selected (doc id, score) list, best first."""
-        ids, mask = self.encode_question(question)
-        res = prefill_batch(self.bank, [ids], [mask], similarity=self.similarity, route_only=True)
-        return res.memory.routing[0]
+        return self.route_batch([question])[0]
+
+    def route_batch(self, questions: list[str]) -> list[Routing]:
+        """`route` of several questions in one routing pass: every router layer reads its routing keys once for the
+        whole batch (ops/routing_triton.py), not once per question."""
+        rows = [self.encode_question(q) for q in questions]
+        res = prefill_batch(self.bank, [r for r, _ in rows], [m for _, m in rows], similarity=self.similarity,
+                            route_only=True)
+        return res.memory.routing
 
     def ask(self, question: str | list[str], max_new_tokens: int = 256, interleave: bool | str = True,
             **kw) -> Answer | list[Answer]:
@@ -237,12 +248,13 @@ class MSAEngine:
             return self.ask_batch(question, max_new_tokens=max_new_tokens, interleave=interleave, **kw)
         return self.ask_batch([question], max_new_tokens=max_new_tokens, interleave=interleave, **kw)[0]
 
-    def ask_batch(self, questions: list[str], max_new_tokens: int = 256, interleave: bool | str = True,
+    def ask_batch(self, questions: list[str], max_new_tokens: int | list[int] = 256, interleave: bool | str = True,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
                   router_rounds: int = 1, batch_size: int = 16,
                   documents: list[list[int]] | None = None, progress: str | None = None,
-                  cancel: threading.Event | None = None) -> list[Answer]:
+                  cancel: threading.Event | list[threading.Event] | None = None,
+                  on_text: Callable[[int, str], None] | None = None) -> list[Answer]:
         """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
 
         `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
@@ -250,7 +262,11 @@ class MSAEngine:
         (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round.
         `documents` (router mode): per question, the documents to inject instead (one round; another retriever's
         pick, read as the model reads routed ones). `progress`: a progress bar with this label. `cancel`: once set
-        (by another thread), the next decoded token raises Cancelled (the server's timeouts and departed clients)."""
+        (by another thread), the next decoded token raises Cancelled (the server's timeouts and departed clients);
+        a list, one event per question: a set one ends that question at its next token (finish 'cancelled') while
+        the others go on. `max_new_tokens`: for every question, or a list, one per question. `on_text(i, text)`:
+        called from the decode loop with each new piece of question i's answer text as it is decoded (the pieces
+        join to its `Answer.text`, save in the rare answer that writes the answer marker after other text)."""
         if interleave not in (True, False, "model", "router"):
             raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
         if documents is not None:
@@ -259,6 +275,10 @@ class MSAEngine:
             unknown = sorted({d for docs in documents for d in docs if d not in self.bank or self.bank.text(d) is None})
             if unknown:
                 raise ValueError(f"documents: ids {unknown[:10]} are not in the bank or have no stored text")
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(questions)
+        cancels = cancel if isinstance(cancel, list) else [None] * len(questions)
+        if len(budgets) != len(questions) or len(cancels) != len(questions):
+            raise ValueError("max_new_tokens and cancel: one per question when given as lists")
         if router_rounds < 1:
             raise ValueError(f"router_rounds={router_rounds}: expected at least 1")
         if interleave and self.round_end is None:
@@ -269,31 +289,40 @@ class MSAEngine:
         out = []
         with tqdm(total=len(questions), desc=progress, unit="question", disable=progress is None) as bar:
             for i in range(0, len(questions), batch_size):
-                out += self._answer(questions[i:i + batch_size], max_new_tokens, interleave, sampling, stop or [],
-                                    rounds, inject_k, router_rounds, documents and documents[i:i + batch_size],
-                                    cancel)
+                part = slice(i, i + batch_size)
+                shown = on_text and (lambda b, text, i=i: on_text(i + b, text))
+                out += self._answer(questions[part], budgets[part], interleave, sampling, stop or [], rounds, inject_k,
+                                    router_rounds, documents and documents[part],
+                                    cancel if isinstance(cancel, threading.Event) else cancels[part], shown)
                 bar.update(len(questions[i:i + batch_size]))
         return out
 
-    def _answer(self, questions, budget, interleave, sampling, stop_strings, max_rounds, inject_k,
-                router_rounds, documents=None, cancel: threading.Event | None = None) -> list[Answer]:
+    def _answer(self, questions, budgets, interleave, sampling, stop_strings, max_rounds, inject_k,
+                router_rounds, documents=None, cancel=None, on_text=None) -> list[Answer]:
         rows = []
-        for q in questions:
+        for n, (q, budget) in enumerate(zip(questions, budgets)):
             ids, mask = self.encode_question(q)
             rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
-                             phase="retrieve" if interleave in (True, "model") else "answer"))
+                             phase="retrieve" if interleave in (True, "model") else "answer", index=n, budget=budget,
+                             cancel=None if isinstance(cancel, threading.Event) else cancel[n]))
         timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "refine": 0.0, "decode": 0.0, "decode_tokens": 0}
         if interleave == "router":
             self._router_injection(rows, inject_k, router_rounds, timings, documents)
         while live := [r for r in rows if r.finish is None]:
 
             def event(b: int, ids: list[int], live=live) -> str | None:
-                if cancel is not None and cancel.is_set():
+                if isinstance(cancel, threading.Event) and cancel.is_set():
                     raise Cancelled("the request was cancelled")
-                return self._event(live[b], ids, stop_strings, budget)
+                row = live[b]
+                if row.cancel is not None and row.cancel.is_set():
+                    return "cancelled"
+                ended = self._event(row, ids, stop_strings, row.budget)
+                if on_text is not None and row.phase == "answer":
+                    self._stream(row, ids, ended is not None, on_text)
+                return ended
 
             g = generate(self.bank, [r.tokens for r in live], [r.route for r in live],
-                         max(budget - r.used for r in live), event, sampling, self.similarity)
+                         max(r.budget - r.used for r in live), event, sampling, self.similarity)
             for k in timings:
                 timings[k] += g.timings.get(k, 0)
             for row, ids, event, routing in zip(live, g.tokens, g.events, g.routing):
@@ -349,6 +378,24 @@ class MSAEngine:
         row.route = self.protocol.injected_route(row.block, len(row.tokens), len(inject))
         row.tokens = row.tokens + inject
 
+    def _stream(self, row: _Row, ids: list[int], last: bool, on_text) -> None:
+        """Pass on_text the answer text decoded since the last call: the text after the answer marker (while the
+        text could still be the start of the marker, nothing), without the whitespace `_result` strips and
+        without a trailing half-decoded character, unless the round has ended."""
+        text = self._answer_text(ids).lstrip()
+        if not last:
+            if ANSWER_MARKER.startswith(text):
+                return
+            text = text.rstrip().removesuffix("\ufffd")
+        if text.startswith(row.shown) and len(text) > len(row.shown):
+            on_text(row.index, text[len(row.shown):])
+            row.shown = text
+
+    def _answer_text(self, ids: list[int]) -> str:
+        """The answer in generated ids: the text after the answer marker when the model wrote one, unstripped."""
+        text = self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+        return text.rsplit(ANSWER_MARKER, 1)[1] if ANSWER_MARKER in text else text
+
     def _event(self, row: _Row, ids: list[int], stop_strings: list[str], budget: int) -> str | None:
         """Why a round ends after generating `ids`, or None to go on."""
         last = ids[-1]
@@ -378,7 +425,7 @@ class MSAEngine:
         elif event == "retrieved":
             self._to_answer(row, [])
         else:
-            row.finish = "stop" if event == "stop" else "length"
+            row.finish = event if event in ("stop", "cancelled") else "length"
             row.final = ids
             return
         row.route += [False] * (len(row.tokens) - len(row.route))
@@ -388,12 +435,8 @@ class MSAEngine:
         row.tokens = row.tokens + prefix + self.protocol.restatement(row.question)
 
     def _result(self, row: _Row, timings: dict) -> Answer:
-        final = [t for t in row.final if t not in self.stop_ids]
-        text = self.tok.decode(final, skip_special_tokens=True)
-        if ANSWER_MARKER in text:
-            text = text.rsplit(ANSWER_MARKER, 1)[1]
         return Answer(
-            question=row.question, text=text.strip(), rounds=row.rounds,
+            question=row.question, text=self._answer_text(row.final).strip(), rounds=row.rounds,
             routing=row.routing[0] if row.routing else {}, round_routing=row.routing,
             transcript=self.tok.decode(row.tokens[row.start:]), finish=row.finish,
             timings=dict(timings),

@@ -106,6 +106,13 @@ def tie_ordered_keys(scores: torch.Tensor) -> torch.Tensor:
     return ordered * 2**32 + (2**32 - 1 - pos)
 
 
+def one_question_at_a_time(scores, q: torch.Tensor, q_mask: torch.Tensor, *args, **kw) -> torch.Tensor:
+    """Reference of batched routing: `scores(q, q_mask, *args, **kw)` (a batched scorer such as `chunk_scores` or
+    the fused kernel) called for each sample alone, on its routing tokens only, stacked: (B, ...)."""
+    return torch.cat([scores(q[b:b + 1, q_mask[b]], q_mask[b:b + 1, q_mask[b]], *args, **kw)
+                      for b in range(q.shape[0])])
+
+
 def routing_reference(
     q: torch.Tensor,
     keys: torch.Tensor,

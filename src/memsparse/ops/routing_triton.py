@@ -1,9 +1,14 @@
 """Fused routing kernel (Triton): document scores of a batch of routing queries over a tile of chunks per
 program, in a single pass over the routing keys.
 
-Each program owns BLOCK_C chunks and reads their keys once for the whole batch: per key head it multiplies
+Each program owns BLOCK_C chunks and scores them against every query row of the batch: per key head it multiplies
 (query rows x D) by (D x chunks) (bf16 on a GPU, float32 accumulation), where a row is one token of one
-sample whose G query heads were summed beforehand (head reduce "mean": one product per key head). Cosine
+sample whose G query heads were summed beforehand (head reduce "mean": one product per key head). The rows of the
+whole batch can form one row tile of up to MAX_BLOCK_R rows (the chunk tile shrinking as the row tile grows, so the
+accumulator stays within ACC_BUDGET floats): a batch of questions then reads each routing key once, as one
+question does. The autotuner chooses between that and smaller row tiles, which re-read the program's keys (from
+L2) once per tile but read fewer query rows per key (every program reads all the rows: BLOCK_R / BLOCK_C query
+bytes per key byte). Cosine
 normalises the keys in registers; fp8 or int8 keys are scaled per chunk (the scale cancels under cosine). Per
 sample the kernel takes the max over that sample's routing rows (query reduce "max") and folds the chunk
 scores into per-document maxima (chunk reduce "max") with atomic max, so no (tokens x chunks) score matrix is
@@ -25,64 +30,81 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = [triton.Config({"BLOCK_C": 16}, num_warps=4)] if _INTERPRET else [
-    triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
-    for c, w, s in [(64, 2, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
-]
+MAX_BLOCK_R = 256  # the largest row tile: a batch of 8 questions of 32 routing rows each
+ACC_BUDGET = 16384  # float32 accumulator entries per program (BLOCK_R x BLOCK_C)
+_CONFIGS = [triton.Config({"BLOCK_R": 64, "BLOCK_C": 16}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w, num_stages=s)
+    for r in (16, 32, 64, 128, MAX_BLOCK_R)
+    for c, w, s in [(32, 4, 2), (32, 8, 2), (64, 2, 3), (64, 4, 3), (64, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
+]  # (a row tile of 256 needs fewer stages: its query tile alone is 64 KB of shared memory per stage at D=128)
 
 
-@triton.autotune(configs=_CONFIGS,
-                  key=["HKV", "D", "BLOCK_R", "R_TILES", "B", "HAS_SCALE", "COSINE", "INV_NORM", "SPLIT", "C_BUCKET"])
+def _fitting(configs, nargs, **kw):
+    """The tiles worth trying for R_BUCKET rows: a row tile of all the rows (up to 64), or of 64, 128 or 256 of them
+    when there are more, with a chunk tile whose accumulator (BLOCK_R x BLOCK_C) fits ACC_BUDGET (else the
+    smallest tiles)."""
+    rows = kw["R_BUCKET"]
+    fit = [c for c in configs if c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_C"] <= ACC_BUDGET
+           and (c.kwargs["BLOCK_R"] == min(rows, 64) or 64 < c.kwargs["BLOCK_R"] <= rows)]
+    return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"]))]
+
+
+@triton.autotune(configs=_CONFIGS, prune_configs_by={"early_config_prune": _fitting},
+                  key=["HKV", "D", "R_BUCKET", "B", "HAS_SCALE", "COSINE", "INV_NORM", "SPLIT", "C_BUCKET"])
 @triton.jit
 def _route_kernel(q_ptr, qlo_ptr, qs_ptr, row_ptr, k_ptr, ks_ptr, kn_ptr, doc_ptr, out_ptr, R, C, N, C_BUCKET,
-                  B: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                  R_TILES: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  B: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R_BUCKET: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   INV_NORM: tl.constexpr, SPLIT: tl.constexpr):
     """q (R, HKV, D) rows (SPLIT: fp8 hi, with qlo fp8 lo and qs (R,) float32 row scale); k (C, HKV, D);
     ks (C,) per-chunk key scale (HAS_SCALE); kn (C, HKV) float16/32 inverse key norms (INV_NORM, cosine only);
-    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima. C_BUCKET (the bit
-    length of C) is only a tuning key: the best tile differs between 16K and 1.6M chunks."""
+    row (R,) sample of each row or -1; doc (C,) document of each chunk; out (B, N) maxima. R_BUCKET: R rounded up
+    to a power of two (>= 16). The autotuner picks the row tile BLOCK_R: with one tile of all the rows, the program
+    reads its keys once for the whole batch. C_BUCKET (the bit length of C) is only a tuning key: the best tile
+    differs between 16K and 1.6M chunks."""
+    R_TILES: tl.constexpr = (R_BUCKET + BLOCK_R - 1) // BLOCK_R
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, D)
     c_ok = offs_c < C
     doc = tl.load(doc_ptr + offs_c, mask=c_ok, other=0)
-    for t in range(R_TILES):  # compile-time count of row tiles (rows / BLOCK_R)
-        offs_r = t * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for h in range(HKV):
-            q_offs = (offs_r[:, None] * HKV + h) * D + offs_d[None, :]  # (BLOCK_R, D)
-            if SPLIT:  # fp8 x fp8 products of both row terms with k as stored (float32 accumulator; sm90
-                # adds fp8 products with ~14 bits by default, far below the split's 2^-8)
-                k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :], mask=c_ok[:, None],
-                            other=0.0)  # (BLOCK_C, D) fp8
-                kt = tl.trans(k)
-                lo = tl.load(qlo_ptr + q_offs, mask=r_ok[:, None], other=0.0)
-                hi = tl.load(q_ptr + q_offs, mask=r_ok[:, None], other=0.0)
-                part = tl.dot(hi, kt, tl.dot(lo, kt))  # (BLOCK_R, BLOCK_C), in units of the row scale
-            else:
-                q = tl.load(q_ptr + q_offs, mask=r_ok[:, None], other=0.0)
-                k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :],
-                            mask=c_ok[:, None], other=0.0).to(q.dtype)  # (BLOCK_C, D) in the rows' dtype
-                part = tl.dot(q, tl.trans(k))  # (BLOCK_R, BLOCK_C), accumulated in float32
-            if COSINE:
-                if INV_NORM:
-                    part = part * tl.load(kn_ptr + offs_c * HKV + h, mask=c_ok, other=0.0)[None, :]
+    for t in range(R_TILES):  # compile-time count of row tiles (R_BUCKET / BLOCK_R); those past R do nothing
+        if t * BLOCK_R < R:
+            offs_r = t * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+            for h in range(HKV):
+                q_offs = (offs_r[:, None] * HKV + h) * D + offs_d[None, :]  # (BLOCK_R, D)
+                if SPLIT:  # fp8 x fp8 products of both row terms with k as stored (float32 accumulator; sm90
+                    # adds fp8 products with ~14 bits by default, far below the split's 2^-8)
+                    k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :], mask=c_ok[:, None],
+                                other=0.0)  # (BLOCK_C, D) fp8
+                    kt = tl.trans(k)
+                    lo = tl.load(qlo_ptr + q_offs, mask=r_ok[:, None], other=0.0)
+                    hi = tl.load(q_ptr + q_offs, mask=r_ok[:, None], other=0.0)
+                    part = tl.dot(hi, kt, tl.dot(lo, kt))  # (BLOCK_R, BLOCK_C), in units of the row scale
                 else:
-                    kf = k.to(tl.float32)
-                    part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)[None, :]
-            acc += part
-        if SPLIT:
-            acc = acc * tl.load(qs_ptr + offs_r, mask=r_ok, other=1.0)[:, None]
-        if HAS_SCALE:
-            if not COSINE:
-                acc = acc * tl.load(ks_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
-        sample = tl.load(row_ptr + offs_r, mask=r_ok, other=-1)  # (BLOCK_R,) sample of each routing row, else -1
-        for b in range(B):
-            mine = sample == b
-            if tl.sum(mine.to(tl.int32)) > 0:
-                best = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0)  # (BLOCK_C,)
-                tl.atomic_max(out_ptr + b * N + doc, best, mask=c_ok)
+                    q = tl.load(q_ptr + q_offs, mask=r_ok[:, None], other=0.0)
+                    k = tl.load(k_ptr + (offs_c[:, None] * HKV + h) * D + offs_d[None, :],
+                                mask=c_ok[:, None], other=0.0).to(q.dtype)  # (BLOCK_C, D) in the rows' dtype
+                    part = tl.dot(q, tl.trans(k))  # (BLOCK_R, BLOCK_C), accumulated in float32
+                if COSINE:
+                    if INV_NORM:
+                        part = part * tl.load(kn_ptr + offs_c * HKV + h, mask=c_ok, other=0.0)[None, :]
+                    else:
+                        kf = k.to(tl.float32)
+                        part = part / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)[None, :]
+                acc += part
+            if SPLIT:
+                acc = acc * tl.load(qs_ptr + offs_r, mask=r_ok, other=1.0)[:, None]
+            if HAS_SCALE:
+                if not COSINE:
+                    acc = acc * tl.load(ks_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
+            sample = tl.load(row_ptr + offs_r, mask=r_ok, other=-1)  # (BLOCK_R,) each routing row's sample, else -1
+            for b in range(B):
+                mine = sample == b
+                if tl.sum(mine.to(tl.int32)) > 0:
+                    best = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0)  # (BLOCK_C,)
+                    tl.atomic_max(out_ptr + b * N + doc, best, mask=c_ok)
 
 
 def inverse_norms(keys: torch.Tensor, piece: int = 1 << 18) -> torch.Tensor:
@@ -201,14 +223,13 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
                                                    fill=fill)
     if C == 0:
         return out
-    block_r = max(16, min(64, triton.next_power_of_2(B * S)))
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
     ks = key_scale.contiguous() if key_scale is not None else out  # (C,) float32; unread without a scale
     inv_norm = cosine and key_inv_norm is not None
     kn = key_inv_norm.contiguous() if inv_norm else out  # (C, Hkv) float16/32; unread without
     _route_kernel[grid](rows, row_lo if split_fp8 else rows, row_scale if split_fp8 else out,
                         sample, keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
-                        B * S, C, num_docs, C.bit_length(), B=B, HKV=Hkv, D=D, BLOCK_R=block_r,
-                        R_TILES=triton.cdiv(B * S, block_r), COSINE=cosine, HAS_SCALE=key_scale is not None,
+                        B * S, C, num_docs, C.bit_length(), B=B, HKV=Hkv, D=D,
+                        R_BUCKET=max(16, triton.next_power_of_2(B * S)), COSINE=cosine, HAS_SCALE=key_scale is not None,
                         INV_NORM=inv_norm, SPLIT=split_fp8)
     return out

@@ -12,8 +12,9 @@ OpenAI-compatible (the `openai` client works with base_url=http://HOST:PORT/v1; 
     "router" | "off"; default the server's --interleave), "inject_k", "router_rounds"; every answer carries a
     "memsparse" object: {"rounds": documents read in each round, "routing": the first round's routing, "timings"}.
     `stream: true` answers with Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`: the
-    answer is generated whole (it is only known once the model has written its answer marker), then sent in
-    chunks of a few words; the first chunk carries the role, the last the finish reason.
+    answer's text is sent as the engine decodes it (the text after the answer marker; while the model may still be
+    writing the marker, nothing); the first chunk carries the role, the last the finish reason. The status line
+    leaves with the first text: a refusal before it is an HTTP error, one after it an `{"error": ...}` event.
 
 Memory:
 
@@ -41,10 +42,15 @@ Validation errors are 400 in OpenAI's error format {"error": {"message", "type",
 infinite numbers are refused there. Limits: question tokens, max_tokens (--max-new-tokens), inject_k,
 router_rounds (400 past them).
 
-Engine work (answers, routing, the bank's reads and changes) runs one request at a time in a worker thread: the
-GPU decode graphs and the bank are not shared. Up to --max-queue requests wait their turn; more get 429. A
-request that is not answered within --timeout seconds gets 504; a client that goes away while its request waits
-leaves the queue, and one whose answer is being generated stops it at the next token (the engine's `cancel`).
+Engine work (answers, routing, the bank's reads and changes) runs in one worker thread, which owns the engine:
+the GPU decode graphs and the bank are not shared. Answers are batched across clients: the oldest waiting request
+waits up to --batch-window-ms for others with the same sampling settings (max_tokens may differ; a seeded sampled
+request goes alone), up to --max-batch questions, and the engine answers them together (routing, prefill and
+decode in batches: one routing pass per batch, see ops/routing_triton.py). Other work runs alone, in arrival
+order. Up to --max-queue requests wait their turn; more get 429. A request that is not answered within --timeout
+seconds gets 504; a client that goes away while its request waits leaves the queue, and one whose answer is being
+generated stops its questions at their next token (the engine's per-question `cancel`) while the rest of the batch
+goes on.
 Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
 request first follows commits other processes made; a bank another process is writing for over WRITE_WAIT
 seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
@@ -54,16 +60,17 @@ path, status, latency). Text in questions and documents is plain text: special t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import math
-import re
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -77,52 +84,11 @@ from ..engine.engine import Cancelled, MSAEngine
 from ..memory.bank import BankError
 from ..memory.corpus import CorpusError, check_document
 from ..memory.store import BankBusy, load, read_manifest, writer
+from .settings import INTERLEAVE, LOOPBACK_NAMES, Settings
 
 log = logging.getLogger("memsparse.serve")
 WRITE_WAIT = 30.0  # seconds a document change waits for another process writing the bank
-INTERLEAVE = {"model": True, "router": "router", "off": False}
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-@dataclass
-class Settings:
-    """What `memsparse serve` was told (its flags)."""
-
-    host: str = "127.0.0.1"
-    api_key: str | None = None
-    allow_hosts: list[str] = field(default_factory=list)  # Host names accepted besides the bound one and localhost
-    model_name: str = "memsparse"
-    max_queue: int = 16  # requests waiting for the engine (past them: 429)
-    max_body_bytes: int = 16 << 20
-    max_doc_bytes: int = 1 << 20
-    max_new_tokens: int = 1024
-    max_question_tokens: int = 4096
-    max_router_rounds: int = 4
-    max_inject_k: int = 32
-    max_prompts: int = 32  # questions in one /v1/completions request
-    timeout: float = 300.0  # seconds from arrival to answer
-    interleave: str = "router"  # what a request that does not say gets
-    inject_k: int = 4
-
-    def check(self) -> None:
-        """Refuse settings that would expose the bank: a non-loopback address needs a key."""
-        if not self.api_key and not is_loopback(self.host):
-            raise ValueError(f"binding {self.host} (not this machine only) needs an API key: pass --api-key or set "
-                             "MEMSPARSE_API_KEY")
-        if self.max_queue < 0 or self.max_body_bytes < 1 or self.max_new_tokens < 1 or self.timeout <= 0:
-            raise ValueError("--max-queue must be >= 0; --max-body-mb, --max-new-tokens and --timeout > 0")
-        if self.interleave not in INTERLEAVE:
-            raise ValueError(f"interleave {self.interleave!r}: expected one of {sorted(INTERLEAVE)}")
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip("[]").lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class ApiError(Exception):
@@ -200,82 +166,165 @@ class RouteRequest(_Body):
 
 
 # --------------------------------------------------------------------------------------------- the engine queue
+@dataclass(eq=False)
+class Job:
+    """One request's engine work: `work(cancel)` on its own, or (`work` None) its `questions` answered with `kw`
+    (ask_batch's arguments), in a batch with other requests of the same `key` (None: a batch of its own).
+    `on_text(i, text)`: its question i's answer text as it is decoded (called in the worker thread)."""
+
+    work: Callable[[threading.Event], Any] | None = None
+    questions: list[str] = field(default_factory=list)
+    kw: dict = field(default_factory=dict)
+    key: tuple | None = None
+    on_text: Callable[[int, str], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+
+
+def batch_key(kw: dict) -> tuple | None:
+    """Requests whose ask_batch arguments agree (max_new_tokens aside: each question has its own) share a batch;
+    a seeded sampled request is answered alone (its random stream is its own)."""
+    if kw["temperature"] > 0 and kw["seed"] is not None:
+        return None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if k != "max_new_tokens"))
+
+
 class EngineQueue:
-    """Engine work one request at a time in a worker thread; at most `max_queue` requests wait (429 past that)."""
+    """Engine work in one worker thread, which owns the engine (the GPU decode graphs and the bank are not shared).
+    Answers are batched: the worker takes the oldest request and, for up to `window` seconds, gathers the waiting
+    requests of the same batch key, up to `max_batch` questions, then answers them in one `answer(questions, kw,
+    budgets, cancels, on_text)` call (routing, prefill and decode in batches). Other work runs alone, in arrival
+    order. At most `max_queue` requests wait (429 past that)."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.waiting = 0  # requests waiting for the engine
-        self.running = 0  # 0 or 1
-        self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the lock's loop (a server runs in one)
+    IDLE = 5.0  # seconds the worker thread waits for work before it exits (the next request starts another)
 
-    async def run(self, request: Request, work, timeout: float):
-        """work(cancel: threading.Event) in the worker thread, after the requests before it; 429 when the queue is
-        full, 504 past `timeout` seconds, and given up (its work stopped) when the client disconnects."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop and not (self._lock and self._lock.locked()):
-            self._lock, self._loop = asyncio.Lock(), loop
-        if self._lock.locked() and self.waiting >= self.max_queue:
-            raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting for the engine (the limit, "
-                                "--max-queue); retry later", "rate_limit_error", "queue_full")
-        deadline = loop.time() + timeout
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            self.waiting += 1
+    def __init__(self, max_queue: int, answer: Callable | None = None, max_batch: int = 1, window: float = 0.0):
+        self.max_queue, self.answer, self.max_batch, self.window = max_queue, answer, max_batch, window
+        self.jobs: deque[Job] = deque()
+        self.running = 0  # requests in the engine now
+        self.batches = 0  # engine batches run so far (answers)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the engine."""
+        return len(self.jobs)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job` (429 when the queue is full)."""
+        with self._cond:
+            if (self.running or self.jobs) and len(self.jobs) >= self.max_queue:
+                raise ApiError(429, f"the server is busy: {len(self.jobs)} requests are waiting for the engine (the "
+                                    "limit, --max-queue); retry later", "rate_limit_error", "queue_full")
+            self.jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="memsparse-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """Stop `job`: out of the queue if it waits there, else its questions end at their next token."""
+        job.cancel.set()
+        with self._cond:
+            if job in self.jobs:
+                self.jobs.remove(job)
+
+    async def run(self, request: Request, job: Job, timeout: float, first: asyncio.Future | None = None):
+        """Queue `job` and wait for its result (or, given `first`, for whichever of `first` and the result comes
+        first: returns None when `first` did); 429 when the queue is full, 504 past `timeout` seconds, 499 when the
+        client disconnects (the job withdrawn, its work stopped)."""
+        self.submit(job)
+        result = asyncio.wrap_future(job.future)
+        deadline = asyncio.get_running_loop().time() + timeout
+        await wait_for(request, job, self, {result} | ({first} if first else set()), deadline, timeout)
+        return result.result() if result.done() else None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self.jobs and not self._cond.wait_for(lambda: self.jobs, self.IDLE):
+                    self._thread = None
+                    return
+                batch = [self.jobs.popleft()]
+                self.running = 1
+                if batch[0].work is None and batch[0].key is not None:
+                    self._gather(batch)
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            for job in [j for j in live if j.cancel.is_set()]:  # withdrawn while its batch gathered
+                job.future.set_exception(Cancelled("the request was cancelled"))
             try:
-                await self._acquire(gone, deadline)
+                self._run([j for j in live if not j.future.done()])
             finally:
-                self.waiting -= 1
-            cancel = threading.Event()
-            self.running = 1
+                with self._cond:
+                    self.running = 0
 
-            def done(job):
-                self.running = 0
-                self._lock.release()
-                if not job.cancelled():
-                    job.exception()  # retrieved here when the request was given up (no "never retrieved" noise)
+    def _gather(self, batch: list[Job]) -> None:
+        """Add waiting jobs of the first one's key, in arrival order, until `max_batch` questions or the window's end
+        (called holding the lock; waiting releases it)."""
+        end = time.monotonic() + self.window
+        size = len(batch[0].questions)
+        while True:
+            for job in list(self.jobs):
+                if job.work is None and job.key == batch[0].key and size + len(job.questions) <= self.max_batch:
+                    self.jobs.remove(job)
+                    batch.append(job)
+                    size += len(job.questions)
+            self.running = len(batch)
+            left = end - time.monotonic()
+            if size >= self.max_batch or left <= 0:
+                return
+            self._cond.wait(left)
 
-            job = loop.run_in_executor(None, work, cancel)
-            job.add_done_callback(done)  # the engine is free once the work stops, whatever became of the request
-            try:
-                finished, _ = await asyncio.wait({job, gone}, timeout=max(deadline - loop.time(), 0),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                cancel.set()
-                raise
-            if job not in finished:
-                cancel.set()
-                if gone in finished:
-                    raise ApiError(499, "the client went away", "cancelled", "client_closed")
-                raise ApiError(504, f"no answer within the server's {timeout:g} s timeout (--timeout)",
-                               "timeout_error", "timeout")
-            return job.result()
-        finally:
-            gone.cancel()
-
-    async def _acquire(self, gone: asyncio.Future, deadline: float) -> None:
-        acquire = asyncio.ensure_future(self._lock.acquire())
-        try:
-            finished, _ = await asyncio.wait({acquire, gone}, timeout=max(deadline - asyncio.get_running_loop().time(),
-                                                                           0), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            _give_back(acquire, self._lock)
-            raise
-        if acquire in finished:
+    def _run(self, batch: list[Job]) -> None:
+        if not batch:
             return
-        _give_back(acquire, self._lock)
-        if gone in finished:
-            raise ApiError(499, "the client went away", "cancelled", "client_closed")
-        raise ApiError(504, "no turn at the engine within the server's timeout (--timeout)", "timeout_error", "timeout")
+        try:
+            if batch[0].work is not None:
+                batch[0].future.set_result(batch[0].work(batch[0].cancel))
+                return
+            owners = [(job, n) for job in batch for n in range(len(job.questions))]
+
+            def on_text(i: int, text: str) -> None:
+                job, n = owners[i]
+                if job.on_text is not None and not job.cancel.is_set():
+                    job.on_text(n, text)
+
+            kw = {k: v for k, v in batch[0].kw.items() if k != "max_new_tokens"}
+            self.batches += 1
+            answers = self.answer([q for job in batch for q in job.questions], kw,
+                                  [job.kw["max_new_tokens"] for job, _ in owners], [job.cancel for job, _ in owners],
+                                  on_text if any(job.on_text for job in batch) else None)  # (text costs a decode)
+            for job in batch:
+                job.future.set_result(answers[:len(job.questions)])
+                answers = answers[len(job.questions):]
+        except BaseException as e:  # noqa: BLE001  (every request of the batch learns what happened)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
 
 
-def _give_back(acquire: asyncio.Future, lock: asyncio.Lock) -> None:
-    """Stop waiting for the lock; release it if the wait had already won it."""
-    if acquire.done() and not acquire.cancelled():
-        lock.release()
-    else:
-        acquire.cancel()
+async def wait_for(request: Request, job: Job, queue: EngineQueue, futures: set, deadline: float,
+                   timeout: float) -> None:
+    """Wait until one of `futures` is done; 504 past `deadline` (loop time; the request's `timeout` seconds) and 499
+    when the client disconnects (in both cases, and when the wait itself is cancelled, the job is withdrawn)."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait(futures | {gone}, timeout=max(deadline - asyncio.get_running_loop().time(), 0),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        queue.withdraw(job)
+        raise
+    finally:
+        gone.cancel()
+    if done - {gone}:
+        return
+    queue.withdraw(job)
+    for f in futures:
+        f.cancel()  # (a wrapped future of a closed loop is never set)
+    if gone in done:
+        raise ApiError(499, "the client went away", "cancelled", "client_closed")
+    raise ApiError(504, f"no answer within the server's {timeout:g} s timeout (--timeout)", "timeout_error", "timeout")
 
 
 async def _disconnected(request: Request) -> None:
@@ -392,8 +441,12 @@ class Metrics:
                 out.append(f'memsparse_request_seconds_count{{route="{route}"}} {h[-1]}')
         out += ["# HELP memsparse_queue_waiting Requests waiting for the engine.",
                 "# TYPE memsparse_queue_waiting gauge", f"memsparse_queue_waiting {queue.waiting}",
-                "# HELP memsparse_engine_busy 1 while the engine runs a request.",
-                "# TYPE memsparse_engine_busy gauge", f"memsparse_engine_busy {queue.running}"]
+                "# HELP memsparse_engine_busy 1 while the engine runs requests.",
+                "# TYPE memsparse_engine_busy gauge", f"memsparse_engine_busy {int(queue.running > 0)}",
+                "# HELP memsparse_engine_requests Requests in the engine now (one batch).",
+                "# TYPE memsparse_engine_requests gauge", f"memsparse_engine_requests {queue.running}",
+                "# HELP memsparse_engine_batches_total Engine batches of answers run.",
+                "# TYPE memsparse_engine_batches_total counter", f"memsparse_engine_batches_total {queue.batches}"]
         return "\n".join(out) + "\n"
 
 
@@ -513,7 +566,13 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
     """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process."""
     settings = settings or Settings()
     settings.check()
-    service, queue, metrics = Service(engine, settings), EngineQueue(settings.max_queue), Metrics()
+    service, metrics = Service(engine, settings), Metrics()
+
+    def answer_batch(questions: list[str], kw: dict, budgets: list[int], cancels: list, on_text) -> list:
+        return service.read(lambda: engine.ask_batch(questions, max_new_tokens=budgets, cancel=cancels,
+                                                     on_text=on_text, batch_size=len(questions), **kw))
+
+    queue = EngineQueue(settings.max_queue, answer_batch, settings.max_batch, settings.batch_window_ms / 1e3)
     tok = engine.tok
     app = FastAPI(title="memsparse", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.queue, app.state.metrics, app.state.settings = service, queue, metrics, settings
@@ -532,23 +591,30 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
             return error_response(400, f"unknown field {where!r}", param=where, code="unknown_field")
         return error_response(400, f"{where}: {first['msg']}", param=where or None, code="invalid_value")
 
-    async def engine_run(request: Request, work):
-        try:
-            return await queue.run(request, work, settings.timeout)
-        except (ApiError, asyncio.CancelledError):
-            raise
-        except Cancelled as e:
-            raise ApiError(499, str(e), "cancelled", "client_closed") from None
-        except BankBusy as e:  # another process is writing the bank
-            raise ApiError(503, str(e), "server_error", "bank_busy") from None
-        except BankError as e:  # the bank on disk is damaged: not the request's fault
+    def refusal(request: Request, e: Exception) -> ApiError:
+        """What the client is told of an exception from the engine or the bank."""
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, Cancelled):
+            return ApiError(499, str(e), "cancelled", "client_closed")
+        if isinstance(e, BankBusy):  # another process is writing the bank
+            return ApiError(503, str(e), "server_error", "bank_busy")
+        if isinstance(e, BankError):  # the bank on disk is damaged: not the request's fault
             log.error(json.dumps({"path": request.url.path, "error": str(e)}))
-            raise ApiError(500, str(e), "server_error", "bank_error") from None
-        except (ValueError, KeyError, CorpusError) as e:  # refused by the engine or the bank: the request's fault
-            raise ApiError(400, str(e.args[0] if isinstance(e, KeyError) else e)) from None
-        except Exception as e:  # noqa: BLE001  (the server keeps serving; the client learns what happened)
-            log.exception("request %s failed", request.url.path)
-            raise ApiError(500, f"{type(e).__name__}: {e}", "server_error") from None
+            return ApiError(500, str(e), "server_error", "bank_error")
+        if isinstance(e, (ValueError, KeyError, CorpusError)):  # refused by the engine or the bank: the request's
+            return ApiError(400, str(e.args[0] if isinstance(e, KeyError) else e))
+        log.error("request %s failed", request.url.path, exc_info=e)  # the server keeps serving
+        return ApiError(500, f"{type(e).__name__}: {e}", "server_error")
+
+    async def engine_run(request: Request, job: Job | Callable):
+        """A Job, or work(cancel) run alone, through the queue."""
+        try:
+            return await queue.run(request, job if isinstance(job, Job) else Job(work=job), settings.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise refusal(request, e) from None
 
     # ------------------------------------------------------------------ OpenAI
     def model_card() -> dict:
@@ -595,10 +661,80 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
         return n
 
     async def answer(request: Request, questions: list[str], kw: dict):
-        def work(cancel):
-            return service.read(lambda: engine.ask_batch(questions, cancel=cancel, **kw))
+        return await engine_run(request, Job(questions=questions, kw=kw, key=batch_key(kw)))
 
-        return await engine_run(request, work)
+    async def streamed(request: Request, questions: list[str], kw: dict, render: _Render) -> StreamingResponse:
+        """The answers as Server-Sent Events: text as the engine decodes it. The status is sent with the first
+        piece of text (or the answers): refusals before it (429, 499, 503, 504 ...) are plain HTTP errors, later
+        ones an error event."""
+        loop = asyncio.get_running_loop()
+        pending: list[tuple[int, str]] = []  # decoded text not sent yet (filled on the loop's thread)
+        ready = asyncio.Event()
+
+        def push(n: int, text: str) -> None:
+            pending.append((n, text))
+            ready.set()
+
+        def on_text(n: int, text: str) -> None:  # in the engine's thread
+            with contextlib.suppress(RuntimeError):  # the request's loop has closed
+                loop.call_soon_threadsafe(push, n, text)
+
+        job = Job(questions=questions, kw=kw, key=batch_key(kw), on_text=on_text)
+        deadline = loop.time() + settings.timeout
+        result = asyncio.wrap_future(job.future)
+
+        async def next_event() -> None:
+            """Until there is text to send or the answers are in (504, 499 past the deadline or on a disconnect)."""
+            if pending or result.done():
+                return
+            ready.clear()
+            wake = asyncio.ensure_future(ready.wait())
+            try:
+                await wait_for(request, job, queue, {result, wake}, deadline, settings.timeout)
+            finally:
+                wake.cancel()
+
+        try:
+            queue.submit(job)
+            await next_event()
+            if result.done() and not pending:
+                result.result()  # the engine's refusal, as a status
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise refusal(request, e) from None
+
+        async def events():
+            shown = [""] * len(questions)
+            try:
+                yield render.start()
+                while True:
+                    await next_event()
+                    for n, text in pending:
+                        shown[n] += text
+                        yield render.piece(n, text)
+                    pending.clear()
+                    if result.done():
+                        break
+                answers = result.result()
+                for n, a in enumerate(answers):
+                    if a.text.startswith(shown[n]) and a.text != shown[n]:  # what the decode loop held back
+                        yield render.piece(n, a.text[len(shown[n]):])
+                    yield render.end(n, a)
+                if (render.options or {}).get("include_usage"):
+                    yield render.usage(answers)
+            except ApiError as e:
+                if e.code == "client_closed":
+                    return
+                yield {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+            except Exception as e:  # noqa: BLE001
+                e = refusal(request, e)
+                yield {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+            finally:
+                if not result.done():
+                    queue.withdraw(job)
+
+        return sse(events())
 
     def extension(a) -> dict:
         return {"rounds": a.rounds, "routing": {str(k): v for k, v in a.routing.items()}, "timings": a.timings}
@@ -615,19 +751,20 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
         question = users[-1].text()
         prompt = check_question(question, "messages")
         kw = engine_kwargs(req, req.max_completion_tokens or req.max_tokens)
-        (a,) = await answer(request, [question], kw)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         if req.stream:
             chunk = {**head, "object": "chat.completion.chunk"}
-            events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]}]
-            events += [{**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                       for piece in pieces(a.text)]
-            events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": a.finish}],
-                           "memsparse": extension(a)})
-            if (req.stream_options or {}).get("include_usage"):
-                events.append({**chunk, "choices": [], "usage": usage(prompt, [a])})
-            return sse(events)
+
+            def delta(delta: dict, finish: str | None = None) -> dict:
+                return {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            return await streamed(request, [question], kw, _Render(
+                start=lambda: delta({"role": "assistant", "content": ""}),
+                piece=lambda n, text: delta({"content": text}),
+                end=lambda n, a: {**delta({}, a.finish), "memsparse": extension(a)},
+                usage=lambda answers: {**chunk, "choices": [], "usage": usage(prompt, answers)},
+                options=req.stream_options))
+        (a,) = await answer(request, [question], kw)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
                              "finish_reason": a.finish}],
@@ -641,19 +778,18 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
                            param="prompt")
         prompt = sum(check_question(q, "prompt") for q in questions)
         kw = engine_kwargs(req, req.max_tokens)
-        answers = await answer(request, questions, kw)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name,
                 "object": "text_completion"}
         if req.stream:
-            events = []
-            for i, a in enumerate(answers):
-                events += [{**head, "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]}
-                           for piece in pieces(a.text)]
-                events.append({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                                    "finish_reason": a.finish}], "memsparse": extension(a)})
-            if (req.stream_options or {}).get("include_usage"):
-                events.append({**head, "choices": [], "usage": usage(prompt, answers)})
-            return sse(events)
+            def choice(n: int, text: str, finish: str | None = None) -> dict:
+                return {**head, "choices": [{"index": n, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+            return await streamed(request, questions, kw, _Render(
+                start=lambda: None, piece=choice,
+                end=lambda n, a: {**choice(n, "", a.finish), "memsparse": extension(a)},
+                usage=lambda answers: {**head, "choices": [], "usage": usage(prompt, answers)},
+                options=req.stream_options))
+        answers = await answer(request, questions, kw)
         return {**head, "choices": [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish,
                                      "memsparse": extension(a)} for i, a in enumerate(answers)],
                 "usage": usage(prompt, answers)}
@@ -706,16 +842,22 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
     return guarded
 
 
-def pieces(text: str, words: int = 3) -> list[str]:
-    """The answer in chunks of a few words (whitespace kept), as streamed."""
-    tokens = re.findall(r"\s*\S+", text) or ([text] if text else [])
-    return ["".join(tokens[i:i + words]) for i in range(0, len(tokens), words)]
+@dataclass
+class _Render:
+    """How a completion route writes the events of its stream."""
+
+    start: Callable[[], dict | None]  # the first event (None: none)
+    piece: Callable[[int, str], dict]  # text of question n
+    end: Callable[[int, Any], dict]  # question n's answer is whole
+    usage: Callable[[list], dict]  # token counts of all answers (sent when the options ask for include_usage)
+    options: dict | None
 
 
-def sse(events: list[dict[str, Any]]) -> StreamingResponse:
+def sse(events: AsyncIterator[dict | None]) -> StreamingResponse:
     async def stream():
-        for e in events:
-            yield f"data: {json.dumps(e, ensure_ascii=False, allow_nan=False)}\n\n"
+        async for e in events:
+            if e is not None:
+                yield f"data: {json.dumps(e, ensure_ascii=False, allow_nan=False)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,138 @@
+"""`memsparse bench serve`: what batching across clients buys, for the Qwen3-4B geometry (random weights, a bank of
+random tensors of the right shapes and dtypes, as `bench speed`) at one memory size.
+
+- Routing: ms per routing round (scoring + top-k in every router layer, timed as `bench speed` times it) for a
+  batch of 1 question and of 8; the fused kernel reads each routing key once per batch, so the ratio should stay
+  near 1 while the keys' bytes dominate (issue 33's target at 100M tokens on an H100: batch 8 within 1.5x).
+- Server: `memsparse serve`'s app on uvicorn (a real socket, greedy completions of `max_tokens` tokens, the server's
+  default router injection) with 1 and with 8 concurrent clients: requests/s, decoded tokens/s and latency
+  percentiles (target on a GPU: 8 clients at least 4x one client's throughput).
+
+On a GPU (the figures that count):  memsparse bench serve --tokens 104857600
+On a CPU, a smoke test of the code path (its timings mean nothing):  memsparse bench serve --tiny --tokens 65536
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .meta import run_meta
+from .speed import QWEN3_4B, TINY, _qwen_banks, random_model, time_query
+from .speed import Settings as SpeedSettings
+
+
+@dataclass
+class Settings:
+    tokens: int = 104857600  # memory size
+    batch: tuple[int, ...] = (1, 8)  # routing batch sizes, and concurrent clients
+    q_len: int = 48  # routing tokens per question (routing)
+    repeats: int = 5  # timed routing rounds per batch size (after one warm-up)
+    requests: int = 4  # per client (server)
+    max_tokens: int = 32  # tokens each completion decodes
+    doc_len: int = 1024  # tokens per random document
+
+
+def routing(bank, s: Settings) -> list[dict]:
+    """Routing ms per round for each batch size."""
+    speed = SpeedSettings(q_len=s.q_len, repeats=s.repeats, doc_len=s.doc_len)
+    out = []
+    for b in s.batch:
+        t = time_query(bank, speed, batch=b, decode=False)
+        out.append({"batch": b, "routing_ms": t["routing_ms"], "routing_timer": t["routing_timer"],
+                    "routing_ms_per_question": round(t["routing_ms"] / b, 4)})
+    return out
+
+
+def throughput(engine, s: Settings) -> list[dict]:
+    """The server on a local socket, driven by 1 and by 8 concurrent clients (each client: one untimed request,
+    then `s.requests` timed ones)."""
+    import httpx
+    import uvicorn
+
+    from ..serve import Settings as ServeSettings
+    from ..serve import create_app
+
+    settings = ServeSettings(max_batch=max(s.batch), max_queue=4 * max(s.batch), max_new_tokens=s.max_tokens,
+                             timeout=600)
+    sock = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    out = []
+    try:
+        with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=4 * max(s.batch))) as http:
+            for clients in s.batch:
+                _drive(http, url, clients, 1, s.max_tokens)  # warm-up: this batch size's graphs and kernels
+                out.append({"clients": clients, **_drive(http, url, clients, s.requests, s.max_tokens)})
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    return out
+
+
+def _drive(http, url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    """`clients` threads, each sending `requests` completions in turn: wall time, requests/s, decoded tokens/s
+    (max_tokens a request: random weights never write a stop token, as `finish_length` shows), latency percentiles.
+    A failed request raises."""
+    latencies, finishes, errors = [], [], []
+
+    def client(n: int) -> None:
+        for i in range(requests):
+            t0 = time.perf_counter()
+            r = http.post(url, json={"model": "memsparse", "prompt": f"Where is item {n}.{i}?",
+                                     "max_tokens": max_tokens})
+            if r.status_code != 200:
+                errors.append(f"{r.status_code}: {r.text[:200]}")
+                return
+            latencies.append(time.perf_counter() - t0)
+            finishes.append(r.json()["choices"][0]["finish_reason"])
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"bench serve: {len(errors)} requests failed, the first: {errors[0]}")
+    lat = sorted(latencies)
+    return {"requests": len(lat), "wall_s": round(wall, 3), "requests_per_s": round(len(lat) / wall, 3),
+            "decoded_tokens_per_s": round(len(lat) * max_tokens / wall, 1),
+            "finish_length": round(finishes.count("length") / len(finishes), 3),
+            "latency_s": {"p50": round(statistics.median(lat), 4), "p90": round(lat[int(0.9 * (len(lat) - 1))], 4),
+                          "max": round(lat[-1], 4)}}
+
+
+def run(out: Path, s: Settings, tiny: bool = False) -> dict:
+    """Measure routing and server throughput; write `out` (JSON, with gpu, date and commit)."""
+    from ..engine import MSAEngine
+    from ..model.tokenizer import build_qwen_tokenizer
+
+    if s.tokens < s.doc_len:
+        raise ValueError(f"--tokens {s.tokens}: expected at least one document ({s.doc_len} tokens)")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tok = build_qwen_tokenizer()  # Qwen3's tokenizer: its ids fit the geometry's vocabulary (TINY's widened to it)
+    model = random_model({**TINY, "vocab_size": QWEN3_4B["vocab_size"]} if tiny else QWEN3_4B, dev, dtype)
+    bank, _ = next(_qwen_banks(model, s.tokens, SpeedSettings(doc_len=s.doc_len)))  # the model's dtype for keys
+    result = {**run_meta(), "model": "tiny" if tiny else "qwen3-4b", "tokens": s.tokens,
+              "key_dtype": "bf16" if dtype == torch.bfloat16 else "float32", "tier": bank.tier,
+              "settings": asdict(s) | {"batch": list(s.batch)}}
+    result["routing"] = routing(bank, s)
+    result["routing_ratio"] = round(result["routing"][-1]["routing_ms"] / result["routing"][0]["routing_ms"], 3)
+    result["server"] = throughput(MSAEngine(model, tok, bank), s)
+    first, last = result["server"][0], result["server"][-1]
+    result["throughput_ratio"] = round(last["requests_per_s"] / first["requests_per_s"], 3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -1,0 +1,32 @@
+"""`memsparse bench serve` end to end on the CPU at a tiny geometry and a tiny memory: the file carries the card,
+date and commit, routing for a batch of 1 and of 8, the server with 1 and 8 clients (no timing is asserted: CPU
+timings mean nothing here), and bad values are one-line errors."""
+
+import json
+
+import pytest
+
+from memsparse.cli import main
+from memsparse.eval.serving import Settings, run
+
+
+def test_bench_serve_tiny(tmp_path):
+    out = tmp_path / "serve.json"
+    res = run(out, Settings(tokens=4096, repeats=1, requests=1, max_tokens=2, doc_len=512), tiny=True)
+    assert json.loads(out.read_text()) == res
+    assert {"gpu", "date", "commit"} <= res.keys() and res["model"] == "tiny" and res["tokens"] == 4096
+    assert [r["batch"] for r in res["routing"]] == [1, 8] and all(r["routing_ms"] > 0 for r in res["routing"])
+    assert [r["clients"] for r in res["server"]] == [1, 8]
+    assert [r["requests"] for r in res["server"]] == [1, 8] and all(r["requests_per_s"] > 0 for r in res["server"])
+    assert res["routing_ratio"] > 0 and res["throughput_ratio"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tokens", "4096,8192"], "bench serve measures one memory size"),
+    (["--tokens", "lots"], "--tokens 'lots': expected memory sizes in tokens"),
+    (["--repeats", "0"], "--repeats 0: expected at least 1"),
+])
+def test_bench_serve_refuses_bad_values(args, message, capsys):
+    assert main(["bench", "serve", "--tiny", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
