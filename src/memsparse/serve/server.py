@@ -306,6 +306,12 @@ class Service:
         self.follow()
         return op()
 
+    def ask(self, questions: list[str], cancel: threading.Event, kw: dict) -> list:
+        return self.read(lambda: self.engine.ask_batch(questions, cancel=cancel, **kw))
+
+    def route(self, question: str) -> dict:
+        return self.read(lambda: self.engine.route(question))
+
     def write(self, change):
         """change(bank) as the bank's one writer on its latest commit, then committed (on a failed commit the bank
         is reopened: what did not commit is not served)."""
@@ -509,11 +515,13 @@ def _replay(body: bytes, receive):
 
 
 # --------------------------------------------------------------------------------------------- the app
-def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
-    """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process."""
+def create_app(engine: MSAEngine, settings: Settings | None = None, service: Service | None = None) -> Guard:
+    """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process.
+    `service`: the bank's operations (default: `Service`; a memory over ranks: serve/parallel.py)."""
     settings = settings or Settings()
     settings.check()
-    service, queue, metrics = Service(engine, settings), EngineQueue(settings.max_queue), Metrics()
+    service = service or Service(engine, settings)
+    queue, metrics = EngineQueue(settings.max_queue), Metrics()
     tok = engine.tok
     app = FastAPI(title="memsparse", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.queue, app.state.metrics, app.state.settings = service, queue, metrics, settings
@@ -596,7 +604,7 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
 
     async def answer(request: Request, questions: list[str], kw: dict):
         def work(cancel):
-            return service.read(lambda: engine.ask_batch(questions, cancel=cancel, **kw))
+            return service.ask(questions, cancel, kw)
 
         return await engine_run(request, work)
 
@@ -689,7 +697,7 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
     @app.post("/v1/memory/route")
     async def route(req: RouteRequest, request: Request):
         check_question(req.question, "question")
-        routing = await engine_run(request, lambda cancel: service.read(lambda: engine.route(req.question)))
+        routing = await engine_run(request, lambda cancel: service.route(req.question))
         return {"routing": {str(layer): [[d, s] for d, s in picked] for layer, picked in routing.items()}}
 
     # ------------------------------------------------------------------ operations
