@@ -146,7 +146,10 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
                      ["docs", "delete", two, "17"],
                      ["encode", corpus, "--out", served, *enc, "--key-dtype", "fp8"],
                      ["encode", corpus, "--out", served, *enc],
-                     ["serve", served, "--port", "0", "--device", "cpu"]], tmp_path)
+                     ["serve", served, "--port", "0", "--device", "cpu"],
+                     ["ask", one, "Where is Ottawa?", *ASK],
+                     ["bench", "speed", "--world-size", "3", "--tiny"],
+                     ["eval", "niah"]], tmp_path)
     (code, out, err), *rest = steps
     assert code == 0 and "8 documents" in out and "over 2 ranks" in out, err
     assert sorted(p.name for p in two.iterdir() if p.is_dir()) == ["rank-0", "rank-1"]
@@ -159,6 +162,10 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
     code, _, err = rest[4]
     assert code == 2 and "model's dtype" in err.split("|")[0] and err.count("\n") == 2
     assert rest[5][0] == 0 and rest[6][0] == 0
+    for (code, _, err), why in zip(rest[7:], ("is a one-process bank: use it without torchrun",
+                                              "--world-size 3, but this launch has 2 ranks", "not under torchrun")):
+        lines = err.replace("|", "").splitlines()
+        assert code == 2 and len(lines) == 2 and all(why in x for x in lines), err  # one line from each rank
 
     # the same changes to the one-process bank; asked by one process, the bank of 2 ranks (re-sharded) answers alike
     run("docs", "add", one, more)
