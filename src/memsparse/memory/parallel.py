@@ -311,6 +311,9 @@ class ShardedBank:
                                  f"open it with {saved} ranks")
             bank = cls(olds[0].like(tier="auto"), group)
             bank.shard.meta = dict(olds[0].meta)
+            lost = next(((d, r) for d, r, *_ in table if d not in olds[r]), None)
+            if lost is not None:
+                raise BankError(f"{path}: rank-{lost[1]} does not hold document {lost[0]}, which {INDEX} gives it")
             ranks = place([c for _, _, c, *_ in table], [0] * world)
             mine = [(d, r) for (d, r, *_), new in zip(table, ranks) if new == rank]
             if mine:

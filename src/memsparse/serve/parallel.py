@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from ..engine.engine import MSAEngine
 from ..memory.parallel import ShardedBank, read_index
+from ..memory.store import writer
 from ..ranks import share
-from .server import ApiError, Service, Settings
+from .server import WRITE_WAIT, ApiError, Service, Settings
 
 HEARTBEAT = 60.0  # seconds
 
@@ -113,7 +114,7 @@ class ShardedService(Service):
     changes are committed to the bank's directory under its write lock; every request first follows commits other
     processes made (the index's commit number)."""
 
-    def __init__(self, mirror: Mirror, settings: Settings):  # noqa: D107  (Service's engine and settings)
+    def __init__(self, mirror: Mirror, settings: Settings):
         self.mirror, self.engine, self.settings = mirror, mirror.engine, settings
 
     @property
@@ -121,8 +122,11 @@ class ShardedService(Service):
         return self.mirror.bank  # the current one (a reopen replaces it on every rank)
 
     def follow(self) -> None:
+        """Reopen the bank on every rank if another process committed to it since (under its write lock, so that
+        no commit is half written meanwhile)."""
         if read_index(self.mirror.path)["commit"] != self.bank.commit:
-            self.mirror("reopen")
+            with writer(self.mirror.path, timeout=WRITE_WAIT):
+                self.mirror("reopen")
 
     def ask(self, questions: list[str], cancel: threading.Event, kw: dict) -> list:
         self.follow()
@@ -134,9 +138,6 @@ class ShardedService(Service):
 
     def write(self, op: str, *args, check=None):
         """`op` on every rank, committed, as the bank's one writer on its latest commit; `check(bank)` first."""
-        from ..memory.store import writer
-        from .server import WRITE_WAIT
-
         with writer(self.mirror.path, timeout=WRITE_WAIT):
             self.follow()
             if check is not None:
