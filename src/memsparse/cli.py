@@ -518,7 +518,11 @@ def _serve_sharded(args: argparse.Namespace, settings) -> None:
     with _sharded_bank(args) as bank:
         mirror = Mirror(MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args)),
                         args.bank)
-        if bank.rank > 0:
+        if bank.rank > 0:  # Ctrl-C / SIGTERM reach every rank of a launch: rank 0 stops, then releases the others
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             return mirror.follow()
         try:
             mirror.heartbeat()

@@ -14,6 +14,7 @@ alone would leave the others in a collective).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -77,11 +78,12 @@ class Mirror:
         return t
 
     def stop(self) -> None:
-        """On rank 0: release the other ranks (once)."""
+        """On rank 0: release the other ranks (once; ranks already gone are not waited for)."""
         with self.lock:
             if not self._stopped.is_set():
                 self._stopped.set()
-                share(("stop", ()))
+                with contextlib.suppress(RuntimeError):  # a rank killed meanwhile: the launcher ends the others
+                    share(("stop", ()))
 
     def _run(self, op: str, args: tuple):
         e, bank = self.engine, self.bank
