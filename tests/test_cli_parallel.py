@@ -174,6 +174,9 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
     for q in ("Where is Ottawa?", "Where is Oslo?"):
         assert _answer(run("ask", two, q, *ASK)) == _answer(run("ask", one, q, *ASK)), q
     assert "ranks: 2\n" in run("info", two)
+    verified = run("docs", "verify", two).splitlines()
+    assert len(verified) == 2 and all(f"rank-{r}: commit" in x for r, x in enumerate(verified))
+    assert main(["docs", "compact", str(two)]) == 2 and "dropped at every commit" in capsys.readouterr().err
 
     # serve: rank 0 answered over HTTP while rank 1 followed; the changes were committed over both ranks
     (ans, added, deleted, again, info, route) = json.loads((tmp_path / "http.json").read_text())
