@@ -294,7 +294,7 @@ def cmd_docs(args: argparse.Namespace) -> None:
         return cmd_verify(args)
     from .memory.parallel import is_sharded
 
-    if is_sharded(args.bank) or (ranks.launched() and args.action != "list"):
+    if is_sharded(args.bank) or (ranks.launched() and args.action in ("add", "delete")):
         return _docs_sharded(args)
     texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
     if args.action == "add":  # encoded outside the write lock, committed on the latest commit (store.add_documents)
@@ -363,7 +363,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
-    import os
 
     from .engine import MSAEngine
     from .serve import Settings, create_app
@@ -1126,6 +1125,13 @@ def build_parser() -> argparse.ArgumentParser:
 ONE_PROCESS = ("convert", "demo", "eval", "train")  # commands that do not run under a distributed launch
 
 
+@contextlib.contextmanager
+def _quiet():
+    """stdout and stderr to /dev/null (the ranks > 0 of a launch)."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Under a distributed launch (torchrun: WORLD_SIZE > 1) every rank runs it; only rank 0
     prints, other ranks print their errors only (tagged with their rank)."""
@@ -1137,19 +1143,15 @@ def main(argv: list[str] | None = None) -> int:
     if ranks.launched() and args.command in ONE_PROCESS:
         print(f"{who}: error: runs in one process, not under torchrun", file=err)
         return 2
-    with open(os.devnull, "w") if rank else contextlib.nullcontext() as null:
-        quiet = [contextlib.redirect_stdout(null), contextlib.redirect_stderr(null)] if rank else []
-        try:
-            with contextlib.ExitStack() as stack:
-                for q in quiet:
-                    stack.enter_context(q)
-                args.func(args)
-        except KeyError as e:  # an unknown document id
-            print(f"{who}: error: {e.args[0]}", file=err)
-            return 2
-        except (ValueError, FileNotFoundError, OSError, ResourceUnavailable) as e:
-            print(f"{who}: error: {e}", file=err)
-            return 2
+    try:
+        with _quiet() if rank else contextlib.nullcontext():
+            args.func(args)
+    except KeyError as e:  # an unknown document id
+        print(f"{who}: error: {e.args[0]}", file=err)
+        return 2
+    except (ValueError, FileNotFoundError, OSError, ResourceUnavailable) as e:
+        print(f"{who}: error: {e}", file=err)
+        return 2
     return 0
 
 
