@@ -32,7 +32,13 @@ def device(asked: str | None) -> str:
     import torch
 
     if asked in (None, "cuda") and torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if launched() else "cuda"
+        if not launched():
+            return "cuda"
+        local, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= n:
+            raise ValueError(f"local rank {local} has no GPU of its own ({n} visible): launch at most {n} ranks per "
+                             "host, or pass --device cpu")
+        return f"cuda:{local}"
     return asked or "cpu"
 
 
