@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import random
 import sys
 import time
 from pathlib import Path
+
+from . import ranks
 
 _EXAMPLES = """
   memsparse demo
@@ -15,6 +19,8 @@ _EXAMPLES = """
   memsparse encode notes.jsonl --out ./notes.bank                      # the shipped MSA-SmolLM2
   memsparse encode ./docs/ --model runs/smollm2/delta --out ./docs.bank --device cuda
   memsparse ask ./notes.bank "Who wrote the design memo?" --json
+  torchrun --nproc_per_node 4 -m memsparse.cli encode notes.jsonl --out ./notes.4.bank   # one memory over 4 ranks
+  torchrun --nproc_per_node 4 -m memsparse.cli ask ./notes.4.bank "Who wrote the design memo?"
   memsparse docs add ./notes.bank more.jsonl
   memsparse docs delete ./notes.bank 3 17
   memsparse docs list ./notes.bank
@@ -24,6 +30,7 @@ _EXAMPLES = """
   memsparse serve ./notes.bank --port 8080
   curl localhost:8080/v1/completions -H 'Content-Type: application/json' -d '{"model": "memsparse", "prompt": "Who?"}'
   memsparse train recipes/smollm2-msa.toml --out runs/smollm2
+  memsparse bench speed --world-size 2 --tiny --tokens 65536                  # Memory Parallel, 2 ranks
   memsparse eval niah --model runs/smollm2/delta --tokens 32768,131072 --samples 100
   memsparse eval niah --pool a.json,b.json --out niah.json          # runs with different --seed, pooled
   memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
@@ -40,9 +47,15 @@ EXAMPLES = "examples:\n" + "\n".join(_EXAMPLES) + "\n"  # the top-level help's: 
 
 def examples(command: str) -> str | None:
     """A subcommand's help epilog: its own lines of EXAMPLES (the curl line goes with serve), or None."""
-    own = [line for n, line in enumerate(_EXAMPLES) if line.split()[1] == command
-           or (command == "serve" and line.startswith("  curl") and _EXAMPLES[n - 1].split()[1] == "serve")]
+    own = [line for n, line in enumerate(_EXAMPLES) if _command_of(line) == command
+           or (command == "serve" and line.startswith("  curl") and _command_of(_EXAMPLES[n - 1]) == "serve")]
     return "examples:\n" + "\n".join(own) + "\n" if own else None
+
+
+def _command_of(line: str) -> str:
+    """The command an example runs ('memsparse CMD ...', 'torchrun ... -m memsparse.cli CMD ...')."""
+    words = line.split()
+    return words[words.index("memsparse.cli") + 1] if "memsparse.cli" in words else words[1]
 
 
 def version() -> str:
@@ -168,13 +181,15 @@ def _load(path: str | None, device: str, dtype: str):
     return model, load_tokenizer(path)
 
 
-def _bank_model(args: argparse.Namespace):
-    """The model (and tokenizer) a bank was encoded with: --model, or the one its manifest names."""
+def _bank_model(args: argparse.Namespace, device: str | None = None):
+    """The model (and tokenizer) a bank was encoded with: --model, or the one its manifest names (a bank over ranks:
+    its rank 0's); on `device`, else --device."""
+    from .memory.parallel import is_sharded
     from .memory.store import encoding_dtype, read_manifest
 
-    manifest = read_manifest(args.bank)
+    manifest = read_manifest(Path(args.bank) / "rank-0" if is_sharded(args.bank) else args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
-    return _load_model(model_path, args.device, args.dtype or encoding_dtype(manifest))
+    return _load_model(model_path, device or args.device, args.dtype or encoding_dtype(manifest))
 
 
 def _open_bank(args: argparse.Namespace, tier: str = "auto"):
@@ -196,6 +211,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from .memory.bank import MemoryBank
     from .memory.store import MANIFEST, writer
 
+    if ranks.launched():
+        return _encode_sharded(args)
     out = Path(args.out)
     exists = f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite"
     if (out / MANIFEST).exists() and not args.overwrite:
@@ -215,8 +232,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
         if args.priors:  # after the keys take their final form: the priors are scores under them
             with _status(f"document priors from {args.priors} sentences of the corpus (minutes on a CPU)"):
                 engine.calibrate_priors(n=args.priors)
-    model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
-    bank.meta = {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
+    bank.meta = _encode_meta(args)
     with writer(out, args.wait):  # committed atomically: an interrupted encode leaves no bank (or the previous one)
         if (out / MANIFEST).exists() and not args.overwrite:  # another process wrote one meanwhile
             raise ValueError(exists)
@@ -224,14 +240,28 @@ def cmd_encode(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {bank.num_docs} documents, {bank.num_tokens} tokens, {bank.num_chunks} chunks")
 
 
+def _encode_meta(args: argparse.Namespace) -> dict:
+    model_ref = SHIPPED if args.model in (None, SHIPPED) else str(Path(args.model).resolve())
+    return {"model": model_ref, "corpus": str(Path(args.corpus).resolve())}
+
+
 def cmd_ask(args: argparse.Namespace) -> None:
     from .engine import MSAEngine
+    from .memory.parallel import is_sharded
 
-    bank = _open_bank(args)
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
     mode = {"model": True, "router": "router", "off": False}[args.interleave]
-    ans = engine.ask(args.question, max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
-                     router_rounds=args.router_rounds, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
+              router_rounds=args.router_rounds, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if ranks.launched() or is_sharded(args.bank):
+        with _sharded_bank(args) as bank:
+            if args.temperature > 0 and args.seed is None:  # every rank must draw the same tokens
+                kw["seed"] = ranks.share(random.randrange(2**31))
+            ans = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args)).ask(
+                args.question, **kw)
+    else:
+        bank = _open_bank(args)
+        engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
+        ans = engine.ask(args.question, **kw)
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=1))
         return
@@ -264,6 +294,10 @@ def cmd_docs(args: argparse.Namespace) -> None:
         raise ValueError(f"docs {args.action} takes no arguments after the bank, got {args.items}")
     if args.action == "verify":
         return cmd_verify(args)
+    from .memory.parallel import is_sharded
+
+    if is_sharded(args.bank) or (ranks.launched() and args.action in ("add", "delete")):
+        return _docs_sharded(args)
     texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
     if args.action == "add":  # encoded outside the write lock, committed on the latest commit (store.add_documents)
         model, tok = _bank_model(args)
@@ -290,8 +324,13 @@ def cmd_docs(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    from .memory.parallel import is_sharded, read_index
     from .memory.store import verify
 
+    if is_sharded(args.bank):  # a bank over ranks: each rank's directory
+        for r in range(read_index(args.bank)["world_size"]):
+            cmd_verify(argparse.Namespace(bank=str(Path(args.bank) / f"rank-{r}")))
+        return
     r = verify(args.bank)  # a damaged file: BankError, one line
     n = r["unverified"]
     unverified = f", {n} without checksums (format 1: recorded at its next commit)" if n else ""
@@ -301,8 +340,11 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .memory.parallel import is_sharded
     from .memory.store import documents, read_manifest
 
+    if is_sharded(args.bank):
+        return _info_sharded(args)
     m = read_manifest(args.bank)
     docs = documents(args.bank)  # the live documents' tokens (older manifests count deleted ones too), no model
     tokens = sum(d.tokens for d in docs)
@@ -323,11 +365,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
-    import os
-    import socket
 
     from .engine import MSAEngine
-    from .serve import Settings, create_app, serve
+    from .serve import Settings, create_app
 
     settings = Settings(
         host=args.host, api_key=args.api_key or os.environ.get("MEMSPARSE_API_KEY") or None,
@@ -341,9 +381,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValueError as e:
         sys.exit(f"memsparse serve: {e}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # one JSON line per request on stderr
+    from .memory.parallel import is_sharded
+
+    if ranks.launched() or is_sharded(args.bank):
+        return _serve_sharded(args, settings)
     bank = _open_bank(args)
     engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
-    app = create_app(engine, settings)
+    _listen(args, settings, create_app(engine, settings), f"{bank.num_docs} documents")
+
+
+def _listen(args: argparse.Namespace, settings, app, what: str) -> None:
+    """Serve `app` on --host:--port until Ctrl-C / SIGTERM."""
+    import socket
+
+    from .serve import serve
+
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
         sock = socket.create_server((args.host.strip("[]"), args.port), family=family, backlog=2048)
@@ -352,11 +404,133 @@ def cmd_serve(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     keyed = " with an API key" if settings.api_key else ""
-    print(f"serving {args.bank} ({bank.num_docs} documents) as model {settings.model_name!r} on "
+    print(f"serving {args.bank} ({what}) as model {settings.model_name!r} on "
           f"http://{shown}:{port}/v1 (OpenAI API; /v1/memory/...; /health, /metrics){keyed}; Ctrl-C stops",
           file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         serve(app, sock, settings, max_connections=args.max_connections)
+
+
+# --------------------------------------------------------------------------------------------- Memory Parallel
+READ_WAIT = 600.0  # seconds a command opening a bank over ranks waits for another process writing it
+
+
+@contextlib.contextmanager
+def _sharded_bank(args: argparse.Namespace, change: bool = False):
+    """The bank over ranks at args.bank, opened by every rank of this launch (one rank without a launch: re-sharded
+    when saved with another world size; see memory/parallel.py) while rank 0 holds its write lock; with `change`,
+    held until the block ends (which saves it)."""
+    from .memory.parallel import ShardedBank, is_sharded
+    from .memory.store import read_manifest
+
+    if not is_sharded(args.bank):
+        read_manifest(args.bank)  # not a bank at all: that error
+        raise ValueError(f"{args.bank} is a one-process bank: use it without torchrun (a bank over ranks is encoded "
+                         "under torchrun)")
+    dev = ranks.device(args.device)
+    model, tok = _bank_model(args, dev)
+    with ranks.group(dev):
+        with ranks.locked(args.bank, getattr(args, "wait", READ_WAIT)):
+            bank = ShardedBank.load(args.bank, model, tok)
+            if change:
+                yield bank
+        if not change:
+            yield bank
+
+
+def _encode_sharded(args: argparse.Namespace) -> None:
+    """`encode` under a distributed launch: each rank encodes its documents (memory/parallel.py's placement)."""
+    from .memory.parallel import ShardedBank, is_sharded
+    from .memory.store import MANIFEST
+
+    if args.key_dtype != "model" or args.content_dtype != "model" or args.priors:
+        raise ValueError("a bank over ranks keeps routing keys and K̄/V̄ in the model's dtype, without document priors "
+                         "(8-bit keys and priors are not sharded yet): drop --key-dtype, --content-dtype, --priors")
+    out = Path(args.out)
+
+    def check():
+        if (out / MANIFEST).exists():
+            raise ValueError(f"{out} holds a one-process bank: write the bank over ranks to another directory")
+        if is_sharded(out) and not args.overwrite:
+            raise ValueError(f"{out} already holds a bank: add documents with `memsparse docs add`, or --overwrite")
+
+    check()
+    texts, names = _read_docs(args.corpus, args.max_doc_mb)
+    dev = ranks.device(args.device)
+    model, tok = _load_model(args.model, dev, args.dtype)
+    with ranks.group(dev), ranks.locked(out, args.wait):
+        check()  # another process may have written one meanwhile
+        bank = ShardedBank.build(model, tok, texts, tier=args.tier, names=names, progress=True,
+                                 batch_tokens=args.batch_tokens)
+        bank.shard.meta = _encode_meta(args)
+        bank.save(out)
+    print(f"wrote {out}: {bank.num_docs} documents, {sum(bank.tokens.values())} tokens, {sum(bank.loads())} chunks "
+          f"over {bank.world} ranks ({', '.join(map(str, bank.loads()))})")
+
+
+def _docs_sharded(args: argparse.Namespace) -> None:
+    """`docs` on a bank over ranks: add / delete by every rank of the launch (saved with its world size), list from
+    the replicated table (no model)."""
+    from .memory.parallel import read_index
+
+    if args.action == "list":
+        for d, _, _, tokens, name, text in read_index(args.bank)["table"][: args.limit]:
+            print(f"[{d}]\t{name}\t{tokens} tokens\t{(text or '').replace(chr(10), ' ')[:60]}")
+        return
+    if args.action == "compact":
+        raise ValueError(f"{args.bank} is a bank over ranks: its deleted documents are dropped at every commit")
+    texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
+    with _sharded_bank(args, change=True) as bank:
+        if args.action == "add":
+            ids = bank.add(texts, names=names, progress=True)
+        else:
+            ids = [int(x) for x in args.items]
+            bank.delete(ids)
+        bank.save(args.bank)
+    done = f"added documents {ids[0]}..{ids[-1]} to" if args.action == "add" else f"deleted {len(ids)} documents from"
+    print(f"{done} {args.bank} (commit {bank.commit}, {bank.world} ranks)")
+
+
+def _info_sharded(args: argparse.Namespace) -> None:
+    from .memory.parallel import read_index
+    from .memory.store import read_manifest
+
+    index = read_index(args.bank)
+    table, m = index["table"], read_manifest(Path(args.bank) / "rank-0")
+    per_rank = [sum(c for _, r, c, *_ in table if r == n) for n in range(index["world_size"])]
+    tokens = sum(t for _, _, _, t, *_ in table)
+    disk = sum(p.stat().st_size for p in Path(args.bank).rglob("*") if p.is_file())
+    info = {"bank": str(args.bank), "ranks": index["world_size"], "documents": len(table), "tokens": tokens,
+            "chunks": sum(per_rank), "chunks per rank": per_rank, "bytes on disk": disk,
+            "bytes per token": round(disk / max(tokens, 1), 1), "dtype": m["dtype"],
+            "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
+            "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "commit": index["commit"]}
+    for k, v in info.items():
+        print(f"{k:>28}: {v}")
+
+
+def _serve_sharded(args: argparse.Namespace, settings) -> None:
+    """`serve` over a bank over ranks: rank 0 serves HTTP, the other ranks follow its engine work
+    (serve/parallel.py)."""
+    from .engine import MSAEngine
+    from .serve import create_app
+    from .serve.parallel import Mirror, ShardedService
+
+    with _sharded_bank(args) as bank:
+        mirror = Mirror(MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args)),
+                        args.bank)
+        if bank.rank > 0:  # Ctrl-C / SIGTERM reach every rank of a launch: rank 0 stops, then releases the others
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            return mirror.follow()
+        try:
+            mirror.heartbeat()
+            app = create_app(mirror.engine, settings, ShardedService(mirror, settings))
+            _listen(args, settings, app, f"{bank.num_docs} documents over {bank.world} ranks")
+        finally:
+            mirror.stop()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -581,12 +755,17 @@ def _eval_multihop(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats}: expected at least 1")
+    if args.world_size is not None:
+        return _bench_parallel(args)
     if args.what == "serve":
         return _bench_serve(args)
     from .eval.speed import Settings, run
 
+    if ranks.launched():
+        raise ValueError("bench speed under a distributed launch: pass --world-size (the launch's number of ranks)")
     out = args.out or "benchmarks/results/speed.json"
-    res = run(Path(out), _sizes(args.tokens or "1048576,10485760,104857600"), args.models.split(","),
+    res = run(Path(out), _sizes(args.tokens or "1048576,10485760,104857600"),
+              (args.models or "qwen3-4b,smollm2").split(","),
               Settings(repeats=args.repeats), tiny=args.tiny)
     print(f"{'model':<9} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'torch':>7} {'TTFT':>7} "
           f"{'dec ms':>6} {'floor':>6} {'GPU GB':>6} {'host GB':>7}")
@@ -623,6 +802,27 @@ def _bench_serve(args: argparse.Namespace) -> None:
               f"{r['decoded_tokens_per_s']:>8} tokens/s, p50 {r['latency_s']['p50']} s")
     print(f"  batch {res['routing'][-1]['batch']} routes in {res['routing_ratio']}x the time of one question; "
           f"{res['server'][-1]['clients']} clients get {res['throughput_ratio']}x one client's throughput")
+    print(f"wrote {out}")
+
+
+def _bench_parallel(args: argparse.Namespace) -> None:
+    from .eval.speed import Settings
+    from .eval.speed_parallel import run
+
+    if args.models not in (None, "qwen3-4b"):
+        raise ValueError("--world-size: --models qwen3-4b only (random weights and banks)")
+    if args.what != "speed":
+        raise ValueError("--world-size: bench speed only")
+    out = Path(args.out or "benchmarks/results/speed.json").with_name(f"speed_parallel_{args.world_size}.json")
+    res = run(out, _sizes(args.tokens or "1048576,10485760,104857600"), Settings(repeats=args.repeats), args.tiny,
+              args.world_size)
+    if res is None:  # ranks > 0
+        return
+    print(f"{'ranks':>5} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'gather':>7} {'TTFT':>7} "
+          f"{'dec ms':>6}")
+    for p in res["points"]:
+        print(f"{p['world_size']:>5} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
+              f"{p['routing_floor_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} {p['decode_ms_per_token']:>6}")
     print(f"wrote {out}")
 
 
@@ -951,9 +1151,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["speed", "serve"])
     b.add_argument("--tokens", help="memory sizes, comma separated (speed: default 1048576,10485760,104857600; "
                                     "serve: one size, default 104857600)")
-    b.add_argument("--models", default="qwen3-4b,smollm2", help="speed: qwen3-4b (random weights), smollm2 (shipped)")
+    b.add_argument("--models", help="speed: qwen3-4b (random weights), smollm2 (shipped); default both "
+                                    "(--world-size: qwen3-4b only)")
     b.add_argument("--repeats", type=int, default=5, help="timed rounds per point")
     b.add_argument("--tiny", action="store_true", help="a tiny random geometry instead of Qwen3-4B (smoke test)")
+    b.add_argument("--world-size", type=int, metavar="N",
+                   help="speed: Memory Parallel over N ranks (this torchrun launch's, else N spawned: one per GPU, or "
+                        "CPU processes over gloo): routing, K̄/V̄ gather, TTFT and decode per point, written to "
+                        "speed_parallel_N.json beside --out")
     b.add_argument("--out", help="default: benchmarks/results/speed.json or serve.json")
     b.set_defaults(func=cmd_bench)
 
@@ -969,17 +1174,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+ONE_PROCESS = ("convert", "demo", "eval", "train")  # commands that do not run under a distributed launch
+
+
+@contextlib.contextmanager
+def _quiet():
+    """stdout and stderr to /dev/null (the ranks > 0 of a launch)."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Under a distributed launch (torchrun: WORLD_SIZE > 1) every rank runs it; only rank 0
+    prints, other ranks print their errors only (tagged with their rank)."""
     from .resources import ResourceUnavailable
 
     args = build_parser().parse_args(argv)
+    rank, err = ranks.rank(), sys.stderr
+    who = f"memsparse {args.command}" + (f" (rank {rank})" if rank else "")
+    if ranks.launched() and args.command in ONE_PROCESS:
+        print(f"{who}: error: runs in one process, not under torchrun", file=err)
+        return 2
     try:
-        args.func(args)
+        with _quiet() if rank else contextlib.nullcontext():
+            args.func(args)
     except KeyError as e:  # an unknown document id
-        print(f"memsparse {args.command}: error: {e.args[0]}", file=sys.stderr)
+        print(f"{who}: error: {e.args[0]}", file=err)
         return 2
     except (ValueError, FileNotFoundError, OSError, ResourceUnavailable) as e:
-        print(f"memsparse {args.command}: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=err)
         return 2
     return 0
 

@@ -385,8 +385,8 @@ def _graph_length(rows: list[list[int]]) -> int:
 
 def graphable(bank: MemoryBank, rows: list[list[int]]) -> bool:
     """Whether `graphed_prefill` serves these rows: a GPU, a bank gathered on the device, and at most
-    `GRAPH_MAX_TOKENS` padded active tokens."""
-    return (bank.model.device.type == "cuda" and gathers_on_device(bank)
+    `GRAPH_MAX_TOKENS` padded active tokens; not a memory over ranks (its routing is collective)."""
+    return (bank.model.device.type == "cuda" and not hasattr(bank, "memory_class") and gathers_on_device(bank)
             and len(rows) * _graph_length(rows) <= GRAPH_MAX_TOKENS)
 
 

@@ -96,10 +96,13 @@ def _random_part(shape: tuple, kind: str, per_head: bool, dtype: torch.dtype, de
 
 
 def random_bank(model: MSAForCausalLM, tokens: int, s: Settings, key_dtype: str, content_dtype: str,
-                tier: str) -> MemoryBank:
-    """A bank of `tokens` // doc_len random documents (one segment), in the given dtypes and tier."""
+                tier: str, ids: list[int] | None = None) -> MemoryBank:
+    """A bank of `tokens` // doc_len random documents (one segment), in the given dtypes and tier; `ids`: the
+    documents' ids instead (a shard of a memory over ranks: their number is the count; `tokens` is unused)."""
     bank = MemoryBank.empty(model, [1, 2, 3], key_dtype=key_dtype, content_dtype=content_dtype).place(tier)
-    n_docs = max(tokens // s.doc_len, 1)
+    n_docs = max(tokens // s.doc_len, 1) if ids is None else len(ids)
+    if not n_docs:
+        return bank
     C = n_docs * math.ceil(s.doc_len / model.msa_config.pooling_kernel_size)
     cfg, dev = model.config, model.device
     shape = (C, cfg.num_key_value_heads, cfg.head_dim)
@@ -110,7 +113,7 @@ def random_bank(model: MSAForCausalLM, tokens: int, s: Settings, key_dtype: str,
         return {lay: _random_part(shape, kind, per_head, model.dtype, where, pinned) for lay in model.router_layers}
 
     bank.add_encoded(part(content_dtype, True, content_dev, host), part(content_dtype, True, content_dev, host),
-                     part(key_dtype, False, dev), [s.doc_len] * n_docs)
+                     part(key_dtype, False, dev), [s.doc_len] * n_docs, ids=ids)
     return bank
 
 

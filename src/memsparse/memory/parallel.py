@@ -20,13 +20,14 @@ a rank holds the document), so every rank attends to the same memory as one proc
 
 Not sharded here: documents at global positions (doc_positions='global'), 8-bit keys or K̄/V̄ calibrated with
 query moments, document priors, the fused GPU kernels' own path (they run per shard unchanged, the merge is the
-same), the CLI under torchrun.
+same). The command line under torchrun: cli.py, ranks.py, serve/parallel.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -93,15 +94,17 @@ class ShardedBank:
         self.records: dict[int, tuple[str, str | None]] = {}  # global id -> (name, text)
         self.deleted: set[int] = set()
         self.next_id = 0
+        self.commit = 0  # of the directory's index this bank was loaded from / last saved to
 
     memory_class = None  # set below: ShardedMemory (the engine's prefill builds one per batch)
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
-    def build(cls, model, tok, docs: list[str], group=None, **kw) -> ShardedBank:
-        """Encode `docs` (global ids 0..N-1), each on the rank `place` gives it (collective)."""
+    def build(cls, model, tok, docs: list[str], group=None, tier: str = "auto", **kw) -> ShardedBank:
+        """Encode `docs` (global ids 0..N-1), each on the rank `place` gives it (collective); `tier`: where each
+        shard's K̄/V̄ live (MemoryBank.place); `kw`: `add`'s."""
         shard = MemoryBank.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok)
-        shard.place("auto")
+        shard.place(tier)
         bank = cls(shard, group)
         bank.add(docs, **kw)
         return bank
@@ -109,7 +112,7 @@ class ShardedBank:
     def _agree(self, what: str, payload) -> None:
         """Check that every rank made this collective call with the same arguments."""
         digest = hashlib.sha256(repr(payload).encode()).digest()
-        mine = torch.tensor(list(digest), dtype=torch.int64)
+        mine = torch.tensor(list(digest), dtype=torch.int64, device=self.shard.model.device)  # NCCL: CUDA tensors
         got = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(got, mine, group=self.group)
         if any(not torch.equal(g, mine) for g in got):
@@ -262,17 +265,24 @@ class ShardedBank:
     def save(self, path: str | Path) -> Path:
         """Save (collective; deleted documents are compacted away first) as one bank directory per rank
         (`rank-{r}`, the store's format) plus `memory-parallel.json`, the replicated table (owner rank, chunks,
-        tokens, name and text of every document), written by rank 0 once every shard is committed."""
+        tokens, name and text of every document) and a commit number, written by rank 0 once every shard is
+        committed; then the directories of ranks beyond this world size (saved by a larger one) are removed."""
         path = Path(path)
         if self.deleted:
             self.compact()
+        latest = read_index(path)["commit"] if is_sharded(path) else 0
         self.shard.save(path / f"rank-{self.rank}")
         dist.barrier(group=self.group)
+        self.commit = latest + 1
         if self.rank == 0:
             table = [[d, self.owner[d], self.chunks[d], self.tokens[d], *self.records[d]] for d in sorted(self.owner)]
             tmp = path / (INDEX + ".tmp")
-            tmp.write_text(json.dumps({"world_size": self.world, "next_id": self.next_id, "table": table}))
+            tmp.write_text(json.dumps({"world_size": self.world, "next_id": self.next_id, "commit": self.commit,
+                                       "table": table}))
             tmp.replace(path / INDEX)
+            for old in path.glob("rank-*"):
+                if old.name[5:].isdigit() and int(old.name[5:]) >= self.world:
+                    shutil.rmtree(old)
         dist.barrier(group=self.group)
         return path
 
@@ -283,9 +293,12 @@ class ShardedBank:
         as `add` would place them) and each rank copies its documents' encodings out of the saved shards (opened
         memory-mapped)."""
         path = Path(path)
-        index = json.loads((path / INDEX).read_text())
+        index = read_index(path)
         rank, world, saved = dist.get_rank(group), dist.get_world_size(group), index["world_size"]
         table = index["table"]
+        missing = [r for r in range(saved) if not (path / f"rank-{r}").is_dir()]
+        if missing:
+            raise BankError(f"{path}: saved by {saved} ranks, but rank-{missing[0]} is missing")
         if saved == world:
             bank = cls(MemoryBank.load(path / f"rank-{rank}", model, tok), group)
             ranks = [r for _, r, *_ in table]
@@ -293,7 +306,14 @@ class ShardedBank:
                 raise BankError(f"{path}: rank-{rank} does not hold the documents {INDEX} gives it")
         else:
             olds = [MemoryBank.load(path / f"rank-{r}", model, tok) for r in range(saved)]
+            if any(b.key_dtype != "model" or b.content_dtype != "model" for b in olds):
+                raise ValueError(f"{path}: saved by {saved} ranks with 8-bit keys or K̄/V̄, which are not re-sharded; "
+                                 f"open it with {saved} ranks")
             bank = cls(olds[0].like(tier="auto"), group)
+            bank.shard.meta = dict(olds[0].meta)
+            lost = next(((d, r) for d, r, *_ in table if d not in olds[r]), None)
+            if lost is not None:
+                raise BankError(f"{path}: rank-{lost[1]} does not hold document {lost[0]}, which {INDEX} gives it")
             ranks = place([c for _, _, c, *_ in table], [0] * world)
             mine = [(d, r) for (d, r, *_), new in zip(table, ranks) if new == rank]
             if mine:
@@ -307,7 +327,26 @@ class ShardedBank:
             bank._note(d, r, chunks, tokens, (name, text))
         bank.next_id = max(bank.next_id, index["next_id"])
         bank.shard.next_id = max(bank.shard.next_id, bank.next_id)
+        bank.commit = index["commit"]
         return bank
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether `path` holds a bank saved by `ShardedBank.save`."""
+    return (Path(path) / INDEX).is_file()
+
+
+def read_index(path: str | Path) -> dict:
+    """The replicated table of a sharded bank directory: {"world_size", "next_id", "commit", "table"}."""
+    f = Path(path) / INDEX
+    try:
+        index = json.loads(f.read_text())
+        index.setdefault("commit", 0)
+        if not (isinstance(index["world_size"], int) and index["world_size"] > 0 and isinstance(index["table"], list)):
+            raise ValueError("malformed")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BankError(f"{f}: unreadable ({e})") from None
+    return index
 
 
 class ShardedMemory(BankMemory):

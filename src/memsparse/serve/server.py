@@ -355,6 +355,15 @@ class Service:
         self.follow()
         return op()
 
+    def ask(self, questions: list[str], kw: dict, budgets: list[int], cancels: list, on_text) -> list:
+        """One batch of questions: `budgets` their max_new_tokens, `cancels` their cancel events, `on_text(i, text)`
+        their decoded text as it comes."""
+        return self.read(lambda: self.engine.ask_batch(questions, max_new_tokens=budgets, cancel=cancels,
+                                                       on_text=on_text, batch_size=len(questions), **kw))
+
+    def route(self, question: str) -> dict:
+        return self.read(lambda: self.engine.route(question))
+
     def write(self, change):
         """change(bank) as the bank's one writer on its latest commit, then committed (on a failed commit the bank
         is reopened: what did not commit is not served)."""
@@ -562,17 +571,13 @@ def _replay(body: bytes, receive):
 
 
 # --------------------------------------------------------------------------------------------- the app
-def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
-    """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process."""
+def create_app(engine: MSAEngine, settings: Settings | None = None, service: Service | None = None) -> Guard:
+    """The ASGI app over `engine` (wrapped in its guards): run it with uvicorn (`serve`) or call it in-process.
+    `service`: the bank's operations (default: `Service`; a memory over ranks: serve/parallel.py)."""
     settings = settings or Settings()
     settings.check()
-    service, metrics = Service(engine, settings), Metrics()
-
-    def answer_batch(questions: list[str], kw: dict, budgets: list[int], cancels: list, on_text) -> list:
-        return service.read(lambda: engine.ask_batch(questions, max_new_tokens=budgets, cancel=cancels,
-                                                     on_text=on_text, batch_size=len(questions), **kw))
-
-    queue = EngineQueue(settings.max_queue, answer_batch, settings.max_batch, settings.batch_window_ms / 1e3)
+    service, metrics = service or Service(engine, settings), Metrics()
+    queue = EngineQueue(settings.max_queue, service.ask, settings.max_batch, settings.batch_window_ms / 1e3)
     tok = engine.tok
     app = FastAPI(title="memsparse", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.queue, app.state.metrics, app.state.settings = service, queue, metrics, settings
@@ -825,7 +830,7 @@ def create_app(engine: MSAEngine, settings: Settings | None = None) -> Guard:
     @app.post("/v1/memory/route")
     async def route(req: RouteRequest, request: Request):
         check_question(req.question, "question")
-        routing = await engine_run(request, lambda cancel: service.read(lambda: engine.route(req.question)))
+        routing = await engine_run(request, lambda cancel: service.route(req.question))
         return {"routing": {str(layer): [[d, s] for d, s in picked] for layer, picked in routing.items()}}
 
     # ------------------------------------------------------------------ operations

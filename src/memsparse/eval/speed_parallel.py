@@ -1,0 +1,147 @@
+"""`memsparse bench speed --world-size N`: Memory Parallel (memory/parallel.py) over N ranks, at the Qwen3-4B
+geometry with random weights (or the tiny one), on a random bank sharded by documents: per memory size and routing
+key dtype, routing ms (every router layer of a real prefill: rank 0's queries broadcast, each rank's top-k over its
+shard, the candidates all-gathered and merged; wall time), the selected K̄/V̄'s assembly ms (the all-reduce that
+brings every document from its rank), time to first token and decode ms per token, as rank 0 sees them, beside
+the routing floor of the largest shard (its routing key bytes / this device's read rate).
+
+Runs under a launch of N ranks (`torchrun --nproc_per_node N -m memsparse.cli bench speed --world-size N`) or
+spawns them (one per GPU, NCCL; on a CPU, gloo, sharing its cores). Writes speed_parallel_N.json (machine, date,
+commit, like speed.json) after each point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .. import ranks
+from ..engine.generate import generate
+from ..engine.prefill import prefill_batch, sync
+from ..memory.parallel import ShardedBank, place
+from .meta import run_meta
+from .speed import QWEN3_4B, TINY, Settings, _log, _median_ms, questions, random_bank, random_model, read_rate
+
+
+def run(out: Path, tokens: list[int], s: Settings, tiny: bool, world: int) -> dict | None:
+    """Measure over `world` ranks: this launch's (checked), else `world` spawned processes. The result on rank 0
+    (and in the spawning process), None on the other ranks."""
+    if world < 1:
+        raise ValueError(f"--world-size {world}: expected at least 1")
+    if ranks.launched() or dist.is_initialized():
+        n = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
+        if n != world:
+            raise ValueError(f"--world-size {world}, but this launch has {n} ranks")
+        dev = ranks.device(None)
+        with ranks.group(dev):
+            return measure(out, tokens, s, tiny)
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        raise ValueError(f"--world-size {world}: {torch.cuda.device_count()} GPUs visible (one rank per GPU)")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.start_processes(_spawned, args=(world, f"file://{tmp}/init", out, tokens, s, tiny), nprocs=world,
+                               start_method="spawn")
+        except mp.ProcessRaisedException as e:
+            raise ValueError(f"--world-size {world}: rank {e.error_index} failed: "
+                             f"{e.msg.strip().splitlines()[-1]}") from None
+        except mp.ProcessExitedException as e:
+            raise ValueError(f"--world-size {world}: rank {e.error_index} exited ({e.exit_code})") from None
+    return json.loads(out.read_text())
+
+
+def _spawned(rank: int, world: int, init: str, out: Path, tokens: list[int], s: Settings, tiny: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dev = ranks.device(None)
+    if dev == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:
+        torch.cuda.set_device(torch.device(dev))
+    dist.init_process_group(ranks.backend(dev), init_method=init, rank=rank, world_size=world, timeout=ranks.TIMEOUT)
+    try:
+        measure(out, tokens, s, tiny)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(out: Path, tokens: list[int], s: Settings, tiny: bool) -> dict | None:
+    """Every size, bf16 then fp8 routing keys, in this process group (collective); rank 0 writes `out`."""
+    dev = torch.device(ranks.device(None))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = random_model(TINY if tiny else QWEN3_4B, dev, dtype)  # the same weights on every rank (seeded)
+    rate = read_rate(dev)
+    result = {**run_meta(), "world_size": world, "backend": dist.get_backend(), "read_gbps": round(rate / 1e9, 1),
+              "settings": vars(s) | {"batch": list(s.batch)}, "points": []}
+    for n in sorted(tokens):
+        bank = sharded_random_bank(model, n, s)
+        for kd in ("model", "fp8"):
+            if kd != "model":
+                bank.shard.set_key_dtype(kd)
+            largest = torch.tensor([bank.shard.routing_bytes()], dtype=torch.float64)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+            p = {"model": "qwen3-4b" + (" (tiny)" if tiny else ""), "tokens": n, "world_size": world,
+                 "key_dtype": "bf16" if kd == "model" else kd, "tier": bank.tier, "chunks_per_rank": bank.loads(),
+                 **time_point(bank, s), "routing_floor_ms": round(float(largest) / rate * 1e3, 4),
+                 "shard_routing_bytes": int(largest)}
+            if dev.type == "cuda":
+                p["gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
+            result["points"].append(p)
+            if rank == 0:
+                _log(p)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+        del bank
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return result if rank == 0 else None
+
+
+def sharded_random_bank(model, tokens: int, s: Settings) -> ShardedBank:
+    """`tokens` // doc_len random documents placed over the ranks as `ShardedBank.add` places them, each rank
+    making only its own (K̄/V̄ on the device where they fit, else fp8 in host memory)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n_docs = max(tokens // s.doc_len, 1)
+    chunks = math.ceil(s.doc_len / model.msa_config.pooling_kernel_size)
+    owners = place([chunks] * n_docs, [0] * world)
+    mine = [d for d, r in enumerate(owners) if r == rank]
+    cfg, dev = model.config, model.device
+    content = 2 * len(model.router_layers) * len(mine) * chunks * cfg.num_key_value_heads * cfg.head_dim * \
+        model.dtype.itemsize
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 2**40
+    tier, cdt = ("device", "model") if content < free * 0.4 else ("host", "fp8")
+    bank = ShardedBank(random_bank(model, 0, s, "model", cdt, tier, ids=mine))
+    for d, r in enumerate(owners):
+        bank._note(d, r, chunks, s.doc_len, (str(d), None))
+    return bank
+
+
+def time_point(bank: ShardedBank, s: Settings) -> dict:
+    """Median routing, K̄/V̄ assembly and TTFT ms and decode ms per token (steady state) over `s.repeats` questions
+    after one warm-up, as rank 0 sees them (every rank runs the same questions)."""
+    dev = bank.model.device
+    route, gather, ttft, dec = [], [], [], []
+    for r in range(s.repeats + 1):
+        rows, masks = questions(1, s.q_len, bank.model.config.vocab_size, r)
+        dist.barrier()
+        sync(dev)
+        t0 = time.perf_counter()
+        res = prefill_batch(bank, rows, masks)
+        res.logits.argmax(-1).tolist()  # the first token, on the host
+        t1 = time.perf_counter()
+        if r:
+            route.append(res.memory.route_seconds)
+            gather.append(res.memory.gather_seconds)
+            ttft.append(t1 - t0)
+            del res
+            t = generate(bank, rows, masks, s.new_tokens, lambda b, ids: None).timings
+            dec.append((t["decode"] - t["decode_first"]) / max(t["decode_tokens"] - 1, 1))
+    return {"routing_ms": _median_ms(route), "gather_ms": _median_ms(gather), "ttft_ms": _median_ms(ttft),
+            "decode_ms_per_token": _median_ms(dec)}
