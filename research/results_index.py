@@ -183,6 +183,29 @@ def squad_table() -> str:
         + "\n\n" + note
 
 
+QA_SYSTEMS = {"memsparse": "memsparse (the router picks; the default engine)",
+              "rag1-msa": "MiniLM top 1 -> the same reader (`rag1-msa`)",
+              "rag1": "MiniLM top 1 -> plain SmolLM2-Instruct (`rag1`)"}
+
+
+def qa_table() -> str:
+    """The FAQ QA of the shipped model: test figures (and dev) with standard errors and sample counts."""
+    rows = []
+    for split in ("test", "dev"):
+        d = _load(f"benchmarks/results/qa_{split}.json")
+        for s in d["systems"]:
+            rows.append([split, QA_SYSTEMS.get(s["name"], s["name"]), str(s["n"]),
+                         f"{_dec(s['f1'])} ± {_dec(s['f1_se'])}", f"{_dec(s['em'])} ± {_dec(s['em_se'])}",
+                         f"{_dec(s.get('gold_top1'))}%",
+                         f"{_dec(s.get('gold_top4'))}%"])
+    d = _load("benchmarks/results/qa_test.json")
+    note = (f"From `benchmarks/results/qa_test.json` and `qa_dev.json` ({d['model']}; {d['gpu']}, {d['date']}, "
+            f"commit {d['commit']}). top-1 / top-4: the gold passage ranked first / in the top 4 by the router "
+            "(memsparse) or by MiniLM (rag).")
+    return _table(["split", "system", "n", "F1 ± se", "EM ± se", "top-1", "top-4"],
+                  ["---", "---", "---:", "---:", "---:", "---:", "---:"], rows) + "\n\n" + note
+
+
 def encode_query_table() -> str:
     encode = _load("benchmarks/results/encode.json")["runs"]["cuda"]
     query = _load("benchmarks/results/query.json")["runs"]["cuda"]
@@ -204,7 +227,7 @@ def encode_query_table() -> str:
     return _table(header, ["---:"] * len(header), rows) + "\n\n" + note
 
 
-TABLES = {"niah": niah_table, "squad": squad_table, "encode-query": encode_query_table}
+TABLES = {"niah": niah_table, "qa": qa_table, "squad": squad_table, "encode-query": encode_query_table}
 
 
 def with_tables(text: str) -> str:
@@ -217,7 +240,8 @@ def with_tables(text: str) -> str:
 
 def results_md(rows: list[dict]) -> str:
     blocks = "\n\n".join(f"## {title}\n\n<!-- results:{name} -->\n<!-- /results:{name} -->" for name, title in
-                         (("niah", "RULER NIAH, the shipped model"), ("squad", "SQuAD-open"),
+                         (("niah", "RULER NIAH, the shipped model"), ("qa", "QA over Debian FAQs"),
+                          ("squad", "SQuAD-open"),
                           ("encode-query", "Encoding and questions over a bank")))
     current = [r for r in rows if "/history/" not in r["file"]]
     history = [r for r in rows if "/history/" in r["file"]]
