@@ -1,6 +1,6 @@
 """`memsparse bench speed`: routing, time to first token and decode against the size of the memory, each next to
-its floor (docs/architecture.md, "What fast means"), for the shipped MSA-SmolLM2 with real encoded banks and for the Qwen3-4B geometry
-(random weights, banks of random tensors of the right shapes and dtypes).
+its floor (docs/architecture.md, "What fast means"), for the shipped MSA-SmolLM2 with real encoded banks and for
+the Qwen3-4B geometry (random weights, banks of random tensors of the right shapes and dtypes).
 
 Per point: routing ms per round (scoring + top-k in every router layer of a real prefill, summed: with the fused
 kernel on a GPU, the per-layer routing graphs replayed back to back, as the graphed prefill runs them; else device
