@@ -196,7 +196,7 @@ def test_jobs_worker_command_line_reproduces_the_options():
     from memsparse.cli import _child_argv, build_parser
 
     argv = ["eval", "niah", "--tokens", "400,500", "--samples", "3,2", "--no-refine-fuse", "--refine-margin", "0.3",
-            "--compare", "fusion=max;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
+            "--compare", "refine=0;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
     args = build_parser().parse_args(argv)
     back = build_parser().parse_args(_child_argv(args, drop={"jobs", "out"}))
     assert {k: v for k, v in vars(back).items() if k not in ("jobs", "out", "func")} == \

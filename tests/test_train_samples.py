@@ -31,7 +31,7 @@ def test_rounds_match_the_engine(monkeypatch):
     bank = ms.MemoryBank.build(model, tok, DOCS)
     script = Script(tok, [targets])
     monkeypatch.setattr(engine_mod, "generate", script)
-    ans = ms.MSAEngine(model, tok, bank, similarity="train").ask(question)
+    ans = ms.MSAEngine(model, tok, bank, interleave="model").ask(question)
     assert ans.rounds == hops and ans.text == answer
     n_mem = len(mem[0])
     for s, call in zip(samples, script.calls):
@@ -88,7 +88,7 @@ def test_two_round_router_sample_matches_the_engine(monkeypatch):
     picks = iter([[1, 2], [3, 0]])  # what the routers rank highest in rounds 1 and 2
     excluded = []
     monkeypatch.setattr(engine_mod, "fused_top",
-                        lambda routing, k, exclude, fusion: excluded.append(exclude) or next(picks))
+                        lambda routing, k, exclude: excluded.append(exclude) or next(picks))
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
     monkeypatch.setattr(engine_mod, "generate", script)
     ans = ms.MSAEngine(model, tok, bank, similarity="train", refine=0).ask(
