@@ -37,7 +37,7 @@ def test_shipped_model_finds_a_needle():
         pytest.skip(f"SmolLM2 or the essays are not reachable: {e}")
     for s in samples:
         bank = MemoryBank.build(model, tok, s.documents)
-        ans = MSAEngine(model, tok, bank, similarity="train").ask(s.question, max_new_tokens=24, interleave="router")
+        ans = MSAEngine(model, tok, bank).ask(s.question, max_new_tokens=24)
         assert s.gold[0] in ans.rounds[0]
         assert string_match_all(ans.text, s.answers) == 1.0
 

@@ -177,7 +177,7 @@ def test_refined_routing(setup, monkeypatch, tmp_path):
     model, tok, bank = setup
     q = "Is Rome old?"
     ids, mask = ms.MSAEngine(model, tok, bank).encode_question(q)
-    same = ms.MSAEngine(model, tok, bank, similarity="train", refine=4, refine_chunk=4)
+    same = ms.MSAEngine(model, tok, bank, refine=4, refine_chunk=4)
     assert_same_routing(same.refined(ids, mask, [0, 1, 2, 3]), same.route(q))
     assert {d for v in same.refined(ids, mask, [3, 1]).values() for d, _ in v} <= {1, 3}
     fine = bank.like(chunk_size=1)
