@@ -4,10 +4,10 @@ router injection of 1 / 2 / 4 documents, without and with document priors. Per s
 whose FAQ answer was injected (`gold_injected`) and the answer's token F1 against the answer's first sentence
 (what the demo shows as expected).
 
-    python research/faq_inject.py [--docs 300] [--inject 1,2,4] [--priors 256] [--fusion rrf]
+    python research/faq_inject.py [--docs 300] [--inject 1,2,4] [--priors 256]
 
-Writes research/results/faq_inject.json under "<device>-docs<N>" (CPU or GPU; "<device>-score-docs<N>" with
---fusion score), with the engine's setting (its defaults, the fusion as given).
+Writes research/results/faq_inject.json under "<device>-docs<N>" (CPU or GPU), with the engine's setting (its
+defaults; earlier runs' "<device>-score-docs<N>" measured score fusion, since removed).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from memsparse.demo import FAQ_DOCS, default_memory, load_shipped
-from memsparse.engine import MSAEngine
-from memsparse.engine.engine import FUSIONS, ROUTER_DEFAULTS
+from memsparse.engine import MSAEngine, RetrievalConfig
 from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.qa import f1
 from memsparse.memory import MemoryBank
@@ -34,7 +33,6 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=FAQ_DOCS)
     ap.add_argument("--inject", default="1,2,4")
     ap.add_argument("--priors", type=int, default=256)
-    ap.add_argument("--fusion", choices=FUSIONS, default="rrf")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS / "faq_inject.json"))
     args = ap.parse_args()
@@ -46,12 +44,12 @@ def main() -> None:
     bank = MemoryBank.build(model, tok, docs)
     points = []
     for priors in (0, args.priors):
-        engine = MSAEngine(model, tok, bank, similarity="train", fusion=args.fusion)
+        engine = MSAEngine(model, tok, bank)
         if priors:
             engine.calibrate_priors(n=priors)
         for k in (int(x) for x in args.inject.split(",")):
             t0 = time.perf_counter()
-            answers = engine.ask_batch(questions, max_new_tokens=48, interleave="router", inject_k=k)
+            answers = engine.ask_batch(questions, max_new_tokens=48, inject_k=k)
             injected = [g in {d for r in a.rounds for d in r} for a, g in zip(answers, gold)]
             points.append({"priors": priors, "inject_k": k, "questions": len(questions),
                            "gold_injected": round(100 * sum(injected) / len(questions), 1),
@@ -59,8 +57,8 @@ def main() -> None:
                            "seconds": round(time.perf_counter() - t0, 1)})
             print(points[-1], flush=True)
     run = {**run_header(device), "model": "MSA-SmolLM2 (shipped)", "dtype": str(model.dtype), "docs": args.docs,
-           "engine": {**ROUTER_DEFAULTS, "fusion": args.fusion}, "points": points}
-    key = device.type + ("" if args.fusion == "rrf" else f"-{args.fusion}") + f"-docs{args.docs}"
+           "engine": RetrievalConfig().flat(), "points": points}
+    key = f"{device.type}-docs{args.docs}"
     save_run(Path(args.out), key, run)
 
 

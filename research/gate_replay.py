@@ -1,12 +1,12 @@
-"""A gated router-injection option replayed on measured `eval niah --answers` lines. Router injection can widen
-(`MSAEngine(widen=N, widen_margin=M)`) or re-rank (`refine=N, refine_margin=M`) only when the router layers cut no
-clear head (`engine.cut_drop` of the first-round routing below M). Given base lines (the option off) and option lines
-(the option on, for at least the samples the gate picks) of the same samples, a sample whose recorded routing falls
-below the margin takes the option line's score and every other sample the base line's: what the engine with that
-margin answers, since on a clear cut the option changes nothing and the first-round routing is the same in both
-runs (up to GPU summation order). An option line counts for a sample only if its own run applied the option there
-(its recorded margin, if any, above the sample's cut); a margin for which some gated sample has none is reported
-incomplete, with the subtasks whose gated samples all have one replayed alone.
+"""A gated router-injection option replayed on measured `eval niah --answers` lines. Router injection re-ranks
+(`MSAEngine(refine=N, refine_margin=M)`; widening, `widen=N, widen_margin=M`, was replayed too and removed) only
+when the router layers cut no clear head (`engine.cut_drop` of the first-round routing below M). Given base lines
+(the option off) and option lines (the option on, for at least the samples the gate picks) of the same samples, a
+sample whose recorded routing falls below the margin takes the option line's score and every other sample the base
+line's: what the engine with that margin answers, since on a clear cut the option changes nothing and the
+first-round routing is the same in both runs (up to GPU summation order). An option line counts for a sample only
+if its own run applied the option there (its recorded margin, if any, above the sample's cut); a margin for which
+some gated sample has none is reported incomplete, with the subtasks whose gated samples all have one replayed alone.
 
     python research/gate_replay.py --base benchmarks/results/answers/niah_1m_v8_k4.jsonl.gz \\
         --option benchmarks/results/answers/niah_1m_v8_k8.jsonl.gz --margins 0,1/2,3/5,2/3,11/15,2 \\
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from memsparse.engine.engine import cut_drop, fused_top
 from memsparse.eval.meta import run_meta
-from memsparse.eval.niah import parse_settings, setting_of
+from memsparse.eval.niah import setting_of
 
 Key = tuple[int, str, int, int]  # tokens, subtask, seed, sample
 
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     plain = setting_of({"inject_k": args.inject_k})
     base = load(args.base.split(","), lambda x: setting_of(x) == plain)
-    want = parse_settings(args.select)[0] if args.select else {}
+    want = {k.strip(): json.loads(v) for k, _, v in (x.partition("=") for x in args.select.split(",") if x)}
     option = load(args.option.split(","), lambda x: all(x.get(k) == v for k, v in want.items()))
     drops = {}
     for key, line in base.items():

@@ -83,7 +83,7 @@ def main() -> None:
     questions, gold = [q for q, _ in asked], [p for _, p in asked]  # document id = paragraph index
     calibration = [q for q, _, p in squad.questions if p >= len(paragraphs)][:args.calibration]
     bank = MemoryBank.build(model, tok, paragraphs, progress=True)
-    engine = MSAEngine(model, tok, bank, similarity="train")
+    engine = MSAEngine(model, tok, bank)
     routes, original = {}, original_keys(bank)
     use_keys(bank, "bf16", original)
     from_questions = engine.query_moments(calibration)  # bf16-keyed memory, as the others start from
@@ -110,10 +110,10 @@ def main() -> None:
             b = MemoryBank.build(model, tok, s.documents)
             texts, original = {}, original_keys(b)
             for kd in KINDS:
-                e = MSAEngine(model, tok, b, similarity="train")
+                e = MSAEngine(model, tok, b)
                 use_keys(b, "bf16", original)
                 use_keys(b, kd, original, kind_moments(e, kd, from_questions))
-                ans = e.ask(s.question, max_new_tokens=64, interleave="router", inject_k=4)
+                ans = e.ask(s.question, max_new_tokens=64)
                 hits[kd].append(string_match_all(ans.text, s.answers))
                 texts[kd] = ans.text
             for kd in KINDS[1:]:

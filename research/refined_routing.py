@@ -39,12 +39,11 @@ def main() -> None:
     ap.add_argument("--inject-k", type=int, default=4)
     ap.add_argument("--refine", type=int, default=64, help="shortlist size")
     ap.add_argument("--refine-chunk", type=int, default=4)
-    ap.add_argument("--fusion", default="rrf", help="how the shortlist is drawn from the recorded routing")
     ap.add_argument("--doc-tokens", type=int, default=512, help="as the measured run's eval niah")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    plain = setting_of({"inject_k": args.inject_k, "fusion": args.fusion})
+    plain = setting_of({"inject_k": args.inject_k})
     subtasks, seeds = set(filter(None, args.subtasks.split(","))), {int(s) for s in args.seeds.split(",") if s}
     lines = load(args.answers.split(","), lambda x: setting_of(x) == plain
                  and (not subtasks or x["subtask"] in subtasks) and (not seeds or int(x["seed"]) in seeds))
@@ -68,7 +67,7 @@ def main() -> None:
                 line = lines[(n, sub, seed, i)]
                 if line["question"] != s.question or line["gold"] != sorted(s.gold):
                     raise ValueError(f"{sub} seed {seed} sample {i}: regenerated sample differs from the answer line")
-                shortlist = fused_top(routing_of(line["routing"]), args.refine, fusion=args.fusion)
+                shortlist = fused_top(routing_of(line["routing"]), args.refine)
                 tokens, route = protocol.question(s.question)
                 refined = refine_routing(empty, tok, tokens, route, shortlist, [s.documents[d] for d in shortlist],
                                          args.refine_chunk, "train", depth=len(shortlist))

@@ -19,7 +19,7 @@ def engine():
     tok = tiny_tokenizer()
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3}, vocab_size=300, head_dim=16)
     bank = ms.MemoryBank.build(model, tok, DOCS)
-    return ms.MSAEngine(model, tok, bank, similarity="train")
+    return ms.MSAEngine(model, tok, bank)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])

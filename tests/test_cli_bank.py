@@ -196,7 +196,7 @@ def test_jobs_worker_command_line_reproduces_the_options():
     from memsparse.cli import _child_argv, build_parser
 
     argv = ["eval", "niah", "--tokens", "400,500", "--samples", "3,2", "--no-refine-fuse", "--refine-margin", "0.3",
-            "--compare", "fusion=max;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
+            "--compare", "refine=0;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
     args = build_parser().parse_args(argv)
     back = build_parser().parse_args(_child_argv(args, drop={"jobs", "out"}))
     assert {k: v for k, v in vars(back).items() if k not in ("jobs", "out", "func")} == \
@@ -242,7 +242,7 @@ def test_refined_routing_time_is_not_counted_as_prefill_routing(model_dir, tmp_p
     texts = [f"Document {i} says the code word is w{i}." for i in range(6)]
     bank = ms.MemoryBank.build(model, tok, texts)
     engine = ms.MSAEngine(model, tok, bank, refine=4, refine_chunk=2, refine_margin=1.0)
-    t = engine.ask("What is the code word?", max_new_tokens=2, interleave="router", inject_k=1).timings
+    t = engine.ask("What is the code word?", max_new_tokens=2, inject_k=1).timings
     assert t["refine"] > 0 and 0 <= t["route"] <= t["prefill"]
 
 

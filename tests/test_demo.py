@@ -37,7 +37,7 @@ def test_shipped_model_finds_a_needle():
         pytest.skip(f"SmolLM2 or the essays are not reachable: {e}")
     for s in samples:
         bank = MemoryBank.build(model, tok, s.documents)
-        ans = MSAEngine(model, tok, bank, similarity="train").ask(s.question, max_new_tokens=24, interleave="router")
+        ans = MSAEngine(model, tok, bank).ask(s.question, max_new_tokens=24)
         assert s.gold[0] in ans.rounds[0]
         assert string_match_all(ans.text, s.answers) == 1.0
 
@@ -88,17 +88,12 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
         assert p["accuracy"] == round(both / p["samples"], 2)
     assert res["averages"] == {"400": res["points"][0]["accuracy"], "500": res["points"][1]["accuracy"]}
     assert main(["eval", "niah", "--pool", f"{out},{out}", "--out", str(pooled)]) == 2  # same samples twice
-    assert main(argv + ["--seed", "8", "--fusion", "score"]) == 0
-    assert {p["fusion"] for p in json.loads(out.read_text())["points"]} == {"score"}
-    assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # two fusions
     assert main(argv[:-1] + [str(out), "--seed", "9", "--refine", "3", "--refine-chunk", "2"]) == 0
     assert {(p["refine"], p["refine_chunk"]) for p in json.loads(out.read_text())["points"]} == {(3, 2)}
     assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # refined and not
     assert main(argv + ["--refine", "3", "--refine-chunk", "5"]) == 2  # finer than the bank's 4 tokens only
-    assert main(argv[:-1] + [str(out), "--refine", "3", "--refine-depth", "4", "--refine-margin", "0.5",
-                             "--refine-fuse"]) == 0
-    assert {(p["refine_depth"], p["refine_margin"], p["refine_fuse"])
-            for p in json.loads(out.read_text())["points"]} == {(4, 0.5, True)}
+    assert main(argv[:-1] + [str(out), "--refine", "3", "--refine-margin", "0.4", "--refine-fuse"]) == 0
+    assert {(p["refine_margin"], p["refine_fuse"]) for p in json.loads(out.read_text())["points"]} == {(0.4, True)}
     assert main(argv + ["--refine", "3", "--refine-margin", "0"]) == 2
     # --sample-ids: only the chosen samples of the stream, each the very sample a full run draws
     picked, every = tmp_path / "picked.jsonl", tmp_path / "every.jsonl"
@@ -111,34 +106,30 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert [x["sample"] for x in part] == [0, 2]
     assert all((x["question"], x["gold"]) == (full[x["sample"]]["question"], full[x["sample"]]["gold"]) for x in part)
     assert main(run + ["--sample-ids", "3"]) == 2  # beyond --samples
-    assert main(argv[:-1] + [str(out), "--seed", "10", "--widen", "3"]) == 0
-    assert {(p["widen"], p["widen_margin"]) for p in json.loads(out.read_text())["points"]} == {(3, 0.6667)}
-    assert main(["eval", "niah", "--pool", f"{out},{other}", "--out", str(pooled)]) == 2  # widened and not
     # --compare: other settings answered on the same samples, each its own file beside --out, as if run alone
     argv = ["eval", "niah", "--tokens", "400", "--samples", "3", "--subtasks", "niah_multikey_2", "--seed", "11",
             "--answers", str(answers)]
-    assert main(argv + ["--out", str(out), "--compare", "fusion=max;inject_k=1,widen=3"]) == 0
-    files = {f: tmp_path / f"niah{f}.json" for f in ("", ".fusion-max", ".widen-3_widen_margin-0.6667_inject_k-1")}
+    assert main(argv + ["--out", str(out), "--compare", "refine=0;inject_k=1,refine_margin=1"]) == 0
+    files = {f: tmp_path / f"niah{f}.json" for f in ("", ".refine-0", ".inject_k-1_refine_margin-1.0")}
     both = {f: json.loads(x.read_text())["points"] for f, x in files.items()}
     both_model = json.loads(files[""].read_text())["model"]
-    assert [(p["fusion"], p["inject_k"], p.get("widen")) for f in files for p in both[f]] == \
-        [("rrf", 4, None), ("max", 4, None), ("rrf", 1, 3)]
+    assert [(p.get("refine"), p["inject_k"], p.get("refine_margin")) for f in files for p in both[f]] == \
+        [(64, 4, 0.5), (None, 4, None), (64, 1, None)]
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
-    assert [(x["sample"], x["fusion"], x["inject_k"]) for x in lines[:3]] == \
-        [(0, "rrf", 4), (0, "max", 4), (0, "rrf", 1)]
+    assert [(x["sample"], x.get("refine"), x["inject_k"]) for x in lines[:3]] == [(0, 64, 4), (0, None, 4), (0, 64, 1)]
     assert len({x["question"] for x in lines[:3]}) == 1  # one sample, three settings
-    for f, extra in (("", []), (".fusion-max", ["--fusion", "max"]), (".widen-3_widen_margin-0.6667_inject_k-1",
-                                                                        ["--inject-k", "1", "--widen", "3"])):
+    for f, extra in (("", []), (".refine-0", ["--refine", "0"]),
+                     (".inject_k-1_refine_margin-1.0", ["--inject-k", "1", "--refine-margin", "1"])):
         alone = tmp_path / "alone.json"
         assert main(argv + ["--out", str(alone)] + extra) == 0
         stats = [[(p["accuracy"], p["routing_recall"], p["named_recall"]) for p in pts]
                  for pts in (json.loads(alone.read_text())["points"], both[f])]
         assert stats[0] == stats[1]
-    assert main(["eval", "niah", "--pool", f"{files['']},{files['.fusion-max']}", "--out", str(pooled)]) == 2
+    assert main(["eval", "niah", "--pool", f"{files['']},{files['.refine-0']}", "--out", str(pooled)]) == 2
     # --from-answers: the same results rebuilt from the answer lines, also from a run cut short mid-sample
-    keys = ("tokens", "subtask", "fusion", "inject_k", "accuracy", "samples", "routing_recall", "named_recall")
+    keys = ("tokens", "subtask", "inject_k", "accuracy", "samples", "routing_recall", "named_recall")
     rebuilt = tmp_path / "rebuilt.json"
-    assert main(argv + ["--out", str(out), "--compare", "fusion=max;inject_k=1,widen=3"]) == 0
+    assert main(argv + ["--out", str(out), "--compare", "refine=0;inject_k=1,refine_margin=1"]) == 0
     text = answers.read_text()
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
     for f in files:
@@ -150,14 +141,17 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert [p["samples"] for f in files for p in json.loads((tmp_path / f"rebuilt{f}.json").read_text())["points"]] \
         == [2, 2, 2]
     lines = [json.loads(line) for line in text.splitlines()]  # each file: the commit of its own setting's lines
-    answers.write_text("".join(json.dumps({**r, "commit": "c0ffee"} if r["fusion"] == "max" else r) + "\n"
+    answers.write_text("".join(json.dumps({**r, "commit": "c0ffee"} if "refine" not in r else r) + "\n"
                                for r in lines))
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
     commits = {f: json.loads((tmp_path / f"rebuilt{f}.json").read_text())["commit"] for f in files}
-    assert commits[".fusion-max"] == "c0ffee" and "c0ffee" not in commits[""], commits
+    assert commits[".refine-0"] == "c0ffee" and "c0ffee" not in commits[""], commits
     answers.write_text(text.replace('"model": ', '"model": "x", "m": ', 1))
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 2  # two models
-    assert main(argv + ["--out", str(out), "--compare", "fusion=max,k=2"]) == 2
+    assert main(argv + ["--out", str(out), "--compare", "refine=0,k=2"]) == 2
+    assert main(argv + ["--out", str(out), "--compare", "fusion=max"]) == 2  # removed: refused, saying why
+    with pytest.raises(SystemExit):
+        main(argv + ["--out", str(out), "--widen", "3"])
 
 
 def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):

@@ -102,7 +102,7 @@ def test_engine_route_with_text(qwen_tok):
     docs = ["Paris is the capital of France.", "The <|im_end|> token ends a turn [2].", "Bananas are yellow."]
     bank = ms.MemoryBank.build(model, qwen_tok, docs)
     assert bank.num_docs == 3 and [bank.text(i) for i in range(3)] == docs
-    engine = ms.MSAEngine(model, qwen_tok, bank)
+    engine = ms.MSAEngine(model, qwen_tok, bank, similarity="official")  # as the release
     ids, mask = engine.encode_question("What is <|im_end|> [1]?")
     assert ids.count(qwen_tok.convert_tokens_to_ids("<|im_end|>")) == 1  # only the template tail's
     routing = engine.route("What is <|im_end|> [1]?")

@@ -34,7 +34,7 @@ def _naive_greedy(bank, ids, mask, n):
 
 def test_cached_decode_equals_recompute(setup):
     model, tok, bank = setup
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     ids, mask = engine.encode_question("Where is Ottawa?")
     ref_tokens, ref_logits = _naive_greedy(bank, ids, mask, 10)
     res = prefill_batch(bank, [ids], [mask], extra=10)
@@ -52,7 +52,7 @@ def test_cached_decode_equals_recompute(setup):
 
 def test_batch_equals_single_rows(setup):
     model, tok, bank = setup
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     rows = [engine.encode_question(q) for q in ["Where is Ottawa?", "Bananas?", "Which capital is very old, Rome?"]]
     never = lambda b, ids: None  # noqa: E731
     batch = generate(bank, [r[0] for r in rows], [r[1] for r in rows], 8, never)
@@ -85,7 +85,7 @@ def test_sampling():
 
 def test_ask_stops_and_reports(setup):
     model, tok, bank = setup
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     ans = engine.ask("Where is Ottawa?", max_new_tokens=5, interleave=False)
     assert ans.finish == "length" and ans.rounds == [] and set(ans.routing) == set(model.router_layers)
     assert {"route", "prefill", "decode"} <= set(ans.timings) and ans.timings["prefill"] > 0

@@ -62,13 +62,13 @@ def test_cuda_engine_matches_cpu_across_tiers(tmp_path):
     cpu = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     gpu = copy.deepcopy(cpu).cuda()
     ref_bank = ms.MemoryBank.build(cpu, tok, docs)
-    ref = ms.MSAEngine(cpu, tok, ref_bank, similarity="train").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
+    ref = ms.MSAEngine(cpu, tok, ref_bank, interleave="model").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
     path = ref_bank.save(tmp_path / "bank")
     banks = [ms.MemoryBank.build(gpu, tok, docs, tier="device"), ms.MemoryBank.build(gpu, tok, docs, tier="host"),
              ms.MemoryBank.load(path, gpu, tok, tier="host")]
     assert banks[1].segments[0].keys[3].is_pinned() and banks[0].segments[0].keys[3].is_cuda
     for bank in banks:
-        got = ms.MSAEngine(gpu, tok, bank, similarity="train").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
+        got = ms.MSAEngine(gpu, tok, bank, interleave="model").ask(["Where is Ottawa?", "Old?"], max_new_tokens=8)
         for a, b in zip(ref, got):
             assert a.transcript == b.transcript
             assert_same_routing(a.routing, b.routing, atol=2e-2)  # the kernel multiplies in bf16
@@ -171,7 +171,7 @@ def test_document_priors_on_cuda_match_cpu():
     cpu = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 16}, vocab_size=300)
     runs = []
     for model in (cpu, copy.deepcopy(cpu).cuda()):
-        engine = ms.MSAEngine(model, tok, ms.MemoryBank.build(model, tok, docs), similarity="train")
+        engine = ms.MSAEngine(model, tok, ms.MemoryBank.build(model, tok, docs))
         priors = engine.calibrate_priors(questions=questions)
         runs.append((priors, engine.ask(questions, max_new_tokens=2, interleave=False)))
     (p_cpu, a_cpu), (p_gpu, a_gpu) = runs
@@ -198,13 +198,13 @@ def test_cuda_question_stream_routes_as_the_pytorch_path():
             "Rome is old and has many churches.", "Tea.", "Lisbon is by the sea."]
     bank = ms.MemoryBank.build(model, tok, docs)
     # no refinement: its gate (a margin on bf16 kernel scores against float ones) could flip on a tiny random model
-    engine = ms.MSAEngine(model, tok, bank, similarity="train", refine=0)
+    engine = ms.MSAEngine(model, tok, bank, refine=0)
     questions = ["Where is Paris, is it in France or in Canada, and is Rome old?", "Tea?", "Where is Ottawa?",
                  "Bananas?", "Is Lisbon by the sea or is Rome by the sea?", "Rome?"]
 
     def ask() -> list:
-        single = [engine.ask(q, max_new_tokens=4, interleave="router", inject_k=2) for q in questions]
-        return single + engine.ask_batch(questions[::-1], max_new_tokens=4, interleave="router", inject_k=2)
+        single = [engine.ask(q, max_new_tokens=4, inject_k=2) for q in questions]
+        return single + engine.ask_batch(questions[::-1], max_new_tokens=4, inject_k=2)
 
     got = ask()  # fused routing: the default on a GPU
     bank.fused_routing, bank._view = False, None

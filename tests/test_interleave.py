@@ -53,21 +53,22 @@ def _engine(setup, monkeypatch, scripts):
     model, tok, bank = setup
     script = Script(tok, scripts)
     monkeypatch.setattr(engine_mod, "generate", script)
-    plain = {"refine": 0, "refine_margin": 1.0, "refine_fuse": False}
-    return ms.MSAEngine(model, tok, bank, similarity="train", **plain), script, tok
+    plain = {"refine": 0, "refine_margin": 1.0, "refine_fuse": False, "interleave": "model"}
+    return ms.MSAEngine(model, tok, bank, **plain), script, tok
 
 
 def test_router_defaults(setup):
-    """The engine and the command line default to ROUTER_DEFAULTS: fused refinement gated at 0.5."""
-    from memsparse.cli import _engine_kw, build_parser
+    """The engine and the command line default to RetrievalConfig: router injection of 4, fused refinement gated
+    at 0.5, routing scored as trained."""
+    from memsparse.cli import _config, build_parser
 
     model, tok, bank = setup
     engine = ms.MSAEngine(model, tok, bank)
-    assert {k: getattr(engine, k) for k in engine_mod.ROUTER_DEFAULTS} == engine_mod.ROUTER_DEFAULTS
-    assert (engine.refine, engine.refine_chunk, engine.refine_margin, engine.refine_fuse) == (64, 4, 0.5, True)
-    args = build_parser().parse_args(["ask", "bank", "q"])
-    assert _engine_kw(args) == {k: v for k, v in engine_mod.ROUTER_DEFAULTS.items() if k != "widen_margin"}
-    assert _engine_kw(build_parser().parse_args(["ask", "bank", "q", "--no-refine-fuse"]))["refine_fuse"] is False
+    assert engine.config == ms.RetrievalConfig() and engine.similarity == "train"
+    assert (engine.config.interleave, engine.config.inject_k) == ("router", 4)
+    assert engine.config.refine == ms.RefineConfig(top=64, chunk=4, margin=0.5, fuse=True)
+    assert _config(build_parser().parse_args(["ask", "bank", "q"])) == ms.RetrievalConfig()
+    assert _config(build_parser().parse_args(["ask", "bank", "q", "--no-refine-fuse"])).refine.fuse is False
 
 
 def test_two_hop_protocol(setup, monkeypatch):
@@ -164,14 +165,6 @@ def test_router_injection(setup, monkeypatch):
         engine.ask("Is Rome old?", interleave="maybe")
     with pytest.raises(ValueError, match="router_rounds=0"):
         engine.ask("Is Rome old?", interleave="router", router_rounds=0)
-    engine.fusion = "score"
-    fusions, fused_top = [], engine_mod.fused_top
-    monkeypatch.setattr(engine_mod, "fused_top", lambda *a, fusion, **kw: fusions.append(fusion) or fused_top(
-        *a, fusion=fusion, **kw))
-    ans = engine.ask("Is Rome old?", interleave="router", inject_k=2)
-    assert fusions == ["score"] and ans.rounds == [sorted(fused_top(ans.routing, 2, fusion="score"))]
-    with pytest.raises(ValueError, match="fusion="):
-        ms.MSAEngine(engine.model, tok, engine.bank, fusion="best")
 
 
 def test_refined_routing(setup, monkeypatch, tmp_path):
@@ -184,7 +177,7 @@ def test_refined_routing(setup, monkeypatch, tmp_path):
     model, tok, bank = setup
     q = "Is Rome old?"
     ids, mask = ms.MSAEngine(model, tok, bank).encode_question(q)
-    same = ms.MSAEngine(model, tok, bank, similarity="train", refine=4, refine_chunk=4)
+    same = ms.MSAEngine(model, tok, bank, refine=4, refine_chunk=4)
     assert_same_routing(same.refined(ids, mask, [0, 1, 2, 3]), same.route(q))
     assert {d for v in same.refined(ids, mask, [3, 1]).values() for d, _ in v} <= {1, 3}
     fine = bank.like(chunk_size=1)
@@ -196,21 +189,21 @@ def test_refined_routing(setup, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="refinement bank is not saved"):
         fine.save(tmp_path / "fine")
     engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]])
-    engine.refine, engine.refine_chunk = 3, 2
+    engine.config = engine.config.replace(refine=3, refine_chunk=2)
     shortlist = engine_mod.fused_top(engine.route(q), 3)
     refined = engine.refined(ids, mask, shortlist)
     assert {d for v in refined.values() for d, _ in v} <= set(shortlist)
     ans = engine.ask(q, interleave="router", inject_k=2)
     assert ans.rounds == [sorted(engine_mod.fused_top(refined, 2))] and ans.routing == engine.route(q)
     for bad in ({"refine": -1}, {"refine_chunk": 0}, {"refine_chunk": 8}):
-        with pytest.raises(ValueError, match="refine_chunk"):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
             ms.MSAEngine(model, tok, bank, **bad)
 
 
-def test_refine_depth_and_margin(setup, monkeypatch):
-    """refine_depth: the first pass records each layer's top D documents (its top k as before, and the memory
-    attention still reads the top k: same logits); the shortlist is drawn from them. refine_margin: re-rank only
-    when the layers' cut (cut_drop) is below it."""
+def test_routing_depth_and_refine_margin(setup, monkeypatch):
+    """prefill depth: the first pass records each layer's top D documents (its top k as before, and the memory
+    attention still reads the top k: same logits). refine_margin: re-rank only when the layers' cut (cut_drop) is
+    below it."""
     from memsparse.engine.prefill import prefill_batch
 
     model, tok, bank = setup
@@ -228,17 +221,17 @@ def test_refine_depth_and_margin(setup, monkeypatch):
     monkeypatch.setattr(engine, "refined", lambda t, r, short: shortlists.append(short) or real(t, r, short))
     routing = engine.route(q)
     cut = engine_mod.cut_drop(routing, engine_mod.fused_top(routing, 2), 1)
-    engine.refine, engine.refine_depth = 4, 4
+    engine.config = engine.config.replace(refine=4)
     ans = engine.ask(q, interleave="router", inject_k=1)  # refine_margin 1: always
-    assert shortlists == [engine_mod.fused_top(deep.memory.routing[0], 4)] and ans.routing == routing
-    engine.refine_margin = cut
+    assert shortlists == [engine_mod.fused_top(routing, 4)] and ans.routing == routing
     if cut > 0:  # a cut as clear as the margin: no re-ranking, the bank's top
+        engine.config = engine.config.replace(refine_margin=cut)
         assert engine.ask(q, interleave="router", inject_k=1).rounds == [engine_mod.fused_top(routing, 1)]
         assert len(shortlists) == 1
-    engine.refine_margin = min(1.0, cut + 0.01)
+    engine.config = engine.config.replace(refine_margin=min(1.0, cut + 0.01))
     engine.ask(q, interleave="router", inject_k=1)
     assert len(shortlists) == 2
-    for bad in ({"refine_depth": -1}, {"refine_margin": 0.0}, {"refine_margin": 1.5}):
+    for bad in ({"refine_margin": 0.0}, {"refine_margin": 1.5}):
         with pytest.raises(ValueError, match="refine_margin"):
             ms.MSAEngine(model, tok, bank, **bad)
 
@@ -248,19 +241,19 @@ def test_refine_fuse(setup, monkeypatch):
     together (a document both passes rank high wins), not over the refined layers alone; recorded in the setting."""
     q = "Is Rome old?"
     engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"] * 2])
-    engine.refine, engine.refine_chunk = 4, 2
+    engine.config = engine.config.replace(refine=4, refine_chunk=2)
     routing = engine.route(q)
     assert sorted(engine_mod.fused_top(routing, 2)) == [0, 1]  # the bank's head: 0 and 1
     refined = {2: [(2, 0.9), (3, 0.8)], 3: [(3, 0.9), (2, 0.8)]}  # a refinement that prefers 2 and 3
     monkeypatch.setattr(engine, "refined", lambda tokens, route, shortlist: refined)
     alone = engine.ask(q, interleave="router", inject_k=2).rounds
-    engine.refine_fuse = True
+    engine.config = engine.config.replace(refine_fuse=True)
     fused = engine.ask(q, interleave="router", inject_k=2).rounds
     assert alone == [[2, 3]]
     assert fused == [sorted(engine_mod.fused_top(dict(enumerate([*routing.values(), *refined.values()])), 2))]
     assert fused != alone and 2 in fused[0]  # 2: second in a first-pass layer and high in the refined ones
-    assert engine_mod.engine_settings(refine=3, refine_fuse=True)["refine_fuse"] is True
-    assert "refine_fuse" not in engine_mod.engine_settings(refine=3)
+    assert ms.RetrievalConfig().replace(refine=3, refine_fuse=True).settings()["refine_fuse"] is True
+    assert "refine_fuse" not in ms.RetrievalConfig().replace(refine=3, refine_fuse=False).settings()
 
 
 def test_given_documents(setup, monkeypatch):
@@ -282,16 +275,9 @@ def test_fused_top():
     routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}
     assert engine_mod.fused_top(routing, 2) == [7, 5] and engine_mod.fused_top(routing, 5) == [7, 5, 3]
     assert engine_mod.fused_top({}, 3) == [] and engine_mod.fused_top(routing, 2, exclude={7}) == [5, 3]
-    # score fusion: layer 1 ranks 3 first by far, the other two rank 5 first by a hair: rrf takes 5, scores take 3
+    # layer 1 ranks 3 first by far, the other two rank 5 first by a hair: ranks count, not scores
     routing = {1: [(3, 0.9), (5, 0.1)], 2: [(5, 0.31), (3, 0.3)], 3: [(5, 0.31), (3, 0.3)]}
-    assert engine_mod.fused_top(routing, 1) == [5] and engine_mod.fused_top(routing, 1, fusion="score") == [3]
-    # max fusion: a document's best score in any layer; 5 is second in layer 1 (0.1) and first in the others (0.31)
-    routing[4] = [(7, 0.6), (5, 0.05)]
-    assert engine_mod.fused_top(routing, 3, fusion="max") == [3, 7, 5]
-    assert engine_mod.fused_top(routing, 3, fusion="score") == [3, 5, 7]
-    assert engine_mod.fused_top(routing, 2, exclude={3}, fusion="max") == [7, 5]
-    with pytest.raises(ValueError, match="fusion="):
-        engine_mod.fused_top(routing, 1, fusion="mean")
+    assert engine_mod.fused_top(routing, 1) == [5]
 
 
 def test_cut_drop():
@@ -307,17 +293,9 @@ def test_cut_drop():
     assert engine_mod.cut_drop({}, [0, 1], 1) == 1.0 and engine_mod.cut_drop(head, [0], 1) == 1.0
 
 
-def test_widened_injection(setup, monkeypatch):
-    """widen: router injection injects `widen` documents (the fused top) instead of inject_k when the layers cut no
-    clear head (cut_drop below widen_margin), inject_k otherwise."""
+def test_removed_options(setup):
+    """Options the measurements rejected (widen, score / max fusion, refine_depth) are refused, saying why."""
     model, tok, bank = setup
-    q = "Is Rome old?"
-    for drop, injected in ((0.1, 3), (0.9, 1)):
-        engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"]])
-        engine.widen = 3
-        monkeypatch.setattr(engine_mod, "cut_drop", lambda routing, order, k, d=drop: d)
-        ans = engine.ask(q, interleave="router", inject_k=1)
-        assert ans.rounds == [sorted(engine_mod.fused_top(ans.routing, injected))]
-    for bad in ({"widen": -1}, {"widen_margin": 0.0}, {"widen_margin": 1.5}):
-        with pytest.raises(ValueError, match="widen_margin"):
+    for bad in ({"widen": 3}, {"widen_margin": 0.5}, {"fusion": "max"}, {"refine_depth": 4}):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} was removed: "):
             ms.MSAEngine(model, tok, bank, **bad)

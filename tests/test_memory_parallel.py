@@ -35,7 +35,7 @@ def _route(bank, question: str, k: int, engine_cls=None):
     from memsparse import MSAEngine
     from memsparse.engine.prefill import prefill_batch
 
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity="train")
+    engine = MSAEngine(bank.model, bank.tok, bank)
     ids, mask = engine.encode_question(question)
     return prefill_batch(bank, [ids], [mask], similarity="train", top_k=k, route_only=True).memory.routing[0]
 
@@ -148,13 +148,13 @@ def _checks(rank: int, world: int, out: str) -> None:
     # injection (the selected documents' text injected)
     plain = {"refine": 0, "refine_margin": 1.0, "refine_fuse": False}
     for mode, kw in (("plain", {"interleave": False}), ("router", {"interleave": "router", "inject_k": 2})):
-        a = ms.MSAEngine(model, tok, copy, similarity="train", **plain).ask(QUESTIONS[:2], max_new_tokens=6, **kw)
-        b = ms.MSAEngine(model, tok, ref, similarity="train", **plain).ask(QUESTIONS[:2], max_new_tokens=6, **kw)
+        a = ms.MSAEngine(model, tok, copy, **plain).ask(QUESTIONS[:2], max_new_tokens=6, **kw)
+        b = ms.MSAEngine(model, tok, ref, **plain).ask(QUESTIONS[:2], max_new_tokens=6, **kw)
         for x, y in zip(a, b):
             assert (x.text, x.rounds, x.routing) == (y.text, y.rounds, y.routing), mode
     # router injection with refinement (a local re-encoded shortlist, replicated)
-    a = ms.MSAEngine(model, tok, copy, similarity="train").ask(QUESTIONS[1], 6, interleave="router")
-    b = ms.MSAEngine(model, tok, ref, similarity="train").ask(QUESTIONS[1], 6, interleave="router")
+    a = ms.MSAEngine(model, tok, copy).ask(QUESTIONS[1], 6)
+    b = ms.MSAEngine(model, tok, ref).ask(QUESTIONS[1], 6)
     assert (a.text, a.rounds) == (b.text, b.rounds)
 
     # saved with this world size (the exact copy), opened with it, with 2 and with 1 (subgroups of the same

@@ -35,7 +35,7 @@ def test_priors_are_mean_scores_and_routing_subtracts_them(setup, fused):
     bank.fused_routing = fused
     # the fused kernel multiplies in bf16 on a GPU: scores of a batch and of one question differ slightly
     tol = 2e-2 if fused and model.device.type == "cuda" else 1e-5
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     raw = [engine.route(q) for q in QUESTIONS]
     priors = engine.calibrate_priors(questions=QUESTIONS)
     ids = priors["ids"].tolist()
@@ -58,7 +58,7 @@ def test_priors_are_mean_scores_and_routing_subtracts_them(setup, fused):
 def test_priors_follow_bank_changes_and_round_trip(setup, tmp_path):
     model, tok = setup
     bank = ms.MemoryBank.build(model, tok, DOCS)
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     priors = engine.calibrate_priors(n=8)  # pseudo-queries: sentences of the documents
     lay = model.router_layers[-1]
     bank.delete([2])
@@ -72,7 +72,7 @@ def test_priors_follow_bank_changes_and_round_trip(setup, tmp_path):
     loaded = ms.MemoryBank.load(tmp_path / "bank", model, tok)
     assert torch.equal(loaded.doc_priors["ids"], priors["ids"])
     assert all(torch.equal(loaded.doc_priors["scores"][k], v) for k, v in priors["scores"].items())
-    assert_same_routing(ms.MSAEngine(model, tok, loaded, similarity="train").route(QUESTIONS[1]),
+    assert_same_routing(ms.MSAEngine(model, tok, loaded).route(QUESTIONS[1]),
                         engine.route(QUESTIONS[1]))
     again = engine.calibrate_priors(n=8)  # recalibrated over the changed bank, from raw scores
     assert again["ids"].tolist() == bank.doc_ids() and new in again["ids"].tolist()
@@ -81,7 +81,7 @@ def test_priors_follow_bank_changes_and_round_trip(setup, tmp_path):
 def test_priors_bad_input(setup):
     model, tok = setup
     bank = ms.MemoryBank.build(model, tok, DOCS)
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     with pytest.raises(ValueError, match="no calibration questions"):
         engine.calibrate_priors(questions=[])
     priors = engine.calibrate_priors(questions=QUESTIONS[:1])

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from memsparse.engine import RetrievalConfig
 from memsparse.eval import qa as sq
 from memsparse.eval.faqs import QASet
 
@@ -98,12 +99,11 @@ def test_evaluate_qa_tiny(monkeypatch):
     assert all(r["n"] == 2 and r["f1_se"] >= 0 and r["em_se"] >= 0 for r in res)
     assert sq.readers(["rag1-msa"]) == (True, False) and sq.readers(["memsparse", "rag5"]) == (True, True)
     assert sq.readers(["full"]) == (False, True)
-    cli_defaults = {"fusion": "rrf", "refine": 64, "refine_chunk": 4, "refine_depth": 0, "refine_margin": 0.5,
-                    "refine_fuse": True, "widen": 0}
-    assert sq.system_name(None) == "memsparse" and sq.system_name(cli_defaults, 4) == "memsparse"
-    assert sq.system_name({"refine_fuse": False}, 4, 256) == "memsparse-refine_fuse-False-priors-256"
-    assert sq.system_name({}, 1) == "memsparse-inject_k-1"
-    assert sq.system_name({"refine": 0}, 2) == "memsparse-inject_k-2_refine-0"  # named as in the results file
+    c = RetrievalConfig()
+    assert sq.system_name(None) == "memsparse" and sq.system_name(c) == "memsparse"
+    assert sq.system_name(c.replace(refine_fuse=False), 256) == "memsparse-refine_fuse-False-priors-256"
+    assert sq.system_name(c.replace(inject_k=1)) == "memsparse-inject_k-1"
+    assert sq.system_name(c.replace(refine=0, inject_k=2)) == "memsparse-inject_k-2_refine-0"  # as in the results
     with pytest.raises(ValueError, match="unknown systems"):
         sq.evaluate_qa(data, ["rag1-plain"], plain=(model, tok), progress=False)
     for r in res:

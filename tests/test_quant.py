@@ -36,7 +36,7 @@ def setup():
 
 
 def _routes(model, tok, bank):
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     return [engine.route(q) for q in QUESTIONS]
 
 
@@ -144,7 +144,7 @@ def test_calibrated_keys(setup, tmp_path):
     docs = ["Paris is the capital of France and old.", "Ottawa is in Canada, where it is cold.",
             "Bananas are yellow and grow in warm places."]
     bank = ms.MemoryBank.build(model, tok, docs)
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     assert len(pseudo_queries(bank, 10)) == 3
     moments = engine.calibrate_keys("fp8")
     D, Hkv = model.config.head_dim, model.config.num_key_value_heads

@@ -202,7 +202,7 @@ def test_engine_routing_with_the_fused_kernel():
     bank.add(["Rome is old and has many churches.", "Lisbon is by the sea.", "x"])
     bank.delete([1])
     bank.fused_routing = False  # the PyTorch path first, as the reference
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     questions = ["Where is Lisbon? Is Rome old?", "Bananas?", "Where is Lisbon? Is Rome old?"]
     refs = [engine.route(q) for q in questions]
     bank.fused_routing, bank._view = True, None

@@ -78,7 +78,7 @@ def _until(condition, what: str, limit: float = 30.0) -> None:
 def test_openai_client_chat_completion_and_models(client, engine):
     oai = _oai(client)
     assert [m.id for m in oai.models.list()] == ["memsparse"]
-    want = engine.ask("Where is Ottawa?", max_new_tokens=6, interleave="router", inject_k=4)  # the server's defaults
+    want = engine.ask("Where is Ottawa?", max_new_tokens=6)  # the server's defaults
     r = oai.chat.completions.create(model="memsparse", max_tokens=6, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"},
         {"role": "assistant", "content": "In France."}, {"role": "user", "content": "Where is Ottawa?"}])
@@ -465,7 +465,7 @@ def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(engine):
     """Four concurrent greedy requests (different max_tokens, chat and completion) share engine batches and get
     what each question alone gets from the engine."""
     budgets = [4, 7, 5, 6]
-    want = [engine.ask(q, max_new_tokens=n, interleave="router", inject_k=4) for q, n in zip(QUESTIONS, budgets)]
+    want = [engine.ask(q, max_new_tokens=n) for q, n in zip(QUESTIONS, budgets)]
     app = create_app(engine, _settings(batch_window_ms=500, max_batch=8))
     results = [None] * 4
     with TestClient(app, base_url=BASE, headers=AUTH) as c:

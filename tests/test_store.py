@@ -32,12 +32,12 @@ def _model(seed=0):
 
 
 def _routes(model, tok, bank):
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     return [engine.route(q) for q in QUESTIONS]
 
 
 def _answers(model, tok, bank):
-    engine = ms.MSAEngine(model, tok, bank, similarity="train")
+    engine = ms.MSAEngine(model, tok, bank)
     return [a.transcript for a in engine.ask(QUESTIONS, max_new_tokens=6, interleave=False)]
 
 
@@ -130,7 +130,7 @@ def test_bank_serves_the_same_model_in_another_dtype(tok, tmp_path):
     path = ms.MemoryBank.build(load_pretrained(tmp_path / "m"), tok, DOCS).save(tmp_path / "b")
     half = load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     bank = ms.MemoryBank.load(path, half, tok)  # float32 bank, bfloat16 model: accepted, cast on use
-    routes = ms.MSAEngine(half, tok, bank, similarity="train").route(QUESTIONS[0])
+    routes = ms.MSAEngine(half, tok, bank).route(QUESTIONS[0])
     assert set(routes) == set(half.router_layers) and all(len(v) == 2 for v in routes.values())
 
 

@@ -31,7 +31,7 @@ def test_rounds_match_the_engine(monkeypatch):
     bank = ms.MemoryBank.build(model, tok, DOCS)
     script = Script(tok, [targets])
     monkeypatch.setattr(engine_mod, "generate", script)
-    ans = ms.MSAEngine(model, tok, bank, similarity="train").ask(question)
+    ans = ms.MSAEngine(model, tok, bank, interleave="model").ask(question)
     assert ans.rounds == hops and ans.text == answer
     n_mem = len(mem[0])
     for s, call in zip(samples, script.calls):
@@ -63,13 +63,13 @@ def test_router_answer_sample_matches_the_engine(monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     bank = ms.MemoryBank.build(model, tok, DOCS)
-    engine = ms.MSAEngine(model, tok, bank, similarity="train", refine=0)
+    engine = ms.MSAEngine(model, tok, bank, refine=0)
     top = sorted(engine_mod.fused_top(engine.route("Where is Ottawa?"), 2))
     gold, noise = [top[0]], top[1:]
     sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where is Ottawa?", [gold], "x", noise=[noise])[0]
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
     monkeypatch.setattr(engine_mod, "generate", script)
-    engine.ask("Where is Ottawa?", interleave="router", inject_k=2)
+    engine.ask("Where is Ottawa?", inject_k=2)
     (row, route), = script.calls[0]
     n_mem, n_target = len(memory_stream(tok, DOCS)[0]), sum(t != -100 for t in sample.labels)
     assert sample.input_ids[n_mem:len(sample) - n_target] == row
@@ -88,11 +88,10 @@ def test_two_round_router_sample_matches_the_engine(monkeypatch):
     picks = iter([[1, 2], [3, 0]])  # what the routers rank highest in rounds 1 and 2
     excluded = []
     monkeypatch.setattr(engine_mod, "fused_top",
-                        lambda routing, k, exclude, fusion: excluded.append(exclude) or next(picks))
+                        lambda routing, k, exclude: excluded.append(exclude) or next(picks))
     script = Script(tok, [["The answer to the question is: x<|im_end|>"]])
     monkeypatch.setattr(engine_mod, "generate", script)
-    ans = ms.MSAEngine(model, tok, bank, similarity="train", refine=0).ask(
-        "Where?", interleave="router", router_rounds=2)
+    ans = ms.MSAEngine(model, tok, bank, refine=0).ask("Where?", router_rounds=2)
     assert ans.rounds == [[1, 2], [0, 3]] and excluded == [set(), {1, 2}]
     sample = rounds(Protocol(tok), memory_stream(tok, DOCS), DOCS, "Where?", [[1], [3]], "x", noise=[[2], [0]])[0]
     (row, route), = script.calls[0]

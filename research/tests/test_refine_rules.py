@@ -22,16 +22,16 @@ def test_rule_picks_are_the_engines():
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     bank = ms.MemoryBank.build(model, tok, DOCS)
     k, shortlist = 2, 6
-    base = ms.MSAEngine(model, tok, bank, similarity="train", refine=shortlist, refine_chunk=2)
+    base = ms.MSAEngine(model, tok, bank, refine=shortlist, refine_chunk=2)
     live = {f"{'fused' if fuse else 'refined'}, {rule_label(margin)}": ms.MSAEngine(
-        model, tok, bank, similarity="train", refine=shortlist, refine_chunk=2, refine_margin=min(margin, 1),
+        model, tok, bank, refine=shortlist, refine_chunk=2, refine_margin=min(margin, 1),
         refine_fuse=fuse) for margin in MARGINS for fuse in (False, True)}  # refine_margin 1: always
     fuse_matters = gate_matters = False
     for q in QUESTIONS:
         first = base.route(q)
         picks = rule_picks(first, base.refined(*base.encode_question(q), fused_top(first, shortlist)), k)
         for rule, engine in live.items():
-            rounds = engine.ask(q, max_new_tokens=1, interleave="router", inject_k=k).rounds
+            rounds = engine.ask(q, max_new_tokens=1, inject_k=k).rounds
             assert rounds[0] == sorted(picks[rule]), (q, rule)
         fuse_matters |= sorted(picks["fused, always"]) != sorted(picks["refined, always"])
         gate_matters |= sorted(picks["refined, gated 0.5"]) != sorted(picks["refined, gated 0.6"])

@@ -1,6 +1,6 @@
 """memsparse: Memory Sparse Attention (MSA), a trainable sparse memory over very large corpora."""
 
-from .engine import MSAEngine
+from .engine import MSAEngine, RefineConfig, RetrievalConfig
 from .memory import MemoryBank
 from .model import DecoderConfig, MSAConfig, MSAForCausalLM, MSAOutput
 
@@ -14,4 +14,5 @@ def load_tokenizer(path):
     return _load(path)
 
 
-__all__ = ["DecoderConfig", "MSAConfig", "MSAEngine", "MSAForCausalLM", "MSAOutput", "MemoryBank", "load_tokenizer"]
+__all__ = ["DecoderConfig", "MSAConfig", "MSAEngine", "MSAForCausalLM", "MSAOutput", "MemoryBank", "RefineConfig",
+           "RetrievalConfig", "load_tokenizer"]

@@ -226,7 +226,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     if calibrate or args.priors:
         from .engine import MSAEngine
 
-        engine = MSAEngine(model, tok, bank, similarity="train")
+        engine = MSAEngine(model, tok, bank)
         if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
             engine.calibrate_keys(args.key_dtype, n=args.calibrate_keys)
         if args.priors:  # after the keys take their final form: the priors are scores under them
@@ -249,18 +249,16 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .engine import MSAEngine
     from .memory.parallel import is_sharded
 
-    mode = {"model": True, "router": "router", "off": False}[args.interleave]
-    kw = dict(max_new_tokens=args.max_new_tokens, interleave=mode, inject_k=args.inject_k,
-              router_rounds=args.router_rounds, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if ranks.launched() or is_sharded(args.bank):
         with _sharded_bank(args) as bank:
             if args.temperature > 0 and args.seed is None:  # every rank must draw the same tokens
                 kw["seed"] = ranks.share(random.randrange(2**31))
-            ans = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args)).ask(
+            ans = MSAEngine(bank.model, bank.tok, bank, _config(args)).ask(
                 args.question, **kw)
     else:
         bank = _open_bank(args)
-        engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
+        engine = MSAEngine(bank.model, bank.tok, bank, _config(args))
         ans = engine.ask(args.question, **kw)
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=1))
@@ -374,8 +372,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allow_hosts=args.allow_host or [], model_name=args.model_name, max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
         max_new_tokens=args.max_new_tokens, max_question_tokens=args.max_question_tokens,
-        max_router_rounds=args.max_router_rounds, timeout=args.timeout, interleave=args.interleave,
-        inject_k=args.inject_k, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+        max_router_rounds=args.max_router_rounds, timeout=args.timeout, max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms)
     try:
         settings.check()
     except ValueError as e:
@@ -386,7 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if ranks.launched() or is_sharded(args.bank):
         return _serve_sharded(args, settings)
     bank = _open_bank(args)
-    engine = MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args))
+    engine = MSAEngine(bank.model, bank.tok, bank, _config(args))
     _listen(args, settings, create_app(engine, settings), f"{bank.num_docs} documents")
 
 
@@ -517,7 +515,7 @@ def _serve_sharded(args: argparse.Namespace, settings) -> None:
     from .serve.parallel import Mirror, ShardedService
 
     with _sharded_bank(args) as bank:
-        mirror = Mirror(MSAEngine(bank.model, bank.tok, bank, similarity=args.similarity, **_engine_kw(args)),
+        mirror = Mirror(MSAEngine(bank.model, bank.tok, bank, _config(args)),
                         args.bank)
         if bank.rank > 0:  # Ctrl-C / SIGTERM reach every rank of a launch: rank 0 stops, then releases the others
             import signal
@@ -584,7 +582,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     stream_seed(args.seed, args.split)  # a seed outside the split's range: the error before any work
-    mode = {"model": True, "router": "router", "off": False}[args.interleave]
     out = Path(args.out or "benchmarks/results/niah.json")
     sizes = [int(t) for t in args.tokens.split(",")]
     counts = [int(n) for n in args.samples.split(",")]
@@ -601,7 +598,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
     with _answers_file(args.answers) as answers:
         points = evaluate(model, tok, sizes, subtasks, counts, seed=args.seed,
-                          interleave=mode, inject_k=args.inject_k, priors=args.priors, engine=_engine_kw(args),
+                          config=_config(args), priors=args.priors,
                           compare=compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
                           name=name, only=only, units=units, data="heldout" if args.heldout else "ruler",
                           split=args.split)
@@ -677,7 +674,7 @@ def _child_argv(args: argparse.Namespace, drop: set[str]) -> list[str]:
 
 
 def _write_niah(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
-    """The first setting's points to `out`, each other setting's beside it (niah.fusion-max.json); `meta_of(setting)`:
+    """The first setting's points to `out`, each other setting's beside it (niah.refine-0.json); `meta_of(setting)`:
     that file's machine / date / commit (default: this run's)."""
     from .eval.niah import by_setting, setting_label, write_results
 
@@ -741,7 +738,7 @@ def _eval_multihop(args: argparse.Namespace) -> None:
     model, tok = _load_model(args.model, args.device, args.dtype)
     rounds = tuple(int(r) for r in args.router_rounds.split(","))
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], _count(args.samples), rounds,
-                      args.inject_k)
+                      _config(args))
     out = Path(args.out or "benchmarks/results/multihop.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model or SHIPPED), **run_meta(), "points": points}, indent=1) + "\n")
@@ -866,8 +863,8 @@ def _eval_qa(args: argparse.Namespace) -> None:
     out = Path(args.out or f"benchmarks/results/qa_{args.split}.json")
     check_results_file(out, data, memory_tokens)  # before the hours of answering, not after
     with _answers_file(args.answers) as answers:
-        results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, inject_k=args.inject_k,
-                              priors=args.priors, answers=answers, engine=_engine_kw(args))
+        results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, config=_config(args),
+                              priors=args.priors, answers=answers)
     write_results(results, data, memory_tokens, out)
     print(f"{data.name}, {data.split} split: {len(data.questions)} questions over {len(data.paragraphs)} passages "
           f"({memory_tokens:,} tokens); F1 / EM of the extracted answer, ± standard error; top1 / top4: gold passage "
@@ -884,43 +881,39 @@ def _answers_file(path: str | None):
     return open(path, "w")
 
 
-def _interleave_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interleave", choices=["model", "router", "off"], default="router",
-                   help="who picks the documents to read: the model (Memory Interleave as published), the router "
-                        "(default: what the shipped model does well), or nobody (answer in one round)")
-    p.add_argument("--inject-k", type=int, default=4, help="router mode: documents injected")
-    from .engine.engine import FUSIONS
-    from .engine.engine import ROUTER_DEFAULTS as D
+class _Removed(argparse.Action):
+    """A flag of a removed option: refused in one line, saying why."""
 
-    p.add_argument("--fusion", choices=FUSIONS, default=D["fusion"],
-                   help="router mode: rank documents over the router layers by reciprocal rank (default), by the sum "
-                        "of their routing scores or by their best score in any layer (docs/msa-smollm2.md, "
-                        "'Fusing the router layers')")
-    p.add_argument("--refine", type=int, default=D["refine"], metavar="N",
-                   help=f"router mode: re-rank the N best documents with finer routing keys before injecting (default "
-                        f"{D['refine']}; 0: off; docs/msa-smollm2.md, 'Refined routing')")
-    p.add_argument("--refine-chunk", type=int, default=D["refine_chunk"], metavar="P",
-                   help=f"with --refine: tokens per routing key of the re-ranked documents (default "
-                        f"{D['refine_chunk']}; the bank's: 64)")
-    p.add_argument("--refine-depth", type=int, default=D["refine_depth"], metavar="D",
-                   help="with --refine: draw the N from each router layer's top D documents (default 0: the layers' "
-                        "top-k, 16)")
-    p.add_argument("--refine-margin", type=float, default=D["refine_margin"], metavar="M",
-                   help="with --refine: re-rank only when the router layers cut no clear head (their agreement drops "
-                        f"by less than M within the top --inject-k; default {D['refine_margin']}; 1: always)")
-    p.add_argument("--refine-fuse", action=argparse.BooleanOptionalAction, default=D["refine_fuse"],
-                   help="with --refine: fuse the refined routing with the first pass (both passes' router layers vote) "
-                        "instead of replacing it (default: fuse)")
-    p.add_argument("--widen", type=int, default=D["widen"], metavar="N",
-                   help="router mode: inject N documents instead of --inject-k when the router layers agree on no "
-                        "clear head (0: off; docs/msa-smollm2.md, 'Widened injection')")
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .engine.config import REMOVED
+
+        parser.error(f"{option_string} was removed: {REMOVED[self.dest]}")
 
 
-def _engine_kw(args: argparse.Namespace) -> dict:
-    """MSAEngine settings from _interleave_args."""
-    return {"fusion": args.fusion, "refine": args.refine, "refine_chunk": args.refine_chunk,
-            "refine_depth": args.refine_depth, "refine_margin": args.refine_margin, "refine_fuse": args.refine_fuse,
-            "widen": args.widen}
+def _config_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per RetrievalConfig setting (name, type, default, choices and help from its field); the removed
+    options' flags are refused with the reason."""
+    from .engine import config
+
+    keys = [config.key_of(f) for f in config.fields() if config.key_of(f) not in skip]
+    p.set_defaults(config_keys=keys)
+    for f in config.fields():
+        key = config.key_of(f)
+        if key not in keys:
+            continue
+        m, flag = f.metadata, "--" + key.replace("_", "-")
+        kw = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else \
+            {"type": type(f.default), "choices": m["choices"], "metavar": m["metavar"]}
+        p.add_argument(flag, dest=key, default=f.default, help=f"{m['help']} (default: %(default)s)", **kw)
+    for key in config.REMOVED:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, action=_Removed, nargs="?", help=argparse.SUPPRESS)
+
+
+def _config(args: argparse.Namespace):
+    """The RetrievalConfig of _config_args' flags."""
+    from .engine import RetrievalConfig
+
+    return RetrievalConfig().replace(**{k: getattr(args, k) for k in args.config_keys})
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
@@ -1011,14 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-v", "--verbose", action="store_true",
                    help="also print (to stderr) the documents each round read and the routing scores")
     a.add_argument("--max-new-tokens", type=int, default=256)
-    _interleave_args(a)
-    a.add_argument("--router-rounds", type=int, default=1,
-                   help="router mode: rounds of injection (each later round routes from the text injected last)")
+    _config_args(a)
     a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--seed", type=int)
-    a.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
-                   help="routing score: as in training (default) or as the official engine")
     a.set_defaults(func=cmd_ask)
 
     d = sub.add_parser("docs", help="add, delete, list or compact a bank's documents", formatter_class=fmt)
@@ -1057,10 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default %(default)s)")
     s.add_argument("--batch-window-ms", type=float, default=ServeSettings.batch_window_ms,
                    help="how long a request waits for others to join its batch (default %(default)s)")
-    s.add_argument("--similarity", choices=["train", "official", "cosine", "dot"], default="train",
-                   help="routing score: as in training (default) or as the official engine")
     s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents")
-    _interleave_args(s)  # the completions' defaults
+    _config_args(s)  # the engine's, and the completions' defaults
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="the shipped MSA-SmolLM2 answering questions from a memory (CPU, minutes)",
@@ -1119,13 +1106,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: rebuild results from --answers files (comma list, .gz too; runs cut short, seeds "
                         "pooled) into --out instead of measuring")
     v.add_argument("--compare", metavar="SETTINGS",
-                   help="niah: also answer every sample with these settings, on the same banks ('fusion=max;widen=8;"
-                        "inject_k=8': ';' between settings, ',' between keys); each writes its results beside --out "
-                        "(niah.fusion-max.json)")
+                   help="niah: also answer every sample with these settings, on the same banks ('refine=0;"
+                        "refine_margin=1,inject_k=8': ';' between settings, ',' between keys); each writes its "
+                        "results beside --out (niah.refine-0.json)")
     v.add_argument("--answers", metavar="FILE",
                    help="niah / qa: write every sample (question, expected and given answer, score, the gold and the "
                         "named or injected documents) to FILE as JSON lines")
-    _interleave_args(v)
+    _config_args(v, skip=("router_rounds",))  # eval's --router-rounds: multihop's list of counts
     _priors_arg(v)
     v.add_argument("--out", help="default: benchmarks/results/niah.json or qa_<split>.json")
     _model_args(v, "the shipped MSA-SmolLM2")

@@ -120,7 +120,7 @@ def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens
     bank = MemoryBank.build(model, tok, texts, progress=True)
     tokens = sum(bank.token_count(d) for d in bank.doc_ids())
     print(f"   {bank.num_docs} documents, {tokens} tokens, encoded in {time.perf_counter() - t0:.0f} s\n", file=out)
-    engine = MSAEngine(model, tok, bank, similarity="train")
+    engine = MSAEngine(model, tok, bank, inject_k=inject_k)
     if priors:
         t = time.perf_counter()
         engine.calibrate_priors(n=priors)
@@ -129,7 +129,7 @@ def _ask_memory(model, tok, title, texts, names, questions, refs, max_new_tokens
     answers = []
     for q, ref in zip(questions, refs):
         t = time.perf_counter()
-        ans = engine.ask(q, max_new_tokens=max_new_tokens, interleave="router", inject_k=inject_k)
+        ans = engine.ask(q, max_new_tokens=max_new_tokens)
         answers.append(ans)
         print(f"Q: {q}", file=out)
         for d in (d for r in ans.rounds for d in r):

@@ -1,7 +1,8 @@
 """Routing, prefill, decoding and Memory Interleave over a memory bank (stages 2 and 3)."""
 
+from .config import RefineConfig, RetrievalConfig
 from .engine import Answer, MSAEngine
 from .generate import Sampling
 from .prefill import prefill, prefill_batch
 
-__all__ = ["Answer", "MSAEngine", "Sampling", "prefill", "prefill_batch"]
+__all__ = ["Answer", "MSAEngine", "RefineConfig", "RetrievalConfig", "Sampling", "prefill", "prefill_batch"]

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..memory.bank import MemoryBank, render_documents
 from .calibrate import PRIOR_SENTENCES
+from .config import RetrievalConfig
 from .generate import Sampling, generate
 from .prefill import Routing, prefill_batch
 from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
@@ -20,48 +21,14 @@ from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 _ID = re.compile(r"\[(\d+)\]")
 
 
-FUSIONS = ("rrf", "score", "max")
-# MSAEngine's router-injection defaults: the layers fused by reciprocal rank; where they cut no clear head (cut_drop
-# below 0.5) the 64 best documents re-ranked with 4-token keys, both passes voting. Chosen on the 1M-token NIAH
-# samples of seeds 42-57, confirmed on 800 fresh ones per size (seed 100, 32K / 128K / 1M: 96.84 / 96.22 / 94.31 ->
-# 98.09 / 97.72 / 95.06%; docs/msa-smollm2.md).
-ROUTER_DEFAULTS = {"fusion": "rrf", "refine": 64, "refine_chunk": 4, "refine_depth": 0, "refine_margin": 0.5,
-                   "refine_fuse": True, "widen": 0, "widen_margin": 2 / 3}
-
-
-def engine_settings(fusion: str = "rrf", refine: int = 0, refine_chunk: int = 4, refine_depth: int = 0,
-                    refine_margin: float = 1.0, refine_fuse: bool = False, widen: int = 0,
-                    widen_margin: float = 2 / 3) -> dict:
-    """MSAEngine's router-injection settings as results record them: the fusion always, the refinement and the
-    widening only when on, their newer options only when not the default. Read back, a missing key is off (results
-    written before an option existed ran without it), whatever ROUTER_DEFAULTS says."""
-    fine = {"refine": refine, "refine_chunk": refine_chunk, **({"refine_depth": refine_depth} if refine_depth else {}),
-            **({"refine_margin": round(refine_margin, 4)} if refine_margin < 1 else {}),
-            **({"refine_fuse": True} if refine_fuse else {})}
-    return {"fusion": fusion, **(fine if refine else {}),
-            **({"widen": widen, "widen_margin": round(widen_margin, 4)} if widen else {})}
-
-
-def _check_fusion(fusion: str) -> None:
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
-
-
-def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset(), fusion: str = "rrf") -> list[int]:
-    """The k documents ranked highest over all router layers, leaving out `exclude`. `fusion`: "rrf" =
-    reciprocal-rank fusion (sum of 1 / (60 + rank)); "score" = sum of the layers' routing scores (a layer that did
-    not select a document adds nothing), so the layers that separate the documents most weigh most; "max" = a
-    document's highest routing score in any layer, so one sure layer outweighs many unsure ones."""
-    _check_fusion(fusion)
+def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list[int]:
+    """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank)),
+    leaving out `exclude`."""
     fused: dict[int, float] = {}
     for picked in routing.values():
-        for rank, (d, score) in enumerate(picked):
-            if d in exclude:
-                continue
-            if fusion == "max":
-                fused[d] = max(fused.get(d, score), score)
-            else:
-                fused[d] = fused.get(d, 0.0) + (1.0 / (60 + rank) if fusion == "rrf" else score)
+        for rank, (d, _) in enumerate(picked):
+            if d not in exclude:
+                fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
     return sorted(fused, key=fused.get, reverse=True)[:k]
 
 
@@ -143,40 +110,31 @@ class _Row:
 
 
 class MSAEngine:
-    """`similarity`: 'official' (the release's engine: cosine only for INFONCE), 'train' (as trained:
-    cosine for every InfoNCE-family loss), 'cosine' or 'dot'. The router-injection settings (fusion, refine*,
-    widen*) default to ROUTER_DEFAULTS."""
+    """Questions over `bank`, retrieving as `config` says (RetrievalConfig's defaults: the shipped engine's);
+    keyword `settings` are RetrievalConfig's flat keys (similarity, inject_k, refine, refine_chunk, ...) over it."""
 
-    def __init__(self, model, tok, bank: MemoryBank, similarity: str = "official", max_rounds: int = 4,
-                 fusion: str = ROUTER_DEFAULTS["fusion"], refine: int = ROUTER_DEFAULTS["refine"],
-                 refine_chunk: int = ROUTER_DEFAULTS["refine_chunk"],
-                 refine_depth: int = ROUTER_DEFAULTS["refine_depth"],
-                 refine_margin: float = ROUTER_DEFAULTS["refine_margin"],
-                 refine_fuse: bool = ROUTER_DEFAULTS["refine_fuse"], widen: int = ROUTER_DEFAULTS["widen"],
-                 widen_margin: float = ROUTER_DEFAULTS["widen_margin"]):
+    def __init__(self, model, tok, bank: MemoryBank, config: RetrievalConfig | None = None, **settings):
         if bank.model is not model:
             raise ValueError("the memory bank was encoded by another model instance")
-        _check_fusion(fusion)
-        if refine < 0 or not 1 <= refine_chunk <= bank.pool_size or refine_depth < 0 or not 0 < refine_margin <= 1:
-            raise ValueError(f"refine={refine}, refine_chunk={refine_chunk}, refine_depth={refine_depth}, "
-                             f"refine_margin={refine_margin}: expected refine >= 0 (0: off), 1 <= refine_chunk <= the "
-                             f"bank's chunk size {bank.pool_size}, refine_depth >= 0 and 0 < refine_margin <= 1")
-        if widen < 0 or not 0 < widen_margin <= 1:
-            raise ValueError(f"widen={widen}, widen_margin={widen_margin}: expected widen >= 0 (0: off) and "
-                             "0 < widen_margin <= 1")
-        self.model, self.tok, self.bank, self.similarity, self.max_rounds = model, tok, bank, similarity, max_rounds
-        self.fusion = fusion  # how router injection ranks documents over the layers (fused_top)
-        # router injection re-ranks its `refine` best documents with keys pooled over `refine_chunk` tokens (refined),
-        # ranked over each layer's top `refine_depth` (0: the layers' top-k), when the layers cut no clear head
-        # (cut_drop below `refine_margin`; 1: always); `refine_fuse`: the refined layers' votes join the first pass's
-        # (fused over both) instead of replacing them
-        self.refine, self.refine_chunk = refine, refine_chunk
-        self.refine_depth, self.refine_margin, self.refine_fuse = refine_depth, refine_margin, bool(refine_fuse)
-        # router injection injects `widen` documents instead of inject_k when the layers cut no clear head (cut_drop
-        # below `widen_margin`): look-alike documents split their votes and the right one is often ranked 5th-8th
-        self.widen, self.widen_margin = widen, widen_margin
+        self.model, self.tok, self.bank = model, tok, bank
+        self.config = (config or RetrievalConfig()).replace(**settings)
         self.protocol = Protocol(tok)
         self.stop_ids, self.round_end = self.protocol.stop_ids, self.protocol.round_end
+
+    @property
+    def config(self) -> RetrievalConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: RetrievalConfig) -> None:
+        if not config.refine.chunk <= self.bank.pool_size:
+            raise ValueError(f"refine_chunk={config.refine.chunk}: expected at most the bank's chunk size "
+                             f"{self.bank.pool_size}")
+        self._config = config
+
+    @property
+    def similarity(self) -> str:
+        return self.config.similarity
 
     def encode_question(self, question: str) -> tuple[list[int], list[bool]]:
         """Active tokens after the template prefix and their routing mask (see protocol.py)."""
@@ -241,25 +199,25 @@ class MSAEngine:
                             route_only=True)
         return res.memory.routing
 
-    def ask(self, question: str | list[str], max_new_tokens: int = 256, interleave: bool | str = True,
-            **kw) -> Answer | list[Answer]:
+    def ask(self, question: str | list[str], max_new_tokens: int = 256, **kw) -> Answer | list[Answer]:
         """Answer a question (or a list of them, as one batch); keyword arguments as `ask_batch`."""
         if isinstance(question, list):
-            return self.ask_batch(question, max_new_tokens=max_new_tokens, interleave=interleave, **kw)
-        return self.ask_batch([question], max_new_tokens=max_new_tokens, interleave=interleave, **kw)[0]
+            return self.ask_batch(question, max_new_tokens=max_new_tokens, **kw)
+        return self.ask_batch([question], max_new_tokens=max_new_tokens, **kw)[0]
 
-    def ask_batch(self, questions: list[str], max_new_tokens: int | list[int] = 256, interleave: bool | str = True,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                  stop: list[str] | None = None, max_rounds: int | None = None, inject_k: int = 2,
-                  router_rounds: int = 1, batch_size: int = 16,
+    def ask_batch(self, questions: list[str], max_new_tokens: int | list[int] = 256,
+                  interleave: bool | str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = None, stop: list[str] | None = None, max_rounds: int | None = None,
+                  inject_k: int | None = None, router_rounds: int | None = None, batch_size: int = 16,
                   documents: list[list[int]] | None = None, progress: str | None = None,
                   cancel: threading.Event | list[threading.Event] | None = None,
                   on_text: Callable[[int, str], None] | None = None) -> list[Answer]:
         """Answer questions in batches of `batch_size`; every round of a batch is one prefill + decode.
 
-        `interleave`: True (or "model") = Memory Interleave as published, the model names the documents to
-        inject; "router" = the engine injects the `inject_k` documents the router layers rank highest
-        (fused over layers as the engine's `fusion` says), then the model answers; False = answer in one round.
+        `interleave`, `inject_k`, `router_rounds`, `max_rounds`: for this call, over the engine's config.
+        `interleave`: "model" (or True) = Memory Interleave as published, the model names the documents to
+        inject; "router" = the engine injects the `inject_k` documents the router layers rank highest, then the
+        model answers; "off" (or False) = answer in one round.
         `documents` (router mode): per question, the documents to inject instead (one round; another retriever's
         pick, read as the model reads routed ones). `progress`: a progress bar with this label. `cancel`: once set
         (by another thread), the next decoded token raises Cancelled (the server's timeouts and departed clients);
@@ -267,10 +225,12 @@ class MSAEngine:
         the others go on. `max_new_tokens`: for every question, or a list, one per question. `on_text(i, text)`:
         called from the decode loop with each new piece of question i's answer text as it is decoded (the pieces
         join to its `Answer.text`, save in the rare answer that writes the answer marker after other text)."""
-        if interleave not in (True, False, "model", "router"):
-            raise ValueError(f"interleave={interleave!r}: expected True, False, 'model' or 'router'")
+        mode = {True: "model", False: "off"}.get(interleave, interleave) if isinstance(interleave, bool) else interleave
+        c = self.config.replace(**{k: v for k, v in (("interleave", mode), ("inject_k", inject_k),
+                                                     ("router_rounds", router_rounds), ("max_rounds", max_rounds))
+                                   if v is not None})
         if documents is not None:
-            if interleave != "router" or len(documents) != len(questions):
+            if c.interleave != "router" or len(documents) != len(questions):
                 raise ValueError("documents: one list per question, with interleave='router'")
             unknown = sorted({d for docs in documents for d in docs if d not in self.bank or self.bank.text(d) is None})
             if unknown:
@@ -279,35 +239,32 @@ class MSAEngine:
         cancels = cancel if isinstance(cancel, list) else [None] * len(questions)
         if len(budgets) != len(questions) or len(cancels) != len(questions):
             raise ValueError("max_new_tokens and cancel: one per question when given as lists")
-        if router_rounds < 1:
-            raise ValueError(f"router_rounds={router_rounds}: expected at least 1")
-        if interleave and self.round_end is None:
+        if c.interleave != "off" and self.round_end is None:
             raise ValueError(f"Memory Interleave needs the {ROUND_END} token, which this tokenizer lacks; "
-                             "pass interleave=False")
+                             "pass interleave='off'")
         sampling = Sampling(temperature, top_p, seed)
-        rounds = self.max_rounds if max_rounds is None else max_rounds
         out = []
         with tqdm(total=len(questions), desc=progress, unit="question", disable=progress is None) as bar:
             for i in range(0, len(questions), batch_size):
                 part = slice(i, i + batch_size)
                 shown = on_text and (lambda b, text, i=i: on_text(i + b, text))
-                out += self._answer(questions[part], budgets[part], interleave, sampling, stop or [], rounds, inject_k,
-                                    router_rounds, documents and documents[part],
+                out += self._answer(questions[part], budgets[part], c, sampling, stop or [],
+                                    documents and documents[part],
                                     cancel if isinstance(cancel, threading.Event) else cancels[part], shown)
                 bar.update(len(questions[i:i + batch_size]))
         return out
 
-    def _answer(self, questions, budgets, interleave, sampling, stop_strings, max_rounds, inject_k,
-                router_rounds, documents=None, cancel=None, on_text=None) -> list[Answer]:
+    def _answer(self, questions, budgets, c: RetrievalConfig, sampling, stop_strings, documents=None, cancel=None,
+                on_text=None) -> list[Answer]:
         rows = []
         for n, (q, budget) in enumerate(zip(questions, budgets)):
             ids, mask = self.encode_question(q)
             rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
-                             phase="retrieve" if interleave in (True, "model") else "answer", index=n, budget=budget,
+                             phase="retrieve" if c.interleave == "model" else "answer", index=n, budget=budget,
                              cancel=None if isinstance(cancel, threading.Event) else cancel[n]))
         timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "refine": 0.0, "decode": 0.0, "decode_tokens": 0}
-        if interleave == "router":
-            self._router_injection(rows, inject_k, router_rounds, timings, documents)
+        if c.interleave == "router":
+            self._router_injection(rows, c.inject_k, c.router_rounds, timings, documents)
         while live := [r for r in rows if r.finish is None]:
 
             def event(b: int, ids: list[int], live=live) -> str | None:
@@ -327,7 +284,7 @@ class MSAEngine:
                 timings[k] += g.timings.get(k, 0)
             for row, ids, event, routing in zip(live, g.tokens, g.events, g.routing):
                 row.routing.append(routing)
-                self._advance(row, ids, event, max_rounds)
+                self._advance(row, ids, event, c.max_rounds)
         return [self._result(r, timings) for r in rows]
 
     def _router_injection(self, rows: list[_Row], k: int, rounds: int, timings: dict,
@@ -341,23 +298,20 @@ class MSAEngine:
         for _ in range(0 if given else rounds):
             t0 = time.perf_counter()
             res = prefill_batch(self.bank, [r.tokens for r in rows], [r.route for r in rows],
-                                similarity=self.similarity, route_only=True,
-                                depth=self.refine_depth if self.refine else 0)
+                                similarity=self.similarity, route_only=True)
             timings["route"] += res.memory.route_seconds
             timings["prefill"] += time.perf_counter() - t0
-            for row, deep in zip(rows, res.memory.routing):
-                routing = {layer: picked[:res.memory.top_k] for layer, picked in deep.items()}
+            fine = self.config.refine
+            for row, routing in zip(rows, res.memory.routing):
                 row.routing.append(routing)  # the routing that picked the injected documents
                 done = {d for r in row.rounds for d in r}
-                if self.refine and (self.refine_margin >= 1 or cut_drop(
-                        routing, fused_top(routing, k + 1, done, self.fusion), k) < self.refine_margin):
+                if fine.top and (fine.margin >= 1
+                                 or cut_drop(routing, fused_top(routing, k + 1, done), k) < fine.margin):
                     t0 = time.perf_counter()
-                    fine = self.refined(row.tokens, row.route, fused_top(deep, self.refine, done, self.fusion))
-                    routing = joint_routing(routing, fine) if self.refine_fuse else fine
+                    refined = self.refined(row.tokens, row.route, fused_top(routing, fine.top, done))
+                    routing = joint_routing(routing, refined) if fine.fuse else refined
                     timings["refine"] += time.perf_counter() - t0  # outside the prefill it is not part of
-                order = fused_top(routing, max(k + 1, self.widen), exclude=done, fusion=self.fusion)
-                wide = self.widen > k and cut_drop(routing, order, k) < self.widen_margin
-                top = sorted(order[:self.widen if wide else k])
+                top = sorted(fused_top(routing, k, exclude=done))
                 row.tokens = row.tokens + self.protocol.naming(top)
                 self._inject(row, top)
         for row in rows:
@@ -365,11 +319,11 @@ class MSAEngine:
             row.route += [False] * (len(row.tokens) - len(row.route))
 
     def refined(self, tokens: list[int], route: list[bool], shortlist: list[int]) -> Routing:
-        """The routing of one question over `shortlist` only, re-encoded with keys pooled over `refine_chunk`
-        tokens (`refine_routing`). Documents without stored text are left out."""
+        """The routing of one question over `shortlist` only, re-encoded with keys pooled over the config's
+        refine_chunk tokens (`refine_routing`). Documents without stored text are left out."""
         docs = [d for d in shortlist if self.bank.text(d) is not None]
         return refine_routing(self.bank, self.tok, tokens, route, docs, [self.bank.text(d) for d in docs],
-                              self.refine_chunk, self.similarity)
+                              self.config.refine.chunk, self.similarity)
 
     def _inject(self, row: _Row, doc_ids: list[int]) -> None:
         """Append the documents' text; the question block and this text route the next round."""

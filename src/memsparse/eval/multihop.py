@@ -16,8 +16,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..engine import MSAEngine
-from ..engine.engine import ROUTER_DEFAULTS, engine_settings
+from ..engine import MSAEngine, RetrievalConfig
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..train.tasks.mix import MULTIHOP_CHAINS, Pool, Question, hidden_chains, line_passages
@@ -48,21 +47,20 @@ def questions(count_many, memory_tokens: int, n: int, rng: random.Random) -> lis
 
 
 def evaluate(model, tok, tokens: list[int], samples: int = 100, router_rounds: tuple[int, ...] = (1, 2),
-             inject_k: int = 4, seed: int = EVAL_SEED) -> list[dict]:
+             config: RetrievalConfig | None = None, seed: int = EVAL_SEED) -> list[dict]:
     """One point per (memory size, rounds): accuracy (%), hop-1 / hop-2 injection recall, seconds per sample.
-    Every rounds setting answers the same questions."""
-    count = TokenCounter.of(tok).many
+    Every rounds setting answers the same questions, in router mode, otherwise as `config` says."""
+    count, config = TokenCounter.of(tok).many, config or RetrievalConfig()
     points = []
     for n in tokens:
         asked = questions(count, n, samples, random.Random(seed + n))
         stats = {r: {"acc": [], "hop1": [], "hop2": [], "t": 0.0} for r in router_rounds}
         for q in tqdm(asked, desc=f"multihop @ {n}", leave=False):
             bank = MemoryBank.build(model, tok, q.documents, tier="auto")
-            engine = MSAEngine(model, tok, bank, similarity="train")
+            engine = MSAEngine(model, tok, bank, config, interleave="router")
             for r in router_rounds:
                 t0 = time.perf_counter()
-                ans = engine.ask(q.question, max_new_tokens=32, interleave="router", inject_k=inject_k,
-                                 router_rounds=r)
+                ans = engine.ask(q.question, max_new_tokens=32, router_rounds=r)
                 s = stats[r]
                 s["t"] += time.perf_counter() - t0
                 injected = {d for rnd in ans.rounds for d in rnd}
@@ -70,8 +68,7 @@ def evaluate(model, tok, tokens: list[int], samples: int = 100, router_rounds: t
                 s["hop1"].append(q.hops[0][0] in injected)
                 s["hop2"].append(q.hops[1][0] in injected)
         for r, s in stats.items():
-            points.append({"tokens": n, "router_rounds": r, **engine_settings(**ROUTER_DEFAULTS),
-                           "inject_k": inject_k, "samples": samples,
+            points.append({"tokens": n, "router_rounds": r, **config.settings(), "samples": samples,
                            "accuracy": round(100 * sum(s["acc"]) / samples, 2),
                            "hop1_injected": round(sum(s["hop1"]) / samples, 4),
                            "hop2_injected": round(sum(s["hop2"]) / samples, 4),

@@ -14,7 +14,6 @@ value formats, none of which training sees). `split`: "dev" or "test", disjoint 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import random
@@ -24,17 +23,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..engine import MSAEngine
-from ..engine.engine import ROUTER_DEFAULTS, engine_settings
+from ..engine import MSAEngine, RetrievalConfig
+from ..engine.config import REMOVED, key_of, setting_fields
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..train.tasks import needles
 from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
-_OFF = {k: p.default for k, p in inspect.signature(engine_settings).parameters.items()}  # a missing key's value
-_ENGINE_KEYS = tuple(_OFF)
-SETTING_KEYS = (*_ENGINE_KEYS, "inject_k")
+SETTING_KEYS = tuple(key_of(f) for f in setting_fields())  # what results record of RetrievalConfig (its labels)
+_ABSENT = RetrievalConfig.from_settings({}).flat()  # a key a result does not record: the value it ran with
+# removed options as older results record them, with the value the engine now always has: a result that records
+# another value measured a setting of its own
+_LEGACY = {"fusion": "rrf", "refine_depth": 0, "widen": 0}
 DATA = ("ruler", "heldout")
 SPLITS = ("dev", "test")
 SPLIT_SEEDS = 1_000_000  # dev: seeds [0, SPLIT_SEEDS); test: [SPLIT_SEEDS, 2 * SPLIT_SEEDS)
@@ -66,48 +67,53 @@ def average(points: list[dict]) -> tuple[float, float]:
 
 
 def setting_of(point: dict) -> dict:
-    """The injection setting a point (or answer line) was measured with: engine_settings and inject_k (results
-    written before inject_k was recorded injected 4)."""
-    engine = engine_settings(**{k: point[k] for k in _ENGINE_KEYS if k in point})
-    return {**engine, "inject_k": point.get("inject_k", 4)}
+    """The setting a point (or answer line) was measured with: RetrievalConfig.settings (a key it does not record
+    took the value of the results written before it existed), then any removed option it records with a value the
+    engine no longer has ("fusion": "max", "widen": 8 and its "widen_margin")."""
+    setting = RetrievalConfig.from_settings({k: point[k] for k in SETTING_KEYS if k in point}).settings()
+    legacy = {k: point[k] for k, v in _LEGACY.items() if point.get(k, v) != v}
+    return {**setting, **legacy, **({"widen_margin": point["widen_margin"]} if "widen" in legacy else {})}
 
 
 def parse_settings(text: str) -> list[dict]:
     """`--compare` text: settings separated by ';', each a comma list of key=value over SETTING_KEYS
-    ("fusion=max;widen=8,widen_margin=0.5;inject_k=8")."""
+    ("refine=0;refine_margin=1,inject_k=8"); a removed option is refused, saying why."""
     out = []
+    types = {key_of(f): type(f.default) for f in setting_fields()}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         setting = {}
         for item in part.split(","):
             key, eq, value = item.strip().partition("=")
             key = key.strip().replace("-", "_")
+            if key in REMOVED:
+                raise ValueError(f"--compare: {key} was removed: {REMOVED[key]}")
             if not eq or key not in SETTING_KEYS:
                 raise ValueError(f"--compare {part!r}: expected key=value with keys from {', '.join(SETTING_KEYS)}")
             value = value.strip()
-            setting[key] = value if key == "fusion" else float(value) if key.endswith("_margin") else int(value)
+            setting[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
         out.append(setting)
     return out
 
 
 def setting_label(setting: dict, base: dict) -> str:
-    """File-name label of a setting: what differs from `base` ("fusion-max", "widen-8_widen_margin-0.5"); a key of
-    `base` the setting lacks with its off value ("refine-0", "refine_fuse-False"; an option's sub-keys left out
-    where the option itself is off)."""
-    off = [f"{k}-{_OFF[k]}" for k in base
+    """File-name label of a setting: what differs from `base` ("refine-0", "inject_k-8"); a key of `base` the
+    setting lacks with its value in results that do not record it ("refine-0", "refine_fuse-False"; an option's
+    sub-keys left out where the option itself is off)."""
+    off = [f"{k}-{_ABSENT.get(k, _LEGACY.get(k))}" for k in base
            if k not in setting and (k in ("refine", "widen") or k.split("_")[0] in setting)]
     return "_".join([f"{k}-{v}" for k, v in setting.items() if base.get(k) != v] + off) or "same"
 
 
 def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | list[int] = 100, seed: int = 42,
-             doc_tokens: int = 512, max_new_tokens: int = 64, interleave: bool | str = "router",
-             inject_k: int = 4, priors: int = 0, engine: dict | None = None, compare: list[dict] = (),
+             doc_tokens: int = 512, max_new_tokens: int = 64, config: RetrievalConfig | None = None,
+             priors: int = 0, compare: list[dict] = (),
              on_point=None, answers=None, name: str = "", only: set[int] | None = None,
              units: set[tuple[int, str]] | None = None, data: str = "ruler", split: str | None = None) -> list[dict]:
     """One point per (memory size, subtask, setting): accuracy (%), routing and named recall, seconds per sample
     (`summarize`). `samples`: per subtask, one count for every size or one per size; `priors`: document priors from
-    that many pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `engine`: MSAEngine keywords
-    (fusion, refine, widen: how the injected documents are chosen); `compare`: more settings (engine keywords and/or
-    inject_k, over `engine`'s) answered on the same samples and banks, a paired comparison at little more cost
+    that many pseudo-queries per sample's memory (`MSAEngine.calibrate_priors`; 0: none); `config`: how the engine
+    retrieves (default: RetrievalConfig's); `compare`: more settings (RetrievalConfig's flat keys, over `config`'s)
+    answered on the same samples and banks, a paired comparison at little more cost
     (building a sample's bank is most of its time); points carry their setting (`setting_of`).
     `on_point(points so far)` runs after each point (the command line writes the results file there, so an
     interrupted run keeps what it measured). `answers`: a text file to which every answer is written as it is scored,
@@ -125,12 +131,9 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
     counts = [samples] * len(tokens) if isinstance(samples, int) else list(samples)
     if len(counts) != len(tokens):
         raise ValueError(f"samples: one count, or one per memory size ({len(tokens)}), not {len(counts)}")
-    variants = [{**ROUTER_DEFAULTS, **(engine or {}), "inject_k": inject_k}]
-    variants += [{**variants[0], **c} for c in compare]
-    unknown = {k for v in variants for k in v} - set(SETTING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown setting keys {sorted(unknown)}; expected some of {', '.join(SETTING_KEYS)}")
-    settings = [setting_of(v) for v in variants]
+    config = config or RetrievalConfig()
+    variants = [config] + [config.replace(**c) for c in compare]
+    settings = [v.settings() for v in variants]
     meta = {"model": name, **run_meta()}
     count = TokenCounter.of(tok)
     cache: dict = {}  # per-sentence token counts of the haystacks
@@ -150,16 +153,14 @@ def evaluate(model, tok, tokens: list[int], subtasks=SUBTASKS, samples: int | li
                 bank = MemoryBank.build(model, tok, s.documents, tier="auto",
                                         progress=model.device.type == "cpu" and n >= 1 << 17)
                 shared = time.perf_counter() - t0
-                for kw, setting in zip(variants, settings):
+                for variant, setting in zip(variants, settings):
                     t0 = time.perf_counter()
-                    eng = MSAEngine(model, tok, bank, similarity="train", **{k: x for k, x in kw.items()
-                                                                           if k != "inject_k"})
+                    eng = MSAEngine(model, tok, bank, variant)
                     if priors:
                         eng.calibrate_priors(n=priors)
-                    ans = eng.ask(s.question, max_new_tokens=max_new_tokens, interleave=interleave,
-                                  inject_k=kw["inject_k"])
+                    ans = eng.ask(s.question, max_new_tokens=max_new_tokens)
                     records.append({
-                        **meta, "tokens": n, "subtask": sub, "interleave": str(interleave), "seed": seed, **tags,
+                        **meta, "tokens": n, "subtask": sub, "interleave": variant.interleave, "seed": seed, **tags,
                         "sample": i, **setting, "question": s.question, "expected": s.answers, "answer": ans.text,
                         "score": string_match_all(ans.text, s.answers), "gold": sorted(s.gold), "rounds": ans.rounds,
                         "routing": {str(layer): [[d, round(float(x), 4)] for d, x in top]
@@ -182,8 +183,7 @@ def summarize(records: list[dict]) -> list[dict]:
     run's settings did not answer (a run cut short between them) is left out of all, so the settings stay paired."""
     runs: dict[tuple, dict[tuple, dict[int, dict]]] = {}
     for r in records:
-        run = (r["tokens"], r["subtask"], r.get("interleave", "router"), r["seed"], r.get("data", "ruler"),
-               r.get("split"))
+        run = (r["tokens"], r["subtask"], _mode(r), r["seed"], r.get("data", "ruler"), r.get("split"))
         runs.setdefault(run, {}).setdefault(tuple(setting_of(r).items()), {})[r["sample"]] = r
     points = []
     for (n, sub, mode, seed, data, split), sets in runs.items():
@@ -206,6 +206,12 @@ def summarize(records: list[dict]) -> list[dict]:
     return points
 
 
+def _mode(point: dict) -> str:
+    """A point's interleave mode ("True" / "False": results written when the engine took booleans)."""
+    mode = point.get("interleave", "router")
+    return {"True": "model", "False": "off"}.get(mode, mode)
+
+
 def by_setting(points: list[dict]) -> list[tuple[dict, list[dict]]]:
     """Points grouped by setting (`setting_of`), in order of first appearance."""
     groups: dict[tuple, list[dict]] = {}
@@ -219,7 +225,7 @@ def pool(points: list[dict]) -> list[dict]:
     recalls averaged over all their samples, each run kept under "runs" (seed, samples, accuracy, commit)."""
     sets = by_setting(points)
     if len(sets) > 1:
-        raise ValueError(f"points of one setting (fusion, refine, widen, inject_k) only, got {[s for s, _ in sets]}")
+        raise ValueError(f"points of one setting (refine, inject_k, ...) only, got {[s for s, _ in sets]}")
     settings = sets[0][0] if sets else {}
     kinds = {(p.get("data", "ruler"), p.get("split")) for p in points}
     if len(kinds) > 1:
@@ -228,7 +234,7 @@ def pool(points: list[dict]) -> list[dict]:
     tags.update({"split": points[0]["split"]} if points and points[0].get("split") else {})
     groups: dict[tuple, list[dict]] = {}
     for p in points:
-        groups.setdefault((p["tokens"], p["subtask"], p["interleave"]), []).append(p)
+        groups.setdefault((p["tokens"], p["subtask"], _mode(p)), []).append(p)
     pooled = []
     for (n, sub, mode), runs in groups.items():
         seeds = [r.get("seed", 42) for r in runs]

@@ -241,27 +241,25 @@ def readers(systems: list[str]) -> tuple[bool, bool]:
             any(s == "full" or (s.startswith("rag") and not s.endswith("-msa")) for s in systems))
 
 
-def system_name(engine: dict | None, inject_k: int = 4, priors: int = 0) -> str:
+def system_name(config=None, priors: int = 0) -> str:
     """memsparse's name in results: `memsparse`, with the settings that differ from the engine's defaults appended
     (`memsparse-refine-0`, `memsparse-inject_k-1`), so a run with other settings lands beside the default one in the
     results file instead of replacing it."""
-    from ..engine.engine import ROUTER_DEFAULTS
-    from .niah import setting_label, setting_of
+    from ..engine import RetrievalConfig
+    from .niah import setting_label
 
-    label = setting_label(setting_of({**ROUTER_DEFAULTS, **(engine or {}), "inject_k": inject_k}),
-                          setting_of({**ROUTER_DEFAULTS, "inject_k": 4}))
+    label = setting_label((config or RetrievalConfig()).settings(), RetrievalConfig().settings())
     return "-".join(["memsparse", *([label] if label != "same" else []), *([f"priors-{priors}"] if priors else [])])
 
 
 def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: str = "cpu",
-                inject_k: int = 4, priors: int = 0, engine: dict | None = None, progress: bool = True,
-                answers=None) -> list[dict]:
+                config=None, priors: int = 0, progress: bool = True, answers=None) -> list[dict]:
     """Per system: `scores` (n, EM / F1 and their standard errors, %), and where a ranking decides what is read the
     gold passage's `gold_rank_rates` (memsparse: its router's first pass, layers fused as the engine fuses them,
     before any refinement; ragK, ragK-msa: MiniLM); memsparse also `gold_shares` (`gold_injected`: what was read,
     after refinement). `msa` = (model, tokenizer) with routers; `plain` = (model, tokenizer)
-    without; `priors`: memsparse with document priors from that many pseudo-queries; `engine`: its MSAEngine
-    keywords (fusion, refine, widen); `answers`: a text file that gets every system's answer to every question as
+    without; `priors`: memsparse with document priors from that many pseudo-queries; `config`: its
+    RetrievalConfig (default: the engine's); `answers`: a text file that gets every system's answer to every question as
     a JSON line (the generated text, the extracted answer, EM, F1, the gold passage and, for memsparse and ragK-msa,
     the injected passages)."""
     from ..engine import MSAEngine
@@ -292,17 +290,17 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
     if needs_msa:
         model, tok = msa
         bank = MemoryBank.build(model, tok, data.paragraphs, progress=progress)
-        eng = MSAEngine(model, tok, bank, similarity="train", **(engine or {}))
+        eng = MSAEngine(model, tok, bank, config)
         if priors:
             eng.calibrate_priors(n=priors)
-        picks = {system_name(engine, inject_k, priors): None} if "memsparse" in systems else {}
+        picks = {system_name(config, priors): None} if "memsparse" in systems else {}
         picks.update({s: [t[:k] for t in top] for s, k in rag.items() if s.endswith("-msa")})
         for name, docs in picks.items():
             asked = eng.ask_batch([q for q, _, _ in qs], max_new_tokens=MAX_NEW_TOKENS, interleave="router",
-                                  inject_k=inject_k, documents=docs, progress=name if progress else None)
+                                  documents=docs, progress=name if progress else None)
             shares = gold_shares(asked, data)  # gold_routed only where the router picked the passages
             if docs is None:
-                extra = {**gold_rank_rates([fused_top(a.routing, 4, fusion=eng.fusion) for a in asked], gold),
+                extra = {**gold_rank_rates([fused_top(a.routing, 4) for a in asked], gold),
                          **shares}
             else:
                 extra = {**minilm, "gold_injected": shares["gold_injected"]}

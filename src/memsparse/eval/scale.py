@@ -21,8 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..engine import MSAEngine
-from ..engine.engine import ROUTER_DEFAULTS, engine_settings
+from ..engine import MSAEngine, RetrievalConfig
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..train.tasks.niah import make_sample, string_match_all
@@ -99,8 +98,7 @@ def niah_scores(model, tok, banks: dict, subtasks: list[str], samples: int, seed
             s = make_sample(sub, haystack, count, rng, doc_tokens=512, haystack_cache=cache)
             for size, background in banks.items():
                 bank, ids = _with_docs(background, model, tok, s.documents)
-                ans = MSAEngine(model, tok, bank, similarity="train").ask(
-                    s.question, max_new_tokens=64, interleave="router", inject_k=inject_k)
+                ans = MSAEngine(model, tok, bank, inject_k=inject_k).ask(s.question, max_new_tokens=64)
                 hits[size].append(string_match_all(ans.text, s.answers))
                 if background is not None:
                     _drop(bank, ids)
@@ -117,8 +115,7 @@ def qa_scores(model, tok, banks: dict, data, inject_k: int = 4) -> dict:
     questions = [q for q, _, _ in data.questions]
     for size, background in banks.items():
         bank, ids = _with_docs(background, model, tok, data.paragraphs)
-        engine = MSAEngine(model, tok, bank, similarity="train")
-        answers = engine.ask_batch(questions, max_new_tokens=MAX_NEW_TOKENS, interleave="router", inject_k=inject_k)
+        answers = MSAEngine(model, tok, bank, inject_k=inject_k).ask_batch(questions, max_new_tokens=MAX_NEW_TOKENS)
         summary = scores([a.text for a in answers], [ref for _, ref, _ in data.questions])[0]
         routes = [a.routing for a in answers[:100]]
         out[size] = ({**summary, "gold_routed": gold_shares(answers, data, ids)["gold_routed"]}, routes)
@@ -156,7 +153,8 @@ def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, qa_ques
               "recall": []}
     # a run of some tasks or key dtypes keeps an earlier file's other results (each point names its commit)
     dtypes = [kd for kd in key_dtypes if kd == "bf16" or fp8_at]
-    engine = engine_settings(**ROUTER_DEFAULTS)  # each point's router setting (earlier points: no refinement)
+    # each point's router setting (earlier points: no refinement)
+    engine = {k: v for k, v in RetrievalConfig().settings().items() if k != "inject_k"}
     old = json.loads(out.read_text()) if out.exists() else {}
     measured = {"niah": "niah", "qa": "qa"}  # task -> its points' name
     for task, name in measured.items():

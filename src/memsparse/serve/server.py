@@ -78,13 +78,15 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from ..engine.config import REMOVED, key_of
+from ..engine.config import fields as retrieval_fields
 from ..engine.engine import Cancelled, MSAEngine
 from ..memory.bank import BankError
 from ..memory.corpus import CorpusError, check_document
 from ..memory.store import BankBusy, load, read_manifest, writer
-from .settings import INTERLEAVE, LOOPBACK_NAMES, Settings
+from .settings import LOOPBACK_NAMES, Settings
 
 log = logging.getLogger("memsparse.serve")
 WRITE_WAIT = 30.0  # seconds a document change waits for another process writing the bank
@@ -113,8 +115,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class Generation(_Body):
-    """Sampling and memory fields common to both completion routes."""
+class _Sampling(_Body):
+    """Sampling fields common to both completion routes."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -126,9 +128,31 @@ class Generation(_Body):
     stream_options: dict[str, bool] | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
-    interleave: Literal["model", "router", "off"] | None = None
-    inject_k: int | None = Field(None, ge=1)
-    router_rounds: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        """A removed retrieval option: refused, saying why."""
+        gone = [k for k in REMOVED if isinstance(data, dict) and k in data]
+        if gone:
+            raise ValueError(f"{gone[0]} was removed: {REMOVED[gone[0]]}")
+        return data
+
+
+def _request_fields() -> dict:
+    """The RetrievalConfig settings a request may set, as optional fields (absent: the engine's config)."""
+    out = {}
+    for f in retrieval_fields():
+        if f.metadata["request"]:
+            kind = Literal[tuple(f.metadata["choices"])] if f.metadata["choices"] else type(f.default)
+            ge = f.metadata["minimum"]
+            out[key_of(f)] = (kind | None, Field(None, ge=ge, description=f.metadata["help"]))
+    return out
+
+
+REQUEST_KEYS = tuple(key_of(f) for f in retrieval_fields() if f.metadata["request"])
+Generation = create_model("Generation", __base__=_Sampling, __doc__="Sampling and memory fields common to both "
+                          "completion routes (memory: RetrievalConfig's request settings)", **_request_fields())
 
 
 class TextPart(_Body):
@@ -644,17 +668,18 @@ def create_app(engine: MSAEngine, settings: Settings | None = None, service: Ser
         if n > settings.max_new_tokens:
             raise ApiError(400, f"max_tokens {n} is over the server's limit of {settings.max_new_tokens} "
                                 "(--max-new-tokens)", param="max_tokens", code="too_many_tokens")
-        inject_k = settings.inject_k if req.inject_k is None else req.inject_k
+        asked = {k: v for k, v in req.model_dump().items() if k in REQUEST_KEYS and v is not None}
+        c = engine.config.replace(**asked)
+        inject_k, router_rounds = c.inject_k, c.router_rounds
         if inject_k > settings.max_inject_k:
             raise ApiError(400, f"inject_k {inject_k} is over the server's limit of {settings.max_inject_k}",
                            param="inject_k")
-        if req.router_rounds > settings.max_router_rounds:
-            raise ApiError(400, f"router_rounds {req.router_rounds} is over the server's limit of "
+        if router_rounds > settings.max_router_rounds:
+            raise ApiError(400, f"router_rounds {router_rounds} is over the server's limit of "
                                 f"{settings.max_router_rounds}", param="router_rounds")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        return {"max_new_tokens": n, "interleave": INTERLEAVE[req.interleave or settings.interleave],
-                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stop": stop or None,
-                "inject_k": inject_k, "router_rounds": req.router_rounds}
+        return {"max_new_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
+                "stop": stop or None, **{k: getattr(c, k) for k in REQUEST_KEYS}}
 
     def check_question(q: str, param: str) -> int:
         n = len(tok.encode(q, add_special_tokens=False))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-INTERLEAVE = {"model": True, "router": "router", "off": False}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -26,9 +25,7 @@ class Settings:
     max_router_rounds: int = 4
     max_inject_k: int = 32
     max_prompts: int = 32  # questions in one /v1/completions request
-    timeout: float = 300.0  # seconds from arrival to answer
-    interleave: str = "router"  # what a request that does not say gets
-    inject_k: int = 4
+    timeout: float = 300.0  # seconds from arrival to answer (retrieval defaults: the engine's RetrievalConfig)
     max_batch: int = 8  # questions answered together in one engine batch
     batch_window_ms: float = 5.0  # how long the first request of a batch waits for others to join it
 
@@ -44,8 +41,6 @@ class Settings:
             raise ValueError(f"--max-batch {self.max_batch}: expected at least 1 (1: no batching)")
         if not 0 <= self.batch_window_ms <= 1000:
             raise ValueError(f"--batch-window-ms {self.batch_window_ms:g}: expected 0 to 1000 milliseconds")
-        if self.interleave not in INTERLEAVE:
-            raise ValueError(f"interleave {self.interleave!r}: expected one of {sorted(INTERLEAVE)}")
 
 
 def is_loopback(host: str) -> bool:
