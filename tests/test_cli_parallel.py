@@ -144,8 +144,9 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
                      ["docs", "add", two, more],
                      ["docs", "delete", two, "1", "3"],
                      ["docs", "delete", two, "17"],
-                     ["encode", corpus, "--out", served, *enc, "--key-dtype", "fp8"],
-                     ["encode", corpus, "--out", served, *enc],
+                     ["encode", corpus, "--out", served, *enc, "--priors", "8"],
+                     ["encode", corpus, "--out", served, *enc, "--key-dtype", "fp8", "--content-dtype", "fp8",
+                      "--calibrate-keys", "8"],
                      ["serve", served, "--port", "0", "--device", "cpu"],
                      ["ask", one, "Where is Ottawa?", *ASK],
                      ["bench", "speed", "--world-size", "3", "--tiny"],
@@ -160,7 +161,7 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
     assert code == 2 and err == "memsparse docs: error: no document 17 in the bank\n|memsparse docs (rank 1): error: " \
                                 "no document 17 in the bank\n"
     code, _, err = rest[4]
-    assert code == 2 and "model's dtype" in err.split("|")[0] and err.count("\n") == 2
+    assert code == 2 and "no document priors" in err.split("|")[0] and err.count("\n") == 2
     assert rest[5][0] == 0 and rest[6][0] == 0
     for (code, _, err), why in zip(rest[7:], ("is a one-process bank: use it without torchrun",
                                               "--world-size 3, but this launch has 2 ranks", "not under torchrun")):
@@ -183,6 +184,7 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
     assert ans[0] == 200 and ans[1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert added == [200, {"ids": [8]}] and deleted[0] == 200 and again[0] == 404
     assert info[0] == 200 and info[1]["documents"] == 8 and info[1]["ranks"] == 2
+    assert (info[1]["routing keys"], info[1]["document keys/values"]) == ("fp8", "fp8")
     assert route[0] == 200 and all(len(v) == 2 for v in route[1]["routing"].values())
     listed = run("docs", "list", served)
     assert "[0]\t" not in listed and "[8]\t8\t" in listed and "Oslo is in Norway." in listed

@@ -184,10 +184,10 @@ def _load(path: str | None, device: str, dtype: str):
 def _bank_model(args: argparse.Namespace, device: str | None = None):
     """The model (and tokenizer) a bank was encoded with: --model, or the one its manifest names (a bank over ranks:
     its rank 0's); on `device`, else --device."""
-    from .memory.parallel import is_sharded
+    from .memory.parallel import is_sharded, read_rank_manifest
     from .memory.store import encoding_dtype, read_manifest
 
-    manifest = read_manifest(Path(args.bank) / "rank-0" if is_sharded(args.bank) else args.bank)
+    manifest = read_rank_manifest(args.bank) if is_sharded(args.bank) else read_manifest(args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
     return _load_model(model_path, device or args.device, args.dtype or encoding_dtype(manifest))
 
@@ -324,14 +324,14 @@ def cmd_docs(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from .memory.parallel import is_sharded, read_index
-    from .memory.store import verify
+    from .memory.parallel import is_sharded, rank_manifests, read_index
+    from .memory.store import MANIFEST, verify
 
-    if is_sharded(args.bank):  # a bank over ranks: each rank's directory
-        for r in range(read_index(args.bank)["world_size"]):
-            cmd_verify(argparse.Namespace(bank=str(Path(args.bank) / f"rank-{r}")))
+    if is_sharded(args.bank):  # a bank over ranks: the commit of each rank's directory its index names
+        for r, name in enumerate(rank_manifests(read_index(args.bank))):
+            cmd_verify(argparse.Namespace(bank=str(Path(args.bank) / f"rank-{r}"), manifest=name))
         return
-    r = verify(args.bank)  # a damaged file: BankError, one line
+    r = verify(args.bank, getattr(args, "manifest", MANIFEST))  # a damaged file: BankError, one line
     n = r["unverified"]
     unverified = f", {n} without checksums (format 1: recorded at its next commit)" if n else ""
     leftover = f"; {r['leftover']} files of older commits (removed by the next commit)" if r["leftover"] else ""
@@ -443,9 +443,9 @@ def _encode_sharded(args: argparse.Namespace) -> None:
     from .memory.parallel import ShardedBank, is_sharded
     from .memory.store import MANIFEST
 
-    if args.key_dtype != "model" or args.content_dtype != "model" or args.priors:
-        raise ValueError("a bank over ranks keeps routing keys and K̄/V̄ in the model's dtype, without document priors "
-                         "(8-bit keys and priors are not sharded yet): drop --key-dtype, --content-dtype, --priors")
+    if args.priors:
+        raise ValueError("a bank over ranks has no document priors (each needs every document's score over the "
+                         "calibration questions; not sharded yet): drop --priors")
     out = Path(args.out)
 
     def check():
@@ -460,8 +460,14 @@ def _encode_sharded(args: argparse.Namespace) -> None:
     model, tok = _load_model(args.model, dev, args.dtype)
     with ranks.group(dev), ranks.locked(out, args.wait):
         check()  # another process may have written one meanwhile
-        bank = ShardedBank.build(model, tok, texts, tier=args.tier, names=names, progress=True,
+        calibrate = args.key_dtype in ("fp8", "int8") and args.calibrate_keys > 0
+        bank = ShardedBank.build(model, tok, texts, tier=args.tier, key_dtype="model" if calibrate else args.key_dtype,
+                                 content_dtype=args.content_dtype, names=names, progress=True,
                                  batch_tokens=args.batch_tokens)
+        if calibrate:  # as one process: rounded for the routing queries of pseudo-queries, routed over the ranks
+            from .engine import MSAEngine
+
+            MSAEngine(model, tok, bank, similarity="train").calibrate_keys(args.key_dtype, n=args.calibrate_keys)
         bank.shard.meta = _encode_meta(args)
         bank.save(out)
     print(f"wrote {out}: {bank.num_docs} documents, {sum(bank.tokens.values())} tokens, {sum(bank.loads())} chunks "
@@ -492,11 +498,10 @@ def _docs_sharded(args: argparse.Namespace) -> None:
 
 
 def _info_sharded(args: argparse.Namespace) -> None:
-    from .memory.parallel import read_index
-    from .memory.store import read_manifest
+    from .memory.parallel import read_index, read_rank_manifest
 
     index = read_index(args.bank)
-    table, m = index["table"], read_manifest(Path(args.bank) / "rank-0")
+    table, m = index["table"], read_rank_manifest(args.bank)
     per_rank = [sum(c for _, r, c, *_ in table if r == n) for n in range(index["world_size"])]
     tokens = sum(t for _, _, _, t, *_ in table)
     disk = sum(p.stat().st_size for p in Path(args.bank).rglob("*") if p.is_file())

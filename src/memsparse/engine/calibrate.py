@@ -54,7 +54,7 @@ def _route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[
     for a in range(0, len(rows), batch_size):
         ids, pos, valid, rmask = batch_rows(rows[a:a + batch_size], route_masks[a:a + batch_size],
                                             query_offset(bank, k), model.device)
-        memory = BankMemory(bank, rmask, cosine, k)
+        memory = getattr(bank, "memory_class", BankMemory)(bank, rmask, cosine, k)  # over ranks: memory/parallel.py
 
         def capture(layer, attn, h, q, rmask=rmask, memory=memory):
             if layer in routers:
