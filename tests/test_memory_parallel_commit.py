@@ -1,6 +1,7 @@
 """Memory Parallel (memory/parallel.py) on 2 CPU processes over gloo, beyond tests/test_memory_parallel.py: 8-bit
 routing keys and K̄/V̄ quantized by each rank as one process quantizes them (routing and answers identical to a
-one-process bank of the same dtypes; calibrated keys too; saved and re-sharded unchanged); atomic commits (a crash
+one-process bank of the same dtypes; calibrated keys too; saved and re-sharded unchanged); document priors computed
+over the ranks equal to one process's; atomic commits (a crash
 between the ranks' staged shards and the index leaves the previous commit open with its documents); a sharded
 service following a commit another process made. One spawn runs every check (a process start costs seconds)."""
 
@@ -121,6 +122,28 @@ def _checks(rank: int, world: int, out: Path) -> None:
         again = ShardedBank.load(out / "cal", model, tok, group=sub)
         assert again.shard.key_moments is not None and again.add(["Paris is old"]) == ref.add(["Paris is old"])
         assert all(torch.equal(x, y) for x, y in zip(_stored(again.shard, 24), _stored(ref, 24)))
+    dist.barrier()
+
+    # document priors (engine calibrate_priors): each rank scores its shard; every rank keeps all priors, as one
+    # process has them; routing with them, saved and re-sharded, and a document added later (the mean prior)
+    ref = ms.MemoryBank.empty(model, base.prefix_ids, tok=tok)
+    ref.add_encoded(*enc)
+    sb = ShardedBank(ms.MemoryBank.empty(model, base.prefix_ids, tok=tok))
+    sb.add_encoded(*enc)
+    sb.delete([3])
+    ref.delete([3])
+    p_ref = ms.MSAEngine(model, tok, ref, similarity="train").calibrate_priors(n=8)
+    p_sb = ms.MSAEngine(model, tok, sb, similarity="train").calibrate_priors(n=8)
+    assert torch.equal(p_sb["ids"], p_ref["ids"]) and 3 not in p_sb["ids"].tolist()
+    assert all(torch.equal(p_sb["scores"][lay], p_ref["scores"][lay]) for lay in p_ref["scores"])
+    _check_routing(sb, ref, "priors", exact=True, light=True)
+    sb.save(out / "priors")
+    ref.compact()
+    if rank == 0:
+        again = ShardedBank.load(out / "priors", model, tok, group=sub)
+        assert torch.equal(again.doc_priors["ids"], p_ref["ids"])
+        assert again.add(["Paris is old"]) == ref.add(["Paris is old"])
+        _check_routing(again, ref, "priors, saved, opened by one, added to", exact=True, light=True)
     dist.barrier()
 
     # atomic commits: a crash after the ranks staged their shards, before rank 0 published the index

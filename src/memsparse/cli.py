@@ -443,9 +443,6 @@ def _encode_sharded(args: argparse.Namespace) -> None:
     from .memory.parallel import ShardedBank, is_sharded
     from .memory.store import MANIFEST
 
-    if args.priors:
-        raise ValueError("a bank over ranks has no document priors (each needs every document's score over the "
-                         "calibration questions; not sharded yet): drop --priors")
     out = Path(args.out)
 
     def check():
@@ -464,10 +461,15 @@ def _encode_sharded(args: argparse.Namespace) -> None:
         bank = ShardedBank.build(model, tok, texts, tier=args.tier, key_dtype="model" if calibrate else args.key_dtype,
                                  content_dtype=args.content_dtype, names=names, progress=True,
                                  batch_tokens=args.batch_tokens)
-        if calibrate:  # as one process: rounded for the routing queries of pseudo-queries, routed over the ranks
+        if calibrate or args.priors:  # as one process does, routed over the ranks
             from .engine import MSAEngine
 
-            MSAEngine(model, tok, bank, similarity="train").calibrate_keys(args.key_dtype, n=args.calibrate_keys)
+            engine = MSAEngine(model, tok, bank, similarity="train")
+            if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
+                engine.calibrate_keys(args.key_dtype, n=args.calibrate_keys)
+            if args.priors:  # after the keys take their final form: the priors are scores under them
+                with _status(f"document priors from {args.priors} sentences of the corpus (minutes on a CPU)"):
+                    engine.calibrate_priors(n=args.priors)
         bank.shard.meta = _encode_meta(args)
         bank.save(out)
     print(f"wrote {out}: {bank.num_docs} documents, {sum(bank.tokens.values())} tokens, {sum(bank.loads())} chunks "
@@ -508,7 +510,9 @@ def _info_sharded(args: argparse.Namespace) -> None:
     info = {"bank": str(args.bank), "ranks": index["world_size"], "documents": len(table), "tokens": tokens,
             "chunks": sum(per_rank), "chunks per rank": per_rank, "bytes on disk": disk,
             "bytes per token": round(disk / max(tokens, 1), 1), "dtype": m["dtype"],
-            "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
+            "routing keys": m.get("key_dtype", "model"), "document keys/values": m.get("content_dtype", "model"),
+            "document priors": "yes" if m.get("doc_priors") else "no", "router layers": m["router_layers"],
+            "chunk size": m["msa"]["pooling_kernel_size"],
             "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "commit": index["commit"]}
     for k, v in info.items():
         print(f"{k:>28}: {v}")
@@ -828,7 +832,11 @@ def _bench_parallel(args: argparse.Namespace) -> None:
     for p in res["points"]:
         print(f"{p['world_size']:>5} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
               f"{p['routing_floor_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} {p['decode_ms_per_token']:>6}")
-    print(f"wrote {out}")
+    from .eval.meta import pyplot
+
+    png = out.with_name("speed_parallel.png")
+    drawn = f" and {png} (every speed_parallel_*.json there)" if pyplot() else " (no plot: matplotlib is not installed)"
+    print(f"wrote {out}{drawn}")
 
 
 def _eval_scale(args: argparse.Namespace) -> None:

@@ -7,7 +7,9 @@ the routing floor of the largest shard (its routing key bytes / this device's re
 
 Runs under a launch of N ranks (`torchrun --nproc_per_node N -m memsparse.cli bench speed --world-size N`) or
 spawns them (one per GPU, NCCL; on a CPU, gloo, sharing its cores). Writes speed_parallel_N.json (machine, date,
-commit, like speed.json) after each point.
+commit, like speed.json) after each point, and at the end speed_parallel.png beside it (with matplotlib): every
+speed_parallel_*.json of that directory, routing ms against memory tokens and the scaling curve (routing and TTFT
+against ranks).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .. import ranks
 from ..engine.generate import generate
 from ..engine.prefill import prefill_batch, sync
 from ..memory.parallel import ShardedBank, place
-from .meta import run_meta
+from .meta import pyplot, run_meta, save_figure
 from .speed import QWEN3_4B, TINY, Settings, _log, _median_ms, questions, random_bank, random_model, read_rate
 
 
@@ -101,7 +103,49 @@ def measure(out: Path, tokens: list[int], s: Settings, tiny: bool) -> dict | Non
         del bank
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if rank == 0:
+        plot(out.parent)
     return result if rank == 0 else None
+
+
+def plot(folder: Path) -> Path | None:
+    """speed_parallel.png in `folder` from its speed_parallel_*.json (one per world size): routing ms (and the
+    largest shard's floor) against memory tokens, and routing ms and TTFT against ranks per memory size and key
+    dtype (the scaling curve). None without matplotlib or results."""
+    plt = pyplot()
+    runs = sorted((json.loads(f.read_text()) for f in folder.glob("speed_parallel_*.json")),
+                  key=lambda r: r["world_size"])
+    points = [p for r in runs for p in r["points"]]
+    if plt is None or not points:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for (world, kd) in sorted({(p["world_size"], p["key_dtype"]) for p in points}):
+        pts = sorted((p for p in points if (p["world_size"], p["key_dtype"]) == (world, kd)), key=lambda p: p["tokens"])
+        x = [p["tokens"] for p in pts]
+        line, = axes[0].plot(x, [p["routing_ms"] for p in pts], "o-", label=f"{world} ranks, {kd} keys")
+        axes[0].plot(x, [p["routing_floor_ms"] for p in pts], ":", color=line.get_color())
+    for (n, kd) in sorted({(p["tokens"], p["key_dtype"]) for p in points}):
+        pts = sorted((p for p in points if (p["tokens"], p["key_dtype"]) == (n, kd)), key=lambda p: p["world_size"])
+        x = [p["world_size"] for p in pts]
+        axes[1].plot(x, [p["routing_ms"] for p in pts], "o-", label=f"{n:,} tokens, {kd} keys")
+        axes[2].plot(x, [p["ttft_ms"] for p in pts], "o-", label=f"{n:,} tokens, {kd} keys")
+    titles = ["routing ms per round (dotted: largest shard's floor)", "routing ms against ranks",
+              "TTFT ms against ranks"]
+    for ax, title, xlabel in zip(axes, titles, ["memory tokens", "ranks", "ranks"]):
+        ax.set_xscale("log", base=10 if xlabel == "memory tokens" else 2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.set_xticks([r["world_size"] for r in runs], [str(r["world_size"]) for r in runs])
+    last = runs[-1]
+    fig.suptitle(f"memsparse Memory Parallel, {last.get('gpu')}, {last.get('backend')} ({last.get('date')}, "
+                 f"{last.get('commit')})")
+    path = folder / "speed_parallel.png"
+    save_figure(fig, path)
+    return path
 
 
 def sharded_random_bank(model, tokens: int, s: Settings) -> ShardedBank:

@@ -21,8 +21,10 @@ a rank holds the document), so every rank attends to the same memory as one proc
 8-bit routing keys and K̄/V̄ (`key_dtype`, `content_dtype` 'fp8' / 'int8'): each rank quantizes its own shard,
 as a one-process bank does (one scale per chunk, or per chunk and head: a chunk's 8 bits depend on that chunk
 alone), so routing and memory are the one process's with the same dtypes; keys calibrated for routing queries
-(engine `calibrate_keys`, `set_key_dtype`) with rank 0's query moments, which every rank keeps. Not sharded:
-documents at global positions (doc_positions='global'), document priors.
+(engine `calibrate_keys`, `set_key_dtype`) with rank 0's query moments, which every rank keeps. Document priors
+(engine `calibrate_priors`): each rank scores its shard, the sums meet in one all-reduce over global ids, and every
+shard keeps all of them (`set_doc_priors`), subtracting its documents' before its top-k. Not sharded: documents at
+global positions (doc_positions='global').
 
 On disk (`save`, `load`): one store directory per rank (`rank-{r}`, memory/store.py), each commit staged there as
 new files and a manifest-<commit>.json (`store.stage`), then published by rank 0 writing the index
@@ -104,8 +106,6 @@ class ShardedBank:
         msa = shard.model.msa_config
         if msa.doc_positions == "global":
             raise ValueError("Memory Parallel: documents at global positions (doc_positions='global') are not sharded")
-        if shard.doc_priors is not None:
-            raise ValueError("Memory Parallel: document priors are not sharded")
         self.shard, self.group = shard, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.src = dist.get_global_rank(group, 0) if group is not None else 0  # rank 0 of the group, globally
@@ -203,6 +203,19 @@ class ShardedBank:
                 dist.broadcast(m, src=self.src, group=self.group)
         self.shard.set_key_dtype(kind, moments)
         return self
+
+    @property
+    def doc_priors(self) -> dict | None:
+        """The documents' routing-score priors (`MemoryBank.doc_priors`), every document's on every rank."""
+        return self.shard.doc_priors
+
+    def set_doc_priors(self, priors: dict | None) -> None:
+        """Give every shard the priors of all documents (collective; engine `calibrate_priors` computes them over
+        this bank): each shard subtracts its documents' before its top-k, and a document added later gets the mean
+        of all, as in one process."""
+        self._agree("set_doc_priors", None if priors is None else (
+            priors["ids"].tolist(), [(lay, float(t.double().sum())) for lay, t in sorted(priors["scores"].items())]))
+        self.shard.set_doc_priors(priors)
 
     def _note(self, d: int, rank: int, chunks: int, tokens: int, record: tuple[str, str | None]) -> None:
         self.owner[d], self.chunks[d], self.tokens[d], self.records[d] = rank, chunks, tokens, record
@@ -363,6 +376,7 @@ class ShardedBank:
                     raise BankError(f"{path}: its ranks hold keys or K̄/V̄ in different dtypes")
                 bank = cls(olds[0].like(tier="auto"), group)
                 bank.shard.meta, bank.shard.key_moments = dict(olds[0].meta), olds[0].key_moments
+                bank.shard.set_doc_priors(olds[0].doc_priors)
                 lost = next(((d, r) for d, r, *_ in table if d not in olds[r]), None)
                 if lost is not None:
                     raise BankError(f"{path}: rank-{lost[1]} does not hold document {lost[0]}, which {INDEX} gives it")
