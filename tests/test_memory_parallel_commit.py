@@ -253,3 +253,24 @@ def test_memory_parallel_8bit_commits_and_following(tmp_path):
     assert not errors, "\n".join(errors)
     assert not hung, f"ranks {[procs.index(p) for p in hung]} did not finish in {JOIN_SECONDS} s"
     assert [p.exitcode for p in procs] == [0] * world
+
+
+def test_bench_plan_at_the_issue_sizes():
+    """`bench speed --world-size N` at Qwen3-4B geometry (18 router layers, 8 KV heads of 128, 64-token chunks):
+    1B tokens over 8 ranks fits an H200 with fp8 keys and fp8 K̄/V̄ on the device, not an H100 (nor its host);
+    100M over 2 ranks measures bf16 and fp8 keys, K̄/V̄ in fp8 in host memory."""
+    import math
+
+    from memsparse.eval.speed_parallel import choose
+
+    def sizes(tokens, world):
+        C = math.ceil(tokens // 1024 / world) * 16
+        row = 18 * C * 8 * 128
+        return {"model": 2 * row, "fp8": row + 18 * C * 4}, {"model": 4 * row, "fp8": 2 * (row + 18 * C * 8 * 4)}
+
+    gib = 2**30
+    with pytest.raises(ValueError, match="fit neither its GPU"):
+        choose(2**30, *sizes(2**30, 8), 78 * gib - 8.5e9, 540 * gib, 8)
+    assert choose(2**30, *sizes(2**30, 8), 139 * gib - 8.5e9, 540 * gib, 8) == (("fp8",), "device", "fp8")
+    assert choose(100 * 2**20, *sizes(100 * 2**20, 2), 78 * gib - 8.5e9, 540 * gib, 2) == (("model", "fp8"), "host",
+                                                                                            "fp8")

@@ -83,9 +83,13 @@ def measure(out: Path, tokens: list[int], s: Settings, tiny: bool) -> dict | Non
     result = {**run_meta(), "world_size": world, "backend": dist.get_backend(), "read_gbps": round(rate / 1e9, 1),
               "settings": vars(s) | {"batch": list(s.batch)}, "points": []}
     for n in sorted(tokens):
-        bank = sharded_random_bank(model, n, s)
-        for kd in ("model", "fp8"):
-            if kd != "model":
+        kinds, tier, cdt = plan(model, n, s, world)
+        if "model" not in kinds:
+            result.setdefault("skipped", []).append(
+                {"tokens": n, "key_dtype": "bf16", "why": "bf16 routing keys do not fit the device"})
+        bank = sharded_random_bank(model, n, s, kinds[0], tier, cdt)
+        for kd in kinds:
+            if kd != bank.shard.key_dtype:
                 bank.shard.set_key_dtype(kd)
             largest = torch.tensor([bank.shard.routing_bytes()], dtype=torch.float64)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX)
@@ -148,20 +152,68 @@ def plot(folder: Path) -> Path | None:
     return path
 
 
-def sharded_random_bank(model, tokens: int, s: Settings) -> ShardedBank:
+def plan(model, tokens: int, s: Settings, world: int) -> tuple[tuple[str, ...], str, str]:
+    """The routing-key dtypes to measure at `tokens` over `world` ranks and where each rank's K̄/V̄ go (`choose`),
+    from the largest shard's bytes. Collective: the least free memory of any rank decides, so every rank plans
+    alike."""
+    cfg, dev, layers = model.config, model.device, len(model.router_layers)
+    C = math.ceil(max(tokens // s.doc_len, 1) / world) * math.ceil(s.doc_len / model.msa_config.pooling_kernel_size)
+    row = layers * C * cfg.num_key_value_heads * cfg.head_dim  # elements of a rank's routing keys (or K̄)
+    keys = {"model": row * model.dtype.itemsize, "fp8": row + layers * C * 4}
+    content = {"model": 2 * row * model.dtype.itemsize, "fp8": 2 * (row + layers * C * cfg.num_key_value_heads * 4)}
+    if dev.type != "cuda":
+        return ("model", "fp8"), "device", "model"
+    least = torch.tensor([float(torch.cuda.mem_get_info(dev)[0]), float(_mem_available())], dtype=torch.float64,
+                         device=dev)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    free, avail = least.tolist()
+    return choose(tokens, keys, content, free, avail, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def choose(tokens: int, keys: dict, content: dict, free: float, avail: float, local: int):
+    """(key dtypes, K̄/V̄ tier, K̄/V̄ dtype) for a rank's routing-key and K̄/V̄ bytes (`keys`, `content`: per dtype,
+    'model' or 'fp8'), its GPU's `free` bytes and the host's `avail` shared by `local` ranks: K̄/V̄ on the device in
+    the model's dtype where they take under 40% of it, else fp8 in host memory where all local ranks' fit in 90%
+    of `avail`, else fp8 on the device where they fit beside fp8 routing keys in 85% of it, else a one-line error
+    (before anything is allocated); bf16 keys (measured first, then converted to fp8) only where they fit beside
+    the K̄/V̄ on the device in 85% of it."""
+    if content["model"] < 0.4 * free:
+        tier, cdt, on_device = "device", "model", content["model"]
+    elif content["fp8"] * local < 0.9 * avail:
+        tier, cdt, on_device = "host", "fp8", 0
+    elif content["fp8"] + keys["fp8"] < 0.85 * free:
+        tier, cdt, on_device = "device", "fp8", content["fp8"]
+    else:
+        raise ValueError(f"--tokens {tokens}: each rank's fp8 K̄/V̄ ({content['fp8'] / 1e9:.1f} GB) fit neither its "
+                         f"GPU beside fp8 routing keys ({keys['fp8'] / 1e9:.1f} GB; {free / 1e9:.1f} GB free) nor this "
+                         f"host beside its {local - 1} other ranks' ({avail / 1e9:.0f} GB available): use more ranks")
+    if keys["fp8"] + on_device > 0.85 * free:
+        raise ValueError(f"--tokens {tokens}: each rank's fp8 routing keys ({keys['fp8'] / 1e9:.1f} GB) do not fit "
+                         f"its GPU ({free / 1e9:.1f} GB free): use more ranks")
+    return ("model", "fp8") if keys["model"] + on_device < 0.85 * free else ("fp8",), tier, cdt
+
+
+def _mem_available() -> int:
+    """Bytes of host memory available (/proc/meminfo), or 2**50 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**50
+
+
+def sharded_random_bank(model, tokens: int, s: Settings, key_dtype: str = "model", tier: str = "device",
+                        content_dtype: str = "model") -> ShardedBank:
     """`tokens` // doc_len random documents placed over the ranks as `ShardedBank.add` places them, each rank
-    making only its own (K̄/V̄ on the device where they fit, else fp8 in host memory)."""
+    making only its own, in the given dtypes and tier (`plan`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     n_docs = max(tokens // s.doc_len, 1)
     chunks = math.ceil(s.doc_len / model.msa_config.pooling_kernel_size)
     owners = place([chunks] * n_docs, [0] * world)
     mine = [d for d, r in enumerate(owners) if r == rank]
-    cfg, dev = model.config, model.device
-    content = 2 * len(model.router_layers) * len(mine) * chunks * cfg.num_key_value_heads * cfg.head_dim * \
-        model.dtype.itemsize
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 2**40
-    tier, cdt = ("device", "model") if content < free * 0.4 else ("host", "fp8")
-    bank = ShardedBank(random_bank(model, 0, s, "model", cdt, tier, ids=mine))
+    bank = ShardedBank(random_bank(model, 0, s, key_dtype, content_dtype, tier, ids=mine))
     for d, r in enumerate(owners):
         bank._note(d, r, chunks, s.doc_len, (str(d), None))
     return bank
