@@ -182,12 +182,30 @@ def _checks(rank: int, world: int, out: Path) -> None:
         assert verify(d, "manifest-2.json")["leftover"] == 0
     with pytest.raises(BankError, match="another writer committed"):  # a copy of commit 1 does not overwrite 2
         bank.save(path)
+    # a bank of format version 1 (rank manifest.json files, an index naming none) opens, and its next commit
+    # moves it to version 2
+    dist.barrier()
+    if rank == 0:
+        import json
+
+        old = read_index(path)
+        for r in range(world):
+            (path / f"rank-{r}" / "manifest-2.json").rename(path / f"rank-{r}" / "manifest.json")
+        (path / "memory-parallel.json").write_text(json.dumps(
+            {k: v for k, v in old.items() if k in ("world_size", "next_id", "commit", "table")}))
+    dist.barrier()
+    v1 = ShardedBank.load(path, model, tok)
+    assert v1.commit == 2 and v1.doc_ids() == back.doc_ids() and "ranks" not in read_index(path)
+    v1.delete([1])
+    v1.save(path)
+    assert read_index(path)["version"] == 2 and not (path / f"rank-{rank}" / "manifest.json").exists()
+    assert ShardedBank.load(path, model, tok).doc_ids() == [d for d in back.doc_ids() if d != 1]
     # a rank's manifest that is not the one the index names: refused in one line
     dist.barrier()
     if rank == 0:
-        f = path / "rank-1" / "manifest-2.json"
+        f = path / "rank-1" / "manifest-3.json"
         saved = f.read_bytes()
-        f.write_bytes(saved.replace(b'"commit": 2', b'"commit": 3'))
+        f.write_bytes(saved.replace(b'"commit": 3', b'"commit": 4'))
         with pytest.raises(BankError, match="not the file memory-parallel.json names"):
             ShardedBank.load(path, model, tok, group=sub)
         f.write_bytes(saved)
