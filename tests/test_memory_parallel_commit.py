@@ -166,6 +166,19 @@ def _checks(rank: int, world: int, out: Path) -> None:
             if rank == 0:
                 assert got == before
         dist.barrier()
+    # a rank failing to stage (a full disk): every rank raises, none waits in a collective; commit 1 stands
+    import memsparse.memory.parallel as par
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    real, par.stage = par.stage, (full if rank == 1 else par.stage)
+    try:
+        with pytest.raises(OSError if rank == 1 else BankError, match="No space" if rank else "rank 1 failed"):
+            ShardedBank.load(path, model, tok).save(path)
+    finally:
+        par.stage = real
+    assert read_index(path)["commit"] == 1
     # the next commit goes through; what the crash left is removed
     back = ShardedBank.load(path, model, tok)
     back.add(docs[12:14])

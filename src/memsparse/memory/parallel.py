@@ -326,19 +326,42 @@ class ShardedBank:
         if old and self.path is not None and path.resolve() == self.path.resolve() and self.commit != latest:
             raise BankError(f"{path}: another writer committed to the bank since this copy was loaded (commit "
                             f"{self.commit}, now {latest}); load it again and redo the change")
-        self._stage(path, old, latest + 1)
-        dist.barrier(group=self.group)
+        commit = latest + 1
+
+        def publish():  # rank 0
+            if self.rank == 0:
+                table = [[d, self.owner[d], self.chunks[d], self.tokens[d], *self.records[d]]
+                         for d in sorted(self.owner)]
+                name = f"manifest-{commit}.json"
+                ranks = [{"manifest": name, **_file_sum(path / f"rank-{r}" / name)} for r in range(self.world)]
+                _publish(path, {"format": FORMAT, "version": VERSION, "world_size": self.world,
+                                "next_id": self.next_id, "commit": commit, "ranks": ranks, "table": table})
+
+        self._together("staging its shard", lambda: self._stage(path, old, commit))
+        self._together("publishing the index", publish)
         if self.rank == 0:
-            table = [[d, self.owner[d], self.chunks[d], self.tokens[d], *self.records[d]] for d in sorted(self.owner)]
-            name = f"manifest-{latest + 1}.json"
-            ranks = [{"manifest": name, **_file_sum(path / f"rank-{r}" / name)} for r in range(self.world)]
-            index = {"format": FORMAT, "version": VERSION, "world_size": self.world, "next_id": self.next_id,
-                     "commit": latest + 1, "ranks": ranks, "table": table}
-            _publish(path, index)
-            _clean(path, index)
+            with contextlib.suppress(OSError, BankError):  # committed; what is left, the next commit removes
+                _clean(path, read_index(path))
         dist.barrier(group=self.group)
-        self.path, self.commit = path, latest + 1
+        self.path, self.commit = path, commit
         return path
+
+    def _together(self, what: str, step) -> None:
+        """Run `step` on every rank; where it fails on any rank, raise on every rank (that rank's own error, the
+        others one naming it) rather than leave the others waiting in the next collective."""
+        err = None
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            err = e
+        flag = torch.tensor([err is not None], dtype=torch.int64, device=self.shard.model.device)
+        got = [torch.empty_like(flag) for _ in range(self.world)]
+        dist.all_gather(got, flag, group=self.group)
+        if err is not None:
+            raise err
+        bad = [r for r, g in enumerate(got) if int(g)]
+        if bad:
+            raise BankError(f"rank {bad[0]} failed {what}; the previous commit stands")
 
     def _stage(self, path: Path, old: dict | None, commit: int) -> None:
         """Write this rank's shard as a staged commit in its directory (only new segments where it was loaded
