@@ -202,7 +202,8 @@ def test_bench_speed_world_size(tmp_path, capsys):
     assert {"gpu", "date", "commit"} <= set(res) and res["world_size"] == 2 and res["backend"] == "gloo"
     assert [(p["tokens"], p["key_dtype"]) for p in res["points"]] == [(4096, "bf16"), (4096, "fp8")]
     for p in res["points"]:
-        assert {"routing_ms", "gather_ms", "ttft_ms", "decode_ms_per_token", "routing_floor_ms"} <= set(p)
+        assert {"routing_ms", "collectives_ms", "gather_ms", "ttft_ms", "decode_ms_per_token", "routing_floor_ms"} \
+            <= set(p) and 0 < p["collectives_ms"] <= p["routing_ms"]
         assert p["chunks_per_rank"] == [32, 32]  # 4 documents of 16 chunks (tiny geometry: 1024 tokens, 64 a chunk)
     assert "speed_parallel_2.json" in printed
     drawn = (tmp_path / "speed_parallel.png").exists()

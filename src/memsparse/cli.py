@@ -827,11 +827,12 @@ def _bench_parallel(args: argparse.Namespace) -> None:
               args.world_size)
     if res is None:  # ranks > 0
         return
-    print(f"{'ranks':>5} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'gather':>7} {'TTFT':>7} "
-          f"{'dec ms':>6}")
+    print(f"{'ranks':>5} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'collect':>7} {'gather':>7} "
+          f"{'TTFT':>7} {'dec ms':>6}")
     for p in res["points"]:
         print(f"{p['world_size']:>5} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
-              f"{p['routing_floor_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} {p['decode_ms_per_token']:>6}")
+              f"{p['routing_floor_ms']:>7} {p['collectives_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} "
+              f"{p['decode_ms_per_token']:>6}")
     from .eval.meta import pyplot
 
     png = out.with_name("speed_parallel.png")

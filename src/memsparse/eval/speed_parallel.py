@@ -1,9 +1,11 @@
 """`memsparse bench speed --world-size N`: Memory Parallel (memory/parallel.py) over N ranks, at the Qwen3-4B
 geometry with random weights (or the tiny one), on a random bank sharded by documents: per memory size and routing
 key dtype, routing ms (every router layer of a real prefill: rank 0's queries broadcast, each rank's top-k over its
-shard, the candidates all-gathered and merged; wall time), the selected K̄/V̄'s assembly ms (the all-reduce that
-brings every document from its rank), time to first token and decode ms per token, as rank 0 sees them, beside
-the routing floor of the largest shard (its routing key bytes / this device's read rate).
+shard, the candidates all-gathered and merged; wall time), of which the two collectives' (`collectives_ms`: the
+broadcast and the all-gather, the device synchronized before each), the selected K̄/V̄'s assembly ms (the
+all-reduce that brings every document from its rank), time to first token and decode ms per token, as rank 0
+sees them, beside the routing floor of the largest shard (its routing key bytes / this device's read rate): the
+issue's target is routing within 1.3x of floor + collectives.
 
 Runs under a launch of N ranks (`torchrun --nproc_per_node N -m memsparse.cli bench speed --world-size N`) or
 spawns them (one per GPU, NCCL; on a CPU, gloo, sharing its cores). Writes speed_parallel_N.json (machine, date,
@@ -28,7 +30,7 @@ import torch.multiprocessing as mp
 from .. import ranks
 from ..engine.generate import generate
 from ..engine.prefill import prefill_batch, sync
-from ..memory.parallel import ShardedBank, place
+from ..memory.parallel import ShardedBank, ShardedMemory, place
 from .meta import pyplot, run_meta, save_figure
 from .speed import QWEN3_4B, TINY, Settings, _log, _median_ms, questions, random_bank, random_model, read_rate
 
@@ -78,6 +80,7 @@ def measure(out: Path, tokens: list[int], s: Settings, tiny: bool) -> dict | Non
     dev = torch.device(ranks.device(None))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rank, world = dist.get_rank(), dist.get_world_size()
+    ShardedMemory.timed = True  # routing's collectives timed apart (a device sync before each)
     model = random_model(TINY if tiny else QWEN3_4B, dev, dtype)  # the same weights on every rank (seeded)
     rate = read_rate(dev)
     result = {**run_meta(), "world_size": world, "backend": dist.get_backend(), "read_gbps": round(rate / 1e9, 1),
@@ -128,12 +131,13 @@ def plot(folder: Path) -> Path | None:
         x = [p["tokens"] for p in pts]
         line, = axes[0].plot(x, [p["routing_ms"] for p in pts], "o-", label=f"{world} ranks, {kd} keys")
         axes[0].plot(x, [p["routing_floor_ms"] for p in pts], ":", color=line.get_color())
+        axes[0].plot(x, [p["routing_floor_ms"] + p["collectives_ms"] for p in pts], "--", color=line.get_color())
     for (n, kd) in sorted({(p["tokens"], p["key_dtype"]) for p in points}):
         pts = sorted((p for p in points if (p["tokens"], p["key_dtype"]) == (n, kd)), key=lambda p: p["world_size"])
         x = [p["world_size"] for p in pts]
         axes[1].plot(x, [p["routing_ms"] for p in pts], "o-", label=f"{n:,} tokens, {kd} keys")
         axes[2].plot(x, [p["ttft_ms"] for p in pts], "o-", label=f"{n:,} tokens, {kd} keys")
-    titles = ["routing ms per round (dotted: largest shard's floor)", "routing ms against ranks",
+    titles = ["routing ms per round (dotted: largest shard's floor; dashed: + collectives)", "routing ms against ranks",
               "TTFT ms against ranks"]
     for ax, title, xlabel in zip(axes, titles, ["memory tokens", "ranks", "ranks"]):
         ax.set_xscale("log", base=10 if xlabel == "memory tokens" else 2)
@@ -220,10 +224,10 @@ def sharded_random_bank(model, tokens: int, s: Settings, key_dtype: str = "model
 
 
 def time_point(bank: ShardedBank, s: Settings) -> dict:
-    """Median routing, K̄/V̄ assembly and TTFT ms and decode ms per token (steady state) over `s.repeats` questions
-    after one warm-up, as rank 0 sees them (every rank runs the same questions)."""
+    """Median routing (and its collectives'), K̄/V̄ assembly and TTFT ms and decode ms per token (steady state)
+    over `s.repeats` questions after one warm-up, as rank 0 sees them (every rank runs the same questions)."""
     dev = bank.model.device
-    route, gather, ttft, dec = [], [], [], []
+    route, coll, gather, ttft, dec = [], [], [], [], []
     for r in range(s.repeats + 1):
         rows, masks = questions(1, s.q_len, bank.model.config.vocab_size, r)
         dist.barrier()
@@ -234,10 +238,12 @@ def time_point(bank: ShardedBank, s: Settings) -> dict:
         t1 = time.perf_counter()
         if r:
             route.append(res.memory.route_seconds)
+            coll.append(res.memory.collective_seconds)
             gather.append(res.memory.gather_seconds)
             ttft.append(t1 - t0)
             del res
             t = generate(bank, rows, masks, s.new_tokens, lambda b, ids: None).timings
             dec.append((t["decode"] - t["decode_first"]) / max(t["decode_tokens"] - 1, 1))
-    return {"routing_ms": _median_ms(route), "gather_ms": _median_ms(gather), "ttft_ms": _median_ms(ttft),
+    return {"routing_ms": _median_ms(route), "collectives_ms": _median_ms(coll), "gather_ms": _median_ms(gather),
+            "ttft_ms": _median_ms(ttft),
             "decode_ms_per_token": _median_ms(dec)}

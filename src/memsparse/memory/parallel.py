@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..engine.prefill import BankMemory, _top_documents
+from ..engine.prefill import BankMemory, _top_documents, sync
 from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
 from .quant import QTensor, Tensor, dense, qmap
 from .store import LOCK, MANIFEST, READERS, _collect, _file_sum, _fsync_dir, _named, _open_lock, read_manifest, stage
@@ -528,12 +528,32 @@ def _reading(path: Path):
 
 class ShardedMemory(BankMemory):
     """The `cached.Memory` of a batch over a `ShardedBank`: routing merged over the ranks, and the selected
-    documents' K̄/V̄ summed over the ranks that hold them, in the one-process layout (see the module's doc)."""
+    documents' K̄/V̄ summed over the ranks that hold them, in the one-process layout (see the module's doc).
+    With `timed` (the bench sets it) the device is synchronized before each routing collective, whose wall time
+    is kept apart (`collective_seconds`)."""
+
+    timed = False
 
     def __post_init__(self):
         self._routing = [{} for _ in range(self.route_mask.shape[0])]
         self.via_host = False
         self.copy_stream = None
+        self._collective = 0.0
+
+    @property
+    def collective_seconds(self) -> float:
+        """With `timed`: wall time of routing's collectives (rank 0's queries broadcast, the candidates
+        all-gathered), part of `route_seconds`; else 0."""
+        return self._collective
+
+    def _timed(self, op, *args, **kw) -> None:
+        if not self.timed:
+            return op(*args, **kw)
+        sync(self.bank.model.device)
+        t = time.perf_counter()
+        op(*args, **kw)
+        sync(self.bank.model.device)
+        self._collective += time.perf_counter() - t
 
     def __call__(self, i, attn, h, q):
         sb: ShardedBank = self.bank
@@ -544,7 +564,7 @@ class ShardedMemory(BankMemory):
             return pk.expand(B, *pk.shape), pv.expand(B, *pv.shape), ones
         t0 = time.perf_counter()
         rq = attn.router_queries(h, q).contiguous()  # (B, S, H, D)
-        dist.broadcast(rq, src=sb.src, group=sb.group)  # every rank scores rank 0's queries
+        self._timed(dist.broadcast, rq, src=sb.src, group=sb.group)  # every rank scores rank 0's queries
         K = min(max(self.top_k, self.depth), sb.table_size)
         top = self._merge(i, rq, K)  # (2, B, K): scores, global ids, best first
         vals, gids = top.tolist()
@@ -571,7 +591,7 @@ class ShardedMemory(BankMemory):
             local[0, :, :top.shape[2]] = top[0]
             local[1, :, :top.shape[2]] = ids[top[1].long()]
         got = [torch.empty_like(local) for _ in range(sb.world)]
-        dist.all_gather(got, local, group=sb.group)
+        self._timed(dist.all_gather, got, local, group=sb.group)
         cand = torch.cat(got, 2)  # (2, B, world * K)
         by_id = cand[1].argsort(dim=1, stable=True)
         by_score = cand[0].gather(1, by_id).argsort(dim=1, descending=True, stable=True)
