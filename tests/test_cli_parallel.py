@@ -144,8 +144,9 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
                      ["docs", "add", two, more],
                      ["docs", "delete", two, "1", "3"],
                      ["docs", "delete", two, "17"],
-                     ["encode", corpus, "--out", served, *enc, "--key-dtype", "fp8"],
-                     ["encode", corpus, "--out", served, *enc],
+                     ["encode", corpus, "--out", two, *enc],
+                     ["encode", corpus, "--out", served, *enc, "--key-dtype", "fp8", "--content-dtype", "fp8",
+                      "--calibrate-keys", "8", "--priors", "4"],
                      ["serve", served, "--port", "0", "--device", "cpu"],
                      ["ask", one, "Where is Ottawa?", *ASK],
                      ["bench", "speed", "--world-size", "3", "--tiny"],
@@ -160,7 +161,7 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
     assert code == 2 and err == "memsparse docs: error: no document 17 in the bank\n|memsparse docs (rank 1): error: " \
                                 "no document 17 in the bank\n"
     code, _, err = rest[4]
-    assert code == 2 and "model's dtype" in err.split("|")[0] and err.count("\n") == 2
+    assert code == 2 and "already holds a bank" in err.split("|")[0] and err.count("\n") == 2
     assert rest[5][0] == 0 and rest[6][0] == 0
     for (code, _, err), why in zip(rest[7:], ("is a one-process bank: use it without torchrun",
                                               "--world-size 3, but this launch has 2 ranks", "not under torchrun")):
@@ -183,7 +184,9 @@ def test_cli_under_a_distributed_launch(model_dir, tmp_path, capsys):
     assert ans[0] == 200 and ans[1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert added == [200, {"ids": [8]}] and deleted[0] == 200 and again[0] == 404
     assert info[0] == 200 and info[1]["documents"] == 8 and info[1]["ranks"] == 2
+    assert (info[1]["routing keys"], info[1]["document keys/values"]) == ("fp8", "fp8")
     assert route[0] == 200 and all(len(v) == 2 for v in route[1]["routing"].values())
+    assert "document priors: yes" in run("info", served)
     listed = run("docs", "list", served)
     assert "[0]\t" not in listed and "[8]\t8\t" in listed and "Oslo is in Norway." in listed
 
@@ -199,8 +202,11 @@ def test_bench_speed_world_size(tmp_path, capsys):
     assert {"gpu", "date", "commit"} <= set(res) and res["world_size"] == 2 and res["backend"] == "gloo"
     assert [(p["tokens"], p["key_dtype"]) for p in res["points"]] == [(4096, "bf16"), (4096, "fp8")]
     for p in res["points"]:
-        assert {"routing_ms", "gather_ms", "ttft_ms", "decode_ms_per_token", "routing_floor_ms"} <= set(p)
+        assert {"routing_ms", "collectives_ms", "gather_ms", "ttft_ms", "decode_ms_per_token", "routing_floor_ms"} \
+            <= set(p) and 0 < p["collectives_ms"] <= p["routing_ms"]
         assert p["chunks_per_rank"] == [32, 32]  # 4 documents of 16 chunks (tiny geometry: 1024 tokens, 64 a chunk)
     assert "speed_parallel_2.json" in printed
+    drawn = (tmp_path / "speed_parallel.png").exists()
+    assert ("speed_parallel.png" in printed) == drawn and ("no plot: matplotlib" in printed) != drawn
     code = main(["bench", "speed", "--world-size", "2", "--models", "smollm2"])
     assert code == 2 and "qwen3-4b only" in capsys.readouterr().err

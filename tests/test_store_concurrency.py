@@ -203,8 +203,8 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
     real = store._read_manifest
     state = {"hooked": False}
 
-    def read_then_compact(p):  # the reader has read the manifest; a writer compacts before it maps the files
-        m = real(p)
+    def read_then_compact(p, *name):  # the reader has read the manifest; a writer compacts before it maps the files
+        m = real(p, *name)
         if not state["hooked"]:
             state["hooked"] = True
             with store.update(path, _model(), tok) as bank:

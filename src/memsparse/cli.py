@@ -184,10 +184,10 @@ def _load(path: str | None, device: str, dtype: str):
 def _bank_model(args: argparse.Namespace, device: str | None = None):
     """The model (and tokenizer) a bank was encoded with: --model, or the one its manifest names (a bank over ranks:
     its rank 0's); on `device`, else --device."""
-    from .memory.parallel import is_sharded
+    from .memory.parallel import is_sharded, read_rank_manifest
     from .memory.store import encoding_dtype, read_manifest
 
-    manifest = read_manifest(Path(args.bank) / "rank-0" if is_sharded(args.bank) else args.bank)
+    manifest = read_rank_manifest(args.bank) if is_sharded(args.bank) else read_manifest(args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
     return _load_model(model_path, device or args.device, args.dtype or encoding_dtype(manifest))
 
@@ -322,14 +322,14 @@ def cmd_docs(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from .memory.parallel import is_sharded, read_index
-    from .memory.store import verify
+    from .memory.parallel import is_sharded, rank_manifests, read_index
+    from .memory.store import MANIFEST, verify
 
-    if is_sharded(args.bank):  # a bank over ranks: each rank's directory
-        for r in range(read_index(args.bank)["world_size"]):
-            cmd_verify(argparse.Namespace(bank=str(Path(args.bank) / f"rank-{r}")))
+    if is_sharded(args.bank):  # a bank over ranks: the commit of each rank's directory its index names
+        for r, name in enumerate(rank_manifests(read_index(args.bank))):
+            cmd_verify(argparse.Namespace(bank=str(Path(args.bank) / f"rank-{r}"), manifest=name))
         return
-    r = verify(args.bank)  # a damaged file: BankError, one line
+    r = verify(args.bank, getattr(args, "manifest", MANIFEST))  # a damaged file: BankError, one line
     n = r["unverified"]
     unverified = f", {n} without checksums (format 1: recorded at its next commit)" if n else ""
     leftover = f"; {r['leftover']} files of older commits (removed by the next commit)" if r["leftover"] else ""
@@ -441,9 +441,6 @@ def _encode_sharded(args: argparse.Namespace) -> None:
     from .memory.parallel import ShardedBank, is_sharded
     from .memory.store import MANIFEST
 
-    if args.key_dtype != "model" or args.content_dtype != "model" or args.priors:
-        raise ValueError("a bank over ranks keeps routing keys and K̄/V̄ in the model's dtype, without document priors "
-                         "(8-bit keys and priors are not sharded yet): drop --key-dtype, --content-dtype, --priors")
     out = Path(args.out)
 
     def check():
@@ -458,8 +455,19 @@ def _encode_sharded(args: argparse.Namespace) -> None:
     model, tok = _load_model(args.model, dev, args.dtype)
     with ranks.group(dev), ranks.locked(out, args.wait):
         check()  # another process may have written one meanwhile
-        bank = ShardedBank.build(model, tok, texts, tier=args.tier, names=names, progress=True,
+        calibrate = args.key_dtype in ("fp8", "int8") and args.calibrate_keys > 0
+        bank = ShardedBank.build(model, tok, texts, tier=args.tier, key_dtype="model" if calibrate else args.key_dtype,
+                                 content_dtype=args.content_dtype, names=names, progress=True,
                                  batch_tokens=args.batch_tokens)
+        if calibrate or args.priors:  # as one process does, routed over the ranks
+            from .engine import MSAEngine
+
+            engine = MSAEngine(model, tok, bank, similarity="train")
+            if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
+                engine.calibrate_keys(args.key_dtype, n=args.calibrate_keys)
+            if args.priors:  # after the keys take their final form: the priors are scores under them
+                with _status(f"document priors from {args.priors} sentences of the corpus (minutes on a CPU)"):
+                    engine.calibrate_priors(n=args.priors)
         bank.shard.meta = _encode_meta(args)
         bank.save(out)
     print(f"wrote {out}: {bank.num_docs} documents, {sum(bank.tokens.values())} tokens, {sum(bank.loads())} chunks "
@@ -490,18 +498,19 @@ def _docs_sharded(args: argparse.Namespace) -> None:
 
 
 def _info_sharded(args: argparse.Namespace) -> None:
-    from .memory.parallel import read_index
-    from .memory.store import read_manifest
+    from .memory.parallel import read_index, read_rank_manifest
 
     index = read_index(args.bank)
-    table, m = index["table"], read_manifest(Path(args.bank) / "rank-0")
+    table, m = index["table"], read_rank_manifest(args.bank)
     per_rank = [sum(c for _, r, c, *_ in table if r == n) for n in range(index["world_size"])]
     tokens = sum(t for _, _, _, t, *_ in table)
     disk = sum(p.stat().st_size for p in Path(args.bank).rglob("*") if p.is_file())
     info = {"bank": str(args.bank), "ranks": index["world_size"], "documents": len(table), "tokens": tokens,
             "chunks": sum(per_rank), "chunks per rank": per_rank, "bytes on disk": disk,
             "bytes per token": round(disk / max(tokens, 1), 1), "dtype": m["dtype"],
-            "router layers": m["router_layers"], "chunk size": m["msa"]["pooling_kernel_size"],
+            "routing keys": m.get("key_dtype", "model"), "document keys/values": m.get("content_dtype", "model"),
+            "document priors": "yes" if m.get("doc_priors") else "no", "router layers": m["router_layers"],
+            "chunk size": m["msa"]["pooling_kernel_size"],
             "model": m.get("meta", {}).get("model"), "fingerprint": m["fingerprint"], "commit": index["commit"]}
     for k, v in info.items():
         print(f"{k:>28}: {v}")
@@ -815,12 +824,17 @@ def _bench_parallel(args: argparse.Namespace) -> None:
               args.world_size)
     if res is None:  # ranks > 0
         return
-    print(f"{'ranks':>5} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'gather':>7} {'TTFT':>7} "
-          f"{'dec ms':>6}")
+    print(f"{'ranks':>5} {'tokens':>10} {'keys':>4} {'route ms':>8} {'floor':>7} {'collect':>7} {'gather':>7} "
+          f"{'TTFT':>7} {'dec ms':>6}")
     for p in res["points"]:
         print(f"{p['world_size']:>5} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
-              f"{p['routing_floor_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} {p['decode_ms_per_token']:>6}")
-    print(f"wrote {out}")
+              f"{p['routing_floor_ms']:>7} {p['collectives_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} "
+              f"{p['decode_ms_per_token']:>6}")
+    from .eval.meta import pyplot
+
+    png = out.with_name("speed_parallel.png")
+    drawn = f" and {png} (every speed_parallel_*.json there)" if pyplot() else " (no plot: matplotlib is not installed)"
+    print(f"wrote {out}{drawn}")
 
 
 def _eval_scale(args: argparse.Namespace) -> None:

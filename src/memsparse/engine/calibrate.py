@@ -54,7 +54,7 @@ def _route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[
     for a in range(0, len(rows), batch_size):
         ids, pos, valid, rmask = batch_rows(rows[a:a + batch_size], route_masks[a:a + batch_size],
                                             query_offset(bank, k), model.device)
-        memory = BankMemory(bank, rmask, cosine, k)
+        memory = getattr(bank, "memory_class", BankMemory)(bank, rmask, cosine, k)  # over ranks: memory/parallel.py
 
         def capture(layer, attn, h, q, rmask=rmask, memory=memory):
             if layer in routers:
@@ -94,6 +94,10 @@ def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     question (without priors): {"ids": (M,) long, "scores": {layer: (M,) float32}} (see `MemoryBank.doc_priors`)."""
     if not rows:
         raise ValueError("no questions to compute document priors from")
+    from ..memory.parallel import ShardedBank
+
+    if isinstance(bank, ShardedBank):
+        return _sharded_priors(bank, rows, route_masks, similarity, batch_size)
     saved = bank.doc_priors
     bank.set_doc_priors(None)  # the earlier layers route without priors, as the scores here are
     try:
@@ -111,3 +115,32 @@ def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     alive = view["alive"].cpu()
     return {"ids": torch.tensor(view["ids"], dtype=torch.long)[alive],
             "scores": {lay: (s / len(rows)).float().cpu()[alive] for lay, s in sums.items()}}
+
+
+def _sharded_priors(bank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str,
+                    batch_size: int) -> dict:
+    """`document_priors` over a bank sharded over ranks (memory/parallel.py; collective): each rank scores its shard
+    with rank 0's routing queries; the sums, per global id, meet in one all-reduce (each is one rank's, plus zeros)."""
+    import torch.distributed as dist
+
+    shard, dev = bank.shard, bank.model.device
+    saved = bank.doc_priors
+    bank.set_doc_priors(None)  # the earlier layers route without priors, as the scores here are
+    try:
+        at = torch.tensor(shard.routing_view()["ids"] if shard.segments else [], dtype=torch.long, device=dev)
+        sums = {lay: torch.zeros(bank.next_id, dtype=torch.float64, device=dev) for lay in bank.model.router_layers}
+
+        def visit(layer, rq, rmask, cosine):
+            rq = rq.contiguous()
+            dist.broadcast(rq, src=bank.src, group=bank.group)
+            if len(at):
+                ds = document_scores_for(shard, layer, rq, rmask, cosine)  # (B, n), deleted documents -inf
+                sums[layer].index_add_(0, at, ds.double().nan_to_num(neginf=0.0).sum(0))
+
+        _route_rows(bank, rows, route_masks, similarity, batch_size, visit)
+    finally:
+        bank.set_doc_priors(saved)
+    for s in sums.values():
+        dist.all_reduce(s, group=bank.group)
+    live = torch.tensor(bank.doc_ids(), dtype=torch.long)
+    return {"ids": live, "scores": {lay: (s / len(rows)).float().cpu()[live] for lay, s in sums.items()}}

@@ -171,11 +171,13 @@ class MemoryBank:
         return save(self, path, compact)
 
     @classmethod
-    def load(cls, path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") -> MemoryBank:
-        """Open a saved bank (memory-mapped) for `model`; `tok` is needed to add text documents."""
+    def load(cls, path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto",
+             manifest: str = "manifest.json") -> MemoryBank:
+        """Open a saved bank (memory-mapped) for `model`; `tok` is needed to add text documents; `manifest`: the
+        commit to open (a file of the directory; a bank over ranks names its ranks' commits: memory/parallel.py)."""
         from .store import load
 
-        return load(path, model, tok, tier)
+        return load(path, model, tok, tier, manifest)
 
     def add(self, docs: list[str], names: list[str] | None = None, progress: bool = False,
             ids: list[int] | None = None, **kw) -> list[int]:

@@ -35,6 +35,9 @@ is one BankError line. Opening thus reads every byte once (sha256 and finiteness
 reopens a bank (the server following a commit, `update`) skips the files it checked before and that have not changed
 since (same inode, size and mtime; committed files are never rewritten). Stored texts are decoded on use (a damaged
 one is a BankError) and all of them by `verify`, which checks every file every time.
+Staged commits (`stage`): the files of a commit and its manifest as manifest-<commit>.json, published by someone
+else (a bank over ranks: one staged commit per rank directory, published by the index that names them all,
+memory/parallel.py); clean-up is then the publisher's.
 Banks of format 1 (no commit number, no checksums) open unverified by checksum (every other check applies); their
 next commit records the checksums of all their files (format 2).
 """
@@ -68,12 +71,13 @@ FORMAT = "memsparse-bank"
 VERSION = 2  # 2: commit numbers, checksums, locks; 1 opens (unverified) and migrates on its next commit
 MANIFEST = "manifest.json"
 LOCK, READERS = "lock", "readers.lock"
-_FILES = ("seg-", "prefix-", "moments-", "priors-", f".{MANIFEST}")  # what clean-up may remove
+_FILES = ("seg-", "prefix-", "moments-", "priors-", f".{MANIFEST}", "manifest-")  # what clean-up may remove
+# (manifest-<commit>.json: a staged manifest, the commit of one rank of a bank over ranks: memory/parallel.py)
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn}
 __all__ = ["BankBusy", "BankError", "DocumentEntry", "add_documents", "compact", "documents", "load", "read_manifest",
-           "save", "update", "verify", "writer"]
+           "save", "stage", "update", "verify", "writer"]
 
 
 class BankBusy(BankError):
@@ -195,14 +199,15 @@ def _open_lock(path: Path) -> int | None:
             return None
 
 
-def _snapshot(path: Path) -> tuple[dict, dict[str, _Shard]]:
-    """The current manifest and every file it names, mapped: a consistent snapshot (see the module docstring)."""
+def _snapshot(path: Path, name: str = MANIFEST) -> tuple[dict, dict[str, _Shard]]:
+    """The current manifest (or the one named `name`) and every file it names, mapped: a consistent snapshot (see
+    the module docstring)."""
     fd = _open_lock(path / READERS) if path.is_dir() else None
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits only for a clean-up in progress
-        m = _read_manifest(path)
-        return m, {name: _map(path / name) for name in _named(m)}
+        m = _read_manifest(path, name)
+        return m, {f: _map(path / f) for f in _named(m)}
     finally:
         if fd is not None:
             os.close(fd)
@@ -495,9 +500,23 @@ def save(bank: MemoryBank, path: str | Path | None = None, compact: bool | None 
     return path
 
 
-def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None, commit: int) -> None:
+def stage(bank: MemoryBank, path: str | Path, old: dict | None, commit: int) -> dict:
+    """Write the bank's new files into `path` and a manifest naming them as manifest-<commit>.json, leaving
+    manifest.json and every other file as they are (`old`: the manifest of the commit the bank was loaded from in
+    this directory, whose files it keeps). The caller holds the write lock and publishes the commit (a bank over
+    ranks: its index, memory/parallel.py). Returns {"manifest": name, "bytes", "sha256", "files": [names]}."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    name = f"manifest-{commit}.json"
+    files = _commit(bank, path, False, old, commit, name)
+    return {"manifest": name, **_file_sum(path / name), "files": sorted(files)}
+
+
+def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None, commit: int,
+            name: str = MANIFEST) -> dict:
     """Write the bank's new files and a manifest naming them (`old`: the commit it was loaded from, whose files it
-    keeps), switch manifest.json to it, clean up."""
+    keeps), switch manifest.json to it, clean up; with another `name`, write the manifest under that name only (no
+    switch, no clean-up). Returns the files the manifest names."""
     dead = sum(bank.segments[r.segment].chunk_count[r.local] for d, r in bank._rows.items() if d in bank.deleted)
     if compact or (compact is None and dead * 4 > bank.num_chunks):
         bank.compact()
@@ -551,10 +570,12 @@ def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
+    os.replace(tmp, path / name)
     _fsync_dir(path)
     bank.path, bank.commit = path, commit
-    _collect(path, {MANIFEST, LOCK, READERS, *files})
+    if name == MANIFEST:
+        _collect(path, {MANIFEST, LOCK, READERS, *files})
+    return files
 
 
 @contextlib.contextmanager
@@ -636,10 +657,10 @@ def _manifest_sum(m: dict) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _read_manifest(path: Path) -> dict:
-    mf = path / MANIFEST
+def _read_manifest(path: Path, name: str = MANIFEST) -> dict:
+    mf = path / name
     if not mf.exists():
-        what = "no such directory" if not path.exists() else f"no {MANIFEST} (not a memsparse bank)"
+        what = "no such directory" if not path.exists() else f"no {name} (not a memsparse bank)"
         raise BankError(f"{path}: {what}")
     try:
         m = json.loads(mf.read_text())
@@ -683,16 +704,18 @@ def _named(m: dict) -> list[str]:
                                                                if f)]
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a bank directory (checked: format, version, fields, its checksum)."""
-    return _read_manifest(Path(path))
+def read_manifest(path: str | Path, name: str = MANIFEST) -> dict:
+    """The manifest of a bank directory, or the one named `name` there (checked: format, version, fields, its
+    checksum)."""
+    return _read_manifest(Path(path), name)
 
 
-def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") -> MemoryBank:
-    """Open a bank's current commit for `model`: every file is mapped and checked (see the module docstring);
-    routing keys go to the model's device and K̄/V̄ to the chosen tier (see MemoryBank.place)."""
+def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto", manifest: str = MANIFEST) -> MemoryBank:
+    """Open a bank's current commit (or the one `manifest` names, a file of the directory) for `model`: every file
+    is mapped and checked (see the module docstring); routing keys go to the model's device and K̄/V̄ to the chosen
+    tier (see MemoryBank.place)."""
     path = Path(path)
-    m, shards = _snapshot(path)
+    m, shards = _snapshot(path, manifest)
     fp = fingerprint(model)
     if m["fingerprint"] != fp:
         raise BankError(f"{path}: this bank was encoded by a different model (fingerprint {m['fingerprint']}, "
@@ -720,12 +743,13 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto") 
     return bank.place(tier)
 
 
-def verify(path: str | Path) -> dict:
-    """Check every file of a bank's current commit without its model: the checks of `load` plus every stored text.
+def verify(path: str | Path, manifest: str = MANIFEST) -> dict:
+    """Check every file of a bank's current commit (or the one `manifest` names) without its model: the checks of
+    `load` plus every stored text.
     Returns {"commit", "files", "unverified" (files without a recorded checksum: format 1), "leftover" (files no
     commit names, removed by the next commit), "documents"}; the first damage found is a BankError."""
     path = Path(path)
-    m, shards = _snapshot(path)
+    m, shards = _snapshot(path, manifest)
     _check_bank(m, shards, path)
     for s in m["segments"]:
         sh = shards[s["file"]]
@@ -737,5 +761,6 @@ def verify(path: str | Path) -> dict:
                 raise BankError(f"{path}: shard {sh.name}: {e}; the bank is damaged") from None
     return {"commit": m.get("commit", 0), "files": len(shards),
             "unverified": sum(name not in m.get("files", {}) for name in shards),
-            "leftover": sum(p.name.startswith(_FILES) and p.name not in shards for p in path.iterdir()),
+            "leftover": sum(p.name.startswith(_FILES) and p.name not in shards and p.name != manifest
+                            for p in path.iterdir()),
             "documents": sum(s["docs"] for s in m["segments"]) - len(m["deleted"])}
