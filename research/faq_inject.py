@@ -23,7 +23,7 @@ from memsparse.engine import MSAEngine, RetrievalConfig
 from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.qa import f1
 from memsparse.memory import MemoryBank
-from memsparse.train.tasks.mix import FAQ_HELD_OUT
+from memsparse.tasks.mix import FAQ_HELD_OUT
 
 RESULTS = Path(__file__).parent / "results"
 

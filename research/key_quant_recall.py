@@ -32,7 +32,7 @@ from memsparse.eval.faqs import load_qa
 from memsparse.eval.meta import run_header
 from memsparse.eval.scale import recall
 from memsparse.model.tokenizer import TokenCounter
-from memsparse.train.tasks.niah import make_sample, string_match_all
+from memsparse.tasks.niah import make_sample, string_match_all
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -28,7 +28,7 @@ from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 from memsparse.memory.bank import TEMPLATE_PREFIX, MemoryBank
 from memsparse.model.tokenizer import TokenCounter
-from memsparse.train.tasks.niah import make_sample
+from memsparse.tasks.niah import make_sample
 
 
 def main() -> None:

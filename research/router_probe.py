@@ -42,9 +42,9 @@ from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
 from memsparse.ops.routing import chunk_scores, document_scores
 from memsparse.resources import smollm2_gguf
+from memsparse.tasks.niah import make_sample
 from memsparse.train.router_init import set_router_from_directions
 from memsparse.train.samples import collate, memory_stream, rounds
-from memsparse.train.tasks.niah import make_sample
 
 
 class _Captured(Exception):

@@ -27,7 +27,7 @@ def test_demo_with_own_corpus(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_shipped_model_finds_a_needle():
     from memsparse import MemoryBank, MSAEngine, resources
-    from memsparse.train.tasks.niah import make_sample, string_match_all
+    from memsparse.tasks.niah import make_sample, string_match_all
 
     try:
         model, tok = demo.load_shipped("cpu")
@@ -47,7 +47,7 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     import json
 
     from memsparse import cli
-    from memsparse.train.tasks import niah
+    from memsparse.tasks import niah
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))
@@ -175,7 +175,7 @@ def test_eval_multihop_command(tmp_path, monkeypatch):
     import json
 
     from memsparse import cli
-    from memsparse.train.tasks import haystacks, mix, niah
+    from memsparse.tasks import haystacks, mix, niah
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))

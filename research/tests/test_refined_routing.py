@@ -11,7 +11,7 @@ import pytest
 from memsparse import cli
 from memsparse.cli import main
 from memsparse.engine.engine import fused_top
-from memsparse.train.tasks import niah
+from memsparse.tasks import niah
 from tests.conftest import tiny_model, tiny_tokenizer
 
 RESEARCH = Path(__file__).parents[1]

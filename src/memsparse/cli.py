@@ -571,7 +571,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "multihop":
         return _eval_multihop(args)
     from .eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
-    from .train.tasks.niah import SUBTASKS
+    from .tasks.niah import SUBTASKS
 
     if args.pool:
         return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
@@ -1096,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
     v.add_argument("--heldout", action="store_true",
                    help="niah: the 8 subtasks on the unseen haystack (Debian fortunes) with held-out needle, question "
-                        "and key/value wording that training never sees (train/tasks/heldout.py), instead of RULER "
+                        "and key/value wording that training never sees (tasks/heldout.py), instead of RULER "
                         "as published")
     v.add_argument("--split", choices=["dev", "test"],
                    help="choose settings on dev, report on test. niah: the development or test range of seeds "

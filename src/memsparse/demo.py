@@ -41,8 +41,8 @@ def load_shipped(device: str | None = None, dtype: str | None = None):
 
 def default_memory(n_docs: int, n_questions: int, seed: int = 0) -> tuple[list[str], list[str], list[str], list[str]]:
     """(documents, names, questions, reference answers): held-out FAQ answers among documentation passages."""
-    from .train.corpora import python_docs, python_faq
-    from .train.tasks.mix import FAQ_HELD_OUT, first_sentence
+    from .tasks.corpora import python_docs, python_faq
+    from .tasks.mix import FAQ_HELD_OUT, first_sentence
 
     held = python_faq()[-FAQ_HELD_OUT:]
     rng = random.Random(seed)
@@ -58,7 +58,7 @@ def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
     """(documents, names, questions, reference answers): one RULER essay haystack of about `tokens` tokens holding
     niah_multikey_1's four needles (distinct keys, random depths), asked about in order of depth (at most 4)."""
     from .model.tokenizer import TokenCounter
-    from .train.tasks.niah import NEEDLE, _prompt, make_sample
+    from .tasks.niah import NEEDLE, _prompt, make_sample
 
     sample = make_sample("niah_multikey_1", tokens, TokenCounter.of(tok), random.Random(seed))
     pattern = re.compile(re.escape(NEEDLE).replace(r"\{type_needle_v\}", "numbers")

@@ -325,7 +325,7 @@ def _smollm2_banks(base: MemoryBank, n: int):
 
 def _essay_bank(model, tok, tokens: int) -> MemoryBank:
     """About `tokens` of real text (the essay haystack, in ~1,000-token documents), encoded once."""
-    from ..train.tasks.haystacks import paul_graham_essays
+    from ..tasks.haystacks import paul_graham_essays
 
     words = paul_graham_essays().split()
     docs, i, chars = [], 0, 0

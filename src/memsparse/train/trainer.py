@@ -38,8 +38,8 @@ from ..model.delta import (
 )
 from ..model.tokenizer import TokenCounter
 from ..ops.attention import shape_varying_attention
+from ..tasks.mix import Mixer
 from .samples import collate, memory_stream, rounds
-from .tasks.mix import Mixer
 
 ADDED_TOKENS = [ROUND_END]
 SHIPPABLE_DELTA_BYTES = 16 * 2**20  # the most a delta committed to the repository may weigh
