@@ -33,10 +33,10 @@ import time
 
 import torch
 
-from memsparse.demo import WEIGHTS
 from memsparse.engine.protocol import Protocol
 from memsparse.eval.meta import run_meta
 from memsparse.model.delta import load_delta
+from memsparse.model.load import WEIGHTS
 from memsparse.model.tokenizer import TokenCounter
 from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool

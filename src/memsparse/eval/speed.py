@@ -294,9 +294,9 @@ def _setup(name: str, dev: torch.device, dtype: torch.dtype, base_tokens: int, s
         model = random_model(TINY if tiny else QWEN3_4B, dev, dtype)
         return model, functools.partial(_qwen_banks, model, s=s)
     if name == "smollm2":
-        from ..demo import load_shipped
+        from ..model.load import load_model
 
-        model, tok = load_shipped(str(dev), "bfloat16" if dev.type == "cuda" else "float32")
+        model, tok = load_model(None, str(dev), "bfloat16" if dev.type == "cuda" else "float32")
         return model, functools.partial(_smollm2_banks, _essay_bank(model, tok, base_tokens))
     raise ValueError(f"model {name!r}: expected qwen3-4b or smollm2")
 
