@@ -21,8 +21,9 @@ import random
 from gate_replay import load, routing_of
 from tqdm.auto import tqdm
 
-from memsparse.engine.engine import fused_top, refine_routing
+from memsparse.engine.engine import refine_routing
 from memsparse.engine.protocol import Protocol
+from memsparse.engine.routing import fused_top
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 from memsparse.memory.bank import TEMPLATE_PREFIX, MemoryBank

@@ -10,7 +10,7 @@ import pytest
 
 from memsparse import cli
 from memsparse.cli import main
-from memsparse.engine.engine import fused_top
+from memsparse.engine.routing import fused_top
 from memsparse.tasks import niah
 from tests.conftest import tiny_model, tiny_tokenizer
 

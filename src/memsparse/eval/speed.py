@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..engine.generate import generate
-from ..engine.prefill import graphable, graphed_prefill, prefill_batch, routing_round_seconds, sync
+from ..engine.prefill import graphable, graphed_prefill, prefill_batch, sync
+from ..engine.routing import routing_round_seconds
 from ..memory.bank import MemoryBank
 from ..memory.quant import STORAGE, QTensor, quantize
 from ..model.config import DecoderConfig

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..engine.prefill import BankMemory, _top_documents
+from ..engine.prefill import BankMemory
+from ..engine.routing import _top_documents
 from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
 
 _FAR = float(2**53)  # the global id of a padding candidate (sorts after every real id)
