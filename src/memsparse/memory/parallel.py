@@ -65,7 +65,7 @@ def encoded(bank: MemoryBank, ids: list[int]) -> dict:
         values[layer] = torch.cat([v for _, v in parts])
         rk = []
         for d in ids:
-            r = bank._rows[d]
+            r = bank.locate(d)
             seg = bank.segments[r.segment]
             rk.append(seg.route_keys[layer][r.chunk_start:r.chunk_start + seg.chunk_count[r.local]])
         route[layer] = torch.cat(rk)
