@@ -87,12 +87,13 @@ def profile_step(model, size: int, args, device) -> None:
 def save_batches(spec: str, path: str) -> None:
     """Write the trainer's batches of the given steps (`RECIPE:step,step,...`) to `path` (needs the tokenizer)."""
     from memsparse.engine.protocol import Protocol
+    from memsparse.model.load import base_path
     from memsparse.model.tokenizer import load_tokenizer
     from memsparse.train import trainer
 
     recipe_path, steps = spec.rsplit(":", 1)
     recipe = trainer.Recipe.load(recipe_path)
-    tok = load_tokenizer(trainer.base_path(recipe.base))
+    tok = load_tokenizer(base_path(recipe.base))
     tok.add_tokens(trainer.ADDED_TOKENS, special_tokens=True)
     mixer, proto = trainer.make_mixer(recipe, tok), Protocol(tok)
     out = []

@@ -32,10 +32,11 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
 
 def make_batches(args) -> None:
     from memsparse.engine.protocol import Protocol
+    from memsparse.model.load import base_path
     from memsparse.model.tokenizer import load_tokenizer
 
     recipe = trainer.Recipe.load(args.recipe)
-    tok = load_tokenizer(trainer.base_path(recipe.base))
+    tok = load_tokenizer(base_path(recipe.base))
     tok.add_tokens(trainer.ADDED_TOKENS, special_tokens=True)
     mixer, proto = trainer.make_mixer(recipe, tok), Protocol(tok)
     out = []

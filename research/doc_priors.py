@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from memsparse.demo import load_shipped
 from memsparse.eval.faqs import QASet, load_qa
 from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.niah import evaluate
 from memsparse.eval.qa import evaluate_qa
+from memsparse.model.load import load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_shipped(str(device))
+    model, tok = load_model(None, str(device))
     points = squad_points(model, tok, args.paragraphs, args.questions, args.priors)
     if args.niah_samples:
         for p in (0, args.priors):

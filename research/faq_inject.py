@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from memsparse.demo import FAQ_DOCS, default_memory, load_shipped
+from memsparse.demo import FAQ_DOCS, default_memory
 from memsparse.engine import MSAEngine, RetrievalConfig
 from memsparse.eval.meta import run_header, save_run
 from memsparse.eval.qa import f1
 from memsparse.memory import MemoryBank
-from memsparse.train.tasks.mix import FAQ_HELD_OUT
+from memsparse.model.load import load_model
+from memsparse.tasks.mix import FAQ_HELD_OUT
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "faq_inject.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    model, tok = load_shipped(args.device)
+    model, tok = load_model(None, args.device)
     docs, _, questions, refs = default_memory(args.docs, FAQ_HELD_OUT)
     norm = lambda text: " ".join(text.split())  # noqa: E731
     gold = [next(i for i, d in enumerate(docs) if norm(d).startswith(norm(r)[:60])) for r in refs]

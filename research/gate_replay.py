@@ -25,7 +25,7 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-from memsparse.engine.engine import cut_drop, fused_top
+from memsparse.engine.routing import cut_drop, fused_top
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 

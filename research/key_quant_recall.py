@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from memsparse import MemoryBank, MSAEngine
-from memsparse.demo import load_shipped
 from memsparse.engine.calibrate import pseudo_queries
 from memsparse.eval.faqs import load_qa
 from memsparse.eval.meta import run_header
 from memsparse.eval.scale import recall
+from memsparse.model.load import load_model
 from memsparse.model.tokenizer import TokenCounter
-from memsparse.train.tasks.niah import make_sample, string_match_all
+from memsparse.tasks.niah import make_sample, string_match_all
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "key_quant_recall.json"))
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_shipped(str(dev), "bfloat16" if dev.type == "cuda" else "float32")  # as measured
+    model, tok = load_model(None, str(dev), "bfloat16" if dev.type == "cuda" else "float32")  # as measured
     squad = load_qa("dev")  # every dev question, in a seeded order (SQuAD dev before bigbench 1.0.0 went)
     paragraphs = squad.paragraphs[:args.paragraphs]
     asked = [(q, p) for q, _, p in squad.questions if p < len(paragraphs)][:args.questions]

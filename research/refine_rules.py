@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gate_replay import load, routing_of
 
-from memsparse.engine.engine import Routing, cut_drop, fused_top, joint_routing
+from memsparse.engine.routing import Routing, cut_drop, fused_top, joint_routing
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 

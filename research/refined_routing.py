@@ -21,14 +21,15 @@ import random
 from gate_replay import load, routing_of
 from tqdm.auto import tqdm
 
-from memsparse.demo import load_shipped
-from memsparse.engine.engine import fused_top, refine_routing
+from memsparse.engine.engine import refine_routing
 from memsparse.engine.protocol import Protocol
+from memsparse.engine.routing import fused_top
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
 from memsparse.memory.bank import TEMPLATE_PREFIX, MemoryBank
+from memsparse.model.load import load_model
 from memsparse.model.tokenizer import TokenCounter
-from memsparse.train.tasks.niah import make_sample
+from memsparse.tasks.niah import make_sample
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     streams: dict[tuple[int, str, int], list[int]] = {}
     for n, sub, seed, i in sorted(lines):
         streams.setdefault((n, sub, seed), []).append(i)
-    model, tok = load_shipped(args.device)
+    model, tok = load_model(None, args.device)
     protocol, meta = Protocol(tok), run_meta()
     empty = MemoryBank.empty(model, tok(TEMPLATE_PREFIX, add_special_tokens=False)["input_ids"], tok=tok)
     count = TokenCounter.of(tok)  # as eval niah

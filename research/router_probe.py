@@ -33,18 +33,18 @@ import time
 
 import torch
 
-from memsparse.demo import WEIGHTS
 from memsparse.engine.protocol import Protocol
 from memsparse.eval.meta import run_meta
 from memsparse.model.delta import load_delta
+from memsparse.model.load import WEIGHTS
 from memsparse.model.tokenizer import TokenCounter
 from memsparse.ops.indexing import take
 from memsparse.ops.pooling import chunk_mean_pool
 from memsparse.ops.routing import chunk_scores, document_scores
 from memsparse.resources import smollm2_gguf
+from memsparse.tasks.niah import make_sample
 from memsparse.train.router_init import set_router_from_directions
 from memsparse.train.samples import collate, memory_stream, rounds
-from memsparse.train.tasks.niah import make_sample
 
 
 class _Captured(Exception):

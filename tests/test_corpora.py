@@ -7,7 +7,7 @@ import re
 import pytest
 
 from memsparse.resources import ResourceUnavailable
-from memsparse.train import corpora as c
+from memsparse.tasks import corpora as c
 
 RST = """\
 :tocdepth: 2

@@ -7,13 +7,14 @@ import pytest
 
 from memsparse import demo
 from memsparse.cli import main
+from memsparse.model.load import load_model
 
 from .conftest import tiny_model, tiny_tokenizer
 
 
 def test_demo_with_own_corpus(tmp_path, monkeypatch, capsys):
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
-    monkeypatch.setattr(demo, "load_shipped", lambda device=None, dtype=None: (model, tiny_tokenizer()))
+    monkeypatch.setattr(demo, "load_model", lambda spec=None, device=None, dtype=None: (model, tiny_tokenizer()))
     corpus = tmp_path / "notes.txt"
     corpus.write_text("Paris is the capital of France.\nOttawa is in Canada.\nBananas are yellow.\n")
     assert main(["demo", "--corpus", str(corpus), "--question", "Where is Ottawa?", "--question", "Yellow?"]) == 0
@@ -27,10 +28,10 @@ def test_demo_with_own_corpus(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_shipped_model_finds_a_needle():
     from memsparse import MemoryBank, MSAEngine, resources
-    from memsparse.train.tasks.niah import make_sample, string_match_all
+    from memsparse.tasks.niah import make_sample, string_match_all
 
     try:
-        model, tok = demo.load_shipped("cpu")
+        model, tok = load_model(device="cpu")
         count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         samples = [make_sample("niah_single_2", 3000, count, random.Random(s)) for s in range(2)]
     except resources.ResourceUnavailable as e:
@@ -47,7 +48,7 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     import json
 
     from memsparse import cli
-    from memsparse.train.tasks import niah
+    from memsparse.tasks import niah
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))
@@ -161,7 +162,7 @@ def test_demo_without_downloads_fails_cleanly(monkeypatch, capsys):
         raise resources.ResourceUnavailable("cannot download x from PyPI: no network")
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
-    monkeypatch.setattr(demo, "load_shipped", lambda device=None, dtype=None: (model, tiny_tokenizer()))
+    monkeypatch.setattr(demo, "load_model", lambda spec=None, device=None, dtype=None: (model, tiny_tokenizer()))
     monkeypatch.setattr(demo, "needle_memory", unreachable)
     monkeypatch.setattr(demo, "default_memory", unreachable)
     assert main(["demo"]) == 2
@@ -175,7 +176,7 @@ def test_eval_multihop_command(tmp_path, monkeypatch):
     import json
 
     from memsparse import cli
-    from memsparse.train.tasks import haystacks, mix, niah
+    from memsparse.tasks import haystacks, mix, niah
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))

@@ -1,4 +1,4 @@
-"""What training never sees stays out of training (train/tasks/heldout.py).
+"""What training never sees stays out of training (tasks/heldout.py).
 
 Training samples are drawn from every Mixer task over small inline corpora (the real ones are downloads); the
 eval-only loaders are replaced by recording stand-ins. Every sample is checked for RULER's wording, held-out
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from memsparse.train import corpora, faqs
-from memsparse.train.tasks import haystacks, heldout, mix, needles, niah
-from memsparse.train.tasks.mix import TASKS, Mixer
-from memsparse.train.tasks.reading import READING_TASKS
+from memsparse.tasks import corpora, faqs, haystacks, heldout, mix, needles, niah
+from memsparse.tasks.mix import TASKS, Mixer
+from memsparse.tasks.reading import READING_TASKS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "memsparse"
 FIELDS = {"key": "KEYX", "value": "VALUEX", "noun": "NOUNX", "nouns": "NOUNSX", "query": "QUERYX", "link": "LINKX"}
@@ -188,8 +187,8 @@ def test_grammar_parts_are_disjoint() -> None:
 
 def test_no_training_task_reads_the_eval_only_loaders() -> None:
     """Structurally: the training tasks' source names no eval-only loader (essays, fortunes, RULER's words or
-    generator), and the training grammar's haystacks are train/corpora.py sources."""
-    source = (SRC / "train" / "tasks" / "mix.py").read_text()
+    generator), and the training grammar's haystacks are tasks/corpora.py sources."""
+    source = (SRC / "tasks" / "mix.py").read_text()
     for name in (*heldout.EVAL_ONLY_HAYSTACKS, "_essay_sentences", "word_lists", "_words(", "from .niah import",
                  "HELDOUT"):
         assert not re.search(rf"(?<!\w){re.escape(name)}", source), name

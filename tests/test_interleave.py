@@ -6,6 +6,7 @@ import torch
 
 import memsparse as ms
 from memsparse.engine import engine as engine_mod
+from memsparse.engine import routing as routing_mod
 from memsparse.engine.generate import Generation
 
 from .conftest import assert_same_routing, tiny_model, tiny_tokenizer
@@ -273,24 +274,24 @@ def test_given_documents(setup, monkeypatch):
 def test_fused_top():
     """Reciprocal-rank fusion: a document ranked by many layers beats one ranked first by a single layer."""
     routing = {1: [(5, 0.9), (7, 0.8)], 2: [(7, 0.7), (3, 0.1)], 3: [(7, 0.5), (5, 0.4)]}
-    assert engine_mod.fused_top(routing, 2) == [7, 5] and engine_mod.fused_top(routing, 5) == [7, 5, 3]
-    assert engine_mod.fused_top({}, 3) == [] and engine_mod.fused_top(routing, 2, exclude={7}) == [5, 3]
+    assert routing_mod.fused_top(routing, 2) == [7, 5] and routing_mod.fused_top(routing, 5) == [7, 5, 3]
+    assert routing_mod.fused_top({}, 3) == [] and routing_mod.fused_top(routing, 2, exclude={7}) == [5, 3]
     # layer 1 ranks 3 first by far, the other two rank 5 first by a hair: ranks count, not scores
     routing = {1: [(3, 0.9), (5, 0.1)], 2: [(5, 0.31), (3, 0.3)], 3: [(5, 0.31), (3, 0.3)]}
-    assert engine_mod.fused_top(routing, 1) == [5]
+    assert routing_mod.fused_top(routing, 1) == [5]
 
 
 def test_cut_drop():
     """The largest drop in the share of layers holding neighbouring documents (fused order) in their own top k."""
     head = {layer: [(0, 0.9), (1, 0.5), (2, 0.4)] for layer in range(15)}  # every layer: 0, 1, then 2
-    assert engine_mod.cut_drop(head, [0, 1, 2], 1) == 1.0  # all layers hold 0 in their top 1, none holds 1
-    assert engine_mod.cut_drop(head, [0, 1, 2, 3], 2) == 1.0  # 0 and 1 in every top 2, 2 in none
+    assert routing_mod.cut_drop(head, [0, 1, 2], 1) == 1.0  # all layers hold 0 in their top 1, none holds 1
+    assert routing_mod.cut_drop(head, [0, 1, 2, 3], 2) == 1.0  # 0 and 1 in every top 2, 2 in none
     spread = {layer: [(layer % 5, 0.9), ((layer + 1) % 5, 0.8)] for layer in range(15)}  # votes over 5 documents
-    order = engine_mod.fused_top(spread, 5)
-    assert engine_mod.cut_drop(spread, order, 2) == 0.0  # each document in 6 of the 15 layers' top 2
+    order = routing_mod.fused_top(spread, 5)
+    assert routing_mod.cut_drop(spread, order, 2) == 0.0  # each document in 6 of the 15 layers' top 2
     split = {layer: [(0 if layer < 10 else 1, 0.9)] for layer in range(15)}  # 10 layers for 0, 5 for 1
-    assert engine_mod.cut_drop(split, [0, 1], 1) == round(10 / 15 - 5 / 15, 6)
-    assert engine_mod.cut_drop({}, [0, 1], 1) == 1.0 and engine_mod.cut_drop(head, [0], 1) == 1.0
+    assert routing_mod.cut_drop(split, [0, 1], 1) == round(10 / 15 - 5 / 15, 6)
+    assert routing_mod.cut_drop({}, [0, 1], 1) == 1.0 and routing_mod.cut_drop(head, [0], 1) == 1.0
 
 
 def test_removed_options(setup):

@@ -1,4 +1,4 @@
-"""The grammar NIAH generator (train/tasks/needles.py) on inline haystacks, and `eval niah --heldout --split`."""
+"""The grammar NIAH generator (tasks/needles.py) on inline haystacks, and `eval niah --heldout --split`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 
 from memsparse.cli import main
-from memsparse.train.tasks import haystacks, needles
+from memsparse.tasks import haystacks, needles
 
 from .conftest import tiny_model, tiny_tokenizer
 
@@ -134,7 +134,7 @@ def test_eval_niah_heldout_command(tmp_path, monkeypatch, capsys) -> None:
 def test_mixer_counts_each_passage_once() -> None:
     """Training draws keep the haystack passages' sentence counts: once every passage was seen, a NIAH question
     over real text counts only its own needles."""
-    from memsparse.train.tasks.mix import Mixer
+    from memsparse.tasks.mix import Mixer
 
     counted: list[str] = []
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from memsparse.resources import ResourceUnavailable
-from memsparse.train.tasks import haystacks, niah
+from memsparse.tasks import haystacks, niah
 
 REAL_ESSAYS, REAL_WORDS = haystacks.paul_graham_essays, haystacks.word_lists
 VOCAB = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
@@ -197,8 +197,8 @@ def test_multihop_chains(monkeypatch) -> None:
     in distinct passages; the question names only the key, so the first hop's passage is the one sharing its words
     and the second is found through the link."""
     from memsparse.eval.multihop import questions
-    from memsparse.train.tasks import mix
-    from memsparse.train.tasks.mix import MULTIHOP_CHAINS
+    from memsparse.tasks import mix
+    from memsparse.tasks.mix import MULTIHOP_CHAINS
 
     monkeypatch.setattr(mix, "PASSAGE_WORDS", 60)  # the synthetic essay holds about 1900 words
     counts = lambda texts: [count(t) for t in texts]  # noqa: E731
@@ -223,9 +223,8 @@ def test_definition_pages(monkeypatch) -> None:
     (answer: the gist of its first sense) or quotes a unique definition (answer: the headword); the gold page
     holds the entry, neighbouring pages come first among the distractors, and a page repeating the headword
     (another dictionary) never joins the memory."""
-    from memsparse.train import corpora
-    from memsparse.train.tasks import mix
-    from memsparse.train.tasks.mix import Mixer
+    from memsparse.tasks import corpora, mix
+    from memsparse.tasks.mix import Mixer
 
     entries = [corpora.Passage(f"term {i:03d}", f"n 1: thing number {i} of a long list; \"an example\" 2: other",
                                "wn") for i in range(300)]
@@ -277,8 +276,8 @@ def test_reading_questions(monkeypatch) -> None:
     """The extractive task: a year, an amount, a number with its unit or a capitalised name of one sentence becomes
     a wh-phrase; the answer is exactly the replaced words; the gold passage is named; sentences without a span (or
     too short) give nothing."""
-    from memsparse.train import corpora
-    from memsparse.train.tasks.mix import Mixer, reading_question
+    from memsparse.tasks import corpora
+    from memsparse.tasks.mix import Mixer, reading_question
 
     rng = random.Random(0)
     sent = "In 1911 the people spent $20,000,000 to carry the waterway 62 miles farther to Utica, as planned."
@@ -316,8 +315,8 @@ def test_handbook_and_webster_tasks(monkeypatch) -> None:
     """`handbook` asks which titled handbook passage holds a quoted span (answer: the section title), as `retrieval`
     does over State of the Union passages; `webster` asks headword questions over GCIDE pages as `definitions` does
     over FOLDOC / WordNet, each task from its own source."""
-    from memsparse.train import corpora
-    from memsparse.train.tasks.mix import Mixer
+    from memsparse.tasks import corpora
+    from memsparse.tasks.mix import Mixer
 
     book = [corpora.Passage(f"Debian Administrator's Handbook: Section {i}", f"Paragraph {i} says that the "
                             f"package number {i} is configured with care and then tested.", "debian-handbook")

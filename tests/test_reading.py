@@ -1,4 +1,4 @@
-"""Reading questions that do not copy their passage (train/tasks/reading.py), on small inline passages."""
+"""Reading questions that do not copy their passage (tasks/reading.py), on small inline passages."""
 
 import random
 import statistics
@@ -6,8 +6,8 @@ import statistics
 import pytest
 
 from memsparse.resources import ResourceUnavailable
-from memsparse.train.corpora import Passage
-from memsparse.train.tasks import reading as r
+from memsparse.tasks import reading as r
+from memsparse.tasks.corpora import Passage
 
 SYNONYMS = {  # a stand-in for WordNet's: word -> synonyms
     "harbor": ["port"], "bridge": ["span"], "council": ["board"], "build": ["construct"], "river": ["stream"],

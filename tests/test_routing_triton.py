@@ -217,7 +217,8 @@ def test_routing_round_seconds_replays_the_fused_routing_graphs():
     """`routing_round_seconds` (bench speed's routing time) replays the fused path's graph of each router layer;
     the PyTorch path has none to replay (graphs left in the bank's view from fused routing are not counted)."""
     import memsparse as ms
-    from memsparse.engine.prefill import prefill_batch, routing_round_seconds
+    from memsparse.engine.prefill import prefill_batch
+    from memsparse.engine.routing import routing_round_seconds
 
     from .conftest import tiny_model, tiny_tokenizer
 
@@ -237,7 +238,7 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
     """A routing graph replayed for a question shorter than the one before it (same padded length) routes as the
     ungraphed path does: the longer question's routing tokens left in the graph's static input do not count."""
     import memsparse as ms
-    from memsparse.engine.prefill import _top_documents, top_documents
+    from memsparse.engine.routing import _top_documents, top_documents
 
     from .conftest import tiny_model, tiny_tokenizer
 
@@ -304,7 +305,7 @@ def test_batched_routing_graph_equals_one_question_at_a_time():
     """On a GPU a batch of 8 questions routes through one captured routing graph per layer: the same top documents
     and scores as each question routed alone."""
     import memsparse as ms
-    from memsparse.engine.prefill import top_documents
+    from memsparse.engine.routing import top_documents
 
     from .conftest import tiny_model, tiny_tokenizer
 

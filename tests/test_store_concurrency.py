@@ -78,7 +78,7 @@ def test_two_writer_processes_lose_nothing(tok, model_dir, tmp_path):
     assert loaded.doc_ids() == list(range(len(texts)))  # unique ids, none reused or skipped
     assert store.read_manifest(bank)["commit"] == 1 + 2 * rounds  # one commit per `docs add`
     for d in loaded.doc_ids():  # each document encoded with the id it has (its text names it)
-        r = loaded._rows[d]
+        r = loaded.locate(d)
         assert loaded.segments[r.segment].doc_ids[r.local] == d
     assert store.verify(bank)["unverified"] == 0
 

@@ -1,14 +1,13 @@
-"""FAQ pairs of several Debian documentation packages (train/faqs.py) and the `faq` task's held-out packages."""
+"""FAQ pairs of several Debian documentation packages (tasks/faqs.py) and the `faq` task's held-out packages."""
 
 import random
 
 import pytest
 
 from memsparse.resources import ResourceUnavailable
-from memsparse.train import faqs
-from memsparse.train.corpora import Passage
-from memsparse.train.tasks import heldout
-from memsparse.train.tasks.mix import FAQ_HELD_OUT, Mixer
+from memsparse.tasks import faqs, heldout
+from memsparse.tasks.corpora import Passage
+from memsparse.tasks.mix import FAQ_HELD_OUT, Mixer
 
 GITFAQ = """Configuration
 -------------

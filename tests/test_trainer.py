@@ -10,9 +10,9 @@ import torch
 
 from memsparse.cli import main
 from memsparse.model.delta import delta_sha256, load_delta
+from memsparse.tasks import mix
+from memsparse.tasks.mix import Mixer, Question
 from memsparse.train import trainer
-from memsparse.train.tasks import mix
-from memsparse.train.tasks.mix import Mixer, Question
 
 from .conftest import tiny_model, tiny_tokenizer
 
@@ -230,7 +230,7 @@ def test_shipped_recipes_load_and_the_no_text_ablation_injects_nothing(monkeypat
 def test_step_batches_do_not_depend_on_workers_or_resuming(monkeypatch):
     """Worker processes give the in-process stream batch for batch, and a stream started at a later step (a
     resumed run) continues it exactly; NIAH subtask weights pick only the weighted subtasks."""
-    from memsparse.train.tasks.niah import SUBTASKS
+    from memsparse.tasks.niah import SUBTASKS
 
     _add_toy(monkeypatch)
     tok = tiny_tokenizer()

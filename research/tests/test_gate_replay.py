@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memsparse.engine.engine import cut_drop, fused_top
+from memsparse.engine.routing import cut_drop, fused_top
 
 SCRIPT = Path(__file__).parents[1] / "gate_replay.py"
 CLEAR = {layer: [[d, 1 - d / 10] for d in range(5)] for layer in range(16)}  # every layer: 0, 1, 2, 3, then 4

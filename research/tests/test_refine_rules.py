@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import memsparse as ms
-from memsparse.engine.engine import fused_top
+from memsparse.engine.routing import fused_top
 from tests.conftest import tiny_model, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1]))

@@ -10,8 +10,8 @@ import pytest
 
 from memsparse import cli
 from memsparse.cli import main
-from memsparse.engine.engine import fused_top
-from memsparse.train.tasks import niah
+from memsparse.engine.routing import fused_top
+from memsparse.tasks import niah
 from tests.conftest import tiny_model, tiny_tokenizer
 
 RESEARCH = Path(__file__).parents[1]
@@ -31,7 +31,7 @@ def test_refined_routing_predicts_the_engine(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(RESEARCH))
     import refined_routing
 
-    monkeypatch.setattr(refined_routing, "load_shipped", lambda device=None: (model, tok))
+    monkeypatch.setattr(refined_routing, "load_model", lambda spec=None, device=None, dtype=None: (model, tok))
     monkeypatch.setattr(sys, "argv", ["refined_routing.py", "--answers", str(plain), "--inject-k", "2", "--refine",
                                       "3", "--refine-chunk", "2", "--device", "cpu", "--out", str(dump)])
     refined_routing.main()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import ranks
+from .model.load import SHIPPED
 
 _EXAMPLES = """
   memsparse demo
@@ -124,20 +125,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"router layers {model.router_layers}, dtype {model.dtype}")
 
 
-SHIPPED = "shipped"
-
-
 def _load_model(path: str | None, device: str | None, dtype: str | None):
-    """Model and tokenizer: the shipped MSA-SmolLM2 ('shipped' or None), a trained delta directory, or an MSA
-    checkpoint directory / .gguf; refuses a model without trained routers."""
+    """`model.load.load_model` (the shipped MSA-SmolLM2 for 'shipped' or None, a trained delta directory, or an MSA
+    checkpoint directory / .gguf) with a status line at a terminal."""
     import torch
 
     from .model.checkpoint import default_dtype
+    from .model.load import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
     with _status(f"loading the model ({path or SHIPPED}, {device}, {dtype})"):
-        return _load(path, device, dtype)
+        return load_model(path, device, dtype)
 
 
 def _tty() -> bool:
@@ -156,29 +155,6 @@ def _status(what: str):
     finally:
         if tty:
             print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-
-
-def _load(path: str | None, device: str, dtype: str):
-    import json as _json
-
-    from . import MSAForCausalLM, load_tokenizer
-    from .model.delta import DELTA_CONFIG, is_delta, load_delta
-
-    if path in (None, SHIPPED):
-        from .demo import load_shipped
-
-        return load_shipped(device, dtype)
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no such model: {path}")
-    if is_delta(path):
-        from .train.trainer import base_path
-
-        base = _json.loads((Path(path) / DELTA_CONFIG).read_text())["base"]
-        return load_delta(path, base_path(base), dtype=dtype, device=device)
-    model = MSAForCausalLM.from_pretrained(path, dtype=dtype, device=device)
-    if model.fresh_routers:
-        raise ValueError(f"{path} has no MSA router weights; make an MSA model first (memsparse convert, train)")
-    return model, load_tokenizer(path)
 
 
 def _bank_model(args: argparse.Namespace, device: str | None = None):
@@ -580,7 +556,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "multihop":
         return _eval_multihop(args)
     from .eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
-    from .train.tasks.niah import SUBTASKS
+    from .tasks.niah import SUBTASKS
 
     if args.pool:
         return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
@@ -1110,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: seed of the sample streams (runs with different seeds draw disjoint samples to pool)")
     v.add_argument("--heldout", action="store_true",
                    help="niah: the 8 subtasks on the unseen haystack (Debian fortunes) with held-out needle, question "
-                        "and key/value wording that training never sees (train/tasks/heldout.py), instead of RULER "
+                        "and key/value wording that training never sees (tasks/heldout.py), instead of RULER "
                         "as published")
     v.add_argument("--split", choices=["dev", "test"],
                    help="choose settings on dev, report on test. niah: the development or test range of seeds "

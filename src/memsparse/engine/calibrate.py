@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import BankMemory, batch_rows, document_scores_for, query_offset, uses_cosine
+from .prefill import BankMemory, batch_rows, query_offset
+from .routing import document_scores_for, uses_cosine
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 PRIOR_SENTENCES = 256  # pseudo-queries document priors are computed from, where priors are wanted (they are off by

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .prefill import SIMILARITIES
+from .routing import SIMILARITIES
 
 INTERLEAVE = ("model", "router", "off")  # who picks the documents to read: the model, the router, nobody
 # Options the project's measurements rejected (docs/msa-smollm2.md; research/results/fusion.json, widen_replay.json)

@@ -15,39 +15,11 @@ from ..memory.bank import MemoryBank, render_documents
 from .calibrate import PRIOR_SENTENCES
 from .config import RetrievalConfig
 from .generate import Sampling, generate
-from .prefill import Routing, prefill_batch
+from .prefill import prefill_batch
 from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
+from .routing import Routing, cut_drop, fused_top, joint_routing
 
 _ID = re.compile(r"\[(\d+)\]")
-
-
-def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list[int]:
-    """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank)),
-    leaving out `exclude`."""
-    fused: dict[int, float] = {}
-    for picked in routing.values():
-        for rank, (d, _) in enumerate(picked):
-            if d not in exclude:
-                fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
-    return sorted(fused, key=fused.get, reverse=True)[:k]
-
-
-def cut_drop(routing: Routing, order: list[int], k: int) -> float:
-    """How clearly the router layers cut `order` (documents in fused order) within its first k + 1: the largest
-    drop, between neighbours, in the share of layers whose own top k holds the document. Near 1 when the layers
-    agree on a head (one needle every layer ranks first, or four every layer holds); small when their votes are
-    spread over look-alike documents."""
-    if not routing or len(order) < 2:
-        return 1.0
-    tops = [{d for d, _ in picked[:k]} for picked in routing.values()]
-    share = [sum(d in t for t in tops) / len(tops) for d in order[:k + 1]]
-    return round(max(a - b for a, b in zip(share, share[1:])), 6)  # rounded: 10 of 15 layers is 2/3
-
-
-def joint_routing(first: Routing, refined: Routing) -> Routing:
-    """Both passes' layer lists as one routing, for fused_top to rank over all of them (`refine_fuse`): a document
-    both passes rank high wins. Keys are only labels."""
-    return dict(enumerate([*first.values(), *refined.values()]))
 
 
 def refine_routing(bank: MemoryBank, tok, tokens: list[int], route: list[bool], docs: list[int], texts: list[str],

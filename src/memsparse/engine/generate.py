@@ -10,7 +10,8 @@ import torch
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import Routing, graphable, graphed_prefill, prefill_batch, sync
+from .prefill import graphable, graphed_prefill, prefill_batch, sync
+from .routing import Routing
 
 
 @dataclass

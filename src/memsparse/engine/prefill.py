@@ -2,7 +2,8 @@
 
 In each router layer the routing tokens of each row score every chunk of the bank (segment by segment), the
 row selects its top-k live documents, and its active tokens attend to [template prefix; the selected chunks'
-K̄/V̄; earlier active tokens]. Non-router layers see only the template prefix.
+K̄/V̄; earlier active tokens]. Non-router layers see only the template prefix. The scoring and top-k are
+routing.py's; here they are called per layer and their documents' K̄/V̄ gathered.
 
 On a GPU the whole step can stay there (`BankMemory`: routing, top-k and the gather of the selected chunks with
 no host round trip), and then short rows replay it as one CUDA graph per shape (`graphed_prefill`).
@@ -16,151 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory.bank import MemoryBank
-from ..memory.quant import QTensor, dense
 from ..model import cached
 from ..ops import has_triton
-from ..ops.routing import chunk_scores, document_scores, ranked_documents
-
-SIMILARITIES = ("official", "train", "cosine", "dot")
-Routing = dict[int, list[tuple[int, float]]]  # router layer -> [(doc id, score)], best first
-
-
-def uses_cosine(model, similarity: str) -> bool:
-    """Cosine or scaled dot at inference: 'official' = the release's engine (cosine only for INFONCE),
-    'train' = as the training forward (cosine for every InfoNCE-family loss)."""
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity {similarity!r}: expected one of {SIMILARITIES}")
-    msa = model.msa_config
-    return {"official": msa.aux_loss_method == "INFONCE", "train": msa.uses_cosine,
-            "cosine": True, "dot": False}[similarity]
-
-
-def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
-    """Whether routing runs the fused Triton kernel: `bank.fused_routing`, or by default on GPUs when the model's
-    reduce methods are the kernel's (head mean, query max, chunk max) and head_dim a power of two >= 16."""
-    msa, D = bank.model.msa_config, bank.model.config.head_dim
-    supported = ((msa.head_reduce_method, msa.query_reduce_method, msa.chunk_reduce_method) == ("mean", "max", "max")
-                 and D >= 16 and D & (D - 1) == 0)
-    if bank.fused_routing and not supported:
-        raise ValueError("fused routing supports head mean, query max and chunk max, and head_dim a power of two "
-                         ">= 16")
-    if bank.fused_routing is None:
-        return supported and rq.is_cuda and has_triton()
-    return bank.fused_routing
-
-
-def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor,
-                        cosine: bool) -> torch.Tensor:
-    """(B, N) scores of every document in the bank's table for router queries rq (B, S, H, D) with routing
-    mask (B, S); deleted documents are -inf."""
-    return _table_scores(bank, layer, rq, rmask, cosine).masked_fill(~bank.routing_view()["alive"], float("-inf"))
-
-
-def _table_scores(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool) -> torch.Tensor:
-    """`document_scores_for` with deleted documents scored too. Scored one segment (tile) at a time, by the fused
-    Triton kernel (ops/routing_triton.py; see `uses_fused`) or by the PyTorch path."""
-    msa, view = bank.model.msa_config, bank.routing_view()
-    scale = msa.score_scale(bank.model.config.head_dim)
-    N = len(view["ids"])
-    if uses_fused(bank, rq):
-        from ..ops.routing_triton import fused_document_scores, inverse_norms
-
-        if cosine and layer not in view.setdefault("inv_norms", {}):  # per segment (C, Hkv), computed once
-            view["inv_norms"][layer] = [inverse_norms(k.data if isinstance(k, QTensor) else k)
-                                        for k in view["route_keys"][layer]]
-        ds, start = None, 0
-        for n, keys in enumerate(view["route_keys"][layer]):
-            docs = view["chunk_doc32"][start:start + keys.shape[0]]
-            data, ks = (keys.data, keys.scale) if isinstance(keys, QTensor) else (keys, None)
-            ds = fused_document_scores(rq, rmask, data, docs, N, cosine=cosine, scale=scale, key_scale=ks, out=ds,
-                                       key_inv_norm=view["inv_norms"][layer][n] if cosine else None,
-                                       split_fp8=data.dtype == torch.float8_e4m3fn and data.shape[-1] >= 32)
-            start += keys.shape[0]
-        return ds  # (B, N)
-    parts = [
-        chunk_scores(rq, rmask, dense(keys, rq.dtype),
-                     torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
-                     head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
-                     cosine=cosine, scale=scale)  # (B, C_segment)
-        for keys in view["route_keys"][layer]
-    ]
-    cs = torch.cat(parts, 1)  # (B, C)
-    return document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), N, msa.chunk_reduce_method)  # (B, N)
-
-
-def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool,
-                  k: int) -> torch.Tensor:
-    """(2, B, k') float64: scores and table positions of each row's top documents (k' = min(k, table size)).
-    With fused routing on a GPU the whole step runs as one CUDA graph per (layer, batch, routing length rounded
-    up to 32), captured on first use and kept with the bank's routing view (so dropped when the bank changes)."""
-    if not (rq.is_cuda and uses_fused(bank, rq)) or capturing(rq.device):
-        return _top_documents(bank, layer, rq, rmask, cosine, k)  # (inside a captured prefill: no nested graph)
-    B, S = rmask.shape
-    key = (layer, B, _round_up(S, GRAPH_LENGTH), cosine, k, rq.dtype)
-    graphs = bank.routing_view().setdefault("graphs", {})
-    g = graphs.get(key)
-    if g is None:
-        g = graphs[key] = _RoutingGraph(bank, layer, rq, rmask, cosine, k, key[2])
-    g.rq[:, :S].copy_(rq)
-    g.mask[:, :S].copy_(rmask)
-    g.mask[:, S:].zero_()  # a longer question of the same bucket left routing tokens there
-    g.graph.replay()
-    return g.out
-
-
-def routing_round_seconds(memory: BankMemory) -> float | None:
-    """Device seconds of one routing round as a graphed prefill runs it: the per-layer routing graphs that the
-    eager prefill behind `memory` captured (or reused), replayed back to back on their last inputs, free of the
-    host's launch gaps of an eager prefill. None where routing runs without graphs."""
-    B, S = memory.route_mask.shape
-    bank = memory.bank
-    if not (memory.route_mask.is_cuda and uses_fused(bank, memory.route_mask)):
-        return None  # (graphs left from fused routing are not this path's)
-    graphs = bank.routing_view().get("graphs", {})
-    mine = sorted((key[0], g) for key, g in graphs.items()
-                  if key[1:5] == (B, _round_up(S, GRAPH_LENGTH), memory.cosine, memory.top_k))
-    if len(mine) != len(bank.model.router_layers):
-        return None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _, g in mine:
-        g.graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
-def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
-    ds = _table_scores(bank, layer, rq, rmask, cosine)  # (B, N), deleted documents too
-    alive = bank.routing_view()["alive"]
-    prior = bank.prior_scores(layer)  # documents that score high for every question lose that lead
-    k = min(k, ds.shape[1])
-    if uses_fused(bank, rq):  # one launch for 100K documents, the deleted ones and the prior folded in
-        from ..ops.topk_triton import topk
-
-        return topk(ds, k, alive, prior)  # (2, B, k'): one copy to the host
-    return ranked_documents(ds, k, alive, prior)
-
-
-class _RoutingGraph:
-    """One routing step captured as a CUDA graph, with static inputs padded to `S` routing positions (padding
-    rows are not routing tokens, so they never win the max)."""
-
-    def __init__(self, bank, layer, rq, rmask, cosine, k, S):
-        B, n = rmask.shape
-        self.rq = rq.new_zeros(B, S, *rq.shape[2:])  # (B, S, H, D)
-        self.mask = rmask.new_zeros(B, S)
-        self.rq[:, :n].copy_(rq)
-        self.mask[:, :n].copy_(rmask)
-        stream = torch.cuda.Stream(rq.device)
-        stream.wait_stream(torch.cuda.current_stream(rq.device))
-        with torch.cuda.stream(stream):  # warm-up (Triton compiles and autotunes here, outside the capture)
-            _top_documents(bank, layer, self.rq, self.mask, cosine, k)
-        torch.cuda.current_stream(rq.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = _top_documents(bank, layer, self.rq, self.mask, cosine, k)
-
+from .routing import GRAPH_LENGTH, Routing, _round_up, capturing, top_documents, uses_cosine
 
 DEVICE_GATHER_SEGMENTS = 8  # the device-side gather costs one indexing per segment and layer
 
@@ -293,11 +152,6 @@ def _elapsed(a, b) -> float:
     return a.elapsed_time(b) / 1e3
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether work on `device` is being captured into a CUDA graph now."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -368,15 +222,10 @@ def prefill(bank: MemoryBank, input_ids: list[int], route_mask: list[bool], simi
     return res.logits[0], res.memory.routing[0]
 
 
-GRAPH_LENGTH = 32  # graphed prefills (and routing graphs) pad the rows to a multiple of this many tokens
 GRAPH_EXTRA = 64  # ... and room for generated tokens to a multiple of this
 GRAPH_MAX_TOKENS = 1024  # graphed only up to this many padded active tokens (batch x length): short questions,
 # where launches dominate; the graph's memory pool (KV cache, attention work space) is kept while it is
 MAX_PREFILL_GRAPHS = 8  # kept per bank view (the oldest is dropped first)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _graph_length(rows: list[list[int]]) -> int:

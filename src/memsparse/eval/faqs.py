@@ -246,7 +246,7 @@ def _debian(root: Path) -> list[tuple[str, str, list[str]]]:
     return parse_numbered_faq(gzip.decompress(path.read_bytes()).decode("utf-8"), 0)
 
 
-# Debian package -> (FAQ name, parser of the extracted package). Evaluation only: train/tasks/heldout.py names them.
+# Debian package -> (FAQ name, parser of the extracted package). Evaluation only: tasks/heldout.py names them.
 SOURCES = {"perl-doc": ("Perl FAQ", _perl), "libcurl4-doc": ("curl FAQ", _curl),
            "r-doc-html": ("R FAQ", _r), "debian-faq": ("Debian FAQ", _debian), "ffmpeg-doc": ("FFmpeg FAQ", _ffmpeg),
            "fetchmail": ("fetchmail FAQ", _fetchmail)}
@@ -292,7 +292,7 @@ def _fetch_entries() -> list[dict]:
             return rows
         except (OSError, ValueError, TypeError):
             raise ResourceUnavailable(f"damaged cache file {path}: remove it to fetch the FAQs again") from None
-    from ..train.corpora import debian_package
+    from ..tasks.corpora import debian_package
 
     rows = build_entries({pkg: debian_package(pkg) for pkg in SOURCES})
     write_json_atomic(path, rows)

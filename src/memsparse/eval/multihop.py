@@ -1,7 +1,7 @@
 """`memsparse eval multihop`: two-hop questions answered with one or more rounds of router-selected injection, to
 measure what Memory Interleave adds.
 
-The questions are built as training's `multihop` task builds them (train/tasks/mix.py `hidden_chains`), but in
+The questions are built as training's `multihop` task builds them (tasks/mix.py `hidden_chains`), but in
 evaluation-only material: the Paul Graham essays packed into passages, RULER's adjective-noun words as keys and
 links, 7-digit values and RULER-style wording (`HOP_LINK`, `HOP_VALUE`, `HOP_QUESTION`). Each sample's memory
 becomes a bank. Per (memory size, rounds): accuracy (the value in the answer) and how often each hop's document was
@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from ..engine import MSAEngine, RetrievalConfig
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
-from ..train.tasks.mix import MULTIHOP_CHAINS, Pool, Question, hidden_chains, line_passages
-from ..train.tasks.niah import _draw, _essay_sentences, _words, string_match_all
+from ..tasks.mix import MULTIHOP_CHAINS, Pool, Question, hidden_chains, line_passages
+from ..tasks.niah import _draw, _essay_sentences, _words, string_match_all
 
 EVAL_SEED = 987_654  # far from any recipe's seed + 1000 * rank
 HOP_LINK = "The {key} leads to the {link}."

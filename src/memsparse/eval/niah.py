@@ -1,4 +1,4 @@
-"""`memsparse eval niah`: RULER NIAH (train/tasks/niah.py) answered from a memory bank.
+"""`memsparse eval niah`: RULER NIAH (tasks/niah.py) answered from a memory bank.
 
 Each sample's haystack becomes a bank (documents split by the generator's published rule); the question goes
 through the engine in the official protocol (Memory Interleave on by default) and the answer is scored with
@@ -6,7 +6,7 @@ RULER's `string_match_all`. Also recorded per point: how many of the needle docu
 selected (routing recall), how many the model named (named recall) and the standard error of the accuracy.
 
 `data`: "ruler" (RULER as published: essays, RULER's wording and words) or "heldout" (the same 8 subtask shapes from
-train/tasks/needles.py's `HELDOUT` grammar: the unseen Debian fortunes haystack, held-out templates, key kinds and
+tasks/needles.py's `HELDOUT` grammar: the unseen Debian fortunes haystack, held-out templates, key kinds and
 value formats, none of which training sees). `split`: "dev" or "test", disjoint seed ranges (`SPLIT_SEEDS`): a
 `seed` below SPLIT_SEEDS draws the dev stream `seed`, the test stream `seed + SPLIT_SEEDS`.
 """
@@ -27,8 +27,8 @@ from ..engine import MSAEngine, RetrievalConfig
 from ..engine.config import REMOVED, key_of, setting_fields
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
-from ..train.tasks import needles
-from ..train.tasks.niah import SUBTASKS, make_sample, string_match_all
+from ..tasks import needles
+from ..tasks.niah import SUBTASKS, make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
 SETTING_KEYS = tuple(key_of(f) for f in setting_fields())  # what results record of RetrievalConfig (its labels)

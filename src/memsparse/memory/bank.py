@@ -99,8 +99,10 @@ class Segment:
         return sum(self.chunk_count)
 
 
-@dataclass
-class _Row:
+@dataclass(frozen=True)
+class DocumentRow:
+    """Where a document's data lies in a bank (`MemoryBank.locate`)."""
+
     segment: int
     local: int  # index in the segment's table
     chunk_start: int  # first chunk in the segment
@@ -131,7 +133,7 @@ class MemoryBank:
     chunk_size: int | None = None  # tokens per pooled chunk; None = the model's P (finer: a refinement bank, the
     # engine's `refine`; never saved)
     commit: int | None = None  # the store's commit this bank was loaded from / saved as (store.py)
-    _rows: dict[int, _Row] = field(default_factory=dict, repr=False)
+    _rows: dict[int, DocumentRow] = field(default_factory=dict, repr=False)
     _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
 
     # ----------------------------------------------------------------------------------------- building
@@ -267,7 +269,7 @@ class MemoryBank:
         ck = {lay: self._to_tier(quantize(k, self.content_dtype, per_head=True)) for lay, k in keys.items()}
         rk = ck if shared else {lay: quantize(k, self.key_dtype, per_head=False, moments=self._moments(lay))
                                 for lay, k in (route_keys or keys).items()}
-        self._append(Segment(
+        self.append_segment(Segment(
             keys=ck, values={lay: self._to_tier(quantize(v, self.content_dtype, per_head=True))
                              for lay, v in values.items()},
             route_keys={lay: qmap(k, lambda t: t.to(dev)) for lay, k in rk.items()} if not shared else ck,
@@ -276,13 +278,14 @@ class MemoryBank:
         ))
         return ids
 
-    def _append(self, seg: Segment) -> None:
+    def append_segment(self, seg: Segment) -> None:
+        """Append a built segment, its documents keeping their ids (how `add` and the store's load fill a bank)."""
         s = len(self.segments)
         start = 0
         for local, (d, c) in enumerate(zip(seg.doc_ids, seg.chunk_count)):
             if d in self._rows:
                 raise ValueError(f"document id {d} appears twice in the bank")
-            self._rows[d] = _Row(s, local, start)
+            self._rows[d] = DocumentRow(s, local, start)
             start += c
         self.segments.append(seg)
         self.next_id = max(self.next_id, max(seg.doc_ids, default=-1) + 1)
@@ -309,7 +312,7 @@ class MemoryBank:
         for seg in segments[first:]:
             keep = [n for n, d in enumerate(seg.doc_ids) if d not in self.deleted]
             if len(keep) == len(seg.doc_ids):
-                self._append(seg)
+                self.append_segment(seg)
                 continue
             if not keep:
                 continue
@@ -319,7 +322,7 @@ class MemoryBank:
             take = {lay: qmap(t, pick) for lay, t in seg.keys.items()}
             vals = {lay: qmap(t, pick) for lay, t in seg.values.items()}
             rk = take if seg.route_keys is seg.keys else {lay: qmap(t, pick) for lay, t in seg.route_keys.items()}
-            self._append(Segment(
+            self.append_segment(Segment(
                 keys=take, values=vals, route_keys=rk, doc_ids=[seg.doc_ids[n] for n in keep],
                 chunk_count=[seg.chunk_count[n] for n in keep], token_count=[seg.token_count[n] for n in keep],
                 records=[seg.records[n] for n in keep],
@@ -438,6 +441,18 @@ class MemoryBank:
     def doc_ids(self) -> list[int]:
         """Live document ids in insertion order."""
         return [d for s in self.segments for d in s.doc_ids if d not in self.deleted]
+
+    @property
+    def dead_chunks(self) -> int:
+        """Chunks of deleted documents still held (until `compact`)."""
+        return sum(self.segments[r.segment].chunk_count[r.local] for d, r in self._rows.items() if d in self.deleted)
+
+    def locate(self, doc_id: int) -> DocumentRow:
+        """Where a document's data lies: its segment, its index in that segment's table and its first chunk there
+        (deleted documents too, until `compact`)."""
+        if doc_id not in self._rows:
+            raise KeyError(f"no document {doc_id} in the bank")
+        return self._rows[doc_id]
 
     def __contains__(self, doc_id: int) -> bool:
         return doc_id in self._rows and doc_id not in self.deleted

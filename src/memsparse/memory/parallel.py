@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..engine.prefill import BankMemory, _top_documents, sync
+from ..engine.prefill import BankMemory, sync
+from ..engine.routing import _top_documents
 from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
 from .quant import QTensor, Tensor, dense, qmap
 from .store import LOCK, MANIFEST, READERS, _collect, _file_sum, _fsync_dir, _named, _open_lock, read_manifest, stage
@@ -77,7 +78,7 @@ def encoded(bank: MemoryBank, ids: list[int]) -> dict:
     counts, texts and names."""
     spans = []  # (segment, first chunk, chunks) per document
     for d in ids:
-        r = bank._rows[d]
+        r = bank.locate(d)
         spans.append((bank.segments[r.segment], r.chunk_start, bank.segments[r.segment].chunk_count[r.local]))
 
     def take(store: str) -> dict:

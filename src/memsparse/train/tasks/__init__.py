@@ -1,1 +1,0 @@
-"""Training and evaluation tasks: RULER NIAH, generative retrieval, question answering."""
