@@ -107,3 +107,27 @@ def tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(_TOK_TEXT * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def run_ranks(target, world: int, args, errors_dir, timeout: float) -> None:
+    """Run `target(rank, *args)` in `world` spawned processes; fail with the ranks' error files
+    (`errors_dir/error-<rank>.txt`), the ranks that hung past `timeout` seconds (killed), or a non-zero exit."""
+    import multiprocessing as mp
+    from pathlib import Path
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join()
+    errors = [e.read_text() for e in (Path(errors_dir) / f"error-{r}.txt" for r in range(world)) if e.exists()]
+    assert not errors, "\n".join(errors)
+    assert not hung, f"ranks {[procs.index(p) for p in hung]} did not finish in {timeout} s"
+    assert [p.exitcode for p in procs] == [0] * world

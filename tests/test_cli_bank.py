@@ -163,6 +163,7 @@ def test_bank_opens_in_the_dtype_it_was_encoded_in(model_dir, tmp_path, capsys, 
     assert seen == ["float32", "bfloat16"]
 
 
+@pytest.mark.slow
 def test_eval_niah_jobs(model_dir, tmp_path, capsys):
     """`eval niah --jobs 2`: the (size, subtask) pairs answered by two worker processes give the points and answer
     lines of one process; a worker that fails names itself and keeps the answers for --from-answers."""

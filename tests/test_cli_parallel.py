@@ -17,11 +17,10 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from memsparse.cli import main
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import run_ranks, tiny_model, tiny_tokenizer
 
 DOCS = ["Paris is in France.", "Ottawa is in Canada.", "Bananas are yellow and sweet.", "Rome is an old city.",
         "The river runs to the sea.", "Mountains are tall.", "The answer is 42.", "Lisbon is in Portugal."]
@@ -96,22 +95,7 @@ def _rank(rank: int, world: int, ports: list[int], script: list[list[str]], out:
 def _launch(script: list[list], out, world: int = 2) -> list[tuple[int, str, str]]:
     """Run `script` on `world` ranks; per command: rank 0's exit code, stdout and stderr (and rank 1's stderr)."""
     script = [[str(a) for a in argv] for argv in script]
-    ctx = mp.get_context("spawn")
-    ports = [_free_port() for _ in script]
-    procs = [ctx.Process(target=_rank, args=(r, world, ports, script, str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(JOIN_SECONDS)
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-    errors = [e.read_text() for e in (out / f"error-{r}.txt" for r in range(world)) if e.exists()]
-    assert not errors, "\n".join(errors)
-    assert not hung, f"ranks {[procs.index(p) for p in hung]} did not finish in {JOIN_SECONDS} s"
+    run_ranks(_rank, world, (world, [_free_port() for _ in script], script, str(out)), out, JOIN_SECONDS)
     codes = [json.loads((out / f"codes-{r}.json").read_text()) for r in range(world)]
     assert codes[1] == codes[0], codes  # every rank ends alike
     return [(codes[0][i], (out / f"{i}-0.out").read_text(), (out / f"{i}-0.err").read_text() + "|" +

@@ -55,6 +55,7 @@ def _router_setup(k=2):
     return model, ids, doc, mask
 
 
+@pytest.mark.slow
 def test_lm_loss_reaches_selected_documents_only():
     """Through one router layer: active outputs depend on the selected documents' hidden states (through
     K̄/V̄, finite-difference checked) and not at all on the unselected ones."""

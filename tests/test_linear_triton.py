@@ -50,6 +50,7 @@ def test_bad_arguments():
         fused_linear(x, [w, torch.randn(5, 16, device=DEVICE)], GLU)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_decode_steps_with_fused_linears_match(family):
     """Prefill one row, then decode with the eager step and with the fused kernels: same logits every step.

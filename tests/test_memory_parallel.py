@@ -9,9 +9,8 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import run_ranks, tiny_model, tiny_tokenizer
 
 WORDS = ("Paris capital France Ottawa Canada bananas yellow sweet Rome old answer question document river "
          "mountain 0 1 2 3 4 5 6 7 8 9 the of is").split()
@@ -175,26 +174,10 @@ def _checks(rank: int, world: int, out: str) -> None:
         dist.barrier()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_memory_parallel_equals_one_process(world, tmp_path):
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'init'}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(JOIN_SECONDS)
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-    errors = [(tmp_path / f"error-{r}.txt") for r in range(world)]
-    errors = [e.read_text() for e in errors if e.exists()]
-    assert not errors, "\n".join(errors)
-    assert not hung, f"ranks {[procs.index(p) for p in hung]} did not finish in {JOIN_SECONDS} s"
-    assert [p.exitcode for p in procs] == [0] * world
+    run_ranks(_worker, world, (world, f"file://{tmp_path / 'init'}", str(tmp_path)), tmp_path, JOIN_SECONDS)
 
 
 def test_place_goes_to_the_least_loaded_rank():

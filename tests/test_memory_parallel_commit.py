@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import run_ranks, tiny_model, tiny_tokenizer
 from .test_memory_parallel import MSA, QUESTIONS, _args, _check_routing, _docs, _route
 
 JOIN_SECONDS = 150
@@ -265,25 +264,10 @@ def _follow(rank: int, out: Path, model, tok, docs: list[str]) -> None:
         mirror.stop()
 
 
+@pytest.mark.slow
 def test_memory_parallel_8bit_commits_and_following(tmp_path):
     world = 2
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'init'}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(JOIN_SECONDS)
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join()
-    errors = [e.read_text() for e in (tmp_path / f"error-{r}.txt" for r in range(world)) if e.exists()]
-    assert not errors, "\n".join(errors)
-    assert not hung, f"ranks {[procs.index(p) for p in hung]} did not finish in {JOIN_SECONDS} s"
-    assert [p.exitcode for p in procs] == [0] * world
+    run_ranks(_worker, world, (world, f"file://{tmp_path / 'init'}", str(tmp_path)), tmp_path, JOIN_SECONDS)
 
 
 def test_bench_plan_at_the_issue_sizes():

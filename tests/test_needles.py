@@ -92,6 +92,7 @@ def test_train_hops() -> None:
     assert "{key}" in question and "{" not in question.replace("{key}", "")
 
 
+@pytest.mark.slow
 def test_eval_niah_heldout_command(tmp_path, monkeypatch, capsys) -> None:
     """`eval niah --heldout --split test`: the held-out samples answered end to end; points and results record the
     data, the split and the test-range seed, with standard errors; a seed outside the split's range, or pooling

@@ -23,6 +23,7 @@ def setup():
     return tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 16}, vocab_size=300, head_dim=16), tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
 def test_priors_are_mean_scores_and_routing_subtracts_them(setup, fused):
     """With fused routing (on CPU: in Triton's interpreter) the Triton top-k subtracts the priors."""

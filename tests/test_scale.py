@@ -1,6 +1,7 @@
 """Quality-at-scale helpers: a sized view of a distractor bank routes like a bank of those documents alone, and
 a task's documents added to it and deleted again leave it as it was."""
 
+import pytest
 import torch
 
 import memsparse as ms
@@ -36,6 +37,7 @@ def test_sized_bank_is_a_prefix_view_and_tasks_come_and_go():
     assert recall([before], [before]) == 1.0
 
 
+@pytest.mark.slow
 def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
     """`eval scale --scale-tasks qa` after a NIAH run keeps the NIAH points (each names its commit), and points of
     tasks no longer measured (SQuAD before the FAQ set) stay."""
@@ -74,6 +76,7 @@ def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
     assert [p for p in qa["points"] if p["task"] == "niah"] == [p for p in kept["points"] if p["task"] == "niah"]
 
 
+@pytest.mark.slow
 def test_qa_scores_report_em_f1_and_gold_routing():
     """With k at least the bank's size every document is routed, so every gold passage is found (100%), alone
     or on top of distractors; the distractor bank is left as it was."""

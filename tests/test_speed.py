@@ -3,9 +3,12 @@ and fp8 routing keys shrink what a routing round reads."""
 
 import json
 
+import pytest
+
 from memsparse.eval.speed import Settings, run
 
 
+@pytest.mark.slow
 def test_bench_speed_tiny(tmp_path):
     out = tmp_path / "speed.json"
     res = run(out, [16384], ["qwen3-4b"], Settings(repeats=1, new_tokens=3, doc_len=256, batch=(1, 2)), tiny=True)

@@ -41,6 +41,7 @@ def _answers(model, tok, bank):
     return [a.transcript for a in engine.ask(QUESTIONS, max_new_tokens=6, interleave=False)]
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(tok, tmp_path):
     model = _model()
     bank = ms.MemoryBank.build(model, tok, DOCS)

@@ -58,6 +58,7 @@ def _cli_writer(bank, model_dir, corpus_dir, who, rounds, barrier):
             raise SystemExit(f"writer {who} round {r}: exit {code}")
 
 
+@pytest.mark.slow
 def test_two_writer_processes_lose_nothing(tok, model_dir, tmp_path):
     bank = tmp_path / "bank"
     model = ms.MSAForCausalLM.from_pretrained(model_dir)

@@ -57,6 +57,7 @@ def _add_toy(monkeypatch) -> None:
     monkeypatch.setattr(mix, "TASKS", (*mix.TASKS, "toy"))
 
 
+@pytest.mark.slow
 def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     base = tmp_path / "base"
     tiny_model("llama", vocab_size=300, tie_word_embeddings=True).save_pretrained(base)
