@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import ranks
-from .model.load import SHIPPED
+from .. import ranks
+from ..model.load import SHIPPED
 
 _EXAMPLES = """
   memsparse demo
@@ -67,7 +67,7 @@ def version() -> str:
     try:
         return dist_version("memsparse")
     except PackageNotFoundError:
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
@@ -103,9 +103,9 @@ def _msa_overrides(items: list[str]) -> dict:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .model.checkpoint import load_pretrained, read_hf_config
-    from .model.config import DecoderConfig
-    from .model.tokenizer import build_qwen_tokenizer, load_tokenizer
+    from ..model.checkpoint import load_pretrained, read_hf_config
+    from ..model.config import DecoderConfig
+    from ..model.tokenizer import build_qwen_tokenizer, load_tokenizer
 
     src, dst = Path(args.src), Path(args.dst)
     msa = _msa_overrides(args.msa)
@@ -130,8 +130,8 @@ def _load_model(path: str | None, device: str | None, dtype: str | None):
     checkpoint directory / .gguf) with a status line at a terminal."""
     import torch
 
-    from .model.checkpoint import default_dtype
-    from .model.load import load_model
+    from ..model.checkpoint import default_dtype
+    from ..model.load import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
@@ -160,8 +160,8 @@ def _status(what: str):
 def _bank_model(args: argparse.Namespace, device: str | None = None):
     """The model (and tokenizer) a bank was encoded with: --model, or the one its manifest names (a bank over ranks:
     its rank 0's); on `device`, else --device."""
-    from .memory.parallel import is_sharded, read_rank_manifest
-    from .memory.store import encoding_dtype, read_manifest
+    from ..memory.parallel import is_sharded, read_rank_manifest
+    from ..memory.store import encoding_dtype, read_manifest
 
     manifest = read_rank_manifest(args.bank) if is_sharded(args.bank) else read_manifest(args.bank)
     model_path = args.model or manifest.get("meta", {}).get("model")
@@ -169,14 +169,14 @@ def _bank_model(args: argparse.Namespace, device: str | None = None):
 
 
 def _open_bank(args: argparse.Namespace, tier: str = "auto"):
-    from .memory.bank import MemoryBank
+    from ..memory.bank import MemoryBank
 
     model, tok = _bank_model(args)
     return MemoryBank.load(args.bank, model, tok, tier=tier)
 
 
 def _read_docs(corpus: str, max_doc_mb: float):
-    from .memory.corpus import read_corpus
+    from ..memory.corpus import read_corpus
 
     docs = read_corpus(corpus, max_doc_bytes=int(max_doc_mb * (1 << 20)))
     print(f"{corpus}: {len(docs)} documents", file=sys.stderr)
@@ -184,8 +184,8 @@ def _read_docs(corpus: str, max_doc_mb: float):
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    from .memory.bank import MemoryBank
-    from .memory.store import MANIFEST, writer
+    from ..memory.bank import MemoryBank
+    from ..memory.store import MANIFEST, writer
 
     if ranks.launched():
         return _encode_sharded(args)
@@ -200,7 +200,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
                             content_dtype=args.content_dtype)
     bank.add(texts, names=names, progress=True, batch_tokens=args.batch_tokens)
     if calibrate or args.priors:
-        from .engine import MSAEngine
+        from ..engine import MSAEngine
 
         engine = MSAEngine(model, tok, bank)
         if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
@@ -222,8 +222,8 @@ def _encode_meta(args: argparse.Namespace) -> dict:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from .engine import MSAEngine
-    from .memory.parallel import is_sharded
+    from ..engine import MSAEngine
+    from ..memory.parallel import is_sharded
 
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if ranks.launched() or is_sharded(args.bank):
@@ -258,7 +258,7 @@ def timing_line(t: dict) -> str:
 
 
 def cmd_docs(args: argparse.Namespace) -> None:
-    from .memory.store import add_documents, update
+    from ..memory.store import add_documents, update
 
     if args.action == "add" and len(args.items) != 1:
         raise ValueError("docs add takes one CORPUS (a JSONL file, a directory or a text file)")
@@ -268,7 +268,7 @@ def cmd_docs(args: argparse.Namespace) -> None:
         raise ValueError(f"docs {args.action} takes no arguments after the bank, got {args.items}")
     if args.action == "verify":
         return cmd_verify(args)
-    from .memory.parallel import is_sharded
+    from ..memory.parallel import is_sharded
 
     if is_sharded(args.bank) or (ranks.launched() and args.action in ("add", "delete")):
         return _docs_sharded(args)
@@ -284,13 +284,13 @@ def cmd_docs(args: argparse.Namespace) -> None:
             bank.delete(ids)
         print(f"deleted {len(ids)} documents from {args.bank} (commit {bank.commit})")
     elif args.action == "compact":  # as the bank's one writer, on its latest commit
-        from .memory.store import compact
+        from ..memory.store import compact
 
         model, tok = _bank_model(args)
         bank, dropped = compact(args.bank, model, tok, timeout=args.wait)
         print(f"compacted {args.bank}: {dropped} chunks of deleted documents dropped (commit {bank.commit})")
     else:  # the document table only: no model
-        from .memory.store import documents
+        from ..memory.store import documents
 
         for doc in documents(args.bank)[: args.limit]:
             text = (doc.text or "").replace("\n", " ")
@@ -298,8 +298,8 @@ def cmd_docs(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from .memory.parallel import is_sharded, rank_manifests, read_index
-    from .memory.store import MANIFEST, verify
+    from ..memory.parallel import is_sharded, rank_manifests, read_index
+    from ..memory.store import MANIFEST, verify
 
     if is_sharded(args.bank):  # a bank over ranks: the commit of each rank's directory its index names
         for r, name in enumerate(rank_manifests(read_index(args.bank))):
@@ -314,8 +314,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .memory.parallel import is_sharded
-    from .memory.store import documents, read_manifest
+    from ..memory.parallel import is_sharded
+    from ..memory.store import documents, read_manifest
 
     if is_sharded(args.bank):
         return _info_sharded(args)
@@ -340,8 +340,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
-    from .engine import MSAEngine
-    from .serve import Settings, create_app
+    from ..engine import MSAEngine
+    from ..serve import Settings, create_app
 
     settings = Settings(
         host=args.host, api_key=args.api_key or os.environ.get("MEMSPARSE_API_KEY") or None,
@@ -355,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValueError as e:
         sys.exit(f"memsparse serve: {e}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # one JSON line per request on stderr
-    from .memory.parallel import is_sharded
+    from ..memory.parallel import is_sharded
 
     if ranks.launched() or is_sharded(args.bank):
         return _serve_sharded(args, settings)
@@ -368,7 +368,7 @@ def _listen(args: argparse.Namespace, settings, app, what: str) -> None:
     """Serve `app` on --host:--port until Ctrl-C / SIGTERM."""
     import socket
 
-    from .serve import serve
+    from ..serve import serve
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
@@ -394,8 +394,8 @@ def _sharded_bank(args: argparse.Namespace, change: bool = False):
     """The bank over ranks at args.bank, opened by every rank of this launch (one rank without a launch: re-sharded
     when saved with another world size; see memory/parallel.py) while rank 0 holds its write lock; with `change`,
     held until the block ends (which saves it)."""
-    from .memory.parallel import ShardedBank, is_sharded
-    from .memory.store import read_manifest
+    from ..memory.parallel import ShardedBank, is_sharded
+    from ..memory.store import read_manifest
 
     if not is_sharded(args.bank):
         read_manifest(args.bank)  # not a bank at all: that error
@@ -414,8 +414,8 @@ def _sharded_bank(args: argparse.Namespace, change: bool = False):
 
 def _encode_sharded(args: argparse.Namespace) -> None:
     """`encode` under a distributed launch: each rank encodes its documents (memory/parallel.py's placement)."""
-    from .memory.parallel import ShardedBank, is_sharded
-    from .memory.store import MANIFEST
+    from ..memory.parallel import ShardedBank, is_sharded
+    from ..memory.store import MANIFEST
 
     out = Path(args.out)
 
@@ -436,7 +436,7 @@ def _encode_sharded(args: argparse.Namespace) -> None:
                                  content_dtype=args.content_dtype, names=names, progress=True,
                                  batch_tokens=args.batch_tokens)
         if calibrate or args.priors:  # as one process does, routed over the ranks
-            from .engine import MSAEngine
+            from ..engine import MSAEngine
 
             engine = MSAEngine(model, tok, bank, similarity="train")
             if calibrate:  # 8-bit routing keys rounded for the routing queries of pseudo-queries from the corpus
@@ -453,7 +453,7 @@ def _encode_sharded(args: argparse.Namespace) -> None:
 def _docs_sharded(args: argparse.Namespace) -> None:
     """`docs` on a bank over ranks: add / delete by every rank of the launch (saved with its world size), list from
     the replicated table (no model)."""
-    from .memory.parallel import read_index
+    from ..memory.parallel import read_index
 
     if args.action == "list":
         for d, _, _, tokens, name, text in read_index(args.bank)["table"][: args.limit]:
@@ -474,7 +474,7 @@ def _docs_sharded(args: argparse.Namespace) -> None:
 
 
 def _info_sharded(args: argparse.Namespace) -> None:
-    from .memory.parallel import read_index, read_rank_manifest
+    from ..memory.parallel import read_index, read_rank_manifest
 
     index = read_index(args.bank)
     table, m = index["table"], read_rank_manifest(args.bank)
@@ -495,9 +495,9 @@ def _info_sharded(args: argparse.Namespace) -> None:
 def _serve_sharded(args: argparse.Namespace, settings) -> None:
     """`serve` over a bank over ranks: rank 0 serves HTTP, the other ranks follow its engine work
     (serve/parallel.py)."""
-    from .engine import MSAEngine
-    from .serve import create_app
-    from .serve.parallel import Mirror, ShardedService
+    from ..engine import MSAEngine
+    from ..serve import create_app
+    from ..serve.parallel import Mirror, ShardedService
 
     with _sharded_bank(args) as bank:
         mirror = Mirror(MSAEngine(bank.model, bank.tok, bank, _config(args)),
@@ -517,7 +517,7 @@ def _serve_sharded(args: argparse.Namespace, settings) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train.trainer import Recipe, train
+    from ..train.trainer import Recipe, train
 
     recipe = Recipe.load(args.recipe)
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
@@ -526,7 +526,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import FAQ_DOCS, run
+    from ..demo import FAQ_DOCS, run
 
     run(corpus=args.corpus, questions=args.question, n_docs=FAQ_DOCS if args.docs is None else args.docs,
         device=args.device, dtype=args.dtype, priors=args.priors, inject_k=args.inject_k)
@@ -555,8 +555,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from .eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
-    from .tasks.niah import SUBTASKS
+    from ..eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
+    from ..tasks.niah import SUBTASKS
 
     if args.pool:
         return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
@@ -598,7 +598,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _print_averages(points: list[dict]) -> None:
     """Per memory size and setting: the mean accuracy over the subtasks, ± its standard error."""
-    from .eval.niah import average, setting_label, setting_of
+    from ..eval.niah import average, setting_label, setting_of
 
     base = setting_of(points[0])
     for n, setting in dict.fromkeys((p["tokens"], tuple(setting_of(p).items())) for p in points):
@@ -616,7 +616,7 @@ def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_p
     import shutil
     import tempfile
 
-    from .eval.jobs import run_workers, visible_gpus
+    from ..eval.jobs import run_workers, visible_gpus
 
     n = min(args.jobs, len(units))
     shares = [units[i::n] for i in range(n)]
@@ -661,7 +661,7 @@ def _child_argv(args: argparse.Namespace, drop: set[str]) -> list[str]:
 def _write_niah(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
     """The first setting's points to `out`, each other setting's beside it (niah.refine-0.json); `meta_of(setting)`:
     that file's machine / date / commit (default: this run's)."""
-    from .eval.niah import by_setting, setting_label, write_results
+    from ..eval.niah import by_setting, setting_label, write_results
 
     sets = by_setting(points)
     files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
@@ -675,7 +675,7 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
     short, several seeds pooled (`pool`), one file per setting, machine / date / commit as the lines record them."""
     import gzip
 
-    from .eval.niah import by_setting, pool, setting_label, setting_of, summarize
+    from ..eval.niah import by_setting, pool, setting_label, setting_of, summarize
 
     records = []
     for f in files:
@@ -700,7 +700,7 @@ def _niah_from_answers(files: list[str], out: Path) -> None:
 
 def _pool_niah(files: list[str], out: Path) -> None:
     """Pool `eval niah` result files of one model (runs with different seeds, machines or sizes) into one file."""
-    from .eval.niah import pool, write_results
+    from ..eval.niah import pool, write_results
 
     runs = [json.loads(Path(f).read_text()) for f in files]
     models = {r["model"] for r in runs}
@@ -717,8 +717,8 @@ def _pool_niah(files: list[str], out: Path) -> None:
 
 
 def _eval_multihop(args: argparse.Namespace) -> None:
-    from .eval.meta import run_meta
-    from .eval.multihop import evaluate
+    from ..eval.meta import run_meta
+    from ..eval.multihop import evaluate
 
     model, tok = _load_model(args.model, args.device, args.dtype)
     rounds = tuple(int(r) for r in args.router_rounds.split(","))
@@ -741,7 +741,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return _bench_parallel(args)
     if args.what == "serve":
         return _bench_serve(args)
-    from .eval.speed import Settings, run
+    from ..eval.speed import Settings, run
 
     if ranks.launched():
         raise ValueError("bench speed under a distributed launch: pass --world-size (the launch's number of ranks)")
@@ -769,7 +769,7 @@ def _sizes(spec: str) -> list[int]:
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
-    from .eval.serving import Settings, run
+    from ..eval.serving import Settings, run
 
     sizes = _sizes(args.tokens or str(Settings.tokens))
     if len(sizes) != 1:
@@ -788,8 +788,8 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
 
 def _bench_parallel(args: argparse.Namespace) -> None:
-    from .eval.speed import Settings
-    from .eval.speed_parallel import run
+    from ..eval.speed import Settings
+    from ..eval.speed_parallel import run
 
     if args.models not in (None, "qwen3-4b"):
         raise ValueError("--world-size: --models qwen3-4b only (random weights and banks)")
@@ -806,7 +806,7 @@ def _bench_parallel(args: argparse.Namespace) -> None:
         print(f"{p['world_size']:>5} {p['tokens']:>10} {p['key_dtype']:>4} {p['routing_ms']:>8} "
               f"{p['routing_floor_ms']:>7} {p['collectives_ms']:>7} {p['gather_ms']:>7} {p['ttft_ms']:>7} "
               f"{p['decode_ms_per_token']:>6}")
-    from .eval.meta import pyplot
+    from ..eval.meta import pyplot
 
     png = out.with_name("speed_parallel.png")
     drawn = f" and {png} (every speed_parallel_*.json there)" if pyplot() else " (no plot: matplotlib is not installed)"
@@ -814,7 +814,7 @@ def _bench_parallel(args: argparse.Namespace) -> None:
 
 
 def _eval_scale(args: argparse.Namespace) -> None:
-    from .eval.scale import run
+    from ..eval.scale import run
 
     model, tok = _load_model(args.model, args.device, args.dtype)
     res = run(model, tok, [int(t) for t in args.tokens.split(",")], Path(args.out or
@@ -831,11 +831,11 @@ def _eval_scale(args: argparse.Namespace) -> None:
 def _eval_qa(args: argparse.Namespace) -> None:
     """Open-memory QA over the Debian FAQs: qa_<split>.json = {gpu, date, commit, source, split, memory_passages,
     memory_tokens, questions, systems: [{name, n, em, em_se, f1, f1_se, gold_top1, gold_top4, ...}]}."""
-    from .eval.faqs import load_qa
-    from .eval.qa import check_results_file, readers
-    from .model.checkpoint import load_pretrained
-    from .model.tokenizer import load_tokenizer
-    from .resources import smollm2_gguf
+    from ..eval.faqs import load_qa
+    from ..eval.qa import check_results_file, readers
+    from ..model.checkpoint import load_pretrained
+    from ..model.tokenizer import load_tokenizer
+    from ..resources import smollm2_gguf
 
     systems = args.systems.split(",")
     needs_msa, needs_plain = readers(systems)
@@ -846,7 +846,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
     if needs_plain:
         gguf = smollm2_gguf()
         plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
-    from .eval.qa import evaluate_qa, table, write_results
+    from ..eval.qa import evaluate_qa, table, write_results
 
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(data.paragraphs, add_special_tokens=False)["input_ids"])
@@ -875,7 +875,7 @@ class _Removed(argparse.Action):
     """A flag of a removed option: refused in one line, saying why."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .engine.config import REMOVED
+        from ..engine.config import REMOVED
 
         parser.error(f"{option_string} was removed: {REMOVED[self.dest]}")
 
@@ -883,7 +883,7 @@ class _Removed(argparse.Action):
 def _config_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per RetrievalConfig setting (name, type, default, choices and help from its field); the removed
     options' flags are refused with the reason."""
-    from .engine import config
+    from ..engine import config
 
     keys = [config.key_of(f) for f in config.fields() if config.key_of(f) not in skip]
     p.set_defaults(config_keys=keys)
@@ -901,13 +901,13 @@ def _config_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
 
 def _config(args: argparse.Namespace):
     """The RetrievalConfig of _config_args' flags."""
-    from .engine import RetrievalConfig
+    from ..engine import RetrievalConfig
 
     return RetrievalConfig().replace(**{k: getattr(args, k) for k in args.config_keys})
 
 
 def _priors_arg(p: argparse.ArgumentParser, default: int = 0) -> None:
-    from .engine.calibrate import PRIOR_SENTENCES
+    from ..engine.calibrate import PRIOR_SENTENCES
 
     why = (f"default {default}: the demo's memories are real text; not for its needle memory" if default else
            f"default 0, as published: priors hurt needle search; for questions over real text try {PRIOR_SENTENCES}, "
@@ -938,8 +938,8 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEMO_PRIORS
-    from .serve.settings import Settings as ServeSettings
+    from ..demo import DEMO_PRIORS
+    from ..serve.settings import Settings as ServeSettings
 
     p = argparse.ArgumentParser(
         prog="memsparse", description="Memory Sparse Attention: models with a sparse memory over large corpora.",
@@ -1164,7 +1164,7 @@ def _quiet():
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Under a distributed launch (torchrun: WORLD_SIZE > 1) every rank runs it; only rank 0
     prints, other ranks print their errors only (tagged with their rank)."""
-    from .resources import ResourceUnavailable
+    from ..resources import ResourceUnavailable
 
     args = build_parser().parse_args(argv)
     rank, err = ranks.rank(), sys.stderr
