@@ -194,7 +194,8 @@ def test_eval_niah_jobs(model_dir, tmp_path, capsys):
 
 def test_jobs_worker_command_line_reproduces_the_options():
     """A --jobs worker's command line parses back to the parent's options (switches and their --no- forms too)."""
-    from memsparse.cli import _child_argv, build_parser
+    from memsparse.cli import build_parser
+    from memsparse.cli.eval import _child_argv
 
     argv = ["eval", "niah", "--tokens", "400,500", "--samples", "3,2", "--no-refine-fuse", "--refine-margin", "0.3",
             "--compare", "refine=0;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
@@ -229,7 +230,7 @@ def test_version_and_examples(capsys):
 
 def test_timing_line_parts_within_their_whole():
     """Routing is printed as part of the prefill, re-ranking (refined routing, outside the prefill) apart."""
-    from memsparse.cli import timing_line
+    from memsparse.cli.bank import timing_line
 
     line = timing_line({"prefill": 0.44, "route": 0.10, "refine": 2.2, "decode": 1.0})
     assert line == "0.44 s prefill incl. 0.10 s routing, 2.20 s re-ranking, 1.00 s decode"

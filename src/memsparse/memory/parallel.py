@@ -31,8 +31,8 @@ new files and a manifest-<commit>.json (`store.stage`), then published by rank 0
 (memory-parallel.json: the replicated table, the commit number, each rank's manifest with its size and sha256, a
 checksum of itself) under a temporary name and renaming it over the old one. A crash before that rename leaves the
 previous commit (the old index and every file it names) intact; files no index names are removed after a commit,
-unless a reader holds readers.lock (then by the next commit). The command line under torchrun: cli.py, ranks.py,
-serve/parallel.py.
+unless a reader holds readers.lock (then by the next commit). The command line under torchrun: cli/bank.py,
+cli/serve.py, ranks.py, serve/parallel.py.
 """
 
 from __future__ import annotations
