@@ -192,18 +192,30 @@ def test_eval_niah_jobs(model_dir, tmp_path, capsys):
     assert code == 2 and "--jobs 2" in err
 
 
-def test_jobs_worker_command_line_reproduces_the_options():
-    """A --jobs worker's command line parses back to the parent's options (switches and their --no- forms too)."""
-    from memsparse.cli import build_parser
-    from memsparse.cli.eval import _child_argv
+def test_jobs_worker_settings_file_reproduces_the_options(tmp_path):
+    """A --jobs worker gets the parent's settings as a JSON file (NiahRun), not a rebuilt command line: the file reads
+    back to the same run, its RetrievalConfig the flags' (switches off by their --no- forms too)."""
+    import dataclasses
+
+    from memsparse.cli import _config, build_parser
+    from memsparse.cli.eval import NiahRun, _niah_run
+    from memsparse.engine import RetrievalConfig
 
     argv = ["eval", "niah", "--tokens", "400,500", "--samples", "3,2", "--no-refine-fuse", "--refine-margin", "0.3",
-            "--compare", "refine=0;inject_k=8", "--seed", "5", "--jobs", "4", "--out", "x.json"]
+            "--compare", "refine=0;inject_k=8", "--seed", "5", "--sample-ids", "1,0", "--heldout", "--jobs", "4",
+            "--out", "x.json"]
     args = build_parser().parse_args(argv)
-    back = build_parser().parse_args(_child_argv(args, drop={"jobs", "out"}))
-    assert {k: v for k, v in vars(back).items() if k not in ("jobs", "out", "func")} == \
-        {k: v for k, v in vars(args).items() if k not in ("jobs", "out", "func")}
-    assert back.jobs == 1 and back.out is None and back.refine_fuse is False
+    run = dataclasses.replace(_niah_run(args), units=[(500, "niah_single_1"), (400, "niah_single_1")])
+    run.save(tmp_path / "worker0.json")
+    back = NiahRun.load(tmp_path / "worker0.json")
+    assert back == run and back.units == [(500, "niah_single_1"), (400, "niah_single_1")]
+    assert RetrievalConfig().replace(**back.config) == _config(args) and back.config["refine_fuse"] is False
+    assert (back.tokens, back.samples, back.seed, back.sample_ids, back.heldout, back.out) == \
+        ([400, 500], [3, 2], 5, [0, 1], True, "x.json")
+    assert back.compare == [{"refine": 0}, {"inject_k": 8}]
+    (tmp_path / "bad.json").write_text('{"tokens": [1], "units": "x", "shell": "rm"}')
+    with pytest.raises(ValueError, match="not an eval niah worker file"):
+        NiahRun.load(tmp_path / "bad.json")
 
 
 def test_version_and_examples(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,38 +37,95 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
-    from ..eval.niah import evaluate, parse_settings, setting_label, setting_of, stream_seed
-    from ..tasks.niah import SUBTASKS
-
+    if args.worker:  # a --jobs worker: its settings from the parent's file, not from flags
+        return _eval_niah(NiahRun.load(args.worker))
     if args.pool:
         return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
     if args.from_answers:
         return _niah_from_answers(args.from_answers.split(","), Path(args.out or "benchmarks/results/niah.json"))
+    run = _niah_run(args)
+    if args.jobs > 1:
+        return _niah_jobs(run, args.jobs)
+    _eval_niah(run)
+
+
+@dataclasses.dataclass
+class NiahRun:
+    """One `eval niah` measurement's settings: what the command line parsed, and what a `--jobs` worker receives as
+    a JSON file (`eval niah --worker FILE`) rather than a command line. `config`: RetrievalConfig.flat();
+    `compare`: more settings (parse_settings); `units`: the (memory size, subtask) pairs to answer (None: all);
+    `sample_ids`: the samples of each stream to answer (None: all)."""
+
+    tokens: list[int]
+    samples: list[int]  # per memory size
+    subtasks: list[str]
+    out: str
+    seed: int = 42
+    split: str | None = None
+    heldout: bool = False
+    priors: int = 0
+    config: dict = dataclasses.field(default_factory=dict)
+    compare: list[dict] = dataclasses.field(default_factory=list)
+    sample_ids: list[int] | None = None
+    units: list[tuple[int, str]] | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    answers: str | None = None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NiahRun:
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: not an eval niah worker file (unknown keys {sorted(unknown)})")
+        run = cls(**data)
+        if run.units is not None:
+            run.units = [(int(n), s) for n, s in run.units]
+        return run
+
+
+def _niah_run(args: argparse.Namespace) -> NiahRun:
+    """The NiahRun of `eval niah`'s flags, checked before any work."""
+    from ..eval.niah import parse_settings, stream_seed
+    from ..tasks.niah import SUBTASKS
+
     subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown subtasks {sorted(unknown)}; choose from {', '.join(SUBTASKS)}")
     stream_seed(args.seed, args.split)  # a seed outside the split's range: the error before any work
-    out = Path(args.out or "benchmarks/results/niah.json")
     sizes = [int(t) for t in args.tokens.split(",")]
     counts = [int(n) for n in args.samples.split(",")]
     counts = counts * len(sizes) if len(counts) == 1 else counts  # per size (evaluate refuses a count mismatch)
     compare = parse_settings(args.compare or "")
-    only = {int(i) for i in args.sample_ids.split(",")} if args.sample_ids else None
+    only = sorted({int(i) for i in args.sample_ids.split(",")}) if args.sample_ids else None
     if only and max(only) >= max(counts):
         raise ValueError(f"--sample-ids {args.sample_ids}: every id must be below --samples {args.samples}")
-    if args.jobs > 1:
-        answers_per = {n: (len(only) if only else c) * (1 + len(compare)) for n, c in zip(sizes, counts)}
-        return _niah_jobs(args, [(n, s) for n in sorted(sizes, reverse=True) for s in subtasks], answers_per, out)
-    units = {(int(n), s) for n, s in (u.split(":") for u in args.units.split(","))} if args.units else None
-    model, tok = cli._load_model(args.model, args.device, args.dtype)
-    name = "MSA-SmolLM2 (shipped)" if args.model in (None, SHIPPED) else str(args.model)
-    with _answers_file(args.answers) as answers:
-        points = evaluate(model, tok, sizes, subtasks, counts, seed=args.seed,
-                          config=_config(args), priors=args.priors,
-                          compare=compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
-                          name=name, only=only, units=units, data="heldout" if args.heldout else "ruler",
-                          split=args.split)
+    return NiahRun(tokens=sizes, samples=counts, subtasks=subtasks, out=args.out or "benchmarks/results/niah.json",
+                   seed=args.seed, split=args.split, heldout=args.heldout, priors=args.priors,
+                   config=_config(args).flat(), compare=compare, sample_ids=only,
+                   model=args.model, device=args.device, dtype=args.dtype, answers=args.answers)
+
+
+def _eval_niah(run: NiahRun) -> None:
+    """Measure `run` in this process: load the model, answer, write --out (after each point) and print the table."""
+    from ..engine import RetrievalConfig
+    from ..eval.niah import evaluate, setting_label, setting_of
+
+    out = Path(run.out)
+    model, tok = cli._load_model(run.model, run.device, run.dtype)
+    name = "MSA-SmolLM2 (shipped)" if run.model in (None, SHIPPED) else str(run.model)
+    with _answers_file(run.answers) as answers:
+        points = evaluate(model, tok, run.tokens, run.subtasks, run.samples, seed=run.seed,
+                          config=RetrievalConfig().replace(**run.config), priors=run.priors,
+                          compare=run.compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
+                          name=name, only=set(run.sample_ids) if run.sample_ids else None,
+                          units=set(map(tuple, run.units)) if run.units is not None else None,
+                          data="heldout" if run.heldout else "ruler", split=run.split)
     print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>14} {'routing recall':>14} {'named recall':>12}")
     base = setting_of(points[0])
     for p in points:
@@ -88,26 +146,33 @@ def _print_averages(points: list[dict]) -> None:
               "{:>7} ± {:<4}".format(*average(group)))
 
 
-def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_per: dict[int, int],
-               out: Path) -> None:
-    """`eval niah --jobs N`: the (memory size, subtask) units dealt round robin to N worker processes (this command
-    line with `--units`; one GPU each, round robin, unless --device names one), then their answer lines merged into
-    --answers and rebuilt into --out as `--from-answers` does. If a worker fails, every worker's answers so far stay
-    in the work folder (named in the error) for `--from-answers`."""
+def _niah_jobs(run: NiahRun, jobs: int) -> None:
+    """`eval niah --jobs N`: the (memory size, subtask) units of `run` dealt round robin to N worker processes
+    (`eval niah --worker FILE`, FILE: `run` with its share of the units, its own --answers and --out, as JSON; one
+    GPU each, round robin, unless --device names one), then their answer lines merged into --answers and rebuilt
+    into --out as `--from-answers` does. If a worker fails, every worker's answers so far stay in the work folder
+    (named in the error) for `--from-answers`."""
     import shutil
     import tempfile
 
     from ..eval.jobs import run_workers, visible_gpus
 
-    n = min(args.jobs, len(units))
-    shares = [units[i::n] for i in range(n)]
+    out = Path(run.out)
+    units = [(n, s) for n in sorted(run.tokens, reverse=True) for s in run.subtasks]
+    per_sample = 1 + len(run.compare)
+    answers_per = {n: (len(run.sample_ids) if run.sample_ids else c) * per_sample
+                   for n, c in zip(run.tokens, run.samples)}
+    n = min(jobs, len(units))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{out.stem}-jobs-", dir=out.parent))
     answers = [work / f"answers{i}.jsonl" for i in range(n)]
-    base = _child_argv(args, drop={"jobs", "units", "answers", "out"})
-    commands = [base + ["--units", ",".join(f"{t}:{s}" for t, s in share), "--answers", str(answers[i]),
-                        "--out", str(work / f"niah{i}.json")] for i, share in enumerate(shares)]
-    gpus = visible_gpus() if args.device in (None, "cuda") else []  # --device cpu / cuda:1: every worker there
+    commands = []
+    for i in range(n):
+        settings = work / f"worker{i}.json"
+        dataclasses.replace(run, units=units[i::n], answers=str(answers[i]), out=str(work / f"niah{i}.json")).save(
+            settings)
+        commands.append(["eval", "niah", "--worker", str(settings)])
+    gpus = visible_gpus() if run.device in (None, "cuda") else []  # --device cpu / cuda:1: every worker there
     print(f"{len(units)} (size, subtask) units over {n} workers "
           f"({'GPUs ' + ', '.join(gpus) if gpus else 'CPU'}); logs in {work}")
     try:
@@ -115,28 +180,13 @@ def _niah_jobs(args: argparse.Namespace, units: list[tuple[int, str]], answers_p
                     sum(answers_per[t] for t, _ in units), gpus)
     except RuntimeError as e:
         raise ValueError(f"{e}\nanswers so far: {work} (rebuild with --from-answers)") from e
-    if args.answers:
-        Path(args.answers).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.answers, "w") as f:
+    if run.answers:
+        Path(run.answers).parent.mkdir(parents=True, exist_ok=True)
+        with open(run.answers, "w") as f:
             for a in answers:
                 f.write(a.read_text())
     _niah_from_answers([str(a) for a in answers], out)
     shutil.rmtree(work)
-
-
-def _child_argv(args: argparse.Namespace, drop: set[str]) -> list[str]:
-    """`eval` arguments reproducing `args` (options at their default left out), except the options in `drop`."""
-    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    argv = ["eval", args.task]
-    for a in sub.choices["eval"]._actions:
-        value = getattr(args, a.dest, None)
-        if not a.option_strings or a.dest in drop or a.default == argparse.SUPPRESS or value == a.default:
-            continue
-        if isinstance(a, argparse.BooleanOptionalAction):
-            argv.append(a.option_strings[0 if value else 1])
-        else:
-            argv += [a.option_strings[0]] + ([] if a.nargs == 0 else [str(value)])
-    return argv
 
 
 def _write_niah(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
@@ -299,7 +349,7 @@ def register(sub) -> None:
                    help="niah: spread the (memory size, subtask) pairs over N worker processes, one GPU each (round "
                         "robin over the visible GPUs; several per GPU overlap sample drawing with the GPU's work; "
                         "on a CPU they share its cores)")
-    v.add_argument("--units", help=argparse.SUPPRESS)  # a --jobs worker's (size:subtask) pairs
+    v.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)  # a --jobs worker's settings (NiahRun JSON)
     v.add_argument("--sample-ids", metavar="I,J,...",
                    help="niah: answer only these samples of each subtask's stream (0-based, below --samples), to "
                         "re-run chosen samples of an earlier run with another setting")
