@@ -308,3 +308,22 @@ def test_status_lines_at_a_terminal_only(model_dir, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli, "_tty", lambda: False)
     code, _, err = _run(capsys, "encode", corpus, "--model", model_dir, "--out", tmp_path / "c", "--priors", "4")
     assert code == 0 and "loading the model" not in err and "document priors" not in err
+
+
+def test_results_default_to_a_folder_of_the_working_directory(tmp_path, capsys, monkeypatch):
+    """eval / bench without --out write under ./memsparse-results/, not into the package's benchmarks/results."""
+    from memsparse.cli import RESULTS, build_parser, results_path
+    from memsparse.cli.eval import _niah_run
+
+    monkeypatch.chdir(tmp_path)
+    assert results_path(None, "niah.json") == RESULTS / "niah.json"
+    assert RESULTS.as_posix() == "memsparse-results" and not RESULTS.is_absolute()
+    assert results_path("benchmarks/results/niah.json", "niah.json").as_posix() == "benchmarks/results/niah.json"
+    assert _niah_run(build_parser().parse_args(["eval", "niah", "--samples", "2"])).out == "memsparse-results/niah.json"
+    point = {"tokens": 400, "subtask": "niah_single_1", "accuracy": 50.0, "stderr": 35.4, "samples": 2,
+             "routing_recall": 1.0, "named_recall": 1.0, "inject_k": 4}
+    run = {"model": "m", "gpu": "cpu", "date": "2026-12-06", "commit": "abc", "points": [point]}
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    code, out, err = _run(capsys, "eval", "niah", "--pool", tmp_path / "a.json")
+    assert code == 0, err
+    assert "wrote memsparse-results/niah.json" in out and (tmp_path / "memsparse-results" / "niah.json").exists()

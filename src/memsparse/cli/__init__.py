@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 
 from .. import ranks
 from ..model.load import SHIPPED
@@ -44,6 +45,14 @@ _EXAMPLES = """
 
 
 EXAMPLES = "examples:\n" + "\n".join(_EXAMPLES) + "\n"  # the top-level help's: every command's
+
+
+RESULTS = Path("memsparse-results")  # where eval and bench write without --out: under the working directory
+
+
+def results_path(out: str | None, name: str) -> Path:
+    """--out, else RESULTS/name (the project's own figures go to benchmarks/results/ only when --out names it)."""
+    return Path(out) if out else RESULTS / name
 
 
 def examples(command: str) -> str | None:

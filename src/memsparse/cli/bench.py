@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from .. import ranks
+from . import results_path
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -20,7 +21,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if ranks.launched():
         raise ValueError("bench speed under a distributed launch: pass --world-size (the launch's number of ranks)")
-    out = args.out or "benchmarks/results/speed.json"
+    out = results_path(args.out, "speed.json")
     res = run(Path(out), _sizes(args.tokens or "1048576,10485760,104857600"),
               (args.models or "qwen3-4b,smollm2").split(","),
               Settings(repeats=args.repeats), tiny=args.tiny)
@@ -49,7 +50,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
     sizes = _sizes(args.tokens or str(Settings.tokens))
     if len(sizes) != 1:
         raise ValueError(f"--tokens {args.tokens}: bench serve measures one memory size")
-    out = args.out or "benchmarks/results/serve.json"
+    out = results_path(args.out, "serve.json")
     res = run(Path(out), Settings(tokens=sizes[0], repeats=args.repeats), tiny=args.tiny)
     print(f"{res['model']} at {res['tokens']} tokens on {res['gpu']}")
     for r in res["routing"]:
@@ -70,7 +71,7 @@ def _bench_parallel(args: argparse.Namespace) -> None:
         raise ValueError("--world-size: --models qwen3-4b only (random weights and banks)")
     if args.what != "speed":
         raise ValueError("--world-size: bench speed only")
-    out = Path(args.out or "benchmarks/results/speed.json").with_name(f"speed_parallel_{args.world_size}.json")
+    out = results_path(args.out, "speed.json").with_name(f"speed_parallel_{args.world_size}.json")
     res = run(out, _sizes(args.tokens or "1048576,10485760,104857600"), Settings(repeats=args.repeats), args.tiny,
               args.world_size)
     if res is None:  # ranks > 0
@@ -109,5 +110,6 @@ def register(sub) -> None:
                    help="speed: Memory Parallel over N ranks (this torchrun launch's, else N spawned: one per GPU, or "
                         "CPU processes over gloo): routing, K̄/V̄ gather, TTFT and decode per point, written to "
                         "speed_parallel_N.json beside --out")
-    b.add_argument("--out", help="default: benchmarks/results/speed.json or serve.json")
+    b.add_argument("--out", help="default: memsparse-results/speed.json or serve.json under the working "
+                                    "directory")
     b.set_defaults(func=cmd_bench)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import cli
 from ..model.load import SHIPPED
-from . import _config, _config_args, _model_args, _priors_arg
+from . import _config, _config_args, _model_args, _priors_arg, results_path
 
 
 def _count(samples: str) -> int:
@@ -40,9 +40,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.worker:  # a --jobs worker: its settings from the parent's file, not from flags
         return _eval_niah(NiahRun.load(args.worker))
     if args.pool:
-        return _pool_niah(args.pool.split(","), Path(args.out or "benchmarks/results/niah.json"))
+        return _pool_niah(args.pool.split(","), results_path(args.out, "niah.json"))
     if args.from_answers:
-        return _niah_from_answers(args.from_answers.split(","), Path(args.out or "benchmarks/results/niah.json"))
+        return _niah_from_answers(args.from_answers.split(","), results_path(args.out, "niah.json"))
     run = _niah_run(args)
     if args.jobs > 1:
         return _niah_jobs(run, args.jobs)
@@ -105,7 +105,7 @@ def _niah_run(args: argparse.Namespace) -> NiahRun:
     only = sorted({int(i) for i in args.sample_ids.split(",")}) if args.sample_ids else None
     if only and max(only) >= max(counts):
         raise ValueError(f"--sample-ids {args.sample_ids}: every id must be below --samples {args.samples}")
-    return NiahRun(tokens=sizes, samples=counts, subtasks=subtasks, out=args.out or "benchmarks/results/niah.json",
+    return NiahRun(tokens=sizes, samples=counts, subtasks=subtasks, out=str(results_path(args.out, "niah.json")),
                    seed=args.seed, split=args.split, heldout=args.heldout, priors=args.priors,
                    config=_config(args).flat(), compare=compare, sample_ids=only,
                    model=args.model, device=args.device, dtype=args.dtype, answers=args.answers)
@@ -255,7 +255,7 @@ def _eval_multihop(args: argparse.Namespace) -> None:
     rounds = tuple(int(r) for r in args.router_rounds.split(","))
     points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], _count(args.samples), rounds,
                       _config(args))
-    out = Path(args.out or "benchmarks/results/multihop.json")
+    out = results_path(args.out, "multihop.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model or SHIPPED), **run_meta(), "points": points}, indent=1) + "\n")
     print(f"{'tokens':>8} {'rounds':>6} {'accuracy':>8} {'hop 1':>6} {'hop 2':>6}")
@@ -269,8 +269,8 @@ def _eval_scale(args: argparse.Namespace) -> None:
     from ..eval.scale import run
 
     model, tok = cli._load_model(args.model, args.device, args.dtype)
-    res = run(model, tok, [int(t) for t in args.tokens.split(",")], Path(args.out or
-              "benchmarks/results/scale_quality.json"), niah_samples=_count(args.samples),
+    res = run(model, tok, [int(t) for t in args.tokens.split(",")], results_path(args.out,
+              "scale_quality.json"), niah_samples=_count(args.samples),
               qa_questions=args.questions, qa_split=args.split,
               bank_path=Path(args.bank_cache) if args.bank_cache else None, fp8_at=args.fp8_at,
               tasks=tuple(t for t in args.scale_tasks.split(",") if t), key_dtypes=tuple(args.key_dtypes.split(",")))
@@ -302,7 +302,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
 
     tok = (msa or plain)[1]
     memory_tokens = sum(len(x) for x in tok(data.paragraphs, add_special_tokens=False)["input_ids"])
-    out = Path(args.out or f"benchmarks/results/qa_{args.split}.json")
+    out = results_path(args.out, f"qa_{args.split}.json")
     check_results_file(out, data, memory_tokens)  # before the hours of answering, not after
     with _answers_file(args.answers) as answers:
         results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, config=_config(args),
@@ -377,6 +377,7 @@ def register(sub) -> None:
                         "named or injected documents) to FILE as JSON lines")
     _config_args(v, skip=("router_rounds",))  # eval's --router-rounds: multihop's list of counts
     _priors_arg(v)
-    v.add_argument("--out", help="default: benchmarks/results/niah.json or qa_<split>.json")
+    v.add_argument("--out", help="default: memsparse-results/niah.json (multihop.json, scale_quality.json, "
+                                 "qa_<split>.json) under the working directory")
     _model_args(v, "the shipped MSA-SmolLM2")
     v.set_defaults(func=cmd_eval)
