@@ -198,8 +198,9 @@ def test_jobs_worker_settings_file_reproduces_the_options(tmp_path):
     import dataclasses
 
     from memsparse.cli import _config, build_parser
-    from memsparse.cli.eval import NiahRun, _niah_run
+    from memsparse.cli.eval import _niah_run
     from memsparse.engine import RetrievalConfig
+    from memsparse.eval.niah import NiahRun
 
     argv = ["eval", "niah", "--tokens", "400,500", "--samples", "3,2", "--no-refine-fuse", "--refine-margin", "0.3",
             "--compare", "refine=0;inject_k=8", "--seed", "5", "--sample-ids", "1,0", "--heldout", "--jobs", "4",

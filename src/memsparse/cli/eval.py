@@ -4,14 +4,16 @@ NIAH and QA at scale, and multi-hop questions."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import cli
 from ..model.load import SHIPPED
 from . import _config, _config_args, _model_args, _priors_arg, results_path
+
+if TYPE_CHECKING:
+    from ..eval.niah import NiahRun
 
 
 def _count(samples: str) -> int:
@@ -37,62 +39,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_scale(args)
     if args.task == "multihop":
         return _eval_multihop(args)
+    from ..eval import niah
+
     if args.worker:  # a --jobs worker: its settings from the parent's file, not from flags
-        return _eval_niah(NiahRun.load(args.worker))
-    if args.pool:
-        return _pool_niah(args.pool.split(","), results_path(args.out, "niah.json"))
-    if args.from_answers:
-        return _niah_from_answers(args.from_answers.split(","), results_path(args.out, "niah.json"))
-    run = _niah_run(args)
-    if args.jobs > 1:
-        return _niah_jobs(run, args.jobs)
-    _eval_niah(run)
-
-
-@dataclasses.dataclass
-class NiahRun:
-    """One `eval niah` measurement's settings: what the command line parsed, and what a `--jobs` worker receives as
-    a JSON file (`eval niah --worker FILE`) rather than a command line. `config`: RetrievalConfig.flat();
-    `compare`: more settings (parse_settings); `units`: the (memory size, subtask) pairs to answer (None: all);
-    `sample_ids`: the samples of each stream to answer (None: all)."""
-
-    tokens: list[int]
-    samples: list[int]  # per memory size
-    subtasks: list[str]
-    out: str
-    seed: int = 42
-    split: str | None = None
-    heldout: bool = False
-    priors: int = 0
-    config: dict = dataclasses.field(default_factory=dict)
-    compare: list[dict] = dataclasses.field(default_factory=list)
-    sample_ids: list[int] | None = None
-    units: list[tuple[int, str]] | None = None
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    answers: str | None = None
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> NiahRun:
-        data = json.loads(Path(path).read_text())
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: not an eval niah worker file (unknown keys {sorted(unknown)})")
-        run = cls(**data)
-        if run.units is not None:
-            run.units = [(int(n), s) for n, s in run.units]
-        return run
+        return niah.run(niah.NiahRun.load(args.worker), cli._load_model)
+    niah.run(_niah_run(args), cli._load_model)
 
 
 def _niah_run(args: argparse.Namespace) -> NiahRun:
     """The NiahRun of `eval niah`'s flags, checked before any work."""
-    from ..eval.niah import parse_settings, stream_seed
+    from ..eval.niah import NiahRun, parse_settings, stream_seed
     from ..tasks.niah import SUBTASKS
 
+    out = str(results_path(args.out, "niah.json"))
+    if args.pool or args.from_answers:  # no measuring: only the files and --out
+        return NiahRun(tokens=[], samples=[], subtasks=[], out=out, pool=args.pool.split(",") if args.pool else None,
+                       from_answers=None if args.pool else args.from_answers.split(","))
     subtasks = args.subtasks.split(",") if args.subtasks else list(SUBTASKS)
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown:
@@ -105,146 +67,10 @@ def _niah_run(args: argparse.Namespace) -> NiahRun:
     only = sorted({int(i) for i in args.sample_ids.split(",")}) if args.sample_ids else None
     if only and max(only) >= max(counts):
         raise ValueError(f"--sample-ids {args.sample_ids}: every id must be below --samples {args.samples}")
-    return NiahRun(tokens=sizes, samples=counts, subtasks=subtasks, out=str(results_path(args.out, "niah.json")),
-                   seed=args.seed, split=args.split, heldout=args.heldout, priors=args.priors,
-                   config=_config(args).flat(), compare=compare, sample_ids=only,
-                   model=args.model, device=args.device, dtype=args.dtype, answers=args.answers)
-
-
-def _eval_niah(run: NiahRun) -> None:
-    """Measure `run` in this process: load the model, answer, write --out (after each point) and print the table."""
-    from ..engine import RetrievalConfig
-    from ..eval.niah import evaluate, setting_label, setting_of
-
-    out = Path(run.out)
-    model, tok = cli._load_model(run.model, run.device, run.dtype)
-    name = "MSA-SmolLM2 (shipped)" if run.model in (None, SHIPPED) else str(run.model)
-    with _answers_file(run.answers) as answers:
-        points = evaluate(model, tok, run.tokens, run.subtasks, run.samples, seed=run.seed,
-                          config=RetrievalConfig().replace(**run.config), priors=run.priors,
-                          compare=run.compare, on_point=lambda pts: _write_niah(pts, name, out), answers=answers,
-                          name=name, only=set(run.sample_ids) if run.sample_ids else None,
-                          units=set(map(tuple, run.units)) if run.units is not None else None,
-                          data="heldout" if run.heldout else "ruler", split=run.split)
-    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>14} {'routing recall':>14} {'named recall':>12}")
-    base = setting_of(points[0])
-    for p in points:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} "
-              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
-    _print_averages(points)
-    print("wrote " + ", ".join(map(str, _write_niah(points, name, out))))
-
-
-def _print_averages(points: list[dict]) -> None:
-    """Per memory size and setting: the mean accuracy over the subtasks, ± its standard error."""
-    from ..eval.niah import average, setting_label, setting_of
-
-    base = setting_of(points[0])
-    for n, setting in dict.fromkeys((p["tokens"], tuple(setting_of(p).items())) for p in points):
-        group = [p for p in points if p["tokens"] == n and tuple(setting_of(p).items()) == setting]
-        print(f"{n:>8} {'average':<16} {setting_label(dict(setting), base):<24} "
-              "{:>7} ± {:<4}".format(*average(group)))
-
-
-def _niah_jobs(run: NiahRun, jobs: int) -> None:
-    """`eval niah --jobs N`: the (memory size, subtask) units of `run` dealt round robin to N worker processes
-    (`eval niah --worker FILE`, FILE: `run` with its share of the units, its own --answers and --out, as JSON; one
-    GPU each, round robin, unless --device names one), then their answer lines merged into --answers and rebuilt
-    into --out as `--from-answers` does. If a worker fails, every worker's answers so far stay in the work folder
-    (named in the error) for `--from-answers`."""
-    import shutil
-    import tempfile
-
-    from ..eval.jobs import run_workers, visible_gpus
-
-    out = Path(run.out)
-    units = [(n, s) for n in sorted(run.tokens, reverse=True) for s in run.subtasks]
-    per_sample = 1 + len(run.compare)
-    answers_per = {n: (len(run.sample_ids) if run.sample_ids else c) * per_sample
-                   for n, c in zip(run.tokens, run.samples)}
-    n = min(jobs, len(units))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{out.stem}-jobs-", dir=out.parent))
-    answers = [work / f"answers{i}.jsonl" for i in range(n)]
-    commands = []
-    for i in range(n):
-        settings = work / f"worker{i}.json"
-        dataclasses.replace(run, units=units[i::n], answers=str(answers[i]), out=str(work / f"niah{i}.json")).save(
-            settings)
-        commands.append(["eval", "niah", "--worker", str(settings)])
-    gpus = visible_gpus() if run.device in (None, "cuda") else []  # --device cpu / cuda:1: every worker there
-    print(f"{len(units)} (size, subtask) units over {n} workers "
-          f"({'GPUs ' + ', '.join(gpus) if gpus else 'CPU'}); logs in {work}")
-    try:
-        run_workers(commands, answers, [work / f"worker{i}.log" for i in range(n)],
-                    sum(answers_per[t] for t, _ in units), gpus)
-    except RuntimeError as e:
-        raise ValueError(f"{e}\nanswers so far: {work} (rebuild with --from-answers)") from e
-    if run.answers:
-        Path(run.answers).parent.mkdir(parents=True, exist_ok=True)
-        with open(run.answers, "w") as f:
-            for a in answers:
-                f.write(a.read_text())
-    _niah_from_answers([str(a) for a in answers], out)
-    shutil.rmtree(work)
-
-
-def _write_niah(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
-    """The first setting's points to `out`, each other setting's beside it (niah.refine-0.json); `meta_of(setting)`:
-    that file's machine / date / commit (default: this run's)."""
-    from ..eval.niah import by_setting, setting_label, write_results
-
-    sets = by_setting(points)
-    files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
-    for f, (setting, pts) in zip(files, sets):
-        write_results(pts, name, f, meta_of(setting) if meta_of else None)
-    return files
-
-
-def _niah_from_answers(files: list[str], out: Path) -> None:
-    """Results files rebuilt from `eval niah --answers` files (plain or .gz) of one model: the points of runs cut
-    short, several seeds pooled (`pool`), one file per setting, machine / date / commit as the lines record them."""
-    import gzip
-
-    from ..eval.niah import by_setting, pool, setting_label, setting_of, summarize
-
-    records = []
-    for f in files:
-        with (gzip.open if f.endswith(".gz") else open)(f, "rt") as fh:
-            records += [json.loads(line) for line in fh if line.strip()]
-    if not records:
-        raise ValueError(f"--from-answers: no answers in {', '.join(files)}")
-    models = {r.get("model") for r in records}
-    if len(models) != 1 or None in models:
-        raise ValueError(f"--from-answers: lines of one recorded model only, got {sorted(map(str, models))}")
-    def meta_of(setting: dict) -> dict:  # machine / date / commit of the lines of that setting only
-        rs = [r for r in records if setting_of(r) == setting]
-        return {k: ",".join(sorted({str(r.get(k, "unrecorded")) for r in rs})) for k in ("gpu", "date", "commit")}
-
-    points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
-    for p in points:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
-              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
-    _print_averages(points)
-    print("wrote " + ", ".join(map(str, _write_niah(points, models.pop(), out, meta_of))))
-
-
-def _pool_niah(files: list[str], out: Path) -> None:
-    """Pool `eval niah` result files of one model (runs with different seeds, machines or sizes) into one file."""
-    from ..eval.niah import pool, write_results
-
-    runs = [json.loads(Path(f).read_text()) for f in files]
-    models = {r["model"] for r in runs}
-    if len(models) != 1:
-        raise ValueError(f"--pool: results of one model only, got {sorted(models)}")
-    points = [{"commit": r["commit"], "date": r["date"], **p} for r in runs for p in r["points"]]
-    meta = {k: ",".join(sorted({r[k] for r in runs})) for k in ("gpu", "date", "commit")}
-    pooled = pool(points)
-    write_results(pooled, models.pop(), out, meta)
-    for p in pooled:
-        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
-    _print_averages(pooled)
-    print(f"wrote {out}")
+    return NiahRun(tokens=sizes, samples=counts, subtasks=subtasks, out=out, seed=args.seed, split=args.split,
+                   heldout=args.heldout, priors=args.priors, config=_config(args).flat(), compare=compare,
+                   sample_ids=only, model=args.model, device=args.device, dtype=args.dtype, answers=args.answers,
+                   jobs=args.jobs)
 
 
 def _eval_multihop(args: argparse.Namespace) -> None:
@@ -284,6 +110,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
     """Open-memory QA over the Debian FAQs: qa_<split>.json = {gpu, date, commit, source, split, memory_passages,
     memory_tokens, questions, systems: [{name, n, em, em_se, f1, f1_se, gold_top1, gold_top4, ...}]}."""
     from ..eval.faqs import load_qa
+    from ..eval.niah import answers_file
     from ..eval.qa import check_results_file, readers
     from ..model.checkpoint import load_pretrained
     from ..model.tokenizer import load_tokenizer
@@ -304,7 +131,7 @@ def _eval_qa(args: argparse.Namespace) -> None:
     memory_tokens = sum(len(x) for x in tok(data.paragraphs, add_special_tokens=False)["input_ids"])
     out = results_path(args.out, f"qa_{args.split}.json")
     check_results_file(out, data, memory_tokens)  # before the hours of answering, not after
-    with _answers_file(args.answers) as answers:
+    with answers_file(args.answers) as answers:
         results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, config=_config(args),
                               priors=args.priors, answers=answers)
     write_results(results, data, memory_tokens, out)
@@ -313,14 +140,6 @@ def _eval_qa(args: argparse.Namespace) -> None:
           "ranked first / in the top 4 by the router (memsparse) or MiniLM (rag)")
     print(table(results))
     print(f"wrote {out}")
-
-
-def _answers_file(path: str | None):
-    """`--answers FILE` opened for writing (its folder made), or a null context."""
-    if not path:
-        return contextlib.nullcontext()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w")
 
 
 def register(sub) -> None:

@@ -1,5 +1,5 @@
 """Evaluation spread over worker processes (`memsparse eval niah --jobs N`): each worker runs the parent's settings
-for its share of the work (`eval niah --worker FILE`, the settings as JSON: cli/eval.py's NiahRun), on one GPU
+for its share of the work (`eval niah --worker FILE`, the settings as JSON: eval/niah.py's NiahRun), on one GPU
 (round robin over the visible ones) or the CPU, writing its own answer lines; the parent shows one progress bar over
 all of them and reports a worker that failed with the tail of its log."""
 

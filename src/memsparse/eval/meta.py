@@ -67,3 +67,14 @@ def save_run(out: Path, key: str, run: dict) -> None:
     runs[key] = run
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+
+def load_model(path: str | None, device: str | None, dtype: str | None):
+    """The (model, tokenizer) of an eval run's --model / --device / --dtype: `model.load.load_model` on cuda when
+    available and the device's default dtype; what the eval modules' `run(config)` load with unless given a loader
+    (the command line passes its own, with a status line)."""
+    from ..model.checkpoint import default_dtype
+    from ..model.load import load_model as load
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(path, device, dtype or default_dtype(device))

@@ -13,7 +13,10 @@ value formats, none of which training sees). `split`: "dev" or "test", disjoint 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import gzip
 import json
 import math
 import random
@@ -29,7 +32,7 @@ from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..tasks import needles
 from ..tasks.niah import SUBTASKS, make_sample, string_match_all
-from .meta import pyplot, run_meta, save_figure
+from .meta import load_model, pyplot, run_meta, save_figure
 
 SETTING_KEYS = tuple(key_of(f) for f in setting_fields())  # what results record of RetrievalConfig (its labels)
 _ABSENT = RetrievalConfig.from_settings({}).flat()  # a key a result does not record: the value it ran with
@@ -284,3 +287,191 @@ def write_results(points: list[dict], model_name: str, out: Path, meta: dict | N
                  f"{model_name}")
     ax.legend(fontsize=7)
     save_figure(fig, out.with_suffix(".png"))
+
+
+@dataclasses.dataclass(frozen=True)
+class NiahRun:
+    """One `eval niah` run's settings: what the command line parsed, and what a `--jobs` worker receives as a JSON
+    file (`eval niah --worker FILE`) rather than a command line. `config`: RetrievalConfig.flat(); `compare`: more
+    settings (parse_settings); `units`: the (memory size, subtask) pairs to answer (None: all); `sample_ids`: the
+    samples of each stream to answer (None: all); `jobs`: worker processes (`run_jobs`); `pool` / `from_answers`:
+    result files to pool / answer files to rebuild into `out` instead of measuring."""
+
+    tokens: list[int]
+    samples: list[int]  # per memory size
+    subtasks: list[str]
+    out: str
+    seed: int = 42
+    split: str | None = None
+    heldout: bool = False
+    priors: int = 0
+    config: dict = dataclasses.field(default_factory=dict)
+    compare: list[dict] = dataclasses.field(default_factory=list)
+    sample_ids: list[int] | None = None
+    units: list[tuple[int, str]] | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    answers: str | None = None
+    jobs: int = 1
+    pool: list[str] | None = None
+    from_answers: list[str] | None = None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NiahRun:
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: not an eval niah worker file (unknown keys {sorted(unknown)})")
+        if data.get("units") is not None:
+            data["units"] = [(int(n), s) for n, s in data["units"]]
+        return cls(**data)
+
+
+def run(config: NiahRun, load=load_model) -> None:
+    """`eval niah`: pool result files, rebuild results from answer files, spread the run over `config.jobs` worker
+    processes, or measure it in this process (`load(model, device, dtype)` -> (model, tokenizer))."""
+    if config.pool:
+        return pool_files(config.pool, Path(config.out))
+    if config.from_answers:
+        return from_answers(config.from_answers, Path(config.out))
+    if config.jobs > 1:
+        return run_jobs(config)
+    measure(config, load)
+
+
+def measure(run: NiahRun, load=load_model) -> None:
+    """Measure `run` in this process: load the model, answer, write --out (after each point) and print the table."""
+    from ..model.load import SHIPPED
+
+    out = Path(run.out)
+    model, tok = load(run.model, run.device, run.dtype)
+    name = "MSA-SmolLM2 (shipped)" if run.model in (None, SHIPPED) else str(run.model)
+    with answers_file(run.answers) as answers:
+        points = evaluate(model, tok, run.tokens, run.subtasks, run.samples, seed=run.seed,
+                          config=RetrievalConfig().replace(**run.config), priors=run.priors,
+                          compare=run.compare, on_point=lambda pts: write_settings(pts, name, out), answers=answers,
+                          name=name, only=set(run.sample_ids) if run.sample_ids else None,
+                          units=set(map(tuple, run.units)) if run.units is not None else None,
+                          data="heldout" if run.heldout else "ruler", split=run.split)
+    print(f"{'tokens':>8} {'subtask':<16} {'setting':<24} {'accuracy':>14} {'routing recall':>14} {'named recall':>12}")
+    base = setting_of(points[0])
+    for p in points:
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} "
+              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
+    print_averages(points)
+    print("wrote " + ", ".join(map(str, write_settings(points, name, out))))
+
+
+def answers_file(path: str | None):
+    """`--answers FILE` opened for writing (its folder made), or a null context."""
+    if not path:
+        return contextlib.nullcontext()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w")
+
+
+def print_averages(points: list[dict]) -> None:
+    """Per memory size and setting: the mean accuracy over the subtasks, ± its standard error."""
+    base = setting_of(points[0])
+    for n, setting in dict.fromkeys((p["tokens"], tuple(setting_of(p).items())) for p in points):
+        group = [p for p in points if p["tokens"] == n and tuple(setting_of(p).items()) == setting]
+        print(f"{n:>8} {'average':<16} {setting_label(dict(setting), base):<24} "
+              "{:>7} ± {:<4}".format(*average(group)))
+
+
+def run_jobs(run: NiahRun) -> None:
+    """`eval niah --jobs N`: the (memory size, subtask) units of `run` dealt round robin to N worker processes
+    (`eval niah --worker FILE`, FILE: `run` with its share of the units, its own --answers and --out, as JSON; one
+    GPU each, round robin, unless --device names one), then their answer lines merged into --answers and rebuilt
+    into --out as `--from-answers` does. If a worker fails, every worker's answers so far stay in the work folder
+    (named in the error) for `--from-answers`."""
+    import shutil
+    import tempfile
+
+    from .jobs import run_workers, visible_gpus
+
+    out = Path(run.out)
+    units = [(n, s) for n in sorted(run.tokens, reverse=True) for s in run.subtasks]
+    per_sample = 1 + len(run.compare)
+    answers_per = {n: (len(run.sample_ids) if run.sample_ids else c) * per_sample
+                   for n, c in zip(run.tokens, run.samples)}
+    n = min(run.jobs, len(units))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{out.stem}-jobs-", dir=out.parent))
+    answers = [work / f"answers{i}.jsonl" for i in range(n)]
+    commands = []
+    for i in range(n):
+        settings = work / f"worker{i}.json"
+        dataclasses.replace(run, units=units[i::n], answers=str(answers[i]), out=str(work / f"niah{i}.json"),
+                            jobs=1).save(settings)
+        commands.append(["eval", "niah", "--worker", str(settings)])
+    gpus = visible_gpus() if run.device in (None, "cuda") else []  # --device cpu / cuda:1: every worker there
+    print(f"{len(units)} (size, subtask) units over {n} workers "
+          f"({'GPUs ' + ', '.join(gpus) if gpus else 'CPU'}); logs in {work}")
+    try:
+        run_workers(commands, answers, [work / f"worker{i}.log" for i in range(n)],
+                    sum(answers_per[t] for t, _ in units), gpus)
+    except RuntimeError as e:
+        raise ValueError(f"{e}\nanswers so far: {work} (rebuild with --from-answers)") from e
+    if run.answers:
+        Path(run.answers).parent.mkdir(parents=True, exist_ok=True)
+        with open(run.answers, "w") as f:
+            for a in answers:
+                f.write(a.read_text())
+    from_answers([str(a) for a in answers], out)
+    shutil.rmtree(work)
+
+
+def write_settings(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
+    """The first setting's points to `out`, each other setting's beside it (niah.refine-0.json); `meta_of(setting)`:
+    that file's machine / date / commit (default: this run's)."""
+    sets = by_setting(points)
+    files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
+    for f, (setting, pts) in zip(files, sets):
+        write_results(pts, name, f, meta_of(setting) if meta_of else None)
+    return files
+
+
+def from_answers(files: list[str], out: Path) -> None:
+    """Results files rebuilt from `eval niah --answers` files (plain or .gz) of one model: the points of runs cut
+    short, several seeds pooled (`pool`), one file per setting, machine / date / commit as the lines record them."""
+    records = []
+    for f in files:
+        with (gzip.open if f.endswith(".gz") else open)(f, "rt") as fh:
+            records += [json.loads(line) for line in fh if line.strip()]
+    if not records:
+        raise ValueError(f"--from-answers: no answers in {', '.join(files)}")
+    models = {r.get("model") for r in records}
+    if len(models) != 1 or None in models:
+        raise ValueError(f"--from-answers: lines of one recorded model only, got {sorted(map(str, models))}")
+
+    def meta_of(setting: dict) -> dict:  # machine / date / commit of the lines of that setting only
+        rs = [r for r in records if setting_of(r) == setting]
+        return {k: ",".join(sorted({str(r.get(k, "unrecorded")) for r in rs})) for k in ("gpu", "date", "commit")}
+
+    points = [p for _, pts in by_setting(summarize(records)) for p in pool(pts)]
+    for p in points:
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
+              f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
+    print_averages(points)
+    print("wrote " + ", ".join(map(str, write_settings(points, models.pop(), out, meta_of))))
+
+
+def pool_files(files: list[str], out: Path) -> None:
+    """Pool `eval niah` result files of one model (runs with different seeds, machines or sizes) into one file."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    models = {r["model"] for r in runs}
+    if len(models) != 1:
+        raise ValueError(f"--pool: results of one model only, got {sorted(models)}")
+    points = [{"commit": r["commit"], "date": r["date"], **p} for r in runs for p in r["points"]]
+    meta = {k: ",".join(sorted({r[k] for r in runs})) for k in ("gpu", "date", "commit")}
+    pooled = pool(points)
+    write_results(pooled, models.pop(), out, meta)
+    for p in pooled:
+        print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
+    print_averages(pooled)
+    print(f"wrote {out}")
