@@ -50,24 +50,24 @@ def test_a_run_of_some_tasks_keeps_the_others(tmp_path, monkeypatch):
     monkeypatch.setattr(scale, "distractor_bank", lambda m, t, n, path=None: ms.MemoryBank.build(m, t, DOCS))
     monkeypatch.setattr(scale, "niah_scores", lambda m, t, banks, *a, **k: {s: 50.0 for s in banks})
     out = tmp_path / "scale.json"
-    first = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32)
+    first = scale.measure(model, tok, [64], out, tasks=("niah",), haystack=32)
     assert [(p["task"], p["tokens"]) for p in first["points"]] == [("niah", 32), ("niah", 64)]
-    again = scale.run(model, tok, [64], out, tasks=(), haystack=32)
+    again = scale.measure(model, tok, [64], out, tasks=(), haystack=32)
     assert again["points"] == first["points"] and again["niah_haystack_tokens"] == 32
     assert all(p["commit"] == first["commit"] for p in again["points"])
-    fp8 = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32, fp8_at=64, key_dtypes=("fp8",))
+    fp8 = scale.measure(model, tok, [64], out, tasks=("niah",), haystack=32, fp8_at=64, key_dtypes=("fp8",))
     assert [(p["tokens"], p["key_dtype"]) for p in fp8["points"]] == [(32, "bf16"), (64, "bf16"), (64, "fp8")]
     old = json.loads(out.read_text())
     squad = {"task": "squad_open_em", "tokens": 9, "score": 1.0, "key_dtype": "bf16", "commit": "old"}
     out.write_text(json.dumps({**old, "squad_questions": 200, "points": old["points"] + [squad]}))
-    kept = scale.run(model, tok, [64], out, tasks=("niah",), haystack=32)
+    kept = scale.measure(model, tok, [64], out, tasks=("niah",), haystack=32)
     assert squad in kept["points"] and kept["squad_questions"] == 200 and len(kept["points"]) == 4
     from memsparse.eval import faqs
 
     data = faqs.QASet(["The bell is 7.", "Salt is white."], [0, 1], [("What is the bell?", ["7"], 0)],
                       name="debian-faqs", split="dev")
     monkeypatch.setattr(faqs, "load_qa", lambda split, n: data if (split, n) == ("dev", 5) else None)
-    qa = scale.run(model, tok, [64], out, tasks=("qa",), key_dtypes=("bf16",), haystack=32, qa_questions=5,
+    qa = scale.measure(model, tok, [64], out, tasks=("qa",), key_dtypes=("bf16",), haystack=32, qa_questions=5,
                    qa_split="dev")
     assert (qa["qa_source"], qa["qa_split"], qa["qa_questions"]) == ("debian-faqs", "dev", 1)
     points = [p for p in qa["points"] if p["task"] == "qa"]

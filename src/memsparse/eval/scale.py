@@ -14,6 +14,7 @@ and the routing of the QA questions is compared with bf16 keys (top-k recall).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import json
 import random
@@ -25,7 +26,7 @@ from ..engine import MSAEngine, RetrievalConfig
 from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..tasks.niah import make_sample, string_match_all
-from .meta import pyplot, run_meta, save_figure
+from .meta import load_model, pyplot, run_meta, save_figure
 
 
 def distractor_texts(n_docs: int, seed: int = 0, words: int = 500) -> list[str]:
@@ -131,7 +132,7 @@ def recall(a: list[dict], b: list[dict]) -> float:
     return round(sum(vals) / max(len(vals), 1), 4)
 
 
-def run(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, qa_questions: int = 200,
+def measure(model, tok, sizes: list[int], out: Path, niah_samples: int = 25, qa_questions: int = 200,
         qa_split: str = "test",
         subtasks: tuple[str, ...] = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue"),
         bank_path: Path | None = None, fp8_at: int | None = None, haystack: int = 32768,
@@ -224,3 +225,38 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"MSA-SmolLM2 quality at scale, {result['gpu']} ({result['date']}, {result['commit']})")
     save_figure(fig, path)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleRun:
+    """One `eval scale` run's settings: the memory sizes (`tokens`), NIAH samples per subtask, QA questions of
+    `split`, where the distractor bank is kept (`bank_cache`), the size to also measure fp8 routing keys at, the
+    tasks and routing-key dtypes, the results file (`out`) and the model (as `load_model` takes it)."""
+
+    tokens: tuple[int, ...]
+    out: str
+    samples: int = 100
+    questions: int = 200
+    split: str = "test"
+    bank_cache: str | None = None
+    fp8_at: int | None = None
+    tasks: tuple[str, ...] = ("niah", "qa")
+    key_dtypes: tuple[str, ...] = ("bf16", "fp8")
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+
+def run(config: ScaleRun, load=load_model) -> dict:
+    """`eval scale`: load the model (`load(model, device, dtype)` -> (model, tokenizer)), `measure` and print each
+    point and the fp8 routing-key recall."""
+    model, tok = load(config.model, config.device, config.dtype)
+    res = measure(model, tok, list(config.tokens), Path(config.out), niah_samples=config.samples,
+                  qa_questions=config.questions, qa_split=config.split,
+                  bank_path=Path(config.bank_cache) if config.bank_cache else None, fp8_at=config.fp8_at,
+                  tasks=tuple(config.tasks), key_dtypes=tuple(config.key_dtypes))
+    for p in res["points"]:
+        print(f"{p['task']:<14} {p['tokens']:>10} {p['key_dtype']:>5} {p['score']:>7}")
+    for r in res["recall"]:
+        print(f"fp8 routing keys at {r['tokens']} tokens: top-k recall vs bf16 {r['top_k_recall_fp8_vs_bf16']}")
+    return res
