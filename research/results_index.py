@@ -102,7 +102,15 @@ def index_rows() -> list[dict]:
 
 
 def index_text() -> str:
-    return json.dumps({"generated_by": "research/results_index.py", "runs": index_rows()}, indent=1) + "\n"
+    """The index: its own header (built on any CPU from the result files, it measures nothing; the cards and the
+    newest date of the runs it lists) and one row per run."""
+    rows = index_rows()
+    cards = sorted({r["card"] for r in rows} - {UNRECORDED})
+    dates = sorted({r["date"] for r in rows} - {UNRECORDED})
+    header = {"generated_by": "research/results_index.py",
+              "machine": "CPU (an index of the result files: no measurement of its own; each run names its card)",
+              "cards": cards, "newest_run_date": dates[-1] if dates else UNRECORDED}
+    return json.dumps({**header, "runs": rows}, indent=1) + "\n"
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------
