@@ -109,6 +109,25 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
+def gloo_rank(rank: int, world: int, init: str, out: str, checks) -> None:
+    """A spawned rank's body: join the gloo group at `init`, run `checks(rank, world, out)`, leave together; a failure
+    is written to `out/error-<rank>.txt` (what `run_ranks` reports) and raised."""
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        checks(rank, world, out)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
 def run_ranks(target, world: int, args, errors_dir, timeout: float) -> None:
     """Run `target(rank, *args)` in `world` spawned processes; fail with the ranks' error files
     (`errors_dir/error-<rank>.txt`), the ranks that hung past `timeout` seconds (killed), or a non-zero exit."""

@@ -15,25 +15,16 @@ import threading
 import time
 import traceback
 
-import pytest
 import torch
 
 from memsparse.cli import main
 
-from ..conftest import run_ranks, tiny_model, tiny_tokenizer
+from ..conftest import run_ranks
 
 DOCS = ["Paris is in France.", "Ottawa is in Canada.", "Bananas are yellow and sweet.", "Rome is an old city.",
         "The river runs to the sea.", "Mountains are tall.", "The answer is 42.", "Lisbon is in Portugal."]
 ASK = ["--json", "--max-new-tokens", "5", "--device", "cpu"]
 JOIN_SECONDS = 120
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def _free_port() -> int:

@@ -4,13 +4,12 @@ the same documents. Each world size is one spawn running every check (a process 
 
 import os
 import random
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from ..conftest import run_ranks, tiny_model, tiny_tokenizer
+from ..conftest import gloo_rank, run_ranks, tiny_model, tiny_tokenizer
 
 WORDS = ("Paris capital France Ottawa Canada bananas yellow sweet Rome old answer question document river "
          "mountain 0 1 2 3 4 5 6 7 8 9 the of is").split()
@@ -72,16 +71,7 @@ def _args(enc: dict) -> tuple:
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-        _checks(rank, world, out)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    gloo_rank(rank, world, init, out, _checks)
 
 
 def _checks(rank: int, world: int, out: str) -> None:

@@ -8,14 +8,13 @@ service following a commit another process made. One spawn runs every check (a p
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from ..conftest import run_ranks, tiny_model, tiny_tokenizer
+from ..conftest import gloo_rank, run_ranks, tiny_model, tiny_tokenizer
 from .test_memory_parallel import MSA, QUESTIONS, _args, _check_routing, _docs, _route
 
 JOIN_SECONDS = 150
@@ -23,16 +22,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-        _checks(rank, world, Path(out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out, f"error-{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    gloo_rank(rank, world, init, out, lambda r, w, o: _checks(r, w, Path(o)))
 
 
 def _stored(bank, d: int) -> list:
