@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import socket
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..serve.load import clients_at_once, latency_percentiles
 from .meta import run_meta
 from .speed import QWEN3_4B, TINY, _qwen_banks, random_model, time_query
 from .speed import Settings as SpeedSettings
@@ -85,32 +85,23 @@ def _drive(http, url: str, clients: int, requests: int, max_tokens: int) -> dict
     A failed request raises."""
     latencies, finishes, errors = [], [], []
 
-    def client(n: int) -> None:
-        for i in range(requests):
-            t0 = time.perf_counter()
-            r = http.post(url, json={"model": "memsparse", "prompt": f"Where is item {n}.{i}?",
-                                     "max_tokens": max_tokens})
-            if r.status_code != 200:
-                errors.append(f"{r.status_code}: {r.text[:200]}")
-                return
-            latencies.append(time.perf_counter() - t0)
-            finishes.append(r.json()["choices"][0]["finish_reason"])
+    def one(n: int, i: int) -> None:
+        t0 = time.perf_counter()
+        r = http.post(url, json={"model": "memsparse", "prompt": f"Where is item {n}.{i}?", "max_tokens": max_tokens})
+        if r.status_code != 200:
+            errors.append(f"{r.status_code}: {r.text[:200]}")
+            return
+        latencies.append(time.perf_counter() - t0)
+        finishes.append(r.json()["choices"][0]["finish_reason"])
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = clients_at_once(clients, requests, one)
     if errors:
         raise RuntimeError(f"bench serve: {len(errors)} requests failed, the first: {errors[0]}")
-    lat = sorted(latencies)
-    return {"requests": len(lat), "wall_s": round(wall, 3), "requests_per_s": round(len(lat) / wall, 3),
-            "decoded_tokens_per_s": round(len(lat) * max_tokens / wall, 1),
+    n = len(latencies)
+    return {"requests": n, "wall_s": round(wall, 3), "requests_per_s": round(n / wall, 3),
+            "decoded_tokens_per_s": round(n * max_tokens / wall, 1),
             "finish_length": round(finishes.count("length") / len(finishes), 3),
-            "latency_s": {"p50": round(statistics.median(lat), 4), "p90": round(lat[int(0.9 * (len(lat) - 1))], 4),
-                          "max": round(lat[-1], 4)}}
+            "latency_s": latency_percentiles(latencies)}
 
 
 def run(out: Path, s: Settings, tiny: bool = False) -> dict:

@@ -13,6 +13,31 @@ import threading
 import time
 
 
+def clients_at_once(clients: int, requests: int, one) -> float:
+    """`clients` threads, client n calling `one(n, i)` for i in range(requests) in turn; the wall time (s)."""
+    def worker(n: int) -> None:
+        for i in range(requests):
+            one(n, i)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def latency_percentiles(latencies: list[float]) -> dict:
+    """p50, p90, p99 and max of `latencies` (s; nan / None when there are none)."""
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 4) if lat else float("nan")
+
+    return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": round(lat[-1], 4) if lat else None}
+
+
 def run_load(base_url: str, api_key: str = "none", clients: int = 8, requests: int = 3, model: str = "memsparse",
              max_tokens: int = 8, http_client=None) -> dict:
     """`clients` threads, each sending `requests` requests in turn (chat, completion, streamed chat, ...).
@@ -49,24 +74,9 @@ def run_load(base_url: str, api_key: str = "none", clients: int = 8, requests: i
         with lock:
             latencies.append(time.perf_counter() - start)
 
-    def worker(n: int) -> None:
-        for i in range(requests):
-            one(n, i)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    lat = sorted(latencies)
-
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 4) if lat else float("nan")
-
-    return {"requests": clients * requests, "succeeded": len(lat), "failures": failures, "wall_s": round(wall, 3),
-            "latency_s": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": round(lat[-1], 4) if lat else None}}
+    wall = clients_at_once(clients, requests, one)
+    return {"requests": clients * requests, "succeeded": len(latencies), "failures": failures, "wall_s": round(wall, 3),
+            "latency_s": latency_percentiles(latencies)}
 
 
 def main() -> None:
