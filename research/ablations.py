@@ -47,6 +47,7 @@ def collect(out: Path) -> dict:
         if train is None:
             continue
         log = [json.loads(line) for line in (out / f"{name}-train_log.jsonl").read_text().splitlines()]
+        log = [r for r in log if "step" in r]  # the logged steps, not the run headers
         niah = _load(out / f"{name}-niah.json")
         meta = meta or {k: niah[k] for k in ("gpu", "date", "commit")}
         hop = _load(out / f"{name}-multihop.json")

@@ -67,12 +67,14 @@ def test_train_resume_and_ship(tmp_path, monkeypatch, capsys):
     _add_toy(monkeypatch)
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu", "--max-steps", "4"]) == 0
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    heads, log = _train_log(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["phase"] for r in log] == ["warmup"] * 3 + ["sft"]
+    assert [h["start_step"] for h in heads] == [0] and all(heads[0][k] for k in ("gpu", "date", "commit"))
     assert all(0 <= r["recall_at_k"] <= 1 and r["loss"] == r["loss"] for r in log)
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu"]) == 0  # resumes at step 4
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    heads, log = _train_log(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and log[-1]["memory_tokens"] == 80
+    assert [h["start_step"] for h in heads] == [0, 4]  # a header for each start, the resume's too
     printed = capsys.readouterr().out
     assert "resuming from step 4" in printed
     model, tok = load_delta(run / "delta", base)
@@ -110,8 +112,13 @@ def test_time_limit_stops_with_a_checkpoint_and_a_delta(tmp_path, monkeypatch):
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu", "--max-minutes", "0"]) == 0
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1 and (run / "delta").is_dir()
     assert main(["train", str(recipe), "--out", str(run), "--device", "cpu"]) == 0
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _train_log(run)[1]] == [1, 2, 3, 4, 5, 6]
+
+
+def _train_log(run: Path) -> tuple[list[dict], list[dict]]:
+    """The run's train_log.jsonl: its start headers and its logged steps."""
+    lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in lines if "start_step" in r], [r for r in lines if "step" in r]
 
 
 def test_phase_schedule():
@@ -170,8 +177,8 @@ def test_ddp_ranks_stay_in_step(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))  # identical updates on both ranks
     assert (a["starts"], b["starts"]) == (1, 0)  # rank 0 measures the router start, rank 1 receives it
     assert a["questions"] != b["questions"]  # from different samples
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and (tmp_path / "run" / "delta" / "delta.safetensors").exists()
+    assert [r["step"] for r in _train_log(tmp_path / "run")[1]] == [1, 2, 3]
+    assert (tmp_path / "run" / "delta" / "delta.safetensors").exists()
 
 
 def _with_line(recipe: Path, line: str, tmp_path: Path) -> Path:

@@ -3,8 +3,9 @@
 A recipe (TOML, see recipes/) names the base, the MSA settings, the LoRA rank, the task mix and the phases:
 each phase has its steps, learning rate, loss weights (w_lm, w_aux) and a memory curriculum (the memory size
 steps through the listed sizes evenly). The base stays frozen; the routers, LoRA adapters and new tokens' rows
-train (model/delta.py). Progress is logged to `train_log.jsonl` (loss, LM and aux loss, router recall@k,
-tokens/s); `checkpoint.pt` is written atomically every `checkpoint_every` steps and the run resumes from it.
+train (model/delta.py). Progress is logged to `train_log.jsonl` (a header line per start: card, date, commit;
+then loss, LM and aux loss, router recall@k, tokens/s); `checkpoint.pt` is written atomically every
+`checkpoint_every` steps and the run resumes from it.
 Every step's batch is drawn from its own seed (recipe seed, rank, step), on GPUs in `data_workers()` worker
 processes (the Python-heavy sample generation never competes with the training loop for the GIL): the batches do
 not depend on the number of workers, and a resumed run continues the exact stream. Under torchrun (several GPUs,
@@ -202,6 +203,10 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     stop = min(total, max_steps if max_steps is not None else total)
     start = step
     log = open(out / "train_log.jsonl", "a") if rank == 0 else None
+    if log is not None:  # each start (a resume too) says where and from what code it ran
+        from ..eval.meta import run_meta
+
+        log.write(json.dumps({"start_step": start, "world_size": world, **run_meta()}) + "\n")
     k = model.msa_config.engine_top_k
     upper = model.router_layers[len(model.router_layers) // 2:]
     bar = tqdm(total=stop, initial=start, desc="training", unit="step", disable=rank != 0)
