@@ -44,11 +44,11 @@ def pseudo_queries(bank: MemoryBank, n: int, seed: int = 0, max_words: int = 40)
     return list(out)
 
 
-def _route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str,
-                batch_size: int, visit) -> None:
+def route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str,
+               batch_size: int, visit) -> None:
     """Route question rows (active tokens and routing masks, as the engine builds them) over `bank` as in a
-    question, in batches; at each router layer call visit(layer, router queries (B, S, H, D), routing mask (B, S),
-    cosine)."""
+    question, in batches; at each router layer call visit(layer, attention module, its normed input (B, S, hidden),
+    its queries (B, S, H, D), routing mask (B, S), cosine): the routing queries are attn.router_queries(h, q)."""
     model = bank.model
     cosine, k = uses_cosine(model, similarity), model.msa_config.engine_top_k
     routers = set(model.router_layers)
@@ -59,7 +59,7 @@ def _route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[
 
         def capture(layer, attn, h, q, rmask=rmask, memory=memory):
             if layer in routers:
-                visit(layer, attn.router_queries(h, q), rmask, cosine)
+                visit(layer, attn, h, q, rmask, cosine)
             return memory(layer, attn, h, q)
 
         cached.prefill(model, ids, pos, valid, capture, logits="none", last_layer=max(model.router_layers))
@@ -75,13 +75,13 @@ def routing_query_moments(bank: MemoryBank, rows: list[list[int]], route_masks: 
     sums = {lay: torch.zeros(Hkv, D, D, dtype=torch.float64, device=bank.model.device)
             for lay in bank.model.router_layers}
 
-    def visit(layer, rq, rmask, cosine):
-        r = rq[rmask].float()  # (N, H, D) routing tokens
+    def visit(layer, attn, h, q, rmask, cosine):
+        r = attn.router_queries(h, q)[rmask].float()  # (N, H, D) routing tokens
         r = F.normalize(r, dim=-1) if cosine else r
         e = r.view(r.shape[0], Hkv, -1, D).sum(2).double()  # (N, Hkv, D): the group's heads summed
         sums[layer] += torch.einsum("nhd,nhe->hde", e, e)
 
-    _route_rows(bank, rows, route_masks, similarity, batch_size, visit)
+    route_rows(bank, rows, route_masks, similarity, batch_size, visit)
     count = sum(sum(m) for m in route_masks)
     if not count:
         raise ValueError("no routing tokens to calibrate on")
@@ -106,11 +106,11 @@ def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
         sums = {lay: torch.zeros(len(view["ids"]), dtype=torch.float64, device=bank.model.device)
                 for lay in bank.model.router_layers}
 
-        def visit(layer, rq, rmask, cosine):
-            ds = document_scores_for(bank, layer, rq, rmask, cosine)  # (B, N), deleted documents -inf
+        def visit(layer, attn, h, q, rmask, cosine):
+            ds = document_scores_for(bank, layer, attn.router_queries(h, q), rmask, cosine)  # (B, N)
             sums[layer] += ds.double().nan_to_num(neginf=0.0).sum(0)
 
-        _route_rows(bank, rows, route_masks, similarity, batch_size, visit)
+        route_rows(bank, rows, route_masks, similarity, batch_size, visit)
     finally:
         bank.set_doc_priors(saved)
     alive = view["alive"].cpu()
@@ -131,14 +131,14 @@ def _sharded_priors(bank, rows: list[list[int]], route_masks: list[list[bool]], 
         at = torch.tensor(shard.routing_view()["ids"] if shard.segments else [], dtype=torch.long, device=dev)
         sums = {lay: torch.zeros(bank.next_id, dtype=torch.float64, device=dev) for lay in bank.model.router_layers}
 
-        def visit(layer, rq, rmask, cosine):
-            rq = rq.contiguous()
+        def visit(layer, attn, h, q, rmask, cosine):
+            rq = attn.router_queries(h, q).contiguous()
             dist.broadcast(rq, src=bank.src, group=bank.group)
             if len(at):
                 ds = document_scores_for(shard, layer, rq, rmask, cosine)  # (B, n), deleted documents -inf
                 sums[layer].index_add_(0, at, ds.double().nan_to_num(neginf=0.0).sum(0))
 
-        _route_rows(bank, rows, route_masks, similarity, batch_size, visit)
+        route_rows(bank, rows, route_masks, similarity, batch_size, visit)
     finally:
         bank.set_doc_priors(saved)
     for s in sums.values():

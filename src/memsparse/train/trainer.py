@@ -92,6 +92,7 @@ class Recipe:
     router_null_rank: int = 120  # "nulled": how many dominant input directions the routers skip
     router_init_batches: int = 32  # "nulled": batches (the run's first steps) the directions are measured on
     router_lr_scale: float = 1.0  # the routers' learning rate relative to the phase's (adapters, token rows)
+    router_fit: dict | None = None  # the routers fitted after the phases on many questions per memory (router_fit.py)
     noise_docs: list[int] = field(default_factory=lambda: [1, 3])  # [min, max] noise documents per hop injected
     # beside the gold ones in the router-injection samples (the engine injects `inject_k` in all)
 
@@ -99,8 +100,15 @@ class Recipe:
     def load(cls, path) -> Recipe:
         d = tomllib.loads(Path(path).read_text())
         phases = [Phase(**p) for p in d.pop("phase", [])]
-        if not phases:
-            raise ValueError(f"{path}: a recipe needs at least one [[phase]]")
+        if not phases and "router_fit" not in d:
+            raise ValueError(f"{path}: a recipe needs at least one [[phase]] or a [router_fit] table")
+        if "router_fit" in d:
+            from .router_fit import RouterFit
+
+            try:
+                RouterFit(**d["router_fit"])
+            except TypeError as e:
+                raise ValueError(f"{path}: [router_fit]: {e}") from None
         if d.get("router_init", "keep") not in ("keep", "nulled"):
             raise ValueError(f"{path}: router_init must be 'keep' or 'nulled', got {d['router_init']!r}")
         lo_hi = d.get("noise_docs", [1, 3])
@@ -185,7 +193,9 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     ckpt = out / "checkpoint.pt"
     if recipe.router_init == "nulled" and not ckpt.exists() and rank == 0:  # the others get it by broadcast below
         _nulled_start(model, recipe, tok, device)
-    state = TrainState(model, new_ids, recipe.phases[0].lr, recipe.router_lr_scale)
+    if recipe.router_fit and world > 1:
+        raise ValueError("a recipe with [router_fit] trains on one process (its features are computed there)")
+    state = TrainState(model, new_ids, recipe.phases[0].lr if recipe.phases else 0.0, recipe.router_lr_scale)
     master, opt = state.master, state.opt
     step = 0
     if ckpt.exists():
@@ -245,6 +255,11 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
             dist.destroy_process_group()
     if rank != 0:
         return None
+    if recipe.router_fit:
+        from .router_fit import RouterFit, fit_routers
+
+        fit_routers(model, tok, recipe, RouterFit(**recipe.router_fit), log=log,
+                    workers=data_workers() if device.type == "cuda" else 0)
     log.close()
     parent = {"path": recipe.init, "sha256": delta_sha256(recipe.init)} if recipe.init else None
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids,
