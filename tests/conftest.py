@@ -109,14 +109,19 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def gloo_rank(rank: int, world: int, init: str, out: str, checks) -> None:
-    """A spawned rank's body: join the gloo group at `init`, run `checks(rank, world, out)`, leave together; a failure
-    is written to `out/error-<rank>.txt` (what `run_ranks` reports) and raised."""
+def gloo_rank(rank: int, world: int, init: str, out: str, checks, backend: str = "gloo") -> None:
+    """A spawned rank's body: join the gloo group (or `backend` "nccl": rank r on GPU r) at `init`, run
+    `checks(rank, world, out)`, leave together; a failure is written to `out/error-<rank>.txt` (what `run_ranks`
+    reports) and raised."""
     import torch.distributed as dist
 
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        gpu = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            gpu = {"device_id": torch.device("cuda", rank)}
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, **gpu)
         checks(rank, world, out)
         dist.barrier()
         dist.destroy_process_group()
