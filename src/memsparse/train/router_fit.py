@@ -113,12 +113,14 @@ def _same(item):
 
 @dataclass
 class Features:
-    """One group's router-layer inputs: chunk means (C, hidden) per layer, each chunk's document (C,), routing
-    token inputs (Q, S, hidden) per layer with their mask (Q, S), and 0/1 labels (Q, N documents)."""
+    """One group's router-layer inputs: chunk means (C, hidden) per layer, each chunk's document (C,), the inputs
+    at every question's routing tokens packed (T, hidden) per layer, question b's token s at row query_index[b, s]
+    where query_mask (Q, S) holds, and 0/1 labels (Q, N documents)."""
 
     docs: dict[int, torch.Tensor]
     chunk_doc: torch.Tensor
     queries: dict[int, torch.Tensor]
+    query_index: torch.Tensor
     query_mask: torch.Tensor
     labels: torch.Tensor
 
@@ -159,20 +161,16 @@ def group_features(model, tok, group: Group, similarity: str = "train", batch_si
         got[layer] += [h[b][rmask[b]] for b in range(h.shape[0])]
 
     route_rows(bank, [r for r, _ in rows], [m for _, m in rows], similarity, batch_size, visit)
-    S = max(int(sum(m)) for _, m in rows)
     Q, dev = len(rows), model.device
-    mask = torch.zeros(Q, S, dtype=torch.bool, device=dev)
-    queries = {}
-    for lay in layers:
-        x = docs[lay].new_zeros(Q, S, docs[lay].shape[1])
-        for b, t in enumerate(got[lay]):
-            x[b, :len(t)] = t
-            mask[b, :len(t)] = True
-        queries[lay] = x
+    counts = torch.tensor([len(t) for t in got[layers[0]]], device=dev)
+    mask = torch.arange(int(counts.max()), device=dev) < counts[:, None]  # (Q, S)
+    index = torch.zeros(mask.shape, dtype=torch.long, device=dev)
+    index[mask] = torch.arange(int(counts.sum()), device=dev)
+    queries = {lay: torch.cat(got[lay]) for lay in layers}  # (routing tokens, hidden): no padding kept
     labels = torch.zeros(Q, len(group.documents), dtype=torch.long, device=dev)
     for b, p in enumerate(group.positives):
         labels[b, p] = 1
-    return Features(docs, chunk_doc, queries, mask, labels)
+    return Features(docs, chunk_doc, queries, index, mask, labels)
 
 
 def router_weights(model) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -193,7 +191,7 @@ def layer_scores(model, weights: dict, f: Features, cosine: bool) -> dict[int, t
     out = {}
     for lay, (wq, wk) in weights.items():
         keys = (f.docs[lay].to(wk.dtype) @ wk.T).unflatten(-1, (-1, D))  # (C, Hkv, D)
-        rq = (f.queries[lay].to(wq.dtype) @ wq.T).unflatten(-1, (-1, D))  # (Q, S, H, D)
+        rq = (f.queries[lay].to(wq.dtype) @ wq.T)[f.query_index].unflatten(-1, (-1, D))  # (Q, S, H, D)
         cs = chunk_scores(rq, f.query_mask, keys, torch.ones(C, dtype=torch.bool, device=keys.device),
                           head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method, cosine=cosine,
                           scale=msa.score_scale(D))  # (Q, C)
