@@ -264,7 +264,8 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     parent = {"path": recipe.init, "sha256": delta_sha256(recipe.init)} if recipe.init else None
     size = save_delta(model, out / "delta", base=recipe.base, added_tokens=ADDED_TOKENS, new_token_ids=new_ids,
                       parent=parent)
-    print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB, sha256 {delta_sha256(out / 'delta')}) after {step} steps")
+    print(f"wrote {out / 'delta'} ({size / 2**20:.1f} MiB, sha256 {delta_sha256(out / 'delta')}) after {step} steps"
+          + (" and the router fit" if recipe.router_fit else ""))
     if size > SHIPPABLE_DELTA_BYTES:
         print(f"note: the delta is over {SHIPPABLE_DELTA_BYTES // 2**20} MiB, more than the repository ships")
     return out / "delta"

@@ -1,0 +1,62 @@
+"""The router alone on the Debian FAQ QA set: how often each model's first routing pass (layers fused as the engine
+fuses them, before refinement or injection) ranks the gold passage first and among the first four, and each router
+layer's own first choice. No answers are
+generated, so it runs on a CPU (the dev memory of 166K tokens encodes in minutes) and compares router candidates
+before a GPU run. `memsparse eval qa` reports the same `gold_top1` / `gold_top4` beside its answers.
+
+    python research/qa_router_gold.py --split dev --models shipped,runs/v10/delta --out research/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def router_gold(spec: str, split: str, device: str | None, batch: int = 16) -> dict:
+    from memsparse.engine import MSAEngine
+    from memsparse.engine.routing import fused_top
+    from memsparse.eval.faqs import load_qa
+    from memsparse.eval.qa import mean_se
+    from memsparse.memory import MemoryBank
+    from memsparse.model.load import load_model
+
+    data = load_qa(split)
+    model, tok = load_model(spec, device=device)
+    t0 = time.perf_counter()
+    bank = MemoryBank.build(model, tok, data.paragraphs, progress=True)
+    eng = MSAEngine(model, tok, bank)
+    qs = [q for q, _, _ in data.questions]
+    routings = [r for a in range(0, len(qs), batch) for r in eng.route_batch(qs[a:a + batch])]
+    ranks = [fused_top(r, 4) for r in routings]
+    gold = [p for _, _, p in data.questions]
+    top1 = [float(r[:1] == [g]) for r, g in zip(ranks, gold)]
+    top4 = [float(g in r) for r, g in zip(ranks, gold)]
+    (m1, s1), (m4, s4) = mean_se(top1), mean_se(top4)
+    per_layer = {lay: mean_se([float(bool(r[lay]) and r[lay][0][0] == g) for r, g in zip(routings, gold)])[0]
+                 for lay in model.router_layers}
+    return {"model": spec, "split": split, "n": len(qs), "gold_top1": m1, "gold_top1_se": s1, "gold_top4": m4,
+            "gold_top4_se": s4, "layer_top1": per_layer, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--split", default="dev", choices=("dev", "test"))
+    ap.add_argument("--models", default="shipped", help="comma list: 'shipped' or delta directories")
+    ap.add_argument("--device")
+    ap.add_argument("--out", help="a JSON file for the results (with the run's card, date and commit)")
+    args = ap.parse_args()
+    from memsparse.eval.meta import run_meta
+
+    rows = []
+    for spec in args.models.split(","):
+        rows.append(router_gold(spec, args.split, args.device))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**run_meta(), "results": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
