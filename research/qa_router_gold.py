@@ -38,7 +38,19 @@ def router_gold(spec: str, split: str, device: str | None, batch: int = 16) -> d
     per_layer = {lay: mean_se([float(bool(r[lay]) and r[lay][0][0] == g) for r, g in zip(routings, gold)])[0]
                  for lay in model.router_layers}
     return {"model": spec, "split": split, "n": len(qs), "gold_top1": m1, "gold_top1_se": s1, "gold_top4": m4,
-            "gold_top4_se": s4, "layer_top1": per_layer, "seconds": round(time.perf_counter() - t0, 1)}
+            "gold_top4_se": s4, "layer_top1": per_layer, "seconds": round(time.perf_counter() - t0, 1),
+            "top1_hits": [int(x) for x in top1], "top4_hits": [int(x) for x in top4]}
+
+
+def paired(base: dict, other: dict) -> dict:
+    """`other` minus `base` in gold top-1 / top-4 (points) over the same questions, with the paired standard error."""
+    from memsparse.eval.qa import mean_se
+
+    out = {"model": other["model"], "against": base["model"]}
+    for k in ("top1", "top4"):
+        m, se = mean_se([float(b - a) for a, b in zip(base[f"{k}_hits"], other[f"{k}_hits"])])
+        out[f"gold_{k}_gain"], out[f"gold_{k}_gain_se"] = m, se
+    return out
 
 
 def main() -> None:
@@ -53,9 +65,13 @@ def main() -> None:
     rows = []
     for spec in args.models.split(","):
         rows.append(router_gold(spec, args.split, args.device))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_hits")}), flush=True)
+    gains = [paired(rows[0], r) for r in rows[1:]]
+    for g in gains:
+        print(json.dumps(g))
     if args.out:
-        Path(args.out).write_text(json.dumps({**run_meta(), "results": rows}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({**run_meta(), "split": args.split, "results": rows, "paired": gains})
+                                  + "\n")
 
 
 if __name__ == "__main__":
