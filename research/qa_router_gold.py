@@ -57,21 +57,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="dev", choices=("dev", "test"))
     ap.add_argument("--models", default="shipped", help="comma list: 'shipped' or delta directories")
+    ap.add_argument("--names", help="comma list: how the results name each model (default: --models)")
     ap.add_argument("--device")
     ap.add_argument("--out", help="a JSON file for the results (with the run's card, date and commit)")
     args = ap.parse_args()
     from memsparse.eval.meta import run_meta
 
     rows = []
-    for spec in args.models.split(","):
-        rows.append(router_gold(spec, args.split, args.device))
+    specs = args.models.split(",")
+    names = args.names.split(",") if args.names else specs
+    if len(names) != len(specs):
+        ap.error(f"--names gives {len(names)} names for {len(specs)} models")
+    for spec, name in zip(specs, names):
+        rows.append({**router_gold(spec, args.split, args.device), "model": name})
         print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_hits")}), flush=True)
     gains = [paired(rows[0], r) for r in rows[1:]]
     for g in gains:
         print(json.dumps(g))
     if args.out:
-        Path(args.out).write_text(json.dumps({**run_meta(), "split": args.split, "results": rows, "paired": gains})
-                                  + "\n")
+        Path(args.out).write_text(json.dumps({
+            **run_meta(), "model": " vs ".join(names), "setting": f"split={args.split} router first pass, fused top-4",
+            "results": rows, "paired": gains}) + "\n")
 
 
 if __name__ == "__main__":
