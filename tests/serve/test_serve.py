@@ -293,16 +293,16 @@ def test_keys_hosts_origins_and_content_types_are_checked_first(engine):
 
 
 def _blocking(engine, monkeypatch):
-    """engine.route holds the engine until `release` is set; `entered` counts the calls that reached it."""
+    """engine.route_batch holds the engine until `release` is set; `entered` lists the questions that reached it."""
     release, entered = threading.Event(), []
-    real = engine.route
+    real = engine.route_batch
 
-    def route(question):
-        entered.append(question)
+    def route_batch(questions):
+        entered.extend(questions)
         assert release.wait(60)
-        return real(question)
+        return real(questions)
 
-    monkeypatch.setattr(engine, "route", route)
+    monkeypatch.setattr(engine, "route_batch", route_batch)
     return release, entered
 
 
@@ -318,7 +318,7 @@ def test_a_full_queue_is_429_and_the_waiting_are_served(engine, monkeypatch):
 
         first = threading.Thread(target=ask, args=("first",))
         first.start()
-        _until(lambda: queue.running == 1, "the first request runs")
+        _until(lambda: entered, "the first request reaches the engine")  # (its batch closed: no one joins it)
         second = threading.Thread(target=ask, args=("second",))
         second.start()
         _until(lambda: queue.waiting == 1, "the second request waits")
@@ -341,7 +341,7 @@ def test_a_client_that_goes_away_leaves_the_queue(engine, monkeypatch):
 
     async def scenario():
         first = asyncio.ensure_future(_asgi(app, "POST", "/v1/memory/route", headers, body))
-        while queue.running != 1:
+        while not entered:  # the first request reached the engine: its batch is closed
             await asyncio.sleep(0.002)
         gone = asyncio.Event()
         second = asyncio.ensure_future(_asgi(app, "POST", "/v1/memory/route", headers, body, gone))
@@ -488,6 +488,33 @@ def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(engine):
     assert results == [a.text for a in want]
     batches = int(re.search(r"memsparse_engine_batches_total (\d+)", metrics).group(1))
     assert batches == app.state.queue.batches < 4  # (a 500 ms window: in practice one batch)
+
+
+def test_concurrent_routing_requests_share_one_routing_pass(engine, monkeypatch):
+    """Four concurrent /v1/memory/route requests are routed in one engine batch (route_batch called with all four
+    questions) and each gets what its question alone gets (tests/engine/test_batch.py holds the batched routing to
+    the same documents in the same order)."""
+    want = [engine.route(q) for q in QUESTIONS[:4]]
+    calls, real = [], engine.route_batch
+    monkeypatch.setattr(engine, "route_batch", lambda qs: calls.append(list(qs)) or real(qs))
+    app = create_app(engine, _settings(batch_window_ms=500, max_batch=8))
+    results = [None] * 4
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
+        def one(n):
+            results[n] = c.post("/v1/memory/route", json={"question": QUESTIONS[n]}).json()["routing"]
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    for got, w in zip(results, want):  # the same documents, the scores within float32 rounding (batch padding)
+        assert sorted(got) == sorted(str(layer) for layer in w)
+        for layer, picked in w.items():
+            assert [d for d, _ in got[str(layer)]] == [d for d, _ in picked]
+            assert [s for _, s in got[str(layer)]] == pytest.approx([s for _, s in picked], abs=1e-5)
+    assert sorted(q for call in calls for q in call) == sorted(QUESTIONS[:4])
+    assert len(calls) < 4  # (a 500 ms window: in practice one batch)
 
 
 def test_streaming_sends_text_as_it_is_decoded(engine, monkeypatch):

@@ -91,7 +91,7 @@ class Mirror:
             questions, kw = args
             return e.ask_batch(questions, **kw)
         if op == "route":
-            return e.route(*args)
+            return e.route_batch(*args)
         if op == "add":
             texts, names = args
             ids = bank.add(texts, names=names)
@@ -135,9 +135,9 @@ class ShardedService(Service):
         self.follow()
         return self.mirror("ask", questions, {**kw, "max_new_tokens": budgets, "batch_size": len(questions)})
 
-    def route(self, question: str) -> dict:
+    def route_batch(self, questions: list[str]) -> list[dict]:
         self.follow()
-        return self.mirror("route", question)
+        return self.mirror("route", questions)
 
     def write(self, op: str, *args, check=None):
         """`op` on every rank, committed, as the bank's one writer on its latest commit; `check(bank)` first."""

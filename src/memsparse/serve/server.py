@@ -46,8 +46,8 @@ Engine work (answers, routing, the bank's reads and changes) runs in one worker 
 the GPU decode graphs and the bank are not shared. Answers are batched across clients: the oldest waiting request
 waits up to --batch-window-ms for others with the same sampling settings (max_tokens may differ; a seeded sampled
 request goes alone), up to --max-batch questions, and the engine answers them together (routing, prefill and
-decode in batches: one routing pass per batch, see ops/routing_triton.py). Other work runs alone, in arrival
-order. Up to --max-queue requests wait their turn; more get 429. A request that is not answered within --timeout
+decode in batches: one routing pass per batch, see ops/routing_triton.py); /v1/memory/route requests are batched
+the same way among themselves (`engine.route_batch`). Other work runs alone, in arrival order. Up to --max-queue requests wait their turn; more get 429. A request that is not answered within --timeout
 seconds gets 504; a client that goes away while its request waits leaves the queue, and one whose answer is being
 generated stops its questions at their next token (the engine's per-question `cancel`) while the rest of the batch
 goes on.
@@ -205,20 +205,23 @@ class Job:
     future: Future = field(default_factory=Future)
 
 
+ROUTE = {"route": True}  # the kw of a /v1/memory/route job: routed in a batch with the others waiting
+
+
 def batch_key(kw: dict) -> tuple | None:
     """Requests whose ask_batch arguments agree (max_new_tokens aside: each question has its own) share a batch;
-    a seeded sampled request is answered alone (its random stream is its own)."""
-    if kw["temperature"] > 0 and kw["seed"] is not None:
+    a seeded sampled request is answered alone (its random stream is its own). Routing requests share theirs."""
+    if kw.get("temperature", 0) > 0 and kw.get("seed") is not None:
         return None
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if k != "max_new_tokens"))
 
 
 class EngineQueue:
     """Engine work in one worker thread, which owns the engine (the GPU decode graphs and the bank are not shared).
-    Answers are batched: the worker takes the oldest request and, for up to `window` seconds, gathers the waiting
-    requests of the same batch key, up to `max_batch` questions, then answers them in one `answer(questions, kw,
-    budgets, cancels, on_text)` call (routing, prefill and decode in batches). Other work runs alone, in arrival
-    order. At most `max_queue` requests wait (429 past that)."""
+    Answers and routings are batched: the worker takes the oldest request and, for up to `window` seconds, gathers
+    the waiting requests of the same batch key, up to `max_batch` questions, then runs them in one
+    `answer(questions, kw, budgets, cancels, on_text)` call (routing, prefill and decode in batches). Other work runs
+    alone, in arrival order. At most `max_queue` requests wait (429 past that)."""
 
     IDLE = 5.0  # seconds the worker thread waits for work before it exits (the next request starts another)
 
@@ -316,9 +319,9 @@ class EngineQueue:
 
             kw = {k: v for k, v in batch[0].kw.items() if k != "max_new_tokens"}
             self.batches += 1
-            answers = self.answer([q for job in batch for q in job.questions], kw,
-                                  [job.kw["max_new_tokens"] for job, _ in owners], [job.cancel for job, _ in owners],
-                                  on_text if any(job.on_text for job in batch) else None)  # (text costs a decode)
+            budgets = [job.kw.get("max_new_tokens") for job, _ in owners]  # (none for routing)
+            answers = self.answer([q for job in batch for q in job.questions], kw, budgets,
+                                  [job.cancel for job, _ in owners], on_text if any(job.on_text for job in batch) else None)  # (text costs a decode)
             for job in batch:
                 job.future.set_result(answers[:len(job.questions)])
                 answers = answers[len(job.questions):]
@@ -385,8 +388,15 @@ class Service:
         return self.read(lambda: self.engine.ask_batch(questions, max_new_tokens=budgets, cancel=cancels,
                                                        on_text=on_text, batch_size=len(questions), **kw))
 
-    def route(self, question: str) -> dict:
-        return self.read(lambda: self.engine.route(question))
+    def batch(self, questions: list[str], kw: dict, budgets: list, cancels: list, on_text) -> list:
+        """One engine batch of the queue: routings (`kw` {"route": True}: `engine.route_batch`, one read of the
+        routing keys for all) or answers (`ask`)."""
+        if kw.get("route"):
+            return self.route_batch(questions)
+        return self.ask(questions, kw, budgets, cancels, on_text)
+
+    def route_batch(self, questions: list[str]) -> list[dict]:
+        return self.read(lambda: self.engine.route_batch(questions))
 
     def write(self, change):
         """change(bank) as the bank's one writer on its latest commit, then committed (on a failed commit the bank
@@ -601,7 +611,7 @@ def create_app(engine: MSAEngine, settings: Settings | None = None, service: Ser
     settings = settings or Settings()
     settings.check()
     service, metrics = service or Service(engine, settings), Metrics()
-    queue = EngineQueue(settings.max_queue, service.ask, settings.max_batch, settings.batch_window_ms / 1e3)
+    queue = EngineQueue(settings.max_queue, service.batch, settings.max_batch, settings.batch_window_ms / 1e3)
     tok = engine.tok
     app = FastAPI(title="memsparse", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.queue, app.state.metrics, app.state.settings = service, queue, metrics, settings
@@ -855,7 +865,7 @@ def create_app(engine: MSAEngine, settings: Settings | None = None, service: Ser
     @app.post("/v1/memory/route")
     async def route(req: RouteRequest, request: Request):
         check_question(req.question, "question")
-        routing = await engine_run(request, lambda cancel: service.route(req.question))
+        routing, = await engine_run(request, Job(questions=[req.question], kw=ROUTE, key=batch_key(ROUTE)))
         return {"routing": {str(layer): [[d, s] for d, s in picked] for layer, picked in routing.items()}}
 
     # ------------------------------------------------------------------ operations
