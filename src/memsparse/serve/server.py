@@ -47,10 +47,10 @@ the GPU decode graphs and the bank are not shared. Answers are batched across cl
 waits up to --batch-window-ms for others with the same sampling settings (max_tokens may differ; a seeded sampled
 request goes alone), up to --max-batch questions, and the engine answers them together (routing, prefill and
 decode in batches: one routing pass per batch, see ops/routing_triton.py); /v1/memory/route requests are batched
-the same way among themselves (`engine.route_batch`). Other work runs alone, in arrival order. Up to --max-queue requests wait their turn; more get 429. A request that is not answered within --timeout
-seconds gets 504; a client that goes away while its request waits leaves the queue, and one whose answer is being
-generated stops its questions at their next token (the engine's per-question `cancel`) while the rest of the batch
-goes on.
+the same way among themselves (`engine.route_batch`). Other work runs alone, in arrival order. Up to --max-queue
+requests wait their turn; more get 429. A request that is not answered within --timeout seconds gets 504; a client
+that goes away while its request waits leaves the queue, and one whose answer is being generated stops its
+questions at their next token (the engine's per-question `cancel`) while the rest of the batch goes on.
 Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
 request first follows commits other processes made; a bank another process is writing for over WRITE_WAIT
 seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
@@ -321,7 +321,8 @@ class EngineQueue:
             self.batches += 1
             budgets = [job.kw.get("max_new_tokens") for job, _ in owners]  # (none for routing)
             answers = self.answer([q for job in batch for q in job.questions], kw, budgets,
-                                  [job.cancel for job, _ in owners], on_text if any(job.on_text for job in batch) else None)  # (text costs a decode)
+                                  [job.cancel for job, _ in owners],
+                                  on_text if any(job.on_text for job in batch) else None)  # (text costs a decode)
             for job in batch:
                 job.future.set_result(answers[:len(job.questions)])
                 answers = answers[len(job.questions):]
