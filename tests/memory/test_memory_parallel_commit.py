@@ -238,7 +238,7 @@ def _follow(rank: int, out: Path, model, tok, docs: list[str]) -> None:
     try:
         service = ShardedService(mirror, Settings())
         assert service.info()["documents"] == 6
-        before = service.route("Where is Oslo?")
+        before, = service.route_batch(["Where is Oslo?"])
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
         env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
         done = subprocess.run([sys.executable, "-m", "memsparse.cli", "docs", "add", str(path), str(out / "more.txt"),
@@ -246,7 +246,7 @@ def _follow(rank: int, out: Path, model, tok, docs: list[str]) -> None:
                               timeout=120)
         assert done.returncode == 0, done.stderr
         assert read_index(path)["world_size"] == 1  # saved by one process
-        after = service.route("Where is Oslo?")  # follows the commit first, on both ranks
+        after, = service.route_batch(["Where is Oslo?"])  # follows the commit first, on both ranks
         assert service.bank.commit == 2 and service.bank.world == 2 and 6 in service.bank
         assert service.info()["documents"] == 7 and service.bank.text(6) == "Oslo is in Norway."
         assert before and all(d in service.bank for picked in after.values() for d, _ in picked)
