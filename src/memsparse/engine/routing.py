@@ -172,6 +172,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+RRF_OFFSET = 60  # reciprocal-rank fusion: a document's fused score is the sum over layers of 1 / (60 + its rank)
+
+
 def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list[int]:
     """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank)),
     leaving out `exclude`."""
@@ -179,7 +182,7 @@ def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list
     for picked in routing.values():
         for rank, (d, _) in enumerate(picked):
             if d not in exclude:
-                fused[d] = fused.get(d, 0.0) + 1.0 / (60 + rank)
+                fused[d] = fused.get(d, 0.0) + 1.0 / (RRF_OFFSET + rank)
     return sorted(fused, key=fused.get, reverse=True)[:k]
 
 

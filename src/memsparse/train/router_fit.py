@@ -6,9 +6,9 @@ of a chunk is the key projection of the chunk's mean input (pooling is linear); 
 them only through the chunks earlier router layers selected. So one pass per memory gives, per router layer, the
 mean input of every document chunk and the input at every routing token of each question routed over it as the
 engine routes (engine/calibrate.py `route_rows`); the projections are then fitted to those fixed features by the
-model's routing loss (its `aux_loss_method` over every document of the memory), tens of thousands of questions in
-minutes. The best step is chosen on groups held back from fitting (fused top-1 over the router layers, as the
-engine ranks).
+model's routing loss (its `aux_loss_method` over every document of the memory), a step costing a few small matrix
+products per router layer rather than a forward and backward pass of the model. The best step is chosen on groups
+held back from fitting (fused top-1 over the router layers, as the engine ranks).
 
 Questions come from the recipe's task mix, `questions` at a time: their own memories (gold passages among hard
 negatives from the same corpus, `memory_tokens` each) are pooled into one memory, equal texts merged, so that every
@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..engine.routing import RRF_OFFSET
 from ..ops.pooling import chunk_mean_pool
 from ..ops.routing import chunk_scores, document_scores
-
-RRF_OFFSET = 60  # engine/routing.py fused_top: sum over layers of 1 / (60 + rank)
 
 
 @dataclass
