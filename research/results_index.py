@@ -107,7 +107,7 @@ def index_text() -> str:
     rows = index_rows()
     cards = sorted({r["card"] for r in rows} - {UNRECORDED})
     dates = sorted({r["date"] for r in rows} - {UNRECORDED})
-    header = {"generated_by": "research/results_index.py",
+    header = {"generated_by": "research/results_index.py", "gpu": "none (CPU)",
               "machine": "CPU (an index of the result files: no measurement of its own; each run names its card)",
               "cards": cards, "newest_run_date": dates[-1] if dates else UNRECORDED}
     return json.dumps({**header, "runs": rows}, indent=1) + "\n"

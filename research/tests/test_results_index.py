@@ -26,6 +26,6 @@ def test_every_run_names_its_file_and_fields():
 
 def test_the_index_says_where_it_was_built_and_which_cards_its_runs_used():
     index = json.loads(results_index.INDEX.read_text())
-    assert index["machine"].startswith("CPU")
+    assert index["gpu"] == "none (CPU)" and index["machine"].startswith("CPU")
     assert set(index["cards"]) == {r["card"] for r in index["runs"]} - {results_index.UNRECORDED}
     assert index["newest_run_date"] == max(r["date"] for r in index["runs"] if r["date"] != results_index.UNRECORDED)
