@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import heldout
-from .niah import CONFIGS, DEPTHS, NiahSample, pack_documents
+from .niah import CONFIGS, DEPTHS, NiahSample, pack_documents, scatter_needles
 
 # subtask: (haystack, key slot, value slot, num_needle_k, num_needle_v, num_needle_q): RULER's shapes (niah.CONFIGS)
 # with its haystacks and key / value types mapped to this generator's kinds
@@ -380,10 +380,7 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
                         break
                     units.append((text, c, -1))
                     used += c
-        if len(units) < len(needles):
-            raise ValueError(f"memory_tokens={memory_tokens} is too small for {subtask}")
-        for index, needle in zip(sorted(rng.sample(range(len(units)), len(needles)), reverse=True), needles):
-            units.insert(index, needle)
+        scatter_needles(units, needles, rng, f"memory_tokens={memory_tokens} is too small for {subtask}")
 
     indices = rng.sample(range(num_k), num_q)
     query = join_keys([keys[i] for i in indices])

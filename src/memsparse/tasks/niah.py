@@ -250,10 +250,7 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
                         break
                     units.append((text, c, -1))
                     used += c
-        if len(units) < len(needles):
-            raise ValueError(f"memory_tokens={memory_tokens} is too small for {subtask}")
-        for index, needle in zip(sorted(rng.sample(range(len(units)), len(needles)), reverse=True), needles):
-            units.insert(index, needle)
+        scatter_needles(units, needles, rng, f"memory_tokens={memory_tokens} is too small for {subtask}")
 
     indices = rng.sample(range(num_k), num_q)
     queries = [keys[i] for i in indices]
@@ -263,6 +260,15 @@ def make_sample(subtask: str, memory_tokens: int, count_tokens: Callable[[str], 
 
     docs, gold = pack_documents(units, sep, doc_tokens, cost, set(indices))
     return NiahSample(subtask, docs, question, instruction, answers, gold, prefix)
+
+
+def scatter_needles(units: list, needles: list, rng: random.Random, too_small: str) -> None:
+    """Insert the needles among the haystack's line units at random distinct places (RULER's order of draws);
+    `too_small` is the error when there are fewer units than needles."""
+    if len(units) < len(needles):
+        raise ValueError(too_small)
+    for index, needle in zip(sorted(rng.sample(range(len(units)), len(needles)), reverse=True), needles):
+        units.insert(index, needle)
 
 
 def pack_documents(units: list[tuple[str, int, int]], sep: str, doc_tokens: int, cost,
