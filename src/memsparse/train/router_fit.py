@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.routing import RRF_OFFSET
+from ..engine.routing import RRF_OFFSET, uses_cosine
 from ..ops.pooling import chunk_mean_pool
 from ..ops.routing import chunk_scores, document_scores
 
@@ -224,8 +224,6 @@ def fit_routers(model, tok, recipe, fit: RouterFit, log=None, workers: int = 0, 
     """Compute the groups' features with the model as it is, fit its router projections (fp32 copies, AdamW),
     and leave the model with the step that routes the held-back groups best. Returns the summary (written to
     `log` too, a text file, one JSON object per line)."""
-    from ..engine.routing import uses_cosine
-
     cosine = uses_cosine(model, similarity)
     was_training = model.training
     model.eval()

@@ -41,6 +41,7 @@ from ..model.load import base_path
 from ..model.tokenizer import TokenCounter
 from ..ops.attention import shape_varying_attention
 from ..tasks.mix import Mixer
+from .router_fit import RouterFit
 from .samples import collate, memory_stream, rounds
 
 ADDED_TOKENS = [ROUND_END]
@@ -92,7 +93,7 @@ class Recipe:
     router_null_rank: int = 120  # "nulled": how many dominant input directions the routers skip
     router_init_batches: int = 32  # "nulled": batches (the run's first steps) the directions are measured on
     router_lr_scale: float = 1.0  # the routers' learning rate relative to the phase's (adapters, token rows)
-    router_fit: dict | None = None  # the routers fitted after the phases on many questions per memory (router_fit.py)
+    router_fit: RouterFit | None = None  # the routers fitted after the phases on many questions per memory
     noise_docs: list[int] = field(default_factory=lambda: [1, 3])  # [min, max] noise documents per hop injected
     # beside the gold ones in the router-injection samples (the engine injects `inject_k` in all)
 
@@ -103,11 +104,9 @@ class Recipe:
         if not phases and "router_fit" not in d:
             raise ValueError(f"{path}: a recipe needs at least one [[phase]] or a [router_fit] table")
         if "router_fit" in d:
-            from .router_fit import RouterFit
-
             try:
-                RouterFit(**d["router_fit"])
-            except TypeError as e:
+                d["router_fit"] = RouterFit(**d["router_fit"])
+            except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}: [router_fit]: {e}") from None
         if d.get("router_init", "keep") not in ("keep", "nulled"):
             raise ValueError(f"{path}: router_init must be 'keep' or 'nulled', got {d['router_init']!r}")
@@ -256,9 +255,9 @@ def train(recipe: Recipe, out: Path, device: str | None = None, max_steps: int |
     if rank != 0:
         return None
     if recipe.router_fit:
-        from .router_fit import RouterFit, fit_routers
+        from .router_fit import fit_routers
 
-        fit_routers(model, tok, recipe, RouterFit(**recipe.router_fit), log=log,
+        fit_routers(model, tok, recipe, recipe.router_fit, log=log,
                     workers=data_workers() if device.type == "cuda" else 0)
     log.close()
     parent = {"path": recipe.init, "sha256": delta_sha256(recipe.init)} if recipe.init else None
