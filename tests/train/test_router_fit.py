@@ -34,7 +34,7 @@ def _group(n_docs=9, n_questions=5, seed=0) -> Group:
     docs = [f"item {i} has value {rng.randint(100, 999)} and colour {rng.choice('red blue green'.split())}."
             for i in range(n_docs)]
     gold = [rng.randrange(n_docs) for _ in range(n_questions)]
-    return Group(docs, [f"What value has item {g}?" for g in gold], [[g] for g in gold], ["toy"] * n_questions)
+    return Group(docs, [f"What value has item {g}?" for g in gold], [[g] for g in gold])
 
 
 def test_features_score_as_the_engine_routes():

@@ -59,7 +59,6 @@ class Group:
     documents: list[str]
     questions: list[str]
     positives: list[list[int]]  # per question, the indices of its supporting documents
-    tasks: list[str]
 
 
 def draw_group(mixer, seed: int, index: int, questions: int, memory_tokens: int) -> Group:
@@ -67,7 +66,7 @@ def draw_group(mixer, seed: int, index: int, questions: int, memory_tokens: int)
     mixer.rng.seed(f"{seed}-router-{index}")
     docs: list[str] = []
     where: dict[str, int] = {}
-    qs, pos, tasks = [], [], []
+    qs, pos = [], []
     for _ in range(questions):
         q = mixer.draw(memory_tokens)
         ids = []
@@ -78,8 +77,7 @@ def draw_group(mixer, seed: int, index: int, questions: int, memory_tokens: int)
             ids.append(where[text])
         qs.append(q.question)
         pos.append(sorted({ids[d] for h in q.hops for d in h}))
-        tasks.append(q.task)
-    return Group(docs, qs, pos, tasks)
+    return Group(docs, qs, pos)
 
 
 class _Groups(torch.utils.data.IterableDataset):
@@ -100,14 +98,12 @@ def draw_groups(recipe, tok, fit: RouterFit, workers: int = 0):
     """The groups in order, drawn in `workers` processes (the order does not depend on their number)."""
     import os
 
+    from .trainer import _same
+
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return torch.utils.data.DataLoader(_Groups(recipe, tok, fit), batch_size=None, collate_fn=_same,
                                        num_workers=workers, prefetch_factor=4 if workers else None)
-
-
-def _same(item):
-    return item
 
 
 @dataclass
