@@ -129,9 +129,7 @@ def test_text_add_equals_build(qwen_tok):
 def test_device_gather_equals_gather_through_the_host(monkeypatch):
     """Routing, gather and prefill on the device (padded per document, no host round trip) equal the path whose
     ids go through the host, over a bank of three segments with a deleted document and quantized K̄/V̄."""
-    import importlib
-
-    pf = importlib.import_module("memsparse.engine.prefill")  # the module (the package exports a function)
+    from memsparse.engine import bank_memory as bm
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 3, "router_layer_idx": "1,2,3"})
     g = torch.Generator().manual_seed(5)
@@ -141,7 +139,7 @@ def test_device_gather_equals_gather_through_the_host(monkeypatch):
     bank.delete([3])
     active, route = torch.randint(10, 97, (8,), generator=g).tolist(), [True] * 5 + [False] * 3
     ref_logits, ref_routing = prefill(bank, active, route)
-    monkeypatch.setattr(pf, "DEVICE_GATHER_SEGMENTS", 0)  # every layer's ids through the host
+    monkeypatch.setattr(bm, "DEVICE_GATHER_SEGMENTS", 0)  # every layer's ids through the host
     logits, routing = prefill(bank, active, route)
     assert_same_routing(ref_routing, routing)
     assert (logits - ref_logits).abs().max() <= 1e-5

@@ -102,7 +102,8 @@ def test_ask_stops_and_reports(setup):
 def test_rows_padded_further_left_change_nothing(setup):
     """What the graphed prefill relies on: rows left-padded beyond the longest (to a fixed length) give the same
     last-token logits, routing and greedy continuation (on the CPU: the same code the GPU graph captures)."""
-    from memsparse.engine.prefill import BankMemory, batch_rows, query_offset
+    from memsparse.engine.bank_memory import BankMemory
+    from memsparse.engine.prefill import batch_rows, query_offset
 
     model, tok, bank = setup
     rows, masks = [[5, 6, 7, 8, 9], [11, 12, 13]], [[True] * 4 + [False], [True, True, False]]

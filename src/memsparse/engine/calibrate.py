@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..memory.bank import MemoryBank
+from ..memory.parallel import ShardedBank
 from ..model import cached
-from .prefill import BankMemory, batch_rows, query_offset
+from .bank_memory import memory_for
+from .prefill import batch_rows, query_offset
 from .routing import document_scores_for, uses_cosine
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -55,7 +57,7 @@ def route_rows(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[b
     for a in range(0, len(rows), batch_size):
         ids, pos, valid, rmask = batch_rows(rows[a:a + batch_size], route_masks[a:a + batch_size],
                                             query_offset(bank, k), model.device)
-        memory = getattr(bank, "memory_class", BankMemory)(bank, rmask, cosine, k)  # over ranks: memory/parallel.py
+        memory = memory_for(bank, rmask, cosine, k)
 
         def capture(layer, attn, h, q, rmask=rmask, memory=memory):
             if layer in routers:
@@ -95,8 +97,6 @@ def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     question (without priors): {"ids": (M,) long, "scores": {layer: (M,) float32}} (see `MemoryBank.doc_priors`)."""
     if not rows:
         raise ValueError("no questions to compute document priors from")
-    from ..memory.parallel import ShardedBank
-
     if isinstance(bank, ShardedBank):
         return _sharded_priors(bank, rows, route_masks, similarity, batch_size)
     saved = bank.doc_priors

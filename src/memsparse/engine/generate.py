@@ -10,7 +10,8 @@ import torch
 
 from ..memory.bank import MemoryBank
 from ..model import cached
-from .prefill import graphable, graphed_prefill, prefill_batch, sync
+from .bank_memory import sync
+from .prefill import graphable, graphed_prefill, prefill_batch
 from .routing import Routing
 
 

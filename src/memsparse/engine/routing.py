@@ -19,7 +19,7 @@ from ..ops import has_triton
 from ..ops.routing import chunk_scores, document_scores, ranked_documents
 
 if TYPE_CHECKING:
-    from .prefill import BankMemory
+    from .bank_memory import BankMemory
 
 SIMILARITIES = ("official", "train", "cosine", "dot")
 Routing = dict[int, list[tuple[int, float]]]  # router layer -> [(doc id, score)], best first

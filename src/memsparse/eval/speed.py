@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from ..engine.bank_memory import sync
 from ..engine.generate import generate
-from ..engine.prefill import graphable, graphed_prefill, prefill_batch, sync
+from ..engine.prefill import graphable, graphed_prefill, prefill_batch
 from ..engine.routing import routing_round_seconds
 from ..memory.bank import MemoryBank
 from ..memory.quant import STORAGE, QTensor, quantize

@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .. import ranks
+from ..engine.bank_memory import ShardedMemory, sync
 from ..engine.generate import generate
-from ..engine.prefill import prefill_batch, sync
-from ..memory.parallel import ShardedBank, ShardedMemory, place
+from ..engine.prefill import prefill_batch
+from ..memory.parallel import ShardedBank, place
 from .meta import pyplot, run_meta, save_figure
 from .speed import QWEN3_4B, TINY, Settings, _log, _median_ms, questions, random_bank, random_model, read_rate
 
@@ -219,7 +220,7 @@ def sharded_random_bank(model, tokens: int, s: Settings, key_dtype: str = "model
     mine = [d for d, r in enumerate(owners) if r == rank]
     bank = ShardedBank(random_bank(model, 0, s, key_dtype, content_dtype, tier, ids=mine))
     for d, r in enumerate(owners):
-        bank._note(d, r, chunks, s.doc_len, (str(d), None))
+        bank.enter(d, r, chunks, s.doc_len, (str(d), None))
     return bank
 
 

@@ -8,15 +8,15 @@ and text of every id) is replicated: every call that changes the memory (`add`, 
 `compact`) is collective, made by every rank with the same arguments (checked), and each rank encodes only its
 own documents.
 
-Routing (`ShardedMemory`, the `cached.Memory` the engine's prefill uses for a `ShardedBank`). The forward runs
-replicated on every rank (SPMD: every rank calls `route` / `ask` with the same question). In each router layer
-rank 0's router queries are broadcast, every rank scores its shard with the bank's routing code and takes its
-local top-k (ties: lower global id), the candidates (score, global id) are all-gathered and merged by (score
-descending, global id ascending): exactly the order of the one-process top-k (`ops.routing.ranked_documents` and
-the Triton kernel both put the lower table position first among equal scores). The selected documents' K̄/V̄ are
+Routing (engine/bank_memory.py `ShardedMemory`, the memory the engine's prefill routes a `ShardedBank` over). The
+forward runs replicated on every rank (SPMD: every rank calls `route` / `ask` with the same question). In each
+router layer rank 0's router queries are broadcast, every rank scores its shard with the bank's routing code and
+takes its local top-k (ties: lower global id), the candidates (score, global id) are all-gathered and merged by
+(score descending, global id ascending): exactly the order of the one-process top-k (`ops.routing.ranked_documents`
+and the Triton kernel both put the lower table position first among equal scores). The selected documents' K̄/V̄ are
 assembled in the one-process layout (`MemoryBank.gather_top`: table order, each padded to the longest document of
-the table) by the ranks that hold them and summed over ranks (an all-reduce of a buffer that is zero except where
-a rank holds the document), so every rank attends to the same memory as one process would.
+the table) by the ranks that hold them and summed over ranks (an all-reduce of a buffer that is zero except where a
+rank holds the document), so every rank attends to the same memory as one process would.
 
 8-bit routing keys and K̄/V̄ (`key_dtype`, `content_dtype` 'fp8' / 'int8'): each rank quantizes its own shard,
 as a one-process bank does (one scale per chunk, or per chunk and head: a chunk's 8 bits depend on that chunk
@@ -43,19 +43,15 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..engine.prefill import BankMemory, sync
-from ..engine.routing import _top_documents
 from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
 from .quant import QTensor, Tensor, dense, qmap
 from .store import LOCK, MANIFEST, READERS, _collect, _file_sum, _fsync_dir, _named, _open_lock, read_manifest, stage
 
-_FAR = float(2**53)  # the global id of a padding candidate (sorts after every real id)
 INDEX = "memory-parallel.json"
 FORMAT, VERSION = "memsparse-parallel", 2  # 2: staged rank commits named by the index (1: rank manifest.json files)
 
@@ -119,8 +115,6 @@ class ShardedBank:
         self.commit = 0  # of the directory's index this bank was loaded from / last saved to
         self.path: Path | None = None  # that directory
 
-    memory_class = None  # set below: ShardedMemory (the engine's prefill builds one per batch)
-
     # ----------------------------------------------------------------------------------------- building
     @classmethod
     def build(cls, model, tok, docs: list[str], group=None, tier: str = "auto", key_dtype: str = "model",
@@ -166,7 +160,7 @@ class ShardedBank:
                                   names=[names[j] for j in mine] if names else None, ids=[ids[j] for j in mine], **kw)
         names = names or [str(d) for d in ids]
         for j, d in enumerate(ids):
-            self._note(d, ranks[j], (len(tokens[j]) + P - 1) // P, len(tokens[j]), (names[j], docs[j]))
+            self.enter(d, ranks[j], (len(tokens[j]) + P - 1) // P, len(tokens[j]), (names[j], docs[j]))
         return ids
 
     def add_encoded(self, keys: dict, values: dict, route_keys: dict | None, token_count: list[int],
@@ -190,7 +184,7 @@ class ShardedBank:
                                    [token_count[j] for j in mine], [texts[j] for j in mine] if texts else None,
                                    [names[j] for j in mine] if names else None, ids=[ids[j] for j in mine])
         for j, d in enumerate(ids):
-            self._note(d, ranks[j], chunks[j], token_count[j],
+            self.enter(d, ranks[j], chunks[j], token_count[j],
                        ((names or [str(i) for i in ids])[j], texts[j] if texts else None))
         return ids
 
@@ -218,7 +212,7 @@ class ShardedBank:
             priors["ids"].tolist(), [(lay, float(t.double().sum())) for lay, t in sorted(priors["scores"].items())]))
         self.shard.set_doc_priors(priors)
 
-    def _note(self, d: int, rank: int, chunks: int, tokens: int, record: tuple[str, str | None]) -> None:
+    def enter(self, d: int, rank: int, chunks: int, tokens: int, record: tuple[str, str | None]) -> None:
         self.owner[d], self.chunks[d], self.tokens[d], self.records[d] = rank, chunks, tokens, record
         self.next_id = max(self.next_id, d + 1)
 
@@ -414,7 +408,7 @@ class ShardedBank:
                                            [p["token_count"][0] for p in parts], [p["texts"][0] for p in parts],
                                            [p["names"][0] for p in parts], ids=[d for d, _ in mine])
         for (d, _, chunks, tokens, name, text), r in zip(table, ranks):
-            bank._note(d, r, chunks, tokens, (name, text))
+            bank.enter(d, r, chunks, tokens, (name, text))
         bank.next_id = max(bank.next_id, index["next_id"])
         bank.shard.next_id = max(bank.shard.next_id, bank.next_id)
         bank.path, bank.commit = path, index["commit"]
@@ -527,104 +521,3 @@ def _reading(path: Path):
             os.close(fd)
 
 
-class ShardedMemory(BankMemory):
-    """The `cached.Memory` of a batch over a `ShardedBank`: routing merged over the ranks, and the selected
-    documents' K̄/V̄ summed over the ranks that hold them, in the one-process layout (see the module's doc).
-    With `timed` (the bench sets it) the device is synchronized before each routing collective, whose wall time
-    is kept apart (`collective_seconds`)."""
-
-    timed = False
-
-    def __post_init__(self):
-        self._routing = [{} for _ in range(self.route_mask.shape[0])]
-        self.via_host = False
-        self.copy_stream = None
-        self._collective = 0.0
-
-    @property
-    def collective_seconds(self) -> float:
-        """With `timed`: wall time of routing's collectives (rank 0's queries broadcast, the candidates
-        all-gathered), part of `route_seconds`; else 0."""
-        return self._collective
-
-    def _timed(self, op, *args, **kw) -> None:
-        if not self.timed:
-            return op(*args, **kw)
-        sync(self.bank.model.device)
-        t = time.perf_counter()
-        op(*args, **kw)
-        sync(self.bank.model.device)
-        self._collective += time.perf_counter() - t
-
-    def __call__(self, i, attn, h, q):
-        sb: ShardedBank = self.bank
-        B = q.shape[0]
-        pk, pv = sb.prefix_kv[i]  # (p, Hkv, D)
-        ones = torch.ones(B, pk.shape[0], dtype=torch.bool, device=pk.device)
-        if not (attn.is_router and sb.num_docs):
-            return pk.expand(B, *pk.shape), pv.expand(B, *pv.shape), ones
-        t0 = time.perf_counter()
-        rq = attn.router_queries(h, q).contiguous()  # (B, S, H, D)
-        self._timed(dist.broadcast, rq, src=sb.src, group=sb.group)  # every rank scores rank 0's queries
-        K = min(max(self.top_k, self.depth), sb.table_size)
-        top = self._merge(i, rq, K)  # (2, B, K): scores, global ids, best first
-        vals, gids = top.tolist()
-        for b in range(B):
-            self._routing[b][i] = [(int(g), v) for v, g in zip(vals[b], gids[b]) if v != float("-inf")]
-        t1 = time.perf_counter()
-        k, v, valid = self._gather(i, top[:, :, :min(self.top_k, K)])
-        self._seconds[0] += t1 - t0
-        self._seconds[1] += time.perf_counter() - t1
-        return (torch.cat([pk.expand(B, *pk.shape), k], 1), torch.cat([pv.expand(B, *pv.shape), v], 1),
-                torch.cat([ones, valid], 1))
-
-    def _merge(self, i: int, rq: torch.Tensor, K: int) -> torch.Tensor:
-        """(2, B, K) float64 scores and global ids of the global top-K, best first, ties to the lower id."""
-        sb: ShardedBank = self.bank
-        B = rq.shape[0]
-        local = torch.full((2, B, K), float("-inf"), dtype=torch.float64, device=rq.device)
-        local[1] = _FAR
-        shard = sb.shard
-        n = len(shard.routing_view()["ids"]) if shard.segments else 0
-        if n:
-            top = _top_documents(shard, i, rq, self.route_mask, self.cosine, min(K, n))  # (2, B, k'), local positions
-            ids = torch.tensor(shard.routing_view()["ids"], dtype=torch.float64, device=rq.device)
-            local[0, :, :top.shape[2]] = top[0]
-            local[1, :, :top.shape[2]] = ids[top[1].long()]
-        got = [torch.empty_like(local) for _ in range(sb.world)]
-        self._timed(dist.all_gather, got, local, group=sb.group)
-        cand = torch.cat(got, 2)  # (2, B, world * K)
-        by_id = cand[1].argsort(dim=1, stable=True)
-        by_score = cand[0].gather(1, by_id).argsort(dim=1, descending=True, stable=True)
-        order = by_id.gather(1, by_score)[:, :K]  # (B, K)
-        return torch.stack([cand[0].gather(1, order), cand[1].gather(1, order)])
-
-    def _gather(self, i: int, top: torch.Tensor):
-        """K̄, V̄ (B, k * m, Hkv, D) and validity (B, k * m) of the picks `top` (2, B, k), as `gather_top` lays
-        them out: each row's documents in id (table) order, missing picks last, each padded to m chunks."""
-        sb: ShardedBank = self.bank
-        B, k = top.shape[1:]
-        m = sb.max_chunks
-        ref = sb.prefix_kv[i][0]
-        dev, dtype = ref.device, sb.model.dtype
-        kv = torch.zeros(2, B, k, m, *ref.shape[1:], dtype=dtype, device=dev)  # (2, B, k, m, Hkv, D): K̄, V̄
-        keys, values = kv[0], kv[1]
-        valid = torch.zeros(B, k, m, dtype=torch.bool, device=dev)
-        ok = torch.isfinite(top[0])
-        order = torch.where(ok, top[1], _FAR).sort(1).values.tolist()  # (B, k) ids in table order, missing last
-        for b in range(B):
-            for j, g in enumerate(order[b]):
-                if g == _FAR:
-                    continue
-                d = int(g)
-                valid[b, j, :sb.chunks[d]] = True
-                if sb.owner[d] == sb.rank:
-                    kk, vv = sb.shard.gather(i, [d])  # (chunks, Hkv, D)
-                    keys[b, j, :kk.shape[0]] = kk
-                    values[b, j, :vv.shape[0]] = vv
-        if sb.world > 1:
-            dist.all_reduce(kv, group=sb.group)  # zero except on the rank that holds each document: exact sums
-        return keys.flatten(1, 2), values.flatten(1, 2), valid.flatten(1)
-
-
-ShardedBank.memory_class = ShardedMemory
