@@ -51,9 +51,9 @@ def _answers(engine_bank, ref, model, tok) -> None:
 
 def _checks(rank: int, world: int, out: Path) -> None:
     import memsparse as ms
-    from memsparse.memory.bank import BankError
     from memsparse.memory.parallel import ShardedBank, encoded, read_index
     from memsparse.memory.quant import STORAGE, QTensor
+    from memsparse.memory.table import BankError
 
     tok = tiny_tokenizer()
     model = tiny_model("qwen3", msa=MSA, vocab_size=300)

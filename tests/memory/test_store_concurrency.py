@@ -14,7 +14,7 @@ import torch
 
 import memsparse as ms
 from memsparse.cli import main
-from memsparse.memory import BankError, store
+from memsparse.memory import BankError, edits, store
 from memsparse.memory.store import MANIFEST, BankBusy
 
 from ..conftest import tiny_model, tiny_tokenizer
@@ -94,7 +94,7 @@ def test_a_stale_copy_is_refused_not_committed(tok, tmp_path):
     with pytest.raises(BankError, match=r"another writer committed to the bank since this copy was loaded "
                                         r"\(commit 1, now 2\); load it again"):
         second.save()
-    with store.update(path, model, tok) as bank:  # the way to do it: latest commit, under the lock
+    with edits.update(path, model, tok) as bank:  # the way to do it: latest commit, under the lock
         assert bank.add(["from the second copy"]) == [6]
     assert [ms.MemoryBank.load(path, model, tok).text(d) for d in (5, 6)] == ["from the first copy",
                                                                               "from the second copy"]
@@ -108,12 +108,12 @@ def test_add_documents_encodes_again_after_a_commit_during_its_encoding(tok, tmp
     def add(bank, texts, **kw):  # another writer commits while the first encoding runs
         calls.append(bank.commit)
         if len(calls) == 1:
-            with store.update(path, _model(), tok) as other:
+            with edits.update(path, _model(), tok) as other:
                 assert real(other, ["committed meanwhile"]) == [5]
         return real(bank, texts, **kw)
 
     monkeypatch.setattr(ms.MemoryBank, "add", add)
-    bank, ids = store.add_documents(path, model, tok, ["mine", "mine too"], names=["a", "b"])
+    bank, ids = edits.add_documents(path, model, tok, ["mine", "mine too"], names=["a", "b"])
     assert calls == [1, 2] and ids == [6, 7] and bank.commit == 3  # encoded again on commit 2, with ids 6 and 7
     monkeypatch.setattr(ms.MemoryBank, "add", real)
     loaded = ms.MemoryBank.load(path, model, tok)
@@ -200,7 +200,7 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
     path = _bank(tok, tmp_path / "b")
     model = _model()
     before = ms.MemoryBank.load(path, model, tok)
-    old_files = set(store._named(store.read_manifest(path)))
+    old_files = set(store.named_files(store.read_manifest(path)))
     real = store._read_manifest
     state = {"hooked": False}
 
@@ -208,7 +208,7 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
         m = real(p, *name)
         if not state["hooked"]:
             state["hooked"] = True
-            with store.update(path, _model(), tok) as bank:
+            with edits.update(path, _model(), tok) as bank:
                 bank.delete([0, 1, 2])  # over a quarter of the chunks: the commit compacts
             assert old_files <= {f.name for f in path.iterdir()}  # clean-up deferred: a reader is mapping files
         return m
@@ -223,10 +223,10 @@ def test_reader_keeps_its_snapshot_through_a_compaction(tok, tmp_path, monkeypat
     assert store.verify(path)["leftover"] == 1  # the compacted segment's old shard, kept for the reader
     after = ms.MemoryBank.load(path, model, tok)
     assert after.commit == 2 and after.doc_ids() == [3, 4] and after.deleted == set()
-    with store.update(path, model, tok) as bank:  # the next commit, with no reader about, cleans up
+    with edits.update(path, model, tok) as bank:  # the next commit, with no reader about, cleans up
         bank.add(["later"])
     names = {f.name for f in path.iterdir()}
-    assert not old_files & names - set(store._named(store.read_manifest(path)))
+    assert not old_files & names - set(store.named_files(store.read_manifest(path)))
     assert reader.text(0) == DOCS[0]  # its files are gone from the directory, not from its mapping
 
 
@@ -251,7 +251,7 @@ def test_server_follows_other_writers(tok, model_dir, tmp_path):
                         "--model", str(model_dir), "--device", "cpu"], check=True, cwd=ROOT, capture_output=True)
         assert call("/v1/memory/documents/5")["text"] == "written elsewhere"  # a read sees the other commit
         assert call("/v1/memory/documents", {"texts": ["written by the server"]}) == {"ids": [6]}  # no reused id
-        with store.update(path, _model(), tok) as other:
+        with edits.update(path, _model(), tok) as other:
             other.delete([6])
         assert call("/v1/memory/documents", {"texts": ["again"]}) == {"ids": [7]}
         bank = ms.MemoryBank.load(path, model, tok)
@@ -273,7 +273,7 @@ def _tensor_at(file: Path, name: str) -> int:
 def _reseal(path: Path) -> None:
     """Record the files as they are now: damage the checksums would otherwise catch gets past them."""
     m = json.loads((path / MANIFEST).read_text())
-    m["files"] = {name: store._file_sum(path / name) for name in m["files"]}
+    m["files"] = {name: store.file_sum(path / name) for name in m["files"]}
     m["checksum"] = store._manifest_sum(m)
     (path / MANIFEST).write_text(json.dumps(m))
 
@@ -409,9 +409,9 @@ def test_format_1_bank_opens_unverified_and_migrates(tok, tmp_path, capsys):
     assert store.verify(path) == {"commit": 0, "files": 2, "unverified": 2, "leftover": 0,
                                   "documents": len(DOCS)}
     assert ms.MemoryBank.load(path, model, tok).doc_ids() == list(range(len(DOCS)))
-    with store.update(path, model, tok) as bank:  # the next commit records every file's checksum
+    with edits.update(path, model, tok) as bank:  # the next commit records every file's checksum
         bank.add(["new"])
     m = store.read_manifest(path)
-    assert m["version"] == 2 and m["commit"] == 1 and set(m["files"]) == set(store._named(m))
+    assert m["version"] == 2 and m["commit"] == 1 and set(m["files"]) == set(store.named_files(m))
     assert store.verify(path) == {"commit": 1, "files": 3, "unverified": 0, "leftover": 0,
                                   "documents": len(DOCS) + 1}

@@ -116,7 +116,7 @@ def timing_line(t: dict) -> str:
 
 
 def cmd_docs(args: argparse.Namespace) -> None:
-    from ..memory.store import add_documents, update
+    from ..memory.edits import add_documents, update
 
     if args.action == "add" and len(args.items) != 1:
         raise ValueError("docs add takes one CORPUS (a JSONL file, a directory or a text file)")
@@ -131,18 +131,18 @@ def cmd_docs(args: argparse.Namespace) -> None:
     if is_sharded(args.bank) or (ranks.launched() and args.action in ("add", "delete")):
         return _docs_sharded(args)
     texts, names = _read_docs(args.items[0], args.max_doc_mb) if args.action == "add" else (None, None)
-    if args.action == "add":  # encoded outside the write lock, committed on the latest commit (store.add_documents)
+    if args.action == "add":  # encoded outside the write lock, committed on the latest commit (edits.add_documents)
         model, tok = _bank_model(args)
         bank, ids = add_documents(args.bank, model, tok, texts, names, timeout=args.wait, progress=True)
         print(f"added documents {ids[0]}..{ids[-1]} to {args.bank} (commit {bank.commit})")
-    elif args.action == "delete":  # as the bank's one writer, on its latest commit (store.update)
+    elif args.action == "delete":  # as the bank's one writer, on its latest commit (edits.update)
         model, tok = _bank_model(args)
         ids = [int(x) for x in args.items]
         with update(args.bank, model, tok, timeout=args.wait) as bank:
             bank.delete(ids)
         print(f"deleted {len(ids)} documents from {args.bank} (commit {bank.commit})")
     elif args.action == "compact":  # as the bank's one writer, on its latest commit
-        from ..memory.store import compact
+        from ..memory.edits import compact
 
         model, tok = _bank_model(args)
         bank, dropped = compact(args.bank, model, tok, timeout=args.wait)

@@ -3,6 +3,7 @@ tiers, and the on-disk store."""
 
 from .bank import MemoryBank, render_document
 from .corpus import CorpusError, Document, read_corpus
-from .store import BankBusy, BankError
+from .store import BankBusy
+from .table import BankError
 
 __all__ = ["BankBusy", "BankError", "CorpusError", "Document", "MemoryBank", "read_corpus", "render_document"]

@@ -11,26 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..model import cached
 from ..model.decoder import MSAForCausalLM
 from ..ops.attention import shape_varying_attention
+from . import store as _store
 from .quant import DTYPES, STORAGE, QTensor, Tensor, dense, nbytes, qmap, quantize
+from .table import DocumentRow, Segment
 
 TEMPLATE_PREFIX = "<|im_start|>user\n"
 TIERS = ("auto", "device", "host")
-
-
-class BankError(ValueError):
-    """A bank directory that cannot be used: missing, damaged, from another model or a newer format."""
 
 
 def render_document(tok, doc_id: int, text: str) -> list[int]:
@@ -51,61 +46,6 @@ def render_documents(tok, doc_ids: list[int], texts: list[str], batch: int = 102
                      add_special_tokens=False, split_special_tokens=True)["input_ids"]
         out += [[start, *b, end] for b in bodies]
     return out
-
-
-class PackedTexts:
-    """Per-document (name, text) records, each zlib-compressed JSON, packed into one byte tensor + offsets
-    (the form they take in a shard; decoded lazily, so a memory-mapped shard is read only where asked)."""
-
-    def __init__(self, data: torch.Tensor, offsets: torch.Tensor):
-        self.data, self.offsets = data, offsets  # (bytes,) uint8, (n + 1,) int64
-
-    @classmethod
-    def pack(cls, records: list[tuple[str, str | None]]) -> PackedTexts:
-        blobs = [zlib.compress(json.dumps(r, ensure_ascii=False).encode()) for r in records]
-        offsets = torch.tensor([0] + [len(b) for b in blobs], dtype=torch.int64).cumsum(0)
-        data = torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.uint8).copy())  # (bytes,)
-        return cls(data, offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> tuple[str, str | None]:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        try:
-            name, text = json.loads(zlib.decompress(self.data[a:b].numpy().tobytes()))
-            if not isinstance(name, str) or not isinstance(text, str | None):
-                raise TypeError("not a (name, text) pair")
-        except (zlib.error, ValueError, TypeError) as e:  # ValueError: bad JSON / UTF-8, or not a pair
-            raise BankError(f"the stored text of table row {i} is damaged ({e})") from None
-        return name, text
-
-
-@dataclass
-class Segment:
-    """Documents encoded together: per router layer K̄, V̄, K̄r (chunks, Hkv, D) and their table."""
-
-    keys: dict[int, torch.Tensor]
-    values: dict[int, torch.Tensor]
-    route_keys: dict[int, torch.Tensor]  # the same tensors as `keys` when the router is not decoupled
-    doc_ids: list[int]
-    chunk_count: list[int]
-    token_count: list[int]
-    records: list | PackedTexts  # (name, text) per document
-    file: str | None = None  # shard file name in the bank directory, once saved
-
-    @property
-    def num_chunks(self) -> int:
-        return sum(self.chunk_count)
-
-
-@dataclass(frozen=True)
-class DocumentRow:
-    """Where a document's data lies in a bank (`MemoryBank.locate`)."""
-
-    segment: int
-    local: int  # index in the segment's table
-    chunk_start: int  # first chunk in the segment
 
 
 @dataclass
@@ -168,18 +108,23 @@ class MemoryBank:
     def save(self, path: str | Path | None = None, compact: bool | None = None) -> Path:
         """Commit to a directory atomically as its one writer (see store.py); later saves to it write only new
         segments, and only if no other process committed since this bank was loaded."""
-        from .store import save
-
-        return save(self, path, compact)
+        return _store.save(self, path, compact)
 
     @classmethod
     def load(cls, path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto",
              manifest: str = "manifest.json") -> MemoryBank:
         """Open a saved bank (memory-mapped) for `model`; `tok` is needed to add text documents; `manifest`: the
         commit to open (a file of the directory; a bank over ranks names its ranks' commits: memory/parallel.py)."""
-        from .store import load
-
-        return load(path, model, tok, tier, manifest)
+        s = _store.read(path, model, manifest)
+        m = s.manifest
+        bank = cls(model=model, prefix_ids=m["prefix_ids"], prefix_kv=s.prefix_kv, tok=tok, path=s.path,
+                   tier="device", key_dtype=m.get("key_dtype", "model"), content_dtype=m.get("content_dtype", "model"))
+        for seg in s.segments:
+            bank.append_segment(seg)
+        bank.deleted, bank.next_id = set(m["deleted"]), m["next_id"]
+        bank.next_position, bank.meta, bank.commit = m.get("next_position", 0), m.get("meta", {}), m.get("commit", 0)
+        bank.key_moments, bank.doc_priors = s.key_moments, s.doc_priors
+        return bank.place(tier)
 
     def add(self, docs: list[str], names: list[str] | None = None, progress: bool = False,
             ids: list[int] | None = None, **kw) -> list[int]:

@@ -48,9 +48,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .bank import TEMPLATE_PREFIX, BankError, MemoryBank, render_documents
+from .bank import TEMPLATE_PREFIX, MemoryBank, render_documents
 from .quant import QTensor, Tensor, dense, qmap
-from .store import LOCK, MANIFEST, READERS, _collect, _file_sum, _fsync_dir, _named, _open_lock, read_manifest, stage
+from .store import (
+    LOCK,
+    MANIFEST,
+    READERS,
+    collect_leftovers,
+    file_sum,
+    fsync_dir,
+    named_files,
+    open_lock,
+    read_manifest,
+    stage,
+)
+from .table import BankError
 
 INDEX = "memory-parallel.json"
 FORMAT, VERSION = "memsparse-parallel", 2  # 2: staged rank commits named by the index (1: rank manifest.json files)
@@ -328,7 +340,7 @@ class ShardedBank:
                 table = [[d, self.owner[d], self.chunks[d], self.tokens[d], *self.records[d]]
                          for d in sorted(self.owner)]
                 name = f"manifest-{commit}.json"
-                ranks = [{"manifest": name, **_file_sum(path / f"rank-{r}" / name)} for r in range(self.world)]
+                ranks = [{"manifest": name, **file_sum(path / f"rank-{r}" / name)} for r in range(self.world)]
                 _publish(path, {"format": FORMAT, "version": VERSION, "world_size": self.world,
                                 "next_id": self.next_id, "commit": commit, "ranks": ranks, "table": table})
 
@@ -468,7 +480,7 @@ def _check_rank(path: Path, index: dict, r: int) -> None:
         f = d / rec["manifest"]
         if not f.is_file():
             raise BankError(f"{f}: missing (named by {INDEX}); the bank is damaged")
-        if _file_sum(f) != {"bytes": rec.get("bytes"), "sha256": rec.get("sha256")}:
+        if file_sum(f) != {"bytes": rec.get("bytes"), "sha256": rec.get("sha256")}:
             raise BankError(f"{f}: not the file {INDEX} names (size or sha256); the bank is damaged")
 
 
@@ -481,14 +493,14 @@ def _publish(path: Path, index: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / INDEX)
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def _clean(path: Path, index: dict) -> None:
     """Remove what the published index does not name (files of earlier and interrupted commits in its rank
     directories, the directories of ranks beyond its world size), unless a reader holds readers.lock (then the
     next commit does)."""
-    fd = _open_lock(path / READERS)
+    fd = open_lock(path / READERS)
     if fd is None:
         return
     try:
@@ -500,7 +512,7 @@ def _clean(path: Path, index: dict) -> None:
         for r, name in enumerate(rank_manifests(index)):
             d = path / f"rank-{r}"
             (d / MANIFEST).unlink(missing_ok=True)  # version 1's rank commit
-            _collect(d, {LOCK, READERS, name, *_named(read_manifest(d, name))})
+            collect_leftovers(d, {LOCK, READERS, name, *named_files(read_manifest(d, name))})
         for old in path.glob("rank-*"):
             if old.name[5:].isdigit() and int(old.name[5:]) >= index["world_size"]:
                 shutil.rmtree(old)
@@ -511,7 +523,7 @@ def _clean(path: Path, index: dict) -> None:
 @contextlib.contextmanager
 def _reading(path: Path):
     """Hold the bank directory's readers.lock shared (a clean-up in progress is waited for)."""
-    fd = _open_lock(path / READERS) if path.is_dir() else None
+    fd = open_lock(path / READERS) if path.is_dir() else None
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)

@@ -14,19 +14,19 @@ Layout of a bank directory:
 Writers. Every commit (`save`, hence `docs add/delete`, compaction, overwrite, the server's writes) holds `lock`
 from reading the latest manifest to the end of its clean-up; a second writer waits, or after its timeout fails with
 `BankBusy` naming the holder. `save` refuses a bank loaded from an older commit than the directory's (BankError:
-reload and retry) instead of overwriting another writer's commit; `update()` locks, loads the latest commit, lets the
-caller change it and commits, which is how every mutating command works (`add_documents` encodes before locking and
-again under the lock only if another commit came meanwhile).
+reload and retry) instead of overwriting another writer's commit; edits.py `update()` locks, loads the latest commit,
+lets the caller change it and commits, which is how every mutating command works (`add_documents` encodes before
+locking and again under the lock only if another commit came meanwhile).
 
 Commits and snapshots. A commit writes new files only (a referenced file is never modified), fsyncs them, writes the
 manifest under a temporary name, fsyncs, renames it over manifest.json (the atomically replaced pointer; its
 `commit` number is the version) and fsyncs the directory. A crash at any point leaves the previous commit intact.
-Readers (`load`, `verify`) hold `readers.lock` shared from reading manifest.json until every file it names is
-mapped; a mapping stays valid after its file is unlinked, so a reader keeps a consistent snapshot for as long as it
-lives. Clean-up rule: after its commit a writer removes the files the new manifest does not name (older commits'
-and interrupted ones') only if it gets `readers.lock` exclusively without waiting; otherwise a reader is between
-manifest and mapping and the next commit cleans up instead. No timing is involved; readers never wait for writers
-(only for a clean-up's unlinks), writers never wait for readers.
+Readers (`read`, hence `MemoryBank.load`, and `verify`) hold `readers.lock` shared from reading manifest.json until
+every file it names is mapped; a mapping stays valid after its file is unlinked, so a reader keeps a consistent
+snapshot for as long as it lives. Clean-up rule: after its commit a writer removes the files the new manifest does
+not name (older commits' and interrupted ones') only if it gets `readers.lock` exclusively without waiting;
+otherwise a reader is between manifest and mapping and the next commit cleans up instead. No timing is involved;
+readers never wait for writers (only for a clean-up's unlinks), writers never wait for readers.
 
 Integrity. Every file's sha256 is recorded at commit and checked on load against the bytes mapped; headers are
 checked against the file (dtypes, shapes, offsets, size) and every tensor against the manifest (shapes, counts,
@@ -58,13 +58,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from ..model.decoder import MSAForCausalLM
-from .bank import BankError, MemoryBank, PackedTexts, Segment
+from .table import BankError, PackedTexts, Segment
+
+if TYPE_CHECKING:
+    from .bank import MemoryBank
 from .quant import QTensor
 
 FORMAT = "memsparse-bank"
@@ -76,8 +80,8 @@ _FILES = ("seg-", "prefix-", "moments-", "priors-", f".{MANIFEST}", "manifest-")
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn}
-__all__ = ["BankBusy", "BankError", "DocumentEntry", "add_documents", "compact", "documents", "load", "read_manifest",
-           "save", "stage", "update", "verify", "writer"]
+__all__ = ["BankBusy", "BankError", "DocumentEntry", "Stored", "documents", "read", "read_manifest", "save", "stage",
+           "verify", "writer"]
 
 
 class BankBusy(BankError):
@@ -187,7 +191,7 @@ def _take_lock(path: Path, timeout: float | None) -> int:
     return fd
 
 
-def _open_lock(path: Path) -> int | None:
+def open_lock(path: Path) -> int | None:
     """A descriptor of a lock file, created if need be; None where it is absent and cannot be created (a directory
     this process may not write, where no writer of this format has been either)."""
     try:
@@ -202,20 +206,20 @@ def _open_lock(path: Path) -> int | None:
 def _snapshot(path: Path, name: str = MANIFEST) -> tuple[dict, dict[str, _Shard]]:
     """The current manifest (or the one named `name`) and every file it names, mapped: a consistent snapshot (see
     the module docstring)."""
-    fd = _open_lock(path / READERS) if path.is_dir() else None
+    fd = open_lock(path / READERS) if path.is_dir() else None
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits only for a clean-up in progress
         m = _read_manifest(path, name)
-        return m, {f: _map(path / f) for f in _named(m)}
+        return m, {f: _map(path / f) for f in named_files(m)}
     finally:
         if fd is not None:
             os.close(fd)
 
 
-def _collect(path: Path, keep: set[str]) -> None:
+def collect_leftovers(path: Path, keep: set[str]) -> None:
     """Remove the files no commit needs (older commits', interrupted ones'), unless a reader is mapping files."""
-    fd = _open_lock(path / READERS)
+    fd = open_lock(path / READERS)
     if fd is None:
         return
     try:
@@ -250,7 +254,7 @@ def _sha256(data) -> str:
     return h.hexdigest()
 
 
-def _file_sum(path: Path) -> dict:
+def file_sum(path: Path) -> dict:
     with open(path, "rb") as f:
         return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
@@ -264,10 +268,10 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], fp: str) -> dict:
     save_file(tensors, str(path), metadata={"fingerprint": fp})
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-    return _file_sum(path)
+    return file_sum(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -509,7 +513,7 @@ def stage(bank: MemoryBank, path: str | Path, old: dict | None, commit: int) -> 
     path.mkdir(parents=True, exist_ok=True)
     name = f"manifest-{commit}.json"
     files = _commit(bank, path, False, old, commit, name)
-    return {"manifest": name, **_file_sum(path / name), "files": sorted(files)}
+    return {"manifest": name, **file_sum(path / name), "files": sorted(files)}
 
 
 def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None, commit: int,
@@ -528,13 +532,13 @@ def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None
         return name
 
     def kept(name: str) -> str:  # a file of the commit this bank was loaded from; format-1 banks get checksums now
-        files[name] = old.get("files", {}).get(name) or _file_sum(path / name)
+        files[name] = old.get("files", {}).get(name) or file_sum(path / name)
         return name
 
     prefix_file = kept(old["prefix"]) if old else write("prefix", {
         f"layer.{i}.{n}": t for i, kv in enumerate(bank.prefix_kv) for n, t in zip("kv", kv)})
     shards = []
-    committed = set(_named(old)) if old else set()  # (a file named by a commit that failed is written again)
+    committed = set(named_files(old)) if old else set()  # (a file named by a commit that failed is written again)
     for seg in bank.segments:
         if seg.file in committed:
             kept(seg.file)
@@ -570,46 +574,11 @@ def _commit(bank: MemoryBank, path: Path, compact: bool | None, old: dict | None
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path / name)
-    _fsync_dir(path)
+    fsync_dir(path)
     bank.path, bank.commit = path, commit
     if name == MANIFEST:
-        _collect(path, {MANIFEST, LOCK, READERS, *files})
+        collect_leftovers(path, {MANIFEST, LOCK, READERS, *files})
     return files
-
-
-@contextlib.contextmanager
-def update(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto", timeout: float | None = None):
-    """Change a bank as its one writer: lock it (see `writer`), open its latest commit, yield it, and commit it when
-    the block ends without an exception (nothing is committed otherwise)."""
-    with writer(path, timeout):
-        bank = load(path, model, tok, tier)
-        yield bank
-        bank.save()
-
-
-def add_documents(path: str | Path, model: MSAForCausalLM, tok, texts: list[str], names: list[str] | None = None,
-                  timeout: float | None = None, **kw) -> tuple[MemoryBank, list[int]]:
-    """Add documents to a bank's latest commit, encoding them before taking the write lock, which is then held for
-    the commit only; if another commit came meanwhile they are encoded again under the lock (a document's id is
-    part of its encoding). `kw`: MemoryBank.add's. Returns the committed bank and the new ids."""
-    bank = load(path, model, tok)
-    ids = bank.add(texts, names=names, **kw)
-    with writer(path, timeout):
-        if read_manifest(path).get("commit", 0) != bank.commit:
-            bank = load(path, model, tok)
-            ids = bank.add(texts, names=names, **kw)
-        bank.save()
-    return bank, ids
-
-
-def compact(path: str | Path, model: MSAForCausalLM, tok=None, timeout: float | None = None) -> tuple[MemoryBank, int]:
-    """Drop the data of a bank's deleted documents now (a commit does so by itself once over a quarter of the chunks
-    are deleted), as its one writer on its latest commit. Returns the committed bank and the chunks dropped."""
-    with writer(path, timeout):
-        bank = load(path, model, tok)
-        before = bank.num_chunks
-        bank.save(compact=True)
-    return bank, before - bank.num_chunks
 
 
 @dataclass
@@ -697,7 +666,7 @@ def _well_formed(m: dict) -> bool:
             and isinstance(m.get("files", {}), dict) and all(isinstance(v, dict) for v in m.get("files", {}).values()))
 
 
-def _named(m: dict) -> list[str]:
+def named_files(m: dict) -> list[str]:
     """Every file a manifest names."""
     return [m["prefix"], *(s["file"] for s in m["segments"]), *(f for f in (m.get("key_moments"), m.get("doc_priors"))
                                                                if f)]
@@ -709,10 +678,22 @@ def read_manifest(path: str | Path, name: str = MANIFEST) -> dict:
     return _read_manifest(Path(path), name)
 
 
-def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto", manifest: str = MANIFEST) -> MemoryBank:
-    """Open a bank's current commit (or the one `manifest` names, a file of the directory) for `model`: every file
-    is mapped and checked (see the module docstring); routing keys go to the model's device and K̄/V̄ to the chosen
-    tier (see MemoryBank.place)."""
+@dataclass
+class Stored:
+    """A commit of a bank directory as read for a model (`read`): what `MemoryBank.load` builds the bank from."""
+
+    path: Path
+    manifest: dict
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, on the model's device
+    segments: list[Segment]
+    key_moments: dict | None
+    doc_priors: dict | None
+
+
+def read(path: str | Path, model: MSAForCausalLM, manifest: str = MANIFEST) -> Stored:
+    """Read a bank's current commit (or the one `manifest` names, a file of the directory) for `model`: every file
+    is mapped and checked (see the module docstring); tensors stay memory-mapped but the template prefix's K/V and
+    the routing-query moments, which go to the model's device."""
     path = Path(path)
     m, shards = _snapshot(path, manifest)
     fp = fingerprint(model)
@@ -724,27 +705,20 @@ def load(path: str | Path, model: MSAForCausalLM, tok=None, tier: str = "auto", 
     prefix = shards[m["prefix"]].tensors
     kv = [tuple(prefix[f"layer.{i}.{n}"].to(model.device, model.dtype) for n in "kv")
           for i in range(model.config.num_hidden_layers)]
-    bank = MemoryBank(model=model, prefix_ids=m["prefix_ids"], prefix_kv=kv, tok=tok, path=path, tier="device",
-                      key_dtype=m.get("key_dtype", "model"), content_dtype=m.get("content_dtype", "model"))
-    for s in m["segments"]:
-        bank.append_segment(_segment_from(shards[s["file"]].tensors, layers, s["file"]))
-    bank.deleted = set(m["deleted"])
-    bank.next_id = m["next_id"]
-    bank.next_position = m.get("next_position", 0)
-    bank.meta = m.get("meta", {})
-    bank.commit = m.get("commit", 0)
+    segments = [_segment_from(shards[s["file"]].tensors, layers, s["file"]) for s in m["segments"]]
+    moments = priors = None
     if m.get("key_moments"):
         t = shards[m["key_moments"]].tensors
-        bank.key_moments = {lay: t[f"layer.{lay}"].to(model.device) for lay in layers}
+        moments = {lay: t[f"layer.{lay}"].to(model.device) for lay in layers}
     if m.get("doc_priors"):
         t = shards[m["doc_priors"]].tensors
-        bank.doc_priors = {"ids": t["ids"], "scores": {lay: t[f"layer.{lay}"] for lay in layers}}
-    return bank.place(tier)
+        priors = {"ids": t["ids"], "scores": {lay: t[f"layer.{lay}"] for lay in layers}}
+    return Stored(path, m, kv, segments, moments, priors)
 
 
 def verify(path: str | Path, manifest: str = MANIFEST) -> dict:
     """Check every file of a bank's current commit (or the one `manifest` names) without its model: the checks of
-    `load` plus every stored text.
+    `read` plus every stored text.
     Returns {"commit", "files", "unverified" (files without a recorded checksum: format 1), "leftover" (files no
     commit names, removed by the next commit), "documents"}; the first damage found is a BankError."""
     path = Path(path)

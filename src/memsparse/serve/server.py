@@ -83,9 +83,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ..engine.config import REMOVED, key_of
 from ..engine.config import fields as retrieval_fields
 from ..engine.engine import Cancelled, MSAEngine
-from ..memory.bank import BankError
+from ..memory.bank import MemoryBank
 from ..memory.corpus import CorpusError, check_document
-from ..memory.store import BankBusy, load, read_manifest, writer
+from ..memory.store import BankBusy, read_manifest, writer
+from ..memory.table import BankError
 from .settings import LOOPBACK_NAMES, Settings
 
 log = logging.getLogger("memsparse.serve")
@@ -375,7 +376,7 @@ class Service:
 
     def _reopen(self) -> None:
         old = self.bank
-        bank = load(old.path, old.model, old.tok, tier=old.tier)
+        bank = MemoryBank.load(old.path, old.model, old.tok, tier=old.tier)
         bank.fused_routing = old.fused_routing
         self.engine.bank = self.bank = bank
 
