@@ -17,7 +17,7 @@ from pathlib import Path
 
 def router_gold(spec: str, split: str, device: str | None, batch: int = 16) -> dict:
     from memsparse.engine import MSAEngine
-    from memsparse.engine.routing import fused_top
+    from memsparse.engine.routing import fused_top, fusing
     from memsparse.eval.faqs import load_qa
     from memsparse.eval.qa import mean_se
     from memsparse.memory import MemoryBank
@@ -30,7 +30,7 @@ def router_gold(spec: str, split: str, device: str | None, batch: int = 16) -> d
     eng = MSAEngine(model, tok, bank)
     qs = [q for q, _, _ in data.questions]
     routings = [r for a in range(0, len(qs), batch) for r in eng.route_batch(qs[a:a + batch])]
-    ranks = [fused_top(r, 4) for r in routings]
+    ranks = [fused_top(fusing(r, model.fuse_layers), 4) for r in routings]
     gold = [p for _, _, p in data.questions]
     top1 = [float(r[:1] == [g]) for r, g in zip(ranks, gold)]
     top4 = [float(g in r) for r, g in zip(ranks, gold)]

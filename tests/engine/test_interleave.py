@@ -168,6 +168,25 @@ def test_router_injection(setup, monkeypatch):
         engine.ask("Is Rome old?", interleave="router", router_rounds=0)
 
 
+def test_injection_fuses_the_models_fuse_layers(setup, monkeypatch):
+    """msa_config.fuse_layer_idx: router injection ranks by the lists of those router layers only."""
+    model, tok, bank = setup
+    engine, script, tok = _engine(setup, monkeypatch, [["The answer to the question is: yes<|im_end|>"] * 8])
+    last = model.router_layers[-1]
+    monkeypatch.setattr(model.msa_config, "fuse_layer_idx", str(last))
+    assert model.fuse_layers == [last]
+    differ = 0
+    for q in ("Is Rome old?", "What is yellow?", "Where is Ottawa?", "Anything?"):
+        routing = engine.route(q)
+        alone = sorted(engine_mod.fused_top({last: routing[last]}, 2))
+        differ += alone != sorted(engine_mod.fused_top(routing, 2))
+        assert engine.ask(q, interleave="router", inject_k=2).rounds == [alone]
+    assert differ  # the one layer's choice is not every layer's on some question
+    monkeypatch.setattr(model.msa_config, "fuse_layer_idx", "1,99")
+    with pytest.raises(ValueError, match=r"fuse_layer_idx has layers \[1, 99\] outside the router layers \[2, 3\]"):
+        engine.ask("Is Rome old?", interleave="router", inject_k=2)
+
+
 def test_refined_routing(setup, monkeypatch, tmp_path):
     """refine: router injection re-ranks its fused shortlist with keys pooled over `refine_chunk` tokens. At the
     bank's own chunk size that is the bank's routing; finer keys pool to the bank's; the injected documents are the

@@ -70,6 +70,18 @@ def test_router_layer_out_of_range():
         tiny_model(msa={"router_layer_idx": "2,40"})
 
 
+def test_fuse_layers_are_router_layers():
+    cfg = MSAConfig.from_dict({"router_layer_idx": "4,5,6,7"})
+    assert cfg.fuse_layers(8) == [4, 5, 6, 7] and "fuse_layer_idx" not in cfg.to_dict(8)  # absent: all of them
+    cfg = MSAConfig.from_dict({"router_layer_idx": "4,5,6,7", "fuse_layer_idx": "7, 6"})
+    assert cfg.fuse_layers(8) == [6, 7] and cfg.to_dict(8)["fuse_layer_idx"] == "6,7"
+    assert MSAConfig.from_dict(cfg.to_dict(8)).fuse_layers(8) == [6, 7]
+    with pytest.raises(ValueError, match=r"fuse_layer_idx has layers \[3\] outside the router layers \[4, 5, 6, 7\]"):
+        MSAConfig.from_dict({"router_layer_idx": "4,5,6,7", "fuse_layer_idx": "3,4"}).fuse_layers(8)
+    with pytest.raises(ValueError, match="fuse_layer_idx selects no layer"):
+        MSAConfig.from_dict({"router_layer_idx": "4,5", "fuse_layer_idx": ","}).fuse_layers(8)
+
+
 def test_unknown_msa_keys_warn_but_official_extras_do_not():
     with pytest.warns(UserWarning, match="unknown keys"):
         MSAConfig.from_dict({"top_k_doc": 4})

@@ -16,6 +16,7 @@ from memsparse.train import router_fit, trainer
 from memsparse.train.router_fit import (
     Group,
     RouterFit,
+    choose_fusion,
     draw_group,
     fused_hits,
     group_features,
@@ -135,6 +136,25 @@ def test_router_fit_recipe_ships_new_routers_and_keeps_the_rest(tmp_path, monkey
     assert len(done) == 1 and done[0]["val_best"]["step"] in (0, 10, 20, 30)
     fitted = [(x["lr"], x["router_fit"]) for x in lines if isinstance(x.get("router_fit"), int)]
     assert fitted == [(lr, s) for lr in (1e-2, 1e-3) for s in (10, 20, 30)]  # each rate from the same start
+    cfg = json.loads((tmp_path / "run2" / "delta" / "delta.json").read_text())["msa_config"]
+    fuse = done[0]["fuse_layers"]  # the fused layers chosen on the held-back groups travel with the delta
+    assert cfg.get("fuse_layer_idx", cfg["router_layer_idx"]) == ",".join(map(str, fuse))
+
+
+def test_fusion_is_the_best_upper_set_on_held_back_groups():
+    msa = {**MSA, "router_layer_idx": "1,2,3"}
+    model, tok = tiny_model("llama", msa=msa, vocab_size=300, tie_word_embeddings=True), tiny_tokenizer()
+    model.eval()
+    feats = [group_features(model, tok, _group(seed=s)) for s in range(3)]
+    cosine, w = uses_cosine(model, "train"), router_weights(model)
+    fuse, got = choose_fusion(model, w, feats, cosine)
+    sets = [[1, 2, 3], [2, 3], [3]]
+    results = router_fit.evaluate(model, w, feats, cosine, sets)
+    assert fuse in sets and got == results[sets.index(fuse)]
+    assert all((got["top1"], got["top4"]) >= (r["top1"], r["top4"]) for r in results)
+    assert all((r["top1"], r["top4"]) < (got["top1"], got["top4"]) for r in results[:sets.index(fuse)])
+    model.msa_config.fuse_layer_idx = ",".join(map(str, fuse))
+    assert router_fit.evaluate(model, w, feats, cosine) == got  # the model then fuses those layers
 
 
 def test_router_fit_table_is_checked(tmp_path):

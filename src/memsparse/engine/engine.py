@@ -17,7 +17,7 @@ from .config import RetrievalConfig
 from .generate import Sampling, generate
 from .prefill import prefill_batch
 from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
-from .routing import Routing, cut_drop, fused_top, joint_routing
+from .routing import Routing, cut_drop, fused_top, fusing, joint_routing
 
 _ID = re.compile(r"\[(\d+)\]")
 
@@ -277,13 +277,14 @@ class MSAEngine:
             for row, routing in zip(rows, res.memory.routing):
                 row.routing.append(routing)  # the routing that picked the injected documents
                 done = {d for r in row.rounds for d in r}
-                if fine.top and (fine.margin >= 1
-                                 or cut_drop(routing, fused_top(routing, k + 1, done), k) < fine.margin):
+                votes = fusing(routing, self.model.fuse_layers)
+                if fine.top and (fine.margin >= 1 or cut_drop(votes, fused_top(votes, k + 1, done), k) < fine.margin):
                     t0 = time.perf_counter()
-                    refined = self.refined(row.tokens, row.route, fused_top(routing, fine.top, done))
-                    routing = joint_routing(routing, refined) if fine.fuse else refined
+                    refined = fusing(self.refined(row.tokens, row.route, fused_top(votes, fine.top, done)),
+                                     self.model.fuse_layers)
+                    votes = joint_routing(votes, refined) if fine.fuse else refined
                     timings["refine"] += time.perf_counter() - t0  # outside the prefill it is not part of
-                top = sorted(fused_top(routing, k, exclude=done))
+                top = sorted(fused_top(votes, k, exclude=done))
                 row.tokens = row.tokens + self.protocol.naming(top)
                 self._inject(row, top)
         for row in rows:

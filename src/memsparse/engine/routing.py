@@ -175,6 +175,12 @@ def _round_up(n: int, multiple: int) -> int:
 RRF_OFFSET = 60  # reciprocal-rank fusion: a document's fused score is the sum over layers of 1 / (60 + its rank)
 
 
+def fusing(routing: Routing, layers: list[int]) -> Routing:
+    """The lists of `layers` (the model's `fuse_layers`): what `fused_top` and `cut_drop` rank over."""
+    keep = set(layers)
+    return {lay: picked for lay, picked in routing.items() if lay in keep}
+
+
 def fused_top(routing: Routing, k: int, exclude: set[int] = frozenset()) -> list[int]:
     """The k documents ranked highest over all router layers by reciprocal-rank fusion (sum of 1 / (60 + rank)),
     leaving out `exclude`."""

@@ -265,7 +265,7 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
     a JSON line (the generated text, the extracted answer, EM, F1, the gold passage and, for memsparse and ragK-msa,
     the injected passages)."""
     from ..engine import MSAEngine
-    from ..engine.routing import fused_top
+    from ..engine.routing import fused_top, fusing
     from ..memory import MemoryBank
 
     needs_msa, _ = readers(systems)
@@ -302,7 +302,7 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
                                   documents=docs, progress=name if progress else None)
             shares = gold_shares(asked, data)  # gold_routed only where the router picked the passages
             if docs is None:
-                extra = {**gold_rank_rates([fused_top(a.routing, 4) for a in asked], gold),
+                extra = {**gold_rank_rates([fused_top(fusing(a.routing, model.fuse_layers), 4) for a in asked], gold),
                          **shares}
             else:
                 extra = {**minilm, "gold_injected": shares["gold_injected"]}

@@ -169,6 +169,9 @@ class MSAConfig:
     # ours: RoPE positions of memory tokens: each document from 0 (the paper's document-wise RoPE), or "global":
     # the memory as one sequence after the template prefix, active tokens after all of it (an ablation)
     doc_positions: str = "document"
+    # ours: the router layers whose ranked lists the engine fuses to choose the documents it injects (router
+    # injection, refinement's shortlist); absent = every router layer. Router fitting chooses it (train/router_fit.py)
+    fuse_layer_idx: str | list[int] | None = None
     extra: dict = field(default_factory=dict)  # official keys we keep but do not use (recloss_weight, ...)
 
     _KNOWN_UNUSED = (
@@ -233,27 +236,41 @@ class MSAConfig:
         """Resolve `router_layer_idx` ("all", "18,19,...", a list, or absent = upper half) to sorted indices."""
         spec = self.router_layer_idx
         if spec is None:
-            layers = list(range(num_layers // 2, num_layers))
-        elif isinstance(spec, str) and spec.strip().lower() == "all":
-            layers = list(range(num_layers))
-        else:
-            try:
-                items = spec.split(",") if isinstance(spec, str) else list(spec)
-                layers = sorted({int(str(x).strip()) for x in items if str(x).strip()})
-            except ValueError as e:
-                raise ValueError(f"msa_config.router_layer_idx={spec!r} is not 'all' or a list of ints") from e
-        bad = [i for i in layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"msa_config.router_layer_idx has layers {bad} outside 0..{num_layers - 1}")
-        if not layers:
-            raise ValueError("msa_config.router_layer_idx selects no layer")
-        return layers
+            return list(range(num_layers // 2, num_layers))
+        return _layers("router_layer_idx", spec, list(range(num_layers)), f"0..{num_layers - 1}")
+
+    def fuse_layers(self, num_layers: int) -> list[int]:
+        """Resolve `fuse_layer_idx` (a subset of the router layers; absent or "all" = all of them)."""
+        routers = self.router_layers(num_layers)
+        return routers if self.fuse_layer_idx is None else _layers("fuse_layer_idx", self.fuse_layer_idx, routers,
+                                                                   f"the router layers {routers}")
 
     def to_dict(self, num_layers: int) -> dict[str, Any]:
         """The `msa_config` JSON as the official layout stores it."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d["router_layer_idx"] = ",".join(str(i) for i in self.router_layers(num_layers))
-        if d["doc_top_k"] is None:
-            del d["doc_top_k"]
+        for name in ("doc_top_k", "fuse_layer_idx"):
+            if d[name] is None:
+                del d[name]
+        if self.fuse_layer_idx is not None:
+            d["fuse_layer_idx"] = ",".join(str(i) for i in self.fuse_layers(num_layers))
         d.update(self.extra)
         return d
+
+
+def _layers(name: str, spec: str | list[int], allowed: list[int], where: str) -> list[int]:
+    """Sorted layer indices from "all" (= `allowed`), "18,19,..." or a list; each must be in `allowed` (`where`
+    says what they are, for the error)."""
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return list(allowed)
+    try:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        layers = sorted({int(str(x).strip()) for x in items if str(x).strip()})
+    except ValueError as e:
+        raise ValueError(f"msa_config.{name}={spec!r} is not 'all' or a list of ints") from e
+    bad = [i for i in layers if i not in allowed]
+    if bad:
+        raise ValueError(f"msa_config.{name} has layers {bad} outside {where}")
+    if not layers:
+        raise ValueError(f"msa_config.{name} selects no layer")
+    return layers

@@ -8,7 +8,8 @@ mean input of every document chunk and the input at every routing token of each 
 engine routes (engine/calibrate.py `route_rows`); the projections are then fitted to those fixed features by the
 model's routing loss (its `aux_loss_method` over every document of the memory), a step costing a few small matrix
 products per router layer rather than a forward and backward pass of the model. The best step is chosen on groups
-held back from fitting (fused top-1 over the router layers, as the engine ranks).
+held back from fitting (fused top-1 over the router layers, as the engine ranks), and then on the same groups the
+router layers the engine fuses (msa_config.fuse_layer_idx: the upper layers from one of them on).
 
 Questions come from the recipe's task mix, `questions` at a time: their own memories (gold passages among hard
 negatives from the same corpus, `memory_tokens` each) are pooled into one memory, equal texts merged, so that every
@@ -206,14 +207,30 @@ def fused_hits(scores: dict[int, torch.Tensor], labels: torch.Tensor, k: int, at
     return {n: labels.gather(1, order[:, :n]).bool().any(1) for n in at}
 
 
-def evaluate(model, weights, feats: list[Features], cosine: bool) -> dict:
+def evaluate(model, weights, feats: list[Features], cosine: bool, fuse: list[list[int]] | None = None) -> dict | list:
+    """Fused top-1 / top-4 over `feats` with the router layers the model fuses; with `fuse`, a list of layer sets:
+    one result for each, fused over that set."""
     k = model.msa_config.engine_top_k
-    hits = {1: [], 4: []}
+    sets = fuse or [model.fuse_layers]
+    hits = [{1: [], 4: []} for _ in sets]
     with torch.no_grad():
         for f in feats:
-            for n, h in fused_hits(layer_scores(model, weights, f, cosine), f.labels, k).items():
-                hits[n].append(h)
-    return {f"top{n}": round(float(torch.cat(h).float().mean()), 4) for n, h in hits.items()}
+            scores = layer_scores(model, weights, f, cosine)
+            for got, layers in zip(hits, sets):
+                for n, h in fused_hits({lay: scores[lay] for lay in layers}, f.labels, k).items():
+                    got[n].append(h)
+    out = [{f"top{n}": round(float(torch.cat(h).float().mean()), 4) for n, h in got.items()} for got in hits]
+    return out if fuse else out[0]
+
+
+def choose_fusion(model, weights, feats: list[Features], cosine: bool) -> tuple[list[int], dict]:
+    """The router layers to fuse: of the upper ones from each router layer on (every router layer, ..., the last
+    alone), the set that routes `feats` best (top-1, then top-4; ties to more layers), and its result."""
+    routers = model.router_layers
+    sets = [routers[i:] for i in range(len(routers))]
+    got = evaluate(model, weights, feats, cosine, sets)
+    best = max(range(len(sets)), key=lambda i: (got[i]["top1"], got[i]["top4"], -i))
+    return sets[best], got[best]
 
 
 def fit_routers(model, tok, recipe, fit: RouterFit, log=None, workers: int = 0, similarity: str = "train") -> dict:
@@ -244,8 +261,10 @@ def fit_routers(model, tok, recipe, fit: RouterFit, log=None, workers: int = 0, 
         for lay, pair in params.items():
             for p, m in zip(pair, best_w[lay]):
                 p.copy_(m.to(p.dtype))
-    summary = {"router_fit": "done", "val_start": start, "val_best": best, "features_s": round(t_feat, 1),
-               "fit_s": round(time.perf_counter() - t1, 1)}
+    fuse, fused = choose_fusion(model, best_w, val, cosine)
+    model.msa_config.fuse_layer_idx = None if fuse == model.router_layers else ",".join(map(str, fuse))
+    summary = {"router_fit": "done", "val_start": start, "val_best": best, "fuse_layers": fuse, "val_fused": fused,
+               "features_s": round(t_feat, 1), "fit_s": round(time.perf_counter() - t1, 1)}
     write(summary)
     return summary
 
