@@ -113,6 +113,7 @@ def test_graphed_prefill_equals_eager(tier, dtype):
     from memsparse.engine import prefill_batch
     from memsparse.engine.generate import generate
     from memsparse.engine.prefill import graphed_prefill
+    from memsparse.engine.routing import kept
 
     from .conftest import assert_same_routing, tiny_tokenizer
 
@@ -130,7 +131,7 @@ def test_graphed_prefill_equals_eager(tier, dtype):
             assert_same_routing(a, b, atol=1e-4)
         tokens = [generate(bank, rows, masks, 6, lambda b, ids: None, cuda_graph=c).tokens for c in (False, True)]
         assert tokens[0] == tokens[1]
-    assert len(bank.routing_view()["prefill_graphs"]) == 1  # both question sets pad to one shape: one graph
+    assert len(kept(bank.routing_index(), "prefill_graphs")) == 1  # both question sets pad to one shape
 
 
 def test_generate_on_cuda_stops_rows_where_asked():
@@ -207,7 +208,8 @@ def test_cuda_question_stream_routes_as_the_pytorch_path():
         return single + engine.ask_batch(questions[::-1], max_new_tokens=4, inject_k=2)
 
     got = ask()  # fused routing: the default on a GPU
-    bank.fused_routing, bank._view = False, None
+    bank.fused_routing = False
+    bank.changed()
     ref = ask()
     for a, b in zip(got, ref, strict=True):
         assert a.rounds == b.rounds and a.text == b.text

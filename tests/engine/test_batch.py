@@ -28,13 +28,15 @@ def test_route_batch_equals_one_question_at_a_time(engine, fused):
     CPU: in Triton's interpreter). Ties: tests/ops/test_routing_triton.py (documents with the same keys)."""
     if fused:
         pytest.importorskip("triton")
-    engine.bank.fused_routing, engine.bank._view = fused, None
+    engine.bank.fused_routing = fused
+    engine.bank.changed()
     try:
         batched = engine.route_batch(QUESTIONS)
         for q, got in zip(QUESTIONS, batched):
             assert_same_routing(engine.route(q), got, atol=1e-5)
     finally:
-        engine.bank.fused_routing, engine.bank._view = None, None
+        engine.bank.fused_routing = None
+    engine.bank.changed()
 
 
 @pytest.mark.parametrize("interleave", [False, "router", True], ids=["off", "router", "model"])

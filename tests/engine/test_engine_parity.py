@@ -144,10 +144,37 @@ def test_device_gather_equals_gather_through_the_host(monkeypatch):
     assert_same_routing(ref_routing, routing)
     assert (logits - ref_logits).abs().max() <= 1e-5
     # gather_top's valid columns are the documents' chunks in bank order, as `gather` concatenates them
-    view, layer = bank.routing_view(), 2
+    view, layer = bank.routing_index(), 2
     picked = sorted(d for d, _ in routing[layer])
-    pos = torch.tensor([[view["ids"].index(d) for d in picked] + [0]])  # one padding pick, not ok
+    pos = torch.tensor([[view.ids.index(d) for d in picked] + [0]])  # one padding pick, not ok
     k, v, valid = bank.gather_top(layer, pos, torch.tensor([[True] * len(picked) + [False]]))
     k_ref, v_ref = bank.gather(layer, picked)
-    assert valid.shape == (1, (len(picked) + 1) * view["max_chunks"])
+    assert valid.shape == (1, (len(picked) + 1) * view.max_chunks)
     assert torch.equal(k[0][valid[0]], k_ref) and torch.equal(v[0][valid[0]], v_ref)
+
+
+def test_what_the_engine_keeps_with_a_routing_index_goes_when_the_bank_changes():
+    """The routing index is rebuilt after any change of the bank (add, delete, `changed`) and the engine's store
+    kept with the old one (`routing.kept`: inverse norms, CUDA graphs) is dropped with it."""
+    import gc
+
+    from memsparse.engine import routing
+
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2, "router_layer_idx": "1,2"})
+    g = torch.Generator().manual_seed(2)
+    bank = MemoryBank.empty(model, PREFIX)
+    bank.add_tokens(_docs(g, [5, 9]))
+    index = bank.routing_index()
+    assert bank.routing_index() is index and index.ids == [0, 1]
+    routing.kept(index, "graphs")["probe"] = object()
+    assert routing.kept(bank.routing_index(), "graphs").keys() == {"probe"}
+    before = len(routing._KEPT)
+    for change in (lambda: bank.delete([0]), lambda: bank.add_tokens(_docs(g, [3])), bank.changed):
+        change()
+        fresh = bank.routing_index()
+        assert fresh is not index and routing.kept(fresh, "graphs") == {}
+        index = fresh
+    del index, fresh
+    gc.collect()
+    assert len(routing._KEPT) <= before  # the old indexes' stores are gone with them
+    assert bank.routing_index().alive.tolist() == [False, True, True]

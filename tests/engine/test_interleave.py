@@ -120,7 +120,7 @@ def test_deleted_unknown_and_batched_rows(setup, monkeypatch):
         a, b = engine.ask(["Is Rome old?", "Anything?"])
     finally:
         bank.deleted.clear()
-        bank._view = None
+        bank.changed()
     assert a.rounds == [[]] and a.text == "none"
     assert b.rounds == [] and b.text == "direct" and len(script.calls[0]) == 2 and len(script.calls[1]) == 1
     r2 = script.calls[1][0][0]

@@ -64,7 +64,7 @@ def test_priors_follow_bank_changes_and_round_trip(setup, tmp_path):
     lay = model.router_layers[-1]
     bank.delete([2])
     new = bank.add(["Document six talks about ice."])[0]
-    table = bank.routing_view()["ids"]
+    table = bank.routing_index().ids
     p = bank.prior_scores(lay)  # (N,) per table position
     assert p.shape == (len(table),)
     assert p[table.index(new)] == pytest.approx(priors["scores"][lay].mean().item())

@@ -106,7 +106,8 @@ def test_fused_routing_over_a_quantized_bank(setup):
     bank.delete([2])
     bank.fused_routing = False  # the PyTorch path first, as the reference
     ref = _routes(model, tok, bank)
-    bank.fused_routing, bank._view = True, None
+    bank.fused_routing = True
+    bank.changed()
     for a, b in zip(ref, _routes(model, tok, bank)):
         # GPU: fp8 products of rows split in two fp8 terms; the CPU interpreter splits the rows with its float32 ->
         # e4m3 rounding, which loses the mantissa carry (-1.99 -> -1), so the lo term errs by up to ~2^-5

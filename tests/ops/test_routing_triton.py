@@ -205,7 +205,8 @@ def test_engine_routing_with_the_fused_kernel():
     engine = ms.MSAEngine(model, tok, bank)
     questions = ["Where is Lisbon? Is Rome old?", "Bananas?", "Where is Lisbon? Is Rome old?"]
     refs = [engine.route(q) for q in questions]
-    bank.fused_routing, bank._view = True, None
+    bank.fused_routing = True
+    bank.changed()
     for ref, q in zip(refs, questions):  # on a GPU: captured graphs, then a replay of the first
         got = engine.route(q)
         assert_same_routing(ref, got, atol=TOL)
@@ -218,7 +219,7 @@ def test_routing_round_seconds_replays_the_fused_routing_graphs():
     the PyTorch path has none to replay (graphs left in the bank's view from fused routing are not counted)."""
     import memsparse as ms
     from memsparse.engine.prefill import prefill_batch
-    from memsparse.engine.routing import routing_round_seconds
+    from memsparse.engine.routing import kept, routing_round_seconds
 
     from ..conftest import tiny_model, tiny_tokenizer
 
@@ -227,7 +228,7 @@ def test_routing_round_seconds_replays_the_fused_routing_graphs():
                        num_attention_heads=6, num_key_value_heads=2, hidden_size=48).to(DEVICE)
     bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea."])
     res = prefill_batch(bank, [[5, 6, 7, 8]], [[True] * 4])
-    assert len(bank.routing_view()["graphs"]) == len(model.router_layers)
+    assert len(kept(bank.routing_index(), "graphs")) == len(model.router_layers)
     assert routing_round_seconds(res.memory) > 0
     bank.fused_routing = False
     assert routing_round_seconds(prefill_batch(bank, [[5, 6, 7, 8]], [[True] * 4]).memory) is None
@@ -238,7 +239,7 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
     """A routing graph replayed for a question shorter than the one before it (same padded length) routes as the
     ungraphed path does: the longer question's routing tokens left in the graph's static input do not count."""
     import memsparse as ms
-    from memsparse.engine.routing import _top_documents, top_documents
+    from memsparse.engine.routing import _top_documents, kept, top_documents
 
     from ..conftest import tiny_model, tiny_tokenizer
 
@@ -255,7 +256,7 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
         got = top_documents(bank, layer, rq, mask, True, 4).clone()
         ref = _top_documents(bank, layer, rq, mask, True, 4)
         assert torch.equal(got[1], ref[1]) and torch.allclose(got[0], ref[0], atol=TOL)
-    assert len(bank.routing_view()["graphs"]) == 1
+    assert len(kept(bank.routing_index(), "graphs")) == 1
 
 
 def _left_padded(lens, H, D, g):

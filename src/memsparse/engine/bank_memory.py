@@ -91,7 +91,7 @@ class BankMemory:
         t0 = _clock(q.device) if timed else None
         top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
                             max(self.top_k, self.depth))  # (2, B, k'), best first
-        self._pending.append((i, top.clone() if top.is_cuda else top, bank.routing_view()["ids"]))
+        self._pending.append((i, top.clone() if top.is_cuda else top, bank.routing_index().ids))
         t1 = _clock(q.device) if timed else None
         top = top[:, :, :self.top_k]
         k, v, valid = bank.gather_top(i, top[1].long(), torch.isfinite(top[0]))  # (B, k * m, ...)
@@ -112,7 +112,7 @@ class BankMemory:
         vals, top = top_documents(bank, i, attn.router_queries(h, q), self.route_mask, self.cosine,
                                   max(self.top_k, self.depth)).tolist()  # (B, k') each; waits for the device
         t1 = time.perf_counter()
-        ids = bank.routing_view()["ids"]
+        ids = bank.routing_index().ids
         for b, (vb, tb) in enumerate(zip(vals, top)):
             picked = [(ids[int(t)], v) for v, t in zip(vb, tb) if v != float("-inf")]
             self._routing[b][i] = picked
@@ -214,10 +214,10 @@ class ShardedMemory(BankMemory):
         local = torch.full((2, B, K), float("-inf"), dtype=torch.float64, device=rq.device)
         local[1] = _FAR
         shard = sb.shard
-        n = len(shard.routing_view()["ids"]) if shard.segments else 0
+        n = len(shard.routing_index().ids) if shard.segments else 0
         if n:
             top = _top_documents(shard, i, rq, self.route_mask, self.cosine, min(K, n))  # (2, B, k'), local positions
-            ids = torch.tensor(shard.routing_view()["ids"], dtype=torch.float64, device=rq.device)
+            ids = torch.tensor(shard.routing_index().ids, dtype=torch.float64, device=rq.device)
             local[0, :, :top.shape[2]] = top[0]
             local[1, :, :top.shape[2]] = ids[top[1].long()]
         got = [torch.empty_like(local) for _ in range(sb.world)]

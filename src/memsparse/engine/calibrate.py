@@ -102,8 +102,8 @@ def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     saved = bank.doc_priors
     bank.set_doc_priors(None)  # the earlier layers route without priors, as the scores here are
     try:
-        view = bank.routing_view()
-        sums = {lay: torch.zeros(len(view["ids"]), dtype=torch.float64, device=bank.model.device)
+        view = bank.routing_index()
+        sums = {lay: torch.zeros(len(view.ids), dtype=torch.float64, device=bank.model.device)
                 for lay in bank.model.router_layers}
 
         def visit(layer, attn, h, q, rmask, cosine):
@@ -113,8 +113,8 @@ def document_priors(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
         route_rows(bank, rows, route_masks, similarity, batch_size, visit)
     finally:
         bank.set_doc_priors(saved)
-    alive = view["alive"].cpu()
-    return {"ids": torch.tensor(view["ids"], dtype=torch.long)[alive],
+    alive = view.alive.cpu()
+    return {"ids": torch.tensor(view.ids, dtype=torch.long)[alive],
             "scores": {lay: (s / len(rows)).float().cpu()[alive] for lay, s in sums.items()}}
 
 
@@ -128,7 +128,7 @@ def _sharded_priors(bank, rows: list[list[int]], route_masks: list[list[bool]], 
     saved = bank.doc_priors
     bank.set_doc_priors(None)  # the earlier layers route without priors, as the scores here are
     try:
-        at = torch.tensor(shard.routing_view()["ids"] if shard.segments else [], dtype=torch.long, device=dev)
+        at = torch.tensor(shard.routing_index().ids if shard.segments else [], dtype=torch.long, device=dev)
         sums = {lay: torch.zeros(bank.next_id, dtype=torch.float64, device=dev) for lay in bank.model.router_layers}
 
         def visit(layer, attn, h, q, rmask, cosine):

@@ -19,7 +19,7 @@ from ..memory.bank import MemoryBank
 from ..memory.parallel import ShardedBank
 from ..model import cached
 from .bank_memory import BankMemory, gathers_on_device, memory_for
-from .routing import GRAPH_LENGTH, _round_up, uses_cosine
+from .routing import GRAPH_LENGTH, _round_up, kept, uses_cosine
 
 
 def query_offset(bank: MemoryBank, top_k: int) -> int:
@@ -105,7 +105,7 @@ def graphable(bank: MemoryBank, rows: list[list[int]]) -> bool:
 
 class _PrefillGraph:
     """A whole prefill (every layer, routing and gather included) captured as one CUDA graph for one batch size,
-    padded length and room for generated tokens, over one routing view of a bank. Inputs and outputs are static
+    padded length and room for generated tokens, over one routing index of a bank. Inputs and outputs are static
     tensors: each replay overwrites the KV cache and the routing of the previous one. The decode step of that
     cache is captured once too (`GraphedDecode`) and reused across replays."""
 
@@ -115,7 +115,7 @@ class _PrefillGraph:
         model = bank.model
         stream = torch.cuda.Stream(ids.device)
         stream.wait_stream(torch.cuda.current_stream(ids.device))
-        with torch.cuda.stream(stream):  # warm-up: Triton autotunes, torch.compile and the routing views set up
+        with torch.cuda.stream(stream):  # warm-up: Triton autotunes, torch.compile and the routing index built
             cached.prefill(model, ids, pos, valid, BankMemory(bank, rmask, cosine, k), extra=extra)
         torch.cuda.current_stream(ids.device).wait_stream(stream)
         self.memory = BankMemory(bank, rmask, cosine, k)
@@ -140,7 +140,7 @@ def graphed_prefill(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
                     top_k: int | None = None, extra: int = 0) -> tuple[PrefillResult, cached.GraphedDecode]:
     """`prefill_batch` (last-token logits) replayed from a CUDA graph, and the graphed decode step of its cache.
     Rows are padded to a multiple of `GRAPH_LENGTH` tokens and `extra` rounded up to a multiple of `GRAPH_EXTRA`;
-    the graph is captured on the first call of each shape and kept with the bank's routing view. Needs
+    the graph is captured on the first call of each shape and kept with the bank's routing index. Needs
     `graphable` rows. The result lives in the graph's static memory: it is valid until the next call of the same
     shape. Routing and gather times are not measured (0)."""
     model = bank.model
@@ -153,7 +153,7 @@ def graphed_prefill(bank: MemoryBank, rows: list[list[int]], route_masks: list[l
     extra = max(_round_up(extra, GRAPH_EXTRA), GRAPH_EXTRA)
     inputs = batch_rows(rows, route_masks, query_offset(bank, k), model.device, length=S)
     cosine = uses_cosine(model, similarity)
-    graphs = bank.routing_view().setdefault("prefill_graphs", {})
+    graphs = kept(bank.routing_index(), "prefill_graphs")
     key = (len(rows), S, extra, cosine, k)
     g = graphs.pop(key, None)
     if g is None:

@@ -3,17 +3,18 @@ documents, and the layers' lists are fused into one ranking.
 
 Scoring runs segment by segment, by the fused Triton kernel (ops/routing_triton.py) on GPUs or the PyTorch
 reference (ops/routing.py); on a GPU each layer's scoring and top-k replay as one CUDA graph per shape, kept with
-the bank's routing view. `fused_top` (reciprocal-rank fusion), `cut_drop` and `joint_routing` are what router
+the bank's routing index. `fused_top` (reciprocal-rank fusion), `cut_drop` and `joint_routing` are what router
 injection and refinement (engine.py) rank with. The prefill (prefill.py) calls `top_documents` in every router layer.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..memory.bank import MemoryBank
+from ..memory.bank import MemoryBank, RoutingIndex
 from ..memory.quant import QTensor, dense
 from ..ops import has_triton
 from ..ops.routing import chunk_scores, document_scores, ranked_documents
@@ -50,31 +51,40 @@ def uses_fused(bank: MemoryBank, rq: torch.Tensor) -> bool:
     return bank.fused_routing
 
 
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # routing index -> {name: what the engine derived}
+
+
+def kept(index: RoutingIndex, name: str) -> dict:
+    """The engine's store `name` of what it derives from a bank's routing index (inverse key norms, CUDA graphs of
+    routing and of prefills): it lives as long as the index, so a change of the bank drops it."""
+    return _KEPT.setdefault(index, {}).setdefault(name, {})
+
+
 def document_scores_for(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor,
                         cosine: bool) -> torch.Tensor:
     """(B, N) scores of every document in the bank's table for router queries rq (B, S, H, D) with routing
     mask (B, S); deleted documents are -inf."""
-    return _table_scores(bank, layer, rq, rmask, cosine).masked_fill(~bank.routing_view()["alive"], float("-inf"))
+    return _table_scores(bank, layer, rq, rmask, cosine).masked_fill(~bank.routing_index().alive, float("-inf"))
 
 
 def _table_scores(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool) -> torch.Tensor:
     """`document_scores_for` with deleted documents scored too. Scored one segment (tile) at a time, by the fused
     Triton kernel (ops/routing_triton.py; see `uses_fused`) or by the PyTorch path."""
-    msa, view = bank.model.msa_config, bank.routing_view()
+    msa, view = bank.model.msa_config, bank.routing_index()
     scale = msa.score_scale(bank.model.config.head_dim)
-    N = len(view["ids"])
+    N = len(view.ids)
     if uses_fused(bank, rq):
         from ..ops.routing_triton import fused_document_scores, inverse_norms
 
-        if cosine and layer not in view.setdefault("inv_norms", {}):  # per segment (C, Hkv), computed once
-            view["inv_norms"][layer] = [inverse_norms(k.data if isinstance(k, QTensor) else k)
-                                        for k in view["route_keys"][layer]]
+        norms = kept(view, "inv_norms")
+        if cosine and layer not in norms:  # per segment (C, Hkv), computed once
+            norms[layer] = [inverse_norms(k.data if isinstance(k, QTensor) else k) for k in view.route_keys[layer]]
         ds, start = None, 0
-        for n, keys in enumerate(view["route_keys"][layer]):
-            docs = view["chunk_doc32"][start:start + keys.shape[0]]
+        for n, keys in enumerate(view.route_keys[layer]):
+            docs = view.chunk_doc32[start:start + keys.shape[0]]
             data, ks = (keys.data, keys.scale) if isinstance(keys, QTensor) else (keys, None)
             ds = fused_document_scores(rq, rmask, data, docs, N, cosine=cosine, scale=scale, key_scale=ks, out=ds,
-                                       key_inv_norm=view["inv_norms"][layer][n] if cosine else None,
+                                       key_inv_norm=norms[layer][n] if cosine else None,
                                        split_fp8=data.dtype == torch.float8_e4m3fn and data.shape[-1] >= 32)
             start += keys.shape[0]
         return ds  # (B, N)
@@ -83,22 +93,22 @@ def _table_scores(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
                      torch.ones(keys.shape[0], dtype=torch.bool, device=rq.device),
                      head_reduce=msa.head_reduce_method, query_reduce=msa.query_reduce_method,
                      cosine=cosine, scale=scale)  # (B, C_segment)
-        for keys in view["route_keys"][layer]
+        for keys in view.route_keys[layer]
     ]
     cs = torch.cat(parts, 1)  # (B, C)
-    return document_scores(cs, view["chunk_doc"].expand(cs.shape[0], -1), N, msa.chunk_reduce_method)  # (B, N)
+    return document_scores(cs, view.chunk_doc.expand(cs.shape[0], -1), N, msa.chunk_reduce_method)  # (B, N)
 
 
 def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.Tensor, cosine: bool,
                   k: int) -> torch.Tensor:
     """(2, B, k') float64: scores and table positions of each row's top documents (k' = min(k, table size)).
     With fused routing on a GPU the whole step runs as one CUDA graph per (layer, batch, routing length rounded
-    up to 32), captured on first use and kept with the bank's routing view (so dropped when the bank changes)."""
+    up to 32), captured on first use and kept with the bank's routing index (so dropped when the bank changes)."""
     if not (rq.is_cuda and uses_fused(bank, rq)) or capturing(rq.device):
         return _top_documents(bank, layer, rq, rmask, cosine, k)  # (inside a captured prefill: no nested graph)
     B, S = rmask.shape
     key = (layer, B, _round_up(S, GRAPH_LENGTH), cosine, k, rq.dtype)
-    graphs = bank.routing_view().setdefault("graphs", {})
+    graphs = kept(bank.routing_index(), "graphs")
     g = graphs.get(key)
     if g is None:
         g = graphs[key] = _RoutingGraph(bank, layer, rq, rmask, cosine, k, key[2])
@@ -117,7 +127,7 @@ def routing_round_seconds(memory: BankMemory) -> float | None:
     bank = memory.bank
     if not (memory.route_mask.is_cuda and uses_fused(bank, memory.route_mask)):
         return None  # (graphs left from fused routing are not this path's)
-    graphs = bank.routing_view().get("graphs", {})
+    graphs = kept(bank.routing_index(), "graphs")
     mine = sorted((key[0], g) for key, g in graphs.items()
                   if key[1:5] == (B, _round_up(S, GRAPH_LENGTH), memory.cosine, memory.top_k))
     if len(mine) != len(bank.model.router_layers):
@@ -133,7 +143,7 @@ def routing_round_seconds(memory: BankMemory) -> float | None:
 
 def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
     ds = _table_scores(bank, layer, rq, rmask, cosine)  # (B, N), deleted documents too
-    alive = bank.routing_view()["alive"]
+    alive = bank.routing_index().alive
     prior = bank.prior_scores(layer)  # documents that score high for every question lose that lead
     k = min(k, ds.shape[1])
     if uses_fused(bank, rq):  # one launch for 100K documents, the deleted ones and the prior folded in

@@ -48,6 +48,22 @@ def render_documents(tok, doc_ids: list[int], texts: list[str], batch: int = 102
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class RoutingIndex:
+    """A bank's routing tensors on the model's device, as one state of the bank has them (a change of the bank
+    builds a new index; the engine keeps what it derives, such as CUDA graphs, with the index it was built for)."""
+
+    route_keys: dict[int, list[Tensor]]  # per router layer: each segment's routing keys (C_segment, Hkv, D)
+    chunk_doc: torch.Tensor  # (C,) the table position of every chunk's document
+    chunk_doc32: torch.Tensor  # the same, int32 (the fused kernel's)
+    alive: torch.Tensor  # (N,) bool: not deleted
+    ids: list[int]  # (N,) the table's document ids
+    doc_seg: torch.Tensor  # (N,) each table position's segment,
+    doc_start: torch.Tensor  # (N,) its first chunk in that segment
+    doc_chunks: torch.Tensor  # (N,) and its chunk count (the gather on the device)
+    max_chunks: int  # the longest document in chunks
+
+
 @dataclass
 class MemoryBank:
     """A memory of encoded documents for one model. Build with `MemoryBank.build` or `MemoryBank.load`."""
@@ -74,7 +90,8 @@ class MemoryBank:
     # engine's `refine`; never saved)
     commit: int | None = None  # the store's commit this bank was loaded from / saved as (store.py)
     _rows: dict[int, DocumentRow] = field(default_factory=dict, repr=False)
-    _view: dict | None = field(default=None, repr=False)  # routing tensors on the device, rebuilt on change
+    _index: RoutingIndex | None = field(default=None, repr=False)  # built on first use after a change
+    _priors: tuple | None = field(default=None, repr=False)  # (the index they were laid out for, per-layer priors)
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -234,7 +251,7 @@ class MemoryBank:
             start += c
         self.segments.append(seg)
         self.next_id = max(self.next_id, max(seg.doc_ids, default=-1) + 1)
-        self._view = None
+        self._index = None
 
     def delete(self, ids: list[int]) -> None:
         """Tombstone documents: they are never routed to again (`compact` drops their data)."""
@@ -242,7 +259,7 @@ class MemoryBank:
             if i not in self._rows or i in self.deleted:
                 raise KeyError(f"no document {i} in the bank")
         self.deleted.update(ids)
-        self._view = None
+        self._index = None
 
     def compact(self) -> None:
         """Drop deleted documents' data: every segment with tombstones is rewritten without them (ids kept)."""
@@ -274,7 +291,7 @@ class MemoryBank:
             ))
         self.deleted = set()
         self.place(self.tier)  # rewritten segments come out of index_select unpinned / off the tier
-        self._view = None
+        self._index = None
 
     # ----------------------------------------------------------------------------------------- tiers
     def place(self, tier: str = "auto") -> MemoryBank:
@@ -296,7 +313,7 @@ class MemoryBank:
                     store[lay] = self._to_tier(t)
             seg.route_keys = seg.keys if shared else {lay: qmap(t, lambda x: x.to(dev))
                                                       for lay, t in seg.route_keys.items()}
-        self._view = None
+        self._index = None
         return self
 
     def _to_tier(self, t: Tensor) -> Tensor:
@@ -310,19 +327,19 @@ class MemoryBank:
         if priors is not None and set(priors["scores"]) != set(self.model.router_layers):
             raise ValueError("document priors are needed for every router layer")
         self.doc_priors = priors
-        self._view = None
+        self._index = None
 
     def prior_scores(self, layer: int) -> torch.Tensor | None:
         """(N,) the prior of every table position at `layer` (a document added after calibration gets the mean
-        prior), on the model's device and kept with the routing view; None without priors."""
+        prior), on the model's device and kept with the routing index; None without priors."""
         if self.doc_priors is None:
             return None
-        view = self.routing_view()
-        if "priors" not in view:
+        index = self.routing_index()
+        if self._priors is None or self._priors[0] is not index:
             at = {d: i for i, d in enumerate(self.doc_priors["ids"].tolist())}
-            view["priors"] = {"index": torch.tensor([at.get(d, -1) for d in view["ids"]], dtype=torch.long,
-                                                    device=self.model.device)}  # (N,) row in the priors, -1 none
-        cache = view["priors"]
+            self._priors = index, {"index": torch.tensor([at.get(d, -1) for d in index.ids], dtype=torch.long,
+                                                         device=self.model.device)}  # (N,) row in the priors, -1 none
+        cache = self._priors[1]
         if layer not in cache:
             scores = self.doc_priors["scores"][layer].to(self.model.device, torch.float32)  # (M,)
             fill = scores.mean() if len(scores) else scores.new_zeros(())
@@ -342,7 +359,7 @@ class MemoryBank:
             raise ValueError("key moments are needed for every router layer")
         self.key_moments = moments
         dev, dtype = self.model.device, self.model.dtype
-        self._view = None  # it holds the old routing keys
+        self._index = None  # it holds the old routing keys
         for seg in self.segments:
             if seg.route_keys is seg.keys:
                 seg.route_keys = dict(seg.keys)  # K̄ stays; the routing copy converts
@@ -352,7 +369,7 @@ class MemoryBank:
                     t = dense(t, dtype)  # from another quantized kind: through the model's dtype
                 seg.route_keys[lay] = t if kind == "model" else quantize(t, kind, False, self._moments(lay))
         self.key_dtype = kind
-        self._view = None
+        self._index = None
         return self
 
     def content_bytes(self) -> int:
@@ -418,10 +435,14 @@ class MemoryBank:
         r = self._rows[doc_id]
         return self.segments[r.segment].token_count[r.local]
 
-    def routing_view(self) -> dict:
-        """Routing tensors on the model's device: per router layer the routing keys of every segment, the
-        table position of every chunk's document (C,), the live mask (N,) and the table's ids (N,)."""
-        if self._view is None:
+    def changed(self) -> None:
+        """Note a change made to the bank's fields by hand (`deleted`, `fused_routing`): the routing index, and what
+        the engine keeps with it, is rebuilt on next use. The bank's own methods do this themselves."""
+        self._index = None
+
+    def routing_index(self) -> RoutingIndex:
+        """The bank's routing tensors on the model's device (built on first use after a change, never changed)."""
+        if self._index is None:
             dev = self.model.device
             ids = [d for s in self.segments for d in s.doc_ids]
             counts = torch.tensor([c for s in self.segments for c in s.chunk_count], dtype=torch.long)
@@ -430,37 +451,33 @@ class MemoryBank:
                                for s in self.segments]) if ids else counts  # (N,) first chunk in its segment
             seg = torch.repeat_interleave(torch.arange(len(self.segments)),
                                           torch.tensor([len(s.doc_ids) for s in self.segments], dtype=torch.long))
-            self._view = {
-                "route_keys": {lay: [qmap(s.route_keys[lay], lambda t: t.to(dev)) for s in self.segments]
-                               for lay in self.model.router_layers},
-                "chunk_doc": chunk_doc.to(dev),
-                "chunk_doc32": chunk_doc.to(dev, torch.int32),
-                "alive": torch.tensor([d not in self.deleted for d in ids], dtype=torch.bool, device=dev),
-                "ids": ids,
-                # per table position, for gathering on the device: segment, first chunk there, chunk count
-                "doc_seg": seg.to(dev), "doc_start": local.to(dev), "doc_chunks": counts.to(dev),
-                "max_chunks": int(counts.max()) if len(counts) else 0,
-            }
-        return self._view
+            self._index = RoutingIndex(
+                route_keys={lay: [qmap(s.route_keys[lay], lambda t: t.to(dev)) for s in self.segments]
+                            for lay in self.model.router_layers},
+                chunk_doc=chunk_doc.to(dev), chunk_doc32=chunk_doc.to(dev, torch.int32),
+                alive=torch.tensor([d not in self.deleted for d in ids], dtype=torch.bool, device=dev), ids=ids,
+                doc_seg=seg.to(dev), doc_start=local.to(dev), doc_chunks=counts.to(dev),
+                max_chunks=int(counts.max()) if len(counts) else 0)
+        return self._index
 
     def gather_top(self, layer: int, pos: torch.Tensor, ok: torch.Tensor):
         """K̄, V̄ (B, k * m, Hkv, D) in the model's dtype and their validity (B, k * m) for table positions `pos`
         (B, k) (`ok` (B, k) marks real picks), all on the device with no host round trip: each row's documents
         in table (bank) order, each padded to m = the bank's longest document in chunks. From the host tier on a
         GPU, the GPU reads the selected rows from pinned memory itself (`ops.gather_triton`, zero-copy)."""
-        view, dtype, dev = self.routing_view(), self.model.dtype, self.model.device
+        view, dtype, dev = self.routing_index(), self.model.dtype, self.model.device
         zero_copy = self.tier == "host" and dev.type == "cuda"
         if zero_copy:
             from ..ops.gather_triton import gather_rows  # Triton: imported only where used
-        N, m = len(view["ids"]), view["max_chunks"]
+        N, m = len(view.ids), view.max_chunks
         B, k = pos.shape
         order = torch.where(ok, pos, N).sort(1).values  # (B, k) table order, missing picks last
         ok = order < N
         doc = order.clamp(max=N - 1)
         span = torch.arange(m, device=pos.device)  # (m,)
-        rows = view["doc_start"][doc][..., None] + span  # (B, k, m) chunk index inside the document's segment
-        valid = ok[..., None] & (span < view["doc_chunks"][doc][..., None])  # (B, k, m)
-        seg = view["doc_seg"][doc][..., None]  # (B, k, 1)
+        rows = view.doc_start[doc][..., None] + span  # (B, k, m) chunk index inside the document's segment
+        valid = ok[..., None] & (span < view.doc_chunks[doc][..., None])  # (B, k, m)
+        seg = view.doc_seg[doc][..., None]  # (B, k, 1)
         out = []
         for store in ("keys", "values"):
             acc = None

@@ -285,12 +285,12 @@ class ShardedBank:
 
     @property
     def table_size(self) -> int:
-        """Table rows over all ranks (tombstones included until compaction), as `len(routing_view()['ids'])`."""
+        """Table rows over all ranks (tombstones included until compaction), as `len(routing_index().ids)`."""
         return len(self.owner)
 
     @property
     def max_chunks(self) -> int:
-        """The longest document of the table in chunks (tombstones included), as `routing_view()['max_chunks']`."""
+        """The longest document of the table in chunks (tombstones included), as `routing_index().max_chunks`."""
         return max(self.chunks.values(), default=0)
 
     def doc_ids(self) -> list[int]:

@@ -146,7 +146,7 @@ def group_features(model, tok, group: Group, similarity: str = "train", batch_si
             h.remove()
     bank.fused_routing = False  # the PyTorch scoring (the kernel's reference): no per-bank CUDA graphs to capture
     docs = {lay: torch.cat(p) for lay, p in parts.items()}
-    chunk_doc = bank.routing_view()["chunk_doc"]
+    chunk_doc = bank.routing_index().chunk_doc
     if any(d.shape[0] != chunk_doc.shape[0] for d in docs.values()):
         raise RuntimeError("router_fit: captured chunk means do not match the bank's chunks")
     proto = Protocol(tok)
