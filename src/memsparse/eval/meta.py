@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import platform
 import subprocess
+import zlib
 from pathlib import Path
 
 import torch
@@ -82,8 +84,25 @@ def load_model(path: str | None, device: str | None, dtype: str | None):
 
 
 def answers_file(path: str | None):
-    """`--answers FILE` opened for writing (its folder made), or a null context."""
+    """`--answers FILE` opened for writing text (its folder made; gzip-compressed if FILE ends in .gz, each flush
+    readable at once), or a null context."""
     if not path:
         return contextlib.nullcontext()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w")
+    return gzip.open(path, "wt") if str(path).endswith(".gz") else open(path, "w")
+
+
+def answer_lines(path: str | Path) -> list[dict]:
+    """The JSON lines of an answers file (plain or gzip, whatever its name), up to where a run cut short stopped."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip; a stream cut short decompresses as far as it goes
+        raw = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw)
+    lines = [line for line in raw.decode("utf-8", errors="replace").split("\n") if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # only the last line may be cut short
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import json
 import math
 import random
@@ -31,7 +30,7 @@ from ..memory import MemoryBank
 from ..model.tokenizer import TokenCounter
 from ..tasks import needles
 from ..tasks.niah import SUBTASKS, make_sample, string_match_all
-from .meta import answers_file, load_model, pyplot, run_meta, save_figure
+from .meta import answer_lines, answers_file, load_model, pyplot, run_meta, save_figure
 
 SETTING_KEYS = tuple(key_of(f) for f in setting_fields())  # what results record of RetrievalConfig (its labels)
 _ABSENT = RetrievalConfig.from_settings({}).flat()  # a key a result does not record: the value it ran with
@@ -430,10 +429,7 @@ def write_settings(points: list[dict], name: str, out: Path, meta_of=None) -> li
 def from_answers(files: list[str], out: Path) -> None:
     """Results files rebuilt from `eval niah --answers` files (plain or .gz) of one model: the points of runs cut
     short, several seeds pooled (`pool`), one file per setting, machine / date / commit as the lines record them."""
-    records = []
-    for f in files:
-        with (gzip.open if f.endswith(".gz") else open)(f, "rt") as fh:
-            records += [json.loads(line) for line in fh if line.strip()]
+    records = [r for f in files for r in answer_lines(f)]
     if not records:
         raise ValueError(f"--from-answers: no answers in {', '.join(files)}")
     models = {r.get("model") for r in records}
