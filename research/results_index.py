@@ -94,6 +94,7 @@ def index_rows() -> list[dict]:
             stem = path.relative_to(ROOT / folder).with_suffix("").as_posix()
             task = re.sub(r"-\d+$", "", path.stem)
             runs = d["runs"].items() if isinstance(d.get("runs"), dict) else [(None, d)]
+            runs = [*runs, *((c["label"], {"model": d.get("model"), **c}) for c in d.get("compared", []))]
             for key, run in runs:
                 rows.append({"run": stem if key is None else f"{stem}:{key}", "task": task,
                              "model": _model(run, d), "setting": _setting(run), **_header(run, d), "file": rel,

@@ -107,46 +107,58 @@ def test_eval_niah_command(tmp_path, monkeypatch, capsys):
     assert [x["sample"] for x in part] == [0, 2]
     assert all((x["question"], x["gold"]) == (full[x["sample"]]["question"], full[x["sample"]]["gold"]) for x in part)
     assert main(run + ["--sample-ids", "3"]) == 2  # beyond --samples
-    # --compare: other settings answered on the same samples, each its own file beside --out, as if run alone
+    # --compare: other settings answered on the same samples, in --out under "compared", as if run alone
     argv = ["eval", "niah", "--tokens", "400", "--samples", "3", "--subtasks", "niah_multikey_2", "--seed", "11",
             "--answers", str(answers)]
     assert main(argv + ["--out", str(out), "--compare", "refine=0;inject_k=1,refine_margin=1"]) == 0
-    files = {f: tmp_path / f"niah{f}.json" for f in ("", ".refine-0", ".inject_k-1_refine_margin-1.0")}
-    both = {f: json.loads(x.read_text())["points"] for f, x in files.items()}
-    both_model = json.loads(files[""].read_text())["model"]
+    files = ("", "refine-0", "inject_k-1_refine_margin-1.0")
+    assert not [p.name for p in tmp_path.glob("niah.*.json")]  # one file: no setting in a file name
+
+    def settings(path):
+        d = json.loads(path.read_text())
+        assert [c["label"] for c in d.get("compared", [])] == list(files[1:])
+        return {"": d["points"], **{c["label"]: c["points"] for c in d["compared"]}}
+
+    both = settings(out)
+    both_model = json.loads(out.read_text())["model"]
     assert [(p.get("refine"), p["inject_k"], p.get("refine_margin")) for f in files for p in both[f]] == \
         [(64, 4, 0.5), (None, 4, None), (64, 1, None)]
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
     assert [(x["sample"], x.get("refine"), x["inject_k"]) for x in lines[:3]] == [(0, 64, 4), (0, None, 4), (0, 64, 1)]
     assert len({x["question"] for x in lines[:3]}) == 1  # one sample, three settings
-    for f, extra in (("", []), (".refine-0", ["--refine", "0"]),
-                     (".inject_k-1_refine_margin-1.0", ["--inject-k", "1", "--refine-margin", "1"])):
+    for f, extra in (("", []), ("refine-0", ["--refine", "0"]),
+                     ("inject_k-1_refine_margin-1.0", ["--inject-k", "1", "--refine-margin", "1"])):
         alone = tmp_path / "alone.json"
         assert main(argv + ["--out", str(alone)] + extra) == 0
         stats = [[(p["accuracy"], p["routing_recall"], p["named_recall"]) for p in pts]
                  for pts in (json.loads(alone.read_text())["points"], both[f])]
         assert stats[0] == stats[1]
-    assert main(["eval", "niah", "--pool", f"{files['']},{files['.refine-0']}", "--out", str(pooled)]) == 2
+    seed12 = tmp_path / "seed12.json"
+    compare = ["--compare", "refine=0;inject_k=1,refine_margin=1"]
+    assert main(argv[:-4] + ["--seed", "12", "--out", str(seed12)] + compare) == 0
+    assert main(["eval", "niah", "--pool", f"{out},{seed12}", "--out", str(pooled)]) == 0  # each setting apart
+    twice = settings(pooled)
+    assert [[p["samples"] for p in twice[f]] for f in files] == [[2 * p["samples"] for p in both[f]] for f in files]
     # --from-answers: the same results rebuilt from the answer lines, also from a run cut short mid-sample
     keys = ("tokens", "subtask", "inject_k", "accuracy", "samples", "routing_recall", "named_recall")
     rebuilt = tmp_path / "rebuilt.json"
     assert main(argv + ["--out", str(out), "--compare", "refine=0;inject_k=1,refine_margin=1"]) == 0
     text = answers.read_text()
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
+    got = settings(rebuilt)
     for f in files:
-        got = json.loads((tmp_path / f"rebuilt{f}.json").read_text())
-        assert [[p[k] for k in keys] for p in got["points"]] == [[p[k] for k in keys] for p in both[f]]
-        assert got["commit"] and got["model"] == both_model
+        assert [[p[k] for k in keys] for p in got[f]] == [[p[k] for k in keys] for p in both[f]]
+    assert json.loads(rebuilt.read_text())["commit"] and json.loads(rebuilt.read_text())["model"] == both_model
     answers.write_text("".join(text.splitlines(keepends=True)[:-1]))  # the last sample's last setting missing
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
-    assert [p["samples"] for f in files for p in json.loads((tmp_path / f"rebuilt{f}.json").read_text())["points"]] \
-        == [2, 2, 2]
+    assert [p["samples"] for f in files for p in settings(rebuilt)[f]] == [2, 2, 2]
     lines = [json.loads(line) for line in text.splitlines()]  # each file: the commit of its own setting's lines
     answers.write_text("".join(json.dumps({**r, "commit": "c0ffee"} if "refine" not in r else r) + "\n"
                                for r in lines))
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 0
-    commits = {f: json.loads((tmp_path / f"rebuilt{f}.json").read_text())["commit"] for f in files}
-    assert commits[".refine-0"] == "c0ffee" and "c0ffee" not in commits[""], commits
+    d = json.loads(rebuilt.read_text())
+    commits = {"": d["commit"], **{c["label"]: c["commit"] for c in d["compared"]}}
+    assert commits["refine-0"] == "c0ffee" and "c0ffee" not in commits[""], commits
     answers.write_text(text.replace('"model": ', '"model": "x", "m": ', 1))
     assert main(["eval", "niah", "--from-answers", str(answers), "--out", str(rebuilt)]) == 2  # two models
     assert main(argv + ["--out", str(out), "--compare", "refine=0,k=2"]) == 2
@@ -180,7 +192,10 @@ def test_eval_multihop_command(tmp_path, monkeypatch):
 
     model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300)
     monkeypatch.setattr(cli, "_load_model", lambda *a: (model, tiny_tokenizer()))
-    monkeypatch.setattr(niah, "_words", lambda: niah._Words(["calm", "red", "odd"], ["cat", "sky", "sea"]))
+    from memsparse.eval import multihop
+
+    words = niah._Words(["calm", "red", "odd"], ["cat", "sky", "sea"])
+    monkeypatch.setattr(multihop, "_words", lambda: words)  # the name multihop draws its keys with
     rng = random.Random(0)
     monkeypatch.setattr(haystacks, "paul_graham_essays", lambda: " ".join(
         " ".join(rng.choice(["ant", "bee", "cow"]) for _ in range(8)).capitalize() + "." for _ in range(200)))

@@ -29,3 +29,22 @@ def test_the_index_says_where_it_was_built_and_which_cards_its_runs_used():
     assert index["gpu"] == "none (CPU)" and index["machine"].startswith("CPU")
     assert set(index["cards"]) == {r["card"] for r in index["runs"]} - {results_index.UNRECORDED}
     assert index["newest_run_date"] == max(r["date"] for r in index["runs"] if r["date"] != results_index.UNRECORDED)
+
+
+def test_compared_settings_are_rows_of_their_own(tmp_path, monkeypatch):
+    """`eval niah --compare` writes one file, the other settings under "compared": each is a row of the index."""
+    folder = tmp_path / "benchmarks/results"
+    folder.mkdir(parents=True)
+    (tmp_path / "research/results").mkdir(parents=True)
+    meta = {"gpu": "H100", "date": "2026-12-07", "commit": "abc1234"}
+
+    def point(refine):
+        return {"tokens": 32768, "subtask": "niah_single_1", "refine": refine, "accuracy": 50.0, "samples": 2}
+
+    (folder / "niah.json").write_text(json.dumps({"model": "m", **meta, "points": [point(64)],
+                                                  "compared": [{"label": "refine-0", **meta, "points": [point(0)]}]}))
+    monkeypatch.setattr(results_index, "ROOT", tmp_path)
+    monkeypatch.setattr(results_index, "INDEX", folder / "index.json")
+    rows = results_index.index_rows()
+    assert [(r["run"], r["model"], r["card"]) for r in rows] == [("niah", "m", "H100"), ("niah:refine-0", "m", "H100")]
+    assert "refine=64" in rows[0]["setting"] and "refine=0" in rows[1]["setting"]

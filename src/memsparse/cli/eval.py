@@ -150,8 +150,8 @@ def register(sub) -> None:
                         "pooled) into --out instead of measuring")
     v.add_argument("--compare", metavar="SETTINGS",
                    help="niah: also answer every sample with these settings, on the same banks ('refine=0;"
-                        "refine_margin=1,inject_k=8': ';' between settings, ',' between keys); each writes its "
-                        "results beside --out (niah.refine-0.json)")
+                        "refine_margin=1,inject_k=8': ';' between settings, ',' between keys); their results go "
+                        "into --out too, under \"compared\", each labelled by what it changes ('refine-0')")
     v.add_argument("--answers", metavar="FILE",
                    help="niah / qa: write every sample (question, expected and given answer, score, the gold and the "
                         "named or injected documents) to FILE as JSON lines")

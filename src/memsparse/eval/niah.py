@@ -97,7 +97,7 @@ def parse_settings(text: str) -> list[dict]:
 
 
 def setting_label(setting: dict, base: dict) -> str:
-    """File-name label of a setting: what differs from `base` ("refine-0", "inject_k-8"); a key of `base` the
+    """The label of a setting: what differs from `base` ("refine-0", "inject_k-8"); a key of `base` the
     setting lacks with its value in results that do not record it ("refine-0", "refine_fuse-False"; an option's
     sub-keys left out where the option itself is off)."""
     off = [f"{k}-{_ABSENT.get(k, _LEGACY.get(k))}" for k in base
@@ -257,19 +257,21 @@ def pool(points: list[dict]) -> list[dict]:
     return sorted(pooled, key=lambda p: (p["tokens"], SUBTASKS.index(p["subtask"])))
 
 
+def _averages(points: list[dict]) -> dict:
+    """{"averages", "stderrs"}: per memory size, the mean accuracy over its subtasks and its standard error."""
+    avg = {str(n): average([p for p in points if p["tokens"] == n]) for n in sorted({p["tokens"] for p in points})}
+    return {"averages": {n: a for n, (a, _) in avg.items()}, "stderrs": {n: e for n, (_, e) in avg.items()}}
+
+
 def write_results(points: list[dict], model_name: str, out: Path, meta: dict | None = None) -> None:
     """niah.json = {model, gpu, date, commit, data, split, averages, stderrs, points} and a plot beside it (when
     matplotlib is installed); averages: per memory size, the mean accuracy over its subtasks, stderrs their standard
     errors (`average`). `meta`: gpu / date / commit of where the points were measured (default: this run)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    sizes = sorted({p["tokens"] for p in points})
-    avg = {str(n): average([p for p in points if p["tokens"] == n]) for n in sizes}
     tags = {"data": ",".join(sorted({p.get("data", "ruler") for p in points})),
             "split": ",".join(sorted({p["split"] for p in points if p.get("split")})) or None}
-    out.write_text(json.dumps({"model": model_name, **(meta or run_meta()), **tags,
-                               "averages": {n: a for n, (a, _) in avg.items()},
-                               "stderrs": {n: e for n, (_, e) in avg.items()}, "points": points},
-                              indent=1) + "\n")
+    out.write_text(json.dumps({"model": model_name, **(meta or run_meta()), **tags, **_averages(points),
+                               "points": points}, indent=1) + "\n")
     plt = pyplot()
     if plt is None:
         print("matplotlib not installed: no plot")
@@ -361,7 +363,7 @@ def measure(run: NiahRun, load=load_model) -> None:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), base):<24} "
               f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['routing_recall']:>14} {p['named_recall']:>12}")
     print_averages(points)
-    print("wrote " + ", ".join(map(str, write_settings(points, name, out))))
+    print(f"wrote {write_settings(points, name, out)}")
 
 
 def print_averages(points: list[dict]) -> None:
@@ -408,22 +410,31 @@ def run_jobs(run: NiahRun) -> None:
     except RuntimeError as e:
         raise ValueError(f"{e}\nanswers so far: {work} (rebuild with --from-answers)") from e
     if run.answers:
-        Path(run.answers).parent.mkdir(parents=True, exist_ok=True)
-        with open(run.answers, "w") as f:
+        with answers_file(run.answers) as f:
             for a in answers:
                 f.write(a.read_text())
     from_answers([str(a) for a in answers], out)
     shutil.rmtree(work)
 
 
-def write_settings(points: list[dict], name: str, out: Path, meta_of=None) -> list[Path]:
-    """The first setting's points to `out`, each other setting's beside it (niah.refine-0.json); `meta_of(setting)`:
-    that file's machine / date / commit (default: this run's)."""
+def write_settings(points: list[dict], name: str, out: Path, meta_of=None) -> Path:
+    """One results file for every setting of the points: the first setting's results at its top level (as
+    `write_results`), each other's under "compared" with the label of what it changes ("refine-0", "inject_k-8");
+    `meta_of(setting)`: the machine / date / commit of that setting's points (default: this run's)."""
     sets = by_setting(points)
-    files = [out] + [out.with_name(f"{out.stem}.{setting_label(s, sets[0][0])}{out.suffix}") for s, _ in sets[1:]]
-    for f, (setting, pts) in zip(files, sets):
-        write_results(pts, name, f, meta_of(setting) if meta_of else None)
-    return files
+    meta = [meta_of(s) if meta_of else run_meta() for s, _ in sets]
+    write_results(sets[0][1], name, out, meta[0])
+    if len(sets) > 1:
+        d = json.loads(out.read_text())
+        d["compared"] = [{"label": setting_label(s, sets[0][0]), **m, **_averages(pts), "points": pts}
+                         for (s, pts), m in zip(sets[1:], meta[1:])]
+        out.write_text(json.dumps(d, indent=1) + "\n")
+    return out
+
+
+def settings_points(results: dict) -> list[dict]:
+    """Every point of a results file, its compared settings' too (each point records its own setting)."""
+    return results["points"] + [p for c in results.get("compared", []) for p in c["points"]]
 
 
 def from_answers(files: list[str], out: Path) -> None:
@@ -445,19 +456,23 @@ def from_answers(files: list[str], out: Path) -> None:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {setting_label(setting_of(p), setting_of(points[0])):<24} "
               f"{p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
     print_averages(points)
-    print("wrote " + ", ".join(map(str, write_settings(points, models.pop(), out, meta_of))))
+    print(f"wrote {write_settings(points, models.pop(), out, meta_of)}")
 
 
 def pool_files(files: list[str], out: Path) -> None:
-    """Pool `eval niah` result files of one model (runs with different seeds, machines or sizes) into one file."""
+    """Pool `eval niah` result files of one model and setting (runs with different seeds, machines or sizes) into
+    one file; their compared settings are pooled too, each apart."""
     runs = [json.loads(Path(f).read_text()) for f in files]
     models = {r["model"] for r in runs}
     if len(models) != 1:
         raise ValueError(f"--pool: results of one model only, got {sorted(models)}")
-    points = [{"commit": r["commit"], "date": r["date"], **p} for r in runs for p in r["points"]]
+    def points(key: str) -> list[dict]:
+        return [{"commit": r["commit"], "date": r["date"], **p} for r in runs
+                for p in (r["points"] if key == "points" else settings_points(r)[len(r["points"]):])]
+
     meta = {k: ",".join(sorted({r[k] for r in runs})) for k in ("gpu", "date", "commit")}
-    pooled = pool(points)
-    write_results(pooled, models.pop(), out, meta)
+    pooled = pool(points("points")) + [p for _, pts in by_setting(points("compared")) for p in pool(pts)]
+    write_settings(pooled, models.pop(), out, lambda _: meta)
     for p in pooled:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")
     print_averages(pooled)
