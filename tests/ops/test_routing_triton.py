@@ -239,7 +239,7 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
     """A routing graph replayed for a question shorter than the one before it (same padded length) routes as the
     ungraphed path does: the longer question's routing tokens left in the graph's static input do not count."""
     import memsparse as ms
-    from memsparse.engine.routing import _top_documents, kept, top_documents
+    from memsparse.engine.routing import kept, top_documents, top_documents_eager
 
     from ..conftest import tiny_model, tiny_tokenizer
 
@@ -254,7 +254,7 @@ def test_routing_graph_replay_of_a_shorter_question_ignores_the_longer_ones_toke
     for rq in (long, short):  # both pad to one 32-token graph: the second is a replay
         mask = torch.ones(rq.shape[:2], dtype=torch.bool, device=DEVICE)
         got = top_documents(bank, layer, rq, mask, True, 4).clone()
-        ref = _top_documents(bank, layer, rq, mask, True, 4)
+        ref = top_documents_eager(bank, layer, rq, mask, True, 4)
         assert torch.equal(got[1], ref[1]) and torch.allclose(got[0], ref[0], atol=TOL)
     assert len(kept(bank.routing_index(), "graphs")) == 1
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..memory.bank import MemoryBank
 from ..memory.parallel import ShardedBank
 from ..ops import has_triton
-from .routing import Routing, _top_documents, capturing, top_documents
+from .routing import Routing, capturing, top_documents, top_documents_eager
 
 _FAR = float(2**53)  # the global id of a padding candidate (sorts after every real id)
 
@@ -216,7 +216,7 @@ class ShardedMemory(BankMemory):
         shard = sb.shard
         n = len(shard.routing_index().ids) if shard.segments else 0
         if n:
-            top = _top_documents(shard, i, rq, self.route_mask, self.cosine, min(K, n))  # (2, B, k'), local positions
+            top = top_documents_eager(shard, i, rq, self.route_mask, self.cosine, min(K, n))  # (2, B, k'): local
             ids = torch.tensor(shard.routing_index().ids, dtype=torch.float64, device=rq.device)
             local[0, :, :top.shape[2]] = top[0]
             local[1, :, :top.shape[2]] = ids[top[1].long()]

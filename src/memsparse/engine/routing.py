@@ -105,7 +105,7 @@ def top_documents(bank: MemoryBank, layer: int, rq: torch.Tensor, rmask: torch.T
     With fused routing on a GPU the whole step runs as one CUDA graph per (layer, batch, routing length rounded
     up to 32), captured on first use and kept with the bank's routing index (so dropped when the bank changes)."""
     if not (rq.is_cuda and uses_fused(bank, rq)) or capturing(rq.device):
-        return _top_documents(bank, layer, rq, rmask, cosine, k)  # (inside a captured prefill: no nested graph)
+        return top_documents_eager(bank, layer, rq, rmask, cosine, k)  # (inside a captured prefill: no nested graph)
     B, S = rmask.shape
     key = (layer, B, _round_up(S, GRAPH_LENGTH), cosine, k, rq.dtype)
     graphs = kept(bank.routing_index(), "graphs")
@@ -141,7 +141,8 @@ def routing_round_seconds(memory: BankMemory) -> float | None:
     return start.elapsed_time(end) / 1e3
 
 
-def _top_documents(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
+def top_documents_eager(bank, layer, rq, rmask, cosine, k) -> torch.Tensor:
+    """`top_documents` computed now, without a CUDA graph (inside a captured prefill, over a shard of ranks)."""
     ds = _table_scores(bank, layer, rq, rmask, cosine)  # (B, N), deleted documents too
     alive = bank.routing_index().alive
     prior = bank.prior_scores(layer)  # documents that score high for every question lose that lead
@@ -166,11 +167,11 @@ class _RoutingGraph:
         stream = torch.cuda.Stream(rq.device)
         stream.wait_stream(torch.cuda.current_stream(rq.device))
         with torch.cuda.stream(stream):  # warm-up (Triton compiles and autotunes here, outside the capture)
-            _top_documents(bank, layer, self.rq, self.mask, cosine, k)
+            top_documents_eager(bank, layer, self.rq, self.mask, cosine, k)
         torch.cuda.current_stream(rq.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = _top_documents(bank, layer, self.rq, self.mask, cosine, k)
+            self.out = top_documents_eager(bank, layer, self.rq, self.mask, cosine, k)
 
 
 def capturing(device: torch.device) -> bool:
