@@ -26,7 +26,8 @@ from memsparse.engine.protocol import Protocol
 from memsparse.engine.routing import fused_top
 from memsparse.eval.meta import run_meta
 from memsparse.eval.niah import setting_of
-from memsparse.memory.bank import TEMPLATE_PREFIX, MemoryBank
+from memsparse.memory.bank import MemoryBank
+from memsparse.memory.encode import TEMPLATE_PREFIX
 from memsparse.model.load import load_model
 from memsparse.model.tokenizer import TokenCounter
 from memsparse.tasks.niah import make_sample

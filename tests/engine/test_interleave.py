@@ -191,7 +191,7 @@ def test_refined_routing(setup, monkeypatch, tmp_path):
     """refine: router injection re-ranks its fused shortlist with keys pooled over `refine_chunk` tokens. At the
     bank's own chunk size that is the bank's routing; finer keys pool to the bank's; the injected documents are the
     refined routing's fused top, the recorded routing the bank's."""
-    from memsparse.memory.bank import render_documents
+    from memsparse.memory.encode import render_documents
     from memsparse.ops.pooling import chunk_mean_pool_reference
 
     model, tok, bank = setup

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..memory.bank import MemoryBank, render_documents
+from ..memory.bank import MemoryBank
+from ..memory.encode import render_documents
 from .calibrate import PRIOR_SENTENCES
 from .config import RetrievalConfig
 from .generate import Sampling, generate

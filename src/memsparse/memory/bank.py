@@ -4,7 +4,7 @@ plus the template prefix's keys/values for every layer.
 Documents live in segments (one per `add`, or per saved shard); a document table maps each document id to its
 segment and chunk range. Ids are never reused: deleted documents are tombstoned and dropped by `compact()`.
 Tiers: routing keys sit on the model's device; K̄/V̄ on the device or in (pinned) host memory, from which only
-the selected documents are copied. Saving and loading: store.py.
+the selected documents are copied. Encoding: encode.py; saving and loading: store.py.
 """
 
 from __future__ import annotations
@@ -15,37 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..model import cached
 from ..model.decoder import MSAForCausalLM
-from ..ops.attention import shape_varying_attention
 from . import store as _store
+from .encode import TEMPLATE_PREFIX, encode_documents, prefix_cache, render_documents
 from .quant import DTYPES, STORAGE, QTensor, Tensor, dense, nbytes, qmap, quantize
 from .table import DocumentRow, Segment
 
-TEMPLATE_PREFIX = "<|im_start|>user\n"
 TIERS = ("auto", "device", "host")
-
-
-def render_document(tok, doc_id: int, text: str) -> list[int]:
-    """Token ids of `<|im_start|>[i]. {text}[i]<|im_end|>`; the text is always plain text: special-token
-    strings inside it are split into ordinary tokens, never read as control tokens."""
-    return render_documents(tok, [doc_id], [text])[0]
-
-
-def render_documents(tok, doc_ids: list[int], texts: list[str], batch: int = 1024) -> list[list[int]]:
-    """`render_document` for many documents, tokenized in batches (the fast tokenizer works in parallel)."""
-    for i, t in zip(doc_ids, texts):
-        if not isinstance(t, str):
-            raise TypeError(f"document {i}: expected str, got {type(t).__name__}")
-    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
-    out = []
-    for a in range(0, len(texts), batch):
-        bodies = tok([f"[{i}]. {t}[{i}]" for i, t in zip(doc_ids[a:a + batch], texts[a:a + batch])],
-                     add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        out += [[start, *b, end] for b in bodies]
-    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,33 +155,10 @@ class MemoryBank:
                 name = names[n] if names else self.next_id + n
                 raise ValueError(f"document {name} has {len(t)} tokens, over the model's {limit} positions; "
                                  "split it into smaller documents")
-        dev = self.model.device
-        # documents are packed many per forward; attention within a pack costs its length squared on a CPU
-        batch_tokens = batch_tokens or (65536 if dev.type == "cuda" else 8192)
         global_positions = self.model.msa_config.doc_positions == "global"
-        bar = tqdm(total=sum(map(len, tokens)), unit="tok", unit_scale=True, disable=not progress, desc="encoding")
-        parts: dict[int, list[tuple]] = {}  # router layer -> pooled (K̄, V̄, K̄r) per batch, concatenated once
-        i, done = 0, 0  # documents and tokens encoded so far
-        while i < len(tokens):
-            j, n = i, 0
-            while j < len(tokens) and (j == i or n + len(tokens[j]) <= batch_tokens):
-                n += len(tokens[j])
-                j += 1
-            flat = torch.tensor([t for doc in tokens[i:j] for t in doc], device=dev)[None]  # (1, n)
-            doc_ids = torch.cat([torch.full((len(d),), k + 1) for k, d in enumerate(tokens[i:j])]).to(dev)[None]
-            pos = None
-            if global_positions:  # the bank as one sequence after the template prefix
-                start = len(self.prefix_ids) + self.next_position + done
-                pos = torch.arange(start, start + n, device=dev)[None]  # (1, n)
-            with shape_varying_attention():
-                encoded = self.model.encode_documents(flat, doc_ids, pos, chunk_size=self.pool_size)
-            for layer, pooled in encoded.items():
-                # host tier: batches leave the device as they come; pinned once, after concatenation
-                parts.setdefault(layer, []).append(tuple(t.cpu() if self.tier == "host" else t for t in pooled))
-            bar.update(n)
-            i, done = j, done + n
-        bar.close()
-        cat = {layer: [torch.cat([p[n] for p in ps]) for n in range(3)] for layer, ps in parts.items()}
+        start = len(self.prefix_ids) + self.next_position if global_positions else None
+        cat = encode_documents(self.model, tokens, self.pool_size, batch_tokens, host=self.tier == "host",
+                               start=start, progress=progress)
         decoupled = self.model.msa_config.decouple_router
         ids = self.add_encoded({lay: c[0] for lay, c in cat.items()}, {lay: c[1] for lay, c in cat.items()},
                                 {lay: c[2] for lay, c in cat.items()} if decoupled else None,
@@ -549,15 +503,3 @@ def _ranges(spans: list[tuple[int, int]], device) -> torch.Tensor:
     if not spans:
         return torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat([torch.arange(a, a + n, device=device) for a, n in spans])
-
-
-@torch.no_grad()
-def prefix_cache(model: MSAForCausalLM, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values (p, Hkv, D) of the template prefix at positions 0..p-1, for every layer."""
-    dev = model.device
-    p = len(prefix_ids)
-    ids = torch.tensor([prefix_ids], device=dev)  # (1, p)
-    positions = torch.arange(p, device=dev)[None]  # (1, p)
-    _, kv = cached.prefill(model, ids, positions, torch.ones_like(ids, dtype=torch.bool), cached.no_memory,
-                           logits="none")
-    return [(lc.k[0, :p], lc.v[0, :p]) for lc in kv.layers]

@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .bank import TEMPLATE_PREFIX, MemoryBank, render_documents
+from .bank import MemoryBank
+from .encode import TEMPLATE_PREFIX, render_documents
 from .quant import QTensor, Tensor, dense, qmap
 from .store import (
     LOCK,

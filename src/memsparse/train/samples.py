@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.protocol import Protocol
-from ..memory.bank import TEMPLATE_PREFIX, render_document
+from ..memory.encode import TEMPLATE_PREFIX, render_document
 
 
 @dataclass
