@@ -167,8 +167,10 @@ def test_eval_niah_jobs(model_dir, tmp_path, capsys):
     code, out, err = _run(capsys, *argv, "--jobs", "2", "--out", two, "--answers", tmp_path / "two.jsonl")
     assert code == 0, err
     assert "2 (size, subtask) units over 2 workers (CPU)" in out
-    for a, b in ((one, two), (tmp_path / "one.inject_k-1.json", tmp_path / "two.inject_k-1.json")):
-        pa, pb = (json.loads(f.read_text())["points"] for f in (a, b))
+    runs = [json.loads(f.read_text()) for f in (one, two)]
+    assert [[c["label"] for c in r["compared"]] for r in runs] == [["inject_k-1"], ["inject_k-1"]]
+    for pa, pb in ((runs[0]["points"], runs[1]["points"]), (runs[0]["compared"][0]["points"],
+                                                            runs[1]["compared"][0]["points"])):
         assert [(p["tokens"], p["samples"]) for p in pb] == [(400, 2), (500, 2)]
         keys = ("tokens", "subtask", "accuracy", "routing_recall", "named_recall", "samples", "inject_k", "refine")
         assert [{k: p.get(k) for k in keys} for p in pa] == [{k: p.get(k) for k in keys} for p in pb]
