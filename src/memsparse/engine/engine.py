@@ -274,15 +274,14 @@ class MSAEngine:
                                 similarity=self.similarity, route_only=True)
             timings["route"] += res.memory.route_seconds
             timings["prefill"] += time.perf_counter() - t0
-            fine = self.config.refine
+            fine, fuse = self.config.refine, self.model.fuse_layers
             for row, routing in zip(rows, res.memory.routing):
                 row.routing.append(routing)  # the routing that picked the injected documents
                 done = {d for r in row.rounds for d in r}
-                votes = fusing(routing, self.model.fuse_layers)
+                votes = fusing(routing, fuse)
                 if fine.top and (fine.margin >= 1 or cut_drop(votes, fused_top(votes, k + 1, done), k) < fine.margin):
                     t0 = time.perf_counter()
-                    refined = fusing(self.refined(row.tokens, row.route, fused_top(votes, fine.top, done)),
-                                     self.model.fuse_layers)
+                    refined = fusing(self.refined(row.tokens, row.route, fused_top(votes, fine.top, done)), fuse)
                     votes = joint_routing(votes, refined) if fine.fuse else refined
                     timings["refine"] += time.perf_counter() - t0  # outside the prefill it is not part of
                 top = sorted(fused_top(votes, k, exclude=done))

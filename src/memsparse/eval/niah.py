@@ -263,7 +263,8 @@ def _averages(points: list[dict]) -> dict:
     return {"averages": {n: a for n, (a, _) in avg.items()}, "stderrs": {n: e for n, (_, e) in avg.items()}}
 
 
-def write_results(points: list[dict], model_name: str, out: Path, meta: dict | None = None) -> None:
+def write_results(points: list[dict], model_name: str, out: Path, meta: dict | None = None,
+                  compared: list[dict] | None = None) -> None:
     """niah.json = {model, gpu, date, commit, data, split, averages, stderrs, points} and a plot beside it (when
     matplotlib is installed); averages: per memory size, the mean accuracy over its subtasks, stderrs their standard
     errors (`average`). `meta`: gpu / date / commit of where the points were measured (default: this run)."""
@@ -271,7 +272,7 @@ def write_results(points: list[dict], model_name: str, out: Path, meta: dict | N
     tags = {"data": ",".join(sorted({p.get("data", "ruler") for p in points})),
             "split": ",".join(sorted({p["split"] for p in points if p.get("split")})) or None}
     out.write_text(json.dumps({"model": model_name, **(meta or run_meta()), **tags, **_averages(points),
-                               "points": points}, indent=1) + "\n")
+                               "points": points, **({"compared": compared} if compared else {})}, indent=1) + "\n")
     plt = pyplot()
     if plt is None:
         print("matplotlib not installed: no plot")
@@ -423,18 +424,10 @@ def write_settings(points: list[dict], name: str, out: Path, meta_of=None) -> Pa
     `meta_of(setting)`: the machine / date / commit of that setting's points (default: this run's)."""
     sets = by_setting(points)
     meta = [meta_of(s) if meta_of else run_meta() for s, _ in sets]
-    write_results(sets[0][1], name, out, meta[0])
-    if len(sets) > 1:
-        d = json.loads(out.read_text())
-        d["compared"] = [{"label": setting_label(s, sets[0][0]), **m, **_averages(pts), "points": pts}
-                         for (s, pts), m in zip(sets[1:], meta[1:])]
-        out.write_text(json.dumps(d, indent=1) + "\n")
+    compared = [{"label": setting_label(s, sets[0][0]), **m, **_averages(pts), "points": pts}
+                for (s, pts), m in zip(sets[1:], meta[1:])]
+    write_results(sets[0][1], name, out, meta[0], compared)
     return out
-
-
-def settings_points(results: dict) -> list[dict]:
-    """Every point of a results file, its compared settings' too (each point records its own setting)."""
-    return results["points"] + [p for c in results.get("compared", []) for p in c["points"]]
 
 
 def from_answers(files: list[str], out: Path) -> None:
@@ -466,12 +459,13 @@ def pool_files(files: list[str], out: Path) -> None:
     models = {r["model"] for r in runs}
     if len(models) != 1:
         raise ValueError(f"--pool: results of one model only, got {sorted(models)}")
-    def points(key: str) -> list[dict]:
-        return [{"commit": r["commit"], "date": r["date"], **p} for r in runs
-                for p in (r["points"] if key == "points" else settings_points(r)[len(r["points"]):])]
+    def stamped(r: dict, points: list[dict]) -> list[dict]:
+        return [{"commit": r["commit"], "date": r["date"], **p} for p in points]
 
     meta = {k: ",".join(sorted({r[k] for r in runs})) for k in ("gpu", "date", "commit")}
-    pooled = pool(points("points")) + [p for _, pts in by_setting(points("compared")) for p in pool(pts)]
+    main = [p for r in runs for p in stamped(r, r["points"])]
+    compared = [p for r in runs for c in r.get("compared", []) for p in stamped(r, c["points"])]
+    pooled = pool(main) + [p for _, pts in by_setting(compared) for p in pool(pts)]
     write_settings(pooled, models.pop(), out, lambda _: meta)
     for p in pooled:
         print(f"{p['tokens']:>8} {p['subtask']:<16} {p['accuracy']:>7} ± {p['stderr']:<4} {p['samples']:>4} samples")

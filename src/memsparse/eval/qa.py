@@ -302,7 +302,8 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
                                   documents=docs, progress=name if progress else None)
             shares = gold_shares(asked, data)  # gold_routed only where the router picked the passages
             if docs is None:
-                extra = {**gold_rank_rates([fused_top(fusing(a.routing, model.fuse_layers), 4) for a in asked], gold),
+                fuse = model.fuse_layers
+                extra = {**gold_rank_rates([fused_top(fusing(a.routing, fuse), 4) for a in asked], gold),
                          **shares}
             else:
                 extra = {**minilm, "gold_injected": shares["gold_injected"]}

@@ -249,10 +249,11 @@ class MSAConfig:
         """The `msa_config` JSON as the official layout stores it."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d["router_layer_idx"] = ",".join(str(i) for i in self.router_layers(num_layers))
-        for name in ("doc_top_k", "fuse_layer_idx"):
-            if d[name] is None:
-                del d[name]
-        if self.fuse_layer_idx is not None:
+        if d["doc_top_k"] is None:
+            del d["doc_top_k"]
+        if self.fuse_layer_idx is None:
+            del d["fuse_layer_idx"]
+        else:
             d["fuse_layer_idx"] = ",".join(str(i) for i in self.fuse_layers(num_layers))
         d.update(self.extra)
         return d

@@ -220,11 +220,11 @@ class MSAForCausalLM(nn.Module):
         self._inv_freq_dev: torch.Tensor | None = None
         self.gradient_checkpointing = False
 
-
     @property
     def fuse_layers(self) -> list[int]:
         """The router layers whose lists the engine fuses to choose documents (msa_config.fuse_layer_idx)."""
         return self.msa_config.fuse_layers(self.config.num_hidden_layers)
+
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (..., D) for integer positions."""
         if self._inv_freq_dev is None or self._inv_freq_dev.device != positions.device:
