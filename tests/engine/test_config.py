@@ -25,10 +25,11 @@ def test_shipped_defaults():
 
 
 def test_cli_defaults_are_the_config():
-    """ask, serve and eval take their retrieval flags' defaults from RetrievalConfig (eval's --router-rounds is
-    multihop's list of counts)."""
+    """ask, serve and eval take their retrieval flags' defaults from RetrievalConfig (eval multihop's --router-rounds
+    is its list of counts)."""
     flat = config.defaults()
-    for argv, skip in ((["ask", "b", "q"], ()), (["serve", "b"], ()), (["eval", "niah"], ("router_rounds",))):
+    for argv, skip in ((["ask", "b", "q"], ()), (["serve", "b"], ()), (["eval", "niah"], ()), (["eval", "qa"], ()),
+                       (["eval", "multihop"], ("router_rounds",))):
         args = _parse(*argv)
         assert {k: getattr(args, k) for k in flat if k not in skip} == {k: v for k, v in flat.items() if k not in skip}
         assert _config(args) == RetrievalConfig()

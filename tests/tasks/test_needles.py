@@ -122,8 +122,9 @@ def test_eval_niah_heldout_command(tmp_path, monkeypatch, capsys) -> None:
                if x["subtask"] == "niah_multikey_3")
     assert main(argv[:5] + ["--seed", "1000000"] + argv[7:]) == 2
     assert "must be in [0, 1000000)" in capsys.readouterr().err
-    assert main(["eval", "multihop", "--heldout"]) == 2
-    assert "for eval niah only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "multihop", "--heldout"])
+    assert e.value.code == 2 and "eval multihop: error: unrecognized arguments: --heldout" in capsys.readouterr().err
 
     ruler = tmp_path / "ruler.json"
     res["points"] = [{**p, "data": "ruler", "seed": 9} for p in res["points"]]

@@ -36,6 +36,8 @@ _EXAMPLES = """
   memsparse eval niah --tokens 1048576 --jobs 8                     # 8 worker processes over the visible GPUs
   memsparse eval niah --heldout --split test --tokens 131072        # unseen haystack and wording, test seeds
   memsparse eval qa --split test --systems memsparse,rag1,rag1-msa,rag4,full   # the Debian FAQs, test split
+  memsparse eval scale --tokens 1048576,10485760,104857600 --bank-cache /tmp/distr --fp8-at 104857600
+  memsparse eval multihop --model runs/x/delta --tokens 16384 --router-rounds 1,2   # two-hop chains
   memsparse bench serve --tokens 104857600                          # an H100: batch 1 vs 8, 1 vs 8 clients at 100M
   memsparse bench serve --tiny --tokens 65536 --out /tmp/serve.json # a CPU smoke test (timings mean nothing)
   memsparse convert ~/models/Qwen3-4B ./msa-qwen3-4b --router-layers upper --top-k 16 --chunk-size 64
@@ -56,16 +58,18 @@ def results_path(out: str | None, name: str) -> Path:
 
 
 def examples(command: str) -> str | None:
-    """A subcommand's help epilog: its own lines of EXAMPLES (the curl line goes with serve), or None."""
-    own = [line for n, line in enumerate(_EXAMPLES) if _command_of(line) == command
-           or (command == "serve" and line.startswith("  curl") and _command_of(_EXAMPLES[n - 1]) == "serve")]
+    """A (sub)command's help epilog ('eval', 'eval niah'): its own lines of EXAMPLES (the curl line goes with serve),
+    or None."""
+    own = [line for n, line in enumerate(_EXAMPLES) if _runs(line, command)
+           or (command == "serve" and line.startswith("  curl") and _runs(_EXAMPLES[n - 1], "serve"))]
     return "examples:\n" + "\n".join(own) + "\n" if own else None
 
 
-def _command_of(line: str) -> str:
-    """The command an example runs ('memsparse CMD ...', 'torchrun ... -m memsparse.cli CMD ...')."""
-    words = line.split()
-    return words[words.index("memsparse.cli") + 1] if "memsparse.cli" in words else words[1]
+def _runs(line: str, command: str) -> bool:
+    """Whether an example runs `command` ('memsparse CMD ...', 'torchrun ... -m memsparse.cli CMD ...')."""
+    words, cmd = line.split(), command.split()
+    start = words.index("memsparse.cli") + 1 if "memsparse.cli" in words else 1
+    return words[start:start + len(cmd)] == cmd
 
 
 def version() -> str:
