@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 from memsparse.eval.meta import answer_lines
 from memsparse.eval.niah import setting_of
+from memsparse.eval.qa import mean_se
 
 
 def key(r: dict) -> tuple:
@@ -26,27 +26,21 @@ def group(r: dict) -> str:
     return f"{r['tokens'] // 1024}K {r['subtask']}" if "subtask" in r else r["system"]
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    var = sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)
-    return m, math.sqrt(var / len(xs))
-
-
 def compare(a: list[dict], b: list[dict], metric: str) -> dict:
     """Per group and overall: n, A's and B's mean score (in %), B - A and its standard error over the pairs."""
     left = {key(r): r for r in a}
     pairs: dict[str, list[tuple[float, float]]] = {}
     for r in b:
         if key(r) in left:
-            pairs.setdefault(group(r), []).append((100 * left[key(r)][metric], 100 * r[metric]))
+            pairs.setdefault(group(r), []).append((left[key(r)][metric], r[metric]))
     if not pairs:
         raise ValueError("no sample is in both files")
     pairs["all"] = [p for ps in pairs.values() for p in ps]
     out = {}
     for g, ps in pairs.items():
         gain, se = mean_se([y - x for x, y in ps])
-        out[g] = {"n": len(ps), "a": round(sum(x for x, _ in ps) / len(ps), 2),
-                  "b": round(sum(y for _, y in ps) / len(ps), 2), "gain": round(gain, 2), "gain_se": round(se, 2)}
+        out[g] = {"n": len(ps), "a": mean_se([x for x, _ in ps])[0], "b": mean_se([y for _, y in ps])[0],
+                  "gain": gain, "gain_se": se}
     return out
 
 

@@ -115,10 +115,14 @@ def _split_arg(p: argparse.ArgumentParser, default: str | None, help: str) -> No
                    help=f"choose settings on dev, report on test: {help}")
 
 
-def _answers_arg(p: argparse.ArgumentParser) -> None:
+def _answering_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The flags of a task that answers through the engine (niah, qa): --answers, retrieval, priors, --out, model."""
     p.add_argument("--answers", metavar="FILE",
                    help="write every sample (question, expected and given answer, score, the gold and the named or "
                         "injected documents) to FILE as JSON lines (.gz: gzip)")
+    _config_args(p)
+    _priors_arg(p)
+    _common_args(p, name)
 
 
 class _TaskParser(argparse.ArgumentParser):
@@ -173,10 +177,7 @@ def register(sub) -> None:
     n.add_argument("--from-answers", metavar="FILES",
                    help="rebuild results from --answers files (comma list, .gz too; runs cut short, seeds pooled) "
                         "into --out instead of measuring")
-    _answers_arg(n)
-    _config_args(n)
-    _priors_arg(n)
-    _common_args(n, "niah.json")
+    _answering_args(n, "niah.json")
 
     q = task("qa", "open-memory QA over the Debian documentation FAQs against RAG baselines and 8K context", _qa_run)
     _split_arg(q, "test", "the questions' split (default: %(default)s)")
@@ -184,10 +185,7 @@ def register(sub) -> None:
     q.add_argument("--systems", default="memsparse,rag1-msa,rag1,rag4,full",
                    help="memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), ragK-msa (the same K passages "
                         "injected into the MSA model), full (8K context) (default: %(default)s)")
-    _answers_arg(q)
-    _config_args(q)
-    _priors_arg(q)
-    _common_args(q, "qa_{split}.json")
+    _answering_args(q, "qa_{split}.json")
 
     s = task("scale", "NIAH and the FAQ QA with 1M-100M tokens of distractors in one shared bank", _scale_run)
     _tokens_arg(s)
