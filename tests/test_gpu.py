@@ -157,6 +157,36 @@ def test_generate_on_cuda_stops_rows_where_asked():
     assert generate(bank, rows, masks, 6, lambda b, ids: None).tokens == full.tokens
 
 
+def test_continuous_batching_on_cuda_decodes_as_alone():
+    """generate_continuous on a GPU (graphed first prefill, each step enqueued ahead, the cache regrown and its
+    decode graph captured again as rows join): every row's tokens are those it decodes alone with `generate`."""
+    import memsparse as ms
+    from memsparse.engine.generate import Entry, generate, generate_continuous
+
+    from .conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen3", msa={"pooling_kernel_size": 4, "top_k_docs": 2}, vocab_size=300).cuda()
+    bank = ms.MemoryBank.build(model, tok, ["Paris is in France.", "Ottawa is in Canada.", "Bananas.", "Tea."])
+    rows = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [30, 31, 32, 33], [40, 41]]
+    masks = [[True] * (len(r) - 1) + [False] for r in rows]
+    budgets, joins_at = [5, 9, 12, 3], [0, 2, 2, 6]
+    alone = [generate(bank, [r], [m], n, lambda b, ids: None).tokens[0] for r, m, n in zip(rows, masks, budgets)]
+    got, calls = {}, [0]
+
+    def admit(n):
+        calls[0] += 1
+        ready = [i for i in range(4) if joins_at[i] == calls[0] - 1 or (joins_at[i] < calls[0] - 1 and i not in got
+                                                                         and i not in taken)][:n]
+        taken.update(ready)
+        return [Entry(rows[i], masks[i], budgets[i], lambda ids: None,
+                      lambda ids, ev, routing, t, i=i: got.__setitem__(i, ids)) for i in ready]
+
+    taken = set()
+    generate_continuous(bank, admit, slots=4)
+    assert [got[i] for i in range(4)] == alone
+
+
 def test_document_priors_on_cuda_match_cpu():
     """Document priors computed on the GPU (fused routing kernel) equal the CPU's, and the routing of questions
     asked there (routing graphs, graphed prefill) subtracts them as on the CPU, in float32. k covers the bank, so

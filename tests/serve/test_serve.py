@@ -593,6 +593,46 @@ def test_a_client_that_leaves_a_batch_does_not_hurt_the_others(engine, monkeypat
     assert app.state.queue.batches == 1
 
 
+def test_a_request_joins_a_running_batch_and_leaves_before_it(engine, monkeypatch):
+    """Continuous batching: a short request that arrives while a long one decodes joins its batch at the next step
+    (one engine run, two joins) and is answered before the long one ends; both get what they get alone."""
+    long_q, short_q = QUESTIONS[0], QUESTIONS[2]
+    want = [engine.ask(long_q, max_new_tokens=24, interleave=False),
+            engine.ask(short_q, max_new_tokens=3, interleave=False)]
+    real, order, runs = engine._event, [], []
+    arrived, loop = asyncio.Event(), []
+    app = create_app(engine, _settings(batch_window_ms=0))
+
+    def event(row, ids, *rest):
+        order.append((row.question, len(ids)))
+        if row.question == long_q and len(ids) == 3:
+            loop[0].call_soon_threadsafe(arrived.set)
+            _until(lambda: app.state.queue.waiting, "the short request to wait in the queue")
+        return real(row, ids, *rest)
+
+    monkeypatch.setattr(engine, "_event", event)
+    real_run = engine.ask_continuous
+    monkeypatch.setattr(engine, "ask_continuous", lambda *a, **kw: runs.append(1) or real_run(*a, **kw))
+    headers = {**AUTH, "content-type": "application/json"}
+
+    def body(q, n):
+        return (json.dumps({"model": "memsparse", "prompt": q, "max_tokens": n, "interleave": "off"}).encode(),)
+
+    async def scenario():
+        loop.append(asyncio.get_running_loop())
+        first = asyncio.ensure_future(_asgi(app, "POST", "/v1/completions", headers, body(long_q, 24)))
+        await arrived.wait()
+        second = await _asgi(app, "POST", "/v1/completions", headers, body(short_q, 3))
+        return await first, second
+
+    (s1, a1), (s2, a2) = asyncio.run(scenario())
+    assert (s1, s2) == (200, 200)
+    assert [json.loads(a)["choices"][0]["text"] for a in (a1, a2)] == [w.text for w in want]
+    assert runs == [1] and app.state.queue.batches == 2
+    last_short = max(i for i, (q, _) in enumerate(order) if q == short_q)
+    assert order[last_short + 1:] and all(q == long_q for q, _ in order[last_short + 1:])  # the long one went on
+
+
 @pytest.mark.parametrize("bad,message", [({"max_batch": 0}, "--max-batch 0: expected at least 1"),
                                          ({"batch_window_ms": -1.0}, "--batch-window-ms -1: expected 0 to 1000"),
                                          ({"batch_window_ms": float("nan")}, "--batch-window-ms nan")])

@@ -15,7 +15,7 @@ from ..memory.bank import MemoryBank
 from ..memory.encode import render_documents
 from .calibrate import PRIOR_SENTENCES
 from .config import RetrievalConfig
-from .generate import Sampling, generate
+from .generate import Entry, Sampling, generate, generate_continuous
 from .prefill import prefill_batch
 from .protocol import ANSWER_MARKER, END_OF_RETRIEVE, ROUND_END, Protocol
 from .routing import Routing, cut_drop, fused_top, fusing, joint_routing
@@ -59,6 +59,18 @@ class Answer:
         d["routing"] = {str(k): v for k, v in self.routing.items()}
         d["round_routing"] = [{str(k): v for k, v in r.items()} for r in self.round_routing]
         return d
+
+
+@dataclass
+class Query:
+    """A question for `MSAEngine.ask_continuous`: `done(answer)` receives its answer, `on_text(text)` (optional)
+    each new piece of its answer text as it is decoded; a set `cancel` ends it at its next token."""
+
+    question: str
+    done: Callable[[Answer], None]
+    budget: int = 256  # max_new_tokens
+    cancel: threading.Event | None = None
+    on_text: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -198,10 +210,7 @@ class MSAEngine:
         the others go on. `max_new_tokens`: for every question, or a list, one per question. `on_text(i, text)`:
         called from the decode loop with each new piece of question i's answer text as it is decoded (the pieces
         join to its `Answer.text`, save in the rare answer that writes the answer marker after other text)."""
-        mode = {True: "model", False: "off"}.get(interleave, interleave) if isinstance(interleave, bool) else interleave
-        c = self.config.replace(**{k: v for k, v in (("interleave", mode), ("inject_k", inject_k),
-                                                     ("router_rounds", router_rounds), ("max_rounds", max_rounds))
-                                   if v is not None})
+        c = self._call_config(interleave, inject_k, router_rounds, max_rounds)
         if documents is not None:
             if c.interleave != "router" or len(documents) != len(questions):
                 raise ValueError("documents: one list per question, with interleave='router'")
@@ -212,9 +221,6 @@ class MSAEngine:
         cancels = cancel if isinstance(cancel, list) else [None] * len(questions)
         if len(budgets) != len(questions) or len(cancels) != len(questions):
             raise ValueError("max_new_tokens and cancel: one per question when given as lists")
-        if c.interleave != "off" and self.round_end is None:
-            raise ValueError(f"Memory Interleave needs the {ROUND_END} token, which this tokenizer lacks; "
-                             "pass interleave='off'")
         sampling = Sampling(temperature, top_p, seed)
         out = []
         with tqdm(total=len(questions), desc=progress, unit="question", disable=progress is None) as bar:
@@ -227,14 +233,77 @@ class MSAEngine:
                 bar.update(len(questions[i:i + batch_size]))
         return out
 
-    def _answer(self, questions, budgets, c: RetrievalConfig, sampling, stop_strings, documents=None, cancel=None,
-                on_text=None) -> list[Answer]:
+    def ask_continuous(self, admit: Callable[[int], list[Query]], slots: int = 16, interleave: bool | str | None = None,
+                       temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
+                       inject_k: int | None = None, router_rounds: int | None = None) -> int:
+        """Continuous batching: answer the questions that `admit(n)` hands over (up to n `Query`s at a time; [] when
+        none waits), each joining the running decode batch (up to `slots` questions) at its next step and leaving
+        it when its answer ends, which goes to its `done`. In router mode each group that joins is routed and its
+        documents injected first (one routing pass). Greedy answers are those of `ask_batch`. Answers in one
+        round: `interleave` 'router' or 'off' (Memory Interleave as published, 'model', needs `ask_batch`); no
+        seed. Returns when no question is left and `admit` gives none; returns the number of groups that joined."""
+        c = self._call_config(interleave, inject_k, router_rounds, None)
+        if c.interleave == "model":
+            raise ValueError("continuous batching answers in one round: interleave 'router' or 'off'")
+        sampling, stop_strings = Sampling(temperature, top_p), stop or []
+
+        def entries(n: int) -> list[Entry]:
+            queries = admit(n)
+            if not queries:
+                return []
+            rows = self._rows([q.question for q in queries], [q.budget for q in queries], c,
+                              [q.cancel for q in queries])
+            timings = {"route": 0.0, "prefill": 0.0, "refine": 0.0}
+            if c.interleave == "router":
+                self._router_injection(rows, c.inject_k, c.router_rounds, timings)
+            return [self._entry(row, q, timings, stop_strings) for row, q in zip(rows, queries)]
+
+        return generate_continuous(self.bank, entries, slots, sampling, self.similarity)
+
+    def _entry(self, row: _Row, query: Query, timings: dict, stop_strings: list[str]) -> Entry:
+        """`row` (answering) as a row of a continuous batch: `query` gets its text as decoded and its answer."""
+        on_text = query.on_text and (lambda i, text: query.on_text(text))
+
+        def stop(ids: list[int]) -> str | None:
+            if row.cancel is not None and row.cancel.is_set():
+                return "cancelled"
+            ended = self._event(row, ids, stop_strings, row.budget)
+            if on_text is not None:
+                self._stream(row, ids, ended is not None, on_text)
+            return ended
+
+        def done(ids: list[int], event: str, routing: Routing, times: dict) -> None:
+            row.routing.append(routing)
+            self._advance(row, ids, event, 1)
+            total = {k: timings.get(k, 0.0) + times.get(k, 0.0) for k in {*timings, *times}}
+            query.done(self._result(row, total))
+
+        return Entry(row.tokens, row.route, row.budget, stop, done)
+
+    def _call_config(self, interleave, inject_k, router_rounds, max_rounds) -> RetrievalConfig:
+        """The engine's config with one call's settings over it (None: the engine's)."""
+        mode = {True: "model", False: "off"}.get(interleave, interleave) if isinstance(interleave, bool) else interleave
+        c = self.config.replace(**{k: v for k, v in (("interleave", mode), ("inject_k", inject_k),
+                                                     ("router_rounds", router_rounds), ("max_rounds", max_rounds))
+                                   if v is not None})
+        if c.interleave != "off" and self.round_end is None:
+            raise ValueError(f"Memory Interleave needs the {ROUND_END} token, which this tokenizer lacks; "
+                             "pass interleave='off'")
+        return c
+
+    def _rows(self, questions: list[str], budgets: list[int], c: RetrievalConfig, cancels: list) -> list[_Row]:
         rows = []
-        for n, (q, budget) in enumerate(zip(questions, budgets)):
+        for n, (q, budget, cancel) in enumerate(zip(questions, budgets, cancels)):
             ids, mask = self.encode_question(q)
             rows.append(_Row(q, ids, mask, block=mask.index(False), start=len(ids),
                              phase="retrieve" if c.interleave == "model" else "answer", index=n, budget=budget,
-                             cancel=None if isinstance(cancel, threading.Event) else cancel[n]))
+                             cancel=cancel))
+        return rows
+
+    def _answer(self, questions, budgets, c: RetrievalConfig, sampling, stop_strings, documents=None, cancel=None,
+                on_text=None) -> list[Answer]:
+        rows = self._rows(questions, budgets, c,
+                          [None] * len(questions) if isinstance(cancel, threading.Event) else cancel)
         timings = {"route": 0.0, "gather": 0.0, "prefill": 0.0, "refine": 0.0, "decode": 0.0, "decode_tokens": 0}
         if c.interleave == "router":
             self._router_injection(rows, c.inject_k, c.router_rounds, timings, documents)

@@ -50,6 +50,23 @@ class Generation:
     timings: dict[str, float]
 
 
+def _stepper(bank: MemoryBank, cache: cached.KVCache, cuda_graph: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decode step of `cache`: a CUDA graph on a GPU (unless `cuda_graph=False`), else `cached.decode`."""
+    if cuda_graph and bank.model.device.type == "cuda":
+        return cached.GraphedDecode(bank.model, cache)
+    return lambda ids: cached.decode(bank.model, ids, cache)
+
+
+def _prefilled(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], similarity: str,
+               top_k: int | None, extra: int, cuda_graph: bool):
+    """Prefill `rows` with room for `extra` generated tokens, and the decode step of their cache (the graphed
+    prefill where it serves the rows)."""
+    if cuda_graph and bank.model.device.type == "cuda" and graphable(bank, rows):
+        return graphed_prefill(bank, rows, route_masks, similarity, top_k, extra=extra)
+    res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=extra)
+    return res, _stepper(bank, res.cache, cuda_graph)
+
+
 @torch.no_grad()
 def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[bool]], max_new_tokens: int,
              stop: Callable[[int, list[int]], str | None], sampling: Sampling | None = None,
@@ -66,13 +83,7 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
     if sampling.seed is not None:
         gen = torch.Generator(device=dev).manual_seed(sampling.seed)
     t0 = time.perf_counter()
-    graphed = cuda_graph and dev.type == "cuda"
-    if graphed and graphable(bank, rows):
-        res, step = graphed_prefill(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
-    else:
-        res = prefill_batch(bank, rows, route_masks, similarity, top_k, extra=max_new_tokens)
-        step = (cached.GraphedDecode(bank.model, res.cache) if graphed
-                else lambda ids: cached.decode(bank.model, ids, res.cache))
+    res, step = _prefilled(bank, rows, route_masks, similarity, top_k, max_new_tokens, cuda_graph)
     sync(dev)
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in rows]
@@ -116,3 +127,105 @@ def generate(bank: MemoryBank, rows: list[list[int]], route_masks: list[list[boo
         timings={"route": res.memory.route_seconds, "gather": res.memory.gather_seconds, "prefill": t1 - t0,
                  "decode": t2 - t1, "decode_first": first, "decode_tokens": steps},
     )
+
+
+@dataclass
+class Entry:
+    """A row that joins a continuous batch (`generate_continuous`): its active tokens, routing mask and token
+    budget; `stop(ids)` says why it ends after generating `ids` (None: go on); `done(ids, event, routing, timings)`
+    receives it when it ends (event as `Generation.events`; timings: its join's route / prefill seconds, its decode
+    seconds and tokens)."""
+
+    tokens: list[int]
+    route: list[bool]
+    budget: int
+    stop: Callable[[list[int]], str | None]
+    done: Callable[[list[int], str, Routing, dict], None]
+
+
+@torch.no_grad()
+def generate_continuous(bank: MemoryBank, admit: Callable[[int], list[Entry]], slots: int,
+                        sampling: Sampling | None = None, similarity: str = "train", top_k: int | None = None,
+                        cuda_graph: bool = True, room: int = 256) -> int:
+    """Continuous batching: decode a batch that rows join and leave between steps. Before every step `admit(n)`
+    hands over up to n new rows (n: the batch's free rows, up to `slots` rows in all); they are prefilled
+    together and placed in free rows of the running cache (`cached.place`), which grows (`cached.regrow`, `room`
+    columns to spare) when they need more rows, earlier columns or later ones; a row that ends leaves at once and
+    its `done` is called. Rows decode exactly as in `generate` (greedy answers are the same whoever shares the
+    batch). Returns when no row is left and `admit` gives none; returns the number of joins (prefills).
+    `sampling` must not be seeded (one random stream serves every row that comes)."""
+    sampling = sampling or Sampling()
+    if sampling.seed is not None:
+        raise ValueError("continuous batching takes no seed: every row shares the batch's random stream")
+    dev = bank.model.device
+    ahead = dev.type == "cuda"  # as in `generate`: the next step is enqueued before the host sees this token
+    cache = step = logits = None
+    rows: list[dict | None] = []  # per cache row: its entry, generated ids, join time and timings; None = free
+    joins = 0
+
+    def join(entries: list[Entry]) -> None:
+        nonlocal cache, step, logits, joins
+        t0 = time.perf_counter()
+        need = max(e.budget for e in entries) + 1  # (+1: the step enqueued ahead of the last token)
+        if cache is None:
+            res, step = _prefilled(bank, [e.tokens for e in entries], [e.route for e in entries], similarity, top_k,
+                                   need, cuda_graph)
+            cache, logits, slot_ids = res.cache, res.logits, list(range(len(entries)))
+            rows.extend([None] * len(entries))
+        else:
+            res = prefill_batch(bank, [e.tokens for e in entries], [e.route for e in entries], similarity, top_k)
+            free = [b for b, r in enumerate(rows) if r is None]
+            more = max(0, len(entries) - len(free))
+            left = cached.shortfall(cache, res.cache)
+            right = max(0, cache.length + need - cache.capacity)
+            if more or any(left) or right:
+                batch = len(rows) + (max(more, slots - len(rows)) if more else 0)
+                cache = cached.regrow(cache, batch, [n + room if n else 0 for n in left], right + room if right else 0)
+                step = _stepper(bank, cache, cuda_graph)
+                rows.extend([None] * (batch - len(rows)))
+                logits = torch.cat([logits, logits.new_zeros(batch - logits.shape[0], logits.shape[1])])
+                free = [b for b, r in enumerate(rows) if r is None]
+            slot_ids = free[:len(entries)]
+            for j, b in enumerate(slot_ids):
+                cached.place(cache, b, res.cache, j)
+            logits = logits.clone()
+            logits[slot_ids] = res.logits
+        sync(dev)
+        t1 = time.perf_counter()
+        for j, (b, e) in enumerate(zip(slot_ids, entries)):
+            rows[b] = {"entry": e, "ids": [], "routing": res.memory.routing[j], "start": t1,
+                       "timings": {"route": res.memory.route_seconds, "gather": res.memory.gather_seconds,
+                                   "prefill": t1 - t0}}
+        joins += 1
+
+    def leave(b: int, event: str) -> None:
+        r, rows[b] = rows[b], None
+        r["timings"].update(decode=time.perf_counter() - r["start"], decode_tokens=len(r["ids"]))
+        r["entry"].done(r["ids"], event, r["routing"], r["timings"])
+
+    host = None
+    while True:
+        free = sum(r is None for r in rows) + max(0, slots - len(rows))
+        entries = admit(free) if free else []
+        if entries:
+            join(entries)
+        if all(r is None for r in rows):
+            return joins
+        nxt = sample(logits, sampling)  # (B,)
+        if ahead:
+            host = torch.empty(nxt.shape[0], dtype=torch.long, pin_memory=True)
+            host.copy_(nxt, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            logits = step(nxt)
+            ready.synchronize()
+        for b, t in enumerate((host if ahead else nxt).tolist()):
+            r = rows[b]
+            if r is None:
+                continue
+            r["ids"].append(t)
+            event = r["entry"].stop(r["ids"])
+            if event is not None or len(r["ids"]) >= r["entry"].budget:
+                leave(b, event or "length")
+        if not ahead and any(r is not None for r in rows):
+            logits = step(nxt)

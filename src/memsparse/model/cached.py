@@ -52,6 +52,48 @@ class KVCache:
     capacity: int  # the most tokens the cache can take (active + generated)
 
 
+def next_column(cache: KVCache, layer: int) -> int:
+    """The column of layer `layer` that the next decode step writes (the same step for every row)."""
+    return cache.layers[layer].start + cache.length
+
+
+def shortfall(cache: KVCache, src: KVCache) -> list[int]:
+    """Per layer, the columns `cache` lacks before its next write column to `place` a row of `src` there."""
+    return [max(0, sc.start + src.active - next_column(cache, i)) for i, sc in enumerate(src.layers)]
+
+
+def regrow(cache: KVCache, batch: int, left: list[int], right: int) -> KVCache:
+    """A copy of `cache` with `batch` rows (new rows empty: no valid column), `left[i]` more columns before layer
+    i's active tokens and room for `right` more generated tokens. Decode steps go on writing the same columns of
+    the copied rows (continuous batching: room for rows that join a running batch)."""
+    layers = []
+    for lc, more in zip(cache.layers, left):
+        B, L = lc.valid.shape
+        n = L + more + right
+        k, v = (t.new_zeros(batch, n, *t.shape[2:]) for t in (lc.k, lc.v))
+        valid = lc.valid.new_zeros(batch, n)
+        k[:B, more:more + L], v[:B, more:more + L], valid[:B, more:more + L] = lc.k, lc.v, lc.valid
+        layers.append(LayerCache(k=k, v=v, valid=valid, start=lc.start + more))
+    positions = cache.positions.new_zeros(batch)
+    positions[:cache.positions.shape[0]] = cache.positions
+    return KVCache(layers=layers, active=cache.active, length=cache.length, positions=positions,
+                   step=cache.step.clone(), capacity=cache.capacity + right)
+
+
+def place(cache: KVCache, slot: int, src: KVCache, row: int) -> None:
+    """Row `row` of a fresh prefill's cache `src` (its memory and active tokens) into row `slot` of `cache`, in
+    place: its columns end just before the next write column of each layer (attention reads columns by validity,
+    not by place; keys carry their positions), the rest of the row is cleared. Needs no `shortfall`."""
+    if any(shortfall(cache, src)):
+        raise ValueError("place: the cache lacks columns before its write column (regrow it first)")
+    for i, (lc, sc) in enumerate(zip(cache.layers, src.layers)):
+        n, end = sc.start + src.active, next_column(cache, i)
+        lc.valid[slot] = False
+        lc.k[slot, end - n:end], lc.v[slot, end - n:end] = sc.k[row, :n], sc.v[row, :n]
+        lc.valid[slot, end - n:end] = sc.valid[row, :n]
+    cache.positions[slot] = src.positions[row]
+
+
 def _embed_rope(model: MSAForCausalLM, ids: torch.Tensor, positions: torch.Tensor):
     x = model.model.embed_tokens(ids)
     cos, sin = model.rope(positions, x.dtype)

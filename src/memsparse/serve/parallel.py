@@ -135,6 +135,10 @@ class ShardedService(Service):
         self.follow()
         return self.mirror("ask", questions, {**kw, "max_new_tokens": budgets, "batch_size": len(questions)})
 
+    def continuous(self, kw: dict) -> None:
+        """No continuous batching: the ranks follow the engine one operation at a time."""
+        return None
+
     def route_batch(self, questions: list[str]) -> list[dict]:
         self.follow()
         return self.mirror("route", questions)

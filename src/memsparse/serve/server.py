@@ -83,6 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ..engine.config import REMOVED, key_of
 from ..engine.config import fields as retrieval_fields
 from ..engine.engine import Cancelled, MSAEngine
+from ..engine.engine import Query as Question
 from ..memory.bank import MemoryBank
 from ..memory.corpus import CorpusError, check_document
 from ..memory.store import BankBusy, read_manifest, writer
@@ -226,8 +227,10 @@ class EngineQueue:
 
     IDLE = 5.0  # seconds the worker thread waits for work before it exits (the next request starts another)
 
-    def __init__(self, max_queue: int, answer: Callable | None = None, max_batch: int = 1, window: float = 0.0):
+    def __init__(self, max_queue: int, answer: Callable | None = None, max_batch: int = 1, window: float = 0.0,
+                 continuous: Callable[[dict], Callable | None] | None = None):
         self.max_queue, self.answer, self.max_batch, self.window = max_queue, answer, max_batch, window
+        self.continuous = continuous
         self.jobs: deque[Job] = deque()
         self.running = 0  # requests in the engine now
         self.batches = 0  # engine batches run so far (answers)
@@ -278,14 +281,27 @@ class EngineQueue:
                 self.running = 1
                 if batch[0].work is None and batch[0].key is not None:
                     self._gather(batch)
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-            for job in [j for j in live if j.cancel.is_set()]:  # withdrawn while its batch gathered
-                job.future.set_exception(Cancelled("the request was cancelled"))
+            live = [j for j in batch if self._start(j)]
+            run = live and live[0].work is None and live[0].key is not None and self.continuous
+            run = run and self.continuous({k: v for k, v in live[0].kw.items() if k != "max_new_tokens"})
             try:
-                self._run([j for j in live if not j.future.done()])
+                if run:
+                    self._run_continuous(live, run)
+                else:
+                    self._run(live)
             finally:
                 with self._cond:
                     self.running = 0
+
+    @staticmethod
+    def _start(job: Job) -> bool:
+        """Mark `job` running; False (and its future failed) when it was withdrawn meanwhile."""
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        if job.cancel.is_set():
+            job.future.set_exception(Cancelled("the request was cancelled"))
+            return False
+        return True
 
     def _gather(self, batch: list[Job]) -> None:
         """Add waiting jobs of the first one's key, in arrival order, until `max_batch` questions or the window's end
@@ -303,6 +319,61 @@ class EngineQueue:
             if size >= self.max_batch or left <= 0:
                 return
             self._cond.wait(left)
+
+    def _run_continuous(self, batch: list[Job], answer: Callable[[Callable, int], int]) -> None:
+        """Continuous batching: `batch`'s questions start the engine's decode batch, and before every decode step
+        waiting jobs of the same key join it, in arrival order (up to the first job of another kind, which then
+        waits for the batch to drain), as far as its free rows allow; each job's answers go out as soon as its
+        last question ends. Once the batch has emptied, the run ends: what comes next starts a batch of its own
+        (gathered over the window). `answer(admit, slots)` is the engine's `ask_continuous`."""
+        key, offered, inside, busy = batch[0].key, list(batch), [], [0]  # busy: questions in the engine
+
+        def queries(job: Job) -> list[Question]:
+            answers, left = [None] * len(job.questions), [len(job.questions)]
+
+            def done(n: int, answer) -> None:
+                answers[n] = answer
+                left[0] -= 1
+                busy[0] -= 1
+                if not left[0]:
+                    job.future.set_result(answers)
+                    with self._cond:
+                        self.running -= 1
+
+            def text(n: int) -> Callable[[str], None] | None:
+                if job.on_text is None:
+                    return None
+                return lambda t: None if job.cancel.is_set() else job.on_text(n, t)
+
+            return [Question(q, done=lambda a, n=n: done(n, a), budget=job.kw["max_new_tokens"],
+                          cancel=job.cancel, on_text=text(n)) for n, q in enumerate(job.questions)]
+
+        def admit(n: int) -> list[Question]:
+            out: list[Question] = []
+            with self._cond:
+                while (offered or self.jobs) and (busy[0] or offered):
+                    job = offered[0] if offered else self.jobs[0]
+                    if job.key != key or job.work is not None or len(job.questions) > n - len(out):
+                        break
+                    if offered:
+                        offered.pop(0)
+                    else:
+                        self.jobs.popleft()
+                        if not self._start(job):
+                            continue
+                        self.running += 1
+                    inside.append(job)
+                    out += queries(job)
+                    busy[0] += len(job.questions)
+            self.batches += bool(out)
+            return out
+
+        try:
+            answer(admit, max(self.max_batch, sum(len(j.questions) for j in batch)))
+        except BaseException as e:  # noqa: BLE001  (every request inside learns what happened)
+            for job in inside + offered:
+                if not job.future.done():
+                    job.future.set_exception(e)
 
     def _run(self, batch: list[Job]) -> None:
         if not batch:
@@ -399,6 +470,14 @@ class Service:
 
     def route_batch(self, questions: list[str]) -> list[dict]:
         return self.read(lambda: self.engine.route_batch(questions))
+
+    def continuous(self, kw: dict) -> Callable[[Callable, int], int] | None:
+        """Continuous batching of answers asked with `kw` where it fits (answers in one round: interleave 'router'
+        or 'off'; not routings): `ask(admit, slots)` over the engine's `ask_continuous`; None: batches as gathered."""
+        if kw.get("route") or kw.get("interleave", self.engine.config.interleave) == "model":
+            return None
+        kw = {k: v for k, v in kw.items() if k != "seed"}  # (a seeded sampled request never shares a batch)
+        return lambda admit, slots: self.read(lambda: self.engine.ask_continuous(admit, slots, **kw))
 
     def write(self, change):
         """change(bank) as the bank's one writer on its latest commit, then committed (on a failed commit the bank
@@ -613,7 +692,8 @@ def create_app(engine: MSAEngine, settings: Settings | None = None, service: Ser
     settings = settings or Settings()
     settings.check()
     service, metrics = service or Service(engine, settings), Metrics()
-    queue = EngineQueue(settings.max_queue, service.batch, settings.max_batch, settings.batch_window_ms / 1e3)
+    queue = EngineQueue(settings.max_queue, service.batch, settings.max_batch, settings.batch_window_ms / 1e3,
+                        service.continuous)
     tok = engine.tok
     app = FastAPI(title="memsparse", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.queue, app.state.metrics, app.state.settings = service, queue, metrics, settings
