@@ -46,8 +46,11 @@ Engine work (answers, routing, the bank's reads and changes) runs in one worker 
 the GPU decode graphs and the bank are not shared. Answers are batched across clients: the oldest waiting request
 waits up to --batch-window-ms for others with the same sampling settings (max_tokens may differ; a seeded sampled
 request goes alone), up to --max-batch questions, and the engine answers them together (routing, prefill and
-decode in batches: one routing pass per batch, see ops/routing_triton.py); /v1/memory/route requests are batched
-the same way among themselves (`engine.route_batch`). Other work runs alone, in arrival order. Up to --max-queue
+decode in batches: one routing pass per batch, see ops/routing_triton.py). Answers in one round (interleave
+"router" or "off") are batched continuously: while a batch decodes, waiting requests of its kind join it before
+its next step, up to --max-batch questions, and each leaves with its answer (`engine.ask_continuous`).
+/v1/memory/route requests are batched the same way among themselves (`engine.route_batch`). Other work runs
+alone, in arrival order. Up to --max-queue
 requests wait their turn; more get 429. A request that is not answered within --timeout seconds gets 504; a client
 that goes away while its request waits leaves the queue, and one whose answer is being generated stops its
 questions at their next token (the engine's per-question `cancel`) while the rest of the batch goes on.
