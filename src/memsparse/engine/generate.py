@@ -213,7 +213,8 @@ def generate_continuous(bank: MemoryBank, admit: Callable[[int], list[Entry]], s
             return joins
         nxt = sample(logits, sampling)  # (B,)
         if ahead:
-            host = torch.empty(nxt.shape[0], dtype=torch.long, pin_memory=True)
+            if host is None or host.shape[0] != nxt.shape[0]:
+                host = torch.empty(nxt.shape[0], dtype=torch.long, pin_memory=True)
             host.copy_(nxt, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
