@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 
 
-def router_gold(spec: str, split: str, device: str | None, batch: int = 16) -> dict:
+def router_gold(spec: str, split: str, device: str | None, batch: int = 16, chunk: int | None = None,
+                fuse: list[str] = ()) -> dict:
+    """Gold top-1 / top-4 of the model's first routing pass (its own fused layers), each router layer's top-1,
+    and (`fuse`: layer sets such as '24-29' or '20,22,24') the same fused over other sets of layers."""
     from memsparse.engine import MSAEngine
     from memsparse.engine.routing import fused_top, fusing
     from memsparse.eval.faqs import load_qa
@@ -26,20 +29,34 @@ def router_gold(spec: str, split: str, device: str | None, batch: int = 16) -> d
     data = load_qa(split)
     model, tok = load_model(spec, device=device)
     t0 = time.perf_counter()
-    bank = MemoryBank.build(model, tok, data.paragraphs, progress=True)
+    bank = MemoryBank.build(model, tok, []).like(chunk_size=chunk)  # (routing keys pooled over `chunk` tokens)
+    bank.add(data.paragraphs, progress=True)
     eng = MSAEngine(model, tok, bank)
     qs = [q for q, _, _ in data.questions]
     routings = [r for a in range(0, len(qs), batch) for r in eng.route_batch(qs[a:a + batch])]
-    ranks = [fused_top(fusing(r, model.fuse_layers), 4) for r in routings]
     gold = [p for _, _, p in data.questions]
-    top1 = [float(r[:1] == [g]) for r, g in zip(ranks, gold)]
-    top4 = [float(g in r) for r, g in zip(ranks, gold)]
-    (m1, s1), (m4, s4) = mean_se(top1), mean_se(top4)
+
+    def gold_rates(layers: list[int]) -> dict:
+        ranks = [fused_top(fusing(r, layers), 4) for r in routings]
+        top1 = [int(r[:1] == [g]) for r, g in zip(ranks, gold)]
+        top4 = [int(g in r) for r, g in zip(ranks, gold)]
+        (m1, s1), (m4, s4) = mean_se(top1), mean_se(top4)
+        return {"gold_top1": m1, "gold_top1_se": s1, "gold_top4": m4, "gold_top4_se": s4, "top1_hits": top1,
+                "top4_hits": top4}
+
     per_layer = {lay: mean_se([float(bool(r[lay]) and r[lay][0][0] == g) for r, g in zip(routings, gold)])[0]
                  for lay in model.router_layers}
-    return {"model": spec, "split": split, "n": len(qs), "gold_top1": m1, "gold_top1_se": s1, "gold_top4": m4,
-            "gold_top4_se": s4, "layer_top1": per_layer, "seconds": round(time.perf_counter() - t0, 1),
-            "top1_hits": [int(x) for x in top1], "top4_hits": [int(x) for x in top4]}
+    return {"model": spec, "split": split, "chunk": bank.pool_size, "n": len(qs), **gold_rates(model.fuse_layers),
+            "layer_top1": per_layer, "fused": {f: gold_rates(layer_set(f)) for f in fuse},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def layer_set(spec: str) -> list[int]:
+    """'24-29' -> [24, ..., 29]; '20,22,24' -> [20, 22, 24]."""
+    if "-" in spec:
+        a, b = spec.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(x) for x in spec.split(",")]
 
 
 def paired(base: dict, other: dict) -> dict:
@@ -58,6 +75,9 @@ def main() -> None:
     ap.add_argument("--split", default="dev", choices=("dev", "test"))
     ap.add_argument("--models", default="shipped", help="comma list: 'shipped' or delta directories")
     ap.add_argument("--names", help="comma list: how the results name each model (default: --models)")
+    ap.add_argument("--chunks", help="comma list: routing-key chunk sizes to try with every model (default: the "
+                    "model's pooling_kernel_size); names get '@N'")
+    ap.add_argument("--fuse", help="';' list of router layer sets to fuse besides the model's own ('24-29;26-29')")
     ap.add_argument("--device")
     ap.add_argument("--out", help="a JSON file for the results (with the run's card, date and commit)")
     args = ap.parse_args()
@@ -68,15 +88,24 @@ def main() -> None:
     names = args.names.split(",") if args.names else specs
     if len(names) != len(specs):
         ap.error(f"--names gives {len(names)} names for {len(specs)} models")
+    chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [None]
     for spec, name in zip(specs, names):
-        rows.append({**router_gold(spec, args.split, args.device), "model": name})
-        print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_hits")}), flush=True)
+        for chunk in chunks:
+            rows.append({**router_gold(spec, args.split, args.device, chunk=chunk,
+                                       fuse=args.fuse.split(";") if args.fuse else ()),
+                         "model": name + (f"@{chunk}" if chunk else "")})
+            shown = {k: v for k, v in rows[-1].items() if not k.endswith("_hits") and k != "fused"}
+            print(json.dumps(shown), flush=True)
+            for f, rates in rows[-1]["fused"].items():
+                print(f"  fused over {f}: top-1 {rates['gold_top1']} +- {rates['gold_top1_se']}, top-4 "
+                      f"{rates['gold_top4']} +- {rates['gold_top4_se']}", flush=True)
     gains = [paired(rows[0], r) for r in rows[1:]]
     for g in gains:
         print(json.dumps(g))
     if args.out:
         Path(args.out).write_text(json.dumps({
-            **run_meta(), "model": " vs ".join(names), "setting": f"split={args.split} router first pass, fused top-4",
+            **run_meta(), "model": " vs ".join(r["model"] for r in rows),
+            "setting": f"split={args.split} router first pass, fused top-4",
             "results": rows, "paired": gains}) + "\n")
 
 
