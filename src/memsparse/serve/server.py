@@ -55,7 +55,8 @@ requests wait their turn; more get 429. A request that is not answered within --
 that goes away while its request waits leaves the queue, and one whose answer is being generated stops its
 questions at their next token (the engine's per-question `cancel`) while the rest of the batch goes on.
 Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
-request first follows commits other processes made; a bank another process is writing for over WRITE_WAIT
+request first follows commits other processes made (one that joins a running batch answers from the bank as
+the batch found it); a bank another process is writing for over WRITE_WAIT
 seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
 path, status, latency). Text in questions and documents is plain text: special tokens never act as such.
 """
