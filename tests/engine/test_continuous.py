@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import memsparse as ms
-from memsparse.engine.engine import Query
+from memsparse.engine import Question
 from memsparse.engine.generate import Sampling, generate_continuous
 from memsparse.engine.prefill import prefill_batch
 from memsparse.model import cached
@@ -39,7 +39,7 @@ def run(engine, schedule, budgets, slots=8, cancels=None, on_text=None, **kw):
         ready = [i for i in waiting if schedule[i] < calls[0]][:n]
         for i in ready:
             waiting.remove(i)
-        return [Query(QUESTIONS[i], done=lambda a, i=i: answers.__setitem__(i, a), budget=budgets[i],
+        return [Question(QUESTIONS[i], done=lambda a, i=i: answers.__setitem__(i, a), budget=budgets[i],
                       cancel=cancels and cancels[i], on_text=on_text and (lambda t, i=i: on_text(i, t)))
                 for i in ready]
 

@@ -62,7 +62,7 @@ class Answer:
 
 
 @dataclass
-class Query:
+class Question:
     """A question for `MSAEngine.ask_continuous`: `done(answer)` receives its answer, `on_text(text)` (optional)
     each new piece of its answer text as it is decoded; a set `cancel` ends it at its next token."""
 
@@ -233,11 +233,12 @@ class MSAEngine:
                 bar.update(len(questions[i:i + batch_size]))
         return out
 
-    def ask_continuous(self, admit: Callable[[int], list[Query]], slots: int = 16, interleave: bool | str | None = None,
-                       temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                       inject_k: int | None = None, router_rounds: int | None = None) -> int:
-        """Continuous batching: answer the questions that `admit(n)` hands over (up to n `Query`s at a time; [] when
-        none waits), each joining the running decode batch (up to `slots` questions) at its next step and leaving
+    def ask_continuous(self, admit: Callable[[int], list[Question]], slots: int = 16,
+                       interleave: bool | str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                       stop: list[str] | None = None, inject_k: int | None = None,
+                       router_rounds: int | None = None) -> int:
+        """Continuous batching: answer the questions that `admit(n)` hands over (up to n `Question`s at a time; []
+        when none waits), each joining the running decode batch (up to `slots` questions) at its next step and leaving
         it when its answer ends, which goes to its `done`. In router mode each group that joins is routed and its
         documents injected first (one routing pass). Greedy answers are those of `ask_batch`. Answers in one
         round: `interleave` 'router' or 'off' (Memory Interleave as published, 'model', needs `ask_batch`); no
@@ -260,7 +261,7 @@ class MSAEngine:
 
         return generate_continuous(self.bank, entries, slots, sampling, self.similarity)
 
-    def _entry(self, row: _Row, query: Query, timings: dict, stop_strings: list[str]) -> Entry:
+    def _entry(self, row: _Row, query: Question, timings: dict, stop_strings: list[str]) -> Entry:
         """`row` (answering) as a row of a continuous batch: `query` gets its text as decoded and its answer."""
         on_text = query.on_text and (lambda i, text: query.on_text(text))
 

@@ -86,8 +86,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from ..engine.config import REMOVED, key_of
 from ..engine.config import fields as retrieval_fields
-from ..engine.engine import Cancelled, MSAEngine
-from ..engine.engine import Query as Question
+from ..engine.engine import Cancelled, MSAEngine, Question
 from ..memory.bank import MemoryBank
 from ..memory.corpus import CorpusError, check_document
 from ..memory.store import BankBusy, read_manifest, writer
