@@ -172,17 +172,15 @@ def test_continuous_batching_on_cuda_decodes_as_alone():
     masks = [[True] * (len(r) - 1) + [False] for r in rows]
     budgets, joins_at = [5, 9, 12, 3], [0, 2, 2, 6]
     alone = [generate(bank, [r], [m], n, lambda b, ids: None).tokens[0] for r, m, n in zip(rows, masks, budgets)]
-    got, calls = {}, [0]
+    got, calls, taken = {}, [0], set()
 
-    def admit(n):
+    def admit(n):  # row i is offered from the joins_at[i]-th step on
         calls[0] += 1
-        ready = [i for i in range(4) if joins_at[i] == calls[0] - 1 or (joins_at[i] < calls[0] - 1 and i not in got
-                                                                         and i not in taken)][:n]
+        ready = [i for i in range(4) if joins_at[i] < calls[0] and i not in taken][:n]
         taken.update(ready)
         return [Entry(rows[i], masks[i], budgets[i], lambda ids: None,
                       lambda ids, ev, routing, t, i=i: got.__setitem__(i, ids)) for i in ready]
 
-    taken = set()
     generate_continuous(bank, admit, slots=4)
     assert [got[i] for i in range(4)] == alone
 
