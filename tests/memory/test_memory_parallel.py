@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ..conftest import gloo_rank, run_ranks, tiny_model, tiny_tokenizer
+from ..conftest import assert_same_routing, gloo_rank, run_ranks, tiny_model, tiny_tokenizer
 
 WORDS = ("Paris capital France Ottawa Canada bananas yellow sweet Rome old answer question document river "
          "mountain 0 1 2 3 4 5 6 7 8 9 the of is").split()
@@ -145,7 +145,11 @@ def _checks(rank: int, world: int, out: str, device: str = "cpu") -> None:
         a = ms.MSAEngine(model, tok, copy, **plain).ask(QUESTIONS[:2], max_new_tokens=6, **kw)
         b = ms.MSAEngine(model, tok, ref, **plain).ask(QUESTIONS[:2], max_new_tokens=6, **kw)
         for x, y in zip(a, b):
-            assert (x.text, x.rounds, x.routing) == (y.text, y.rounds, y.routing), mode
+            assert (x.text, x.rounds) == (y.text, y.rounds), mode
+            if device == "cpu":
+                assert x.routing == y.routing, mode
+            else:  # one process prefills in a CUDA graph (graphed_prefill), the sharded bank op by op: scores may
+                assert_same_routing(x.routing, y.routing)  # differ in float32's last bit (H100, 2026-12-07)
     # router injection with refinement (a local re-encoded shortlist, replicated)
     a = ms.MSAEngine(model, tok, copy).ask(QUESTIONS[1], 6)
     b = ms.MSAEngine(model, tok, ref).ask(QUESTIONS[1], 6)
