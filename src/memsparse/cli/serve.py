@@ -93,25 +93,28 @@ def register(sub) -> None:
                        epilog=EXAMPLES, formatter_class=fmt)
     s.add_argument("bank")
     _model_args(s, "the model the bank was encoded with")
-    s.add_argument("--host", default="127.0.0.1",
+    d = ServeSettings()  # the one source of the flags' defaults
+    s.add_argument("--host", default=d.host,
                    help="address to listen on (default: this machine only; any other needs an API key)")
     s.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     s.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $MEMSPARSE_API_KEY)")
     s.add_argument("--allow-host", action="append", metavar="NAME",
                    help="a Host name served besides the bound address and localhost (repeatable; '*': any)")
-    s.add_argument("--model-name", default="memsparse", help="the model id of /v1/models (default: memsparse)")
-    s.add_argument("--max-queue", type=int, default=16, help="requests waiting for the engine; more get 429")
+    s.add_argument("--model-name", default=d.model_name, help="the model id of /v1/models (default: %(default)s)")
+    s.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting for the engine; more get 429")
     s.add_argument("--max-connections", type=int, default=256, help="open connections; more get 503")
-    s.add_argument("--max-body-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
-    s.add_argument("--max-new-tokens", type=int, default=1024, help="the most max_tokens a request may ask")
-    s.add_argument("--max-question-tokens", type=int, default=4096, help="refuse longer questions")
-    s.add_argument("--max-router-rounds", type=int, default=4, help="the most router_rounds a request may ask")
-    s.add_argument("--timeout", type=float, default=300.0, help="seconds from arrival to answer (504 past it)")
-    s.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
-                   help="questions of concurrent requests answered together in one engine batch (1: one at a time; "
-                        "default %(default)s)")
-    s.add_argument("--batch-window-ms", type=float, default=ServeSettings.batch_window_ms,
-                   help="how long a request waits for others to join its batch (default %(default)s)")
-    s.add_argument("--max-doc-mb", type=float, default=1.0, help="refuse larger documents")
+    s.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20),
+                   help="refuse larger request bodies (413)")
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="the most max_tokens a request may ask")
+    s.add_argument("--max-question-tokens", type=int, default=d.max_question_tokens, help="refuse longer questions")
+    s.add_argument("--max-router-rounds", type=int, default=d.max_router_rounds,
+                   help="the most router_rounds a request may ask")
+    s.add_argument("--timeout", type=float, default=d.timeout, help="seconds from arrival to answer (504 past it)")
+    s.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="questions answered together in one engine batch; while it decodes, requests that arrive "
+                        "join it (continuous batching, one-round answers) (1: one at a time; default %(default)s)")
+    s.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
+                   help="how long a request waits for others to start a batch with it (default %(default)s)")
+    s.add_argument("--max-doc-mb", type=float, default=d.max_doc_bytes / (1 << 20), help="refuse larger documents")
     _config_args(s)  # the engine's, and the completions' defaults
     s.set_defaults(func=cmd_serve)
