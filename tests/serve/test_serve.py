@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import memsparse as ms
@@ -304,6 +305,24 @@ def _blocking(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "route_batch", route_batch)
     return release, entered
+
+
+def test_out_of_device_memory_is_a_503_and_the_server_serves_on(engine, monkeypatch):
+    real, calls = engine.route_batch, []
+
+    def route_batch(questions):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.\nmore lines")
+        return real(questions)
+
+    monkeypatch.setattr(engine, "route_batch", route_batch)
+    with TestClient(create_app(engine, _settings()), base_url=BASE, headers=AUTH) as c:
+        r = c.post("/v1/memory/route", json={"question": "Where is the violin?"})
+        assert r.status_code == 503
+        err = r.json()["error"]
+        assert err["code"] == "out_of_memory" and "--max-batch" in err["message"] and "\n" not in err["message"]
+        assert c.post("/v1/memory/route", json={"question": "Where is the violin?"}).status_code == 200
 
 
 def test_a_full_queue_is_429_and_the_waiting_are_served(engine, monkeypatch):

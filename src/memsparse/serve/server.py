@@ -57,7 +57,8 @@ questions at their next token (the engine's per-question `cancel`) while the res
 Document changes are committed to the bank's directory (as the bank's one writer, on its latest commit) and every
 request first follows commits other processes made (one that joins a running batch answers from the bank as
 the batch found it); a bank another process is writing for over WRITE_WAIT
-seconds is 503, a damaged bank 500 (the server keeps serving). One JSON line is logged per request (method,
+seconds is 503, so is a batch that runs the device out of memory; a damaged bank 500 (the server keeps
+serving). One JSON line is logged per request (method,
 path, status, latency). Text in questions and documents is plain text: special tokens never act as such.
 """
 
@@ -79,6 +80,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -723,6 +725,12 @@ def create_app(engine: MSAEngine, settings: Settings | None = None, service: Ser
             return ApiError(499, str(e), "cancelled", "client_closed")
         if isinstance(e, BankBusy):  # another process is writing the bank
             return ApiError(503, str(e), "server_error", "bank_busy")
+        if isinstance(e, torch.OutOfMemoryError):  # too many rows or tokens at once on the device: load, not input
+            log.error(json.dumps({"path": request.url.path, "error": "out of device memory"}))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed batch's blocks, for the requests that follow
+            return ApiError(503, "the device ran out of memory for this batch; retry, or serve with a smaller "
+                            "--max-batch", "server_error", "out_of_memory")
         if isinstance(e, BankError):  # the bank on disk is damaged: not the request's fault
             log.error(json.dumps({"path": request.url.path, "error": str(e)}))
             return ApiError(500, str(e), "server_error", "bank_error")
