@@ -15,10 +15,11 @@ def test_bench_serve_tiny(tmp_path):
     res = run(out, Settings(tokens=4096, repeats=1, requests=1, max_tokens=2, doc_len=512), tiny=True)
     assert json.loads(out.read_text()) == res
     assert {"gpu", "date", "commit"} <= res.keys() and res["model"] == "tiny" and res["tokens"] == 4096
-    assert [r["batch"] for r in res["routing"]] == [1, 8] and all(r["routing_ms"] > 0 for r in res["routing"])
+    assert [(r["keys"], r["batch"]) for r in res["routing"]] == [("float32", 1), ("float32", 8), ("fp8", 1), ("fp8", 8)]
+    assert all(r["routing_ms"] > 0 for r in res["routing"]) and res["server_keys"] == "fp8"
     assert [r["clients"] for r in res["server"]] == [1, 8]
     assert [r["requests"] for r in res["server"]] == [1, 8] and all(r["requests_per_s"] > 0 for r in res["server"])
-    assert res["routing_ratio"] > 0 and res["throughput_ratio"] > 0
+    assert res["routing_ratio"] > 0 and res["routing_ratio_fp8"] > 0 and res["throughput_ratio"] > 0
 
 
 @pytest.mark.parametrize("args,message", [

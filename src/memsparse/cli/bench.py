@@ -54,11 +54,13 @@ def _bench_serve(args: argparse.Namespace) -> None:
     res = run(Path(out), Settings(tokens=sizes[0], repeats=args.repeats), tiny=args.tiny)
     print(f"{res['model']} at {res['tokens']} tokens on {res['gpu']}")
     for r in res["routing"]:
-        print(f"  routing, batch {r['batch']:>2}: {r['routing_ms']:>9} ms ({r['routing_timer']})")
+        print(f"  routing, {r['keys']:>7} keys, batch {r['batch']:>2}: {r['routing_ms']:>9} ms ({r['routing_timer']})")
+    print(f"  server on {res['server_keys']} routing keys")
     for r in res["server"]:
         print(f"  server, {r['clients']:>2} clients: {r['requests_per_s']:>7} requests/s, "
               f"{r['decoded_tokens_per_s']:>8} tokens/s, p50 {r['latency_s']['p50']} s")
-    print(f"  batch {res['routing'][-1]['batch']} routes in {res['routing_ratio']}x the time of one question; "
+    print(f"  batch {res['routing'][-1]['batch']} routes in {res['routing_ratio']}x the time of one question "
+          f"({res['routing_ratio_fp8']}x with fp8 keys); "
           f"{res['server'][-1]['clients']} clients get {res['throughput_ratio']}x one client's throughput")
     print(f"wrote {out}")
 

@@ -4,8 +4,10 @@ random tensors of the right shapes and dtypes, as `bench speed`) at one memory s
 - Routing: ms per routing round (scoring + top-k in every router layer, timed as `bench speed` times it) for a
   batch of 1 question and of 8; the fused kernel reads each routing key once per batch, so the ratio should stay
   near 1 while the keys' bytes dominate (issue 33's target at 100M tokens on an H100: batch 8 within 1.5x).
-- Server: `memsparse serve`'s app on uvicorn (a real socket, greedy completions of `max_tokens` tokens, the server's
-  default router injection) with 1 and with 8 concurrent clients: requests/s, decoded tokens/s and latency
+- Both with the routing keys in the model's dtype (bf16 on a GPU) and in fp8 (the same bank, half the key bytes).
+- Server: on the fp8-key bank (with bf16 keys at 100M tokens 8 clients' rows ran an H100 out of memory,
+  2026-12-07), `memsparse serve`'s app on uvicorn (a real socket, greedy completions of `max_tokens` tokens, the
+  server's default router injection) with 1 and with 8 concurrent clients: requests/s, decoded tokens/s and latency
   percentiles (target on a GPU: 8 clients at least 4x one client's throughput).
 
 On a GPU (the figures that count):  memsparse bench serve --tokens 104857600
@@ -40,13 +42,13 @@ class Settings:
     doc_len: int = 1024  # tokens per random document
 
 
-def routing(bank, s: Settings) -> list[dict]:
-    """Routing ms per round for each batch size."""
+def routing(bank, s: Settings, keys: str) -> list[dict]:
+    """Routing ms per round for each batch size, the bank's routing keys named `keys`."""
     speed = SpeedSettings(q_len=s.q_len, repeats=s.repeats, doc_len=s.doc_len)
     out = []
     for b in s.batch:
         t = time_query(bank, speed, batch=b, decode=False)
-        out.append({"batch": b, "routing_ms": t["routing_ms"], "routing_timer": t["routing_timer"],
+        out.append({"keys": keys, "batch": b, "routing_ms": t["routing_ms"], "routing_timer": t["routing_timer"],
                     "routing_ms_per_question": round(t["routing_ms"] / b, 4)})
     return out
 
@@ -115,12 +117,19 @@ def run(out: Path, s: Settings, tiny: bool = False) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = build_qwen_tokenizer()  # Qwen3's tokenizer: its ids fit the geometry's vocabulary (TINY's widened to it)
     model = random_model({**TINY, "vocab_size": QWEN3_4B["vocab_size"]} if tiny else QWEN3_4B, dev, dtype)
-    bank, _ = next(_qwen_banks(model, s.tokens, SpeedSettings(doc_len=s.doc_len)))  # the model's dtype for keys
-    result = {**run_meta(), "model": "tiny" if tiny else "qwen3-4b", "tokens": s.tokens,
-              "key_dtype": "bf16" if dtype == torch.bfloat16 else "float32", "tier": bank.tier,
-              "settings": asdict(s) | {"batch": list(s.batch)}}
-    result["routing"] = routing(bank, s)
-    result["routing_ratio"] = round(result["routing"][-1]["routing_ms"] / result["routing"][0]["routing_ms"], 3)
+    banks = _qwen_banks(model, s.tokens, SpeedSettings(doc_len=s.doc_len))
+    bank, _ = next(banks)  # routing keys in the model's dtype
+    keys = "bf16" if dtype == torch.bfloat16 else "float32"
+    result = {**run_meta(), "model": "tiny" if tiny else "qwen3-4b", "tokens": s.tokens, "key_dtype": keys,
+              "tier": bank.tier, "settings": asdict(s) | {"batch": list(s.batch)}}
+    result["routing"] = routing(bank, s, keys)
+    bank, _ = next(banks)  # the same bank, fp8 routing keys
+    result["routing"] += routing(bank, s, "fp8")
+    for k in (keys, "fp8"):
+        rows = [r for r in result["routing"] if r["keys"] == k]
+        ratio = rows[-1]["routing_ms"] / rows[0]["routing_ms"]
+        result["routing_ratio" + ("_fp8" if k == "fp8" else "")] = round(ratio, 3)
+    result["server_keys"] = "fp8"
     result["server"] = throughput(MSAEngine(model, tok, bank, similarity="official"), s)
     first, last = result["server"][0], result["server"][-1]
     result["throughput_ratio"] = round(last["requests_per_s"] / first["requests_per_s"], 3)
