@@ -53,6 +53,11 @@ def routing(bank, s: Settings, keys: str) -> list[dict]:
     return out
 
 
+def _ratio(rows: list[dict]) -> float:
+    """The largest batch's routing time over one question's."""
+    return round(rows[-1]["routing_ms"] / rows[0]["routing_ms"], 3)
+
+
 def throughput(engine, s: Settings) -> list[dict]:
     """The server on a local socket, driven by 1 and by 8 concurrent clients (each client: one untimed request,
     then `s.requests` timed ones)."""
@@ -122,13 +127,11 @@ def run(out: Path, s: Settings, tiny: bool = False) -> dict:
     keys = "bf16" if dtype == torch.bfloat16 else "float32"
     result = {**run_meta(), "model": "tiny" if tiny else "qwen3-4b", "tokens": s.tokens, "key_dtype": keys,
               "tier": bank.tier, "settings": asdict(s) | {"batch": list(s.batch)}}
-    result["routing"] = routing(bank, s, keys)
+    first = routing(bank, s, keys)
     bank, _ = next(banks)  # the same bank, fp8 routing keys
-    result["routing"] += routing(bank, s, "fp8")
-    for k in (keys, "fp8"):
-        rows = [r for r in result["routing"] if r["keys"] == k]
-        ratio = rows[-1]["routing_ms"] / rows[0]["routing_ms"]
-        result["routing_ratio" + ("_fp8" if k == "fp8" else "")] = round(ratio, 3)
+    fp8 = routing(bank, s, "fp8")
+    result["routing"] = first + fp8
+    result["routing_ratio"], result["routing_ratio_fp8"] = _ratio(first), _ratio(fp8)
     result["server_keys"] = "fp8"
     result["server"] = throughput(MSAEngine(model, tok, bank, similarity="official"), s)
     first, last = result["server"][0], result["server"][-1]

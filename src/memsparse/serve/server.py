@@ -376,9 +376,7 @@ class EngineQueue:
         try:
             answer(admit, max(self.max_batch, sum(len(j.questions) for j in batch)))
         except BaseException as e:  # noqa: BLE001  (every request inside learns what happened)
-            for job in inside + offered:
-                if not job.future.done():
-                    job.future.set_exception(e)
+            self._fail(inside + offered, e)
 
     def _run(self, batch: list[Job]) -> None:
         if not batch:
@@ -404,9 +402,17 @@ class EngineQueue:
                 job.future.set_result(answers[:len(job.questions)])
                 answers = answers[len(job.questions):]
         except BaseException as e:  # noqa: BLE001  (every request of the batch learns what happened)
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(e)
+            self._fail(batch, e)
+
+    @staticmethod
+    def _fail(jobs: list[Job], e: BaseException) -> None:
+        """Every unanswered job of a failed batch gets `e`; after running out of device memory, the failed
+        batch's cached blocks are released for the batches that follow."""
+        if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(e)
 
 
 async def wait_for(request: Request, job: Job, queue: EngineQueue, futures: set, deadline: float,
@@ -727,8 +733,6 @@ def create_app(engine: MSAEngine, settings: Settings | None = None, service: Ser
             return ApiError(503, str(e), "server_error", "bank_busy")
         if isinstance(e, torch.OutOfMemoryError):  # too many rows or tokens at once on the device: load, not input
             log.error(json.dumps({"path": request.url.path, "error": "out of device memory"}))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the failed batch's blocks, for the requests that follow
             return ApiError(503, "the device ran out of memory for this batch; retry, or serve with a smaller "
                             "--max-batch", "server_error", "out_of_memory")
         if isinstance(e, BankError):  # the bank on disk is damaged: not the request's fault
