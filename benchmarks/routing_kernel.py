@@ -24,14 +24,22 @@ from memsparse.eval.speed import read_rate
 from memsparse.memory.quant import quantize
 from memsparse.ops.routing_triton import (
     _CONFIGS,
-    _route_kernel,
+    _fitting,
     _split_fp8_rows,
     fused_document_scores,
     inverse_norms,
+    route_rows_kernel,
 )
 
-CONFIGS = _CONFIGS + [triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
-                      for c, w, s in [(64, 4, 4), (64, 2, 3), (128, 8, 2), (256, 8, 2)]]
+EXTRA = [(64, 4, 4), (128, 8, 2), (256, 8, 2)]  # (BLOCK_C, warps, stages) timed beside the autotuner's own tiles
+
+
+def tiles(rows: int) -> list[triton.Config]:
+    """The tiles the autotuner tries for `rows` query rows, and EXTRA with its row tile."""
+    fit = _fitting(_CONFIGS, {}, R_BUCKET=max(16, triton.next_power_of_2(rows)))
+    block_r = fit[0].kwargs["BLOCK_R"]
+    return fit + [triton.Config({"BLOCK_R": block_r, "BLOCK_C": c}, num_warps=w, num_stages=s) for c, w, s in EXTRA
+                  if block_r * c <= 16384]
 
 
 def main() -> None:
@@ -51,7 +59,6 @@ def main() -> None:
     doc = (torch.arange(C, device=dev) * args.docs // C).to(torch.int32)
     sample = torch.zeros(R, dtype=torch.int32, device=dev)
     out = torch.full((1, args.docs), float("-inf"), device=dev)
-    block_r = max(16, triton.next_power_of_2(R))
     points = []
     rows32 = torch.randn(R, Hkv, D, device=dev)  # (R, Hkv, D)
     hi, lo, row_scale = _split_fp8_rows(rows32)
@@ -68,22 +75,17 @@ def main() -> None:
     for kname, k, ks, variant, rdt, rows, rows_lo, rs, inv in cases:
         nbytes = (k.numel() * k.element_size() + (ks.numel() * 4 if ks is not None else 0)
                   + (inv.numel() * 4 if inv is not None else 0))
-        for cfg in CONFIGS:
-            bc = cfg.kwargs["BLOCK_C"]
-
-            def run(bc=bc, cfg=cfg, rows=rows, rows_lo=rows_lo, rs=rs, k=k, ks=ks, inv=inv):
-                _route_kernel.fn[(triton.cdiv(C, bc),)](
-                    rows, rows if rows_lo is None else rows_lo, out if rs is None else rs, sample, k,
-                    out if ks is None else ks, out if inv is None else inv, doc, out, R, C, args.docs, B=1, HKV=Hkv,
-                    D=D, BLOCK_R=block_r, R_TILES=triton.cdiv(R, block_r), BLOCK_C=bc, COSINE=True,
-                    HAS_SCALE=ks is not None, INV_NORM=inv is not None, SPLIT=rows_lo is not None,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for cfg in tiles(R):
+            def run(cfg=cfg, rows=rows, rows_lo=rows_lo, rs=rs, k=k, ks=ks, inv=inv):
+                route_rows_kernel(rows, rows_lo, rs, sample, k, doc, out, cosine=True, key_scale=ks,
+                                  key_inv_norm=inv, config=cfg)
 
             try:
                 ms = timed(run, 10, dev)
             except triton.runtime.errors.OutOfResources:
                 continue  # too much shared memory for this device
-            p = {"keys": kname, "variant": variant, "rows": str(rdt).removeprefix("torch."), "block_c": bc,
+            p = {"keys": kname, "variant": variant, "rows": str(rdt).removeprefix("torch."),
+                 "block_r": cfg.kwargs["BLOCK_R"], "block_c": cfg.kwargs["BLOCK_C"],
                  "warps": cfg.num_warps, "stages": cfg.num_stages, "ms": round(ms, 3),
                  "gbps": round(nbytes / ms * 1e-6, 1), "floor_ms": round(nbytes / rate * 1e3, 3)}
             points.append(p)

@@ -10,10 +10,13 @@ from memsparse.cli import main
 from memsparse.eval.serving import Settings, run
 
 
-def test_bench_serve_tiny(tmp_path):
+def test_bench_serve_tiny(tmp_path, capsys):
     out = tmp_path / "serve.json"
     res = run(out, Settings(tokens=4096, repeats=1, requests=1, max_tokens=2, doc_len=512), tiny=True)
-    assert json.loads(out.read_text()) == res
+    assert json.loads(out.read_text()) == res and "partial" not in res
+    stages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench serve: ")]
+    firsts = [line.split(":")[1].split()[0].strip(",") for line in stages]
+    assert firsts == ["a", "routing", "routing", "server", "server"]
     assert {"gpu", "date", "commit"} <= res.keys() and res["model"] == "tiny" and res["tokens"] == 4096
     assert [(r["keys"], r["batch"]) for r in res["routing"]] == [("float32", 1), ("float32", 8), ("fp8", 1), ("fp8", 8)]
     assert all(r["routing_ms"] > 0 for r in res["routing"]) and res["server_keys"] == "fp8"
@@ -31,3 +34,19 @@ def test_bench_serve_refuses_bad_values(args, message, capsys):
     assert main(["bench", "serve", "--tiny", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_bench_serve_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):
+    """A run that fails in the server stage (or is killed there) has already written its routing figures."""
+    import memsparse.eval.serving as serving
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of time")
+
+    monkeypatch.setattr(serving, "throughput", fail)
+    out = tmp_path / "serve.json"
+    with pytest.raises(RuntimeError, match="out of time"):
+        run(out, Settings(tokens=4096, repeats=1, requests=1, max_tokens=2, doc_len=512), tiny=True)
+    saved = json.loads(out.read_text())
+    assert saved["partial"].startswith("routing with fp8 keys") and len(saved["routing"]) == 4
+    assert saved["routing_ratio"] > 0 and "server" not in saved

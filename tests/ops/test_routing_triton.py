@@ -340,3 +340,36 @@ def test_the_tiles_tried_for_a_batch():
     assert {r for r, _ in tiles(64)} == {64}
     assert {r for r, _ in tiles(512)} == {64, 128, MAX_BLOCK_R}
     assert all(r * c <= ACC_BUDGET for r, c in tiles(512)) and (MAX_BLOCK_R, 64) in tiles(512)
+
+
+@pytest.mark.parametrize("tile", [(16, 32, 4, 2), (64, 16, 4, 3), (32, 64, 8, 2)],
+                         ids=["R16-C32", "R64-C16", "R32-C64"])
+@pytest.mark.parametrize("variant", ["bf16", "fp8-split-invnorm"])
+def test_a_fixed_tile_scores_as_the_autotuned_kernel(tile, variant):
+    """`route_rows_kernel(config=...)` (benchmarks/routing_kernel.py times each tile this way) scores as the
+    autotuned entry point, with several row tiles (50 rows in tiles of 16 or 32) and chunk tiles."""
+    import triton
+
+    from memsparse.memory.quant import quantize
+    from memsparse.ops.routing_triton import route_rows_kernel
+
+    g = torch.Generator().manual_seed(11)
+    B, S, H, Hkv, D, C, N = 2, 25, 4, 2, 32, 90, 13
+    q = torch.randn(B, S, H, D, generator=g).to(DEVICE)
+    mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    keys = torch.randn(C, Hkv, D, generator=g).to(DEVICE)
+    doc = torch.sort(torch.randint(0, N, (C,), generator=g)).values.to(DEVICE)
+    split = variant != "bf16"
+    if split:
+        qk = quantize(keys, "fp8", per_head=False)
+        keys, ks, kn = qk.data, qk.scale, inverse_norms(qk.data)
+    else:
+        keys, ks, kn = keys.to(torch.bfloat16), None, None
+    want = fused_document_scores(q, mask, keys, doc, N, cosine=True, scale=1.0, key_scale=ks, key_inv_norm=kn,
+                                 split_fp8=split)
+    got = torch.empty(B, N, device=DEVICE)
+    rows, lo, rs, sample = routing_rows(q, mask, Hkv, cosine=True, scale=1.0, split_fp8=split, fill=got)
+    r, c, w, s = tile
+    route_rows_kernel(rows, lo, rs, sample, keys, doc, got, cosine=True, key_scale=ks, key_inv_norm=kn,
+                      config=triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w, num_stages=s))
+    assert torch.allclose(got, want, atol=TOL, rtol=TOL)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -58,9 +59,9 @@ def _ratio(rows: list[dict]) -> float:
     return round(rows[-1]["routing_ms"] / rows[0]["routing_ms"], 3)
 
 
-def throughput(engine, s: Settings) -> list[dict]:
+def throughput(engine, s: Settings, rows: list[dict], done=lambda row: None) -> list[dict]:
     """The server on a local socket, driven by 1 and by 8 concurrent clients (each client: one untimed request,
-    then `s.requests` timed ones)."""
+    then `s.requests` timed ones): a row per client count appended to `rows`, `done(row)` called after each."""
     import httpx
     import uvicorn
 
@@ -74,16 +75,16 @@ def throughput(engine, s: Settings) -> list[dict]:
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    out = []
     try:
         with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=4 * max(s.batch))) as http:
             for clients in s.batch:
                 _drive(http, url, clients, 1, s.max_tokens)  # warm-up: this batch size's graphs and kernels
-                out.append({"clients": clients, **_drive(http, url, clients, s.requests, s.max_tokens)})
+                rows.append({"clients": clients, **_drive(http, url, clients, s.requests, s.max_tokens)})
+                done(rows[-1])
     finally:
         server.should_exit = True
         thread.join(60)
-    return out
+    return rows
 
 
 def _drive(http, url: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -111,8 +112,17 @@ def _drive(http, url: str, clients: int, requests: int, max_tokens: int) -> dict
             "latency_s": latency_percentiles(latencies)}
 
 
+def _stage(out: Path, result: dict, line: str) -> None:
+    """One stage done: its line on stderr, and `out` rewritten with what is measured so far ("partial" names the
+    last stage), so that a run cut short still leaves its figures."""
+    print(f"bench serve: {line}", file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**result, "partial": line}, indent=1) + "\n")
+
+
 def run(out: Path, s: Settings, tiny: bool = False) -> dict:
-    """Measure routing and server throughput; write `out` (JSON, with gpu, date and commit)."""
+    """Measure routing and server throughput; write `out` (JSON, with gpu, date and commit), after each stage
+    too."""
     from ..engine import MSAEngine
     from ..model.tokenizer import build_qwen_tokenizer
 
@@ -122,20 +132,26 @@ def run(out: Path, s: Settings, tiny: bool = False) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = build_qwen_tokenizer()  # Qwen3's tokenizer: its ids fit the geometry's vocabulary (TINY's widened to it)
     model = random_model({**TINY, "vocab_size": QWEN3_4B["vocab_size"]} if tiny else QWEN3_4B, dev, dtype)
+    t0 = time.perf_counter()
     banks = _qwen_banks(model, s.tokens, SpeedSettings(doc_len=s.doc_len))
     bank, _ = next(banks)  # routing keys in the model's dtype
     keys = "bf16" if dtype == torch.bfloat16 else "float32"
     result = {**run_meta(), "model": "tiny" if tiny else "qwen3-4b", "tokens": s.tokens, "key_dtype": keys,
               "tier": bank.tier, "settings": asdict(s) | {"batch": list(s.batch)}}
-    first = routing(bank, s, keys)
+    _stage(out, result, f"a bank of {s.tokens:,} tokens ({bank.tier} tier) in {time.perf_counter() - t0:.1f} s")
+    result["routing"] = routing(bank, s, keys)
+    result["routing_ratio"] = _ratio(result["routing"])
+    _stage(out, result, f"routing with {keys} keys: batch {s.batch[-1]} in {result['routing_ratio']}x one's time")
     bank, _ = next(banks)  # the same bank, fp8 routing keys
     fp8 = routing(bank, s, "fp8")
-    result["routing"] = first + fp8
-    result["routing_ratio"], result["routing_ratio_fp8"] = _ratio(first), _ratio(fp8)
+    result["routing"] += fp8
+    result["routing_ratio_fp8"] = _ratio(fp8)
+    _stage(out, result, f"routing with fp8 keys: batch {s.batch[-1]} in {result['routing_ratio_fp8']}x one's time")
     result["server_keys"] = "fp8"
-    result["server"] = throughput(MSAEngine(model, tok, bank, similarity="official"), s)
+    result["server"] = []
+    throughput(MSAEngine(model, tok, bank, similarity="official"), s, result["server"], lambda row: _stage(
+        out, result, f"server, {row['clients']} clients: {row['requests_per_s']} requests/s"))
     first, last = result["server"][0], result["server"][-1]
     result["throughput_ratio"] = round(last["requests_per_s"] / first["requests_per_s"], 3)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result

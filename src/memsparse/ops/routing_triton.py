@@ -223,13 +223,28 @@ def fused_document_scores(q: torch.Tensor, q_mask: torch.Tensor, keys: torch.Ten
                                                    fill=fill)
     if C == 0:
         return out
-    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
-    ks = key_scale.contiguous() if key_scale is not None else out  # (C,) float32; unread without a scale
-    inv_norm = cosine and key_inv_norm is not None
-    kn = key_inv_norm.contiguous() if inv_norm else out  # (C, Hkv) float16/32; unread without
-    _route_kernel[grid](rows, row_lo if split_fp8 else rows, row_scale if split_fp8 else out,
-                        sample, keys.contiguous(), ks, kn, chunk_doc.to(torch.int32).contiguous(), out,
-                        B * S, C, num_docs, C.bit_length(), B=B, HKV=Hkv, D=D,
-                        R_BUCKET=max(16, triton.next_power_of_2(B * S)), COSINE=cosine, HAS_SCALE=key_scale is not None,
-                        INV_NORM=inv_norm, SPLIT=split_fp8)
+    route_rows_kernel(rows, row_lo, row_scale, sample, keys, chunk_doc, out, cosine=cosine, key_scale=key_scale,
+                      key_inv_norm=key_inv_norm if cosine else None)
     return out
+
+
+def route_rows_kernel(rows: torch.Tensor, row_lo: torch.Tensor | None, row_scale: torch.Tensor | None,
+                      sample: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor, out: torch.Tensor, *,
+                      cosine: bool, key_scale: torch.Tensor | None = None, key_inv_norm: torch.Tensor | None = None,
+                      config: triton.Config | None = None) -> None:
+    """The kernel's pass over the keys for prepared rows (`routing_rows`; split fp8 when `row_lo` is given),
+    folding maxima into `out` (B, N). The autotuner picks the tile unless `config` (BLOCK_R, BLOCK_C, warps,
+    stages) fixes it, as benchmarks/routing_kernel.py does to time each tile."""
+    (B, N), (R, C) = out.shape, (rows.shape[0], keys.shape[0])
+    split = row_lo is not None
+    args = (rows, row_lo if split else rows, row_scale if split else out, sample, keys.contiguous(),
+            key_scale.contiguous() if key_scale is not None else out,  # (C,) float32; unread without a scale
+            key_inv_norm.contiguous() if key_inv_norm is not None else out,  # (C, Hkv); unread without
+            chunk_doc.to(torch.int32).contiguous(), out, R, C, N, C.bit_length())
+    kw = dict(B=B, HKV=keys.shape[1], D=keys.shape[2], R_BUCKET=max(16, triton.next_power_of_2(R)), COSINE=cosine,
+              HAS_SCALE=key_scale is not None, INV_NORM=key_inv_norm is not None, SPLIT=split)
+    if config is None:
+        _route_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)](*args, **kw)
+    else:
+        _route_kernel.fn[(triton.cdiv(C, config.kwargs["BLOCK_C"]),)](
+            *args, **kw, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
