@@ -24,6 +24,7 @@ from memsparse.eval.speed import read_rate
 from memsparse.memory.quant import quantize
 from memsparse.ops.routing_triton import (
     _CONFIGS,
+    ACC_BUDGET,
     _fitting,
     _split_fp8_rows,
     fused_document_scores,
@@ -39,7 +40,7 @@ def tiles(rows: int) -> list[triton.Config]:
     fit = _fitting(_CONFIGS, {}, R_BUCKET=max(16, triton.next_power_of_2(rows)))
     block_r = fit[0].kwargs["BLOCK_R"]
     return fit + [triton.Config({"BLOCK_R": block_r, "BLOCK_C": c}, num_warps=w, num_stages=s) for c, w, s in EXTRA
-                  if block_r * c <= 16384]
+                  if block_r * c <= ACC_BUDGET]
 
 
 def main() -> None:

@@ -59,9 +59,9 @@ def _ratio(rows: list[dict]) -> float:
     return round(rows[-1]["routing_ms"] / rows[0]["routing_ms"], 3)
 
 
-def throughput(engine, s: Settings, rows: list[dict], done=lambda row: None) -> list[dict]:
+def throughput(engine, s: Settings, done=lambda rows: None) -> list[dict]:
     """The server on a local socket, driven by 1 and by 8 concurrent clients (each client: one untimed request,
-    then `s.requests` timed ones): a row per client count appended to `rows`, `done(row)` called after each."""
+    then `s.requests` timed ones): a row per client count, `done(rows so far)` called after each."""
     import httpx
     import uvicorn
 
@@ -75,12 +75,13 @@ def throughput(engine, s: Settings, rows: list[dict], done=lambda row: None) -> 
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    rows = []
     try:
         with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=4 * max(s.batch))) as http:
             for clients in s.batch:
                 _drive(http, url, clients, 1, s.max_tokens)  # warm-up: this batch size's graphs and kernels
                 rows.append({"clients": clients, **_drive(http, url, clients, s.requests, s.max_tokens)})
-                done(rows[-1])
+                done(rows)
     finally:
         server.should_exit = True
         thread.join(60)
@@ -148,9 +149,12 @@ def run(out: Path, s: Settings, tiny: bool = False) -> dict:
     result["routing_ratio_fp8"] = _ratio(fp8)
     _stage(out, result, f"routing with fp8 keys: batch {s.batch[-1]} in {result['routing_ratio_fp8']}x one's time")
     result["server_keys"] = "fp8"
-    result["server"] = []
-    throughput(MSAEngine(model, tok, bank, similarity="official"), s, result["server"], lambda row: _stage(
-        out, result, f"server, {row['clients']} clients: {row['requests_per_s']} requests/s"))
+
+    def served(rows: list[dict]) -> None:
+        result["server"] = rows
+        _stage(out, result, f"server, {rows[-1]['clients']} clients: {rows[-1]['requests_per_s']} requests/s")
+
+    result["server"] = throughput(MSAEngine(model, tok, bank, similarity="official"), s, served)
     first, last = result["server"][0], result["server"][-1]
     result["throughput_ratio"] = round(last["requests_per_s"] / first["requests_per_s"], 3)
     out.write_text(json.dumps(result, indent=1) + "\n")
