@@ -16,9 +16,12 @@ from pathlib import Path
 
 
 def router_gold(spec: str, split: str, device: str | None, batch: int = 16, chunk: int | None = None,
-                fuse: list[str] = ()) -> dict:
+                fuse: list[str] = (), priors: int = 0, similarity: str = "train",
+                query_reduce: str | None = None) -> dict:
     """Gold top-1 / top-4 of the model's first routing pass (its own fused layers), each router layer's top-1,
-    and (`fuse`: layer sets such as '24-29' or '20,22,24') the same fused over other sets of layers."""
+    and (`fuse`: layer sets such as '24-29' or '20,22,24') the same fused over other sets of layers. `priors`:
+    document priors from that many sentences of the memory (`MSAEngine.calibrate_priors`; 0: none);
+    `similarity`: the engine's; `query_reduce`: the routing tokens' reduce in place of the model's ('max')."""
     from memsparse.engine import MSAEngine
     from memsparse.engine.routing import fused_top, fusing
     from memsparse.eval.faqs import load_qa
@@ -28,10 +31,14 @@ def router_gold(spec: str, split: str, device: str | None, batch: int = 16, chun
 
     data = load_qa(split)
     model, tok = load_model(spec, device=device)
+    if query_reduce:
+        model.msa_config.query_reduce_method = query_reduce
     t0 = time.perf_counter()
     bank = MemoryBank.build(model, tok, []).like(chunk_size=chunk)  # (routing keys pooled over `chunk` tokens)
     bank.add(data.paragraphs, progress=True)
-    eng = MSAEngine(model, tok, bank)
+    eng = MSAEngine(model, tok, bank, similarity=similarity)
+    if priors:
+        eng.calibrate_priors(n=priors)
     qs = [q for q, _, _ in data.questions]
     routings = [r for a in range(0, len(qs), batch) for r in eng.route_batch(qs[a:a + batch])]
     gold = [p for _, _, p in data.questions]
@@ -46,7 +53,8 @@ def router_gold(spec: str, split: str, device: str | None, batch: int = 16, chun
 
     per_layer = {lay: mean_se([float(bool(r[lay]) and r[lay][0][0] == g) for r, g in zip(routings, gold)])[0]
                  for lay in model.router_layers}
-    return {"model": spec, "split": split, "chunk": bank.pool_size, "n": len(qs), **gold_rates(model.fuse_layers),
+    return {"model": spec, "split": split, "chunk": bank.pool_size, "priors": priors, "similarity": similarity,
+            "query_reduce": model.msa_config.query_reduce_method, "n": len(qs), **gold_rates(model.fuse_layers),
             "layer_top1": per_layer, "fused": {f: gold_rates(layer_set(f)) for f in fuse},
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -77,6 +85,11 @@ def main() -> None:
     ap.add_argument("--names", help="comma list: how the results name each model (default: --models)")
     ap.add_argument("--chunks", help="comma list: routing-key chunk sizes to try with every model (default: the "
                     "model's pooling_kernel_size); names get '@N'")
+    ap.add_argument("--priors", help="comma list: document priors from N sentences of the memory to try with every "
+                    "model (0: none; default 0); names get '+pN'")
+    ap.add_argument("--similarity", default="train", help="the engine's routing similarity (default: train)")
+    ap.add_argument("--query-reduce", choices=("max", "mean", "last"),
+                    help="reduce over the routing tokens in place of the model's (names get '/R')")
     ap.add_argument("--fuse", help="';' list of router layer sets to fuse besides the model's own ('24-29;26-29')")
     ap.add_argument("--device")
     ap.add_argument("--out", help="a JSON file for the results (with the run's card, date and commit)")
@@ -89,16 +102,20 @@ def main() -> None:
     if len(names) != len(specs):
         ap.error(f"--names gives {len(names)} names for {len(specs)} models")
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [None]
+    priors = [int(n) for n in args.priors.split(",")] if args.priors else [0]
     for spec, name in zip(specs, names):
         for chunk in chunks:
-            rows.append({**router_gold(spec, args.split, args.device, chunk=chunk,
-                                       fuse=args.fuse.split(";") if args.fuse else ()),
-                         "model": name + (f"@{chunk}" if chunk else "")})
-            shown = {k: v for k, v in rows[-1].items() if not k.endswith("_hits") and k != "fused"}
-            print(json.dumps(shown), flush=True)
-            for f, rates in rows[-1]["fused"].items():
-                print(f"  fused over {f}: top-1 {rates['gold_top1']} +- {rates['gold_top1_se']}, top-4 "
-                      f"{rates['gold_top4']} +- {rates['gold_top4_se']}", flush=True)
+            for n in priors:
+                rows.append({**router_gold(spec, args.split, args.device, chunk=chunk,
+                                           fuse=args.fuse.split(";") if args.fuse else (), priors=n,
+                                           similarity=args.similarity, query_reduce=args.query_reduce),
+                             "model": name + (f"@{chunk}" if chunk else "") + (f"+p{n}" if n else "")
+                             + (f"/{args.query_reduce}" if args.query_reduce else "")})
+                shown = {k: v for k, v in rows[-1].items() if not k.endswith("_hits") and k != "fused"}
+                print(json.dumps(shown), flush=True)
+                for f, rates in rows[-1]["fused"].items():
+                    print(f"  fused over {f}: top-1 {rates['gold_top1']} +- {rates['gold_top1_se']}, top-4 "
+                          f"{rates['gold_top4']} +- {rates['gold_top4_se']}", flush=True)
     gains = [paired(rows[0], r) for r in rows[1:]]
     for g in gains:
         print(json.dumps(g))
