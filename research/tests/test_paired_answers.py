@@ -36,3 +36,14 @@ def test_qa_pairs_by_question_and_reads_gzip(tmp_path, capsys, monkeypatch):
 def test_nothing_in_common_is_an_error():
     with pytest.raises(ValueError, match="no sample"):
         compare([_niah(0, 1.0)], [_niah(1, 1.0)], "score")
+
+
+def test_qa_across_systems_pairs_by_question_alone():
+    a = [{"system": "memsparse", "question": f"q{i}", "f1": f} for i, f in enumerate([0.5, 0.0, 1.0])]
+    b = [{"system": "memsparse-priors-256", "question": f"q{i}", "f1": f} for i, f in enumerate([1.0, 0.0])]
+    with pytest.raises(ValueError, match="no sample"):
+        compare(a, b, "f1")  # by default the system is part of the key
+    r = compare(a, b, "f1", across_systems=True)
+    assert r["all"]["n"] == 2 and r["all"]["gain"] == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="one system"):
+        compare(a + [dict(a[0], system="rag1-msa")], b, "f1", across_systems=True)
