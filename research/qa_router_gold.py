@@ -12,18 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
 def router_gold(spec: str, split: str, device: str | None, batch: int = 16, chunk: int | None = None,
-                fuse: list[str] = (), priors: int = 0, similarity: str = "train",
-                query_reduce: str | None = None) -> dict:
+                fuse: list[str] = (), priors: list[int] = (0,), similarity: str = "train",
+                query_reduce: str | None = None) -> Iterator[dict]:
     """Gold top-1 / top-4 of the model's first routing pass (its own fused layers), each router layer's top-1,
-    and (`fuse`: layer sets such as '24-29' or '20,22,24') the same fused over other sets of layers. `priors`:
-    document priors from that many sentences of the memory (`MSAEngine.calibrate_priors`; 0: none);
-    `similarity`: the engine's; `query_reduce`: the routing tokens' reduce in place of the model's ('max')."""
+    and (`fuse`: layer sets such as '24-29' or '20,22,24') the same fused over other sets of layers: one result
+    per entry of `priors` (document priors from that many sentences of the memory, `MSAEngine.calibrate_priors`;
+    0: none), over one encoding of the memory, yielded as each is done. `similarity`: the engine's;
+    `query_reduce`: the routing tokens' reduce in place of the model's ('max')."""
     from memsparse.engine import MSAEngine
-    from memsparse.engine.routing import fused_top, fusing
     from memsparse.eval.faqs import load_qa
     from memsparse.eval.qa import mean_se
     from memsparse.memory import MemoryBank
@@ -37,26 +38,33 @@ def router_gold(spec: str, split: str, device: str | None, batch: int = 16, chun
     bank = MemoryBank.build(model, tok, []).like(chunk_size=chunk)  # (routing keys pooled over `chunk` tokens)
     bank.add(data.paragraphs, progress=True)
     eng = MSAEngine(model, tok, bank, similarity=similarity)
-    if priors:
-        eng.calibrate_priors(n=priors)
     qs = [q for q, _, _ in data.questions]
-    routings = [r for a in range(0, len(qs), batch) for r in eng.route_batch(qs[a:a + batch])]
     gold = [p for _, _, p in data.questions]
+    for n in priors:
+        bank.set_doc_priors(None)
+        if n:
+            eng.calibrate_priors(n=n)
+        routings = [r for a in range(0, len(qs), batch) for r in eng.route_batch(qs[a:a + batch])]
+        per_layer = {lay: mean_se([float(bool(r[lay]) and r[lay][0][0] == g) for r, g in zip(routings, gold)])[0]
+                     for lay in model.router_layers}
+        yield {"model": spec, "split": split, "chunk": bank.pool_size, "priors": n, "similarity": similarity,
+               "query_reduce": model.msa_config.query_reduce_method, "n": len(qs),
+               **gold_rates(routings, gold, model.fuse_layers), "layer_top1": per_layer,
+               "fused": {f: gold_rates(routings, gold, layer_set(f)) for f in fuse},
+               "seconds": round(time.perf_counter() - t0, 1)}
 
-    def gold_rates(layers: list[int]) -> dict:
-        ranks = [fused_top(fusing(r, layers), 4) for r in routings]
-        top1 = [int(r[:1] == [g]) for r, g in zip(ranks, gold)]
-        top4 = [int(g in r) for r, g in zip(ranks, gold)]
-        (m1, s1), (m4, s4) = mean_se(top1), mean_se(top4)
-        return {"gold_top1": m1, "gold_top1_se": s1, "gold_top4": m4, "gold_top4_se": s4, "top1_hits": top1,
-                "top4_hits": top4}
 
-    per_layer = {lay: mean_se([float(bool(r[lay]) and r[lay][0][0] == g) for r, g in zip(routings, gold)])[0]
-                 for lay in model.router_layers}
-    return {"model": spec, "split": split, "chunk": bank.pool_size, "priors": priors, "similarity": similarity,
-            "query_reduce": model.msa_config.query_reduce_method, "n": len(qs), **gold_rates(model.fuse_layers),
-            "layer_top1": per_layer, "fused": {f: gold_rates(layer_set(f)) for f in fuse},
-            "seconds": round(time.perf_counter() - t0, 1)}
+def gold_rates(routings: list, gold: list[int], layers: list[int]) -> dict:
+    """Gold top-1 / top-4 rates (with standard errors and per-question hits) of routings fused over `layers`."""
+    from memsparse.engine.routing import fused_top, fusing
+    from memsparse.eval.qa import mean_se
+
+    ranks = [fused_top(fusing(r, layers), 4) for r in routings]
+    top1 = [int(r[:1] == [g]) for r, g in zip(ranks, gold)]
+    top4 = [int(g in r) for r, g in zip(ranks, gold)]
+    (m1, s1), (m4, s4) = mean_se(top1), mean_se(top4)
+    return {"gold_top1": m1, "gold_top1_se": s1, "gold_top4": m4, "gold_top4_se": s4, "top1_hits": top1,
+            "top4_hits": top4}
 
 
 def layer_set(spec: str) -> list[int]:
@@ -105,11 +113,11 @@ def main() -> None:
     priors = [int(n) for n in args.priors.split(",")] if args.priors else [0]
     for spec, name in zip(specs, names):
         for chunk in chunks:
-            for n in priors:
-                rows.append({**router_gold(spec, args.split, args.device, chunk=chunk,
-                                           fuse=args.fuse.split(";") if args.fuse else (), priors=n,
-                                           similarity=args.similarity, query_reduce=args.query_reduce),
-                             "model": name + (f"@{chunk}" if chunk else "") + (f"+p{n}" if n else "")
+            for row in router_gold(spec, args.split, args.device, chunk=chunk,
+                                   fuse=args.fuse.split(";") if args.fuse else (), priors=priors,
+                                   similarity=args.similarity, query_reduce=args.query_reduce):
+                n = row["priors"]
+                rows.append({**row, "model": name + (f"@{chunk}" if chunk else "") + (f"+p{n}" if n else "")
                              + (f"/{args.query_reduce}" if args.query_reduce else "")})
                 shown = {k: v for k, v in rows[-1].items() if not k.endswith("_hits") and k != "fused"}
                 print(json.dumps(shown), flush=True)
