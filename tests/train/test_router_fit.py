@@ -68,7 +68,7 @@ def test_groups_pool_memories_and_merge_equal_texts():
     class Stub:
         rng = random.Random(0)
 
-        def draw(self, memory_tokens):
+        def draw(self, memory_tokens, task=None):
             n = self.rng.randrange(1000)
             return Question([f"own {n}", shared, f"other {n}"], f"q{n}", [[0], [1]], "a", "stub")
 
@@ -80,6 +80,33 @@ def test_groups_pool_memories_and_merge_equal_texts():
         assert [g.documents[i] for i in p] == sorted([f"own {n}", shared], key=g.documents.index)
     again = draw_group(Stub(), seed=3, index=0, questions=3, memory_tokens=10)
     assert again == g  # a group depends on its seed and index only
+
+
+def test_same_task_groups_draw_every_question_from_one_task():
+    class Stub:
+        rng = random.Random(0)
+        weights = {"a": 1.0, "b": 1.0}
+
+        def pick_task(self):
+            return self.rng.choice(sorted(self.weights))
+
+        def draw(self, memory_tokens, task=None):
+            task = task or self.pick_task()
+            n = self.rng.randrange(10**6)
+            return Question([f"{task} {n}"], f"{task}?{n}", [[0]], "x", task)
+
+    mixed = [{q.split("?")[0] for q in draw_group(Stub(), 5, i, 8, 10).questions} for i in range(6)]
+    same = [{q.split("?")[0] for q in draw_group(Stub(), 5, i, 8, 10, same_task=True).questions} for i in range(6)]
+    assert any(len(t) == 2 for t in mixed)  # without it a group mixes the tasks
+    assert all(len(t) == 1 for t in same) and {t for s in same for t in s} == {"a", "b"}
+
+
+def test_a_mixer_refuses_a_task_outside_its_mix():
+    from memsparse.tasks.mix import Mixer
+
+    m = Mixer({"niah": 1.0}, lambda texts: [len(t.split()) for t in texts])
+    with pytest.raises(ValueError, match="not in the mix"):
+        m.draw(256, "faq")
 
 
 def test_fitting_lowers_the_routing_loss(tmp_path):

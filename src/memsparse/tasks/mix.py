@@ -153,9 +153,15 @@ class Mixer:
             pages, self.page_entries[task] = _dictionary_pages(getattr(corpora, task)())
             self.pools[task] = Pool(pages, count_tokens)
 
-    def draw(self, memory_tokens: int) -> Question:
-        task = self.rng.choices(list(self.weights), list(self.weights.values()))[0]
-        return getattr(self, task)(memory_tokens)
+    def pick_task(self) -> str:
+        """One of the enabled tasks, drawn by the weights."""
+        return self.rng.choices(list(self.weights), list(self.weights.values()))[0]
+
+    def draw(self, memory_tokens: int, task: str | None = None) -> Question:
+        """A question of `task` (default: one drawn by the weights) over about `memory_tokens` of documents."""
+        if task is not None and task not in self.weights:
+            raise ValueError(f"task {task!r} is not in the mix ({', '.join(self.weights)})")
+        return getattr(self, task or self.pick_task())(memory_tokens)
 
     def niah(self, memory_tokens: int) -> Question:
         from .needles import TRAIN, make_sample

@@ -13,7 +13,8 @@ router layers the engine fuses (msa_config.fuse_layer_idx: the upper layers from
 
 Questions come from the recipe's task mix, `questions` at a time: their own memories (gold passages among hard
 negatives from the same corpus, `memory_tokens` each) are pooled into one memory, equal texts merged, so that every
-question is scored against every document of the group.
+question is scored against every document of the group. With `same_task` a group's questions all come from one task
+(drawn by the mix's weights), so that the other questions' documents are negatives from the same corpus as well.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RouterFit:
     steps: int = 2000
     lr: float | list[float] = 3e-4  # several: each fitted from the same start, the best on the held-back groups kept
     eval_every: int = 100
+    same_task: bool = False  # each group's questions from one task: every document a negative from its corpus
 
     @property
     def lrs(self) -> list[float]:
@@ -62,14 +64,16 @@ class Group:
     positives: list[list[int]]  # per question, the indices of its supporting documents
 
 
-def draw_group(mixer, seed: int, index: int, questions: int, memory_tokens: int) -> Group:
-    """Group `index` of the stream seeded by `seed`: `questions` questions from the mixer, their memories pooled."""
+def draw_group(mixer, seed: int, index: int, questions: int, memory_tokens: int, same_task: bool = False) -> Group:
+    """Group `index` of the stream seeded by `seed`: `questions` questions from the mixer (`same_task`: all of one
+    task), their memories pooled."""
     mixer.rng.seed(f"{seed}-router-{index}")
+    task = mixer.pick_task() if same_task else None
     docs: list[str] = []
     where: dict[str, int] = {}
     qs, pos = [], []
     for _ in range(questions):
-        q = mixer.draw(memory_tokens)
+        q = mixer.draw(memory_tokens, task)
         ids = []
         for text in q.documents:
             if text not in where:
@@ -92,7 +96,8 @@ class _Groups(torch.utils.data.IterableDataset):
         w, n = (info.id, info.num_workers) if info else (0, 1)
         mixer = make_mixer(self.recipe, self.tok)
         for g in range(w, self.fit.groups, n):
-            yield draw_group(mixer, self.recipe.seed, g, self.fit.questions, self.fit.memory_tokens)
+            yield draw_group(mixer, self.recipe.seed, g, self.fit.questions, self.fit.memory_tokens,
+                             self.fit.same_task)
 
 
 def draw_groups(recipe, tok, fit: RouterFit, workers: int = 0):
