@@ -61,6 +61,71 @@ def test_sqlite_faq_html() -> None:
     ]
 
 
+PREFIXED = """
+   Frequently Asked Questions
+
+Q: Why does the daemon open UDP ports above 1024
+   as well as port 53?
+
+A: The high ports are for replies from the upstream
+   nameservers.
+
+   Queries are dropped on them.
+
+Q: How do I easily write text that starts with a slash?
+A: / /text
+---------------------------------------------------------------
+Q: My mouse doesn't sense the middle button.
+
+A: Use the -R option.
+"""
+
+NUMBERED = """Chapter 1: Introducing zsh
+
+1.1. Sources of information
+1.2. What is it?
+
+1.1: Sources of information
+
+  Information from the web.
+
+1.2: What is it?
+
+Zsh is a UNIX command interpreter (shell) which of the standard
+  shells most resembles the Korn shell.
+
+  % zsh -f
+
+1.3: Why does my bash script report an error
+  when I run it under zsh?
+
+Because zsh is not bash.
+"""
+
+
+def test_prefixed_faq_text() -> None:
+    pairs = faqs.prefixed_faq_pairs(PREFIXED)
+    assert pairs == [
+        ("Why does the daemon open UDP ports above 1024 as well as port 53?",
+         "The high ports are for replies from the upstream nameservers.\n\nQueries are dropped on them."),
+        ("How do I easily write text that starts with a slash?", "/ /text"),  # the dashes end it
+        ("My mouse doesn't sense the middle button.", "Use the -R option."),
+    ]
+
+
+def test_numbered_faq_text() -> None:
+    """The table of contents ("1.2.") does not match the entries' heading ("1.2:"); a question wraps."""
+    pairs = dict(faqs.numbered_faq_pairs(NUMBERED, r"(?P<n>\d+\.\d+): (?P<q>\S.*)$"))
+    assert list(pairs) == ["Sources of information", "What is it?",
+                           "Why does my bash script report an error when I run it under zsh?"]
+    assert pairs["What is it?"] == ("Zsh is a UNIX command interpreter (shell) which of the standard shells most "
+                                    "resembles the Korn shell.\n\n% zsh -f")
+    assert pairs["Why does my bash script report an error when I run it under zsh?"] == "Because zsh is not bash."
+    toc = "1. Is it fast?\n 2. Is it free?\n\n 1. Is it fast?\n\n    Yes, very.\n\n 2. Is it free?\n\n    Yes.\n"
+    assert faqs.numbered_faq_pairs(toc, r" ?(?P<n>\d{1,2})\. (?P<q>\S.*)$") == [("Is it fast?", "Yes, very."),
+                                                                                 ("Is it free?", "Yes.")]
+
+
 def test_unknown_package_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown FAQ package 'emacs'"):
         faqs.faq_pairs("emacs")
@@ -98,8 +163,10 @@ def test_held_out_faq_never_drawn(fake_faqs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pkg,least,docs_least", [("python3.11-doc", 150, 5000), ("git-doc", 15, 1000),
-                                                  ("sqlite3-doc", 25, 1000)])
+@pytest.mark.parametrize("pkg,least,docs_least", [
+    ("python3.11-doc", 150, 5000), ("git-doc", 15, 1000), ("sqlite3-doc", 25, 1000), ("weechat-doc", 55, 0),
+    ("nano", 25, 0), ("privoxy", 90, 0), ("chrony", 35, 0), ("zsh-common", 50, 0), ("zlib1g-dev", 35, 0),
+    ("dnsmasq-base", 20, 0), ("irssi", 15, 0)])
 def test_real_faq_packages(pkg, least, docs_least) -> None:
     try:
         pairs, docs = faqs.faq_pairs(pkg), faqs.faq_documents(pkg)
@@ -109,5 +176,33 @@ def test_real_faq_packages(pkg, least, docs_least) -> None:
     assert all(q.strip() == q and ("?" in q or len(q.split()) > 3) and a.strip() for q, a in pairs)
     assert len({q for q, _ in pairs}) >= 0.95 * len(pairs)
     rng = random.Random(0)
-    assert all("<" not in q for q, _ in rng.sample(pairs, 10))
+    assert all("<" not in q for q, _ in rng.sample(pairs, min(10, len(pairs))))
 
+
+
+@pytest.mark.slow
+def test_training_faqs_share_nothing_with_the_evaluation_faqs() -> None:
+    """No training FAQ question is an `eval qa` question (case and punctuation aside), and no training answer shares a
+    run of 12 words with an evaluation passage."""
+    import re
+
+    from memsparse.eval.faqs import _fetch_entries
+
+    try:
+        rows = _fetch_entries()
+        train = [p for pkg in faqs.training_faq_packages() for p in faqs.training_faq_pairs(pkg)]
+    except ResourceUnavailable as e:
+        pytest.skip(f"source unavailable: {e}")
+
+    def norm(q: str) -> str:
+        return re.sub(r"\W+", " ", q.lower()).strip()
+
+    def runs(text: str, n: int = 12) -> set[str]:
+        w = text.split()
+        return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    assert len(train) >= 500
+    asked = {norm(r["question"]) for r in rows}
+    assert not [q for q, _ in train if norm(q) in asked]
+    held = set().union(*(runs(r["passage"]) for r in rows))
+    assert not [q for q, a in train if runs(a) & held]
