@@ -4,7 +4,7 @@
   key kinds and value formats over training corpora), all 8 RULER subtask shapes (equally often, or with the
   `niah_subtasks` weights); the model names the documents holding the queried needles and answers with the values.
   RULER itself (niah.py: its wording, the Paul Graham essays) is evaluation only (heldout.py).
-- `faq`: human-written FAQ pairs of the packages of `faqs.FAQ_PACKAGES` (Python, Git and SQLite FAQs; the packages
+- `faq`: human-written FAQ pairs of the packages of `faqs.FAQ_PACKAGES` (eleven FAQs: docs/training-data.md; packages
   `eval qa` asks, `heldout.EVAL_ONLY_FAQ_PACKAGES`, are never read): the memory holds the answer passage among
   distractors from the same package (its other FAQ answers and its documentation); the model names it and answers
   with its first sentence. The last `FAQ_HELD_OUT` Python FAQ questions are never trained on (the demo uses them).
