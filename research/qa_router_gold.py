@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--query-reduce", choices=("max", "mean", "last"),
                     help="reduce over the routing tokens in place of the model's (names get '/R')")
     ap.add_argument("--fuse", help="';' list of router layer sets to fuse besides the model's own ('24-29;26-29')")
+    ap.add_argument("--baseline", metavar="JSON:NAME",
+                    help="pair every model with a model's stored per-question hits in an earlier result file of this "
+                         "script (same split), e.g. research/results/v14_router_fit_dev.json:v10")
     ap.add_argument("--device")
     ap.add_argument("--out", help="a JSON file for the results (with the run's card, date and commit)")
     args = ap.parse_args()
@@ -124,7 +127,15 @@ def main() -> None:
                 for f, rates in rows[-1]["fused"].items():
                     print(f"  fused over {f}: top-1 {rates['gold_top1']} +- {rates['gold_top1_se']}, top-4 "
                           f"{rates['gold_top4']} +- {rates['gold_top4_se']}", flush=True)
-    gains = [paired(rows[0], r) for r in rows[1:]]
+    base = rows[0]
+    if args.baseline:
+        path, _, name = args.baseline.rpartition(":")
+        stored = json.loads(Path(path).read_text())
+        found = [r for r in stored.get("router", stored).get("results", []) if r["model"] == name]
+        if not found or found[0].get("split", args.split) != args.split or found[0]["n"] != rows[0]["n"]:
+            ap.error(f"--baseline: no {args.split} result of {name!r} over {rows[0]['n']} questions in {path}")
+        base = {**found[0], "model": f"{name} (stored)"}
+    gains = [paired(base, r) for r in rows[base is rows[0]:]]
     for g in gains:
         print(json.dumps(g))
     if args.out:
