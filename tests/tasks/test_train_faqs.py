@@ -126,6 +126,18 @@ def test_numbered_faq_text() -> None:
                                                                                  ("Is it free?", "Yes.")]
 
 
+def test_a_damaged_faq_file_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    faq = tmp_path / "usr/share/doc/dnsmasq-base/FAQ.gz"
+    faq.parent.mkdir(parents=True)
+    faq.write_bytes(b"\x1f\x8b not really gzip")
+    monkeypatch.setattr(faqs, "debian_package", lambda pkg: tmp_path)
+    with pytest.raises(ResourceUnavailable, match="cannot read the FAQ in Debian package dnsmasq-base"):
+        faqs._build_pairs("dnsmasq-base")
+    faq.unlink()
+    with pytest.raises(ResourceUnavailable, match="no usr/share/doc/dnsmasq-base/FAQ.gz in Debian package"):
+        faqs._build_pairs("dnsmasq-base")
+
+
 def test_unknown_package_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown FAQ package 'emacs'"):
         faqs.faq_pairs("emacs")

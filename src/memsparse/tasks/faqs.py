@@ -20,6 +20,7 @@ import gzip
 import html
 import re
 import textwrap
+import zlib
 from pathlib import Path
 
 from memsparse.resources import ResourceUnavailable
@@ -222,7 +223,11 @@ def _build_pairs(pkg: str) -> list:
         page = _one(root, "usr/share/doc/sqlite3/faq.html", pkg).read_text(encoding="utf-8", errors="replace")
         return [list(p) for p in sqlite_faq_pairs(page)]
     if pkg in _FAQ_ONLY:
-        pairs = [[q, a] for q, a in _FAQ_ONLY[pkg](root) if "?" in q and a.strip()]
+        try:
+            pairs = [[q, a] for q, a in _FAQ_ONLY[pkg](root) if "?" in q and a.strip()]
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ResourceUnavailable(f"cannot read the FAQ in Debian package {pkg}: {e} (remove {root} to fetch it "
+                                      "again)") from None
         if not pairs:
             raise ResourceUnavailable(f"no FAQ questions found in Debian package {pkg} (remove {root} to fetch it "
                                       "again)")
