@@ -135,7 +135,7 @@ def main() -> None:
         if not found or found[0].get("split", args.split) != args.split or found[0]["n"] != rows[0]["n"]:
             ap.error(f"--baseline: no {args.split} result of {name!r} over {rows[0]['n']} questions in {path}")
         base = {**found[0], "model": f"{name} (stored)"}
-    gains = [paired(base, r) for r in rows[base is rows[0]:]]
+    gains = [paired(base, r) for r in (rows if args.baseline else rows[1:])]
     for g in gains:
         print(json.dumps(g))
     if args.out:
