@@ -50,3 +50,18 @@ def test_bench_serve_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["partial"].startswith("routing with fp8 keys") and len(saved["routing"]) == 4
     assert saved["routing_ratio"] > 0 and "server" not in saved
+
+
+def test_bench_serve_without_its_server_stack_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """A machine without httpx (the `eval` extra) is told so at once, not after minutes of bank building."""
+    import importlib.util
+
+    import memsparse.eval.serving as serving
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "httpx" else real(name, *a))
+    monkeypatch.setattr(serving, "_qwen_banks", lambda *a, **k: pytest.fail("built a bank"))
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--tiny", "--tokens", "4096", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs httpx" in err[0] and "memsparse[eval]" in err[0] and not out.exists()

@@ -121,6 +121,19 @@ def _stage(out: Path, result: dict, line: str) -> None:
     out.write_text(json.dumps({**result, "partial": line}, indent=1) + "\n")
 
 
+def _require_server_stack() -> None:
+    """The server stage's packages (uvicorn, fastapi: dependencies; httpx, its clients: the `eval` extra) importable,
+    else one line naming the missing ones."""
+    import importlib.util
+
+    from ..resources import ResourceUnavailable
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ResourceUnavailable(f"bench serve needs {', '.join(missing)} for its server stage: pip install "
+                                  f"{' '.join(missing)} (httpx comes with memsparse[eval])")
+
+
 def run(out: Path, s: Settings, tiny: bool = False) -> dict:
     """Measure routing and server throughput; write `out` (JSON, with gpu, date and commit), after each stage
     too."""
@@ -129,6 +142,7 @@ def run(out: Path, s: Settings, tiny: bool = False) -> dict:
 
     if s.tokens < s.doc_len:
         raise ValueError(f"--tokens {s.tokens}: expected at least one document ({s.doc_len} tokens)")
+    _require_server_stack()  # before minutes of bank building, not after
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = build_qwen_tokenizer()  # Qwen3's tokenizer: its ids fit the geometry's vocabulary (TINY's widened to it)
