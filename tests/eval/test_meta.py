@@ -30,3 +30,21 @@ def test_answers_files_round_trip_and_survive_a_run_cut_short(tmp_path, name):
     bad.write_text('{"q": 1}\nnot json\n{"q": 2}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         answer_lines(bad)
+
+
+def test_commit_is_read_once_so_a_long_run_names_the_code_it_started_with(monkeypatch):
+    import subprocess
+
+    from memsparse.eval import meta
+
+    heads = iter(["aaa1111\n", "bbb2222\n"])
+    monkeypatch.setattr(subprocess, "check_output", lambda *a, **k: next(heads))
+    monkeypatch.delenv("MEMSPARSE_COMMIT", raising=False)
+    meta._git_head.cache_clear()
+    try:
+        assert meta.commit() == "aaa1111"  # the CLI reads it as a command starts
+        assert meta.run_meta()["commit"] == "aaa1111"  # a commit landed meanwhile: still the start's
+        monkeypatch.setenv("MEMSPARSE_COMMIT", "ccc3333")
+        assert meta.commit() == "ccc3333"
+    finally:
+        meta._git_head.cache_clear()

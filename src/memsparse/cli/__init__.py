@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     if ranks.launched() and args.command in ONE_PROCESS:
         print(f"{who}: error: runs in one process, not under torchrun", file=err)
         return 2
+    from ..eval.meta import commit
+
+    commit()  # the code's commit as the run starts, for the results it writes at its end
     try:
         with _quiet() if rank else contextlib.nullcontext():
             args.func(args)

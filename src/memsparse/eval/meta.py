@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gzip
 import json
 import os
@@ -16,9 +17,13 @@ import torch
 
 
 def commit() -> str:
-    """$MEMSPARSE_COMMIT (set where the tree travels without .git), else git's short HEAD."""
-    if os.environ.get("MEMSPARSE_COMMIT"):
-        return os.environ["MEMSPARSE_COMMIT"]
+    """$MEMSPARSE_COMMIT (set where the tree travels without .git), else git's short HEAD as this process first read
+    it (the CLI reads it at start): a run that outlasts a commit names the code it started with."""
+    return os.environ.get("MEMSPARSE_COMMIT") or _git_head()
+
+
+@functools.cache
+def _git_head() -> str:
     try:
         cmd = ["git", "rev-parse", "--short", "HEAD"]
         return subprocess.check_output(cmd, text=True, stderr=subprocess.DEVNULL).strip()
