@@ -1,6 +1,6 @@
 """FAQ pairs of several Debian documentation packages (tasks/faqs.py) and the `faq` task's held-out packages."""
 
-import random
+import re
 
 import pytest
 
@@ -126,6 +126,175 @@ def test_numbered_faq_text() -> None:
                                                                                  ("Is it free?", "Yes.")]
 
 
+HEADINGS_HTML = """<h1>XTerm &ndash; Frequently Asked Questions</h1>
+<ul><li><a href="#what">What is XTerm?</a></li><li><a href="#who">Who wrote XTerm?</a></li></ul>
+<h2 id="what-id"><a name="what">What
+is XTerm?</a></h2>
+<p>A terminal emulator for the
+<em>X Window System</em>.</p>
+<pre>xterm -e top</pre>
+<h3>History</h3><p>Old.</p>
+<h3 id="why">Why a VT220?</h3>
+<ul><li>VT100s have no function keys.</li></ul>
+"""
+
+INFO = """This is efaq.info, produced by makeinfo.
+\x1f
+File: efaq.info,  Node: Basic keys,  Next: Extended commands,  Up: FAQ notation
+
+1.1 What do these mean: ‘C-h’, ‘C-M-a’, <RET>, etc.?
+====================================================
+
+   • ‘C-x’: press the ‘x’ key while holding down the <Control> key (if
+     there is none, *note No Meta key::)
+
+   • <SPC>: Space bar
+
+   Key sequences longer than one key are written in a
+longer form.  *Note Keys: (emacs)Keys, for more.
+
+     (setq x 1)
+     (setq y 2)
+
+\x1f
+File: efaq.info,  Node: Common requests,  Next: Setting up,  Up: Top
+
+5 Common requests
+*****************
+
+* Menu:
+
+* Setting up a customization file::
+\x1f
+File: efaq.info,  Node: Setting up,  Up: Common requests
+
+5.1 How do I set up a ‘.emacs’ file properly?
+=============================================
+
+See *note (emacs)Init File::.
+
+* Menu:
+
+* Sub::
+"""
+
+
+def test_heading_html_faq() -> None:
+    """Unnumbered headings, the answer up to the next heading; the table of contents' in-page links go."""
+    pairs = faqs.heading_html_faq_pairs(HEADINGS_HTML)
+    assert pairs == [("What is XTerm?", "A terminal emulator for the X Window System.\n\nxterm -e top"),
+                     ("History", "Old."), ("Why a VT220?", "VT100s have no function keys.")]
+
+
+def test_info_faq() -> None:
+    pairs = faqs.info_faq_pairs(INFO)
+    assert [q for q, _ in pairs] == ["What do these mean: ‘C-h’, ‘C-M-a’, <RET>, etc.?",
+                                     "How do I set up a ‘.emacs’ file properly?"]
+    assert pairs[0][1] == ("* ‘C-x’: press the ‘x’ key while holding down the <Control> key (if there is none, see "
+                           "No Meta key)\n\n* <SPC>: Space bar\n\nKey sequences longer than one key are written in a "
+                           "longer form.  see Keys for more.\n\n(setq x 1)\n(setq y 2)")
+    assert pairs[1][1] == "See (emacs)Init File."
+
+
+NUT = """ifndef::external_title[]
+NUT Frequently Asked Questions
+==============================
+endif::external_title[]
+
+== My UPS driver says it's 'broken'.  What now?
+Or a variation like...
+
+== My favorite UPS driver disappeared after an upgrade.  What now?
+
+Drivers are removed when nobody maintains them; see link:UPGRADING[the notes] and
+linkman:upsd[8].
+
+== Why doesn't upsd implement upsmon?  I run THREE programs!
+*Answer 1*
+
+We follow the "tool for the job" philosophy:
+
+------
+# upsmon -c fsd
+------
+
+////
+TODO: a comment
+////
+*Answer 2*
+
+See link:docs/config-notes.txt[].
+"""
+
+CVS = """   CVS is Copyright (C) 1989-2005 The Free Software Foundation, Inc.
+
+  Category: /Advanced_Topics_/Branching_and_Mergin/
+
+          " + Branching and Merging"
+
+    1. What is a branch?
+
+          Unfortunately, the word "branch" is an overloaded technical
+          term.
+
+     How Humans use the word "branch":
+
+          Most development starts on one line.
+
+   Last modified: _6/13/1997_
+
+    2. How do I merge changes from the trunk into my branch or between
+    branches?
+
+   Like this:
+
+            cvs update -j <tag>
+            cvs commit
+
+   Last modified: _6/13/1997_
+     _________________________________________________________________
+
+    3. I use A/UX. Is there anything I need to know?
+
+   [[??]]
+
+    4. How do I release a tree I removed?
+
+   See 3G.4.
+
+   [Add an answer to this category]
+
+   _Search the FAQ-O-Matic:_ ____ Search
+"""
+
+
+def test_package_faqs_nut_and_cvs(tmp_path) -> None:
+    """NUT: AsciiDoc sections that do not wrap, listings as code, links as text; CVS: the FAQ-O-Matic's categories,
+    dates and navigation go, wrapped questions join, answers that only point elsewhere are left out."""
+    import gzip
+
+    for path, text in (("usr/share/doc/nut/FAQ.txt.gz", NUT), ("usr/share/doc/cvs/FAQ.gz", CVS)):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(gzip.compress(text.encode()))
+    assert faqs._nut_pairs(tmp_path) == [
+        ("My favorite UPS driver disappeared after an upgrade. What now?",
+         "Drivers are removed when nobody maintains them; see the notes and upsd(8)."),
+        ("Why doesn't upsd implement upsmon? I run THREE programs!",
+         "We follow the \"tool for the job\" philosophy:\n\n# upsmon -c fsd\n\nSee docs/config-notes.txt."),
+    ]
+    assert faqs._cvs_pairs(tmp_path) == [
+        ("What is a branch?", "Unfortunately, the word \"branch\" is an overloaded technical term.\n\nHow Humans use "
+         "the word \"branch\":\n\nMost development starts on one line."),
+        ("How do I merge changes from the trunk into my branch or between branches?",
+         "Like this:\n\ncvs update -j <tag>\ncvs commit"),
+    ]
+
+
+def test_without_drops_whole_lines_only() -> None:
+    assert faqs._without("=====\nSECTION 2 - HELP\nKeep = this\n  Last updated on: 2005", r"=+", r"SECTION \d+ - .*",
+                         r"\s*Last updated on: .*") == "Keep = this"
+
+
 def test_a_damaged_faq_file_is_a_clear_error(tmp_path, monkeypatch) -> None:
     faq = tmp_path / "usr/share/doc/dnsmasq-base/FAQ.gz"
     faq.parent.mkdir(parents=True)
@@ -174,11 +343,32 @@ def test_held_out_faq_never_drawn(fake_faqs) -> None:
     assert not asked & held and seen == set(faqs.FAQ_PACKAGES)
 
 
+def test_a_recipe_pins_its_faq_packages(fake_faqs, tmp_path) -> None:
+    """`faq_packages` keeps a recipe drawing the FAQs it was run with when more are added; a name not among
+    `FAQ_PACKAGES` (or an evaluation package) is one clear error when the recipe loads."""
+    from memsparse.train.trainer import Recipe
+
+    pinned = ["git-doc", "nano"]
+    mixer = Mixer({"faq": 1.0}, lambda texts: [len(t.split()) for t in texts], seed=0, faq_packages=pinned)
+    assert {mixer.draw(200).question.split(" question ")[0] for _ in range(200)} == set(pinned)
+    base = 'base = "smollm2"\n[tasks]\nfaq = 1.0\n[router_fit]\ngroups = 4\nval_groups = 1\n'
+    good = tmp_path / "good.toml"
+    good.write_text('faq_packages = ["git-doc", "nano"]\n' + base)
+    assert Recipe.load(good).faq_packages == pinned
+    for value, message in [('["git-doc", "perl-doc"]', "unknown FAQ packages ['perl-doc']"),
+                           ('"git-doc"', "must be a non-empty list"), ("[]", "must be a non-empty list")]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f"faq_packages = {value}\n" + base)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Recipe.load(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pkg,least,docs_least", [
     ("python3.11-doc", 150, 5000), ("git-doc", 15, 1000), ("sqlite3-doc", 25, 1000), ("weechat-doc", 55, 0),
     ("nano", 25, 0), ("privoxy", 90, 0), ("chrony", 35, 0), ("zsh-common", 50, 0), ("zlib1g-dev", 35, 0),
-    ("dnsmasq-base", 20, 0), ("irssi", 15, 0)])
+    ("dnsmasq-base", 20, 0), ("irssi", 15, 0), ("vim-doc", 350, 0), ("cvs", 260, 0), ("emacs-common", 115, 0),
+    ("xterm", 45, 0), ("nut", 40, 0), ("procmail", 15, 0)])
 def test_real_faq_packages(pkg, least, docs_least) -> None:
     try:
         pairs, docs = faqs.faq_pairs(pkg), faqs.faq_documents(pkg)
@@ -187,8 +377,8 @@ def test_real_faq_packages(pkg, least, docs_least) -> None:
     assert len(pairs) >= least and len(docs) >= docs_least
     assert all(q.strip() == q and ("?" in q or len(q.split()) > 3) and a.strip() for q, a in pairs)
     assert len({q for q, _ in pairs}) >= 0.95 * len(pairs)
-    rng = random.Random(0)
-    assert all("<" not in q for q, _ in rng.sample(pairs, min(10, len(pairs))))
+    # no HTML tag left in a question (key and placeholder names such as <RET>, <tag> or <x> are the FAQs' own)
+    assert not [q for q, _ in pairs if re.search(r"</?(?:a|b|i|p|em|tt|code|pre|br|span|div|li|ul|ol|h\d)\b[^>]*>", q)]
 
 
 
@@ -196,8 +386,6 @@ def test_real_faq_packages(pkg, least, docs_least) -> None:
 def test_training_faqs_share_nothing_with_the_evaluation_faqs() -> None:
     """No training FAQ question is an `eval qa` question (case and punctuation aside), and no training answer shares a
     run of 12 words with an evaluation passage."""
-    import re
-
     from memsparse.eval.faqs import _fetch_entries
 
     try:

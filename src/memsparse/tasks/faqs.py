@@ -7,8 +7,12 @@ Packages (fetched with `corpora.debian_package`, parsed once and cached as JSON 
 * ``sqlite3-doc``: the SQLite FAQ (HTML, ``(N) Question`` items); distractors: the other HTML pages.
 * FAQs alone (the distractors are the other answers of the same FAQ, as in `eval qa`): ``weechat-doc``,
   ``nano``, ``privoxy`` (HTML, numbered headings), ``chrony``, ``zsh-common``, ``zlib1g-dev`` (plain text, numbered
-  headings), ``dnsmasq-base``, ``irssi`` (plain text, ``Q:`` / ``A:`` items). Only headings that are
-  questions (with a "?") train; an answer is cut to `eval.faqs.MAX_WORDS` words, as `eval qa`'s passages.
+  headings), ``dnsmasq-base``, ``irssi`` (plain text, ``Q:`` / ``A:`` items), ``vim-doc`` (the Vim FAQ, plain text,
+  ``N.M.`` headings), ``cvs`` (the CVS FAQ-O-Matic dump, plain text, ``N.`` headings per category), ``emacs-common``
+  (the GNU Emacs FAQ in Info format, `info_faq_pairs`), ``xterm`` (the XTerm FAQ, HTML with unnumbered headings,
+  `heading_html_faq_pairs`), ``nut`` (the Network UPS Tools FAQ, AsciiDoc ``==`` sections), ``procmail`` (plain text,
+  ``N.`` headings). Only headings that are questions (with a "?") train; an answer is cut to `eval.faqs.MAX_WORDS`
+  words, as `eval qa`'s passages.
 
 The packages whose FAQs `eval qa` asks (`tasks.heldout.EVAL_ONLY_FAQ_PACKAGES`) are never read here, and the last
 `tasks.heldout.EVAL_ONLY_FAQ_LAST` Python FAQ questions never train.
@@ -29,9 +33,9 @@ from ..eval.faqs import parse_html_faq, parse_numbered_faq, passage  # format pa
 from .corpora import Passage, _cached, _normalize, debian_package, pack_passages, python_docs, python_faq
 
 FAQ_PACKAGES = ("python3.11-doc", "git-doc", "sqlite3-doc", "weechat-doc", "nano", "privoxy", "chrony", "zsh-common",
-                "zlib1g-dev", "dnsmasq-base", "irssi")
+                "zlib1g-dev", "dnsmasq-base", "irssi", "vim-doc", "cvs", "emacs-common", "xterm", "nut", "procmail")
 _WITH_DOCUMENTS = ("python3.11-doc", "git-doc", "sqlite3-doc")  # the packages whose other text serves as distractors
-_FORMAT = 5  # bump to invalidate this module's caches
+_FORMAT = 6  # bump to invalidate this module's caches
 
 
 def _one(root: Path, pattern: str, pkg: str) -> Path:
@@ -150,9 +154,9 @@ def prefixed_faq_pairs(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def numbered_faq_pairs(text: str, heading: str) -> list[tuple[str, str]]:
+def numbered_faq_pairs(text: str, heading: str, wrap: int = 2) -> list[tuple[str, str]]:
     """(question, answer) of a plain-text FAQ whose entries start at a line matching `heading` (a regex whose
-    group ``q`` is the question; a question that does not end in "?" may wrap onto the next two lines). A
+    group ``q`` is the question; a question that does not end in "?" may wrap onto the next `wrap` lines). A
     table of contents repeats the questions without answers: the entry with the longest answer is kept."""
     head = re.compile(heading)
     lines = _normalize(text).expandtabs(8).split("\n")
@@ -164,7 +168,7 @@ def numbered_faq_pairs(text: str, heading: str) -> list[tuple[str, str]]:
             i += 1
             continue
         title, i = m["q"].strip(), i + 1
-        for _ in range(2):
+        for _ in range(wrap):
             if title.endswith("?") or i >= len(lines) or not lines[i].strip() or head.match(lines[i]):
                 break
             title, i = f"{title} {lines[i].strip()}", i + 1
@@ -177,6 +181,45 @@ def numbered_faq_pairs(text: str, heading: str) -> list[tuple[str, str]]:
             entries[title] = passage(body.split("\n\n"))
         i = j
     return list(entries.items())
+
+
+def _without(text: str, *patterns: str) -> str:
+    """`text` less the lines that match one of the regexes `patterns` whole (navigation, dates, underlines)."""
+    drop = re.compile("|".join(f"(?:{p})" for p in patterns))
+    return "\n".join(x for x in _normalize(text).split("\n") if not drop.fullmatch(x))
+
+
+def heading_html_faq_pairs(page: str) -> list[tuple[str, str]]:
+    """(heading, answer) of an HTML FAQ whose questions are ``h1``-``h4`` headings without numbers (xterm): the
+    answer is the text up to the next heading; lists of in-page links (a table of contents) are left out."""
+    page = re.sub(r"<li\b[^>]*>\s*<a href=\"#[^\"]*\"[^>]*>.*?</a>\s*(?:</li>)?", "", page, flags=re.S | re.I)
+    parts = re.split(r"<h[1-4]\b[^>]*>(.*?)</h[1-4]>", page, flags=re.S | re.I)
+    out = []
+    for head, body in zip(parts[1::2], parts[2::2]):
+        question, answer = " ".join(html_text(head).split()), html_text(body)
+        if question and answer:
+            out.append((question, passage(answer.split("\n\n"))))
+    return out
+
+
+def info_faq_pairs(text: str) -> list[tuple[str, str]]:
+    """(question, answer) of a Texinfo FAQ in Info format (the Emacs FAQ): in each node, a numbered ``N.M title``
+    heading underlined with ``=``, and the node's text after it less its menu; bullets become ``*`` items, and a
+    cross-reference ``*Note X::`` reads "see X"."""
+    out = []
+    for node in text.split("\x1f"):
+        node = _normalize(node)
+        m = re.search(r"^\d+(?:\.\d+)+ (\S.*)\n=+\n", node, re.M)
+        if not m:
+            continue
+        body = re.split(r"^\* Menu:", node[m.end():], maxsplit=1, flags=re.M)[0]
+        body = re.sub(r"(\b[Ss]ee\s+)?\*[Nn]ote\s+([^:]*?)::", lambda x: (x[1] or "see ") + x[2], body)
+        body = re.sub(r"(\b[Ss]ee\s+)?\*[Nn]ote\s+([^:]*?):[^.,]*[.,]", lambda x: (x[1] or "see ") + x[2], body)
+        body = re.sub(r"^ {0,3}• ", "* ", body, flags=re.M)
+        answer = _reflow(body)
+        if answer:
+            out.append((" ".join(m[1].split()), passage(answer.split("\n\n"))))
+    return out
 
 
 def _html_pairs(root: Path, pattern: str, pkg: str) -> list[tuple[str, str]]:
@@ -193,6 +236,39 @@ def _text(root: Path, pattern: str, pkg: str) -> str:
     return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8", errors="replace")
 
 
+def _vim_pairs(root: Path) -> list[tuple[str, str]]:
+    """The Vim FAQ: ``N.M. question`` at the margin (its index indents them); section banners and the trailer
+    go."""
+    text = _without(_text(root, "usr/share/doc/vim/FAQ.gz", "vim-doc"), r"=+\s*", r"SECTION \d+ - .*",
+                    r"Current Maintainer: .*", r"Last updated on: .*")
+    return numbered_faq_pairs(text, r"(?P<n>\d+\.\d+)\. (?P<q>\S.*)$")
+
+
+def _cvs_pairs(root: Path) -> list[tuple[str, str]]:
+    """The CVS FAQ (a FAQ-O-Matic dump): ``    N. question`` per category; the dump's category lines, dates, rules and
+    navigation go, prose indents (3, 5, 10 spaces) are dropped so that only examples stay indented, and answers
+    that only point elsewhere ("See 3G.4.", "[[??]]") are left out, as is the one question `eval qa` also asks."""
+    text = _without(_text(root, "usr/share/doc/cvs/FAQ.gz", "cvs"), r"\s*Last modified: .*", r"\s*Category: .*",
+                    r'\s*" .*"\s*', r"\s*_{5,}\s*", r"\s*\[(?:Add an answer|Category) .*")
+    text = re.sub(r"^(?: {10}| {5}| {3})(?=\S)", "", text.split("_Search the FAQ-O-Matic:_")[0], flags=re.M)
+    return [(q, a) for q, a in numbered_faq_pairs(text, r"    (?P<n>\d+)\. (?P<q>\S.*)$")
+            if not re.fullmatch(r"\[\[\?\?\]\]|See (?:Section )?\d\w*\.\d+\.?", a) and "new category" not in q
+            and q != "Where do I send bug reports?"]  # word for word an `eval qa` question
+
+
+def _nut_pairs(root: Path) -> list[tuple[str, str]]:
+    """The NUT FAQ (AsciiDoc ``== question`` sections, which do not wrap): ``------`` listings become indented code,
+    ``////`` comments and ``*Answer N*`` labels go, ``link:x[text]`` reads text (or x), ``linkman:x[8]`` x(8), and an
+    entry that only leads into the next ("Or a variation like...") is left out."""
+    text = _without(_text(root, "usr/share/doc/nut/FAQ.txt.gz", "nut"), r"\*Answer \d+\*\s*", r"(?:ifn?def|endif)::.*")
+    text = re.sub(r"^/{4,}\n.*?^/{4,}$", "", text, flags=re.M | re.S)  # AsciiDoc comment blocks
+    text = re.sub(r"^-{4,}\n(.*?)^-{4,}$", lambda m: textwrap.indent(m[1], "    "), text, flags=re.M | re.S)
+    text = re.sub(r"\blinkman:([^\s\[]+)\[(\d)\]", r"\1(\2)", text)
+    text = re.sub(r"\blink:([^\s\[]+)\[([^\]]*)\]", lambda m: m[2] or m[1], text)
+    pairs = numbered_faq_pairs(text, r"== (?P<q>\S.*)$", wrap=0)
+    return [(q, a) for q, a in pairs if not a.startswith("Or a variation")]
+
+
 # Package -> its FAQ's (question, answer) pairs, from the extracted package's root.
 _FAQ_ONLY = {
     "weechat-doc": lambda r: _html_pairs(r, "usr/share/doc/weechat-doc/html/weechat_faq.en.html", "weechat-doc"),
@@ -206,6 +282,14 @@ _FAQ_ONLY = {
                                                r" ?(?P<n>\d{1,2})\. (?P<q>\S.*)$"),
     "dnsmasq-base": lambda r: prefixed_faq_pairs(_text(r, "usr/share/doc/dnsmasq-base/FAQ.gz", "dnsmasq-base")),
     "irssi": lambda r: prefixed_faq_pairs(_text(r, "usr/share/doc/irssi/faq.txt.gz", "irssi")),
+    "vim-doc": _vim_pairs,
+    "cvs": _cvs_pairs,
+    "emacs-common": lambda r: info_faq_pairs(_text(r, "usr/share/info/emacs/efaq.info.gz", "emacs-common")),
+    "xterm": lambda r: heading_html_faq_pairs(_one(r, "usr/share/doc/xterm/xterm.faq.html", "xterm").read_text(
+        encoding="utf-8", errors="replace")),
+    "nut": _nut_pairs,
+    "procmail": lambda r: numbered_faq_pairs(_without(_text(r, "usr/share/doc/procmail/FAQ", "procmail"),
+                                                      r"\s*\*{10,}\s*"), r"(?P<n>\d{1,2})\. (?P<q>\S.*)$"),
 }
 
 
@@ -284,8 +368,11 @@ def training_faq_pairs(pkg: str) -> list[tuple[str, str]]:
     return pairs[:len(pairs) - EVAL_ONLY_FAQ_LAST.get(pkg, 0)]
 
 
-def training_faq_packages() -> list[str]:
-    """`FAQ_PACKAGES` less any evaluation package."""
+def training_faq_packages(only: list[str] | None = None) -> list[str]:
+    """`FAQ_PACKAGES` (or those of them named in `only`, as a recipe pins its FAQ set) less any evaluation package."""
     from .heldout import EVAL_ONLY_FAQ_PACKAGES
 
-    return [p for p in FAQ_PACKAGES if p not in EVAL_ONLY_FAQ_PACKAGES]
+    unknown = sorted(set(only or ()) - set(FAQ_PACKAGES))
+    if unknown:
+        raise ValueError(f"unknown FAQ packages {unknown}; known: {', '.join(FAQ_PACKAGES)}")
+    return [p for p in FAQ_PACKAGES if p not in EVAL_ONLY_FAQ_PACKAGES and (only is None or p in only)]

@@ -4,10 +4,11 @@
   key kinds and value formats over training corpora), all 8 RULER subtask shapes (equally often, or with the
   `niah_subtasks` weights); the model names the documents holding the queried needles and answers with the values.
   RULER itself (niah.py: its wording, the Paul Graham essays) is evaluation only (heldout.py).
-- `faq`: human-written FAQ pairs of the packages of `faqs.FAQ_PACKAGES` (eleven FAQs: docs/training-data.md; packages
-  `eval qa` asks, `heldout.EVAL_ONLY_FAQ_PACKAGES`, are never read): the memory holds the answer passage among
-  distractors from the same package (its other FAQ answers and its documentation); the model names it and answers
-  with its first sentence. The last `FAQ_HELD_OUT` Python FAQ questions are never trained on (the demo uses them).
+- `faq`: human-written FAQ pairs of the packages of `faqs.FAQ_PACKAGES` (docs/training-data.md), or of those a
+  recipe names in `faq_packages` (packages `eval qa` asks, `heldout.EVAL_ONLY_FAQ_PACKAGES`, are never read): the
+  memory holds the answer passage among distractors from the same package (its other FAQ answers and its
+  documentation); the model names it and answers with its first sentence. The last `FAQ_HELD_OUT` Python FAQ
+  questions are never trained on (the demo uses them).
 - `cloze`, `rewrite`, `paraphrase`, `twofacts`: reading questions over real text that do not copy the passage's
   words, with hard negatives from the same corpus (reading.py says which corpora and how).
 - `retrieval` (generative-retrieval pre-training): State of the Union passages; the question quotes a span of
@@ -103,7 +104,8 @@ class Mixer:
     """Draws training questions from the enabled tasks with the given weights."""
 
     def __init__(self, weights: dict[str, float], count_tokens: Callable[[list[str]], list[int]],
-                 doc_tokens: int = 512, seed: int = 0, niah_subtasks: dict[str, float] | None = None):
+                 doc_tokens: int = 512, seed: int = 0, niah_subtasks: dict[str, float] | None = None,
+                 faq_packages: list[str] | None = None):
         from .needles import SUBTASKS
 
         self.weights = {k: v for k, v in weights.items() if v > 0}
@@ -124,7 +126,7 @@ class Mixer:
             from .faqs import faq_documents, training_faq_packages, training_faq_pairs
 
             self.faq_pairs = []  # (package, question, answer)
-            for pkg in training_faq_packages():
+            for pkg in training_faq_packages(faq_packages):
                 pairs = training_faq_pairs(pkg)
                 self.faq_pairs += [(pkg, q, a) for q, a in pairs]
                 self.pools[f"faq:{pkg}"] = Pool([p.text for p in faq_documents(pkg)] + [a for _, a in pairs],

@@ -94,6 +94,8 @@ class Recipe:
     router_init_batches: int = 32  # "nulled": batches (the run's first steps) the directions are measured on
     router_lr_scale: float = 1.0  # the routers' learning rate relative to the phase's (adapters, token rows)
     router_fit: RouterFit | None = None  # the routers fitted after the phases on many questions per memory
+    faq_packages: list[str] | None = None  # the `faq` task's packages (default: all of tasks/faqs.py FAQ_PACKAGES),
+    # so that a recipe keeps drawing the FAQs it was run with when more are added
     noise_docs: list[int] = field(default_factory=lambda: [1, 3])  # [min, max] noise documents per hop injected
     # beside the gold ones in the router-injection samples (the engine injects `inject_k` in all)
 
@@ -108,6 +110,16 @@ class Recipe:
                 d["router_fit"] = RouterFit(**d["router_fit"])
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}: [router_fit]: {e}") from None
+        if "faq_packages" in d:
+            from ..tasks.faqs import training_faq_packages
+
+            pkgs = d["faq_packages"]
+            if not (isinstance(pkgs, list) and pkgs and all(isinstance(p, str) for p in pkgs)):
+                raise ValueError(f"{path}: faq_packages must be a non-empty list of package names, got {pkgs!r}")
+            try:
+                training_faq_packages(pkgs)
+            except ValueError as e:
+                raise ValueError(f"{path}: faq_packages: {e}") from None
         if d.get("router_init", "keep") not in ("keep", "nulled"):
             raise ValueError(f"{path}: router_init must be 'keep' or 'nulled', got {d['router_init']!r}")
         lo_hi = d.get("noise_docs", [1, 3])
@@ -373,8 +385,8 @@ def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
 
 def make_mixer(recipe: Recipe, tok) -> Mixer:
     """The recipe's task mix, counting tokens with `tok` (reseeded at every step by `step_batch`)."""
-    return Mixer(recipe.tasks, TokenCounter.of(tok).many,
-                 doc_tokens=recipe.doc_tokens, niah_subtasks=recipe.niah_subtasks)
+    return Mixer(recipe.tasks, TokenCounter.of(tok).many, doc_tokens=recipe.doc_tokens,
+                 niah_subtasks=recipe.niah_subtasks, faq_packages=recipe.faq_packages)
 
 
 def step_batch(recipe: Recipe, mixer: Mixer, proto: Protocol, tok, rank: int, step: int):
