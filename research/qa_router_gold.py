@@ -114,6 +114,17 @@ def main() -> None:
         ap.error(f"--names gives {len(names)} names for {len(specs)} models")
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [None]
     priors = [int(n) for n in args.priors.split(",")] if args.priors else [0]
+    stored = None
+    if args.baseline:  # read before the models run: a wrong name fails at once
+        path, sep, name = args.baseline.partition(".json:")  # stored names may hold colons
+        path += ".json"
+        if not sep or not Path(path).is_file():
+            ap.error(f"--baseline {args.baseline!r}: expected an existing results JSON, ':' and a model's name")
+        found = [r for r in (lambda d: d.get("router", d))(json.loads(Path(path).read_text())).get("results", [])
+                 if r["model"] == name and r.get("split", args.split) == args.split]
+        if not found:
+            ap.error(f"--baseline: no {args.split} result of {name!r} in {path}")
+        stored = {**found[0], "model": f"{name} (stored)"}
     for spec, name in zip(specs, names):
         for chunk in chunks:
             for row in router_gold(spec, args.split, args.device, chunk=chunk,
@@ -128,13 +139,11 @@ def main() -> None:
                     print(f"  fused over {f}: top-1 {rates['gold_top1']} +- {rates['gold_top1_se']}, top-4 "
                           f"{rates['gold_top4']} +- {rates['gold_top4_se']}", flush=True)
     base = rows[0]
-    if args.baseline:
-        path, _, name = args.baseline.rpartition(":")
-        stored = json.loads(Path(path).read_text())
-        found = [r for r in stored.get("router", stored).get("results", []) if r["model"] == name]
-        if not found or found[0].get("split", args.split) != args.split or found[0]["n"] != rows[0]["n"]:
-            ap.error(f"--baseline: no {args.split} result of {name!r} over {rows[0]['n']} questions in {path}")
-        base = {**found[0], "model": f"{name} (stored)"}
+    if stored is not None:
+        if stored["n"] != rows[0]["n"]:
+            ap.error(f"--baseline: {stored['model']} was measured over {stored['n']} questions, this run over "
+                     f"{rows[0]['n']}")
+        base = stored
     gains = [paired(base, r) for r in (rows if args.baseline else rows[1:])]
     for g in gains:
         print(json.dumps(g))
