@@ -4,6 +4,7 @@ setting; QA: system and question, or the question alone with `--across-systems`,
 `memsparse` and `memsparse-priors-256`), with the mean gain of B over A and its standard error per group and overall.
 
     python research/paired_answers.py A.jsonl.gz B.jsonl.gz [--metric f1] [--across-systems]
+    python research/paired_answers.py qa_test_v8.jsonl.gz new.jsonl.gz --a-system rag1-msa --across-systems
 """
 
 from __future__ import annotations
@@ -58,8 +59,15 @@ def main() -> None:
     p.add_argument("--metric", help="score field (default: score for NIAH, f1 for QA)")
     p.add_argument("--across-systems", action="store_true",
                    help="QA: pair by question alone (each file one system, e.g. with and without priors)")
+    p.add_argument("--a-system", help="QA: only A's answers of this system (a file of several systems)")
+    p.add_argument("--b-system", help="QA: only B's answers of this system")
     args = p.parse_args()
     a, b = answer_lines(args.a), answer_lines(args.b)
+    for name, rows, system in (("A", a, args.a_system), ("B", b, args.b_system)):
+        if system:
+            rows[:] = [r for r in rows if r.get("system") == system]
+            if not rows:
+                p.error(f"--{name.lower()}-system {system!r}: no answers of that system in {name}")
     metric = args.metric or ("score" if "subtask" in b[0] else "f1")
     result = compare(a, b, metric, args.across_systems)
     for g, r in result.items():

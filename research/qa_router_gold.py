@@ -120,7 +120,8 @@ def main() -> None:
         path += ".json"
         if not sep or not Path(path).is_file():
             ap.error(f"--baseline {args.baseline!r}: expected an existing results JSON, ':' and a model's name")
-        found = [r for r in (lambda d: d.get("router", d))(json.loads(Path(path).read_text())).get("results", [])
+        saved = json.loads(Path(path).read_text())
+        found = [r for r in saved.get("router", saved).get("results", [])
                  if r["model"] == name and r.get("split", args.split) == args.split]
         if not found:
             ap.error(f"--baseline: no {args.split} result of {name!r} in {path}")
