@@ -155,6 +155,11 @@ def test_entries_split_and_qa_set(tmp_path):
     chapters = {s: {data.article[g] for _, _, g in data.questions} for s, data in sets.items()}
     assert chapters["dev"] and chapters["test"] and not chapters["dev"] & chapters["test"]  # by chapter
     assert faqs.qa_set(rows, "test", 2).questions == sets["test"].questions[:2]  # a smaller run is a prefix
+    n = len(sets["test"].questions)
+    part = faqs.qa_set(rows, "test", 1, skip=n - 1)  # a split answered in parts: the last question alone
+    assert part.questions == sets["test"].questions[-1:] and part.skip == n - 1
+    with pytest.raises(ValueError, match=f"skip {n}: the test split has {n} questions"):
+        faqs.qa_set(rows, "test", skip=n)
     with pytest.raises(ValueError, match="unknown split 'train'"):
         faqs.qa_set(rows, "train")
 

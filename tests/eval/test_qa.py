@@ -117,7 +117,7 @@ def test_evaluate_qa_tiny(monkeypatch):
 
 def test_results_keep_earlier_systems_of_the_same_questions(tmp_path, monkeypatch):
     """Systems measured again replace their namesakes, the others stay (with where they were measured); results over
-    another split, memory or question count are refused, the file left as it was."""
+    another split, memory, question count or part of the split are refused, the file left as it was."""
     out = tmp_path / "qa_test.json"
     data = QASet(["a", "b"], [0, 1], [("q", ["a"], 0)] * 10, name="faqs", split="test")
     monkeypatch.setattr(sq, "run_meta", lambda: {"gpu": "A", "date": "d1", "commit": "c1"})
@@ -133,7 +133,8 @@ def test_results_keep_earlier_systems_of_the_same_questions(tmp_path, monkeypatc
     before = out.read_text()
     dev = QASet(data.paragraphs, data.article, data.questions, name="faqs", split="dev")
     fewer = QASet(data.paragraphs, data.article, data.questions[:5], name="faqs", split="test")
-    for other, tokens in ((data, 600), (dev, 500), (fewer, 500)):
+    later = QASet(data.paragraphs, data.article, data.questions, name="faqs", split="test", skip=10)  # other 10
+    for other, tokens in ((data, 600), (dev, 500), (fewer, 500), (later, 500)):
         with pytest.raises(ValueError, match="holds results over source faqs, split test, memory_passages 2"):
             sq.write_results([{"name": "rag5", "em": 0.0, "f1": 7.0}], other, tokens, out)
     assert out.read_text() == before

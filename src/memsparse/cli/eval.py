@@ -58,7 +58,8 @@ def _niah_run(args: argparse.Namespace) -> NiahRun:
 def _qa_run(args: argparse.Namespace) -> QaRun:
     from ..eval.qa import QaRun
 
-    return QaRun(out=_out(args), split=args.split, samples=args.samples, systems=tuple(args.systems.split(",")),
+    return QaRun(out=_out(args), split=args.split, samples=args.samples, skip=args.skip,
+                 systems=tuple(args.systems.split(",")),
                  retrieval=_config(args), priors=args.priors, answers=args.answers, model=args.model,
                  device=args.device, dtype=args.dtype)
 
@@ -182,6 +183,9 @@ def register(sub) -> None:
     q = task("qa", "open-memory QA over the Debian documentation FAQs against RAG baselines and 8K context", _qa_run)
     _split_arg(q, "test", "the questions' split (default: %(default)s)")
     q.add_argument("--samples", type=_count, help="questions (default: all of --split)")
+    q.add_argument("--skip", type=_count, default=0,
+                   help="questions of the split's fixed order passed over first, to answer a split in parts: "
+                        "--skip 190 --samples 192 are the questions after the first 190 (default: %(default)s)")
     q.add_argument("--systems", default="memsparse,rag1-msa,rag1,rag4,full",
                    help="memsparse, ragK (MiniLM + FAISS top-K into plain SmolLM2), ragK-msa (the same K passages "
                         "injected into the MSA model), full (8K context) (default: %(default)s)")

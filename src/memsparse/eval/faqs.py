@@ -50,6 +50,7 @@ class QASet:
     questions: list[tuple[str, list[str], int]]  # (question, reference answers, gold passage index)
     name: str = "qa"  # the source, recorded in results
     split: str = ""  # "dev" | "test" | "" (an inline set)
+    skip: int = 0  # questions of the split's seeded order passed over before these
 
 
 # ------------------------------------------------------------------------------------------------ text helpers
@@ -299,9 +300,10 @@ def _fetch_entries() -> list[dict]:
     return rows
 
 
-def qa_set(rows: list[dict], split: str, n_questions: int | None = None, seed: int = 0) -> QASet:
+def qa_set(rows: list[dict], split: str, n_questions: int | None = None, seed: int = 0, skip: int = 0) -> QASet:
     """The memory (every entry's passage) and `split`'s asked questions, `n_questions` drawn with a fixed seed (all
-    by default; the draw of n is the first n of the seeded order, so a smaller run is a prefix of a larger one)."""
+    by default; the draw of n is the first n of the seeded order, so a smaller run is a prefix of a larger one),
+    after the first `skip` of that order (a split run in parts)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     chapters: dict[str, int] = {}
@@ -309,9 +311,12 @@ def qa_set(rows: list[dict], split: str, n_questions: int | None = None, seed: i
     questions = [(r["question"], [r["reference"]], i) for i, r in enumerate(rows)
                  if r["asked"] and split_of(r["package"], r["chapter"]) == split]
     random.Random(seed).shuffle(questions)
-    return QASet([r["passage"] for r in rows], article, questions[:n_questions], name="debian-faqs", split=split)
+    if not 0 <= skip < len(questions):
+        raise ValueError(f"skip {skip}: the {split} split has {len(questions)} questions")
+    return QASet([r["passage"] for r in rows], article, questions[skip:][:n_questions], name="debian-faqs",
+                 split=split, skip=skip)
 
 
-def load_qa(split: str = "test", n_questions: int | None = None, seed: int = 0) -> QASet:
+def load_qa(split: str = "test", n_questions: int | None = None, seed: int = 0, skip: int = 0) -> QASet:
     """The Debian FAQ QA set (see the module docstring). Raises `ResourceUnavailable` if a package cannot be had."""
-    return qa_set(_fetch_entries(), split, n_questions, seed)
+    return qa_set(_fetch_entries(), split, n_questions, seed, skip)

@@ -325,9 +325,11 @@ def evaluate_qa(data: QASet, systems: list[str], msa=None, plain=None, device: s
 
 
 def _header(data: QASet, memory_tokens: int) -> dict:
-    """What a results file is over: the source, its split, the memory and the question count."""
+    """What a results file is over: the source, its split, the memory, the question count and (a part of a split)
+    the questions passed over before them."""
     return {"source": data.name, "split": data.split, "memory_passages": len(data.paragraphs),
-            "memory_tokens": memory_tokens, "questions": len(data.questions)}
+            "memory_tokens": memory_tokens, "questions": len(data.questions),
+            **({"skipped_questions": data.skip} if data.skip else {})}
 
 
 def check_results_file(out: Path, data: QASet, memory_tokens: int) -> dict:
@@ -391,13 +393,15 @@ def plot(result: dict, path: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QaRun:
-    """One `eval qa` run's settings: the questions of `split` (`samples` of them, None: all), the `systems` that
+    """One `eval qa` run's settings: the questions of `split` (`samples` of them, None: all, after the first `skip`
+    of the split's order), the `systems` that
     answer them (`readers`), memsparse's retrieval settings and document priors, where the results (`out`) and every
     answer (`answers`, JSON lines) go, and the MSA model (`model`, `device`, `dtype`: as `load_model` takes them)."""
 
     out: str
     split: str = "test"
     samples: int | None = None
+    skip: int = 0
     systems: tuple[str, ...] = ("memsparse", "rag1-msa", "rag1", "rag4", "full")
     retrieval: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
     priors: int = 0
@@ -418,7 +422,7 @@ def run(config: QaRun, load=load_model) -> dict:
 
     systems = list(config.systems)
     needs_msa, needs_plain = readers(systems)
-    data = load_qa(config.split, config.samples)
+    data = load_qa(config.split, config.samples, skip=config.skip)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     msa = load(config.model, device, config.dtype) if needs_msa else None
     plain = None
