@@ -61,14 +61,7 @@ def main(argv=None) -> None:
     from memsparse.model.delta import delta_sha256, save_delta
     from memsparse.model.load import load_model
     from memsparse.tasks.faqs import training_faq_packages
-    from memsparse.train.router_fit import (
-        choose_fusion,
-        draw_group,
-        evaluate,
-        group_features,
-        layer_scores,
-        router_weights,
-    )
+    from memsparse.train.router_fit import Fitter, choose_fusion, draw_group, evaluate, group_features, router_weights
     from memsparse.train.trainer import ADDED_TOKENS, Recipe, make_mixer
 
     recipe = Recipe.load(a.recipe)
@@ -101,15 +94,10 @@ def main(argv=None) -> None:
     val = [feats[k] for k in val_pk]
     mval = [feats[k] for k in mix_val]
 
-    from memsparse.model.losses import aux_loss
-
     params = router_weights(model)
     start_w = {lay: tuple(p.detach().float().clone() for p in pair) for lay, pair in params.items()}
-    master = {lay: tuple(p.clone().requires_grad_(True) for p in pair) for lay, pair in start_w.items()}
-    flat = [p for pair in master.values() for p in pair]
-    opt = torch.optim.AdamW(flat, lr=a.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    tau = getattr(model, "temperature", torch.tensor(1.0))
-    bias = getattr(model, "b", None)
+    fitter = Fitter(model, params, a.lr)
+    master = fitter.master
     rng = random.Random(f"{recipe.seed}-faq-router-fit")
     log = [{"step": 0, "faq_val": evaluate(model, start_w, val, cosine), "mix_val": evaluate(model, start_w, mval,
                                                                                                 cosine)}]
@@ -118,13 +106,7 @@ def main(argv=None) -> None:
     floor = log[0]["mix_val"]["top1"] - a.mix_guard
     t1 = time.perf_counter()
     for step in range(1, a.steps + 1):
-        f = train[rng.randrange(len(train))]
-        loss = aux_loss(layer_scores(model, master, f, cosine), f.labels, model.msa_config.aux_loss_method, tau, bias,
-                        model.config.num_hidden_layers)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flat, 1.0)
-        opt.step()
+        loss = fitter.step(train[rng.randrange(len(train))], cosine)
         if step % a.eval_every == 0:
             rec = {"step": step, "loss": round(loss.item(), 4), "faq_val": evaluate(model, master, val, cosine),
                    "mix_val": evaluate(model, master, mval, cosine), "elapsed_s": round(time.perf_counter() - t1, 1)}

@@ -282,26 +282,40 @@ def _writer(log):
     return write
 
 
+class Fitter:
+    """fp32 copies (`master`, as `router_weights`) of router weights `params` and their AdamW at `lr`; `step` fits
+    them to one group's features by the model's routing loss."""
+
+    def __init__(self, model, params: dict, lr: float):
+        self.model = model
+        self.master = {lay: tuple(p.detach().float().clone().requires_grad_(True) for p in pair)
+                       for lay, pair in params.items()}
+        self.flat = [p for pair in self.master.values() for p in pair]
+        self.opt = torch.optim.AdamW(self.flat, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def step(self, f: Features, cosine: bool) -> torch.Tensor:
+        from ..model.losses import aux_loss
+
+        model = self.model
+        loss = aux_loss(layer_scores(model, self.master, f, cosine), f.labels, model.msa_config.aux_loss_method,
+                        getattr(model, "temperature", torch.tensor(1.0)), getattr(model, "b", None),
+                        model.config.num_hidden_layers)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.flat, 1.0)
+        self.opt.step()
+        return loss
+
+
 def _fit_one(model, recipe, fit: RouterFit, lr: float, params, train, val, cosine, write, best, best_w):
     """Fit fp32 copies of `params` (from their start) at `lr`; returns the best step so far and its weights."""
-    from ..model.losses import aux_loss
-
-    master = {lay: tuple(p.detach().float().clone().requires_grad_(True) for p in pair) for lay, pair in params.items()}
-    flat = [p for pair in master.values() for p in pair]
-    opt = torch.optim.AdamW(flat, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    tau = getattr(model, "temperature", torch.tensor(1.0))
-    bias = getattr(model, "b", None)
+    fitter = Fitter(model, params, lr)
+    master = fitter.master
     rng = random.Random(f"{recipe.seed}-router-fit")
     bar = tqdm(range(1, fit.steps + 1), desc=f"router fit (lr {lr:g})", unit="step")
     t1 = time.perf_counter()
     for step in bar:
-        f = train[rng.randrange(len(train))]
-        loss = aux_loss(layer_scores(model, master, f, cosine), f.labels, model.msa_config.aux_loss_method, tau, bias,
-                        model.config.num_hidden_layers)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flat, 1.0)
-        opt.step()
+        loss = fitter.step(train[rng.randrange(len(train))], cosine)
         if step % fit.eval_every == 0 or step == fit.steps:
             got = evaluate(model, master, val, cosine)
             write({"router_fit": step, "lr": lr, "loss": round(loss.item(), 4), **got,
