@@ -3,9 +3,10 @@ every answer of its FAQ and a sample of its documentation), so every other answe
 `eval qa` asks; beside them a few groups of the recipe's task mix (held-back ones guard the mix's routing).
 
 Features are computed once per model (cached under --cache) and the fit is `train/router_fit.py`'s, started from the
-model's routers; the step is chosen on the held-back FAQ packages. Runs on a CPU (about 30 minutes).
+model's routers; the step is chosen on the held-back FAQ packages. Runs on a CPU (features about 20 minutes, 600
+steps about 25).
 
-    python research/faq_router_fit.py --model runs/v16/delta --recipe recipes/smollm2-msa-v16.toml \
+    python research/faq_router_fit.py --model runs/v16/delta --recipe recipes/smollm2-msa-v18.toml \
         --val-packages emacs-common,privoxy,zsh-common,nut --out runs/v16f/delta
 """
 

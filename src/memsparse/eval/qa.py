@@ -394,9 +394,9 @@ def plot(result: dict, path: Path) -> None:
 @dataclasses.dataclass(frozen=True)
 class QaRun:
     """One `eval qa` run's settings: the questions of `split` (`samples` of them, None: all, after the first `skip`
-    of the split's order), the `systems` that
-    answer them (`readers`), memsparse's retrieval settings and document priors, where the results (`out`) and every
-    answer (`answers`, JSON lines) go, and the MSA model (`model`, `device`, `dtype`: as `load_model` takes them)."""
+    of the split's order), the `systems` that answer them (`readers`), memsparse's retrieval settings and document
+    priors, where the results (`out`) and every answer (`answers`, JSON lines) go, and the MSA model (`model`,
+    `device`, `dtype`: as `load_model` takes them)."""
 
     out: str
     split: str = "test"
