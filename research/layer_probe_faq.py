@@ -19,8 +19,9 @@ import torch
 
 
 @torch.no_grad()
-def layer_means(model, tok, texts: list[str], chunk: int | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({layer: chunk means (C, hidden) float32}, each chunk's text (C,)) of `texts` encoded as a memory bank."""
+def layer_means(model, tok, texts: list[str], chunk: int | None = None):
+    """({layer: chunk means (C, hidden) float32}, each chunk's text index (C,), the bank) of `texts` encoded as a
+    memory bank (routing keys pooled over `chunk` tokens, else the model's)."""
     from memsparse.memory.bank import MemoryBank
     from memsparse.ops.pooling import chunk_mean_pool
 
@@ -42,7 +43,22 @@ def layer_means(model, tok, texts: list[str], chunk: int | None = None) -> tuple
     finally:
         for h in hooks:
             h.remove()
-    return {i: torch.cat(p) for i, p in parts.items()}, bank.routing_index().chunk_doc.cpu()
+    return {i: torch.cat(p) for i, p in parts.items()}, bank.routing_index().chunk_doc.cpu(), bank
+
+
+def question_means(model, tok, questions: list[str]) -> dict[int, torch.Tensor]:
+    """{layer: (Q, hidden)} each question's mean input, the question encoded as a document of its own."""
+    means, chunk_doc, _ = layer_means(model, tok, questions, chunk=4096)
+    if not torch.equal(chunk_doc, torch.arange(len(questions))):
+        raise RuntimeError("a question spans more than one chunk")
+    return means
+
+
+def nulled(chunks: torch.Tensor, r: int):
+    """x -> x centred on the mean of `chunks` (C, hidden) with their top `r` principal directions removed."""
+    mu = chunks.mean(0)
+    v = torch.linalg.svd(chunks - mu, full_matrices=False).Vh[:r]  # (r, hidden)
+    return lambda x: (x - mu) - (x - mu) @ v.T @ v
 
 
 def ranks(q: torch.Tensor, c: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, k: int = 4) -> torch.Tensor:
@@ -64,8 +80,8 @@ def training_features(model, tok, path: Path | None):
     for pkg in training_faq_packages():
         pairs = training_faq_pairs(pkg)
         docs = list(dict.fromkeys(a for _, a in pairs))
-        mem, chunk_doc = layer_means(model, tok, docs)
-        qs, _ = layer_means(model, tok, [q for q, _ in pairs], chunk=4096)
+        mem, chunk_doc, _ = layer_means(model, tok, docs)
+        qs = question_means(model, tok, [q for q, _ in pairs])
         out[pkg] = (mem, chunk_doc, qs, torch.tensor([docs.index(a) for _, a in pairs]))
         print(f"{pkg}: {len(docs)} answers, {len(pairs)} questions", flush=True)
     if path:
@@ -134,14 +150,12 @@ def main(argv=None) -> None:
     model, tok = load_model(a.model, device="cpu")
     cache = Path(a.cache) if a.cache else None
     if cache and cache.exists():
-        mem, chunk_doc, qs, q_doc = torch.load(cache)
+        mem, chunk_doc, qs = torch.load(cache)
     else:
-        mem, chunk_doc = layer_means(model, tok, data.paragraphs)
-        qs, q_doc = layer_means(model, tok, [q for q, _, _ in data.questions], chunk=4096)  # a chunk per question
+        mem, chunk_doc, _ = layer_means(model, tok, data.paragraphs)
+        qs = question_means(model, tok, [q for q, _, _ in data.questions])
         if cache:
-            torch.save((mem, chunk_doc, qs, q_doc), cache)
-    if not torch.equal(q_doc, torch.arange(len(data.questions))):
-        raise RuntimeError("a question spans more than one chunk")
+            torch.save((mem, chunk_doc, qs), cache)
     gold = torch.tensor([g for _, _, g in data.questions])
     n_docs = len(data.paragraphs)
     out = {}
@@ -156,8 +170,8 @@ def main(argv=None) -> None:
             if r == 0:
                 variants["centred"] = (cc, qc)
             else:
-                v = vh[:r]  # (r, hidden)
-                variants[f"null{r}"] = (cc - cc @ v.T @ v, qc - qc @ v.T @ v)
+                plain = nulled(c, r)
+                variants[f"null{r}"] = (plain(c), plain(q))
             w = vh[r:r + a.rank]  # the next principal directions: what a key projection of that width could keep
             variants[f"null{r}_pca{a.rank}"] = (cc @ w.T, qc @ w.T)
         for name, (cv, qv) in variants.items():

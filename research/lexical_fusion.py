@@ -14,8 +14,6 @@ import argparse
 import json
 import time
 
-import torch
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -27,27 +25,22 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     a = ap.parse_args(argv)
 
-    from layer_probe_faq import layer_means, ranks
+    from layer_probe_faq import layer_means, nulled, question_means, ranks
 
     from memsparse.engine import MSAEngine
     from memsparse.engine.routing import fused_top, fusing
     from memsparse.eval.faqs import load_qa
     from memsparse.eval.meta import run_meta
     from memsparse.eval.qa import mean_se
-    from memsparse.memory import MemoryBank
     from memsparse.model.load import load_model
 
     t0 = time.perf_counter()
     model, tok = load_model(a.model, device="cpu")
     sets = {s: load_qa(s) for s in ("dev", "test")}
     paragraphs = sets["dev"].paragraphs
-    mem, chunk_doc = layer_means(model, tok, paragraphs)
+    mem, chunk_doc, bank = layer_means(model, tok, paragraphs)  # the engine routes over the same encoding
     c = mem[a.layer]
-    mu = c.mean(0)
-    v = torch.linalg.svd(c - mu, full_matrices=False).Vh[:a.null]
-    plain = lambda x: (x - mu) - (x - mu) @ v.T @ v  # noqa: E731
-    bank = MemoryBank.build(model, tok, [])
-    bank.add(paragraphs)
+    plain = nulled(c, a.null)
     eng = MSAEngine(model, tok, bank)
     copies = [int(x) for x in a.copies.split(",")]
     result = {**run_meta(), "model": a.model, "layer": a.layer, "null": a.null, "chosen_copies": a.chosen,
@@ -56,7 +49,7 @@ def main(argv=None) -> None:
     for split, data in sets.items():
         qs = [q for q, _, _ in data.questions]
         gold = [g for _, _, g in data.questions]
-        qf, _ = layer_means(model, tok, qs, chunk=4096)
+        qf = question_means(model, tok, qs)
         top = ranks(plain(qf[a.layer]), plain(c), chunk_doc, len(paragraphs), k=model.msa_config.engine_top_k)
         routings = [r for i in range(0, len(qs), 16) for r in eng.route_batch(qs[i:i + 16])]
         hits = {}

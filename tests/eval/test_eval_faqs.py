@@ -160,6 +160,7 @@ def test_entries_split_and_qa_set(tmp_path):
     assert part.questions == sets["test"].questions[-1:] and part.skip == n - 1
     with pytest.raises(ValueError, match=f"skip {n}: the test split has {n} questions"):
         faqs.qa_set(rows, "test", skip=n)
+    assert faqs.qa_set([{**r, "asked": False} for r in rows], "test").questions == []  # no questions: no error
     with pytest.raises(ValueError, match="unknown split 'train'"):
         faqs.qa_set(rows, "train")
 

@@ -311,7 +311,7 @@ def qa_set(rows: list[dict], split: str, n_questions: int | None = None, seed: i
     questions = [(r["question"], [r["reference"]], i) for i, r in enumerate(rows)
                  if r["asked"] and split_of(r["package"], r["chapter"]) == split]
     random.Random(seed).shuffle(questions)
-    if not 0 <= skip < len(questions):
+    if skip < 0 or (skip and skip >= len(questions)):
         raise ValueError(f"skip {skip}: the {split} split has {len(questions)} questions")
     return QASet([r["passage"] for r in rows], article, questions[skip:][:n_questions], name="debian-faqs",
                  split=split, skip=skip)
